@@ -1,0 +1,143 @@
+"""The `autoseg` command: parse arguments, call one function per command, print results."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from autoseg import __version__
+
+log = logging.getLogger("autoseg")
+
+PLAN_STEPS = ("verify", "fingerprint", "plan", "preprocess")
+CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres")
+
+
+class CommandError(Exception):
+    """A problem the user can fix; printed without a traceback."""
+
+
+def _default_workers() -> int:
+    return max(1, min(8, (os.cpu_count() or 2)))
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from autoseg.dataset.layout import load_dataset
+    from autoseg.dataset.verify import verify_dataset
+
+    dataset = load_dataset(args.dataset)
+    report = verify_dataset(dataset, workers=args.workers)
+    print(report.summary())
+    return 0 if report.ok else 1
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from autoseg import workspace
+    from autoseg.atomic import read_json, write_json
+    from autoseg.dataset.layout import load_dataset
+    from autoseg.dataset.verify import verify_dataset
+    from autoseg.fingerprint import compute_fingerprint, load_fingerprint, save_fingerprint
+    from autoseg.planning.planner import explain_plans, load_plans, plan_experiment, save_plans
+    from autoseg.preprocessing.preprocess import preprocess_dataset
+
+    steps = args.steps or list(PLAN_STEPS)
+    workdir = Path(args.output)
+    workdir.mkdir(parents=True, exist_ok=True)
+    dataset = load_dataset(args.dataset)
+    write_json(workspace.dataset_json(workdir), {"format_version": 1, **dataset.to_json()})
+    timings = {}
+    if "verify" in steps:
+        t = time.perf_counter()
+        report = verify_dataset(dataset, workers=args.workers)
+        write_json(workspace.verify_report(workdir), report.to_json())
+        timings["verify"] = time.perf_counter() - t
+        if report.problems:
+            print(report.summary())
+        if not report.ok:
+            raise CommandError(f"the dataset has {len(report.errors)} error(s) (listed above, also in "
+                               f"{workspace.verify_report(workdir)}); fix them and run again")
+    if "fingerprint" in steps:
+        t = time.perf_counter()
+        fingerprint = compute_fingerprint(dataset, workers=args.workers)
+        save_fingerprint(fingerprint, workspace.fingerprint_json(workdir))
+        timings["fingerprint"] = time.perf_counter() - t
+    if "plan" in steps:
+        fp_path = workspace.fingerprint_json(workdir)
+        if not fp_path.is_file():
+            raise CommandError(f"{fp_path} not found; run the fingerprint step first")
+        plans = plan_experiment(load_fingerprint(fp_path), budget_gb=args.memory_gb, configurations=args.configs)
+        save_plans(plans, workspace.plans_json(workdir))
+        log.info("wrote %s (configurations: %s)", workspace.plans_json(workdir), ", ".join(plans["configurations"]))
+    if "preprocess" in steps:
+        plans = load_plans(workspace.plans_json(workdir))
+        configs = [c for c in (args.configs or plans["configurations"]) if c in plans["configurations"]]
+        t = time.perf_counter()
+        preprocess_dataset(dataset, plans, workdir, configs, workers=args.workers)
+        timings["preprocess"] = time.perf_counter() - t
+    if args.explain:
+        print(explain_plans(load_plans(workspace.plans_json(workdir))))
+    log.info("done: %s", ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()) or "nothing to time")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="autoseg",
+        description="Self-configuring 3D medical image segmentation: plan, train and predict a U-Net "
+                    "from a labelled dataset. Run the commands in order: plan, train (per fold), predict.",
+        epilog="Documentation: docs/ in the source tree (user guide, dataset layouts, workspace layout).")
+    parser.add_argument("--version", action="version", version=f"autoseg {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debugging details")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("verify", help="check a dataset and report every problem at once",
+                       description="Check every case of a dataset (files present and readable, channel counts, "
+                                   "matching grids, declared label values, finite intensities) and list every problem. "
+                                   "Exit status 1 when there are errors.")
+    p.add_argument("dataset", type=Path, metavar="DATASET_DIR", help="folder holding dataset.json")
+    p.add_argument("--workers", type=int, default=_default_workers(), help="parallel processes (default: %(default)s)")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("plan", help="verify, fingerprint, plan and preprocess a dataset into a workspace",
+                       description="Verify the dataset, extract its fingerprint, plan each configuration "
+                                   "(WORKDIR/plans.json) and preprocess every case for training. "
+                                   "Each step can be run alone with --steps; an interrupted preprocessing resumes.")
+    p.add_argument("dataset", type=Path, metavar="DATASET_DIR", help="folder holding dataset.json (Decathlon or nnU-Net v2 layout)")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="WORKDIR", help="workspace folder (created if missing)")
+    p.add_argument("--workers", type=int, default=_default_workers(), help="parallel processes (default: %(default)s)")
+    p.add_argument("--configs", nargs="+", choices=CONFIGURATIONS, metavar="CONFIG",
+                   help="configurations to plan and preprocess (default: all that apply; choices: 2d 3d_fullres 3d_lowres)")
+    p.add_argument("--steps", nargs="+", choices=PLAN_STEPS, metavar="STEP",
+                   help="run only these steps (default: verify fingerprint plan preprocess)")
+    p.add_argument("--memory-gb", type=float, default=8.0,
+                   help="accelerator memory budget per training step used to size patch and batch (default: %(default)s)")
+    p.add_argument("--explain", action="store_true", help="print every planning decision with its reason")
+    p.set_defaults(func=cmd_plan)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    from autoseg.dataset.image_io import ImageReadError
+    from autoseg.dataset.layout import DatasetError
+    from autoseg.planning.planner import PlanError
+
+    try:
+        return args.func(args)
+    except (CommandError, DatasetError, ImageReadError, PlanError) as exc:
+        print(f"autoseg {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"autoseg {args.command}: interrupted; finished work is kept, run the same command to continue",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

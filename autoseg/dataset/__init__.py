@@ -1,0 +1,1 @@
+"""Raw datasets: dataset.json layouts, case discovery, image I/O with geometry, integrity checks."""

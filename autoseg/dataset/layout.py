@@ -1,0 +1,217 @@
+"""One internal view of a dataset, whichever `dataset.json` layout it came in.
+
+Two layouts are read:
+- Medical Segmentation Decathlon: `modality` {index: name}, `labels` {id: name}, `training` a list
+  of {image, label} paths; a multi-channel image is one 4D file.
+- nnU-Net v2: `channel_names` {index: name}, `labels` {name: id}, `file_ending`; images are
+  `imagesTr/<case>_<cccc><ending>`, one file per channel, labels `labelsTr/<case><ending>`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from autoseg.dataset.image_io import SUPPORTED_SUFFIXES, strip_suffix
+
+
+class DatasetError(Exception):
+    """A dataset that cannot be used as it is; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class Case:
+    case_id: str
+    image_files: tuple[Path, ...]  # one file per channel, or a single 4D file holding all channels
+    label_file: Path | None
+
+    @property
+    def channels_in_one_file(self) -> bool:
+        return len(self.image_files) == 1
+
+
+@dataclass(frozen=True)
+class Dataset:
+    root: Path
+    name: str
+    layout: str  # "decathlon" or "nnunetv2"
+    channel_names: tuple[str, ...]
+    labels: dict[int, str]  # label id -> name, 0 is background
+    file_ending: str
+    cases: tuple[Case, ...]
+    licence: str | None = None
+
+    @property
+    def num_channels(self) -> int:
+        return len(self.channel_names)
+
+    @property
+    def foreground_labels(self) -> list[int]:
+        return sorted(k for k in self.labels if k != 0)
+
+    def to_json(self) -> dict:
+        """Summary stored in the workspace so later stages know the dataset without re-reading it."""
+        return {
+            "name": self.name, "root": str(self.root), "layout": self.layout,
+            "channel_names": list(self.channel_names),
+            "labels": {str(k): v for k, v in sorted(self.labels.items())},
+            "file_ending": self.file_ending, "num_cases": len(self.cases),
+        }
+
+
+def load_dataset(root: Path | str) -> Dataset:
+    """Read `root/dataset.json` in either layout and list the training cases."""
+    root = Path(root).resolve()
+    meta_path = root / "dataset.json"
+    if not root.is_dir():
+        raise DatasetError(f"{root}: dataset folder not found")
+    if not meta_path.is_file():
+        raise DatasetError(f"{meta_path}: missing; a dataset folder needs a dataset.json "
+                           "(Decathlon or nnU-Net v2 layout, see docs/datasets.md)")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DatasetError(f"{meta_path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    if not isinstance(meta, dict):
+        raise DatasetError(f"{meta_path}: expected a JSON object at the top level")
+    if "channel_names" in meta:
+        return _load_nnunetv2(root, meta_path, meta)
+    if "modality" in meta:
+        return _load_decathlon(root, meta_path, meta)
+    raise DatasetError(f"{meta_path}: has neither 'modality' (Decathlon) nor 'channel_names' (nnU-Net v2); "
+                       "add one that lists the image channels")
+
+
+def _channel_names(meta_path: Path, mapping: object, key: str) -> tuple[str, ...]:
+    if not isinstance(mapping, dict) or not mapping:
+        raise DatasetError(f"{meta_path}: '{key}' must be a non-empty object {{index: name}}")
+    try:
+        indexed = sorted((int(k), str(v)) for k, v in mapping.items())
+    except ValueError:
+        raise DatasetError(f"{meta_path}: '{key}' keys must be channel indices 0, 1, ...") from None
+    if [i for i, _ in indexed] != list(range(len(indexed))):
+        raise DatasetError(f"{meta_path}: '{key}' indices must be 0..{len(indexed) - 1} without gaps")
+    return tuple(name for _, name in indexed)
+
+
+def _check_labels(meta_path: Path, labels: dict[int, str]) -> dict[int, str]:
+    if 0 not in labels:
+        raise DatasetError(f"{meta_path}: 'labels' must declare the background as label 0")
+    if any(k < 0 or k > 127 for k in labels):
+        raise DatasetError(f"{meta_path}: label ids must lie in 0..127")
+    return dict(sorted(labels.items()))
+
+
+def _load_decathlon(root: Path, meta_path: Path, meta: dict) -> Dataset:
+    channels = _channel_names(meta_path, meta["modality"], "modality")
+    raw_labels = meta.get("labels")
+    if not isinstance(raw_labels, dict):
+        raise DatasetError(f"{meta_path}: 'labels' must be an object {{id: name}}")
+    try:
+        labels = {int(k): str(v) for k, v in raw_labels.items()}
+    except ValueError:
+        raise DatasetError(f"{meta_path}: Decathlon 'labels' keys must be integer ids, e.g. {{\"0\": \"background\"}}") from None
+    training = meta.get("training")
+    if not isinstance(training, list) or not training:
+        raise DatasetError(f"{meta_path}: 'training' must be a non-empty list of {{image, label}} entries")
+    cases = []
+    for i, entry in enumerate(training):
+        if not isinstance(entry, dict) or "image" not in entry:
+            raise DatasetError(f"{meta_path}: training entry {i} needs an 'image' path")
+        image = (root / entry["image"]).resolve()
+        label = (root / entry["label"]).resolve() if entry.get("label") else None
+        cases.append(Case(strip_suffix(image), (image,), label))
+    ending = _ending_of(cases[0].image_files[0]) or ".nii.gz"
+    return Dataset(root, str(meta.get("name", root.name)), "decathlon", channels,
+                   _check_labels(meta_path, labels), ending, tuple(cases), meta.get("licence") or meta.get("license"))
+
+
+def _load_nnunetv2(root: Path, meta_path: Path, meta: dict) -> Dataset:
+    channels = _channel_names(meta_path, meta["channel_names"], "channel_names")
+    raw_labels = meta.get("labels")
+    if not isinstance(raw_labels, dict):
+        raise DatasetError(f"{meta_path}: 'labels' must be an object {{name: id}}")
+    labels: dict[int, str] = {}
+    for name, value in raw_labels.items():
+        if isinstance(value, list):
+            raise DatasetError(f"{meta_path}: label '{name}' is a region (list of ids); region-based training is not supported")
+        try:
+            labels[int(value)] = str(name)
+        except (TypeError, ValueError):
+            raise DatasetError(f"{meta_path}: label '{name}' must map to an integer id") from None
+    ending = meta.get("file_ending", ".nii.gz")
+    if ending not in SUPPORTED_SUFFIXES:
+        raise DatasetError(f"{meta_path}: file_ending '{ending}' is not supported; use one of {', '.join(SUPPORTED_SUFFIXES)}")
+    images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
+    if not images_dir.is_dir():
+        raise DatasetError(f"{images_dir}: folder missing (nnU-Net v2 layout keeps training images in imagesTr/)")
+    pattern = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})" + re.escape(ending) + "$")
+    channel_files: dict[str, dict[int, Path]] = {}
+    for f in sorted(images_dir.iterdir()):
+        m = pattern.match(f.name)
+        if m:
+            channel_files.setdefault(m["case"], {})[int(m["channel"])] = f
+    label_files = {f.name[: -len(ending)]: f for f in labels_dir.glob(f"*{ending}")} if labels_dir.is_dir() else {}
+    case_ids = sorted(set(channel_files) | set(label_files))
+    if not case_ids:
+        raise DatasetError(f"{images_dir}: no files named <case>_<cccc>{ending}")
+    cases = []
+    for case_id in case_ids:
+        files = channel_files.get(case_id, {})
+        # Missing channels are kept as the expected path so verification reports them by name.
+        image_files = tuple(files.get(c, images_dir / f"{case_id}_{c:04d}{ending}") for c in range(len(channels)))
+        cases.append(Case(case_id, image_files, label_files.get(case_id, labels_dir / f"{case_id}{ending}")))
+    return Dataset(root, str(meta.get("name", root.name)), "nnunetv2", channels,
+                   _check_labels(meta_path, labels), ending, tuple(cases), meta.get("licence") or meta.get("license"))
+
+
+def _ending_of(path: Path) -> str | None:
+    name = path.name.lower()
+    return next((s for s in SUPPORTED_SUFFIXES if name.endswith(s)), None)
+
+
+def read_case_image(case: Case, num_channels: int) -> tuple["np.ndarray", "Geometry"]:
+    """All channels of a case as (C, Z, Y, X) float32 with the geometry of the first channel.
+
+    Raises DatasetError naming the file when the channel count or grids disagree.
+    """
+    import numpy as np
+
+    from autoseg.dataset.image_io import read_image
+
+    if case.channels_in_one_file:
+        array, geometry = read_image(case.image_files[0])
+        if array.ndim == 3:
+            array = array[None]
+        if array.shape[0] != num_channels:
+            raise DatasetError(f"{case.image_files[0]}: has {array.shape[0]} channel(s), dataset.json declares {num_channels}")
+        return array.astype(np.float32, copy=False), geometry
+    channels, geometry = [], None
+    for path in case.image_files:
+        array, g = read_image(path)
+        if array.ndim != 3:
+            raise DatasetError(f"{path}: expected a 3D image per channel, found {array.ndim}D")
+        if geometry is not None and not g.matches(geometry):
+            raise DatasetError(f"{path}: grid differs from {case.image_files[0].name} ({'; '.join(g.differences(geometry))})")
+        geometry = geometry or g
+        channels.append(array.astype(np.float32, copy=False))
+    return np.stack(channels), geometry
+
+
+def read_case_label(case: Case) -> "np.ndarray":
+    """Label map of a case as an int16 (Z, Y, X) array."""
+    import numpy as np
+
+    from autoseg.dataset.image_io import read_image
+
+    if case.label_file is None:
+        raise DatasetError(f"case {case.case_id}: no label file")
+    array, _ = read_image(case.label_file)
+    if array.ndim == 4 and array.shape[0] == 1:
+        array = array[0]
+    rounded = np.rint(array)
+    if not np.array_equal(rounded, array):
+        raise DatasetError(f"{case.label_file}: label map holds non-integer values")
+    return rounded.astype(np.int16)

@@ -1,0 +1,146 @@
+"""Check every case of a dataset and report every problem at once, each naming its file."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from autoseg.dataset.image_io import Geometry, ImageReadError, read_image
+from autoseg.dataset.layout import Case, Dataset
+
+log = logging.getLogger(__name__)
+
+GEOMETRY_TOLERANCE = 1e-3
+
+
+@dataclass(frozen=True)
+class Problem:
+    severity: str  # "error" or "warning"
+    file: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.severity.upper():7s} {self.file}: {self.message}"
+
+
+@dataclass
+class VerifyReport:
+    num_cases: int
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "error"]
+
+    @property
+    def warnings(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "warning"]
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def to_json(self) -> dict:
+        return {"format_version": 1, "num_cases": self.num_cases, "ok": self.ok,
+                "problems": [p.__dict__ for p in self.problems]}
+
+    def summary(self) -> str:
+        lines = [str(p) for p in self.problems]
+        lines.append(f"{self.num_cases} cases checked: {len(self.errors)} error(s), {len(self.warnings)} warning(s)")
+        return "\n".join(lines)
+
+
+def check_case(case: Case, num_channels: int, declared_labels: frozenset[int]) -> list[Problem]:
+    """All problems of one case; reads every file completely so truncation is caught."""
+    problems: list[Problem] = []
+
+    def error(path: Path | str, msg: str) -> None:
+        problems.append(Problem("error", str(path), msg))
+
+    grids: list[tuple[Path, Geometry]] = []
+    for path in case.image_files:
+        try:
+            array, geometry = read_image(path)
+        except ImageReadError as exc:
+            error(path, exc.reason)
+            continue
+        if case.channels_in_one_file:
+            channels = array.shape[0] if array.ndim == 4 else 1
+            if channels != num_channels:
+                error(path, f"has {channels} channel(s), dataset.json declares {num_channels}")
+        elif array.ndim != 3:
+            error(path, f"expected one 3D channel per file, found a {array.ndim}D image")
+        if np.issubdtype(array.dtype, np.floating):
+            bad = ~np.isfinite(array)
+            if bad.any():
+                error(path, f"{int(np.isnan(array).sum())} NaN and {int(np.isinf(array).sum())} infinite intensities")
+        grids.append((path, geometry))
+
+    if len(grids) > 1:
+        first_path, first = grids[0]
+        for path, g in grids[1:]:
+            diff = g.differences(first, GEOMETRY_TOLERANCE)
+            if diff:
+                error(path, f"grid differs from channel file {first_path.name}: {'; '.join(diff)}")
+
+    if case.label_file is None:
+        error(case.image_files[0], "no label file given for this training case")
+        return problems
+    try:
+        label, label_geometry = read_image(case.label_file)
+    except ImageReadError as exc:
+        error(case.label_file, exc.reason)
+        return problems
+    if label.ndim == 4 and label.shape[0] == 1:
+        label = label[0]
+    if label.ndim != 3:
+        error(case.label_file, f"label map must be 3D, found shape {label.shape}")
+        return problems
+    if grids:
+        diff = label_geometry.differences(grids[0][1], GEOMETRY_TOLERANCE)
+        if diff:
+            error(case.label_file, f"label grid differs from image {grids[0][0].name}: {'; '.join(diff)}")
+    if np.issubdtype(label.dtype, np.floating):
+        if not np.isfinite(label).all():
+            error(case.label_file, "label map holds NaN or infinite values")
+            return problems
+        if not np.array_equal(np.rint(label), label):
+            error(case.label_file, "label map holds non-integer values")
+            return problems
+    values = set(int(v) for v in np.unique(label))
+    undeclared = sorted(values - declared_labels)
+    if undeclared:
+        error(case.label_file, f"label values {undeclared} are not declared in dataset.json 'labels'")
+    if values <= {0}:
+        problems.append(Problem("warning", str(case.label_file), "label map is empty (background only)"))
+    return problems
+
+
+def _check_case_args(args: tuple[Case, int, frozenset[int]]) -> list[Problem]:
+    return check_case(*args)
+
+
+def verify_dataset(dataset: Dataset, workers: int = 1, progress: bool = True) -> VerifyReport:
+    """Check every case (in parallel over `workers` processes) and collect all problems."""
+    report = VerifyReport(len(dataset.cases))
+    for case_id, count in Counter(c.case_id for c in dataset.cases).items():
+        if count > 1:
+            files = [str(c.image_files[0]) for c in dataset.cases if c.case_id == case_id]
+            report.problems.append(Problem("error", files[0], f"case id '{case_id}' appears {count} times ({', '.join(files[1:])})"))
+    declared = frozenset(dataset.labels)
+    jobs = [(c, dataset.num_channels, declared) for c in dataset.cases]
+    bar = dict(total=len(jobs), desc="verify", unit="case", disable=not progress)
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            results = list(tqdm(pool.map(_check_case_args, jobs, chunksize=4), **bar))
+    else:
+        results = [check_case(*job) for job in tqdm(jobs, **bar)]
+    for problems in results:
+        report.problems.extend(problems)
+    return report

@@ -1,0 +1,349 @@
+"""Metrics and summaries: compare predicted label maps with reference label maps.
+
+Empty cases follow the usual convention of segmentation challenges:
+
+- Dice and IoU are NaN when prediction and reference are both empty for a label (nothing to
+  find, nothing found: undefined, not perfect). One empty and the other not gives 0.0.
+- HD95 is NaN when either mask is empty (no surface to measure from).
+- Means over cases skip NaN values (nanmean) and report how many cases they used.
+
+In `summary.json` (and the dict `evaluate_folders` returns) an undefined value is written as
+null. Labels are keyed by their id as a string ("1", "2", ...), as in `plans["labels"]`.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+from scipy import ndimage
+from tqdm import tqdm
+
+from autoseg.atomic import atomic_path, write_json
+from autoseg.dataset.image_io import Geometry, ImageReadError, image_suffix, read_image, strip_suffix
+
+logger = logging.getLogger(__name__)
+
+SUMMARY_FORMAT_VERSION = 1
+CASE_METRICS = ("dice", "iou", "hd95_mm", "pred_volume_ml", "ref_volume_ml", "tp", "fp", "fn")
+MEAN_METRICS = ("dice", "iou", "hd95_mm", "pred_volume_ml", "ref_volume_ml")
+FOREGROUND_METRICS = ("dice", "iou", "hd95_mm")
+
+
+class EvaluationError(Exception):
+    """Predictions and references cannot be compared; the message names the file and the fix."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Array-level metrics
+
+
+def dice_from_counts(tp: int, pred_count: int, ref_count: int) -> float:
+    """Dice from voxel counts; NaN when both masks are empty."""
+    total = pred_count + ref_count
+    return 2.0 * tp / total if total else math.nan
+
+
+def iou_from_counts(tp: int, pred_count: int, ref_count: int) -> float:
+    """IoU (Jaccard) from voxel counts; NaN when both masks are empty."""
+    union = pred_count + ref_count - tp
+    return tp / union if union else math.nan
+
+
+def _counts(pred_mask: np.ndarray, ref_mask: np.ndarray) -> tuple[int, int, int]:
+    pred, ref = _as_bool_pair(pred_mask, ref_mask)
+    return int(np.count_nonzero(pred & ref)), int(np.count_nonzero(pred)), int(np.count_nonzero(ref))
+
+
+def dice(pred_mask: np.ndarray, ref_mask: np.ndarray) -> float:
+    """2|P∩R| / (|P| + |R|); NaN when both are empty so that the case drops out of means."""
+    return dice_from_counts(*_counts(pred_mask, ref_mask))
+
+
+def iou(pred_mask: np.ndarray, ref_mask: np.ndarray) -> float:
+    """|P∩R| / |P∪R|; NaN when both are empty."""
+    return iou_from_counts(*_counts(pred_mask, ref_mask))
+
+
+def volume_ml(mask: np.ndarray, spacing: Sequence[float]) -> float:
+    """Volume of the non-zero voxels in millilitres, spacing in mm per array axis."""
+    mask = np.asarray(mask)
+    _check_spacing(mask, spacing)
+    return float(np.count_nonzero(mask)) * float(np.prod(spacing)) / 1000.0
+
+
+def hausdorff95(pred_mask: np.ndarray, ref_mask: np.ndarray, spacing: Sequence[float]) -> float:
+    """95th percentile of the symmetric surface distances in mm; NaN if either mask is empty.
+
+    Surfaces are the mask voxels that touch the background through a face (mask minus its
+    erosion; outside the array counts as background). The distances from every predicted surface
+    voxel to the reference surface and from every reference surface voxel to the predicted
+    surface are pooled, and their 95th percentile is returned. Both masks are cropped to their
+    joint bounding box first, which does not change the result but makes large volumes fast.
+    """
+    pred, ref = _as_bool_pair(pred_mask, ref_mask)
+    _check_spacing(pred, spacing)
+    if not pred.any() or not ref.any():
+        return math.nan
+    crop = _bounding_box(pred | ref, margin=1)
+    pred, ref = pred[crop], ref[crop]
+    pred_surface, ref_surface = _surface(pred), _surface(ref)
+    sampling = tuple(float(s) for s in spacing)
+    to_ref = ndimage.distance_transform_edt(~ref_surface, sampling=sampling)[pred_surface]
+    to_pred = ndimage.distance_transform_edt(~pred_surface, sampling=sampling)[ref_surface]
+    return float(np.percentile(np.concatenate([to_ref, to_pred]), 95))
+
+
+def _surface(mask: np.ndarray) -> np.ndarray:
+    structure = ndimage.generate_binary_structure(mask.ndim, 1)
+    return mask & ~ndimage.binary_erosion(mask, structure=structure, border_value=0)
+
+
+def _bounding_box(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
+    box = []
+    for axis in range(mask.ndim):
+        other = tuple(a for a in range(mask.ndim) if a != axis)
+        hits = np.flatnonzero(np.any(mask, axis=other))
+        box.append(slice(max(int(hits[0]) - margin, 0), min(int(hits[-1]) + 1 + margin, mask.shape[axis])))
+    return tuple(box)
+
+
+def _as_bool_pair(pred_mask: np.ndarray, ref_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    pred, ref = np.asarray(pred_mask).astype(bool, copy=False), np.asarray(ref_mask).astype(bool, copy=False)
+    if pred.shape != ref.shape:
+        raise ValueError(f"prediction shape {pred.shape} differs from reference shape {ref.shape}")
+    return pred, ref
+
+
+def _check_spacing(mask: np.ndarray, spacing: Sequence[float]) -> None:
+    if len(spacing) != mask.ndim:
+        raise ValueError(f"spacing {tuple(spacing)} needs one value per array axis ({mask.ndim} axes, "
+                         f"shape {mask.shape})")
+
+
+def evaluate_case(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float],
+                  labels: Sequence[int]) -> dict[str, dict[str, float | int]]:
+    """Per-label metrics of one case, keyed by label id as a string; NaN marks an undefined value."""
+    pred, ref = np.asarray(pred), np.asarray(ref)
+    if pred.shape != ref.shape:
+        raise ValueError(f"prediction shape {pred.shape} differs from reference shape {ref.shape}")
+    _check_spacing(ref, spacing)
+    voxel_mm3 = float(np.prod(spacing))
+    result = {}
+    for label in labels:
+        pred_mask, ref_mask = pred == label, ref == label
+        tp, n_pred, n_ref = _counts(pred_mask, ref_mask)
+        result[str(int(label))] = {
+            "dice": dice_from_counts(tp, n_pred, n_ref),
+            "iou": iou_from_counts(tp, n_pred, n_ref),
+            "hd95_mm": hausdorff95(pred_mask, ref_mask, spacing),
+            "pred_volume_ml": n_pred * voxel_mm3 / 1000.0,
+            "ref_volume_ml": n_ref * voxel_mm3 / 1000.0,
+            "tp": tp,
+            "fp": n_pred - tp,
+            "fn": n_ref - tp,
+        }
+    return result
+
+
+def _absent_label_metrics() -> dict[str, float | int]:
+    """Metrics of a label found neither in the prediction nor in the reference of a case."""
+    return {"dice": math.nan, "iou": math.nan, "hd95_mm": math.nan, "pred_volume_ml": 0.0,
+            "ref_volume_ml": 0.0, "tp": 0, "fp": 0, "fn": 0}
+
+
+# ---------------------------------------------------------------------------------------------
+# Folder-level evaluation
+
+
+def segmentation_files(folder: Path | str) -> dict[str, Path]:
+    """Image files of a folder keyed by case id (file name without extension), sorted by id."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise EvaluationError(f"{folder}: folder not found")
+    files: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or not path.is_file() or image_suffix(path) is None:
+            continue
+        case_id = strip_suffix(path)
+        if case_id in files:
+            raise EvaluationError(f"{path}: case '{case_id}' also stored as {files[case_id].name}; "
+                                  "keep one file per case")
+        files[case_id] = path
+    return dict(sorted(files.items()))
+
+
+def read_label_map(path: Path) -> tuple[np.ndarray, Geometry]:
+    """A label map as an integer array with its geometry; errors become EvaluationError."""
+    try:
+        array, geometry = read_image(path)
+    except ImageReadError as exc:
+        raise EvaluationError(str(exc)) from None
+    if array.ndim != len(geometry.shape):
+        raise EvaluationError(f"{path}: has {array.shape[0]} channels; a label map must be a single 3D volume")
+    if not np.issubdtype(array.dtype, np.integer):
+        rounded = np.rint(array)
+        if not np.array_equal(rounded, array):
+            raise EvaluationError(f"{path}: contains non-integer values; a label map holds label ids only")
+        array = rounded.astype(np.int64)
+    return array, geometry
+
+
+def _evaluate_pair(case_id: str, pred_path: Path, ref_path: Path,
+                   labels: Sequence[int] | None) -> tuple[str, dict, list[int]]:
+    """Worker: metrics of one case, plus the labels present in its reference."""
+    ref, ref_geometry = read_label_map(ref_path)
+    pred, pred_geometry = read_label_map(pred_path)
+    if not pred_geometry.matches(ref_geometry):
+        problems = "; ".join(pred_geometry.differences(ref_geometry))
+        raise EvaluationError(f"{pred_path}: geometry differs from its reference {ref_path} ({problems}); "
+                              "export the prediction on the reference image grid")
+    ref_labels = [int(v) for v in np.unique(ref) if v != 0]
+    if labels is None:  # every label seen in either image; labels absent from all references are dropped later
+        labels = sorted(set(ref_labels) | {int(v) for v in np.unique(pred) if v != 0})
+    return case_id, evaluate_case(pred, ref, ref_geometry.spacing, labels), ref_labels
+
+
+def evaluate_folders(pred_dir: Path | str, ref_dir: Path | str, labels: Sequence[int] | None = None,
+                     output_dir: Path | str | None = None, num_workers: int = 1) -> dict:
+    """Evaluate every prediction against the reference with the same case id.
+
+    Labels default to the union of the non-zero values in the references. Writes `summary.json`
+    and `summary.csv` into `output_dir` (default: `pred_dir`) and returns the summary (the same
+    content as `summary.json`, with null for undefined values).
+    """
+    pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
+    predictions, references = segmentation_files(pred_dir), segmentation_files(ref_dir)
+    if not predictions:
+        raise EvaluationError(f"{pred_dir}: no prediction files found (expected .nii.gz, .nii, .nrrd or .mha)")
+    orphans = [predictions[c] for c in predictions if c not in references]
+    if orphans:
+        names = ", ".join(p.name for p in orphans[:5]) + (" ..." if len(orphans) > 5 else "")
+        raise EvaluationError(f"{pred_dir}: {len(orphans)} prediction(s) without a reference in {ref_dir}: "
+                              f"{names}; check the folders or remove the stray predictions")
+    missing = [c for c in references if c not in predictions]
+    if missing:
+        logger.warning("%d reference case(s) in %s have no prediction in %s: %s", len(missing), ref_dir,
+                       pred_dir, ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))
+
+    jobs = [(case_id, predictions[case_id], references[case_id], labels) for case_id in predictions]
+    results = _run_jobs(jobs, num_workers)
+
+    if labels is None:
+        labels = sorted({label for _, _, ref_labels in results.values() for label in ref_labels})
+    labels = [int(label) for label in labels]
+    cases = {}
+    for case_id in predictions:
+        metrics = results[case_id][1]
+        cases[case_id] = {str(label): metrics.get(str(label), _absent_label_metrics()) for label in labels}
+
+    summary = _summarize(cases, labels, missing, pred_dir, ref_dir)
+    output_dir = Path(output_dir) if output_dir is not None else pred_dir
+    write_json(output_dir / "summary.json", summary)
+    _write_csv(output_dir / "summary.csv", summary)
+    return summary
+
+
+def _run_jobs(jobs: list[tuple], num_workers: int) -> dict[str, tuple]:
+    progress = tqdm(total=len(jobs), desc="evaluating", unit="case")
+    results = {}
+    try:
+        if num_workers <= 1:
+            for job in jobs:
+                results[job[0]] = _evaluate_pair(*job)
+                progress.update()
+        else:
+            with ProcessPoolExecutor(max_workers=num_workers) as pool:
+                futures = [pool.submit(_evaluate_pair, *job) for job in jobs]
+                for future in as_completed(futures):
+                    result = future.result()
+                    results[result[0]] = result
+                    progress.update()
+    finally:
+        progress.close()
+    return results
+
+
+def _summarize(cases: dict[str, dict[str, dict]], labels: Sequence[int], missing: list[str],
+               pred_dir: Path, ref_dir: Path) -> dict:
+    mean = {}
+    for label in labels:
+        key = str(label)
+        values = {m: np.array([cases[c][key][m] for c in cases], dtype=float) for m in MEAN_METRICS}
+        mean[key] = {m: _nanmean(v) for m, v in values.items()}
+        mean[key]["cases_used"] = {m: int(np.count_nonzero(~np.isnan(v))) for m, v in values.items()}
+    foreground = {}
+    for metric in FOREGROUND_METRICS:
+        per_label = np.array([mean[str(label)][metric] for label in labels], dtype=float)
+        foreground[metric] = _nanmean(per_label)
+    foreground["labels_used"] = {m: int(np.count_nonzero(~np.isnan([mean[str(l)][m] for l in labels])))
+                                 for m in FOREGROUND_METRICS}
+    summary = {
+        "format_version": SUMMARY_FORMAT_VERSION,
+        "pred_dir": str(pred_dir),
+        "ref_dir": str(ref_dir),
+        "labels": list(labels),
+        "num_cases": len(cases),
+        "missing_predictions": list(missing),
+        "mean": mean,
+        "foreground_mean": foreground,
+        "cases": cases,
+    }
+    return _nan_to_none(summary)
+
+
+def _nanmean(values: np.ndarray) -> float:
+    values = np.asarray(values, dtype=float)
+    return float(np.mean(values[~np.isnan(values)])) if np.any(~np.isnan(values)) else math.nan
+
+
+def _nan_to_none(value):
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_nan_to_none(v) for v in value]
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def _write_csv(path: Path, summary: dict) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["case_id", "label", *CASE_METRICS])
+            for case_id, per_label in summary["cases"].items():
+                for label, metrics in per_label.items():
+                    writer.writerow([case_id, label, *("" if metrics[m] is None else metrics[m] for m in CASE_METRICS)])
+
+
+def format_summary_table(summary: Mapping, label_names: Mapping[str, str] | None = None) -> str:
+    """Plain-text table of the mean metrics per label (and the foreground mean) for printing."""
+    label_names = label_names or {}
+    header = ["label", "dice", "iou", "hd95_mm", "cases"]
+    rows = []
+    for label, metrics in summary["mean"].items():
+        name = f"{label} {label_names[label]}" if label in label_names else label
+        rows.append([name, _fmt(metrics["dice"]), _fmt(metrics["iou"]), _fmt(metrics["hd95_mm"], 2),
+                     str(metrics["cases_used"]["dice"])])
+    fg = summary["foreground_mean"]
+    rows.append(["foreground mean", _fmt(fg["dice"]), _fmt(fg["iou"]), _fmt(fg["hd95_mm"], 2),
+                 str(summary["num_cases"])])
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+             for row in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    missing = summary.get("missing_predictions") or []
+    if missing:
+        lines.append(f"{len(missing)} reference case(s) without a prediction were not evaluated.")
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+

@@ -1,0 +1,168 @@
+"""What the data is: spacings, shapes, non-zero regions and foreground intensities of every case.
+
+Written as `fingerprint.json` in the workspace; the planner reads only this file.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from autoseg.atomic import read_json, write_json
+from autoseg.dataset.layout import Case, Dataset, read_case_image, read_case_label
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+SAMPLES_PER_CASE = 10_000  # foreground voxels kept per case and channel: memory stays flat
+
+
+@dataclass(frozen=True)
+class IntensityStats:
+    mean: float
+    std: float
+    min: float
+    max: float
+    median: float
+    percentile_00_5: float
+    percentile_99_5: float
+
+    @classmethod
+    def of(cls, values: np.ndarray) -> "IntensityStats":
+        if values.size == 0:
+            return cls(*(float("nan"),) * 7)
+        v = values.astype(np.float64)
+        lo, med, hi = np.percentile(v, [0.5, 50.0, 99.5])
+        return cls(float(v.mean()), float(v.std()), float(v.min()), float(v.max()), float(med), float(lo), float(hi))
+
+
+@dataclass(frozen=True)
+class CaseFingerprint:
+    case_id: str
+    spacing: tuple[float, ...]       # per array axis (z, y, x)
+    shape: tuple[int, ...]
+    nonzero_bbox: tuple[tuple[int, int], ...]  # [lo, hi) per axis of the region kept by cropping
+    foreground_voxels: int
+    foreground_intensities: tuple[IntensityStats, ...]  # one per channel
+
+    @property
+    def cropped_shape(self) -> tuple[int, ...]:
+        return tuple(hi - lo for lo, hi in self.nonzero_bbox)
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    dataset_name: str
+    channel_names: tuple[str, ...]
+    channel_kinds: tuple[str, ...]    # "ct" or "mri" (anything not CT)
+    labels: dict[int, str]
+    cases: tuple[CaseFingerprint, ...]
+    foreground_intensities: tuple[IntensityStats, ...]  # pooled over all cases, per channel
+
+    @property
+    def spacings(self) -> np.ndarray:
+        return np.array([c.spacing for c in self.cases], dtype=float)
+
+    @property
+    def cropped_shapes(self) -> np.ndarray:
+        return np.array([c.cropped_shape for c in self.cases], dtype=float)
+
+    @property
+    def median_cropped_fraction(self) -> float:
+        """How much of the volume cropping keeps, median over cases (small: much background removed)."""
+        return float(np.median([np.prod(c.cropped_shape) / np.prod(c.shape) for c in self.cases]))
+
+    def to_json(self) -> dict:
+        return {
+            "format_version": FORMAT_VERSION,
+            "dataset_name": self.dataset_name,
+            "channel_names": list(self.channel_names),
+            "channel_kinds": list(self.channel_kinds),
+            "labels": {str(k): v for k, v in self.labels.items()},
+            "foreground_intensities": [asdict(s) for s in self.foreground_intensities],
+            "cases": [
+                {"case_id": c.case_id, "spacing": list(c.spacing), "shape": list(c.shape),
+                 "cropped_shape": list(c.cropped_shape), "nonzero_bbox": [list(b) for b in c.nonzero_bbox],
+                 "foreground_voxels": c.foreground_voxels,
+                 "foreground_intensities": [asdict(s) for s in c.foreground_intensities]}
+                for c in self.cases
+            ],
+        }
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Fingerprint":
+        if d.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"fingerprint format_version {d.get('format_version')} is not {FORMAT_VERSION}; rerun `autoseg fingerprint`")
+        cases = tuple(
+            CaseFingerprint(c["case_id"], tuple(c["spacing"]), tuple(c["shape"]),
+                            tuple(tuple(b) for b in c["nonzero_bbox"]), c["foreground_voxels"],
+                            tuple(IntensityStats(**s) for s in c["foreground_intensities"]))
+            for c in d["cases"])
+        return cls(d["dataset_name"], tuple(d["channel_names"]), tuple(d["channel_kinds"]),
+                   {int(k): v for k, v in d["labels"].items()}, cases,
+                   tuple(IntensityStats(**s) for s in d["foreground_intensities"]))
+
+
+def save_fingerprint(fingerprint: Fingerprint, path: Path) -> None:
+    write_json(path, fingerprint.to_json())
+
+
+def load_fingerprint(path: Path) -> Fingerprint:
+    return Fingerprint.from_json(read_json(path))
+
+
+def channel_kind(name: str) -> str:
+    """CT channels get CT normalization; every other modality is treated like MRI."""
+    return "ct" if re.search(r"(^|[^a-z])ct([^a-z]|$)", name.lower()) else "mri"
+
+
+def nonzero_bounding_box(image: np.ndarray) -> tuple[tuple[int, int], ...]:
+    """[lo, hi) per spatial axis of the voxels that are non-zero in any channel of (C, Z, Y, X)."""
+    mask = np.any(image != 0, axis=0)
+    bbox = []
+    for axis in range(mask.ndim):
+        other = tuple(a for a in range(mask.ndim) if a != axis)
+        idx = np.flatnonzero(mask.any(axis=other))
+        bbox.append((int(idx[0]), int(idx[-1]) + 1) if idx.size else (0, mask.shape[axis]))
+    return tuple(bbox)
+
+
+def fingerprint_case(case: Case, num_channels: int, seed: int) -> tuple[CaseFingerprint, np.ndarray]:
+    """Per-case fingerprint and a bounded sample (C, <=SAMPLES_PER_CASE) of foreground intensities."""
+    image, geometry = read_case_image(case, num_channels)
+    label = read_case_label(case)
+    foreground = label > 0
+    values = image[:, foreground]
+    rng = np.random.default_rng(seed)
+    if values.shape[1] > SAMPLES_PER_CASE:
+        values = values[:, rng.choice(values.shape[1], SAMPLES_PER_CASE, replace=False)]
+    stats = tuple(IntensityStats.of(image[c, foreground]) for c in range(num_channels))
+    fp = CaseFingerprint(case.case_id, geometry.spacing, geometry.shape, nonzero_bounding_box(image),
+                         int(foreground.sum()), stats)
+    return fp, values.astype(np.float32)
+
+
+def _fingerprint_job(args: tuple[Case, int, int]) -> tuple[CaseFingerprint, np.ndarray]:
+    return fingerprint_case(*args)
+
+
+def compute_fingerprint(dataset: Dataset, workers: int = 1, progress: bool = True) -> Fingerprint:
+    """Fingerprint every case in parallel over `workers` processes."""
+    jobs = [(case, dataset.num_channels, i) for i, case in enumerate(dataset.cases)]
+    bar = dict(total=len(jobs), desc="fingerprint", unit="case", disable=not progress)
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            results = list(tqdm(pool.map(_fingerprint_job, jobs, chunksize=4), **bar))
+    else:
+        results = [fingerprint_case(*job) for job in tqdm(jobs, **bar)]
+    pooled = np.concatenate([samples for _, samples in results], axis=1)
+    return Fingerprint(
+        dataset.name, dataset.channel_names, tuple(channel_kind(n) for n in dataset.channel_names),
+        dict(dataset.labels), tuple(fp for fp, _ in results),
+        tuple(IntensityStats.of(pooled[c]) for c in range(dataset.num_channels)))

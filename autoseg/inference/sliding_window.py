@@ -1,0 +1,231 @@
+"""Predict a whole volume with a patch-sized network: overlapping windows, Gaussian-weighted, mirrored."""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import logging
+import math
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
+
+# Share of the free device memory the accumulator may take; the rest is left for the forward passes.
+_DEVICE_ACCUMULATOR_SHARE = 0.5
+
+
+def gaussian_importance_map(patch_size: Sequence[int], sigma_scale: float = 1 / 8, device=None,
+                            dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Weights that trust a patch's centre more than its borders; max 1, >0 everywhere.
+
+    The tensor is cached and shared between calls: don't modify it in place.
+    """
+    if sigma_scale <= 0:
+        raise ValueError(f"sigma_scale must be > 0, got {sigma_scale}")
+    patch = tuple(int(p) for p in patch_size)
+    if not patch or min(patch) < 1:
+        raise ValueError(f"patch_size must be a non-empty list of positive ints, got {list(patch_size)}")
+    device = torch.device("cpu") if device is None else torch.device(device)
+    return _cached_gaussian(patch, float(sigma_scale), device, dtype)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_gaussian(patch: tuple[int, ...], sigma_scale: float, device: torch.device,
+                     dtype: torch.dtype) -> torch.Tensor:
+    weights = torch.ones((), dtype=torch.float64)
+    for size in patch:
+        offset = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+        profile = torch.exp(-0.5 * (offset / (size * sigma_scale)) ** 2)
+        weights = weights[..., None] * profile
+    weights = (weights / weights.max()).to(dtype)
+    # Far from the centre the Gaussian underflows; a zero weight would divide by zero where only borders cover.
+    smallest = weights[weights > 0].min()
+    return torch.where(weights > 0, weights, smallest).to(device)
+
+
+def window_starts(image_size: Sequence[int], patch_size: Sequence[int], step_size: float = 0.5) -> list[list[int]]:
+    """Per axis, evenly spaced window starts from 0 to image - patch, at most step_size * patch apart."""
+    if len(image_size) != len(patch_size):
+        raise ValueError(f"image_size {list(image_size)} and patch_size {list(patch_size)} "
+                         "must have the same number of axes")
+    if not 0 < step_size <= 1:
+        raise ValueError(f"step_size must be in (0, 1] so that windows overlap or touch, got {step_size}")
+    starts = []
+    for image, patch in zip(image_size, patch_size):
+        if image < patch:
+            raise ValueError(f"image_size {list(image_size)} is smaller than patch_size {list(patch_size)}; "
+                             "pad the image to at least the patch size first")
+        span = image - patch
+        # Starts are whole voxels, so the largest allowed step is rounded down to a whole voxel.
+        max_step = max(1, math.floor(patch * step_size))
+        n = math.ceil(span / max_step) + 1
+        starts.append([0] if n == 1 else [i * span // (n - 1) for i in range(n)])
+    return starts
+
+
+def sliding_window_predict(
+    network: Callable[[torch.Tensor], torch.Tensor],
+    image: torch.Tensor,
+    patch_size: Sequence[int],
+    num_classes: int,
+    step_size: float = 0.5,
+    mirror_axes: Sequence[int] | None = None,
+    tiles_per_batch: int = 4,
+    device: torch.device | str = "cpu",
+    use_amp: bool | None = None,
+    accumulate_on: str = "auto",
+    progress: bool = False,
+) -> torch.Tensor:
+    """Logits (num_classes, Z, Y, X), float32 on the CPU, for a (C, Z, Y, X) image; apply softmax yourself.
+
+    A 3-entry patch_size runs a 3D network; a 2-entry one runs a 2D network on every z-slice.
+    mirror_axes are axes of the patch; all 2**n flip combinations are averaged. The caller owns the
+    network: put it on `device` and in eval mode before calling.
+    """
+    device = torch.device(device)
+    if isinstance(image, np.ndarray):
+        image = torch.from_numpy(np.array(image, dtype=np.float32))
+    patch = tuple(int(p) for p in patch_size)
+    _check_arguments(image, patch, num_classes, step_size, mirror_axes, tiles_per_batch, accumulate_on)
+    if use_amp is None:
+        use_amp = device.type == "cuda"
+    flip_dims = _flip_combinations(sorted(set(mirror_axes or ())))
+    is_2d = len(patch) == 2
+
+    padded, crop = _pad_to_patch(image.float(), patch)
+    spatial = tuple(padded.shape[1:])
+    tiles = _tile_slices(spatial, patch, step_size)
+    target = _accumulator_device(accumulate_on, device, (num_classes + 1) * math.prod(spatial) * 4)
+    logger.debug("sliding window: %d tiles of %s over %s, %d mirror passes, accumulating on %s",
+                 len(tiles), list(patch), list(spatial), len(flip_dims), target)
+
+    gaussian = gaussian_importance_map(patch, device=device)
+    gaussian_acc = gaussian_importance_map(patch, device=target)
+    if is_2d:
+        gaussian_acc = gaussian_acc[None]
+    # Created outside inference mode so the returned tensor is an ordinary one the caller may modify.
+    logits = torch.zeros((num_classes, *spatial), dtype=torch.float32, device=target)
+    weights = torch.zeros(spatial, dtype=torch.float32, device=target)
+
+    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    with tqdm(total=len(tiles), desc="sliding window", unit="tile", disable=not progress) as bar:
+        for batch_tiles in _chunks(tiles, tiles_per_batch):
+            batch = torch.stack([padded[(slice(None), *tile)] for tile in batch_tiles])
+            if is_2d:
+                batch = batch.squeeze(2)
+            batch = batch.to(device, non_blocking=True)
+            with torch.inference_mode():
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                    prediction = _mirrored_forward(network, batch, flip_dims, num_classes)
+                prediction = (prediction * gaussian).to(target)
+                for tile_prediction, tile in zip(prediction, batch_tiles):
+                    if is_2d:
+                        tile_prediction = tile_prediction[:, None]
+                    logits[(slice(None), *tile)] += tile_prediction
+                    weights[tile] += gaussian_acc
+            bar.update(len(batch_tiles))
+
+    logits = logits[(slice(None), *crop)]
+    logits /= weights[crop]
+    return logits.to("cpu").contiguous()
+
+
+def _check_arguments(image: torch.Tensor, patch: tuple[int, ...], num_classes: int, step_size: float,
+                     mirror_axes: Sequence[int] | None, tiles_per_batch: int, accumulate_on: str) -> None:
+    if not isinstance(image, torch.Tensor):
+        raise TypeError(f"image must be a torch.Tensor or numpy array, got {type(image).__name__}")
+    if image.ndim != 4:
+        raise ValueError(f"image must be channel-first 3D (C, Z, Y, X), got shape {list(image.shape)}; "
+                         "add a channel axis or a singleton Z axis")
+    if len(patch) not in (2, 3):
+        raise ValueError(f"patch_size must have 3 entries (3D network) or 2 (2D network on z-slices), "
+                         f"got {list(patch)}")
+    if min(patch) < 1:
+        raise ValueError(f"patch_size entries must be positive, got {list(patch)}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if not 0 < step_size <= 1:
+        raise ValueError(f"step_size must be in (0, 1], got {step_size}")
+    bad_axes = [a for a in (mirror_axes or ()) if not 0 <= a < len(patch)]
+    if bad_axes:
+        raise ValueError(f"mirror_axes {list(mirror_axes)} must be axes of the {len(patch)}D patch "
+                         f"(0..{len(patch) - 1}), not of the channel-first image")
+    if tiles_per_batch < 1:
+        raise ValueError(f"tiles_per_batch must be >= 1, got {tiles_per_batch}")
+    if accumulate_on not in ("auto", "device", "host"):
+        raise ValueError(f"accumulate_on must be 'auto', 'device' or 'host', got {accumulate_on!r}")
+
+
+def _flip_combinations(axes: list[int]) -> list[tuple[int, ...]]:
+    """Batch dims to flip for every subset of the mirror axes, the unflipped pass first."""
+    return [tuple(2 + a for a in subset)
+            for r in range(len(axes) + 1) for subset in itertools.combinations(axes, r)]
+
+
+def _pad_to_patch(image: torch.Tensor, patch: tuple[int, ...]) -> tuple[torch.Tensor, tuple[slice, ...]]:
+    """Zero-pad the patch's axes (the last len(patch)) up to the patch size, centred; return the crop back."""
+    spatial = image.shape[1:]
+    n_free = len(spatial) - len(patch)
+    before, after = [0] * len(spatial), [0] * len(spatial)
+    for axis, p in enumerate(patch, start=n_free):
+        missing = max(0, p - spatial[axis])
+        before[axis], after[axis] = missing // 2, missing - missing // 2
+    crop = tuple(slice(b, b + s) for b, s in zip(before, spatial))
+    if not any(before) and not any(after):
+        return image, crop
+    pad = [width for axis in reversed(range(len(spatial))) for width in (before[axis], after[axis])]
+    return F.pad(image, pad, mode="constant", value=0.0), crop
+
+
+def _tile_slices(spatial: tuple[int, ...], patch: tuple[int, ...], step_size: float) -> list[tuple[slice, ...]]:
+    """Every window as slices over all spatial axes; a 2D patch gets one z-slice per window."""
+    starts = window_starts(spatial[len(spatial) - len(patch):], patch, step_size)
+    per_axis = [[slice(s, s + p) for s in axis_starts] for axis_starts, p in zip(starts, patch)]
+    if len(patch) < len(spatial):
+        per_axis.insert(0, [slice(z, z + 1) for z in range(spatial[0])])
+    return list(itertools.product(*per_axis))
+
+
+def _accumulator_device(accumulate_on: str, device: torch.device, n_bytes: int) -> torch.device:
+    if accumulate_on == "host":
+        return torch.device("cpu")
+    if accumulate_on == "device" or device.type != "cuda":
+        return device
+    free, _ = torch.cuda.mem_get_info(device)
+    # Memory cached by PyTorch's allocator is free for new tensors too.
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if n_bytes <= _DEVICE_ACCUMULATOR_SHARE * free:
+        return device
+    logger.info("accumulating %.1f GiB of logits in host memory: only %.1f GiB free on %s",
+                n_bytes / 2**30, free / 2**30, device)
+    return torch.device("cpu")
+
+
+def _mirrored_forward(network: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor,
+                      flip_dims: list[tuple[int, ...]], num_classes: int) -> torch.Tensor:
+    """Float32 logits averaged over all flips, each flipped back before summing."""
+    total = None
+    for dims in flip_dims:
+        out = network(torch.flip(batch, dims) if dims else batch)
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"network returned {type(out).__name__}, expected one logits tensor; "
+                            "turn off deep supervision for inference")
+        if out.shape[0] != batch.shape[0] or out.shape[1] != num_classes or out.shape[2:] != batch.shape[2:]:
+            expected = [batch.shape[0], num_classes, *batch.shape[2:]]
+            raise ValueError(f"network mapped a batch {list(batch.shape)} to {list(out.shape)}, expected "
+                             f"{expected}; check num_classes and patch_size")
+        out = out.float()
+        if dims:
+            out = torch.flip(out, dims)
+        total = out if total is None else total + out
+    return total / len(flip_dims)
+
+
+def _chunks(items: list, size: int) -> Iterator[list]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]

@@ -1,0 +1,253 @@
+"""A plain U-Net whose shape comes entirely from a plan's lists (features, kernel sizes, strides).
+
+The same code builds a 2D or a 3D network: the number of entries in each kernel size picks
+`nn.Conv2d`/`nn.Conv3d` (and the matching transposed conv and norm) once, in `_layers_for`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+_NORM_EPS = 1e-5
+_LEAKY_SLOPE = 0.01
+
+
+@dataclass(frozen=True)
+class UNetTopology:
+    """Everything that fixes the network's shape; built from a plan configuration by `from_plan`."""
+
+    in_channels: int
+    num_classes: int  # including background
+    features_per_stage: tuple[int, ...]
+    kernel_sizes: tuple[tuple[int, ...], ...]
+    strides: tuple[tuple[int, ...], ...]  # first is all ones
+    n_conv_per_stage: int = 2
+
+    def __post_init__(self) -> None:
+        # Accept lists (as read from JSON) but store tuples so the record stays hashable.
+        object.__setattr__(self, "features_per_stage", tuple(int(f) for f in self.features_per_stage))
+        object.__setattr__(self, "kernel_sizes", tuple(tuple(int(k) for k in ks) for ks in self.kernel_sizes))
+        object.__setattr__(self, "strides", tuple(tuple(int(s) for s in st) for st in self.strides))
+        _validate_topology(self)
+
+    @classmethod
+    def from_plan(cls, configuration: dict, in_channels: int, num_classes: int) -> "UNetTopology":
+        """Read `features_per_stage`, `kernel_sizes`, `strides`, `n_conv_per_stage` of one plans.json configuration."""
+        missing = [k for k in ("features_per_stage", "kernel_sizes", "strides") if k not in configuration]
+        if missing:
+            raise ValueError(
+                f"plan configuration lacks {missing}; rerun planning so plans.json has a complete configuration"
+            )
+        return cls(
+            in_channels=in_channels,
+            num_classes=num_classes,
+            features_per_stage=configuration["features_per_stage"],
+            kernel_sizes=configuration["kernel_sizes"],
+            strides=configuration["strides"],
+            n_conv_per_stage=int(configuration.get("n_conv_per_stage", 2)),
+        )
+
+    @property
+    def ndim(self) -> int:
+        return len(self.kernel_sizes[0])
+
+    @property
+    def total_stride(self) -> tuple[int, ...]:
+        """Product of all strides per axis: every input's spatial size must be a multiple of it."""
+        return tuple(math.prod(st[d] for st in self.strides) for d in range(self.ndim))
+
+
+def _validate_topology(t: UNetTopology) -> None:
+    prefix = "invalid U-Net topology (fix the plan's configuration): "
+    if t.in_channels < 1:
+        raise ValueError(prefix + f"in_channels must be >= 1, got {t.in_channels}")
+    if t.num_classes < 2:
+        raise ValueError(prefix + f"num_classes counts background and must be >= 2, got {t.num_classes}")
+    if t.n_conv_per_stage < 1:
+        raise ValueError(prefix + f"n_conv_per_stage must be >= 1, got {t.n_conv_per_stage}")
+    n = len(t.features_per_stage)
+    if n < 2:
+        raise ValueError(prefix + f"a U-Net needs at least 2 stages, features_per_stage has {n}")
+    if len(t.kernel_sizes) != n or len(t.strides) != n:
+        raise ValueError(
+            prefix + "features_per_stage, kernel_sizes and strides must have one entry per stage, got lengths "
+            f"{n}, {len(t.kernel_sizes)}, {len(t.strides)}"
+        )
+    if any(f < 1 for f in t.features_per_stage):
+        raise ValueError(prefix + f"features_per_stage must be positive, got {list(t.features_per_stage)}")
+    ndim = len(t.kernel_sizes[0])
+    if ndim not in (2, 3):
+        raise ValueError(prefix + f"kernel sizes must have 2 or 3 entries (2D or 3D), got {list(t.kernel_sizes[0])}")
+    for i, (ks, st) in enumerate(zip(t.kernel_sizes, t.strides)):
+        if len(ks) != ndim or len(st) != ndim:
+            raise ValueError(
+                prefix + f"stage {i}: kernel size {list(ks)} and stride {list(st)} must both have {ndim} entries"
+            )
+        if any(k < 1 or k % 2 == 0 for k in ks):
+            raise ValueError(prefix + f"stage {i}: kernel sizes must be odd and positive, got {list(ks)}")
+        if any(s < 1 for s in st):
+            raise ValueError(prefix + f"stage {i}: strides must be positive, got {list(st)}")
+    if any(s != 1 for s in t.strides[0]):
+        raise ValueError(prefix + f"the first stage's stride must be all ones, got {list(t.strides[0])}")
+
+
+def _layers_for(ndim: int) -> tuple[type[nn.Module], type[nn.Module], type[nn.Module]]:
+    if ndim == 2:
+        return nn.Conv2d, nn.ConvTranspose2d, nn.InstanceNorm2d
+    return nn.Conv3d, nn.ConvTranspose3d, nn.InstanceNorm3d
+
+
+class ConvBlock(nn.Sequential):
+    """conv -> InstanceNorm -> LeakyReLU; the conv has no bias since the norm removes it anyway."""
+
+    def __init__(self, conv: type, norm: type, c_in: int, c_out: int, kernel: Sequence[int], stride: Sequence[int]):
+        super().__init__(
+            conv(c_in, c_out, tuple(kernel), stride=tuple(stride), padding=tuple(k // 2 for k in kernel), bias=False),
+            norm(c_out, eps=_NORM_EPS, affine=True),
+            nn.LeakyReLU(_LEAKY_SLOPE, inplace=True),
+        )
+
+
+def _stage(conv: type, norm: type, c_in: int, c_out: int, kernel, stride, n_conv: int) -> nn.Sequential:
+    blocks = [ConvBlock(conv, norm, c_in, c_out, kernel, stride)]
+    blocks += [ConvBlock(conv, norm, c_out, c_out, kernel, [1] * len(kernel)) for _ in range(n_conv - 1)]
+    return nn.Sequential(*blocks)
+
+
+class Encoder(nn.Module):
+    """Stages of conv blocks; every stage after the first starts with a strided conv."""
+
+    def __init__(self, t: UNetTopology, conv: type, norm: type):
+        super().__init__()
+        channels_in = (t.in_channels,) + t.features_per_stage[:-1]
+        self.stages = nn.ModuleList(
+            _stage(conv, norm, c_in, c_out, k, s, t.n_conv_per_stage)
+            for c_in, c_out, k, s in zip(channels_in, t.features_per_stage, t.kernel_sizes, t.strides)
+        )
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        skips = []
+        for stage in self.stages:
+            x = stage(x)
+            skips.append(x)
+        return skips
+
+
+class Decoder(nn.Module):
+    """Upsample by transposed conv, concatenate the skip, conv blocks, and a 1x1 head per resolution."""
+
+    def __init__(self, t: UNetTopology, conv: type, transposed: type, norm: type):
+        super().__init__()
+        f = t.features_per_stage
+        # Index i works at the resolution of encoder stage i (i = n-2 is the coarsest decoder stage).
+        self.upsample = nn.ModuleList(
+            transposed(f[i + 1], f[i], t.strides[i + 1], stride=t.strides[i + 1], bias=True) for i in range(len(f) - 1)
+        )
+        self.stages = nn.ModuleList(
+            _stage(conv, norm, 2 * f[i], f[i], t.kernel_sizes[i], [1] * t.ndim, t.n_conv_per_stage)
+            for i in range(len(f) - 1)
+        )
+        self.heads = nn.ModuleList(conv(f[i], t.num_classes, 1, bias=True) for i in range(len(f) - 1))
+
+    def forward(self, skips: list[torch.Tensor], all_heads: bool) -> list[torch.Tensor]:
+        x = skips[-1]
+        outputs = []
+        for i in reversed(range(len(self.stages))):
+            x = self.upsample[i](x)
+            x = self.stages[i](torch.cat((x, skips[i]), dim=1))
+            if all_heads or i == 0:
+                outputs.append(self.heads[i](x))
+        return outputs[::-1]
+
+
+class UNet(nn.Module):
+    """U-Net; `forward` returns a list of logits (full resolution first) while `deep_supervision` is on."""
+
+    def __init__(self, topology: UNetTopology, deep_supervision: bool = True):
+        super().__init__()
+        self.topology = topology
+        self.deep_supervision = deep_supervision
+        conv, transposed, norm = _layers_for(topology.ndim)
+        self.encoder = Encoder(topology, conv, norm)
+        self.decoder = Decoder(topology, conv, transposed, norm)
+        self.apply(_init_weights)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor] | torch.Tensor:
+        t = self.topology
+        if x.dim() != t.ndim + 2 or x.shape[1] != t.in_channels:
+            raise ValueError(
+                f"expected input of shape (batch, {t.in_channels}, {t.ndim} spatial axes), got {tuple(x.shape)}"
+            )
+        if any(n % s for n, s in zip(x.shape[2:], t.total_stride)):
+            raise ValueError(
+                f"input spatial shape {list(x.shape[2:])} must be a multiple of the total stride "
+                f"{list(t.total_stride)}; pad the input or choose a patch size divisible by it"
+            )
+        outputs = self.decoder(self.encoder(x), all_heads=self.deep_supervision)
+        return outputs if self.deep_supervision else outputs[0]
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+        nn.init.kaiming_normal_(module.weight, a=_LEAKY_SLOPE)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+def build_unet(topology: UNetTopology, deep_supervision: bool = True) -> UNet:
+    """Build the network for a topology (usually `UNetTopology.from_plan(...)`)."""
+    return UNet(topology, deep_supervision=deep_supervision)
+
+
+def feature_map_elements(
+    patch_size: Sequence[int],
+    features_per_stage: Sequence[int],
+    strides: Sequence[Sequence[int]],
+    num_classes: int,
+    n_conv_per_stage: int = 2,
+) -> int:
+    """Activation elements one sample keeps for the backward pass; the planner's memory estimate.
+
+    Counted per sample (multiply by the batch size): the input; for every conv block its conv
+    output and its norm output (the in-place LeakyReLU adds nothing); per decoder stage the
+    transposed-conv output and the concatenation with the skip; and the segmentation-head logits
+    at every decoder resolution (deep supervision on). Weights, gradients and optimizer state are
+    not included. The input channel count is taken as 1 (it is negligible next to the features).
+    Pure integer arithmetic, no modules are built.
+    """
+    n_stages = len(features_per_stage)
+    if len(strides) != n_stages:
+        raise ValueError(f"features_per_stage and strides need one entry per stage, got {n_stages} and {len(strides)}")
+    shape = [int(p) for p in patch_size]
+    voxels_per_stage = []
+    for stride in strides:
+        if any(n % s for n, s in zip(shape, stride)):
+            raise ValueError(f"patch size {list(patch_size)} is not divisible by the strides {[list(s) for s in strides]}")
+        shape = [n // s for n, s in zip(shape, stride)]
+        voxels_per_stage.append(math.prod(shape))
+
+    total = voxels_per_stage[0]  # the input (one channel)
+    per_block = 2 * n_conv_per_stage  # conv output + norm output per conv block
+    for f, v in zip(features_per_stage, voxels_per_stage):
+        total += per_block * f * v
+    for f, v in zip(features_per_stage[:-1], voxels_per_stage[:-1]):
+        total += f * v  # transposed conv output
+        total += 2 * f * v  # concatenation with the skip
+        total += per_block * f * v  # conv blocks
+        total += num_classes * v  # head logits
+    return total
+
+
+def deep_supervision_scales(strides: Sequence[Sequence[int]]) -> list[list[float]]:
+    """Scale of each deep-supervision output relative to the patch, full resolution first (one per output)."""
+    scales = []
+    cumulative = [1] * len(strides[0])
+    for stride in strides[:-1]:
+        cumulative = [c * s for c, s in zip(cumulative, stride)]
+        scales.append([1.0 / c for c in cumulative])
+    return scales

@@ -1,0 +1,1 @@
+"""What to do about the data: target spacing, patch, topology, batch size, normalization."""

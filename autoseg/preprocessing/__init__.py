@@ -1,0 +1,1 @@
+"""Doing what the plan says: crop, resample, normalize, store."""

@@ -1,0 +1,1 @@
+"""Training: splits, patch sampling, augmentation, loss, schedule, the training loop, checkpoints."""

@@ -1,0 +1,85 @@
+"""Segmentation losses: batch soft Dice + cross-entropy, and its deep-supervision weighting."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def soft_dice_loss(
+    logits: torch.Tensor, target: torch.Tensor, ignore_background: bool = True, smooth: float = 1e-5
+) -> torch.Tensor:
+    """Negative mean batch Dice over classes (about -1 when perfect); float32 even under autocast.
+
+    `logits` is (B, C, *spatial); `target` holds label ids, shape (B, 1, *spatial). Sums run over
+    the batch and spatial axes per class ("batch Dice"), so small structures in one sample are
+    not drowned by empty samples.
+    """
+    if target.shape[0] != logits.shape[0] or target.shape[2:] != logits.shape[2:] or target.shape[1] != 1:
+        raise ValueError(
+            f"target must have shape (B, 1, *spatial) matching logits {tuple(logits.shape)}, got {tuple(target.shape)}"
+        )
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        probs = torch.softmax(logits.float(), dim=1)
+        one_hot = torch.zeros_like(probs).scatter_(1, target.long(), 1.0)
+        axes = [0] + list(range(2, logits.dim()))
+        intersection = (probs * one_hot).sum(axes)
+        denominator = probs.sum(axes) + one_hot.sum(axes)
+        dice = (2.0 * intersection + smooth) / (denominator + smooth).clamp_min(1e-8)
+        if ignore_background:
+            dice = dice[1:]
+        return -dice.mean()
+
+
+class DiceCELoss(nn.Module):
+    """Soft batch Dice plus cross-entropy, weight 1 each: Dice handles class imbalance, CE gives smooth gradients."""
+
+    def __init__(self, ignore_background: bool = True, smooth: float = 1e-5):
+        super().__init__()
+        self.ignore_background = ignore_background
+        self.smooth = smooth
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        dice = soft_dice_loss(logits, target, self.ignore_background, self.smooth)
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            ce = F.cross_entropy(logits.float(), target[:, 0].long())
+        return dice + ce
+
+
+def deep_supervision_weights(n_outputs: int) -> list[float]:
+    """Weights 1, 1/2, 1/4, ... (full resolution first), the coarsest output dropped, normalized to sum 1."""
+    if n_outputs < 1:
+        raise ValueError(f"n_outputs must be >= 1, got {n_outputs}")
+    weights = [0.5**i for i in range(n_outputs)]
+    if n_outputs > 1:
+        weights[-1] = 0.0
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
+class DeepSupervisionLoss(nn.Module):
+    """Weighted sum of a loss over the network's outputs at several resolutions; zero weights are skipped."""
+
+    def __init__(self, loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], weights: Sequence[float]):
+        super().__init__()
+        self.loss = loss
+        self.weights = tuple(float(w) for w in weights)
+
+    def forward(self, outputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> torch.Tensor:
+        if len(outputs) != len(self.weights) or len(targets) != len(self.weights):
+            raise ValueError(
+                f"deep supervision expects {len(self.weights)} outputs and targets, got {len(outputs)} and "
+                f"{len(targets)}; build the weights with deep_supervision_weights(len(deep_supervision_scales(...)))"
+            )
+        total = None
+        for weight, output, target in zip(self.weights, outputs, targets):
+            if weight == 0.0:
+                continue
+            term = weight * self.loss(output, target)
+            total = term if total is None else total + term
+        if total is None:
+            raise ValueError("all deep supervision weights are zero; at least one output must be weighted")
+        return total

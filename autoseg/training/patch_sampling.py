@@ -1,0 +1,211 @@
+"""Where to take training patches: open preprocessed cases lazily and sample patch boxes.
+
+Placement rule (per spatial axis, volume size `s`, read patch `p`, final patch `f` <= `p` that the
+augmentation centre-crops; `f` defaults to `p`): the patch centre `c = lower + p // 2` is drawn
+uniformly from `[min(a, b), max(a, b)]` with `a = f // 2` and `b = s - f + f // 2`. So when the
+volume is at least as large as the final patch, the final patch lies fully inside the volume (only
+the enlargement margin `(p - f) / 2` may be padding); when the volume is smaller, the whole volume
+lies inside the final patch and the rest is zero padding (image 0, label 0).
+
+Foreground oversampling: the patch is centred on a stored voxel of the chosen label, then the
+centre is clipped to the same range, which keeps that voxel inside the final patch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+from batchgenerators.dataloading.data_loader import DataLoader
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PreprocessedCase:
+    """One preprocessed case; `image` and `seg` are memory-mapped, so opening it reads no voxels."""
+
+    case_id: str
+    image: np.ndarray  # (C, Z, Y, X) float32, memory-mapped
+    seg: np.ndarray  # (1, Z, Y, X) int8, memory-mapped
+    class_locations: dict[int, np.ndarray]  # label -> (N, 3) int64 voxel coordinates, N may be 0
+
+
+def open_case(folder: Path, case_id: str) -> PreprocessedCase:
+    """Memory-map one case written by preprocessing (`<id>.npy`, `<id>_seg.npy`, `<id>.json`)."""
+    folder = Path(folder)
+    paths = {k: folder / f"{case_id}{suffix}" for k, suffix in
+             (("image", ".npy"), ("seg", "_seg.npy"), ("properties", ".json"))}
+    for path in paths.values():
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing; run preprocessing for this configuration first "
+                                    f"(or remove case '{case_id}' from the split)")
+    image = np.load(paths["image"], mmap_mode="r")
+    seg = np.load(paths["seg"], mmap_mode="r")
+    if image.ndim != 4 or seg.ndim != 4 or seg.shape[0] != 1 or image.shape[1:] != seg.shape[1:]:
+        raise ValueError(f"{paths['image']} has shape {image.shape} and {paths['seg']} has shape {seg.shape}; "
+                         "expected (C, Z, Y, X) and (1, Z, Y, X) with equal spatial shape; rerun preprocessing")
+    properties = json.loads(paths["properties"].read_text())
+    class_locations = {
+        int(label): np.asarray(coords, dtype=np.int64).reshape(-1, 3)
+        for label, coords in properties.get("class_locations", {}).items()
+    }
+    return PreprocessedCase(case_id, image, seg, class_locations)
+
+
+def choose_foreground_label(class_locations: Mapping[int, np.ndarray], rng: np.random.Generator) -> int | None:
+    """A label drawn uniformly among the foreground labels with stored voxels; None if the case has none."""
+    present = sorted(label for label, coords in class_locations.items() if label > 0 and len(coords) > 0)
+    if not present:
+        return None
+    return present[rng.integers(len(present))]
+
+
+def _centre_range(size: int, final: int) -> tuple[int, int]:
+    a, b = final // 2, size - final + final // 2
+    return min(a, b), max(a, b)
+
+
+def sample_patch_box(
+    shape: Sequence[int],
+    patch_size: Sequence[int],
+    rng: np.random.Generator,
+    force_label: int | None,
+    class_locations: Mapping[int, np.ndarray],
+    *,
+    final_patch_size: Sequence[int] | None = None,
+) -> tuple[list[int], list[int]]:
+    """Lower/upper bounds (upper exclusive, may lie outside the volume) of a patch in a volume of `shape`.
+
+    `shape` is the spatial shape (Z, Y, X). With a 2-entry `patch_size` (2D configuration) the box
+    spans a single slice along axis 0. With `force_label`, the box contains a stored voxel of that
+    label (falls back to random placement when the case has none).
+    """
+    shape = [int(s) for s in shape]
+    patch = [int(p) for p in patch_size]
+    final = patch if final_patch_size is None else [int(f) for f in final_patch_size]
+    if len(patch) not in (len(shape), len(shape) - 1) or len(final) != len(patch):
+        raise ValueError(f"patch_size {patch} (final {final}) does not fit a volume of spatial shape {shape}")
+    if any(f > p for f, p in zip(final, patch)):
+        raise ValueError(f"final_patch_size {final} must not exceed the read patch_size {patch}")
+
+    voxel = None
+    if force_label is not None:
+        coords = class_locations.get(force_label)
+        if coords is not None and len(coords) > 0:
+            voxel = [int(v) for v in coords[rng.integers(len(coords))]]
+        else:
+            logger.debug("label %s has no stored voxels; sampling a random patch", force_label)
+
+    lower, upper = [], []
+    in_plane_shape = shape
+    if len(patch) == len(shape) - 1:
+        z = voxel[0] if voxel is not None else int(rng.integers(shape[0]))
+        lower.append(z)
+        upper.append(z + 1)
+        in_plane_shape = shape[1:]
+        voxel = voxel[1:] if voxel is not None else None
+    for axis, (s, p, f) in enumerate(zip(in_plane_shape, patch, final)):
+        lo, hi = _centre_range(s, f)
+        centre = int(np.clip(voxel[axis], lo, hi)) if voxel is not None else int(rng.integers(lo, hi + 1))
+        lower.append(centre - p // 2)
+        upper.append(centre - p // 2 + p)
+    return lower, upper
+
+
+def read_box(array: np.ndarray, lower: Sequence[int], upper: Sequence[int]) -> np.ndarray:
+    """Read `array[:, lower:upper]` (spatial box) touching only the voxels inside; outside is 0."""
+    spatial = array.shape[1:]
+    inside = tuple(slice(max(lo, 0), min(up, s)) for lo, up, s in zip(lower, upper, spatial))
+    region = np.asarray(array[(slice(None),) + inside])
+    pad = [(0, 0)] + [(max(-lo, 0), max(up - s, 0)) for lo, up, s in zip(lower, upper, spatial)]
+    if any(before or after for before, after in pad):
+        region = np.pad(region, pad, mode="constant", constant_values=0)
+    return region
+
+
+class PatchLoader(DataLoader):
+    """Batches of patches `{"data": (B, C, *patch) float32, "seg": (B, 1, *patch) int8, "keys": [...]}`.
+
+    The last samples of each batch (index i >= round(batch_size * (1 - oversample_foreground))) are
+    forced to contain foreground. Each worker (thread_id) draws from its own generator seeded with
+    (seed, thread_id), so a given seed reproduces each worker's stream. `final_patch_size` is the
+    patch after the augmentation's centre crop (see the module docstring); leave None for validation.
+    With `infinite=False` the loader goes over `case_ids` once, split across
+    `num_threads_in_multithreaded` workers.
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        case_ids: Sequence[str],
+        patch_size: Sequence[int],
+        batch_size: int,
+        oversample_foreground: float = 0.33,
+        num_threads_in_multithreaded: int = 1,
+        seed: int | None = None,
+        infinite: bool = True,
+        *,
+        final_patch_size: Sequence[int] | None = None,
+    ):
+        if not case_ids:
+            raise ValueError(f"PatchLoader for {folder} got no case ids; check the split file")
+        if not 0.0 <= oversample_foreground <= 1.0:
+            raise ValueError(f"oversample_foreground must be in [0, 1], got {oversample_foreground}")
+        super().__init__(list(case_ids), batch_size, num_threads_in_multithreaded, seed_for_shuffle=seed,
+                         return_incomplete=False, shuffle=True, infinite=infinite)
+        self.folder = Path(folder)
+        self.case_ids = list(case_ids)
+        self.patch_size = [int(p) for p in patch_size]
+        self.final_patch_size = None if final_patch_size is None else [int(f) for f in final_patch_size]
+        self.oversample_foreground = oversample_foreground
+        self.seed = seed
+        self.indices = list(range(len(self.case_ids)))
+        self._cases: dict[str, PreprocessedCase] = {}
+        self._rng = self._make_rng(0)
+
+    def _make_rng(self, thread_id: int) -> np.random.Generator:
+        return np.random.default_rng(None if self.seed is None else [self.seed, thread_id])
+
+    def set_thread_id(self, thread_id: int) -> None:
+        super().set_thread_id(thread_id)
+        self._rng = self._make_rng(thread_id)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_cases"] = {}  # memory maps are reopened in the worker, never pickled as full arrays
+        return state
+
+    def _case(self, case_id: str) -> PreprocessedCase:
+        if case_id not in self._cases:
+            self._cases[case_id] = open_case(self.folder, case_id)
+        return self._cases[case_id]
+
+    def is_forced(self, sample_index: int) -> bool:
+        """Whether sample `sample_index` of a batch must contain foreground."""
+        return (self.oversample_foreground > 0
+                and sample_index >= round(self.batch_size * (1 - self.oversample_foreground)))
+
+    def generate_train_batch(self) -> dict:
+        if self.infinite:
+            indices = self._rng.integers(len(self.case_ids), size=self.batch_size)
+        else:
+            indices = self.get_indices()
+        data, seg, keys = [], [], []
+        for i, index in enumerate(indices):
+            case = self._case(self.case_ids[index])
+            label = choose_foreground_label(case.class_locations, self._rng) if self.is_forced(i) else None
+            lower, upper = sample_patch_box(case.image.shape[1:], self.patch_size, self._rng, label,
+                                            case.class_locations, final_patch_size=self.final_patch_size)
+            image, labels = read_box(case.image, lower, upper), read_box(case.seg, lower, upper)
+            if len(self.patch_size) == 2:
+                image, labels = image[:, 0], labels[:, 0]
+            data.append(image)
+            seg.append(labels)
+            keys.append(case.case_id)
+        return {"data": np.stack(data).astype(np.float32, copy=False),
+                "seg": np.stack(seg).astype(np.int8, copy=False), "keys": keys}

@@ -1,0 +1,115 @@
+"""The U-Net built from plan lists: shapes in 2D/3D, deep supervision, memory estimate, validation."""
+
+import pytest
+import torch
+from torch import nn
+
+from autoseg.network import UNetTopology, build_unet, deep_supervision_scales, feature_map_elements
+
+PLAN_2D = {"features_per_stage": [4, 8, 16], "kernel_sizes": [[3, 3]] * 3, "strides": [[1, 1], [2, 2], [2, 2]],
+           "n_conv_per_stage": 2, "patch_size": [16, 24]}
+PLAN_3D = {"features_per_stage": [4, 8, 16], "kernel_sizes": [[3, 3, 3]] * 3,
+           "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]], "n_conv_per_stage": 2, "patch_size": [8, 16, 12]}
+PLAN_3D_ANISO = {"features_per_stage": [4, 8, 16, 16], "kernel_sizes": [[1, 3, 3], [1, 3, 3], [3, 3, 3], [3, 3, 3]],
+                 "strides": [[1, 1, 1], [1, 2, 2], [2, 2, 2], [1, 2, 2]], "n_conv_per_stage": 2,
+                 "patch_size": [4, 16, 24]}
+
+
+@pytest.mark.parametrize("plan", [PLAN_2D, PLAN_3D, PLAN_3D_ANISO], ids=["2d", "3d", "3d-anisotropic"])
+def test_output_shapes_follow_deep_supervision_scales(plan):
+    topology = UNetTopology.from_plan(plan, in_channels=2, num_classes=3)
+    net = build_unet(topology, deep_supervision=True)
+    patch = plan["patch_size"]
+    x = torch.randn(2, 2, *patch)
+    with torch.no_grad():
+        outputs = net(x)
+    scales = deep_supervision_scales(plan["strides"])
+    assert len(outputs) == len(scales) == len(plan["strides"]) - 1
+    for out, scale in zip(outputs, scales):
+        assert list(out.shape) == [2, 3] + [round(p * s) for p, s in zip(patch, scale)]
+
+    net.deep_supervision = False
+    with torch.no_grad():
+        full = net(x)
+    assert isinstance(full, torch.Tensor) and list(full.shape) == [2, 3] + patch
+    torch.testing.assert_close(full, outputs[0])
+
+
+def test_scales_for_isotropic_plan():
+    assert deep_supervision_scales([[1, 1, 1], [2, 2, 2], [2, 2, 2]]) == [[1, 1, 1], [0.5, 0.5, 0.5]]
+
+
+def test_input_not_divisible_by_total_stride_is_refused():
+    net = build_unet(UNetTopology.from_plan(PLAN_3D, in_channels=1, num_classes=2))
+    with pytest.raises(ValueError, match="multiple of the total stride"):
+        net(torch.randn(1, 1, 8, 15, 12))
+
+
+def test_channels_last_and_bf16_autocast_match_float32():
+    net = build_unet(UNetTopology.from_plan(PLAN_3D, in_channels=1, num_classes=2), deep_supervision=False).eval()
+    x = torch.randn(1, 1, *PLAN_3D["patch_size"])
+    with torch.no_grad():
+        reference = net(x)
+        net_cl = net.to(memory_format=torch.channels_last_3d)
+        out_cl = net_cl(x.to(memory_format=torch.channels_last_3d))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out_bf16 = net_cl(x.to(memory_format=torch.channels_last_3d))
+    torch.testing.assert_close(out_cl, reference, rtol=1e-4, atol=1e-4)
+    assert torch.isfinite(out_bf16).all()
+    assert (out_bf16.float() - reference).abs().max() < 0.1 * reference.abs().max()
+
+
+def test_feature_map_elements_is_linear_in_patch_voxels():
+    args = dict(features_per_stage=[8, 16, 32], strides=[[1, 1, 1], [2, 2, 2], [2, 2, 2]], num_classes=3)
+    small = feature_map_elements([8, 8, 8], **args)
+    assert feature_map_elements([16, 8, 8], **args) == 2 * small
+    assert feature_map_elements([16, 16, 16], **args) == 8 * small
+
+
+def test_feature_map_elements_matches_network_activations():
+    topology = UNetTopology.from_plan(PLAN_3D_ANISO, in_channels=1, num_classes=3)
+    net = build_unet(topology)
+    counted = []
+
+    def count(_module, _inputs, output):
+        counted.append(output.numel())
+
+    for m in net.modules():
+        if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d, nn.InstanceNorm3d)):
+            m.register_forward_hook(count)
+    with torch.no_grad():
+        net(torch.randn(1, 1, *PLAN_3D_ANISO["patch_size"]))
+    estimate = feature_map_elements(PLAN_3D_ANISO["patch_size"], topology.features_per_stage, topology.strides,
+                                     num_classes=3)
+    # The estimate also counts the input and the skip concatenations, which no hook sees.
+    assert 0.7 * estimate < sum(counted) <= estimate
+
+
+def test_feature_map_elements_refuses_indivisible_patch():
+    with pytest.raises(ValueError, match="not divisible"):
+        feature_map_elements([8, 9, 8], [4, 8], [[1, 1, 1], [2, 2, 2]], num_classes=2)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(kernel_sizes=[[3, 3, 3]] * 2), "one entry per stage"),
+        (dict(strides=[[2, 2, 2], [2, 2, 2], [2, 2, 2]]), "first stage's stride must be all ones"),
+        (dict(kernel_sizes=[[3, 3, 3], [4, 3, 3], [3, 3, 3]]), "odd"),
+        (dict(kernel_sizes=[[3, 3, 3], [3, 3], [3, 3, 3]]), "must both have 3 entries"),
+        (dict(strides=[[1, 1, 1], [0, 2, 2], [2, 2, 2]]), "strides must be positive"),
+        (dict(num_classes=1), "num_classes"),
+        (dict(features_per_stage=[4]), "at least 2 stages"),
+    ],
+)
+def test_invalid_topology_names_the_problem(change, message):
+    fields = dict(in_channels=1, num_classes=3, features_per_stage=PLAN_3D["features_per_stage"],
+                  kernel_sizes=PLAN_3D["kernel_sizes"], strides=PLAN_3D["strides"])
+    fields.update(change)
+    with pytest.raises(ValueError, match=message):
+        UNetTopology(**fields)
+
+
+def test_from_plan_reports_missing_keys():
+    with pytest.raises(ValueError, match="strides"):
+        UNetTopology.from_plan({"features_per_stage": [4, 8], "kernel_sizes": [[3, 3]] * 2}, 1, 2)

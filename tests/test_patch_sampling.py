@@ -1,0 +1,102 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from autoseg.training.patch_sampling import PatchLoader, open_case, sample_patch_box
+
+
+def write_case(folder: Path, case_id: str, image: np.ndarray, seg: np.ndarray) -> None:
+    """A case in the preprocessed format: image, seg and class_locations in the properties."""
+    np.save(folder / f"{case_id}.npy", image.astype(np.float32))
+    np.save(folder / f"{case_id}_seg.npy", seg.astype(np.int8))
+    labels = [int(v) for v in np.unique(seg) if v > 0]
+    locations = {str(v): np.argwhere(seg[0] == v)[:2000].tolist() for v in labels}
+    (folder / f"{case_id}.json").write_text(json.dumps({"class_locations": locations}))
+
+
+@pytest.fixture
+def cases(tmp_path: Path) -> list[str]:
+    """Three cases of 20x24x22 with a small foreground blob off-centre (easy to miss at random)."""
+    rng = np.random.default_rng(0)
+    ids = []
+    for i in range(3):
+        seg = np.zeros((1, 20, 24, 22), np.int8)
+        seg[0, 2 + i:5 + i, 18:21, 1:4] = 1
+        seg[0, 3 + i, 19, 2] = 2
+        write_case(tmp_path, f"c{i}", rng.normal(size=(2, 20, 24, 22)), seg)
+        ids.append(f"c{i}")
+    return ids
+
+
+def test_3d_and_2d_batches_have_the_patch_shape(tmp_path, cases):
+    batch = next(PatchLoader(tmp_path, cases, [8, 10, 12], batch_size=3, seed=0))
+    assert batch["data"].shape == (3, 2, 8, 10, 12) and batch["data"].dtype == np.float32
+    assert batch["seg"].shape == (3, 1, 8, 10, 12)
+    assert set(batch["keys"]) <= set(cases) and len(batch["keys"]) == 3
+
+    batch2d = next(PatchLoader(tmp_path, cases, [16, 18], batch_size=4, seed=0))
+    assert batch2d["data"].shape == (4, 2, 16, 18)
+    assert batch2d["seg"].shape == (4, 1, 16, 18)
+
+
+@pytest.mark.parametrize("patch", [[6, 6, 6], [8, 8]])
+def test_forced_samples_always_contain_foreground(tmp_path, cases, patch):
+    loader = PatchLoader(tmp_path, cases, patch, batch_size=4, oversample_foreground=0.5, seed=1)
+    assert [loader.is_forced(i) for i in range(4)] == [False, False, True, True]
+    for _ in range(20):
+        seg = next(loader)["seg"]
+        assert all(seg[i].max() > 0 for i in (2, 3))
+
+
+def test_forced_voxel_stays_inside_the_centre_crop_of_an_enlarged_patch():
+    rng = np.random.default_rng(0)
+    shape, final, read = [30, 40, 20], [10, 12, 16], [24, 30, 36]
+    for _ in range(200):
+        voxel = rng.integers(0, shape)
+        lower, upper = sample_patch_box(shape, read, rng, 1, {1: voxel[None]}, final_patch_size=final)
+        assert [u - lo for lo, u in zip(lower, upper)] == read
+        crop_lower = [lo + (r - f) // 2 for lo, r, f in zip(lower, read, final)]
+        assert all(c <= v < c + f for c, v, f in zip(crop_lower, voxel, final))
+
+
+def test_case_without_foreground_falls_back_to_random_patches(tmp_path):
+    write_case(tmp_path, "empty", np.ones((1, 10, 10, 10)), np.zeros((1, 10, 10, 10)))
+    batch = next(PatchLoader(tmp_path, ["empty"], [4, 4, 4], batch_size=2, oversample_foreground=1.0, seed=0))
+    assert batch["seg"].max() == 0 and batch["data"].shape == (2, 1, 4, 4, 4)
+
+
+def test_volume_smaller_than_patch_is_zero_padded_and_fully_inside(tmp_path):
+    seg = np.ones((1, 5, 6, 4), np.int8)
+    write_case(tmp_path, "small", np.full((1, 5, 6, 4), 7.0), seg)
+    for batch in (next(PatchLoader(tmp_path, ["small"], [8, 9, 10], batch_size=3, seed=s)) for s in range(5)):
+        data, labels = batch["data"], batch["seg"]
+        assert set(np.unique(data)) == {0.0, 7.0} and set(np.unique(labels)) == {0, 1}
+        assert np.all((data == 7) == (labels == 1))  # padding is image 0 and label 0 at the same voxels
+        assert all((data[i] == 7).sum() == 5 * 6 * 4 for i in range(3))  # whole volume inside the patch
+
+
+def test_same_seed_same_batches_and_each_worker_its_own_stream(tmp_path, cases):
+    def batches(seed, thread_id=0):
+        loader = PatchLoader(tmp_path, cases, [6, 7, 8], batch_size=3, seed=seed)
+        loader.set_thread_id(thread_id)
+        return [next(loader) for _ in range(4)]
+
+    first, again, other, worker1 = batches(5), batches(5), batches(6), batches(5, thread_id=1)
+    assert all(np.array_equal(a["data"], b["data"]) and a["keys"] == b["keys"] for a, b in zip(first, again))
+    assert not all(np.array_equal(a["data"], b["data"]) for a, b in zip(first, other))
+    assert not all(np.array_equal(a["data"], b["data"]) for a, b in zip(first, worker1))
+
+
+def test_open_case_is_lazy_and_names_the_missing_file(tmp_path, cases):
+    case = open_case(tmp_path, cases[0])
+    assert isinstance(case.image, np.memmap) and case.image.shape == (2, 20, 24, 22)
+    assert case.class_locations[1].shape[1] == 3
+    with pytest.raises(FileNotFoundError, match="nope.npy"):
+        open_case(tmp_path, "nope")
+
+
+def test_finite_loader_visits_each_case_once(tmp_path, cases):
+    loader = PatchLoader(tmp_path, cases, [4, 4, 4], batch_size=1, seed=0, infinite=False)
+    assert sorted(k for batch in loader for k in batch["keys"]) == sorted(cases)

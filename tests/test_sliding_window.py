@@ -1,0 +1,129 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from autoseg.inference.sliding_window import gaussian_importance_map, sliding_window_predict, window_starts
+
+
+def _net(conv: type[nn.Module], in_ch: int, classes: int, kernel: int) -> nn.Module:
+    torch.manual_seed(0)
+    return conv(in_ch, classes, kernel, padding=kernel // 2).eval()
+
+
+def _forward(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return net(x[None])[0]
+
+
+def test_image_of_patch_size_equals_one_forward_pass():
+    net = _net(nn.Conv3d, 2, 3, kernel=3)
+    image = torch.randn(2, 8, 12, 10)
+    out = sliding_window_predict(net, image, (8, 12, 10), num_classes=3)
+    assert out.dtype == torch.float32 and out.device.type == "cpu"
+    torch.testing.assert_close(out, _forward(net, image), rtol=1e-5, atol=1e-5)
+    assert not out.is_inference()  # callers may modify the result in place
+
+
+def test_mirroring_a_flip_equivariant_network_changes_nothing():
+    net = _net(nn.Conv3d, 2, 3, kernel=1)
+    image = torch.randn(2, 8, 12, 10)
+    out = sliding_window_predict(net, image, (8, 12, 10), num_classes=3, mirror_axes=(0, 1, 2))
+    torch.testing.assert_close(out, _forward(net, image), rtol=1e-5, atol=1e-5)
+
+
+def test_mirroring_runs_every_flip_combination_in_full_batches():
+    calls = []
+
+    def net(x):
+        calls.append(x.shape[0])
+        return torch.zeros(x.shape[0], 2, *x.shape[2:])
+
+    sliding_window_predict(net, torch.zeros(1, 8, 24, 8), (8, 8, 8), 2, mirror_axes=(1, 2), tiles_per_batch=3)
+    tiles = 5  # starts 0, 4, 8, 12, 16 along Y
+    assert len(calls) == math.ceil(tiles / 3) * 4 and max(calls) == 3
+
+
+@pytest.mark.parametrize("patch", [(8, 8, 8), (7, 10), (64, 5, 6)])
+def test_gaussian_is_symmetric_positive_with_max_one(patch):
+    g = gaussian_importance_map(patch, sigma_scale=0.02)  # narrow enough to underflow far from the centre
+    assert g.shape == patch
+    assert (g > 0).all()
+    assert g.max().item() == 1.0
+    torch.testing.assert_close(g, torch.flip(g, tuple(range(len(patch)))), rtol=0, atol=0)
+    for axis in range(len(patch)):
+        torch.testing.assert_close(g, torch.flip(g, (axis,)), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("image, patch, step", [
+    (100, 32, 0.5), (33, 32, 0.5), (64, 32, 0.5), (50, 15, 0.5), (97, 20, 0.33), (40, 16, 1.0), (17, 3, 0.5),
+])
+def test_window_starts_cover_the_image(image, patch, step):
+    (starts,) = window_starts([image], [patch], step)
+    assert starts[0] == 0 and starts[-1] == image - patch
+    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    assert all(0 < gap <= step * patch for gap in gaps)
+    covered = set().union(*(range(s, s + patch) for s in starts))
+    assert covered == set(range(image))
+    if float(step * patch).is_integer():
+        assert len(starts) == math.ceil((image - patch) / (patch * step)) + 1
+
+
+def test_window_starts_single_window_and_errors():
+    assert window_starts([16, 20, 8], [16, 20, 8]) == [[0], [0], [0]]
+    with pytest.raises(ValueError, match="smaller than patch_size"):
+        window_starts([10], [16])
+
+
+def test_per_voxel_network_is_reproduced_exactly_on_a_large_image():
+    net = _net(nn.Conv3d, 2, 4, kernel=1)
+    image = torch.randn(2, 13, 29, 22)
+    out = sliding_window_predict(net, image, (8, 12, 10), 4, step_size=0.5, mirror_axes=(0, 2), tiles_per_batch=3)
+    assert out.shape == (4, 13, 29, 22)
+    torch.testing.assert_close(out, _forward(net, image), rtol=1e-5, atol=1e-5)
+
+
+def test_image_smaller_than_patch_keeps_its_shape():
+    net = _net(nn.Conv3d, 1, 2, kernel=1)
+    image = torch.randn(1, 5, 20, 9)
+    out = sliding_window_predict(net, image, (8, 16, 16), 2)
+    assert out.shape == (2, 5, 20, 9)
+    torch.testing.assert_close(out, _forward(net, image), rtol=1e-5, atol=1e-5)
+
+
+def test_2d_mode_predicts_every_slice():
+    net = _net(nn.Conv2d, 1, 3, kernel=1)
+    image = torch.randn(1, 5, 20, 24)
+    out = sliding_window_predict(net, image, (16, 16), 3, mirror_axes=(0, 1), tiles_per_batch=7)
+    assert out.shape == (3, 5, 20, 24)
+    expected = torch.stack([_forward(net, image[:, z]) for z in range(5)], dim=1)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_host_and_device_accumulation_agree():
+    net = _net(nn.Conv3d, 1, 2, kernel=3)
+    image = torch.randn(1, 10, 19, 14)
+    kwargs = dict(patch_size=(8, 8, 8), num_classes=2, mirror_axes=(1,))
+    host = sliding_window_predict(net, image, accumulate_on="host", **kwargs)
+    on_device = sliding_window_predict(net, image, accumulate_on="device", **kwargs)
+    torch.testing.assert_close(host, on_device, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("image_shape, patch, kwargs, message", [
+    ((10, 12, 14), (8, 8, 8), {}, "channel-first 3D"),
+    ((1, 10, 12, 14), (8,), {}, "3 entries"),
+    ((1, 10, 12, 14), (8, 8, 8, 8), {}, "3 entries"),
+    ((1, 10, 12, 14), (8, 8), {"mirror_axes": (2,)}, "mirror_axes"),
+    ((1, 10, 12, 14), (8, 8, 8), {"accumulate_on": "gpu"}, "accumulate_on"),
+])
+def test_wrong_arguments_are_rejected_clearly(image_shape, patch, kwargs, message):
+    net = _net(nn.Conv3d, 1, 2, kernel=1)
+    with pytest.raises(ValueError, match=message):
+        sliding_window_predict(net, torch.zeros(image_shape), patch, 2, **kwargs)
+
+
+def test_wrong_num_classes_is_reported():
+    net = _net(nn.Conv3d, 1, 2, kernel=1)
+    with pytest.raises(ValueError, match="num_classes"):
+        sliding_window_predict(net, torch.zeros(1, 8, 8, 8), (8, 8, 8), num_classes=3)
