@@ -84,6 +84,27 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from autoseg.training.trainer import TrainingSettings, train_fold
+
+    fold = args.fold if args.fold == "all" else int(args.fold)
+    overrides = {k: v for k, v in {"epochs": args.epochs, "iters_per_epoch": args.iters_per_epoch,
+                                   "val_iters": args.val_iters, "device": args.device, "num_workers": args.workers,
+                                   "seed": args.seed, "checkpoint_every": args.checkpoint_every}.items() if v is not None}
+    if args.no_validation:
+        overrides["validate_at_end"] = False
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    result = train_fold(args.workdir, args.config, fold, TrainingSettings(**overrides), resume=args.resume)
+    validation = result.get("validation")
+    if validation:
+        print(f"validation of {args.config} fold {fold} ({validation['num_cases']} cases):")
+        for key, m in validation["mean"].items():
+            print(f"  {m['name']:>20s}  Dice {m['dice']:.4f}  HD95 {m['hd95_mm'] or float('nan'):.2f} mm")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="autoseg",
@@ -117,6 +138,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accelerator memory budget per training step used to size patch and batch (default: %(default)s)")
     p.add_argument("--explain", action="store_true", help="print every planning decision with its reason")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("train", help="train one fold of one configuration",
+                       description="Train one cross-validation fold (0-4, from WORKDIR/splits.json, created on first use) "
+                                   "or 'all' (every case, no validation). Writes checkpoints, a log and progress.png to "
+                                   "WORKDIR/models/<config>/fold_<K>/, then predicts the fold's validation cases and "
+                                   "writes validation/summary.json. The default schedule is 1000 epochs x 250 iterations; "
+                                   "shorten it with --epochs/--iters-per-epoch (the learning rate follows).")
+    p.add_argument("workdir", type=Path, metavar="WORKDIR", help="workspace written by `autoseg plan`")
+    p.add_argument("--fold", required=True, help="fold 0-4, or 'all'")
+    p.add_argument("--config", default="3d_fullres", choices=CONFIGURATIONS, help="configuration (default: %(default)s)")
+    p.add_argument("--epochs", type=int, help="number of epochs (default: 1000)")
+    p.add_argument("--iters-per-epoch", type=int, help="training iterations per epoch (default: 250)")
+    p.add_argument("--val-iters", type=int, help="validation batches per epoch for the pseudo-Dice (default: 50)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    p.add_argument("--workers", type=int, help="background augmentation processes (default: CPU cores - 1, at most 12)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice, all cores)")
+    p.add_argument("--seed", type=int, help="random seed (default: 0)")
+    p.add_argument("--checkpoint-every", type=int, help="epochs between checkpoint_latest writes (default: 1)")
+    p.add_argument("--resume", action="store_true", help="continue from checkpoint_latest.pt exactly where training stopped")
+    p.add_argument("--no-validation", action="store_true", help="skip predicting the validation cases at the end")
+    p.set_defaults(func=cmd_train)
     return parser
 
 
@@ -127,10 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     from autoseg.dataset.image_io import ImageReadError
     from autoseg.dataset.layout import DatasetError
     from autoseg.planning.planner import PlanError
+    from autoseg.training.splits import SplitError
 
     try:
         return args.func(args)
-    except (CommandError, DatasetError, ImageReadError, PlanError) as exc:
+    except (CommandError, DatasetError, ImageReadError, PlanError, SplitError, ValueError) as exc:
         print(f"autoseg {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

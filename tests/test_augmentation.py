@@ -1,5 +1,6 @@
 import json
 import math
+import multiprocessing
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +16,10 @@ SCALES_3D = [[1.0, 1.0, 1.0], [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]]
 
 
 def write_case(folder: Path, case_id: str, image: np.ndarray, seg: np.ndarray) -> None:
+    seg = seg.astype(np.int8)
     np.save(folder / f"{case_id}.npy", image.astype(np.float32))
     np.save(folder / f"{case_id}_seg.npy", seg.astype(np.int8))
-    locations = {str(v): np.argwhere(seg[0] == v)[:2000].tolist() for v in np.unique(seg) if v > 0}
+    locations = {str(int(v)): np.argwhere(seg[0] == v)[:2000].tolist() for v in np.unique(seg) if v > 0}
     (folder / f"{case_id}.json").write_text(json.dumps({"class_locations": locations}))
 
 
@@ -78,13 +80,16 @@ def test_spatial_transforms_and_mirroring_move_image_and_labels_together(folder)
 
 def test_enlarged_patch_leaves_no_empty_border_after_rotation_and_scaling(tmp_path):
     final = [20, 24, 20]
-    write_case(tmp_path, "big", np.ones((1, 80, 80, 80)), np.ones((1, 80, 80, 80)))
+    centre_only = np.zeros((1, 90, 90, 90))
+    centre_only[0, 45, 45, 45] = 1  # forced patches are centred here, far from the volume border
+    write_case(tmp_path, "big", np.ones((1, 90, 90, 90)), centre_only)
     spatial = training_transforms(final, anisotropic=False, mirror_axes=None,
                                   deep_supervision_scales=None).transforms[0]
     spatial.p_rot_per_sample = spatial.p_scale_per_sample = 1.0
     np.random.seed(0)
-    enlarged = PatchLoader(tmp_path, ["big"], training_patch_size(final), 4, seed=0, final_patch_size=final)
-    plain = PatchLoader(tmp_path, ["big"], final, 4, seed=0)
+    enlarged = PatchLoader(tmp_path, ["big"], training_patch_size(final), 4, oversample_foreground=1.0, seed=0,
+                           final_patch_size=final)
+    plain = PatchLoader(tmp_path, ["big"], final, 4, oversample_foreground=1.0, seed=0)
     assert min(spatial(**next(enlarged))["data"].min() for _ in range(5)) > 0.99
     assert min(spatial(**next(plain))["data"].min() for _ in range(5)) < 0.5  # without enlargement: empty corners
 
@@ -133,8 +138,8 @@ def test_background_workers_yield_batches_and_shut_down(folder):
         for _ in range(4):
             batch = next(batches)
             assert tuple(batch["data"].shape) == (2, 1, 40, 56, 40) and len(batch["target"]) == 3
-        workers = list(batches._processes)
-        assert len(workers) == 2
+            assert batch["target"][0].dtype == torch.int64
+        assert len(multiprocessing.active_children()) == 2
     finally:
         shutdown_loader(batches)
-    assert not any(w.is_alive() for w in workers)
+    assert multiprocessing.active_children() == []

@@ -7,6 +7,13 @@ SimpleITK's physical (x, y, z) convention so they can be handed back unchanged o
 
 from __future__ import annotations
 
+import gzip
+import math
+import os
+import shutil
+import struct
+import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,7 +53,7 @@ class Geometry:
         for name in ("spacing", "origin", "direction"):
             a, b = np.asarray(getattr(self, name)), np.asarray(getattr(other, name))
             if a.shape != b.shape or not np.allclose(a, b, rtol=tolerance, atol=tolerance * max(1.0, float(np.abs(a).max(initial=0)))):
-                problems.append(f"{name} {tuple(np.round(a, 5))} vs {tuple(np.round(b, 5))}")
+                problems.append(f"{name} {tuple(float(x) for x in np.round(a, 5))} vs {tuple(float(x) for x in np.round(b, 5))}")
         return problems
 
     def to_json(self) -> dict:
@@ -118,6 +125,7 @@ def read_image(path: Path | str) -> tuple[np.ndarray, Geometry]:
         raise ImageReadError(path, "file not found")
     if image_suffix(path) is None:
         raise ImageReadError(path, f"unsupported file type; use one of {', '.join(SUPPORTED_SUFFIXES)}")
+    _check_nifti_complete(path)
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
@@ -135,6 +143,51 @@ def read_image(path: Path | str) -> tuple[np.ndarray, Geometry]:
     return array, geometry
 
 
+def _check_nifti_complete(path: Path) -> None:
+    """SimpleITK reads a truncated NIfTI without complaint (the missing voxels come back as zeros),
+    so compare the bytes present with what the header announces."""
+    suffix = image_suffix(path)
+    if suffix not in (".nii", ".nii.gz"):
+        return
+    with open(path, "rb") as f:
+        header = f.read(540)
+    if suffix == ".nii" or not header.startswith(b"\x1f\x8b"):  # a .nii.gz may hold uncompressed data
+        size = path.stat().st_size
+    else:
+        try:
+            with gzip.open(path, "rb") as f:
+                header = f.read(540)
+                size = len(header)
+                while chunk := f.read(1 << 22):
+                    size += len(chunk)
+        except (EOFError, OSError, zlib.error) as exc:
+            raise ImageReadError(path, f"unreadable or truncated image (compressed data: {exc})") from None
+    end = _nifti_data_end(header)
+    if end is not None and size < end:
+        raise ImageReadError(path, f"truncated image: {size} bytes, the header announces {end}")
+
+
+def _nifti_data_end(header: bytes) -> int | None:
+    """Byte offset where the voxel data of a NIfTI-1/2 file ends (None: not a header we can judge)."""
+    for endian in "<>":
+        sizeof_hdr = struct.unpack(endian + "i", header[:4])[0] if len(header) >= 4 else 0
+        if sizeof_hdr == 348 and len(header) >= 348:
+            dim = struct.unpack(endian + "8h", header[40:56])
+            bitpix = struct.unpack(endian + "h", header[72:74])[0]
+            offset = int(struct.unpack(endian + "f", header[108:112])[0])
+            break
+        if sizeof_hdr == 540 and len(header) >= 540:
+            dim = struct.unpack(endian + "8q", header[16:80])
+            bitpix = struct.unpack(endian + "h", header[14:16])[0]
+            offset = struct.unpack(endian + "q", header[168:176])[0]
+            break
+    else:
+        return None
+    if not 1 <= dim[0] <= 7 or offset < sizeof_hdr or bitpix <= 0:
+        return None
+    return offset + math.prod(max(1, int(d)) for d in dim[1:dim[0] + 1]) * bitpix // 8
+
+
 def write_image(path: Path | str, array: np.ndarray, geometry: Geometry) -> None:
     """Write a (z, y, x) array with the given geometry; atomic (temporary file, then rename)."""
     path = Path(path)
@@ -146,8 +199,24 @@ def write_image(path: Path | str, array: np.ndarray, geometry: Geometry) -> None
     image.SetSpacing(tuple(reversed(geometry.spacing)))
     image.SetOrigin(geometry.origin)
     image.SetDirection(geometry.direction)
+    if image_suffix(path) == ".mhd":
+        _write_mhd(path, image)
+        return
     with atomic_path(path) as tmp:
         sitk.WriteImage(image, str(tmp), useCompression=True)
+
+
+def _write_mhd(path: Path, image: sitk.Image) -> None:
+    """A .mhd header names its data file, so write both under their final names in a scratch
+    folder beside `path`, then move the data file and finally the header into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent))
+    try:
+        sitk.WriteImage(image, str(scratch / path.name), useCompression=True)
+        for f in sorted(scratch.iterdir(), key=lambda f: f.name == path.name):  # header last
+            os.replace(f, path.parent / f.name)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _embed_direction_2d(direction: tuple[float, ...]) -> tuple[float, ...]:

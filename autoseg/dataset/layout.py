@@ -17,6 +17,9 @@ from pathlib import Path
 from autoseg.dataset.image_io import SUPPORTED_SUFFIXES, strip_suffix
 
 
+GEOMETRY_TOLERANCE = 1e-3  # relative; grids closer than this count as the same (verification uses it too)
+
+
 class DatasetError(Exception):
     """A dataset that cannot be used as it is; the message names the file and the fix."""
 
@@ -193,8 +196,9 @@ def read_case_image(case: Case, num_channels: int) -> tuple["np.ndarray", "Geome
         array, g = read_image(path)
         if array.ndim != 3:
             raise DatasetError(f"{path}: expected a 3D image per channel, found {array.ndim}D")
-        if geometry is not None and not g.matches(geometry):
-            raise DatasetError(f"{path}: grid differs from {case.image_files[0].name} ({'; '.join(g.differences(geometry))})")
+        if geometry is not None and not g.matches(geometry, GEOMETRY_TOLERANCE):
+            raise DatasetError(f"{path}: grid differs from {case.image_files[0].name} "
+                               f"({'; '.join(g.differences(geometry, GEOMETRY_TOLERANCE))})")
         geometry = geometry or g
         channels.append(array.astype(np.float32, copy=False))
     return np.stack(channels), geometry

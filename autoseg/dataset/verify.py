@@ -12,11 +12,9 @@ import numpy as np
 from tqdm import tqdm
 
 from autoseg.dataset.image_io import Geometry, ImageReadError, read_image
-from autoseg.dataset.layout import Case, Dataset
+from autoseg.dataset.layout import GEOMETRY_TOLERANCE, Case, Dataset
 
 log = logging.getLogger(__name__)
-
-GEOMETRY_TOLERANCE = 1e-3
 
 
 @dataclass(frozen=True)

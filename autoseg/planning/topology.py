@@ -44,7 +44,8 @@ def plan_topology(patch_size: list[int], spacing: list[float], max_stages: int,
         shape = [math.floor(n / s) for n, s in zip(shape, stride)]
         current = [c * s for c, s in zip(current, stride)]
         strides.append(stride)
-        kernels.append(_kernel(current))
+        # An axis keeps kernel 3 once it has it; only the early stages of a thick axis use 1.
+        kernels.append(tuple(max(k, n) for k, n in zip(kernels[-1], _kernel(current))))
     total = np.prod(np.array(strides), axis=0)
     adjusted = tuple(int(math.ceil(p / t) * t) for p, t in zip(patch_size, total))
     features = tuple(min(base_features * 2 ** i, max_features) for i in range(len(strides)))

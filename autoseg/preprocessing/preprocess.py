@@ -83,7 +83,7 @@ def preprocess_dataset(dataset: Dataset, plans: dict, workdir: Path, configurati
     """Preprocess every case for each configuration's data (shared between configurations that use the
     same data). Cases already complete are skipped, so an interrupted run resumes. Returns the number
     of cases written per data folder."""
-    configs = configurations or list(plans["configurations"])
+    configs = list(plans["configurations"]) if configurations is None else configurations
     done_ids: dict[str, str] = {}
     for name in configs:
         if name not in plans["configurations"]:

@@ -29,9 +29,11 @@ import itertools
 import logging
 import math
 import os
+import random
 from typing import Sequence
 
 import numpy as np
+import torch
 from batchgenerators.augmentations.utils import rotate_coords_2d, rotate_coords_3d
 from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAugmenter
 from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
@@ -236,32 +238,78 @@ def default_num_workers() -> int:
     return max(1, min(12, cores - 1))
 
 
-def make_loader(loader, transforms: Compose, num_workers: int, seed: int, pin_memory: bool = False):
+class AugmentedBatches:
+    """Iterator over augmented batches from `make_loader`; call `close()` (or `shutdown_loader`) when done.
+
+    Workers send numpy arrays; the trailing tensor conversion runs here, in the training process.
+    Passing torch tensors between processes relies on file-descriptor sharing, which fails when a
+    worker exits before its batch is read (at shutdown) and can exhaust open files in long runs.
+    """
+
+    def __init__(self, augmenter, to_tensors: Sequence[AbstractTransform], pin_memory: bool):
+        self.augmenter = augmenter
+        self.to_tensors = Compose(list(to_tensors))
+        self.pin_memory = pin_memory and torch.cuda.is_available()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        batch = self.to_tensors(**next(self.augmenter))
+        if self.pin_memory:
+            batch = {k: _pinned(v) for k, v in batch.items()}
+        return batch
+
+    def close(self) -> None:
+        finish = getattr(self.augmenter, "_finish", None)
+        if finish is not None:
+            finish()
+
+
+def _pinned(value):
+    if isinstance(value, torch.Tensor):
+        return value.pin_memory()
+    if isinstance(value, list):
+        return [_pinned(v) for v in value]
+    return value
+
+
+def make_loader(loader, transforms: Compose, num_workers: int, seed: int, pin_memory: bool = False
+                ) -> AugmentedBatches:
     """Iterator of augmented batches; `num_workers` background processes, or in-process when 0.
 
     Each worker seeds numpy's global generator (used by the transforms) from `seed`; the loader's
-    own sampling is seeded by the loader. With 0 workers the global generator of this process is
-    seeded. Infinite loaders use a non-deterministic order across workers (whichever batch is ready
-    first); a finite loader keeps the round-robin order. Stop workers with `shutdown_loader`.
+    own sampling is seeded by the loader. With 0 workers this process's numpy and `random` global
+    generators are seeded, so the batches are reproducible; workers draw the Gaussian-noise variance
+    from `random`, which Python reseeds from the OS in each child. Infinite loaders use a
+    non-deterministic order across workers (whichever batch is ready first); a finite loader keeps
+    the round-robin order. `pin_memory` pins the tensors when CUDA is available.
     """
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    steps = list(transforms.transforms)
+    n_numpy = len(steps)
+    while n_numpy > 0 and isinstance(steps[n_numpy - 1], NumpyToTensor):
+        n_numpy -= 1
+    numpy_transforms, to_tensors = Compose(steps[:n_numpy]), steps[n_numpy:]
     if num_workers == 0:
-        np.random.seed(int(np.random.SeedSequence(seed).generate_state(1)[0]))
-        return SingleThreadedAugmenter(loader, transforms)
+        state = int(np.random.SeedSequence(seed).generate_state(1)[0])
+        np.random.seed(state)
+        random.seed(state)
+        return AugmentedBatches(SingleThreadedAugmenter(loader, numpy_transforms), to_tensors, pin_memory)
     seeds = [int(s) for s in np.random.SeedSequence(seed).generate_state(num_workers)]
     if getattr(loader, "infinite", True):
-        return NonDetMultiThreadedAugmenter(loader, transforms, num_workers, num_cached=max(3, num_workers),
-                                            seeds=seeds, pin_memory=pin_memory)
-    if getattr(loader, "number_of_threads_in_multithreaded", num_workers) != num_workers:
-        logger.warning("finite loader was built for %s workers but runs with %s; cases may repeat or be skipped",
-                       loader.number_of_threads_in_multithreaded, num_workers)
-    return MultiThreadedAugmenter(loader, transforms, num_workers, num_cached_per_queue=2, seeds=seeds,
-                                  pin_memory=pin_memory)
+        augmenter = NonDetMultiThreadedAugmenter(loader, numpy_transforms, num_workers,
+                                                 num_cached=max(3, num_workers), seeds=seeds)
+    else:
+        if getattr(loader, "number_of_threads_in_multithreaded", num_workers) != num_workers:
+            logger.warning("finite loader was built for %s workers but runs with %s; cases may repeat or be "
+                           "skipped", loader.number_of_threads_in_multithreaded, num_workers)
+        augmenter = MultiThreadedAugmenter(loader, numpy_transforms, num_workers, num_cached_per_queue=2,
+                                           seeds=seeds)
+    return AugmentedBatches(augmenter, to_tensors, pin_memory)
 
 
-def shutdown_loader(batches) -> None:
+def shutdown_loader(batches: AugmentedBatches) -> None:
     """Stop the background workers of an iterator from `make_loader` (no-op when in-process)."""
-    finish = getattr(batches, "_finish", None)
-    if finish is not None:
-        finish()
+    batches.close()

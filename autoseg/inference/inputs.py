@@ -1,0 +1,145 @@
+"""Find the cases to predict among folders and files, in the layouts users actually have.
+
+Three ways to name inputs (any mix of them may be passed):
+- a folder of nnU-Net-style channel files `<case>_<cccc><ending>` (one file per channel);
+- a folder of one file per case: 4D multi-channel files (Decathlon), or 3D files when the
+  model has a single channel;
+- explicit files, each one case (4D multi-channel, or 3D when the model has one channel).
+
+A folder counts as nnU-Net-style when most of its image files are named `<case>_<cccc><ending>`
+with `cccc` below the model's channel count (and, for a multi-channel model, they are not 4D
+files); otherwise every image file in it is one case.
+Problems found here (a missing channel, a duplicate case id, an unsupported file) are returned,
+not raised, so one bad input never stops the others.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from autoseg.dataset.image_io import Geometry, ImageReadError, image_suffix, read_image, strip_suffix
+from autoseg.dataset.layout import Case, DatasetError, read_case_image
+
+_CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+
+
+class InputError(Exception):
+    """An input case that cannot be used; `path` is the offending file, the message says why."""
+
+    def __init__(self, path: Path | str, message: str):
+        self.path = Path(path)
+        super().__init__(message)
+
+
+@dataclass(frozen=True)
+class InputCase:
+    case_id: str
+    files: tuple[Path, ...]  # one file per channel, or a single file holding all channels
+
+    @property
+    def ending(self) -> str:
+        """File extension of the input (`.nii.gz`, ...), reused for the output."""
+        return image_suffix(self.files[0]) or ".nii.gz"
+
+
+def discover_inputs(paths: Sequence[Path | str], num_channels: int) -> tuple[list[InputCase], list[tuple[str, str]]]:
+    """Cases sorted by id, and (path, problem) for every input that cannot be used."""
+    if num_channels < 1:
+        raise ValueError(f"num_channels must be >= 1, got {num_channels}")
+    paths = [paths] if isinstance(paths, (str, Path)) else paths
+    cases: list[InputCase] = []
+    problems: list[tuple[str, str]] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found, bad = _discover_folder(path, num_channels)
+            cases += found
+            problems += bad
+        elif path.is_file():
+            if image_suffix(path) is None:
+                problems.append((str(path), "not an image file of a supported type (.nii.gz, .nii, .nrrd, .mha, .mhd)"))
+            else:
+                cases.append(InputCase(strip_suffix(path), (path,)))
+        else:
+            problems.append((str(path), "no such file or folder"))
+    unique: dict[str, InputCase] = {}
+    for case in cases:
+        if case.case_id in unique:
+            problems.append((str(case.files[0]), f"case id '{case.case_id}' also comes from {unique[case.case_id].files[0]}; "
+                                                 "rename one of them (outputs are named by case id)"))
+        else:
+            unique[case.case_id] = case
+    return [unique[k] for k in sorted(unique)], problems
+
+
+def _discover_folder(folder: Path, num_channels: int) -> tuple[list[InputCase], list[tuple[str, str]]]:
+    images = sorted(f for f in folder.iterdir() if f.is_file() and not f.name.startswith(".") and image_suffix(f))
+    channel_files: dict[str, dict[int, Path]] = {}
+    others = []
+    for f in images:
+        m = _CHANNEL_FILE.match(strip_suffix(f))
+        if m and int(m["channel"]) < num_channels:
+            channel_files.setdefault(m["case"], {})[int(m["channel"])] = f
+        else:
+            others.append(f)
+    named_by_channel = sum(len(v) for v in channel_files.values())
+    first = next((f for files in channel_files.values() for f in files.values()), None)
+    if named_by_channel <= len(others) or (num_channels > 1 and _is_4d(first)):  # one file per case
+        return [InputCase(strip_suffix(f), (f,)) for f in images], []
+    cases, problems = [], []
+    for f in others:
+        problems.append((str(f), f"not named <case>_<cccc>{image_suffix(f)} like the other files in {folder} "
+                                 f"(cccc = channel 0000..{num_channels - 1:04d}); rename it or move it out"))
+    for case_id, files in sorted(channel_files.items()):
+        missing = [c for c in range(num_channels) if c not in files]
+        if missing:
+            ending = image_suffix(next(iter(files.values())))
+            names = ", ".join(f"{case_id}_{c:04d}{ending}" for c in missing)
+            problems.append((str(folder / f"{case_id}_{missing[0]:04d}{ending}"),
+                             f"case {case_id}: channel file(s) {names} missing; the model needs {num_channels} channel(s)"))
+        else:
+            cases.append(InputCase(case_id, tuple(files[c] for c in range(num_channels))))
+    return cases, problems
+
+
+def _is_4d(path: Path) -> bool:
+    """A multi-channel file (Decathlon) even if its name looks like `<case>_<cccc>`; reads the header only."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return False  # unreadable: reported when the case is read
+    return reader.GetDimension() == 4
+
+
+def read_input_case(case: InputCase, num_channels: int) -> tuple[np.ndarray, Geometry]:
+    """All channels as (C, Z, Y, X) float32 with the geometry; InputError naming the file otherwise."""
+    try:
+        if len(case.files) == 1:
+            image, geometry = read_image(case.files[0])
+            if image.ndim == 3:
+                image = image[None]
+            if image.shape[0] != num_channels:
+                raise InputError(case.files[0], f"{case.files[0]}: has {image.shape[0]} channel(s), the model needs "
+                                                f"{num_channels}; pass a {'4D ' if num_channels > 1 else ''}image with "
+                                                f"{num_channels} channel(s) or one file per channel (<case>_<cccc>)")
+            image = image.astype(np.float32, copy=False)
+        else:
+            image, geometry = read_case_image(Case(case.case_id, case.files, None), num_channels)
+    except ImageReadError as exc:
+        raise InputError(exc.path, str(exc)) from None
+    except DatasetError as exc:  # a channel file that is not 3D, or grids that differ between channel files
+        raise InputError(_file_named_in(str(exc), case), str(exc)) from None
+    if not np.isfinite(image).all():
+        raise InputError(case.files[0], f"{case.files[0]}: holds NaN or infinite intensities; fix or remove them")
+    return image, geometry
+
+
+def _file_named_in(message: str, case: InputCase) -> Path:
+    return next((f for f in case.files if message.startswith(str(f))), case.files[0])

@@ -1,0 +1,422 @@
+"""Predict new images with the trained folds of one or more configurations, and write the results.
+
+`Predictor` owns the networks (built once, kept in eval mode on the device) and splits a case into
+three steps so that `predict_folder` can overlap them: `prepare` (CPU: preprocessing exactly as in
+training), `run_networks` (device: sliding window per fold, softmax averaged over folds) and
+`to_original` (CPU: back to the input's grid, averaged over configurations). `predict_case` runs
+the three in a row.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from autoseg import __version__, workspace
+from autoseg.atomic import write_json
+from autoseg.dataset.image_io import Geometry
+from autoseg.inference.export import export_segmentation, probabilities_to_original, save_probabilities
+from autoseg.inference.inputs import InputCase, InputError, discover_inputs, read_input_case
+from autoseg.inference.sliding_window import sliding_window_predict
+from autoseg.network.unet import UNetTopology, build_unet
+from autoseg.planning.planner import load_plans
+from autoseg.postprocessing import load_postprocessing_rules
+from autoseg.preprocessing.preprocess import preprocess_case
+from autoseg.training.checkpoint import CheckpointError, load_checkpoint
+
+log = logging.getLogger(__name__)
+
+REPORT_FORMAT_VERSION = 1
+# Which file each `checkpoint` choice loads, in order of preference: a fold whose training was
+# stopped before the end has no checkpoint_final.pt, and then its latest state is used.
+CHECKPOINT_FILES = {
+    "final": ("checkpoint_final.pt", "checkpoint_latest.pt"),
+    "latest": ("checkpoint_latest.pt",),
+    "best": ("checkpoint_best.pt",),
+}
+
+
+class PredictorError(Exception):
+    """Models that cannot be loaded as asked; the message names the file or folder and the fix."""
+
+
+@dataclass(frozen=True)
+class PreparedCase:
+    """A case preprocessed for every configuration, with what is needed to go back to its grid."""
+
+    geometry: Geometry
+    configurations: tuple[str, ...]
+    data: tuple[np.ndarray, ...]  # (C, *resampled) per configuration
+    properties: tuple[dict, ...]
+
+
+@dataclass(frozen=True)
+class LoadedFold:
+    configuration: str
+    fold: str
+    checkpoint: Path
+    epoch: int | None
+    network: torch.nn.Module
+
+
+class Predictor:
+    """Holds the fold networks of one or more configurations; predicts cases."""
+
+    def __init__(self, workdir: Path, configurations: Sequence[str] = ("3d_fullres",),
+                 folds: Sequence[int | str] | None = None, checkpoint: str = "final",
+                 device: str | torch.device | None = None, mirroring: bool = True, step_size: float = 0.5,
+                 tiles_per_batch: int | None = None):
+        """`folds=None` uses every `fold_*` folder of each configuration. `checkpoint` is "final"
+        (falls back to checkpoint_latest.pt where training did not finish), "latest" or "best"."""
+        self.workdir = Path(workdir)
+        plans_path = workspace.plans_json(self.workdir)
+        self.plans = load_plans(plans_path)
+        if not configurations:
+            raise PredictorError("no configuration given; pass at least one, e.g. 3d_fullres")
+        unknown = [c for c in configurations if c not in self.plans["configurations"]]
+        if unknown:
+            raise PredictorError(f"{plans_path}: has no configuration {', '.join(unknown)} "
+                                 f"(it has {', '.join(self.plans['configurations'])})")
+        if checkpoint not in CHECKPOINT_FILES:
+            raise PredictorError(f"checkpoint must be one of {', '.join(CHECKPOINT_FILES)}, got {checkpoint!r}")
+        label_ids = sorted(int(k) for k in self.plans["labels"])
+        if label_ids != list(range(len(label_ids))):
+            raise PredictorError(f"{plans_path}: label ids {label_ids} are not consecutive from 0; the network's "
+                                 "class index is the label id, so relabel the dataset to 0..K-1 and plan again")
+        self.configurations = tuple(dict.fromkeys(configurations))
+        self.device = _choose_device(device)
+        self.mirroring = mirroring
+        self.step_size = step_size
+        self.tiles_per_batch = tiles_per_batch or (4 if self.device.type == "cuda" else 1)
+        self.checkpoint = checkpoint
+        self.folds: list[LoadedFold] = []
+        for name in self.configurations:
+            for fold in _fold_names(self.workdir, name, folds):
+                self.folds.append(self._load_fold(name, fold))
+        log.info("predictor: %s on %s", ", ".join(f"{f.configuration}/fold_{f.fold} ({f.checkpoint.name})"
+                                                   for f in self.folds), self.device)
+
+    @property
+    def num_channels(self) -> int:
+        return len(self.plans["channel_names"])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.plans["labels"])
+
+    def _load_fold(self, configuration: str, fold: str) -> LoadedFold:
+        folder = workspace.fold_dir(self.workdir, configuration, fold)
+        candidates = [folder / name for name in CHECKPOINT_FILES[self.checkpoint]]
+        path = next((p for p in candidates if p.is_file()), None)
+        if path is None:
+            raise PredictorError(f"{folder}: no {' or '.join(p.name for p in candidates)}; train this fold "
+                                 "(`autoseg train`) or leave it out with --folds")
+        try:
+            state = load_checkpoint(path)
+        except CheckpointError as exc:
+            raise PredictorError(str(exc)) from None
+        if state.get("configuration", configuration) != configuration:
+            raise PredictorError(f"{path}: trained for configuration {state['configuration']}, not {configuration}; "
+                                 "the models folder is mixed up")
+        config = self.plans["configurations"][configuration]
+        topology = UNetTopology.from_plan(config, self.num_channels, self.num_classes)
+        network = build_unet(topology, deep_supervision=False)
+        weights = {k.removeprefix("_orig_mod."): v for k, v in state["network_state"].items()}
+        try:
+            network.load_state_dict(weights)
+        except RuntimeError as exc:
+            raise PredictorError(f"{path}: weights do not fit the network plans.json describes for {configuration} "
+                                 f"(was the dataset planned again after training?): {str(exc).splitlines()[0][:200]}") from None
+        # Default layout: channels_last_3d measured no faster for CPU inference (torch 2.13, U-Net 32..256, 48^3).
+        network = network.to(self.device).eval()
+        return LoadedFold(configuration, fold, path, state.get("epoch"), network)
+
+    def prepare(self, image: np.ndarray, geometry: Geometry) -> PreparedCase:
+        """Preprocess (C, Z, Y, X) for every configuration (CPU only; safe to run in a worker thread)."""
+        image = np.asarray(image)
+        if image.ndim != 4 or image.shape[0] != self.num_channels:
+            raise ValueError(f"image must be (C, Z, Y, X) with C = {self.num_channels}, got shape {list(image.shape)}")
+        if tuple(image.shape[1:]) != tuple(geometry.shape):
+            raise ValueError(f"image shape {list(image.shape[1:])} differs from its geometry's shape {list(geometry.shape)}")
+        data, properties = [], []
+        for name in self.configurations:
+            d, _, p = preprocess_case(image, None, geometry, self.plans, name)
+            data.append(d)
+            properties.append(p)
+        return PreparedCase(geometry, self.configurations, tuple(data), tuple(properties))
+
+    def run_networks(self, prepared: PreparedCase) -> list[np.ndarray]:
+        """Per configuration, softmax probabilities in network space averaged over its folds."""
+        outputs = []
+        for name, data in zip(prepared.configurations, prepared.data):
+            config = self.plans["configurations"][name]
+            patch = config["patch_size"]
+            image = torch.from_numpy(data)
+            total, count = None, 0
+            for fold in (f for f in self.folds if f.configuration == name):
+                logits = sliding_window_predict(
+                    fold.network, image, patch, self.num_classes, step_size=self.step_size,
+                    mirror_axes=tuple(range(len(patch))) if self.mirroring else None,
+                    tiles_per_batch=self.tiles_per_batch, device=self.device)
+                probabilities = torch.softmax(logits, dim=0)
+                total = probabilities if total is None else total.add_(probabilities)
+                count += 1
+            outputs.append(total.div_(count).numpy())
+        return outputs
+
+    def to_original(self, prepared: PreparedCase, probabilities: Sequence[np.ndarray]) -> np.ndarray:
+        """Average of the configurations' probabilities on the input's grid, (K, Z, Y, X) float32."""
+        total = None
+        for p, properties in zip(probabilities, prepared.properties):
+            original = probabilities_to_original(p, properties, self.plans)
+            total = original if total is None else np.add(total, original, out=total)
+        if len(probabilities) > 1:
+            total /= len(probabilities)
+        return total
+
+    def predict_case(self, image: np.ndarray, geometry: Geometry) -> np.ndarray:
+        """Probabilities (K, Z, Y, X) on the input's grid: softmax averaged over folds and configurations."""
+        prepared = self.prepare(image, geometry)
+        return self.to_original(prepared, self.run_networks(prepared))
+
+    def settings(self) -> dict:
+        """What a prediction report should record about the models."""
+        return {
+            "workdir": str(self.workdir), "configurations": list(self.configurations),
+            "checkpoint": self.checkpoint, "device": str(self.device), "mirroring": self.mirroring,
+            "step_size": self.step_size, "tiles_per_batch": self.tiles_per_batch,
+            "models": [{"configuration": f.configuration, "fold": f.fold, "checkpoint": str(f.checkpoint),
+                        "epoch": f.epoch} for f in self.folds],
+        }
+
+
+def _choose_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PredictorError(f"device {device}: CUDA is not available on this machine; use cpu")
+    return device
+
+
+def _fold_names(workdir: Path, configuration: str, folds: Sequence[int | str] | None) -> list[str]:
+    models = workspace.fold_dir(workdir, configuration, 0).parent
+    if folds is not None:
+        names = [str(f) for f in dict.fromkeys(folds)]
+        missing = [n for n in names if not workspace.fold_dir(workdir, configuration, n).is_dir()]
+        if missing:
+            raise PredictorError(f"{models}: no fold_{', fold_'.join(missing)} folder; train those folds or "
+                                 "choose others with --folds")
+        return names
+    found = sorted((p.name.removeprefix("fold_") for p in models.glob("fold_*") if p.is_dir()),
+                   key=lambda n: (0, int(n), "") if n.isdigit() else (1, 0, n))
+    if not found:
+        raise PredictorError(f"{models}: no trained folds (fold_* folders) for {configuration}; "
+                             f"run `autoseg train` for it first")
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# Predicting a folder
+
+
+@dataclass(frozen=True)
+class PredictionReport:
+    written: list[str]  # case ids written in this run
+    skipped: list[str]  # case ids whose output already existed (continue_)
+    failed: list[tuple[str, str]]  # (case id or input file, what went wrong)
+    settings: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"format_version": REPORT_FORMAT_VERSION, "written": self.written, "skipped": self.skipped,
+                "failed": [{"input": k, "error": m} for k, m in self.failed], "settings": self.settings}
+
+
+def predict_folder(workdir: Path, inputs: Sequence[Path], output_dir: Path,
+                   configurations: Sequence[str] = ("3d_fullres",), folds: Sequence[int | str] | None = None,
+                   mirroring: bool = True, save_probabilities: bool = False, device: str | torch.device | None = None,
+                   continue_: bool = False, num_parts: int = 1, part_id: int = 0, postprocessing: bool = True,
+                   num_workers: int = 1, progress: bool = True, checkpoint: str = "final",
+                   step_size: float = 0.5) -> PredictionReport:
+    """Segment every case found in `inputs` into `output_dir/<case_id><ending>`; see docs on `autoseg predict`.
+
+    While the network runs on one case, `num_workers` background threads read and preprocess the
+    next ones and export and write finished ones (0: everything in this thread). One bad input is
+    reported in the result and `prediction_report.json`, the others still run.
+    """
+    if num_parts < 1 or not 0 <= part_id < num_parts:
+        raise ValueError(f"part_id must be in 0..num_parts-1, got part_id={part_id}, num_parts={num_parts}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    started = time.perf_counter()
+    inputs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    predictor = Predictor(workdir, configurations, folds, checkpoint=checkpoint, device=device,
+                          mirroring=mirroring, step_size=step_size)
+    rules_path = workspace.postprocessing_json(workdir)
+    rules = load_postprocessing_rules(rules_path) if postprocessing and rules_path.is_file() else None
+
+    cases, problems = discover_inputs(inputs, predictor.num_channels)
+    failed: list[tuple[str, str]] = list(problems)
+    input_files = {f.resolve() for c in cases for f in c.files}
+    todo, skipped = [], []
+    for case in cases[part_id::num_parts]:
+        out = _output_path(output_dir, case)
+        if out.resolve() in input_files:
+            failed.append((case.case_id, f"{out}: the output would overwrite an input file; choose another output folder"))
+        elif continue_ and out.is_file() and (not save_probabilities or out.with_name(f"{case.case_id}.npz").is_file()):
+            skipped.append(case.case_id)
+        else:
+            todo.append(case)
+    if skipped:
+        log.info("%d case(s) already predicted in %s, skipped", len(skipped), output_dir)
+
+    with _torch_threads_beside(num_workers, predictor.device):
+        written = _run_pipeline(predictor, todo, output_dir, rules, save_probabilities, num_workers, progress, failed)
+
+    settings = {**predictor.settings(), "inputs": [str(p) for p in inputs], "output_dir": str(output_dir),
+                "postprocessing": str(rules_path) if rules is not None else None,
+                "save_probabilities": save_probabilities, "continue": continue_, "num_parts": num_parts,
+                "part_id": part_id, "num_workers": num_workers, "autoseg_version": __version__,
+                "seconds": round(time.perf_counter() - started, 2)}
+    report = PredictionReport(sorted(written), skipped, failed, settings)
+    write_json(output_dir / report_name(num_parts, part_id), report.to_json())
+    log.info("predicted %d case(s), skipped %d, failed %d; report in %s", len(written), len(skipped), len(failed),
+             output_dir / report_name(num_parts, part_id))
+    for key, message in failed:
+        log.warning("failed: %s: %s", key, message)
+    return report
+
+
+def report_name(num_parts: int = 1, part_id: int = 0) -> str:
+    """`prediction_report.json`, or one per part so parallel parts do not overwrite each other's."""
+    return "prediction_report.json" if num_parts == 1 else f"prediction_report_part{part_id}of{num_parts}.json"
+
+
+def _output_path(output_dir: Path, case: InputCase) -> Path:
+    return output_dir / f"{case.case_id}{case.ending}"
+
+
+def _read_and_prepare(predictor: Predictor, case: InputCase) -> PreparedCase:
+    image, geometry = read_input_case(case, predictor.num_channels)
+    return predictor.prepare(image, geometry)
+
+
+def _export_and_write(predictor: Predictor, case: InputCase, prepared: PreparedCase, probabilities: list[np.ndarray],
+                      output_dir: Path, rules: dict | None, with_probabilities: bool) -> None:
+    original = predictor.to_original(prepared, probabilities)
+    if with_probabilities:  # before the label map, so an existing label map means the case is complete
+        save_probabilities(output_dir / f"{case.case_id}.npz", original)
+    export_segmentation(original, prepared.geometry, _output_path(output_dir, case), rules)
+
+
+def _run_pipeline(predictor: Predictor, cases: list[InputCase], output_dir: Path, rules: dict | None,
+                  with_probabilities: bool, num_workers: int, progress: bool,
+                  failed: list[tuple[str, str]]) -> list[str]:
+    """Network in this thread; reading/preprocessing ahead and export/writing behind in worker threads.
+
+    At most `num_workers + 1` cases wait preprocessed and `num_workers + 1` wait to be written, so
+    memory stays bounded however many cases there are.
+    """
+    written: list[str] = []
+    ahead = max(1, num_workers) + 1
+    readers = ThreadPoolExecutor(num_workers, thread_name_prefix="autoseg-read") if num_workers else _InlineExecutor()
+    writers = ThreadPoolExecutor(num_workers, thread_name_prefix="autoseg-write") if num_workers else _InlineExecutor()
+    reads: deque[tuple[InputCase, Future]] = deque()
+    writes: deque[tuple[InputCase, Future]] = deque()
+    pending = iter(cases)
+    bar = tqdm(total=len(cases), desc="predict", unit="case", disable=not progress)
+
+    def finish_oldest_write() -> None:
+        case, future = writes.popleft()
+        try:
+            future.result()
+            written.append(case.case_id)
+        except Exception as exc:
+            failed.append((case.case_id, f"writing {_output_path(output_dir, case)} failed: {_describe(exc)}"))
+            log.debug("writing %s failed", case.case_id, exc_info=True)
+        bar.update()
+
+    try:
+        while True:
+            while len(reads) < ahead and (case := next(pending, None)) is not None:
+                reads.append((case, readers.submit(_read_and_prepare, predictor, case)))
+            if not reads:
+                break
+            case, future = reads.popleft()
+            try:
+                prepared = future.result()
+            except InputError as exc:
+                failed.append((str(exc.path), str(exc)))
+                bar.update()
+                continue
+            except Exception as exc:
+                failed.append((case.case_id, f"preprocessing failed: {_describe(exc)}"))
+                log.debug("preprocessing %s failed", case.case_id, exc_info=True)
+                bar.update()
+                continue
+            try:
+                probabilities = predictor.run_networks(prepared)
+            except Exception as exc:  # e.g. out of memory on a very large case: the others may still fit
+                failed.append((case.case_id, f"prediction failed: {_describe(exc)}"))
+                log.debug("prediction of %s failed", case.case_id, exc_info=True)
+                bar.update()
+                continue
+            # The network input is not needed any more; drop it so only the outputs wait for writing.
+            prepared, future = replace(prepared, data=()), None
+            writes.append((case, writers.submit(_export_and_write, predictor, case, prepared, probabilities,
+                                                output_dir, rules, with_probabilities)))
+            while len(writes) > ahead:
+                finish_oldest_write()
+        while writes:
+            finish_oldest_write()
+    finally:
+        readers.shutdown(wait=True, cancel_futures=True)
+        writers.shutdown(wait=True, cancel_futures=True)
+        bar.close()
+    return written
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:300] if text else ''}"
+
+
+class _InlineExecutor:
+    """`submit` runs the call at once; the same pipeline code then works without threads."""
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args))
+        except Exception as exc:
+            future.set_exception(exc)
+        return future
+
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+        pass
+
+
+@contextmanager
+def _torch_threads_beside(num_workers: int, device: torch.device) -> Iterator[None]:
+    """On the CPU, leave one core per background worker so reading and writing do not stall the network."""
+    previous = torch.get_num_threads()
+    if device.type == "cpu" and num_workers > 0:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        torch.set_num_threads(min(previous, max(1, cores - num_workers)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

@@ -1,0 +1,283 @@
+"""The training loop for one fold of one configuration, readable top to bottom.
+
+Everything it writes lives in `WORKDIR/models/<configuration>/fold_<K>/` (docs/workspace.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from autoseg import workspace
+from autoseg.atomic import read_json, write_json
+from autoseg.network.unet import UNetTopology, build_unet, deep_supervision_scales
+from autoseg.planning.planner import load_plans
+from autoseg.preprocessing import store
+from autoseg.training.augmentation import (default_num_workers, make_loader, shutdown_loader, training_patch_size,
+                                           training_transforms, validation_transforms)
+from autoseg.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from autoseg.training.loss import DeepSupervisionLoss, DiceCELoss, deep_supervision_weights
+from autoseg.training.patch_sampling import PatchLoader
+from autoseg.training.progress_plot import plot_progress
+from autoseg.training.splits import fold_cases, load_or_create_splits
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    epochs: int = 1000
+    iters_per_epoch: int = 250
+    val_iters: int = 50
+    initial_lr: float = 1e-2
+    momentum: float = 0.99
+    weight_decay: float = 3e-5
+    lr_exponent: float = 0.9
+    grad_clip: float = 12.0
+    oversample_foreground: float = 0.33
+    ema_momentum: float = 0.9  # weight of the previous EMA of the validation pseudo-Dice
+    checkpoint_every: int = 1  # epochs between checkpoint_latest writes (and always at the end)
+    num_workers: int = field(default_factory=default_num_workers)
+    seed: int = 0
+    device: str | None = None  # None: CUDA if available, else CPU
+    validate_at_end: bool = True
+
+
+def poly_lr(initial_lr: float, epoch: int, epochs: int, exponent: float = 0.9) -> float:
+    """Polynomial decay over the (possibly shortened) schedule."""
+    return initial_lr * (1 - epoch / epochs) ** exponent
+
+
+def choose_device(requested: str | None) -> torch.device:
+    if requested:
+        device = torch.device(requested)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {requested}: CUDA is not available on this machine; use --device cpu")
+        return device
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _to_device(x, device: torch.device, memory_format=None):
+    if isinstance(x, (list, tuple)):
+        return [_to_device(t, device) for t in x]
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=memory_format) if memory_format is not None else x
+
+
+def _memory_format(ndim: int, device: torch.device):
+    """channels_last_3d makes 3D convolutions on the CPU markedly faster (oneDNN's preferred layout)."""
+    return torch.channels_last_3d if ndim == 3 and device.type == "cpu" else None
+
+
+def train_fold(workdir: Path, configuration: str, fold: int | str, settings: TrainingSettings = TrainingSettings(),
+               resume: bool = False, progress: bool = True) -> dict:
+    """Train one fold; returns the final record (history, and the validation summary when run)."""
+    workdir = Path(workdir)
+    plans = load_plans(workspace.plans_json(workdir))
+    if configuration not in plans["configurations"]:
+        raise ValueError(f"configuration '{configuration}' is not in {workspace.plans_json(workdir)} "
+                         f"(planned: {', '.join(plans['configurations'])})")
+    config = plans["configurations"][configuration]
+    data_dir = workspace.preprocessed_dir(workdir, config["data_identifier"])
+    case_ids = store.list_cases(data_dir)
+    if not case_ids:
+        raise ValueError(f"{data_dir}: no preprocessed cases; run `autoseg plan` (preprocess step) first")
+    splits = load_or_create_splits(workspace.splits_json(workdir), case_ids)
+    train_ids, val_ids = fold_cases(splits, fold, case_ids)
+    out = workspace.fold_dir(workdir, configuration, fold)
+    out.mkdir(parents=True, exist_ok=True)
+    log_file = out / "training_log.txt"
+
+    def say(message: str) -> None:
+        log.info(message)
+        with open(log_file, "a") as f:
+            f.write(time.strftime("%Y-%m-%d %H:%M:%S ") + message + "\n")
+
+    device = choose_device(settings.device)
+    torch.manual_seed(settings.seed)
+    np.random.seed(settings.seed)
+    amp = device.type == "cuda"
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    # --- network, loss, optimizer -------------------------------------------------------------
+    num_classes = len(plans["labels"])
+    topology = UNetTopology.from_plan(config, len(plans["channel_names"]), num_classes)
+    network = build_unet(topology, deep_supervision=True).to(device)
+    memory_format = _memory_format(topology.ndim, device)
+    if memory_format is not None:
+        network = network.to(memory_format=memory_format)
+    scales = deep_supervision_scales(config["strides"])
+    loss_fn = DeepSupervisionLoss(DiceCELoss(), deep_supervision_weights(len(scales)))
+    optimizer = torch.optim.SGD(network.parameters(), lr=settings.initial_lr, momentum=settings.momentum,
+                                nesterov=True, weight_decay=settings.weight_decay)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.float16)) if amp else nullcontext
+
+    # --- state: fresh or resumed ---------------------------------------------------------------
+    start_epoch, best_ema, ema, history = 0, -1.0, None, []
+    if resume:
+        try:
+            state = load_checkpoint(out / "checkpoint_latest.pt", map_location=device)
+        except CheckpointError as exc:
+            raise ValueError(f"cannot resume: {exc}") from None
+        if state["configuration"] != configuration:
+            raise ValueError(f"{out / 'checkpoint_latest.pt'} is for configuration {state['configuration']}")
+        network.load_state_dict(state["network_state"])
+        optimizer.load_state_dict(state["optimizer_state"])
+        scaler.load_state_dict(state["grad_scaler_state"])
+        start_epoch, best_ema, ema = state["epoch"], state["best_ema_dice"], state["ema_dice"]
+        history = list(state["history"])
+        if state["epochs"] != settings.epochs:
+            say(f"note: resuming a {state['epochs']}-epoch schedule with --epochs {settings.epochs}; "
+                "the learning-rate schedule follows the new length")
+        say(f"resumed from epoch {start_epoch} (best EMA pseudo-Dice {best_ema:.4f})")
+    else:
+        if log_file.exists():
+            log_file.unlink()
+        say(f"training {configuration} fold {fold}: {len(train_ids)} training and {len(val_ids)} validation cases, "
+            f"{settings.epochs} epochs x {settings.iters_per_epoch} iterations, batch {config['batch_size']}, "
+            f"patch {config['patch_size']}, device {device}, {settings.num_workers} augmentation worker(s), "
+            f"{torch.get_num_threads()} torch thread(s)")
+
+    def checkpoint_state(epoch: int) -> dict:
+        return {"configuration": configuration, "fold": str(fold), "epoch": epoch, "epochs": settings.epochs,
+                "network_state": network.state_dict(), "optimizer_state": optimizer.state_dict(),
+                "grad_scaler_state": scaler.state_dict(), "best_ema_dice": best_ema,
+                "ema_dice": ema, "history": history, "plans_configuration": _plain(config),
+                "labels": plans["labels"], "channel_names": plans["channel_names"]}
+
+    # --- data -----------------------------------------------------------------------------------
+    patch = config["patch_size"]
+    anisotropic = bool(plans["anisotropic"])
+    read_patch = training_patch_size(patch, anisotropic=anisotropic)
+    mirror_axes = tuple(range(len(patch)))
+    train_loader = PatchLoader(data_dir, train_ids, read_patch, config["batch_size"], settings.oversample_foreground,
+                               max(1, settings.num_workers), seed=settings.seed + start_epoch, final_patch_size=patch)
+    train_batches = make_loader(train_loader, training_transforms(patch, anisotropic=anisotropic, mirror_axes=mirror_axes,
+                                                                  deep_supervision_scales=scales),
+                                settings.num_workers, seed=settings.seed + start_epoch)
+    val_batches = None
+    if val_ids:
+        val_loader = PatchLoader(data_dir, val_ids, patch, config["batch_size"], settings.oversample_foreground,
+                                 max(1, settings.num_workers // 2), seed=settings.seed + 1 + start_epoch)
+        val_batches = make_loader(val_loader, validation_transforms(scales), max(0, settings.num_workers // 2),
+                                  seed=settings.seed + 1 + start_epoch)
+
+    # --- the loop ---------------------------------------------------------------------------------
+    try:
+        for epoch in range(start_epoch, settings.epochs):
+            t_epoch = time.perf_counter()
+            lr = poly_lr(settings.initial_lr, epoch, settings.epochs, settings.lr_exponent)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            network.train()
+            train_losses, wait = [], 0.0
+            iterator = range(settings.iters_per_epoch)
+            if progress:
+                from tqdm import tqdm
+                iterator = tqdm(iterator, desc=f"epoch {epoch + 1}/{settings.epochs}", unit="it", leave=False)
+            for _ in iterator:
+                t_wait = time.perf_counter()
+                batch = next(train_batches)
+                data = _to_device(batch["data"], device, memory_format)
+                target = _to_device(batch["target"], device)
+                wait += time.perf_counter() - t_wait
+                optimizer.zero_grad(set_to_none=True)
+                with autocast():
+                    loss = loss_fn(network(data), target)
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(network.parameters(), settings.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                train_losses.append(loss.item())
+
+            record = {"epoch": epoch + 1, "train_loss": float(np.mean(train_losses)), "lr": lr,
+                      "data_wait_s": wait}
+            if val_batches is not None:
+                record.update(_validate_patches(network, val_batches, settings.val_iters, loss_fn, num_classes,
+                                                device, memory_format, autocast))
+                ema = record["mean_dice"] if ema is None else settings.ema_momentum * ema + (1 - settings.ema_momentum) * record["mean_dice"]
+                record["ema_dice"] = ema
+            record["epoch_s"] = time.perf_counter() - t_epoch
+            history.append(record)
+            say(_format_record(record, settings.epochs, settings.iters_per_epoch))
+            if val_batches is not None and ema > best_ema:
+                best_ema = ema
+                save_checkpoint(out / "checkpoint_best.pt", checkpoint_state(epoch + 1))
+                say(f"  new best EMA pseudo-Dice {best_ema:.4f}: checkpoint_best.pt written")
+            if (epoch + 1) % settings.checkpoint_every == 0 or epoch + 1 == settings.epochs:
+                save_checkpoint(out / "checkpoint_latest.pt", checkpoint_state(epoch + 1))
+            plot_progress(history, out / "progress.png")
+    finally:
+        shutdown_loader(train_batches)
+        if val_batches is not None:
+            shutdown_loader(val_batches)
+
+    save_checkpoint(out / "checkpoint_final.pt", checkpoint_state(settings.epochs))
+    result = {"configuration": configuration, "fold": str(fold), "epochs": settings.epochs, "history": history}
+    if val_ids and settings.validate_at_end:
+        from autoseg.training.validation import validate_fold
+
+        network.deep_supervision = False
+        result["validation"] = validate_fold(network, workdir, plans, configuration, val_ids, out / "validation",
+                                             device, progress=progress)
+        say("validation Dice per label: " + ", ".join(
+            f"{plans['labels'][k]} {v['dice']:.4f}" for k, v in result["validation"]["mean"].items() if v["dice"] is not None))
+    return result
+
+
+@torch.inference_mode()
+def _validate_patches(network, batches, iters: int, loss_fn, num_classes: int, device, memory_format, autocast) -> dict:
+    """Validation loss and pseudo-Dice per label (TP/FP/FN pooled over all validation patches)."""
+    network.eval()
+    losses = []
+    tp = np.zeros(num_classes - 1)
+    fp = np.zeros(num_classes - 1)
+    fn = np.zeros(num_classes - 1)
+    for _ in range(iters):
+        batch = next(batches)
+        data = _to_device(batch["data"], device, memory_format)
+        target = _to_device(batch["target"], device)
+        with autocast():
+            outputs = network(data)
+            losses.append(loss_fn(outputs, target).item())
+        pred = outputs[0].argmax(1)
+        ref = target[0][:, 0]
+        for c in range(1, num_classes):
+            p, r = pred == c, ref == c
+            tp[c - 1] += (p & r).sum().item()
+            fp[c - 1] += (p & ~r).sum().item()
+            fn[c - 1] += (~p & r).sum().item()
+    denominator = 2 * tp + fp + fn
+    dice = np.where(denominator > 0, 2 * tp / np.maximum(denominator, 1), np.nan)
+    return {"val_loss": float(np.mean(losses)), "dice_per_label": [None if np.isnan(d) else float(d) for d in dice],
+            "mean_dice": float(np.nanmean(dice)) if not np.all(np.isnan(dice)) else 0.0}
+
+
+def _format_record(r: dict, epochs: int, iters: int) -> str:
+    parts = [f"epoch {r['epoch']}/{epochs}", f"train loss {r['train_loss']:.4f}"]
+    if "val_loss" in r:
+        dice = ", ".join("-" if d is None else f"{d:.3f}" for d in r["dice_per_label"])
+        parts += [f"val loss {r['val_loss']:.4f}", f"pseudo-Dice [{dice}]", f"EMA {r['ema_dice']:.4f}"]
+    parts += [f"lr {r['lr']:.2e}", f"{r['epoch_s']:.1f} s ({r['epoch_s'] / iters:.2f} s/it, "
+              f"waiting for data {r['data_wait_s']:.1f} s)"]
+    return "  ".join(parts)
+
+
+def _plain(value):
+    """Plans values as plain lists/ints/floats/str so `weights_only` loading accepts them."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

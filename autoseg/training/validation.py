@@ -1,0 +1,64 @@
+"""End-of-training validation: predict each validation case at full size, export it to the original
+geometry and score it against the original label file (`validation/summary.json`)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from autoseg import workspace
+from autoseg.atomic import read_json, write_json
+from autoseg.dataset.image_io import Geometry
+from autoseg.dataset.layout import load_dataset, read_case_label
+from autoseg.evaluation import evaluate_case
+from autoseg.inference.export import export_segmentation, probabilities_to_original
+from autoseg.inference.sliding_window import sliding_window_predict
+from autoseg.preprocessing import store
+
+log = logging.getLogger(__name__)
+
+
+def validate_fold(network: torch.nn.Module, workdir: Path, plans: dict, configuration: str, val_ids: list[str],
+                  out_dir: Path, device: torch.device, mirroring: bool = True, progress: bool = True) -> dict:
+    """Dice (and the other metrics) per validation case and label, and their means."""
+    config = plans["configurations"][configuration]
+    data_dir = workspace.preprocessed_dir(workdir, config["data_identifier"])
+    raw = read_json(workspace.dataset_json(workdir))
+    dataset = load_dataset(raw["root"])
+    cases = {c.case_id: c for c in dataset.cases}
+    labels = [int(k) for k in plans["labels"] if int(k) > 0]
+    ending = raw.get("file_ending", ".nii.gz")
+    network.eval()
+    per_case = {}
+    for case_id in tqdm(val_ids, desc="validation", unit="case", disable=not progress):
+        image = torch.from_numpy(np.load(store.case_paths(data_dir, case_id)[0]))
+        properties = store.load_properties(data_dir, case_id)
+        logits = sliding_window_predict(network, image, config["patch_size"], len(plans["labels"]),
+                                        mirror_axes=tuple(range(len(config["patch_size"]))) if mirroring else None,
+                                        device=device)
+        probabilities = torch.softmax(logits, 0).numpy()
+        geometry = Geometry.from_json(properties["original_geometry"])
+        original = probabilities_to_original(probabilities, properties, plans)
+        segmentation = export_segmentation(original, geometry, out_dir / f"{case_id}{ending}")
+        reference = read_case_label(cases[case_id])
+        per_case[case_id] = evaluate_case(segmentation, reference, geometry.spacing, labels)
+    mean = {}
+    for label in labels:
+        key = str(label)
+        mean[key] = {}
+        for metric in ("dice", "iou", "hd95_mm"):
+            values = [c[key][metric] for c in per_case.values() if c[key][metric] is not None and not np.isnan(c[key][metric])]
+            mean[key][metric] = float(np.mean(values)) if values else None
+        mean[key]["name"] = plans["labels"][key]
+    dices = [m["dice"] for m in mean.values() if m["dice"] is not None]
+    summary = {"format_version": 1, "configuration": configuration, "mirroring": mirroring,
+               "num_cases": len(per_case), "mean": mean,
+               "foreground_mean_dice": float(np.mean(dices)) if dices else None,
+               "cases": {cid: {k: {m: (None if isinstance(v, float) and np.isnan(v) else v) for m, v in d.items()}
+                               for k, d in c.items()} for cid, c in per_case.items()}}
+    write_json(out_dir / "summary.json", summary)
+    return summary

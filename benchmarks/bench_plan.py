@@ -1,0 +1,420 @@
+"""Time `autoseg plan` against nnU-Net v2's `nnUNetv2_plan_and_preprocess` on the same dataset.
+
+Both tools verify, fingerprint, plan and preprocess the same cases with the same number of worker
+processes, each into a fresh temporary folder. Wall time is measured from process start to exit;
+peak memory is the largest sum over the whole process tree (the command and every descendant),
+sampled with psutil every 0.1 s, both as resident set size (RSS; pages shared between processes are
+counted once per process) and as proportional set size (PSS; shared pages split between the
+processes that share them, so the sum is the memory the run really occupied). Only the standard
+library and psutil are used (`pip install -e '.[bench]'`).
+
+nnU-Net v2 lives in its own virtual environment (see benchmarks/README.md); pass its bin folder
+with --nnunet-venv or put it on PATH. Converting the dataset into nnU-Net's raw layout is setup and
+is not timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DATASET = REPO_ROOT.parent / "shared" / "datasets" / "Task04_Hippocampus"
+SAMPLE_INTERVAL_S = 0.1
+NNUNET_PLAN = "nnUNetv2_plan_and_preprocess"
+NNUNET_CONVERT_MSD = "nnUNetv2_convert_MSD_dataset"
+# Lines nnU-Net prints as each stage starts, in order, to split its wall time (it prints no timestamps).
+NNUNET_STAGE_MARKERS = (("verify", "Fingerprint extraction..."),
+                        ("fingerprint", "verify_dataset_integrity Done"),
+                        ("plan", "Experiment planning..."),
+                        ("preprocess", "Preprocessing..."))
+
+
+class BenchError(Exception):
+    """A problem with the benchmark's inputs or a tool's run; printed without a traceback."""
+
+
+@dataclass
+class RunResult:
+    tool: str
+    wall_s: float
+    peak_rss_mb: float
+    peak_pss_mb: float
+    returncode: int
+    stage_starts_s: dict[str, float] = field(default_factory=dict)
+    stage_s: dict[str, float] = field(default_factory=dict)
+    first_output_s: float | None = None
+    log_tail: str = ""
+
+
+def _tree_memory(root: psutil.Process) -> tuple[int, int]:
+    """Sum RSS and PSS (bytes) over a process and all its descendants; vanished processes are skipped."""
+    try:
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0, 0
+    rss = pss = 0
+    for proc in procs:
+        try:
+            info = proc.memory_full_info()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+        rss += info.rss
+        pss += getattr(info, "pss", info.rss)
+    return rss, pss
+
+
+def run_measured(tool: str, cmd: list[str], env: dict[str, str], log_path: Path,
+                 markers: tuple[tuple[str, str], ...] = ()) -> RunResult:
+    """Run `cmd`, sampling the tree's memory every 0.1 s and timestamping each output line."""
+    env = {**env, "PYTHONUNBUFFERED": "1"}
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    stage_starts: dict[str, float] = {}
+    first_output: list[float] = []
+
+    def read_output() -> None:
+        with open(log_path, "wb") as log:
+            for raw in iter(proc.stdout.readline, b""):
+                now = time.perf_counter() - start
+                if not first_output:
+                    first_output.append(now)
+                log.write(f"[{now:8.2f}] ".encode() + raw)
+                line = raw.decode(errors="replace")
+                for stage, text in markers:
+                    if stage not in stage_starts and text in line:
+                        stage_starts[stage] = now
+
+    reader = threading.Thread(target=read_output, daemon=True)
+    reader.start()
+    ps_root = psutil.Process(proc.pid)
+    peak_rss = peak_pss = 0
+    while proc.poll() is None:
+        rss, pss = _tree_memory(ps_root)
+        peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
+        time.sleep(SAMPLE_INTERVAL_S)
+    wall = time.perf_counter() - start
+    reader.join()
+    tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-15:])
+    return RunResult(tool, wall, peak_rss / 2**20, peak_pss / 2**20, proc.returncode,
+                     stage_starts_s=stage_starts, first_output_s=first_output[0] if first_output else None,
+                     log_tail=tail)
+
+
+def _marker_stage_times(result: RunResult, markers: tuple[tuple[str, str], ...]) -> dict[str, float]:
+    """Each stage's seconds, from its start line to the next stage's start line (the last to the exit)."""
+    starts = [(stage, result.stage_starts_s.get(stage)) for stage, _ in markers]
+    times = {}
+    for i, (stage, start) in enumerate(starts):
+        if start is None:
+            continue
+        ends = [t for _, t in starts[i + 1:] if t is not None]
+        times[stage] = (ends[0] if ends else result.wall_s) - start
+    return times
+
+
+def _autoseg_stage_times(log_path: Path) -> dict[str, float]:
+    """Read autoseg's closing 'done: verify 1.2 s, ...' line."""
+    for line in reversed(log_path.read_text(errors="replace").splitlines()):
+        if "done:" in line:
+            return {name: float(sec) for name, sec in re.findall(r"(\w+) ([\d.]+) s", line.split("done:", 1)[1])}
+    return {}
+
+
+def _dataset_meta(dataset: Path) -> dict:
+    meta_path = dataset / "dataset.json"
+    if not meta_path.is_file():
+        raise BenchError(f"{meta_path}: missing; pass a Decathlon or nnU-Net v2 dataset folder")
+    return json.loads(meta_path.read_text())
+
+
+def stage_nnunet_raw(dataset: Path, meta: dict, raw_dir: Path, dataset_id: int | None,
+                     nnunet_bin: Path, env: dict[str, str]) -> tuple[int, str, float]:
+    """Put the dataset into nnU-Net's raw folder; return its id, folder name and setup seconds.
+
+    A Decathlon dataset is converted with nnUNetv2_convert_MSD_dataset from a folder of links to the
+    cases its dataset.json lists (so both tools see the same cases); an nnU-Net v2 dataset is linked.
+    """
+    start = time.perf_counter()
+    if "channel_names" in meta:
+        match = re.match(r"Dataset(\d{3})_(.+)$", dataset.name)
+        if not match:
+            raise BenchError(f"{dataset}: an nnU-Net v2 dataset folder must be named DatasetNNN_Name")
+        dataset_id = dataset_id or int(match.group(1))
+        name = f"Dataset{dataset_id:03d}_{match.group(2)}"
+        (raw_dir / name).symlink_to(dataset.resolve(), target_is_directory=True)
+        return dataset_id, name, time.perf_counter() - start
+    if "modality" not in meta:
+        raise BenchError(f"{dataset / 'dataset.json'}: neither Decathlon ('modality') nor nnU-Net v2 ('channel_names')")
+    match = re.match(r"Task(\d+)_(.+)$", dataset.name)
+    task_id = int(match.group(1)) if match else 999
+    short_name = re.sub(r"[^A-Za-z0-9]", "", match.group(2) if match else dataset.name) or "Dataset"
+    dataset_id = dataset_id or task_id
+    # The converter derives the name from 'TaskNN_Name' (one underscore) and needs imagesTs to exist.
+    msd = raw_dir.parent / "msd_source" / f"Task{task_id:02d}_{short_name}"
+    for sub in ("imagesTr", "labelsTr", "imagesTs"):
+        (msd / sub).mkdir(parents=True)
+    for case in meta["training"]:
+        for key in ("image", "label"):
+            rel = Path(case[key])
+            (msd / rel).symlink_to((dataset / rel).resolve())
+    shutil.copy(dataset / "dataset.json", msd / "dataset.json")
+    cmd = [str(nnunet_bin / NNUNET_CONVERT_MSD), "-i", str(msd), "-overwrite_id", str(dataset_id), "-np", "2"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise BenchError(f"{' '.join(cmd)} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+    name = f"Dataset{dataset_id:03d}_{short_name}"
+    if not (raw_dir / name).is_dir():
+        raise BenchError(f"{NNUNET_CONVERT_MSD} did not create {raw_dir / name}")
+    return dataset_id, name, time.perf_counter() - start
+
+
+def autoseg_outcome(workdir: Path) -> str:
+    """Say which configurations autoseg preprocessed and how many cases each."""
+    plans = json.loads((workdir / "plans.json").read_text())
+    parts = []
+    for name, conf in plans["configurations"].items():
+        folder = workdir / "preprocessed" / conf["data_identifier"]
+        n = len([p for p in folder.glob("*.npy") if not p.name.endswith("_seg.npy")])
+        parts.append(f"{name} {n} cases")
+    return "; ".join(parts)
+
+
+def nnunet_outcome(preprocessed: Path) -> str:
+    """Say which configurations nnU-Net planned and which folders it filled with how many cases."""
+    plans = json.loads((preprocessed / "nnUNetPlans.json").read_text())
+    parts = []
+    for name, conf in plans["configurations"].items():
+        ident = conf.get("data_identifier")
+        folder = preprocessed / ident if ident else None
+        if folder is not None and folder.is_dir():
+            parts.append(f"{name} {len(list(folder.glob('*.pkl')))} cases")
+        else:
+            parts.append(f"{name} planned, not preprocessed")
+    return "; ".join(parts)
+
+
+def find_nnunet_bin(arg: str | None) -> Path | None:
+    """The folder holding nnUNetv2_plan_and_preprocess: --nnunet-venv (venv or its bin), else PATH."""
+    if arg:
+        for candidate in (Path(arg), Path(arg) / "bin"):
+            if (candidate / NNUNET_PLAN).is_file():
+                return candidate.resolve()
+        raise BenchError(f"{arg}: no {NNUNET_PLAN} there; pass the nnunetv2 venv or its bin folder")
+    found = shutil.which(NNUNET_PLAN)
+    return Path(found).parent if found else None
+
+
+def find_autoseg(arg: str | None) -> list[str]:
+    if arg:
+        return [arg]
+    beside = Path(sys.executable).parent / "autoseg"
+    if beside.is_file():
+        return [str(beside)]
+    if shutil.which("autoseg"):
+        return [shutil.which("autoseg")]
+    return [sys.executable, "-m", "autoseg.cli"]
+
+
+def _python_of(bin_dir: Path) -> str:
+    return str(bin_dir / "python") if (bin_dir / "python").exists() else sys.executable
+
+
+def package_version(python: str, package: str) -> str:
+    done = subprocess.run([python, "-c", f"import importlib.metadata as m; print(m.version('{package}'))"],
+                          capture_output=True, text=True)
+    return done.stdout.strip() if done.returncode == 0 else "not installed"
+
+
+def time_import(python: str, module: str, env: dict[str, str]) -> float:
+    """Seconds for a fresh interpreter to import `module` (the start-up cost before any work)."""
+    start = time.perf_counter()
+    subprocess.run([python, "-c", f"import {module}"], env=env, check=True, capture_output=True)
+    return time.perf_counter() - start
+
+
+def machine_description() -> str:
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        model = platform.processor() or model
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    mem_gb = psutil.virtual_memory().total / 2**30
+    return (f"{model}, {os.cpu_count()} logical cores ({usable} usable), {mem_gb:.0f} GiB RAM, "
+            f"{platform.system()} {platform.release()}, Python {platform.python_version()}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Time `autoseg plan` (verify, fingerprint, plan, preprocess) and, when nnunetv2 is "
+                    "available, nnUNetv2_plan_and_preprocess with --verify_dataset_integrity on the same "
+                    "cases; print wall time, peak memory of the process tree and the ratio nnunet/autoseg.",
+        epilog="Example: python benchmarks/bench_plan.py --workers 2 --repeat 2 "
+               "--nnunet-venv /work/bench/nnunet_venv/bin")
+    parser.add_argument("dataset", nargs="?", type=Path, default=DEFAULT_DATASET,
+                        help="dataset folder, Decathlon or nnU-Net v2 layout (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="worker processes for both tools: autoseg --workers N, nnU-Net -np N -npfp N "
+                             "(default: %(default)s)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="runs per tool, alternating autoseg and nnU-Net; the median is reported (default: %(default)s)")
+    parser.add_argument("--nnunet-venv", metavar="PATH",
+                        help="nnunetv2 virtual environment or its bin folder (default: look on PATH)")
+    parser.add_argument("--no-nnunet", action="store_true", help="time autoseg only")
+    parser.add_argument("--nnunet-id", type=int, help="nnU-Net dataset id to use (default: from the folder name)")
+    parser.add_argument("--autoseg", metavar="EXE", help="autoseg executable (default: the one beside this Python)")
+    parser.add_argument("--tmp-dir", type=Path, help="parent of the temporary workspaces (default: system temp)")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary workspaces and logs")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also write every run's figures to FILE")
+    return parser
+
+
+def _stage_summary(runs: list[RunResult], source: str) -> str:
+    first = statistics.median(r.first_output_s if r.first_output_s is not None else float("nan") for r in runs)
+    names = list(dict.fromkeys(k for r in runs for k in r.stage_s))
+    stages = ", ".join(f"{k} {statistics.median(r.stage_s.get(k, float('nan')) for r in runs):.1f}" for k in names)
+    return f"median s: first output after {first:.1f}; stages (from {source}): {stages or 'not found'}"
+
+
+def _median(results: list[RunResult], attr: str) -> float:
+    return statistics.median(getattr(r, attr) for r in results)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    dataset = args.dataset.resolve()
+    meta = _dataset_meta(dataset)
+    if args.repeat < 1 or args.workers < 1:
+        raise BenchError("--repeat and --workers must be at least 1")
+    nnunet_bin = None if args.no_nnunet else find_nnunet_bin(args.nnunet_venv)
+    autoseg_cmd = find_autoseg(args.autoseg)
+    n_cases = meta.get("numTraining", len(meta.get("training", [])))
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_plan_", dir=args.tmp_dir))
+    base_env = dict(os.environ)
+    print(f"machine:  {machine_description()}")
+    print(f"date:     {datetime.date.today().isoformat()}")
+    print(f"dataset:  {dataset} ({n_cases} training cases), workers {args.workers}, repeat {args.repeat}")
+    print(f"autoseg:  {package_version(sys.executable, 'autoseg')} ({' '.join(autoseg_cmd)}), "
+          f"torch {package_version(sys.executable, 'torch')}")
+
+    nnunet_env = None
+    if nnunet_bin is None:
+        print("nnunetv2: not found (pass --nnunet-venv); timing autoseg only")
+    else:
+        nnunet_python = _python_of(nnunet_bin)
+        print(f"nnunetv2: {package_version(nnunet_python, 'nnunetv2')} ({nnunet_bin}), "
+              f"torch {package_version(nnunet_python, 'torch')}")
+        raw = tmp / "nnUNet_raw"
+        raw.mkdir()
+        nnunet_env = {**base_env, "PATH": f"{nnunet_bin}{os.pathsep}{base_env.get('PATH', '')}",
+                      "nnUNet_raw": str(raw), "nnUNet_results": str(tmp / "nnUNet_results")}
+        nnunet_env.pop("VIRTUAL_ENV", None)
+        dataset_id, nnunet_name, setup_s = stage_nnunet_raw(dataset, meta, raw, args.nnunet_id, nnunet_bin,
+                                                            {**nnunet_env, "nnUNet_preprocessed": str(tmp / "unused")})
+        print(f"setup:    nnU-Net raw dataset {nnunet_name} prepared in {setup_s:.1f} s (not timed)")
+
+    logs = tmp / "logs"
+    logs.mkdir()
+    autoseg_runs: list[RunResult] = []
+    nnunet_runs: list[RunResult] = []
+    outcomes: dict[str, str] = {}
+    for i in range(args.repeat):
+        workdir = tmp / f"autoseg_ws_{i}"
+        cmd = [*autoseg_cmd, "plan", str(dataset), "-o", str(workdir), "--workers", str(args.workers)]
+        result = run_measured("autoseg", cmd, base_env, logs / f"autoseg_{i}.log")
+        if result.returncode != 0:
+            raise BenchError(f"autoseg failed (exit {result.returncode}):\n{result.log_tail}")
+        result.stage_s = _autoseg_stage_times(logs / f"autoseg_{i}.log")
+        autoseg_runs.append(result)
+        outcomes["autoseg"] = autoseg_outcome(workdir)
+        print(f"run {i + 1}: autoseg  {result.wall_s:7.1f} s  peak RSS {result.peak_rss_mb:7.0f} MB  "
+              f"PSS {result.peak_pss_mb:7.0f} MB", flush=True)
+        if not args.keep:
+            shutil.rmtree(workdir)
+        if nnunet_env is None:
+            continue
+        preprocessed = tmp / f"nnUNet_preprocessed_{i}"
+        env = {**nnunet_env, "nnUNet_preprocessed": str(preprocessed)}
+        cmd = [str(nnunet_bin / NNUNET_PLAN), "-d", str(dataset_id), "-np", str(args.workers),
+               "-npfp", str(args.workers), "--verify_dataset_integrity"]
+        result = run_measured("nnunetv2", cmd, env, logs / f"nnunet_{i}.log", NNUNET_STAGE_MARKERS)
+        if result.returncode != 0:
+            raise BenchError(f"nnUNetv2_plan_and_preprocess failed (exit {result.returncode}):\n{result.log_tail}")
+        result.stage_s = _marker_stage_times(result, NNUNET_STAGE_MARKERS)
+        nnunet_runs.append(result)
+        outcomes["nnunetv2"] = nnunet_outcome(preprocessed / nnunet_name)
+        print(f"run {i + 1}: nnunetv2 {result.wall_s:7.1f} s  peak RSS {result.peak_rss_mb:7.0f} MB  "
+              f"PSS {result.peak_pss_mb:7.0f} MB", flush=True)
+        if not args.keep:
+            shutil.rmtree(preprocessed)
+
+    print()
+    print(f"autoseg did:  {' '.join(autoseg_cmd)} plan DATASET -o WORKDIR --workers {args.workers}")
+    print("              verify (always), fingerprint, plan, preprocess -> " + outcomes["autoseg"])
+    print("              " + _stage_summary(autoseg_runs, "its closing log line"))
+    if nnunet_runs:
+        print(f"nnunetv2 did: {NNUNET_PLAN} -d {dataset_id} -np {args.workers} -npfp {args.workers} "
+              "--verify_dataset_integrity")
+        print("              verify (only with that flag), fingerprint, plan (ExperimentPlanner, 8 GB target), "
+              "preprocess -> " + outcomes["nnunetv2"])
+        print("              " + _stage_summary(nnunet_runs, "the time its stage messages appeared"))
+        print("              fingerprinting starts after {:.1f} s (median; verification runs first)".format(
+            statistics.median(r.stage_starts_s.get("fingerprint", float("nan")) for r in nnunet_runs)))
+        import_s = time_import(_python_of(nnunet_bin),
+                               "nnunetv2.experiment_planning.plan_and_preprocess_entrypoints", nnunet_env)
+        print(f"              a fresh interpreter imports its entry point in {import_s:.1f} s")
+
+    print()
+    print(f"{'':10s}{'wall s':>10s}{'peak RSS MB':>14s}{'peak PSS MB':>14s}   (median of {args.repeat})")
+    rows = [("autoseg", autoseg_runs)] + ([("nnunetv2", nnunet_runs)] if nnunet_runs else [])
+    for name, runs in rows:
+        print(f"{name:10s}{_median(runs, 'wall_s'):10.1f}{_median(runs, 'peak_rss_mb'):14.0f}"
+              f"{_median(runs, 'peak_pss_mb'):14.0f}")
+    if nnunet_runs:
+        ratio = {a: _median(nnunet_runs, a) / _median(autoseg_runs, a) for a in ("wall_s", "peak_rss_mb", "peak_pss_mb")}
+        print(f"{'ratio':10s}{ratio['wall_s']:9.2f}x{ratio['peak_rss_mb']:13.2f}x{ratio['peak_pss_mb']:13.2f}x"
+              "   (nnunetv2 / autoseg)")
+    print("peak memory: largest sum over the process tree, sampled every 0.1 s "
+          "(RSS counts shared pages once per process; PSS splits them)")
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    print(f"this script's own CPU time (sampling, reading output): {own.ru_utime + own.ru_stime:.1f} s")
+
+    if args.json:
+        record = {"date": datetime.date.today().isoformat(), "machine": machine_description(),
+                  "dataset": str(dataset), "workers": args.workers, "outcomes": outcomes,
+                  "runs": [r.__dict__ for r in autoseg_runs + nnunet_runs]}
+        args.json.write_text(json.dumps(record, indent=2))
+    if args.keep:
+        print(f"workspaces and logs kept in {tmp}")
+    else:
+        shutil.rmtree(tmp)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except BenchError as exc:
+        print(f"bench_plan: error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Install autoseg with the CPU build of torch into .venv and run the test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv
+. .venv/bin/activate
+python -m pip install --quiet --upgrade pip
+# Pin the CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build.
+python -m pip install --quiet "torch==2.13.0"
+python -m pip install --quiet -e ".[test]"
+python -m pytest -q "$@"

@@ -1,0 +1,95 @@
+"""`autoseg plan` end to end on tiny datasets, run in-process."""
+
+import json
+
+import numpy as np
+
+from autoseg.atomic import read_json
+from autoseg.cli import main
+
+from conftest import write_sitk
+
+
+def _plan(dataset, workdir, *extra):
+    return main(["plan", str(dataset), "-o", str(workdir), "--workers", "1", *extra])
+
+
+def test_plan_end_to_end_writes_every_artifact_and_explains(make_nnunetv2, tmp_path, capsys):
+    workdir = tmp_path / "ws"
+    assert _plan(make_nnunetv2(), workdir, "--explain") == 0
+    out, err = capsys.readouterr()
+    assert "patch_size" in out and "batch_size" in out and "3d_fullres" in out
+    for name in ("dataset.json", "verify_report.json", "fingerprint.json", "plans.json"):
+        assert (workdir / name).is_file(), name
+    assert read_json(workdir / "verify_report.json")["ok"] is True
+    plans = read_json(workdir / "plans.json")
+    assert plans["channel_names"] == ["T1", "T2"]
+    assert plans["labels"] == {"0": "background", "1": "liver", "2": "tumour"}
+    full = plans["configurations"]["3d_fullres"]
+    assert len(full["patch_size"]) == 3 and full["strides"][0] == [1, 1, 1]
+    folder = workdir / "preprocessed" / "fullres"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        f"case_{i:03d}{s}" for i in range(3) for s in (".npy", "_seg.npy", ".json"))
+    data = np.load(folder / "case_000.npy", mmap_mode="r")
+    assert data.dtype == np.float32 and data.shape[0] == 2
+    assert "Traceback" not in out + err
+
+
+def test_plan_runs_only_the_requested_steps(make_decathlon, tmp_path, capsys):
+    workdir = tmp_path / "ws"
+    assert _plan(make_decathlon(), workdir, "--steps", "fingerprint", "plan") == 0
+    assert (workdir / "fingerprint.json").is_file() and (workdir / "plans.json").is_file()
+    assert not (workdir / "preprocessed").exists()
+    assert not (workdir / "verify_report.json").exists()
+    # Now only preprocess, for one configuration, from the plans already written.
+    assert _plan(make_decathlon(), workdir, "--steps", "preprocess", "--configs", "3d_fullres") == 0
+    assert len(list((workdir / "preprocessed" / "fullres").glob("*.json"))) == 3
+
+
+def test_plan_memory_budget_reaches_the_plans(make_decathlon, tmp_path):
+    root = make_decathlon()
+    assert _plan(root, tmp_path / "ws", "--steps", "fingerprint", "plan", "--memory-gb", "2.5") == 0
+    plans = read_json(tmp_path / "ws" / "plans.json")
+    assert plans["memory_budget_gb"] == 2.5
+    assert all(c["estimated_memory_gb"] <= 2.5 for c in plans["configurations"].values())
+
+
+def test_plan_on_a_dataset_with_errors_stops_with_a_readable_message(make_decathlon, tmp_path, capsys):
+    root = make_decathlon()
+    write_sitk(root / "labelsTr" / "case_001.nii.gz", np.full((12, 16, 14), 9, np.uint8))
+    (root / "imagesTr" / "case_002.nii.gz").unlink()
+    workdir = tmp_path / "ws"
+    code = _plan(root, workdir)
+    out, err = capsys.readouterr()
+    assert code != 0
+    assert "labelsTr/case_001.nii.gz" in out and "imagesTr/case_002.nii.gz" in out
+    assert "2 error(s)" in err and "verify_report.json" in err
+    assert "Traceback" not in out + err
+    assert read_json(workdir / "verify_report.json")["ok"] is False
+    assert not (workdir / "plans.json").exists() and not (workdir / "preprocessed").exists()
+
+
+def test_plan_with_broken_dataset_json_or_missing_fingerprint_is_a_readable_error(make_decathlon, tmp_path, capsys):
+    root = make_decathlon()
+    (root / "dataset.json").write_text("{ not json")
+    assert _plan(root, tmp_path / "ws") == 2
+    out, err = capsys.readouterr()
+    assert "dataset.json" in err and "not valid JSON" in err and "Traceback" not in out + err
+
+    (root / "dataset.json").write_text(json.dumps({"modality": {"0": "MRI"}, "labels": {"0": "background"},
+                                                   "training": [{"image": "./imagesTr/case_000.nii.gz",
+                                                                 "label": "./labelsTr/case_000.nii.gz"}]}))
+    assert _plan(root, tmp_path / "other", "--steps", "plan") == 2
+    out, err = capsys.readouterr()
+    assert "fingerprint" in err and "Traceback" not in out + err
+
+
+def test_plan_on_real_hippocampus_cases(hippocampus_subset, tmp_path, capsys):
+    workdir = tmp_path / "ws"
+    assert _plan(hippocampus_subset, workdir, "--configs", "3d_fullres", "--explain") == 0
+    plans = read_json(workdir / "plans.json")
+    assert list(plans["configurations"]) == ["3d_fullres"]
+    assert plans["configurations"]["3d_fullres"]["spacing"] == [1.0, 1.0, 1.0]
+    assert plans["normalization"][0]["scheme"] == "zscore"
+    assert len(list((workdir / "preprocessed" / "fullres").glob("*_seg.npy"))) == 4
+    assert "patch_size" in capsys.readouterr().out

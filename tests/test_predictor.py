@@ -1,0 +1,213 @@
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from autoseg import workspace
+from autoseg.atomic import write_json
+from autoseg.dataset.image_io import Geometry, read_image, write_image
+from autoseg.fingerprint import CaseFingerprint, Fingerprint, IntensityStats
+from autoseg.inference.inputs import InputError, discover_inputs, read_input_case
+from autoseg.inference.predictor import Predictor, PredictorError, predict_folder
+from autoseg.network.unet import UNetTopology, build_unet
+from autoseg.planning.planner import plan_experiment, save_plans
+from autoseg.training.checkpoint import save_checkpoint
+
+IDENTITY = tuple(np.eye(3).ravel())
+ROTATED = tuple(np.array([[0.0, 1, 0], [0, 0, -1], [-1, 0, 0]]).ravel())
+CONFIGS = ("3d_fullres", "2d")
+
+
+def _workspace(root, spacing=(3.0, 0.8, 0.8), shape=(8, 20, 20), num_channels=1, folds=(0, 1)):
+    """plans.json from the real planner (features shrunk to keep the nets tiny) and random-weight
+    checkpoints for every fold of 3d_fullres and 2d, saved as the trainer saves them."""
+    stats = IntensityStats(0.0, 1.0, -1.0, 1.0, 0.0, -1.0, 1.0)
+    cases = tuple(CaseFingerprint(f"c{i}", spacing, shape, tuple((0, n) for n in shape), 100, (stats,) * num_channels)
+                  for i in range(3))
+    fingerprint = Fingerprint("tiny", tuple(f"MRI{c}" for c in range(num_channels)), ("mri",) * num_channels,
+                              {0: "background", 1: "a", 2: "b"}, cases, (stats,) * num_channels)
+    plans = plan_experiment(fingerprint, configurations=list(CONFIGS))
+    for config in plans["configurations"].values():
+        config["features_per_stage"] = [4 * 2 ** i for i in range(len(config["features_per_stage"]))]
+    save_plans(plans, workspace.plans_json(root))
+    for name, config in plans["configurations"].items():
+        for fold in folds:
+            torch.manual_seed(100 * fold + len(name))
+            network = build_unet(UNetTopology.from_plan(config, num_channels, 3), deep_supervision=True)
+            save_checkpoint(workspace.fold_dir(root, name, fold) / "checkpoint_final.pt",
+                            {"configuration": name, "network_state": network.state_dict(), "epoch": 10})
+    return plans
+
+
+def _volume(shape, bbox, seed=0, channels=None):
+    lead = () if channels is None else (channels,)
+    image = np.zeros(lead + shape, np.float32)
+    inside = (slice(None),) * len(lead) + tuple(slice(lo, hi) for lo, hi in bbox)
+    image[inside] = np.random.default_rng(seed).uniform(1, 3, image[inside].shape)
+    return image
+
+
+def _write_4d(path, array, spacing=(1.0, 1.0, 1.0)):
+    image = sitk.GetImageFromArray(array, isVector=False)  # (C, Z, Y, X) -> a 4D image, channels on the 4th axis
+    image.SetSpacing((*reversed(spacing), 1.0))
+    sitk.WriteImage(image, str(path))
+
+
+def _no_temporary_files(folder):
+    return not [p.name for p in folder.iterdir() if ".tmp" in p.name]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    root = tmp_path_factory.mktemp("work")
+    _workspace(root)
+    return root
+
+
+def test_label_map_has_the_input_grid_for_an_anisotropic_cropped_rotated_input(work, tmp_path):
+    # File axis order has the thick axis last (the plan moves it first), spacing differs from the
+    # plan's target (resampling), the data sits inside a zero border (cropping), direction is rotated.
+    shape, bbox = (11, 17, 6), ((2, 10), (1, 15), (1, 5))
+    geometry = Geometry((0.7, 0.9, 2.5), (12.0, -30.5, 4.0), ROTATED, shape)
+    plans = json.loads(workspace.plans_json(work).read_text())
+    assert plans["configurations"]["3d_fullres"]["spacing"] == [3.0, 0.8, 0.8]  # so every axis is resampled
+    inputs = tmp_path / "in"
+    write_image(inputs / "patient.nii.gz", _volume(shape, bbox), geometry)
+
+    report = predict_folder(work, [inputs], tmp_path / "out", configurations=CONFIGS, mirroring=False,
+                            save_probabilities=True, progress=False)
+
+    assert report.written == ["patient"] and not report.failed
+    labels, written_geometry = read_image(tmp_path / "out" / "patient.nii.gz")
+    assert labels.shape == shape and written_geometry.matches(geometry), written_geometry.differences(geometry)
+    outside = np.ones(shape, bool)
+    outside[tuple(slice(lo, hi) for lo, hi in bbox)] = False
+    assert set(np.unique(labels)) <= {0, 1, 2} and (labels[outside] == 0).all()
+    probabilities = np.load(tmp_path / "out" / "patient.npz")["probabilities"]
+    assert probabilities.shape == (3, *shape)
+    np.testing.assert_array_equal(labels, np.argmax(probabilities.astype(np.float32), axis=0))
+    assert _no_temporary_files(tmp_path / "out")
+
+
+def test_a_transposed_plan_predicts_a_channel_first_file(tmp_path):
+    # Plans made for thick-axis-last data: transpose_forward is not the identity.
+    work = tmp_path / "work"
+    plans = _workspace(work, spacing=(0.8, 0.8, 3.0), shape=(20, 20, 8), folds=(0,))
+    assert plans["transpose_forward"] == [2, 0, 1]
+    shape = (19, 21, 9)
+    geometry = Geometry((0.8, 0.8, 3.0), (0.0, 0.0, 0.0), IDENTITY, shape)
+    predictor = Predictor(work, ("3d_fullres",), mirroring=False)
+    probabilities = predictor.predict_case(_volume(shape, ((1, 18), (0, 21), (2, 9)), channels=1), geometry)
+    assert probabilities.shape == (3, *shape)
+    np.testing.assert_allclose(probabilities.sum(axis=0), 1.0, atol=1e-5)
+
+
+def test_fold_ensemble_is_the_mean_of_the_single_folds(work):
+    shape = (7, 15, 18)
+    image = _volume(shape, ((0, 7), (2, 14), (1, 17)), seed=3, channels=1)
+    geometry = Geometry((2.0, 1.0, 1.1), (0.0, 0.0, 0.0), IDENTITY, shape)
+    both = Predictor(work, ("3d_fullres",), folds=None, device="cpu").predict_case(image, geometry)
+    single = [Predictor(work, ("3d_fullres",), folds=[f], device="cpu").predict_case(image, geometry) for f in (0, 1)]
+    assert both.shape == (3, *shape)
+    assert not np.allclose(single[0], single[1], atol=1e-3)  # the folds really differ
+    np.testing.assert_allclose(both, (single[0] + single[1]) / 2, atol=1e-5)
+
+
+def test_bad_inputs_are_reported_by_file_and_the_others_still_run(work, tmp_path):
+    shape, bbox = (8, 12, 12), ((0, 8), (1, 11), (1, 11))
+    geometry = Geometry((3.0, 0.8, 0.8), (0.0, 0.0, 0.0), IDENTITY, shape)
+    inputs = tmp_path / "in"
+    for name in ("good_a", "good_b", "truncated"):
+        write_image(inputs / f"{name}.nii.gz", _volume(shape, bbox), geometry)
+    truncated = inputs / "truncated.nii.gz"
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
+    _write_4d(inputs / "two_channels.nii.gz", _volume(shape, bbox, channels=2), geometry.spacing)
+    out = tmp_path / "out"
+
+    for workers in (2, 0):  # threaded pipeline and the inline one behave the same
+        report = predict_folder(work, [inputs], out, mirroring=False, num_workers=workers, progress=False)
+        assert report.written == ["good_a", "good_b"]
+        failed = dict(report.failed)
+        assert set(failed) == {str(truncated), str(inputs / "two_channels.nii.gz")}
+        assert "truncated" in failed[str(truncated)] or "unreadable" in failed[str(truncated)]
+        assert "2 channel(s)" in failed[str(inputs / "two_channels.nii.gz")]
+    assert sorted(p.name for p in out.iterdir()) == ["good_a.nii.gz", "good_b.nii.gz", "prediction_report.json"]
+    saved = json.loads((out / "prediction_report.json").read_text())
+    assert saved["written"] == ["good_a", "good_b"] and len(saved["failed"]) == 2
+    assert saved["settings"]["models"][0]["checkpoint"].endswith("checkpoint_final.pt")
+
+
+def test_continue_skips_outputs_and_parts_split_the_cases(work, tmp_path):
+    shape = (8, 12, 12)
+    geometry = Geometry((3.0, 0.8, 0.8), (0.0, 0.0, 0.0), IDENTITY, shape)
+    inputs = tmp_path / "in"
+    names = [f"case_{i}" for i in range(5)]
+    for i, name in enumerate(names):
+        write_image(inputs / f"{name}.nii.gz", _volume(shape, ((0, 8), (0, 12), (0, 12)), seed=i), geometry)
+    out = tmp_path / "out"
+
+    parts = [predict_folder(work, [inputs], out, mirroring=False, num_parts=2, part_id=p, progress=False).written
+             for p in (0, 1)]
+    assert not set(parts[0]) & set(parts[1]) and sorted(parts[0] + parts[1]) == names
+    assert (out / "prediction_report_part1of2.json").is_file()
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.nii.gz")}
+
+    (out / "case_3.nii.gz").unlink()
+    report = predict_folder(work, [inputs], out, mirroring=False, continue_=True, progress=False)
+    assert report.written == ["case_3"] and sorted(report.skipped) == [n for n in names if n != "case_3"]
+    after = {p.name: p.stat().st_mtime_ns for p in out.glob("*.nii.gz")}
+    assert all(after[n] == before[n] for n in before if n != "case_3.nii.gz")
+    assert _no_temporary_files(out)
+
+
+def test_checkpoint_final_falls_back_to_latest_and_missing_folds_are_named(tmp_path):
+    work = tmp_path / "work"
+    _workspace(work, folds=(0,))
+    fold = workspace.fold_dir(work, "3d_fullres", 0)
+    (fold / "checkpoint_final.pt").rename(fold / "checkpoint_latest.pt")
+    predictor = Predictor(work, ("3d_fullres",), device="cpu")
+    assert predictor.folds[0].checkpoint.name == "checkpoint_latest.pt"
+    with pytest.raises(PredictorError, match="checkpoint_best.pt"):
+        Predictor(work, ("3d_fullres",), checkpoint="best")
+    with pytest.raises(PredictorError, match="fold_3"):
+        Predictor(work, ("3d_fullres",), folds=[3])
+
+
+def test_nnunet_style_folder_is_grouped_by_case_and_a_missing_channel_reported(tmp_path):
+    shape = (4, 5, 6)
+    geometry = Geometry((1.0, 1.0, 1.0), (0.0, 0.0, 0.0), IDENTITY, shape)
+    for case, channels in (("liver_001", (0, 1)), ("liver_002", (0, 1)), ("liver_003", (0,))):
+        for c in channels:
+            write_image(tmp_path / f"{case}_{c:04d}.nii.gz", np.full(shape, c + 1, np.float32), geometry)
+
+    cases, problems = discover_inputs([tmp_path], num_channels=2)
+    assert [c.case_id for c in cases] == ["liver_001", "liver_002"]
+    assert [f.name for f in cases[0].files] == ["liver_001_0000.nii.gz", "liver_001_0001.nii.gz"]
+    assert len(problems) == 1 and "liver_003_0001.nii.gz" in problems[0][1]
+    image, read_geometry = read_input_case(cases[1], num_channels=2)
+    assert image.shape == (2, *shape) and image.dtype == np.float32 and read_geometry.matches(geometry)
+    np.testing.assert_array_equal(image[:, 0, 0, 0], [1, 2])
+
+
+def test_decathlon_style_4d_folder_and_explicit_files_are_one_case_each(tmp_path):
+    shape = (4, 5, 6)
+    folder = tmp_path / "imagesTs"
+    folder.mkdir()
+    for case in ("prostate_0000", "prostate_0001"):  # named like channel files, but 4D: one case each
+        _write_4d(folder / f"{case}.nii.gz", np.stack([np.full(shape, 1.0), np.full(shape, 2.0)]).astype(np.float32))
+    (folder / "notes.txt").write_text("not an image")
+
+    cases, problems = discover_inputs([folder], num_channels=2)
+    assert [c.case_id for c in cases] == ["prostate_0000", "prostate_0001"] and not problems
+    image, geometry = read_input_case(cases[0], num_channels=2)
+    assert image.shape == (2, *shape) and geometry.shape == shape
+
+    single = tmp_path / "ct_0001.nii.gz"
+    write_image(single, np.ones(shape, np.float32), Geometry((1.0, 1.0, 1.0), (0.0, 0.0, 0.0), IDENTITY, shape))
+    cases, problems = discover_inputs([single, folder / "prostate_0000.nii.gz", tmp_path / "absent.nii.gz"], 1)
+    assert [c.case_id for c in cases] == ["ct_0001", "prostate_0000"]
+    assert problems == [(str(tmp_path / "absent.nii.gz"), "no such file or folder")]
+    with pytest.raises(InputError, match="has 2 channel"):
+        read_input_case(cases[1], num_channels=1)
