@@ -105,6 +105,50 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from autoseg.inference.predictor import predict_folder
+
+    if (args.num_parts is None) != (args.part_id is None):
+        raise CommandError("--num-parts and --part-id go together")
+    report = predict_folder(
+        args.workdir, args.input, args.output, configurations=args.config, folds=args.folds,
+        mirroring=not args.no_mirroring, save_probabilities=args.save_probabilities, device=args.device,
+        continue_=args.continue_, num_parts=args.num_parts or 1, part_id=args.part_id or 0,
+        postprocessing=not args.no_postprocessing, num_workers=args.workers, checkpoint=args.checkpoint,
+        step_size=args.step_size)
+    print(f"{len(report.written)} written, {len(report.skipped)} skipped, {len(report.failed)} failed "
+          f"-> {args.output}")
+    for key, message in report.failed:
+        print(f"  failed: {key}: {message}", file=sys.stderr)
+    return 1 if report.failed else 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from autoseg.evaluation import evaluate_folders, format_summary_table
+
+    summary = evaluate_folders(args.predictions, args.references, labels=args.labels,
+                               output_dir=args.output, num_workers=args.workers)
+    print(format_summary_table(summary))
+    print(f"written: {(args.output or args.predictions) / 'summary.json'} and summary.csv")
+    return 0
+
+
+def cmd_crossval(args: argparse.Namespace) -> int:
+    from autoseg.crossval import run_crossval
+
+    summary = run_crossval(args.workdir, args.configs, postprocessing=not args.no_postprocessing)
+    for name, r in summary["configurations"].items():
+        dice = ", ".join(f"{k}: {'-' if v is None else f'{v:.4f}'}" for k, v in r["mean_dice"].items())
+        missing = f"  (folds missing: {r['missing_folds']})" if r["missing_folds"] else ""
+        print(f"{name:11s} {r['num_cases']} cases  Dice per label {dice}{missing}")
+    print(f"best: {summary['best_configuration']} ({summary['reason']})")
+    if "postprocessing" in summary:
+        pp = summary["postprocessing"]
+        print(f"postprocessing: largest foreground component {pp['foreground_largest_component']}, "
+              f"largest component per label {pp['largest_component_labels']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="autoseg",
@@ -159,6 +203,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from checkpoint_latest.pt exactly where training stopped")
     p.add_argument("--no-validation", action="store_true", help="skip predicting the validation cases at the end")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("predict", help="segment new volumes with the trained folds",
+                       description="Segment every case of INPUT (a folder of Decathlon-style 3D/4D files, an nnU-Net-style "
+                                   "folder of <case>_<cccc> channel files, or a list of files) with the ensemble of the "
+                                   "trained folds: the training preprocessing, sliding-window inference with Gaussian "
+                                   "weighting and mirroring, softmax averaged over folds and configurations, exported "
+                                   "to each input's exact original geometry as OUTPUT/<case><ending>. Exit status 1 if "
+                                   "any case failed (the others are still written).")
+    p.add_argument("workdir", type=Path, metavar="WORKDIR", help="workspace with trained models")
+    p.add_argument("-i", "--input", type=Path, nargs="+", required=True, metavar="INPUT", help="input folder or files")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="OUTPUT", help="output folder")
+    p.add_argument("--config", nargs="+", default=["3d_fullres"], choices=CONFIGURATIONS,
+                   help="configuration(s) to ensemble (default: 3d_fullres)")
+    p.add_argument("--folds", nargs="+", help="folds to ensemble, e.g. 0 1 2 or all (default: every trained fold)")
+    p.add_argument("--checkpoint", default="final", choices=("final", "best", "latest"),
+                   help="which checkpoint of each fold (default: final, falling back to latest)")
+    p.add_argument("--no-mirroring", action="store_true", help="switch off mirroring test-time augmentation (8x faster in 3D)")
+    p.add_argument("--step-size", type=float, default=0.5, help="window step as a fraction of the patch (default: %(default)s)")
+    p.add_argument("--save-probabilities", action="store_true", help="also write OUTPUT/<case>.npz with per-label probabilities")
+    p.add_argument("--no-postprocessing", action="store_true", help="ignore WORKDIR/postprocessing.json")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    p.add_argument("--continue", dest="continue_", action="store_true", help="skip cases whose output already exists")
+    p.add_argument("--num-parts", type=int, help="split the cases into this many parts ...")
+    p.add_argument("--part-id", type=int, help="... and predict only this one (0-based)")
+    p.add_argument("--workers", type=int, default=2,
+                   help="background threads that read/preprocess and export/write while the network runs (default: %(default)s)")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("evaluate", help="Dice, IoU, HD95 and volumes of predictions against references",
+                       description="Compare every prediction in PRED_DIR with the reference of the same name in REF_DIR: "
+                                   "per case and label Dice, IoU, 95th-percentile Hausdorff distance (mm) and volumes (ml). "
+                                   "Writes summary.json and summary.csv and prints the mean per label.")
+    p.add_argument("predictions", type=Path, metavar="PRED_DIR")
+    p.add_argument("references", type=Path, metavar="REF_DIR")
+    p.add_argument("--labels", type=int, nargs="+", help="label ids to score (default: every label in the references)")
+    p.add_argument("-o", "--output", type=Path, help="where to write the summaries (default: PRED_DIR)")
+    p.add_argument("--workers", type=int, default=_default_workers(), help="parallel processes (default: %(default)s)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("crossval", help="cross-validation Dice per configuration; choose the best and the postprocessing",
+                       description="Gather the five folds' validation results of each trained configuration, report the "
+                                   "cross-validation Dice per label, pick the best configuration and decide whether keeping "
+                                   "only the largest connected component (per label, and of the foreground) improves Dice; "
+                                   "the rules go to WORKDIR/postprocessing.json, which `autoseg predict` applies.")
+    p.add_argument("workdir", type=Path, metavar="WORKDIR")
+    p.add_argument("--configs", nargs="+", choices=CONFIGURATIONS, help="configurations to compare (default: all trained)")
+    p.add_argument("--no-postprocessing", action="store_true", help="do not decide postprocessing")
+    p.set_defaults(func=cmd_crossval)
     return parser
 
 
@@ -169,11 +261,18 @@ def main(argv: list[str] | None = None) -> int:
     from autoseg.dataset.image_io import ImageReadError
     from autoseg.dataset.layout import DatasetError
     from autoseg.planning.planner import PlanError
+    from autoseg.crossval import CrossValidationError
+    from autoseg.evaluation import EvaluationError
+    from autoseg.inference.predictor import PredictorError
+    from autoseg.training.checkpoint import CheckpointError
     from autoseg.training.splits import SplitError
 
     try:
         return args.func(args)
-    except (CommandError, DatasetError, ImageReadError, PlanError, SplitError, ValueError) as exc:
+    except (CommandError, DatasetError, ImageReadError, PlanError, SplitError, CheckpointError, PredictorError,
+            EvaluationError, CrossValidationError, ValueError) as exc:
+        if args.verbose:
+            raise
         print(f"autoseg {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

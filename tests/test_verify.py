@@ -92,11 +92,12 @@ def test_each_problem_is_detected_and_names_its_file(make_decathlon, defect):
     assert file_of(root).name in report.summary()
 
 
+@pytest.mark.parametrize("ending", [".mha", ".nii.gz"])
 @pytest.mark.parametrize("value, fragment", [(np.nan, "1 NaN and 0 infinite"), (-np.inf, "0 NaN and 1 infinite")])
-def test_non_finite_intensities_are_reported(make_nnunetv2, value, fragment):
-    # .mha keeps NaN/inf; SimpleITK's NIfTI reader silently turns them into 0, so they cannot be seen there.
-    root = make_nnunetv2(file_ending=".mha")
-    bad = root / "imagesTr" / "case_001_0001.mha"
+def test_non_finite_intensities_are_reported(make_nnunetv2, value, fragment, ending):
+    # SimpleITK's NIfTI reader turns NaN/inf into 0, so NIfTI is checked on the raw voxels.
+    root = make_nnunetv2(file_ending=ending)
+    bad = root / "imagesTr" / f"case_001_0001{ending}"
     write_sitk(bad, _image_with(value))
     report = verify_dataset(load_dataset(root), progress=False)
     assert [(p.severity, p.file) for p in report.problems] == [("error", str(bad.resolve()))]

@@ -104,6 +104,10 @@ def _check_labels(meta_path: Path, labels: dict[int, str]) -> dict[int, str]:
         raise DatasetError(f"{meta_path}: 'labels' must declare the background as label 0")
     if any(k < 0 or k > 127 for k in labels):
         raise DatasetError(f"{meta_path}: label ids must lie in 0..127")
+    if sorted(labels) != list(range(len(labels))):
+        # The network's output channel k predicts label k, so the ids must be 0..K-1.
+        raise DatasetError(f"{meta_path}: label ids must be consecutive 0..{len(labels) - 1}, found {sorted(labels)}; "
+                           "renumber the labels in dataset.json and the label files")
     return dict(sorted(labels.items()))
 
 

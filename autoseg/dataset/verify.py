@@ -74,10 +74,9 @@ def check_case(case: Case, num_channels: int, declared_labels: frozenset[int]) -
                 error(path, f"has {channels} channel(s), dataset.json declares {num_channels}")
         elif array.ndim != 3:
             error(path, f"expected one 3D channel per file, found a {array.ndim}D image")
-        if np.issubdtype(array.dtype, np.floating):
-            bad = ~np.isfinite(array)
-            if bad.any():
-                error(path, f"{int(np.isnan(array).sum())} NaN and {int(np.isinf(array).sum())} infinite intensities")
+        nan, inf = _non_finite_counts(Path(path), array)
+        if nan or inf:
+            error(path, f"{nan} NaN and {inf} infinite intensities")
         grids.append((path, geometry))
 
     if len(grids) > 1:
@@ -118,6 +117,21 @@ def check_case(case: Case, num_channels: int, declared_labels: frozenset[int]) -
     if values <= {0}:
         problems.append(Problem("warning", str(case.label_file), "label map is empty (background only)"))
     return problems
+
+
+def _non_finite_counts(path: Path, array: np.ndarray) -> tuple[int, int]:
+    """NaN and infinity counts. SimpleITK's NIfTI reader turns them into 0, so NIfTI files are
+    checked on their raw voxels with nibabel."""
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        import nibabel
+
+        image = nibabel.load(str(path))
+        if not np.issubdtype(image.get_data_dtype(), np.floating):
+            return 0, 0
+        array = np.asarray(image.dataobj)
+    elif not np.issubdtype(array.dtype, np.floating):
+        return 0, 0
+    return int(np.isnan(array).sum()), int(np.isinf(array).sum())
 
 
 def _check_case_args(args: tuple[Case, int, frozenset[int]]) -> list[Problem]:

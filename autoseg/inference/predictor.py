@@ -122,6 +122,8 @@ class Predictor:
         if path is None:
             raise PredictorError(f"{folder}: no {' or '.join(p.name for p in candidates)}; train this fold "
                                  "(`autoseg train`) or leave it out with --folds")
+        if path != candidates[0]:
+            log.warning("%s: no %s (training did not finish); using %s", folder, candidates[0].name, path.name)
         try:
             state = load_checkpoint(path)
         except CheckpointError as exc:

@@ -34,7 +34,7 @@ def load_or_create_splits(path: Path, case_ids: list[str], seed: int = 12345) ->
         splits = data["folds"] if isinstance(data, dict) else data
         known = set(case_ids)
         for k, s in enumerate(splits):
-            unknown = sorted(set(s["train"]) | set(s["val"]) - known)
+            unknown = sorted((set(s["train"]) | set(s["val"])) - known)
             if unknown:
                 raise SplitError(f"{path}: fold {k} names case(s) that are not preprocessed: {unknown[:5]}; "
                                  "fix the file or delete it to make new splits")
