@@ -93,6 +93,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                                    "seed": args.seed, "checkpoint_every": args.checkpoint_every}.items() if v is not None}
     if args.no_validation:
         overrides["validate_at_end"] = False
+    if args.fp32:
+        overrides["mixed_precision"] = False
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
@@ -202,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, help="epochs between checkpoint_latest writes (default: 1)")
     p.add_argument("--resume", action="store_true", help="continue from checkpoint_latest.pt exactly where training stopped")
     p.add_argument("--no-validation", action="store_true", help="skip predicting the validation cases at the end")
+    p.add_argument("--fp32", action="store_true",
+                   help="train in float32 (default: mixed precision, float16 on CUDA, bfloat16 on CPUs with native bf16)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("predict", help="segment new volumes with the trained folds",

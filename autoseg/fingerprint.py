@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import logging
 import re
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from autoseg.atomic import read_json, write_json
+from autoseg.parallel import map_cases
 from autoseg.dataset.layout import Case, Dataset, read_case_image, read_case_label
 
 log = logging.getLogger(__name__)
@@ -155,12 +154,7 @@ def _fingerprint_job(args: tuple[Case, int, int]) -> tuple[CaseFingerprint, np.n
 def compute_fingerprint(dataset: Dataset, workers: int = 1, progress: bool = True) -> Fingerprint:
     """Fingerprint every case in parallel over `workers` processes."""
     jobs = [(case, dataset.num_channels, i) for i, case in enumerate(dataset.cases)]
-    bar = dict(total=len(jobs), desc="fingerprint", unit="case", disable=not progress)
-    if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            results = list(tqdm(pool.map(_fingerprint_job, jobs, chunksize=4), **bar))
-    else:
-        results = [fingerprint_case(*job) for job in tqdm(jobs, **bar)]
+    results = map_cases(_fingerprint_job, jobs, workers, "fingerprint", progress)
     pooled = np.concatenate([samples for _, samples in results], axis=1)
     return Fingerprint(
         dataset.name, dataset.channel_names, tuple(channel_kind(n) for n in dataset.channel_names),

@@ -37,6 +37,7 @@ import psutil
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATASET = REPO_ROOT.parent / "shared" / "datasets" / "Task04_Hippocampus"
 SAMPLE_INTERVAL_S = 0.1
+PSS_EVERY = 10  # PSS is read every 10th sample (1 s): reading it is far dearer than RSS.
 NNUNET_PLAN = "nnUNetv2_plan_and_preprocess"
 NNUNET_CONVERT_MSD = "nnUNetv2_convert_MSD_dataset"
 # Lines nnU-Net prints as each stage starts, in order, to split its wall time (it prints no timestamps).
@@ -54,36 +55,57 @@ class BenchError(Exception):
 class RunResult:
     tool: str
     wall_s: float
+    cpu_s: float
     peak_rss_mb: float
     peak_pss_mb: float
+    largest_process_rss_mb: float
     returncode: int
+    load_before: float
     stage_starts_s: dict[str, float] = field(default_factory=dict)
     stage_s: dict[str, float] = field(default_factory=dict)
     first_output_s: float | None = None
     log_tail: str = ""
 
 
-def _tree_memory(root: psutil.Process) -> tuple[int, int]:
-    """Sum RSS and PSS (bytes) over a process and all its descendants; vanished processes are skipped."""
+def _tree(root: psutil.Process) -> list[psutil.Process]:
     try:
-        procs = [root, *root.children(recursive=True)]
+        return [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return 0, 0
-    rss = pss = 0
+        return []
+
+
+def _tree_rss(procs: list[psutil.Process]) -> int:
+    """Sum of RSS in bytes (from /proc/PID/statm: cheap); vanished processes are skipped."""
+    total = 0
     for proc in procs:
         try:
-            info = proc.memory_full_info()
+            total += proc.memory_info().rss
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
-        rss += info.rss
-        pss += getattr(info, "pss", info.rss)
-    return rss, pss
+    return total
+
+
+def _tree_pss(procs: list[psutil.Process]) -> int:
+    """Sum of PSS in bytes from /proc/PID/smaps_rollup, which costs tens of ms per GB-sized process."""
+    total = 0
+    for proc in procs:
+        try:
+            with open(f"/proc/{proc.pid}/smaps_rollup") as rollup:
+                total += next(int(line.split()[1]) * 1024 for line in rollup if line.startswith("Pss:"))
+        except (OSError, StopIteration):
+            continue
+    return total
 
 
 def run_measured(tool: str, cmd: list[str], env: dict[str, str], log_path: Path,
-                 markers: tuple[tuple[str, str], ...] = ()) -> RunResult:
-    """Run `cmd`, sampling the tree's memory every 0.1 s and timestamping each output line."""
+                 markers: tuple[tuple[str, str], ...] = (), pss_every: int = PSS_EVERY) -> RunResult:
+    """Run `cmd`, sampling the tree's memory and timestamping each output line.
+
+    RSS is summed every 0.1 s, PSS every `pss_every`-th sample (0: never). CPU time and the largest
+    single process's RSS come from wait4, as /usr/bin/time -v reports them.
+    """
     env = {**env, "PYTHONUNBUFFERED": "1"}
+    load_before = os.getloadavg()[0]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     stage_starts: dict[str, float] = {}
@@ -105,16 +127,25 @@ def run_measured(tool: str, cmd: list[str], env: dict[str, str], log_path: Path,
     reader.start()
     ps_root = psutil.Process(proc.pid)
     peak_rss = peak_pss = 0
-    while proc.poll() is None:
-        rss, pss = _tree_memory(ps_root)
-        peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
+    sample = 0
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        procs = _tree(ps_root)
+        peak_rss = max(peak_rss, _tree_rss(procs))
+        if pss_every and sample % pss_every == 0:
+            peak_pss = max(peak_pss, _tree_pss(procs))
+        sample += 1
         time.sleep(SAMPLE_INTERVAL_S)
     wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
     reader.join()
     tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-15:])
-    return RunResult(tool, wall, peak_rss / 2**20, peak_pss / 2**20, proc.returncode,
-                     stage_starts_s=stage_starts, first_output_s=first_output[0] if first_output else None,
-                     log_tail=tail)
+    return RunResult(tool, wall, usage.ru_utime + usage.ru_stime, peak_rss / 2**20,
+                     peak_pss / 2**20 if pss_every else float("nan"), usage.ru_maxrss / 1024,
+                     proc.returncode, load_before, stage_starts_s=stage_starts,
+                     first_output_s=first_output[0] if first_output else None, log_tail=tail)
 
 
 def _marker_stage_times(result: RunResult, markers: tuple[tuple[str, str], ...]) -> dict[str, float]:
@@ -285,6 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--autoseg", metavar="EXE", help="autoseg executable (default: the one beside this Python)")
     parser.add_argument("--tmp-dir", type=Path, help="parent of the temporary workspaces (default: system temp)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary workspaces and logs")
+    parser.add_argument("--pss-every", type=int, default=PSS_EVERY, metavar="N",
+                        help="read PSS every N-th 0.1 s sample; 0 skips it (default: %(default)s; reading PSS costs "
+                             "tens of ms of CPU per GB-sized process)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write every run's figures to FILE")
     return parser
 
@@ -294,6 +328,12 @@ def _stage_summary(runs: list[RunResult], source: str) -> str:
     names = list(dict.fromkeys(k for r in runs for k in r.stage_s))
     stages = ", ".join(f"{k} {statistics.median(r.stage_s.get(k, float('nan')) for r in runs):.1f}" for k in names)
     return f"median s: first output after {first:.1f}; stages (from {source}): {stages or 'not found'}"
+
+
+def _run_line(i: int, r: RunResult) -> str:
+    return (f"run {i + 1}: {r.tool:8s} wall {r.wall_s:6.1f} s  CPU {r.cpu_s:6.1f} s  RSS sum {r.peak_rss_mb:5.0f} MB  "
+            f"PSS sum {r.peak_pss_mb:5.0f} MB  largest {r.largest_process_rss_mb:5.0f} MB  "
+            f"(load average before: {r.load_before:.1f})")
 
 
 def _median(results: list[RunResult], attr: str) -> float:
@@ -342,14 +382,13 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(args.repeat):
         workdir = tmp / f"autoseg_ws_{i}"
         cmd = [*autoseg_cmd, "plan", str(dataset), "-o", str(workdir), "--workers", str(args.workers)]
-        result = run_measured("autoseg", cmd, base_env, logs / f"autoseg_{i}.log")
+        result = run_measured("autoseg", cmd, base_env, logs / f"autoseg_{i}.log", pss_every=args.pss_every)
         if result.returncode != 0:
             raise BenchError(f"autoseg failed (exit {result.returncode}):\n{result.log_tail}")
         result.stage_s = _autoseg_stage_times(logs / f"autoseg_{i}.log")
         autoseg_runs.append(result)
         outcomes["autoseg"] = autoseg_outcome(workdir)
-        print(f"run {i + 1}: autoseg  {result.wall_s:7.1f} s  peak RSS {result.peak_rss_mb:7.0f} MB  "
-              f"PSS {result.peak_pss_mb:7.0f} MB", flush=True)
+        print(_run_line(i, result), flush=True)
         if not args.keep:
             shutil.rmtree(workdir)
         if nnunet_env is None:
@@ -358,14 +397,14 @@ def main(argv: list[str] | None = None) -> int:
         env = {**nnunet_env, "nnUNet_preprocessed": str(preprocessed)}
         cmd = [str(nnunet_bin / NNUNET_PLAN), "-d", str(dataset_id), "-np", str(args.workers),
                "-npfp", str(args.workers), "--verify_dataset_integrity"]
-        result = run_measured("nnunetv2", cmd, env, logs / f"nnunet_{i}.log", NNUNET_STAGE_MARKERS)
+        result = run_measured("nnunetv2", cmd, env, logs / f"nnunet_{i}.log", NNUNET_STAGE_MARKERS,
+                              pss_every=args.pss_every)
         if result.returncode != 0:
             raise BenchError(f"nnUNetv2_plan_and_preprocess failed (exit {result.returncode}):\n{result.log_tail}")
         result.stage_s = _marker_stage_times(result, NNUNET_STAGE_MARKERS)
         nnunet_runs.append(result)
         outcomes["nnunetv2"] = nnunet_outcome(preprocessed / nnunet_name)
-        print(f"run {i + 1}: nnunetv2 {result.wall_s:7.1f} s  peak RSS {result.peak_rss_mb:7.0f} MB  "
-              f"PSS {result.peak_pss_mb:7.0f} MB", flush=True)
+        print(_run_line(i, result), flush=True)
         if not args.keep:
             shutil.rmtree(preprocessed)
 
@@ -386,17 +425,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"              a fresh interpreter imports its entry point in {import_s:.1f} s")
 
     print()
-    print(f"{'':10s}{'wall s':>10s}{'peak RSS MB':>14s}{'peak PSS MB':>14s}   (median of {args.repeat})")
+    columns = (("wall_s", "wall s", ".1f"), ("cpu_s", "CPU s", ".1f"), ("peak_rss_mb", "RSS sum MB", ".0f"),
+               ("peak_pss_mb", "PSS sum MB", ".0f"), ("largest_process_rss_mb", "largest MB", ".0f"))
+    print(f"median of {args.repeat} run(s)")
+    print(f"{'':10s}" + "".join(f"{title:>12s}" for _, title, _ in columns))
     rows = [("autoseg", autoseg_runs)] + ([("nnunetv2", nnunet_runs)] if nnunet_runs else [])
     for name, runs in rows:
-        print(f"{name:10s}{_median(runs, 'wall_s'):10.1f}{_median(runs, 'peak_rss_mb'):14.0f}"
-              f"{_median(runs, 'peak_pss_mb'):14.0f}")
+        print(f"{name:10s}" + "".join(f"{_median(runs, attr):12{fmt}}" for attr, _, fmt in columns))
     if nnunet_runs:
-        ratio = {a: _median(nnunet_runs, a) / _median(autoseg_runs, a) for a in ("wall_s", "peak_rss_mb", "peak_pss_mb")}
-        print(f"{'ratio':10s}{ratio['wall_s']:9.2f}x{ratio['peak_rss_mb']:13.2f}x{ratio['peak_pss_mb']:13.2f}x"
-              "   (nnunetv2 / autoseg)")
-    print("peak memory: largest sum over the process tree, sampled every 0.1 s "
-          "(RSS counts shared pages once per process; PSS splits them)")
+        print(f"{'ratio':10s}" + "".join(f"{_median(nnunet_runs, a) / _median(autoseg_runs, a):11.2f}x"
+                                          for a, _, _ in columns) + "   (nnunetv2 / autoseg)")
+    print("wall: launch to exit. CPU: user+system of the process and all its descendants (wait4).")
+    print(f"RSS sum: largest sum of RSS over the process tree, sampled every {SAMPLE_INTERVAL_S} s (pages shared "
+          "between processes count once per process).")
+    print(f"PSS sum: the same with PSS (shared pages split), sampled every {SAMPLE_INTERVAL_S * args.pss_every:g} s. "
+          "largest: max RSS of the biggest single process (wait4, as /usr/bin/time -v).")
     own = resource.getrusage(resource.RUSAGE_SELF)
     print(f"this script's own CPU time (sampling, reading output): {own.ru_utime + own.ru_stime:.1f} s")
 

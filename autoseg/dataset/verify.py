@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
+from autoseg.parallel import map_cases
 from autoseg.dataset.image_io import Geometry, ImageReadError, read_image
 from autoseg.dataset.layout import GEOMETRY_TOLERANCE, Case, Dataset
 
@@ -147,12 +146,6 @@ def verify_dataset(dataset: Dataset, workers: int = 1, progress: bool = True) ->
             report.problems.append(Problem("error", files[0], f"case id '{case_id}' appears {count} times ({', '.join(files[1:])})"))
     declared = frozenset(dataset.labels)
     jobs = [(c, dataset.num_channels, declared) for c in dataset.cases]
-    bar = dict(total=len(jobs), desc="verify", unit="case", disable=not progress)
-    if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            results = list(tqdm(pool.map(_check_case_args, jobs, chunksize=4), **bar))
-    else:
-        results = [check_case(*job) for job in tqdm(jobs, **bar)]
-    for problems in results:
+    for problems in map_cases(_check_case_args, jobs, workers, "verify", progress):
         report.problems.extend(problems)
     return report

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from autoseg.dataset.image_io import Geometry
 from autoseg.dataset.layout import Case, Dataset, read_case_image, read_case_label
+from autoseg.parallel import map_cases
 from autoseg.preprocessing import store
 from autoseg.preprocessing.cropping import crop, nonzero_bounding_box
 from autoseg.preprocessing.normalization import normalize
@@ -97,13 +96,6 @@ def preprocess_dataset(dataset: Dataset, plans: dict, workdir: Path, configurati
         if skipped:
             log.info("%s: %d case(s) already preprocessed, %d to do", folder, skipped, len(todo))
         jobs = [(c, dataset.num_channels, plans, name, folder) for c in todo]
-        bar = dict(total=len(jobs), desc=f"preprocess {identifier}", unit="case", disable=not progress)
-        if workers > 1 and len(jobs) > 1:
-            with ProcessPoolExecutor(workers) as pool:
-                for _ in tqdm(pool.map(_preprocess_job, jobs, chunksize=2), **bar):
-                    pass
-        else:
-            for job in tqdm(jobs, **bar):
-                _preprocess_job(job)
+        map_cases(_preprocess_job, jobs, workers, f"preprocess {identifier}", progress, chunksize=2)
         written[identifier] = len(jobs)
     return written

@@ -48,6 +48,7 @@ class TrainingSettings:
     num_workers: int = field(default_factory=default_num_workers)
     seed: int = 0
     device: str | None = None  # None: CUDA if available, else CPU
+    mixed_precision: bool = True  # float16 autocast on CUDA; bfloat16 on a CPU with native bf16 (about 2x faster)
     validate_at_end: bool = True
 
 
@@ -72,8 +73,24 @@ def _to_device(x, device: torch.device, memory_format=None):
     return x.contiguous(memory_format=memory_format) if memory_format is not None else x
 
 
+def autocast_for(device: torch.device, enabled: bool = True):
+    """Mixed-precision context for this device: float16 on CUDA, bfloat16 on a CPU that computes it natively."""
+    if enabled and device.type == "cuda":
+        return lambda: torch.autocast("cuda", dtype=torch.float16)
+    if enabled and device.type == "cpu" and cpu_has_native_bf16():
+        return lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+    return nullcontext
+
+
+def cpu_has_native_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def _memory_format(ndim: int, device: torch.device):
-    """channels_last_3d makes 3D convolutions on the CPU markedly faster (oneDNN's preferred layout)."""
+    """channels_last_3d: oneDNN's preferred layout for 3D convolutions on the CPU (about 10% faster in bfloat16)."""
     return torch.channels_last_3d if ndim == 3 and device.type == "cpu" else None
 
 
@@ -104,7 +121,7 @@ def train_fold(workdir: Path, configuration: str, fold: int | str, settings: Tra
     device = choose_device(settings.device)
     torch.manual_seed(settings.seed)
     np.random.seed(settings.seed)
-    amp = device.type == "cuda"
+    amp = device.type == "cuda" and settings.mixed_precision  # gradient scaling is needed for float16 only
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
@@ -120,7 +137,7 @@ def train_fold(workdir: Path, configuration: str, fold: int | str, settings: Tra
     optimizer = torch.optim.SGD(network.parameters(), lr=settings.initial_lr, momentum=settings.momentum,
                                 nesterov=True, weight_decay=settings.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.float16)) if amp else nullcontext
+    autocast = autocast_for(device, settings.mixed_precision)
 
     # --- state: fresh or resumed ---------------------------------------------------------------
     start_epoch, best_ema, ema, history = 0, -1.0, None, []
@@ -145,7 +162,8 @@ def train_fold(workdir: Path, configuration: str, fold: int | str, settings: Tra
             log_file.unlink()
         say(f"training {configuration} fold {fold}: {len(train_ids)} training and {len(val_ids)} validation cases, "
             f"{settings.epochs} epochs x {settings.iters_per_epoch} iterations, batch {config['batch_size']}, "
-            f"patch {config['patch_size']}, device {device}, {settings.num_workers} augmentation worker(s), "
+            f"patch {config['patch_size']}, device {device}, "
+            f"{'mixed precision' if autocast is not nullcontext else 'float32'}, {settings.num_workers} augmentation worker(s), "
             f"{torch.get_num_threads()} torch thread(s)")
 
     def checkpoint_state(epoch: int) -> dict:
