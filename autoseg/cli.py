@@ -265,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     from autoseg.dataset.image_io import ImageReadError
     from autoseg.dataset.layout import DatasetError
     from autoseg.planning.planner import PlanError
+    from autoseg.postprocessing import PostprocessingError
     from autoseg.crossval import CrossValidationError
     from autoseg.evaluation import EvaluationError
     from autoseg.inference.predictor import PredictorError
@@ -274,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (CommandError, DatasetError, ImageReadError, PlanError, SplitError, CheckpointError, PredictorError,
-            EvaluationError, CrossValidationError, ValueError) as exc:
+            EvaluationError, CrossValidationError, PostprocessingError, ValueError) as exc:
         if args.verbose:
             raise
         print(f"autoseg {args.command}: error: {exc}", file=sys.stderr)

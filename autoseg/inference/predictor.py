@@ -26,6 +26,7 @@ from tqdm import tqdm
 from autoseg import __version__, workspace
 from autoseg.atomic import write_json
 from autoseg.dataset.image_io import Geometry
+from autoseg.device import choose_device, cpu_has_native_bf16
 from autoseg.inference.export import export_segmentation, probabilities_to_original, save_probabilities
 from autoseg.inference.inputs import InputCase, InputError, discover_inputs, read_input_case
 from autoseg.inference.sliding_window import sliding_window_predict
@@ -76,7 +77,7 @@ class Predictor:
     def __init__(self, workdir: Path, configurations: Sequence[str] = ("3d_fullres",),
                  folds: Sequence[int | str] | None = None, checkpoint: str = "final",
                  device: str | torch.device | None = None, mirroring: bool = True, step_size: float = 0.5,
-                 tiles_per_batch: int | None = None):
+                 tiles_per_batch: int | None = None, mixed_precision: bool = True):
         """`folds=None` uses every `fold_*` folder of each configuration. `checkpoint` is "final"
         (falls back to checkpoint_latest.pt where training did not finish), "latest" or "best"."""
         self.workdir = Path(workdir)
@@ -95,10 +96,12 @@ class Predictor:
             raise PredictorError(f"{plans_path}: label ids {label_ids} are not consecutive from 0; the network's "
                                  "class index is the label id, so relabel the dataset to 0..K-1 and plan again")
         self.configurations = tuple(dict.fromkeys(configurations))
-        self.device = _choose_device(device)
+        self.device = choose_device(device)
         self.mirroring = mirroring
         self.step_size = step_size
         self.tiles_per_batch = tiles_per_batch or (4 if self.device.type == "cuda" else 1)
+        # float16 on CUDA; bfloat16 on a CPU that computes it natively (about 2x faster, same labels in practice)
+        self.mixed_precision = mixed_precision and (self.device.type == "cuda" or cpu_has_native_bf16())
         self.checkpoint = checkpoint
         self.folds: list[LoadedFold] = []
         for name in self.configurations:
@@ -170,7 +173,7 @@ class Predictor:
                 logits = sliding_window_predict(
                     fold.network, image, patch, self.num_classes, step_size=self.step_size,
                     mirror_axes=tuple(range(len(patch))) if self.mirroring else None,
-                    tiles_per_batch=self.tiles_per_batch, device=self.device)
+                    tiles_per_batch=self.tiles_per_batch, device=self.device, use_amp=self.mixed_precision)
                 probabilities = torch.softmax(logits, dim=0)
                 total = probabilities if total is None else total.add_(probabilities)
                 count += 1
@@ -198,18 +201,10 @@ class Predictor:
             "workdir": str(self.workdir), "configurations": list(self.configurations),
             "checkpoint": self.checkpoint, "device": str(self.device), "mirroring": self.mirroring,
             "step_size": self.step_size, "tiles_per_batch": self.tiles_per_batch,
+            "mixed_precision": self.mixed_precision,
             "models": [{"configuration": f.configuration, "fold": f.fold, "checkpoint": str(f.checkpoint),
                         "epoch": f.epoch} for f in self.folds],
         }
-
-
-def _choose_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise PredictorError(f"device {device}: CUDA is not available on this machine; use cpu")
-    return device
 
 
 def _fold_names(workdir: Path, configuration: str, folds: Sequence[int | str] | None) -> list[str]:
@@ -269,6 +264,10 @@ def predict_folder(workdir: Path, inputs: Sequence[Path], output_dir: Path,
                           mirroring=mirroring, step_size=step_size)
     rules_path = workspace.postprocessing_json(workdir)
     rules = load_postprocessing_rules(rules_path) if postprocessing and rules_path.is_file() else None
+    if rules is not None and rules.get("configuration") not in (None, *configurations[:1]) or (rules and len(configurations) > 1):
+        log.warning("%s was decided for %s, not for %s: not applied", rules_path, rules.get("configuration"),
+                    "+".join(configurations))
+        rules = None
 
     cases, problems = discover_inputs(inputs, predictor.num_channels)
     failed: list[tuple[str, str]] = list(problems)

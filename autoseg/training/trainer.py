@@ -6,18 +6,16 @@ Everything it writes lives in `WORKDIR/models/<configuration>/fold_<K>/` (docs/w
 from __future__ import annotations
 
 import logging
-import math
-import os
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from autoseg import workspace
-from autoseg.atomic import read_json, write_json
+from autoseg.device import autocast_for, choose_device
 from autoseg.network.unet import UNetTopology, build_unet, deep_supervision_scales
 from autoseg.planning.planner import load_plans
 from autoseg.preprocessing import store
@@ -57,36 +55,11 @@ def poly_lr(initial_lr: float, epoch: int, epochs: int, exponent: float = 0.9) -
     return initial_lr * (1 - epoch / epochs) ** exponent
 
 
-def choose_device(requested: str | None) -> torch.device:
-    if requested:
-        device = torch.device(requested)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"--device {requested}: CUDA is not available on this machine; use --device cpu")
-        return device
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def _to_device(x, device: torch.device, memory_format=None):
     if isinstance(x, (list, tuple)):
         return [_to_device(t, device) for t in x]
     x = x.to(device, non_blocking=True)
     return x.contiguous(memory_format=memory_format) if memory_format is not None else x
-
-
-def autocast_for(device: torch.device, enabled: bool = True):
-    """Mixed-precision context for this device: float16 on CUDA, bfloat16 on a CPU that computes it natively."""
-    if enabled and device.type == "cuda":
-        return lambda: torch.autocast("cuda", dtype=torch.float16)
-    if enabled and device.type == "cpu" and cpu_has_native_bf16():
-        return lambda: torch.autocast("cpu", dtype=torch.bfloat16)
-    return nullcontext
-
-
-def cpu_has_native_bf16() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def _memory_format(ndim: int, device: torch.device):
@@ -248,7 +221,8 @@ def train_fold(workdir: Path, configuration: str, fold: int | str, settings: Tra
 
         network.deep_supervision = False
         result["validation"] = validate_fold(network, workdir, plans, configuration, val_ids, out / "validation",
-                                             device, progress=progress)
+                                             device, progress=progress,
+                                             mixed_precision=settings.mixed_precision)
         say("validation Dice per label: " + ", ".join(
             f"{plans['labels'][k]} {v['dice']:.4f}" for k, v in result["validation"]["mean"].items() if v["dice"] is not None))
     return result

@@ -13,6 +13,7 @@ from tqdm import tqdm
 from autoseg import workspace
 from autoseg.atomic import read_json, write_json
 from autoseg.dataset.image_io import Geometry
+from autoseg.device import cpu_has_native_bf16
 from autoseg.dataset.layout import load_dataset, read_case_label
 from autoseg.evaluation import evaluate_case
 from autoseg.inference.export import export_segmentation, probabilities_to_original
@@ -23,7 +24,8 @@ log = logging.getLogger(__name__)
 
 
 def validate_fold(network: torch.nn.Module, workdir: Path, plans: dict, configuration: str, val_ids: list[str],
-                  out_dir: Path, device: torch.device, mirroring: bool = True, progress: bool = True) -> dict:
+                  out_dir: Path, device: torch.device, mirroring: bool = True, progress: bool = True,
+                  mixed_precision: bool = True) -> dict:
     """Dice (and the other metrics) per validation case and label, and their means."""
     config = plans["configurations"][configuration]
     data_dir = workspace.preprocessed_dir(workdir, config["data_identifier"])
@@ -33,13 +35,14 @@ def validate_fold(network: torch.nn.Module, workdir: Path, plans: dict, configur
     labels = [int(k) for k in plans["labels"] if int(k) > 0]
     ending = raw.get("file_ending", ".nii.gz")
     network.eval()
+    mixed_precision = mixed_precision and (device.type == "cuda" or cpu_has_native_bf16())
     per_case = {}
     for case_id in tqdm(val_ids, desc="validation", unit="case", disable=not progress):
         image = torch.from_numpy(np.load(store.case_paths(data_dir, case_id)[0]))
         properties = store.load_properties(data_dir, case_id)
         logits = sliding_window_predict(network, image, config["patch_size"], len(plans["labels"]),
                                         mirror_axes=tuple(range(len(config["patch_size"]))) if mirroring else None,
-                                        device=device)
+                                        device=device, use_amp=mixed_precision)
         probabilities = torch.softmax(logits, 0).numpy()
         geometry = Geometry.from_json(properties["original_geometry"])
         original = probabilities_to_original(probabilities, properties, plans)
