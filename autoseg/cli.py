@@ -70,6 +70,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
         if not fp_path.is_file():
             raise CommandError(f"{fp_path} not found; run the fingerprint step first")
         plans = plan_experiment(load_fingerprint(fp_path), budget_gb=args.memory_gb, configurations=args.configs)
+        not_planned = [c for c in (args.configs or []) if c not in plans["configurations"]]
+        if not_planned:
+            log.warning("not planned: %s (3d_lowres applies only when the median volume holds more than 4 "
+                        "3d_fullres patches)", ", ".join(not_planned))
+        if not plans["configurations"]:
+            raise CommandError("no configuration was planned; choose --configs 2d or 3d_fullres")
         save_plans(plans, workspace.plans_json(workdir))
         log.info("wrote %s (configurations: %s)", workspace.plans_json(workdir), ", ".join(plans["configurations"]))
     if "preprocess" in steps:

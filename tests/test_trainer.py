@@ -130,3 +130,17 @@ def test_train_cli_reports_a_missing_workspace_without_traceback(tmp_path, capsy
     assert main(["train", str(tmp_path / "nowhere"), "--fold", "0"]) == 2
     err = capsys.readouterr().err
     assert "plans.json" in err and "Traceback" not in err
+
+
+def test_2d_configuration_trains_and_validates(make_decathlon, tmp_path):
+    root = make_decathlon(n_cases=6, shape=(6, 16, 16))
+    work = tmp_path / "work2d"
+    assert main(["plan", str(root), "-o", str(work), "--workers", "1", "--configs", "2d"]) == 0
+    plans = json.loads(workspace.plans_json(work).read_text())
+    plans["configurations"]["2d"].update(patch_size=[8, 8], batch_size=4, features_per_stage=[4, 8],
+                                         kernel_sizes=[[3, 3]] * 2, strides=[[1, 1], [2, 2]])
+    workspace.plans_json(work).write_text(json.dumps(plans))
+    result = train_fold(work, "2d", 0, TrainingSettings(**SETTINGS), progress=False)
+    assert len(result["history"]) == 2
+    assert result["validation"]["num_cases"] >= 1
+    assert (workspace.fold_dir(work, "2d", 0) / "validation" / "summary.json").is_file()

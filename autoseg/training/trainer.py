@@ -131,6 +131,8 @@ def train_fold(workdir: Path, configuration: str, fold: int | str, settings: Tra
                 "the learning-rate schedule follows the new length")
         say(f"resumed from epoch {start_epoch} (best EMA pseudo-Dice {best_ema:.4f})")
     else:
+        if (out / "checkpoint_latest.pt").exists():
+            log.warning("%s holds an earlier run; starting afresh overwrites it (use --resume to continue it)", out)
         if log_file.exists():
             log_file.unlink()
         say(f"training {configuration} fold {fold}: {len(train_ids)} training and {len(val_ids)} validation cases, "
