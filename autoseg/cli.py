@@ -149,7 +149,12 @@ def cmd_crossval(args: argparse.Namespace) -> int:
         dice = ", ".join(f"{k}: {'-' if v is None else f'{v:.4f}'}" for k, v in r["mean_dice"].items())
         missing = f"  (folds missing: {r['missing_folds']})" if r["missing_folds"] else ""
         print(f"{name:11s} {r['num_cases']} cases  Dice per label {dice}{missing}")
-    print(f"best: {summary['best_configuration']} ({summary['reason']})")
+    for name, r in summary["ensembles"].items():
+        dice = ", ".join(f"{k}: {'-' if v is None else f'{v:.4f}'}" for k, v in r["mean_dice"].items())
+        print(f"{name:11s} {r['num_cases']} cases  Dice per label {dice}  (ensemble)")
+    best = " ".join(summary["best"])
+    print(f"best: {best} ({summary['reason']})")
+    print(f"predict with it: autoseg predict {args.workdir} --config {best} -i INPUT -o OUTPUT")
     if "postprocessing" in summary:
         pp = summary["postprocessing"]
         print(f"postprocessing: largest foreground component {pp['foreground_largest_component']}, "

@@ -1,16 +1,21 @@
-"""Gather the folds' validation results, pick the best configuration, decide the postprocessing."""
+"""Gather the folds' validation results, pick the best configuration or ensemble of configurations,
+and decide the postprocessing for it."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
+from tqdm import tqdm
 
 from autoseg import workspace
 from autoseg.atomic import read_json, write_json
 from autoseg.dataset.image_io import read_image
 from autoseg.dataset.layout import load_dataset, read_case_label
+from autoseg.evaluation import dice_from_counts
 from autoseg.postprocessing import decide_postprocessing, save_postprocessing_rules
 
 log = logging.getLogger(__name__)
@@ -21,7 +26,7 @@ class CrossValidationError(Exception):
 
 
 def collect_validation(workdir: Path, configuration: str, num_folds: int = 5) -> dict:
-    """Per-case results of every fold's `validation/summary.json`, pooled, with the mean per label."""
+    """Per-case results of every fold's `validation/summary.json`, pooled, with the mean Dice per label."""
     cases, missing = {}, []
     for fold in range(num_folds):
         path = workspace.fold_dir(workdir, configuration, fold) / "validation" / "summary.json"
@@ -37,41 +42,91 @@ def collect_validation(workdir: Path, configuration: str, num_folds: int = 5) ->
         mean[label] = float(np.mean(values)) if values else None
     defined = [v for v in mean.values() if v is not None]
     return {"configuration": configuration, "missing_folds": missing, "num_cases": len(cases),
-            "mean_dice": mean, "foreground_mean_dice": float(np.mean(defined)) if defined else None}
+            "mean_dice": mean, "foreground_mean_dice": float(np.mean(defined)) if defined else None,
+            "case_folds": {cid: c["fold"] for cid, c in cases.items()}}
 
 
 def run_crossval(workdir: Path, configurations: list[str] | None = None, num_folds: int = 5,
-                 postprocessing: bool = True) -> dict:
-    """Cross-validation Dice per configuration, the best one, and postprocessing rules for it."""
+                 postprocessing: bool = True, progress: bool = True) -> dict:
+    """Cross-validation Dice of each configuration and of every ensemble of them; the best one;
+    postprocessing rules decided on the best one's validation predictions."""
     workdir = Path(workdir)
     plans = read_json(workspace.plans_json(workdir))
-    configs = configurations or [c for c in plans["configurations"]
-                                 if (workdir / "models" / c).is_dir()]
+    labels = [int(k) for k in plans["labels"] if int(k) > 0]
+    configs = configurations or [c for c in plans["configurations"] if (workdir / "models" / c).is_dir()]
     results = {c: collect_validation(workdir, c, num_folds) for c in configs}
-    complete = {c: r for c, r in results.items() if r["num_cases"] and not r["missing_folds"]}
+    complete = [c for c, r in results.items() if r["num_cases"] and not r["missing_folds"]]
     if not complete:
         detail = "; ".join(f"{c}: folds {r['missing_folds']} missing" for c, r in results.items()) or "no trained configuration"
         raise CrossValidationError(f"{workdir}: no configuration has all {num_folds} folds validated ({detail}); "
                                    "train them with `autoseg train WORKDIR --fold K`")
-    best = max(complete, key=lambda c: complete[c]["foreground_mean_dice"] or -1.0)
-    summary = {"format_version": 1, "configurations": results, "best_configuration": best,
-               "reason": f"highest mean foreground Dice over the pooled validation cases of all {num_folds} folds"}
+    candidates = {c: results[c]["foreground_mean_dice"] or 0.0 for c in complete}
+    ensembles = {}
+    for size in range(2, len(complete) + 1):
+        for members in itertools.combinations(complete, size):
+            ensembles["+".join(members)] = _score_ensemble(workdir, list(members), results, labels, num_folds, progress)
+            candidates["+".join(members)] = ensembles["+".join(members)]["foreground_mean_dice"] or 0.0
+    best = max(candidates, key=candidates.get)
+    summary = {"format_version": 1,
+               "configurations": {c: {k: v for k, v in r.items() if k != "case_folds"} for c, r in results.items()},
+               "ensembles": ensembles, "best": best.split("+"),
+               "reason": f"highest mean foreground Dice ({candidates[best]:.4f}) over the pooled validation cases "
+                         f"of all {num_folds} folds, among {', '.join(candidates)}"}
     if postprocessing:
-        rules = decide_postprocessing(_validation_pairs(workdir, best, num_folds),
-                                      [int(k) for k in plans["labels"] if int(k) > 0])
-        rules["configuration"] = best
+        pairs = _validation_pairs(workdir, best.split("+"), results, num_folds)
+        rules = decide_postprocessing(pairs, labels)
+        rules["configuration"] = best.split("+")
         save_postprocessing_rules(workspace.postprocessing_json(workdir), rules)
         summary["postprocessing"] = rules
     write_json(workspace.crossval_dir(workdir) / "summary.json", summary)
     return summary
 
 
-def _validation_pairs(workdir: Path, configuration: str, num_folds: int):
-    """(prediction, reference) label maps of every validation case, read one at a time."""
+def _references(workdir: Path) -> tuple[dict, str]:
     raw = read_json(workspace.dataset_json(workdir))
-    cases = {c.case_id: c for c in load_dataset(raw["root"]).cases}
-    for fold in range(num_folds):
-        folder = workspace.fold_dir(workdir, configuration, fold) / "validation"
-        for case_id in read_json(folder / "summary.json")["cases"]:
-            prediction, _ = read_image(folder / f"{case_id}{raw.get('file_ending', '.nii.gz')}")
-            yield prediction, read_case_label(cases[case_id])
+    return {c.case_id: c for c in load_dataset(raw["root"]).cases}, raw.get("file_ending", ".nii.gz")
+
+
+def _ensemble_prediction(workdir: Path, members: list[str], case_id: str, folds: dict[str, int]) -> np.ndarray:
+    """Label map of the averaged validation probabilities of several configurations."""
+    total = None
+    for c in members:
+        path = workspace.fold_dir(workdir, c, folds[c]) / "validation" / f"{case_id}.npz"
+        if not path.is_file():
+            raise CrossValidationError(f"{path}: missing; rerun validation of {c} fold {folds[c]} "
+                                       "(`autoseg train WORKDIR --config {c} --fold {folds[c]} --resume`)")
+        p = np.load(path)["probabilities"].astype(np.float32)
+        total = p if total is None else total + p
+    return np.argmax(total, axis=0)
+
+
+def _score_ensemble(workdir: Path, members: list[str], results: dict, labels: list[int], num_folds: int,
+                    progress: bool) -> dict:
+    cases, _ = _references(workdir)
+    case_ids = sorted(set.intersection(*(set(results[c]["case_folds"]) for c in members)))
+    dice = {label: [] for label in labels}
+    for case_id in tqdm(case_ids, desc=f"ensemble {'+'.join(members)}", unit="case", disable=not progress):
+        prediction = _ensemble_prediction(workdir, members, case_id, {c: results[c]["case_folds"][case_id] for c in members})
+        reference = read_case_label(cases[case_id])
+        for label in labels:
+            p, r = prediction == label, reference == label
+            d = dice_from_counts(int(np.logical_and(p, r).sum()), int(p.sum()), int(r.sum()))
+            if not np.isnan(d):
+                dice[label].append(d)
+    mean = {str(l): (float(np.mean(v)) if v else None) for l, v in dice.items()}
+    defined = [v for v in mean.values() if v is not None]
+    return {"members": members, "num_cases": len(case_ids), "mean_dice": mean,
+            "foreground_mean_dice": float(np.mean(defined)) if defined else None}
+
+
+def _validation_pairs(workdir: Path, members: list[str], results: dict, num_folds: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(prediction, reference) label maps of every validation case of the chosen model, one at a time."""
+    cases, ending = _references(workdir)
+    case_ids = sorted(set.intersection(*(set(results[c]["case_folds"]) for c in members)))
+    for case_id in case_ids:
+        folds = {c: results[c]["case_folds"][case_id] for c in members}
+        if len(members) == 1:
+            prediction, _ = read_image(workspace.fold_dir(workdir, members[0], folds[members[0]]) / "validation" / f"{case_id}{ending}")
+        else:
+            prediction = _ensemble_prediction(workdir, members, case_id, folds)
+        yield prediction, read_case_label(cases[case_id])

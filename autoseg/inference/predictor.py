@@ -264,9 +264,9 @@ def predict_folder(workdir: Path, inputs: Sequence[Path], output_dir: Path,
                           mirroring=mirroring, step_size=step_size)
     rules_path = workspace.postprocessing_json(workdir)
     rules = load_postprocessing_rules(rules_path) if postprocessing and rules_path.is_file() else None
-    if rules is not None and rules.get("configuration") not in (None, *configurations[:1]) or (rules and len(configurations) > 1):
-        log.warning("%s was decided for %s, not for %s: not applied", rules_path, rules.get("configuration"),
-                    "+".join(configurations))
+    if rules is not None and sorted(rules.get("configuration") or configurations) != sorted(configurations):
+        log.warning("%s was decided for %s, not for %s: not applied", rules_path,
+                    "+".join(rules["configuration"]), "+".join(configurations))
         rules = None
 
     cases, problems = discover_inputs(inputs, predictor.num_channels)

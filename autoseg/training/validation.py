@@ -16,7 +16,7 @@ from autoseg.dataset.image_io import Geometry
 from autoseg.device import cpu_has_native_bf16
 from autoseg.dataset.layout import load_dataset, read_case_label
 from autoseg.evaluation import evaluate_case
-from autoseg.inference.export import export_segmentation, probabilities_to_original
+from autoseg.inference.export import export_segmentation, probabilities_to_original, save_probabilities
 from autoseg.inference.sliding_window import sliding_window_predict
 from autoseg.preprocessing import store
 
@@ -46,6 +46,8 @@ def validate_fold(network: torch.nn.Module, workdir: Path, plans: dict, configur
         probabilities = torch.softmax(logits, 0).numpy()
         geometry = Geometry.from_json(properties["original_geometry"])
         original = probabilities_to_original(probabilities, properties, plans)
+        # Probabilities are kept so `autoseg crossval` can score ensembles of configurations.
+        save_probabilities(out_dir / f"{case_id}.npz", original)
         segmentation = export_segmentation(original, geometry, out_dir / f"{case_id}{ending}")
         reference = read_case_label(cases[case_id])
         per_case[case_id] = evaluate_case(segmentation, reference, geometry.spacing, labels)
