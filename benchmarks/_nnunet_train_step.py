@@ -53,6 +53,7 @@ def main() -> None:
 
     folder = Path(nnUNet_preprocessed) / args.dataset_name
     plans = load_json(str(folder / "nnUNetPlans.json"))
+    plans["continue_training"] = False  # what run_training's get_trainer_from_args sets for a new run
     dataset_json = load_json(str(folder / "dataset.json"))
     trainer = nnUNetTrainer(plans, args.configuration, args.fold, dataset_json, device=torch.device("cpu"))
     trainer.initialize()

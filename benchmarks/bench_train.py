@@ -1,12 +1,21 @@
 """Seconds per training iteration of `autoseg train` on a planned workspace, split into the time
-the network step takes and the time spent waiting for augmented batches.
+the network step takes and the time spent waiting for augmented batches; with --nnunet-venv, the
+same figures for nnU-Net v2's standard trainer on the same data, and the ratio.
 
     python benchmarks/bench_train.py WORKDIR [--config 3d_fullres] [--iters 20] [--workers 1]
+                                     [--nnunet-venv /work/bench/nnunet_venv/bin]
 
-Runs one epoch of `--iters` iterations with `--fold all` in a scratch copy of the workspace
-(the preprocessed data is linked, not copied), so the workspace itself is untouched. The first
-iterations include start-up (allocator, oneDNN kernel selection): `--warmup` of them are run in a
-first epoch that is not counted.
+autoseg: runs one epoch of `--iters` iterations with `--fold all` in a scratch copy of the
+workspace (the preprocessed data is linked, not copied), so the workspace itself is untouched.
+The first iterations include start-up (allocator, oneDNN kernel selection): `--warmup` of them are
+run in a first epoch that is not counted.
+
+nnU-Net v2: the raw dataset the workspace was planned from is converted and preprocessed once
+(`nnUNetv2_convert_MSD_dataset`, `nnUNetv2_plan_and_preprocess -c 3d_fullres -np 2 -npfp 2`) into
+`--nnunet-cache`, reused on later runs. Then `_nnunet_train_step.py`, run by nnunetv2's own Python,
+builds `nnUNetTrainer` (its plans, fold 0, CPU), starts its training and times `--warmup` + `--iters`
+calls of its own `train_step(next(dataloader_train))`, the first `--warmup` not counted, with
+`--workers` augmentation processes (nnUNet_n_proc_DA). Setup is not timed.
 """
 
 from __future__ import annotations
@@ -16,6 +25,9 @@ import json
 import os
 import platform
 import shutil
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,6 +35,13 @@ from pathlib import Path
 import torch
 
 from autoseg.training.trainer import TrainingSettings, train_fold
+
+DEFAULT_NNUNET_CACHE = Path("/work/bench/nnunet_cache")
+NNUNET_DRIVER = Path(__file__).resolve().parent / "_nnunet_train_step.py"
+
+
+class BenchError(Exception):
+    """A problem with the benchmark's inputs or a tool's run; printed without a traceback."""
 
 
 def machine() -> str:
@@ -32,41 +51,210 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} logical cores, {gpu}, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
+# --- nnU-Net v2 side (also used by bench_predict.py) ------------------------------------------------
+
+def nnunet_env(nnunet_bin: Path, cache: Path, results: Path | None = None) -> dict[str, str]:
+    """Environment for nnU-Net's processes: its bin first on PATH and its three path variables in `cache`."""
+    env = {**os.environ, "PATH": f"{nnunet_bin}{os.pathsep}{os.environ.get('PATH', '')}",
+           "nnUNet_raw": str(cache / "nnUNet_raw"), "nnUNet_preprocessed": str(cache / "nnUNet_preprocessed"),
+           "nnUNet_results": str(results or cache / "nnUNet_results"), "PYTHONUNBUFFERED": "1"}
+    env.pop("VIRTUAL_ENV", None)
+    return env
+
+
+def prepare_nnunet(dataset: Path, cache: Path, nnunet_venv: str, configuration: str = "3d_fullres") -> tuple[Path, str, int]:
+    """Convert and preprocess `dataset` for nnU-Net into `cache` unless done; return (bin, dataset name, id).
+
+    Uses bench_plan.py's conversion (links to the cases dataset.json lists, nnUNetv2_convert_MSD_dataset),
+    then nnUNetv2_plan_and_preprocess -c CONFIGURATION -np 2 -npfp 2. cache/prepared.json marks it done.
+    """
+    from bench_plan import BenchError as PlanError, _dataset_meta, find_nnunet_bin, stage_nnunet_raw
+
+    try:
+        nnunet_bin = find_nnunet_bin(nnunet_venv)
+    except PlanError as exc:
+        raise BenchError(str(exc)) from exc
+    marker = cache / "prepared.json"
+    if marker.is_file():
+        done = json.loads(marker.read_text())
+        if done["dataset"] == str(dataset) and configuration in done["configurations"]:
+            return nnunet_bin, done["name"], done["id"]
+    print(f"nnunetv2: preparing {dataset.name} in {cache} (once; not timed) ...", flush=True)
+    for sub in ("nnUNet_raw", "nnUNet_preprocessed", "msd_source"):
+        shutil.rmtree(cache / sub, ignore_errors=True)
+    (cache / "nnUNet_raw").mkdir(parents=True)
+    env = nnunet_env(nnunet_bin, cache)
+    try:
+        dataset_id, name, _ = stage_nnunet_raw(dataset, _dataset_meta(dataset), cache / "nnUNet_raw", None, nnunet_bin, env)
+    except PlanError as exc:
+        raise BenchError(str(exc)) from exc
+    cmd = [str(nnunet_bin / "nnUNetv2_plan_and_preprocess"), "-d", str(dataset_id), "-c", configuration,
+           "-np", "2", "-npfp", "2"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise BenchError(f"{' '.join(cmd)} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+    marker.write_text(json.dumps({"dataset": str(dataset), "name": name, "id": dataset_id,
+                                  "configurations": [configuration], "command": " ".join(cmd)}, indent=1))
+    return nnunet_bin, name, dataset_id
+
+
+def run_nnunet_driver(nnunet_bin: Path, cache: Path, name: str, configuration: str, fold: int, iters: int,
+                      warmup: int, workers: int, results: Path, log: Path) -> dict:
+    """Run _nnunet_train_step.py with nnunetv2's Python; return its figures (see that file)."""
+    env = {**nnunet_env(nnunet_bin, cache, results), "nnUNet_n_proc_DA": str(workers)}
+    out = log.with_suffix(".json")
+    cmd = [str(nnunet_bin / "python"), str(NNUNET_DRIVER), "--dataset-name", name, "--configuration", configuration,
+           "--fold", str(fold), "--iters", str(iters), "--warmup", str(warmup), "--json", str(out)]
+    with open(log, "w") as log_file:
+        done = subprocess.run(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    if done.returncode != 0 or not out.is_file():
+        tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-25:])
+        raise BenchError(f"{' '.join(cmd)} failed (exit {done.returncode}):\n{tail}")
+    return json.loads(out.read_text())
+
+
+def nnunet_plan_summary(cache: Path, name: str, configuration: str) -> dict:
+    """The fields of nnU-Net's plan that autoseg's plan also has, for printing and comparing."""
+    conf = json.loads((cache / "nnUNet_preprocessed" / name / "nnUNetPlans.json").read_text())["configurations"][configuration]
+    arch = conf["architecture"]["arch_kwargs"]
+    return {"batch_size": conf["batch_size"], "patch_size": list(conf["patch_size"]), "spacing": list(conf["spacing"]),
+            "n_stages": arch["n_stages"], "features_per_stage": list(arch["features_per_stage"]),
+            "strides": [list(s) for s in arch["strides"]], "kernel_sizes": [list(k) for k in arch["kernel_sizes"]],
+            "n_conv_per_stage": list(arch["n_conv_per_stage"]),
+            "normalization": conf["normalization_schemes"]}
+
+
+def autoseg_plan_summary(workdir: Path, configuration: str) -> dict:
+    plans = json.loads((workdir / "plans.json").read_text())
+    conf = plans["configurations"][configuration]
+    return {"batch_size": conf["batch_size"], "patch_size": list(conf["patch_size"]), "spacing": list(conf["spacing"]),
+            "n_stages": len(conf["features_per_stage"]), "features_per_stage": list(conf["features_per_stage"]),
+            "strides": [list(s) for s in conf["strides"]], "kernel_sizes": [list(k) for k in conf["kernel_sizes"]],
+            "n_conv_per_stage": [conf["n_conv_per_stage"]] * len(conf["features_per_stage"]),
+            "normalization": [n["scheme"] for n in plans["normalization"]]}
+
+
+def compare_plans(ours: dict, theirs: dict) -> list[str]:
+    """Print both plans; return the fields that differ (normalization compared by name, case-insensitively)."""
+    print("plan autoseg: " + ", ".join(f"{k} {v}" for k, v in ours.items()))
+    print("plan nnunetv2: " + ", ".join(f"{k} {v}" for k, v in theirs.items()))
+    differ = []
+    for key in ours:
+        a, b = ours[key], theirs[key]
+        if key == "normalization":
+            a, b = [s.lower().replace("normalization", "") for s in a], [s.lower().replace("normalization", "") for s in b]
+        elif key == "spacing":
+            a, b = [round(x, 3) for x in a], [round(x, 3) for x in b]
+        if a != b:
+            differ.append(key)
+    print("plans: " + (f"DIFFER in {', '.join(differ)}" if differ else "the same (batch, patch, spacing, topology, "
+                                                                        "normalization)"))
+    return differ
+
+
+def workspace_dataset(workdir: Path) -> Path:
+    """The raw dataset folder the workspace was planned from (dataset.json's 'root')."""
+    root = json.loads((workdir / "dataset.json").read_text()).get("root")
+    if not root or not Path(root).is_dir():
+        raise BenchError(f"{workdir / 'dataset.json'}: no 'root' naming an existing dataset folder; pass --dataset")
+    return Path(root)
+
+
+# --- autoseg side and the report ----------------------------------------------------------------------
+
+def time_autoseg(workdir: Path, configuration: str, iters: int, warmup: int, workers: int | None,
+                 device: str | None) -> tuple[float, float, float]:
+    """(s/iteration, s/iteration waiting for data, wall s of the measured run) for autoseg."""
+    with tempfile.TemporaryDirectory() as tmp:
+        scratch = Path(tmp)
+        for name in ("plans.json", "dataset.json", "fingerprint.json"):
+            shutil.copy(workdir / name, scratch / name)
+        os.symlink((workdir / "preprocessed").resolve(), scratch / "preprocessed")
+        common = dict(validate_at_end=False, device=device, checkpoint_every=10 ** 6)
+        if workers is not None:
+            common["num_workers"] = workers
+        # A short warm-up run (oneDNN kernel selection, allocator) in this process, then the measured one.
+        train_fold(scratch, configuration, "all", TrainingSettings(epochs=1, iters_per_epoch=warmup, **common),
+                   progress=False)
+        t = time.perf_counter()
+        result = train_fold(scratch, configuration, "all", TrainingSettings(epochs=1, iters_per_epoch=iters, **common),
+                            progress=False)
+        wall = time.perf_counter() - t
+    record = result["history"][-1]
+    return record["epoch_s"] / iters, record["data_wait_s"] / iters, wall
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("workdir", type=Path)
     parser.add_argument("--config", default="3d_fullres")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--workers", type=int, default=None, help="augmentation workers (default: autoseg's)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="augmentation workers for both tools (default: autoseg's; nnU-Net gets the same number)")
     parser.add_argument("--device", default=None)
+    parser.add_argument("--nnunet-venv", metavar="PATH",
+                        help="nnunetv2 venv or its bin folder: also time nnU-Net's nnUNetTrainer.train_step")
+    parser.add_argument("--nnunet-cache", type=Path, default=DEFAULT_NNUNET_CACHE,
+                        help="where nnU-Net's raw and preprocessed dataset are kept between runs (default: %(default)s)")
+    parser.add_argument("--dataset", type=Path, help="raw dataset for nnU-Net (default: the workspace's dataset.json root)")
+    parser.add_argument("--skip-autoseg", action="store_true", help="time nnU-Net only")
     args = parser.parse_args()
+    if args.iters < 1 or args.warmup < 0:
+        raise BenchError("--iters must be at least 1 and --warmup at least 0")
+    workdir = args.workdir.resolve()
+    workers = args.workers
+    if workers is None:
+        from autoseg.training.augmentation import default_num_workers
+        workers = default_num_workers()
 
-    with tempfile.TemporaryDirectory() as tmp:
-        scratch = Path(tmp)
-        for name in ("plans.json", "dataset.json", "fingerprint.json"):
-            shutil.copy(args.workdir / name, scratch / name)
-        os.symlink((args.workdir / "preprocessed").resolve(), scratch / "preprocessed")
-        common = dict(validate_at_end=False, device=args.device, checkpoint_every=10 ** 6)
-        if args.workers is not None:
-            common["num_workers"] = args.workers
-        # A short warm-up run (oneDNN kernel selection, allocator) in this process, then the measured one.
-        train_fold(scratch, args.config, "all", TrainingSettings(epochs=1, iters_per_epoch=args.warmup, **common),
-                   progress=False)
-        t = time.perf_counter()
-        result = train_fold(scratch, args.config, "all", TrainingSettings(epochs=1, iters_per_epoch=args.iters, **common),
-                            progress=False)
-        wall = time.perf_counter() - t
-    record = result["history"][-1]
-    plan = json.loads((args.workdir / "plans.json").read_text())["configurations"][args.config]
-    per_it = record["epoch_s"] / args.iters
-    wait = record["data_wait_s"] / args.iters
     print(f"machine: {machine()}")
-    print(f"plan: {args.config}, batch {plan['batch_size']}, patch {plan['patch_size']}, features {plan['features_per_stage']}")
-    print(f"autoseg: {per_it:.2f} s/iteration over {args.iters} iterations "
-          f"(network step {per_it - wait:.2f} s, waiting for data {wait:.2f} s); run wall {wall:.1f} s")
-    print("bottleneck:", "data loading" if wait > 0.2 * per_it else "network step")
+    print(f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average before: "
+          f"{os.getloadavg()[0]:.1f}")
+    ours = autoseg_plan_summary(workdir, args.config)
+    nnunet = None
+    if args.nnunet_venv:
+        if (args.device or "cpu") != "cpu":
+            raise BenchError("the nnU-Net side runs on the CPU only; leave --device unset or pass cpu")
+        dataset = (args.dataset or workspace_dataset(workdir)).resolve()
+        nnunet_bin, name, _ = prepare_nnunet(dataset, args.nnunet_cache, args.nnunet_venv, args.config)
+        compare_plans(ours, nnunet_plan_summary(args.nnunet_cache, name, args.config))
+    else:
+        print("plan autoseg: " + ", ".join(f"{k} {v}" for k, v in ours.items()))
+
+    autoseg_it = None
+    if not args.skip_autoseg:
+        per_it, wait, wall = time_autoseg(workdir, args.config, args.iters, args.warmup, args.workers, args.device)
+        autoseg_it = (per_it, per_it - wait, wait)
+        print(f"autoseg: {per_it:.2f} s/iteration over {args.iters} iterations "
+              f"(network step {per_it - wait:.2f} s, waiting for data {wait:.2f} s); run wall {wall:.1f} s; "
+              f"{workers} augmentation worker(s), {torch.get_num_threads()} torch threads", flush=True)
+        print("bottleneck:", "data loading" if wait > 0.2 * per_it else "network step")
+
+    if args.nnunet_venv:
+        with tempfile.TemporaryDirectory(prefix="bench_train_nnunet_") as tmp:
+            figures = run_nnunet_driver(nnunet_bin, args.nnunet_cache, name, args.config, 0, args.iters, args.warmup,
+                                        workers, Path(tmp) / "results", Path(tmp) / "driver.log")
+        wait = sum(figures["wait_s"]) / args.iters
+        step = sum(figures["step_s"]) / args.iters
+        per_it = wait + step
+        print(f"nnunetv2: {per_it:.2f} s/iteration over {args.iters} iterations "
+              f"(train_step {step:.2f} s, waiting for data {wait:.2f} s; median train_step "
+              f"{statistics.median(figures['step_s']):.2f} s); nnUNetTrainer fold 0, batch {figures['batch_size']}, "
+              f"{figures['augmenter']} with {figures['n_proc_DA']} worker(s), {figures['torch_threads']} torch threads, "
+              f"torch {figures['torch']}; setup (not timed) {figures['setup_s']:.1f} s")
+        print("nnunetv2 trainer ended with on_train_end: " +
+              ("all augmentation workers stopped" if not figures["children_left"]
+               else f"WARNING: child processes still alive: {figures['children_left']}"))
+        if autoseg_it:
+            ratios = [b / a if a > 0 else float("nan") for a, b in zip(autoseg_it, (per_it, step, wait))]
+            print(f"ratio nnunetv2 / autoseg: {ratios[0]:.2f}x s/iteration (network step {ratios[1]:.2f}x, "
+                  f"waiting for data {ratios[2]:.2f}x)")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except BenchError as exc:
+        print(f"bench_train: error: {exc}", file=sys.stderr)
+        sys.exit(2)
