@@ -242,8 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--continue", dest="continue_", action="store_true", help="skip cases whose output already exists")
     p.add_argument("--num-parts", type=int, help="split the cases into this many parts ...")
     p.add_argument("--part-id", type=int, help="... and predict only this one (0-based)")
-    p.add_argument("--workers", type=int, default=2,
-                   help="background threads that read/preprocess and export/write while the network runs (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="background threads that read/preprocess and export/write while the network runs; 0 runs "
+                        "everything in turn (default: %(default)s)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("evaluate", help="Dice, IoU, HD95 and volumes of predictions against references",

@@ -10,14 +10,12 @@ the three in a row.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -284,8 +282,9 @@ def predict_folder(workdir: Path, inputs: Sequence[Path], output_dir: Path,
     if skipped:
         log.info("%d case(s) already predicted in %s, skipped", len(skipped), output_dir)
 
-    with _torch_threads_beside(num_workers, predictor.device):
-        written = _run_pipeline(predictor, todo, output_dir, rules, save_probabilities, num_workers, progress, failed)
+    # Torch keeps every core: the background threads mostly wait on files (measured on 2 cores: 0.57 s
+    # per case with 1 thread beside 2 torch threads, 1.09 s when torch gave a core up to it).
+    written = _run_pipeline(predictor, todo, output_dir, rules, save_probabilities, num_workers, progress, failed)
 
     settings = {**predictor.settings(), "inputs": [str(p) for p in inputs], "output_dir": str(output_dir),
                 "postprocessing": str(rules_path) if rules is not None else None,
@@ -408,16 +407,3 @@ class _InlineExecutor:
 
     def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
         pass
-
-
-@contextmanager
-def _torch_threads_beside(num_workers: int, device: torch.device) -> Iterator[None]:
-    """On the CPU, leave one core per background worker so reading and writing do not stall the network."""
-    previous = torch.get_num_threads()
-    if device.type == "cpu" and num_workers > 0:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        torch.set_num_threads(min(previous, max(1, cores - num_workers)))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
