@@ -32,10 +32,13 @@ import time
 from pathlib import Path
 
 from autoseg.inference.inputs import discover_inputs
+from autoseg.inference import predictor as predictor_module
 from autoseg.inference.predictor import predict_folder
 
-from bench_train import (DEFAULT_NNUNET_CACHE, BenchError, machine, nnunet_env, prepare_nnunet, run_nnunet_driver,
-                         workspace_dataset)
+from bench_train import (DEFAULT_NNUNET_CACHE, BenchError, autoseg_precisions, machine, nnunet_env, prepare_nnunet,
+                         run_nnunet_driver, workspace_dataset)
+
+native_bf16 = predictor_module.cpu_has_native_bf16
 
 NNUNET_TRAINER_FOLDER = "nnUNetTrainer__nnUNetPlans__{configuration}"
 # nnUNetv2_predict's first line after its imports and model loading, and the line its first case
@@ -83,7 +86,7 @@ def main() -> None:
     parser.add_argument("--config", default="3d_fullres")
     parser.add_argument("--folds", nargs="+", action="append", help="a fold set to time; repeat for several")
     parser.add_argument("--mirroring", choices=("on", "off", "both"), default="both")
-    parser.add_argument("--workers", type=int, default=2, help="autoseg's background threads (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=1, help="autoseg's background threads (default: %(default)s)")
     parser.add_argument("--cases", type=int, help="predict only the first N cases (by id), with both tools")
     parser.add_argument("--nnunet-venv", metavar="PATH", help="nnunetv2 venv or its bin folder: also time nnUNetv2_predict")
     parser.add_argument("--nnunet-cache", type=Path, default=DEFAULT_NNUNET_CACHE,
@@ -91,6 +94,9 @@ def main() -> None:
     parser.add_argument("--nnunet-processes", type=int, default=2,
                         help="nnUNetv2_predict -npp N -nps N (default: %(default)s; nnU-Net's own default is 3)")
     parser.add_argument("--dataset", type=Path, help="raw dataset for nnU-Net (default: the workspace's dataset.json root)")
+    parser.add_argument("--autoseg-precision", choices=("auto", "float32", "both"), default="auto",
+                        help="autoseg's own default (bfloat16 autocast on a CPU with native bf16), float32 "
+                             "(as nnU-Net computes on the CPU), or both (default: %(default)s)")
     args = parser.parse_args()
     workdir = args.workdir.resolve()
     plans = json.loads((workdir / "plans.json").read_text())
@@ -111,18 +117,23 @@ def main() -> None:
             nnunet = (nnunet_bin, dataset_id, nnunet_model(nnunet_bin, args.nnunet_cache, name, args.config))
 
         timings = {}
-        for folds in fold_sets:
-            for m in mirror:
-                with tempfile.TemporaryDirectory() as out:
-                    t = time.perf_counter()
-                    report = predict_folder(workdir, [inputs], Path(out), configurations=[args.config], folds=folds,
-                                            mirroring=m, num_workers=args.workers, progress=False)
-                    wall = time.perf_counter() - t
-                n = len(report.written)
-                timings[(tuple(folds), m)] = wall / max(n, 1)
-                print(f"autoseg: {len(folds)} fold(s) {','.join(folds)}, mirroring {'on' if m else 'off'}: "
-                      f"{n} cases in {wall:.1f} s = {wall / max(n, 1):.2f} s/case ({len(report.failed)} failed; "
-                      f"{args.workers} background threads)", flush=True)
+        precisions = autoseg_precisions(args.autoseg_precision, None)
+        for mixed, label in precisions:
+            # predict_folder has no precision argument: float32 is forced by hiding native bf16 from the predictor.
+            predictor_module.cpu_has_native_bf16 = native_bf16 if mixed else (lambda: False)
+            for folds in fold_sets:
+                for m in mirror:
+                    with tempfile.TemporaryDirectory() as out:
+                        t = time.perf_counter()
+                        report = predict_folder(workdir, [inputs], Path(out), configurations=[args.config],
+                                                folds=folds, mirroring=m, num_workers=args.workers, progress=False)
+                        wall = time.perf_counter() - t
+                    n = len(report.written)
+                    timings[(label, tuple(folds), m)] = wall / max(n, 1)
+                    print(f"autoseg ({label}): {len(folds)} fold(s) {','.join(folds)}, mirroring {'on' if m else 'off'}: "
+                          f"{n} cases in {wall:.1f} s = {wall / max(n, 1):.2f} s/case ({len(report.failed)} failed; "
+                          f"{args.workers} background threads)", flush=True)
+        predictor_module.cpu_has_native_bf16 = native_bf16
 
         if nnunet is None:
             return
@@ -152,10 +163,10 @@ def main() -> None:
                   f"from then {steady:.2f} s/case", flush=True)
             if n != len(case_ids):
                 print(f"nnunetv2: WARNING: wrote {n} of {len(case_ids)} cases; log tail:\n{result.log_tail}")
-            if one_fold is not None:
-                ours = timings[(tuple(one_fold), m)]
-                print(f"ratio nnunetv2 / autoseg, 1 fold, mirroring {'on' if m else 'off'}: {per_case / ours:.2f}x "
-                      f"({steady / ours:.2f}x counting nnU-Net only from its first case on)")
+            for _, label in precisions if one_fold is not None else []:
+                ours = timings[(label, tuple(one_fold), m)]
+                print(f"ratio nnunetv2 (float32) / autoseg ({label}), 1 fold, mirroring {'on' if m else 'off'}: "
+                      f"{per_case / ours:.2f}x ({steady / ours:.2f}x counting nnU-Net only from its first case on)")
         import_s = time_import(sys.executable, "autoseg.inference.predictor", dict(os.environ))
         print(f"autoseg ran in this process; a fresh `autoseg predict` would add its import of {import_s:.1f} s "
               f"(= {import_s / len(case_ids):.2f} s/case here)")

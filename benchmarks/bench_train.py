@@ -15,7 +15,9 @@ nnU-Net v2: the raw dataset the workspace was planned from is converted and prep
 `--nnunet-cache`, reused on later runs. Then `_nnunet_train_step.py`, run by nnunetv2's own Python,
 builds `nnUNetTrainer` (its plans, fold 0, CPU), starts its training and times `--warmup` + `--iters`
 calls of its own `train_step(next(dataloader_train))`, the first `--warmup` not counted, with
-`--workers` augmentation processes (nnUNet_n_proc_DA). Setup is not timed.
+`--workers` augmentation processes (nnUNet_n_proc_DA). Setup is not timed. nnU-Net computes in
+float32 on the CPU; autoseg uses bfloat16 autocast where the CPU has native bf16, so
+`--autoseg-precision both` also times autoseg in float32.
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ def prepare_nnunet(dataset: Path, cache: Path, nnunet_venv: str, configuration: 
         if done["dataset"] == str(dataset) and configuration in done["configurations"]:
             return nnunet_bin, done["name"], done["id"]
     print(f"nnunetv2: preparing {dataset.name} in {cache} (once; not timed) ...", flush=True)
-    for sub in ("nnUNet_raw", "nnUNet_preprocessed", "msd_source"):
+    for sub in ("nnUNet_raw", "nnUNet_preprocessed", "msd_source", "nnUNet_results"):  # a model of an old plan goes too
         shutil.rmtree(cache / sub, ignore_errors=True)
     (cache / "nnUNet_raw").mkdir(parents=True)
     env = nnunet_env(nnunet_bin, cache)
@@ -163,25 +165,37 @@ def workspace_dataset(workdir: Path) -> Path:
 # --- autoseg side and the report ----------------------------------------------------------------------
 
 def time_autoseg(workdir: Path, configuration: str, iters: int, warmup: int, workers: int | None,
-                 device: str | None) -> tuple[float, float, float]:
+                 device: str | None, mixed_precision: bool = True) -> tuple[float, float, float]:
     """(s/iteration, s/iteration waiting for data, wall s of the measured run) for autoseg."""
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(tmp)
         for name in ("plans.json", "dataset.json", "fingerprint.json"):
             shutil.copy(workdir / name, scratch / name)
         os.symlink((workdir / "preprocessed").resolve(), scratch / "preprocessed")
-        common = dict(validate_at_end=False, device=device, checkpoint_every=10 ** 6)
+        common = dict(validate_at_end=False, device=device, checkpoint_every=10 ** 6, mixed_precision=mixed_precision)
         if workers is not None:
             common["num_workers"] = workers
         # A short warm-up run (oneDNN kernel selection, allocator) in this process, then the measured one.
-        train_fold(scratch, configuration, "all", TrainingSettings(epochs=1, iters_per_epoch=warmup, **common),
-                   progress=False)
+        if warmup:
+            train_fold(scratch, configuration, "all", TrainingSettings(epochs=1, iters_per_epoch=warmup, **common),
+                       progress=False)
         t = time.perf_counter()
         result = train_fold(scratch, configuration, "all", TrainingSettings(epochs=1, iters_per_epoch=iters, **common),
                             progress=False)
         wall = time.perf_counter() - t
     record = result["history"][-1]
     return record["epoch_s"] / iters, record["data_wait_s"] / iters, wall
+
+
+def autoseg_precisions(choice: str, device: str | None) -> list[tuple[bool, str]]:
+    """(mixed_precision setting, what it means here) for each autoseg run --autoseg-precision asks for."""
+    from autoseg.device import cpu_has_native_bf16
+
+    on_cpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu"
+    default = ("bfloat16 autocast" if cpu_has_native_bf16() else "float32") if on_cpu else "float16 autocast"
+    runs = {"auto": [(True, default)], "float32": [(False, "float32")]}
+    runs["both"] = runs["auto"] + ([] if default == "float32" else runs["float32"])
+    return runs[choice]
 
 
 def main() -> None:
@@ -199,6 +213,9 @@ def main() -> None:
                         help="where nnU-Net's raw and preprocessed dataset are kept between runs (default: %(default)s)")
     parser.add_argument("--dataset", type=Path, help="raw dataset for nnU-Net (default: the workspace's dataset.json root)")
     parser.add_argument("--skip-autoseg", action="store_true", help="time nnU-Net only")
+    parser.add_argument("--autoseg-precision", choices=("auto", "float32", "both"), default="auto",
+                        help="autoseg's own default (bfloat16 autocast on a CPU with native bf16), float32 "
+                             "(mixed_precision=False, as nnU-Net computes on the CPU), or both (default: %(default)s)")
     args = parser.parse_args()
     if args.iters < 1 or args.warmup < 0:
         raise BenchError("--iters must be at least 1 and --warmup at least 0")
@@ -222,14 +239,16 @@ def main() -> None:
     else:
         print("plan autoseg: " + ", ".join(f"{k} {v}" for k, v in ours.items()))
 
-    autoseg_it = None
+    autoseg_runs = []
     if not args.skip_autoseg:
-        per_it, wait, wall = time_autoseg(workdir, args.config, args.iters, args.warmup, args.workers, args.device)
-        autoseg_it = (per_it, per_it - wait, wait)
-        print(f"autoseg: {per_it:.2f} s/iteration over {args.iters} iterations "
-              f"(network step {per_it - wait:.2f} s, waiting for data {wait:.2f} s); run wall {wall:.1f} s; "
-              f"{workers} augmentation worker(s), {torch.get_num_threads()} torch threads", flush=True)
-        print("bottleneck:", "data loading" if wait > 0.2 * per_it else "network step")
+        for mixed, label in autoseg_precisions(args.autoseg_precision, args.device):
+            per_it, wait, wall = time_autoseg(workdir, args.config, args.iters, args.warmup, args.workers, args.device,
+                                              mixed)
+            autoseg_runs.append((label, (per_it, per_it - wait, wait)))
+            print(f"autoseg ({label}): {per_it:.2f} s/iteration over {args.iters} iterations "
+                  f"(network step {per_it - wait:.2f} s, waiting for data {wait:.2f} s); run wall {wall:.1f} s; "
+                  f"{workers} augmentation worker(s), {torch.get_num_threads()} torch threads", flush=True)
+            print("bottleneck:", "data loading" if wait > 0.2 * per_it else "network step")
 
     if args.nnunet_venv:
         with tempfile.TemporaryDirectory(prefix="bench_train_nnunet_") as tmp:
@@ -241,15 +260,15 @@ def main() -> None:
         print(f"nnunetv2: {per_it:.2f} s/iteration over {args.iters} iterations "
               f"(train_step {step:.2f} s, waiting for data {wait:.2f} s; median train_step "
               f"{statistics.median(figures['step_s']):.2f} s); nnUNetTrainer fold 0, batch {figures['batch_size']}, "
-              f"{figures['augmenter']} with {figures['n_proc_DA']} worker(s), {figures['torch_threads']} torch threads, "
+              f"{figures['augmenter']} with {figures['n_proc_DA']} worker(s), float32, {figures['torch_threads']} torch threads, "
               f"torch {figures['torch']}; setup (not timed) {figures['setup_s']:.1f} s")
         print("nnunetv2 trainer ended with on_train_end: " +
               ("all augmentation workers stopped" if not figures["children_left"]
                else f"WARNING: child processes still alive: {figures['children_left']}"))
-        if autoseg_it:
-            ratios = [b / a if a > 0 else float("nan") for a, b in zip(autoseg_it, (per_it, step, wait))]
-            print(f"ratio nnunetv2 / autoseg: {ratios[0]:.2f}x s/iteration (network step {ratios[1]:.2f}x, "
-                  f"waiting for data {ratios[2]:.2f}x)")
+        for label, ours in autoseg_runs:
+            ratios = [b / a if a > 0 else float("nan") for a, b in zip(ours, (per_it, step, wait))]
+            print(f"ratio nnunetv2 (float32) / autoseg ({label}): {ratios[0]:.2f}x s/iteration (network step "
+                  f"{ratios[1]:.2f}x, waiting for data {ratios[2]:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -144,3 +144,9 @@ def test_2d_configuration_trains_and_validates(make_decathlon, tmp_path):
     assert len(result["history"]) == 2
     assert result["validation"]["num_cases"] >= 1
     assert (workspace.fold_dir(work, "2d", 0) / "validation" / "summary.json").is_file()
+
+
+@pytest.mark.parametrize("field", ["epochs", "iters_per_epoch", "val_iters", "checkpoint_every"])
+def test_a_schedule_of_zero_is_refused_with_its_option_name(field):
+    with pytest.raises(ValueError, match=field.replace("_", "-")):
+        TrainingSettings(**{field: 0})

@@ -49,6 +49,13 @@ class TrainingSettings:
     mixed_precision: bool = True  # float16 autocast on CUDA; bfloat16 on a CPU with native bf16 (about 2x faster)
     validate_at_end: bool = True
 
+    def __post_init__(self) -> None:
+        for name in ("epochs", "iters_per_epoch", "val_iters", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.num_workers < 0:
+            raise ValueError(f"workers must be 0 or more, got {self.num_workers}")
+
 
 def poly_lr(initial_lr: float, epoch: int, epochs: int, exponent: float = 0.9) -> float:
     """Polynomial decay over the (possibly shortened) schedule."""
