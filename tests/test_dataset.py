@@ -161,3 +161,13 @@ def test_uncompressed_data_named_nii_gz_is_still_read(tmp_path):
     misnamed = tmp_path / "y.nii.gz"
     misnamed.write_bytes(plain.read_bytes())
     np.testing.assert_array_equal(read_image(misnamed)[0], image)
+
+
+def test_an_origin_far_from_zero_may_not_drift_by_a_fraction_of_a_voxel():
+    from autoseg.dataset.image_io import Geometry
+
+    a = Geometry((1.0, 1.0, 1.0), (500.0, 500.0, 500.0), (1, 0, 0, 0, 1, 0, 0, 0, 1), (4, 4, 4))
+    shifted = Geometry((1.0, 1.0, 1.0), (500.3, 500.0, 500.0), (1, 0, 0, 0, 1, 0, 0, 0, 1), (4, 4, 4))
+    nearly = Geometry((1.0, 1.0, 1.0), (500.0 + 1e-5, 500.0, 500.0), (1, 0, 0, 0, 1, 0, 0, 0, 1), (4, 4, 4))
+    assert not a.matches(shifted, tolerance=1e-3)
+    assert a.matches(nearly, tolerance=1e-3)

@@ -50,9 +50,13 @@ class Geometry:
         problems = []
         if self.shape != other.shape:
             problems.append(f"shape {self.shape} vs {other.shape}")
+        # Spacing and direction are compared relatively; the origin in units of the voxel size, since
+        # a relative test would let an origin far from 0 drift by whole voxels.
+        voxel = float(np.abs(self.spacing).max(initial=1.0))
         for name in ("spacing", "origin", "direction"):
             a, b = np.asarray(getattr(self, name)), np.asarray(getattr(other, name))
-            if a.shape != b.shape or not np.allclose(a, b, rtol=tolerance, atol=tolerance * max(1.0, float(np.abs(a).max(initial=0)))):
+            atol = tolerance * voxel if name == "origin" else tolerance * max(1.0, float(np.abs(a).max(initial=0)))
+            if a.shape != b.shape or not np.allclose(a, b, rtol=0.0 if name == "origin" else tolerance, atol=atol):
                 problems.append(f"{name} {tuple(float(x) for x in np.round(a, 5))} vs {tuple(float(x) for x in np.round(b, 5))}")
         return problems
 
