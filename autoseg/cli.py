@@ -48,6 +48,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     workdir = Path(args.output)
     workdir.mkdir(parents=True, exist_ok=True)
     dataset = load_dataset(args.dataset)
+    if workdir.resolve() == dataset.root:
+        raise CommandError(f"-o {workdir}: the workspace must not be the dataset folder; choose a folder of its own")
     write_json(workspace.dataset_json(workdir), {"format_version": 1, **dataset.to_json()})
     timings = {}
     if "verify" in steps:

@@ -16,6 +16,7 @@ from autoseg.atomic import read_json, write_json
 from autoseg.dataset.image_io import read_image
 from autoseg.dataset.layout import load_dataset, read_case_label
 from autoseg.evaluation import dice_from_counts
+from autoseg.planning.planner import load_plans
 from autoseg.postprocessing import decide_postprocessing, save_postprocessing_rules
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ def run_crossval(workdir: Path, configurations: list[str] | None = None, num_fol
     """Cross-validation Dice of each configuration and of every ensemble of them; the best one;
     postprocessing rules decided on the best one's validation predictions."""
     workdir = Path(workdir)
-    plans = read_json(workspace.plans_json(workdir))
+    plans = load_plans(workspace.plans_json(workdir))
     labels = [int(k) for k in plans["labels"] if int(k) > 0]
     configs = configurations or [c for c in plans["configurations"] if (workdir / "models" / c).is_dir()]
     results = {c: collect_validation(workdir, c, num_folds) for c in configs}
@@ -94,7 +95,7 @@ def _ensemble_prediction(workdir: Path, members: list[str], case_id: str, folds:
         path = workspace.fold_dir(workdir, c, folds[c]) / "validation" / f"{case_id}.npz"
         if not path.is_file():
             raise CrossValidationError(f"{path}: missing; rerun validation of {c} fold {folds[c]} "
-                                       "(`autoseg train WORKDIR --config {c} --fold {folds[c]} --resume`)")
+                                       f"(`autoseg train WORKDIR --config {c} --fold {folds[c]} --resume`)")
         p = np.load(path)["probabilities"].astype(np.float32)
         total = p if total is None else total + p
     return np.argmax(total, axis=0)

@@ -93,3 +93,46 @@ def test_plan_on_real_hippocampus_cases(hippocampus_subset, tmp_path, capsys):
     assert plans["normalization"][0]["scheme"] == "zscore"
     assert len(list((workdir / "preprocessed" / "fullres").glob("*_seg.npy"))) == 4
     assert "patch_size" in capsys.readouterr().out
+
+
+def test_plan_refuses_to_write_the_workspace_into_the_dataset_folder(make_decathlon, capsys):
+    from autoseg.cli import main
+
+    root = make_decathlon()
+    before = (root / "dataset.json").read_bytes()
+    assert main(["plan", str(root), "-o", str(root), "--workers", "1"]) == 2
+    assert "must not be the dataset folder" in capsys.readouterr().err
+    assert (root / "dataset.json").read_bytes() == before
+
+
+def test_a_bad_file_in_a_worker_process_gives_a_clean_error(make_decathlon, capsys):
+    from autoseg.cli import main
+
+    root = make_decathlon(n_cases=3)
+    (root / "imagesTr" / "case_001.nii.gz").write_bytes(b"not an image")
+    assert main(["plan", str(root), "-o", str(root.parent / "w"), "--workers", "2", "--steps", "fingerprint"]) == 2
+    err = capsys.readouterr().err
+    assert "case_001.nii.gz" in err and "Traceback" not in err
+
+
+def test_preprocessed_data_is_redone_when_the_plan_changes(make_decathlon, tmp_path):
+    import json
+
+    from autoseg import workspace
+    from autoseg.cli import main
+    from autoseg.preprocessing import store
+
+    root = make_decathlon(n_cases=3)
+    work = tmp_path / "w"
+    assert main(["plan", str(root), "-o", str(work), "--workers", "1", "--configs", "3d_fullres"]) == 0
+    folder = workspace.preprocessed_dir(work, "fullres")
+    old_shape = store.load_properties(folder, "case_000")["shape_after_resampling"]
+    plans = json.loads(workspace.plans_json(work).read_text())
+    plans["configurations"]["3d_fullres"]["spacing"] = [2.0, 2.0, 2.0]
+    workspace.plans_json(work).write_text(json.dumps(plans))
+    # Training refuses data made under other plans ...
+    assert main(["train", str(work), "--fold", "all", "--epochs", "1"]) == 2
+    # ... and preprocessing redoes it.
+    assert main(["plan", str(root), "-o", str(work), "--workers", "1", "--steps", "preprocess"]) == 0
+    new_shape = store.load_properties(folder, "case_000")["shape_after_resampling"]
+    assert new_shape != old_shape and new_shape[0] == round(old_shape[0] / 2)

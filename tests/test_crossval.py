@@ -81,3 +81,9 @@ def test_crossval_names_the_missing_folds(trained_workspace, tmp_path):
     shutil.rmtree(workspace.fold_dir(work, "3d_fullres", 1))
     with pytest.raises(CrossValidationError, match=r"folds \[3\] missing"):
         run_crossval(work, progress=False)
+
+
+def test_crossval_on_an_unplanned_folder_gives_a_clean_error(tmp_path, capsys):
+    assert main(["crossval", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "plans.json" in err and "Traceback" not in err

@@ -33,6 +33,9 @@ class ImageReadError(Exception):
         self.reason = reason
         super().__init__(f"{self.path}: {reason}")
 
+    def __reduce__(self):  # rebuilt intact when raised in a worker process
+        return type(self), (self.path, self.reason)
+
 
 @dataclass(frozen=True)
 class Geometry:

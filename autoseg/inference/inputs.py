@@ -36,6 +36,9 @@ class InputError(Exception):
         self.path = Path(path)
         super().__init__(message)
 
+    def __reduce__(self):  # rebuilt intact when raised in a worker process
+        return type(self), (self.path, str(self))
+
 
 @dataclass(frozen=True)
 class InputCase:

@@ -135,7 +135,7 @@ class Predictor:
         config = self.plans["configurations"][configuration]
         topology = UNetTopology.from_plan(config, self.num_channels, self.num_classes)
         network = build_unet(topology, deep_supervision=False)
-        weights = {k.removeprefix("_orig_mod."): v for k, v in state["network_state"].items()}
+        weights = state["network_state"]
         try:
             network.load_state_dict(weights)
         except RuntimeError as exc:
@@ -152,9 +152,12 @@ class Predictor:
             raise ValueError(f"image must be (C, Z, Y, X) with C = {self.num_channels}, got shape {list(image.shape)}")
         if tuple(image.shape[1:]) != tuple(geometry.shape):
             raise ValueError(f"image shape {list(image.shape[1:])} differs from its geometry's shape {list(geometry.shape)}")
-        data, properties = [], []
+        data, properties, done = [], [], {}
         for name in self.configurations:
-            d, _, p = preprocess_case(image, None, geometry, self.plans, name)
+            identifier = self.plans["configurations"][name]["data_identifier"]
+            if identifier not in done:  # 2d and 3d_fullres share their data
+                done[identifier] = preprocess_case(image, None, geometry, self.plans, name)
+            d, _, p = done[identifier]
             data.append(d)
             properties.append(p)
         return PreparedCase(geometry, self.configurations, tuple(data), tuple(properties))

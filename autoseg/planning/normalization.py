@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
+
 from autoseg.fingerprint import Fingerprint
+from autoseg.planning import PlanError
 
 NONZERO_MASK_FRACTION = 0.75  # crop keeps less than this of the volume: normalize inside the non-zero region only
 
@@ -19,6 +22,9 @@ def plan_normalization(fingerprint: Fingerprint) -> list[dict]:
     for c, (name, kind) in enumerate(zip(fingerprint.channel_names, fingerprint.channel_kinds)):
         if kind == "ct":
             s = fingerprint.foreground_intensities[c]
+            if not math.isfinite(s.mean):
+                raise PlanError(f"channel {name}: no case has labelled foreground, so CT normalization has no "
+                                "intensities to learn from; check the label files")
             schemes.append({
                 "channel": c, "name": name, "scheme": "ct", "use_nonzero_mask": False,
                 "clip": [s.percentile_00_5, s.percentile_99_5], "mean": s.mean, "std": max(s.std, 1e-8),

@@ -10,6 +10,7 @@ import numpy as np
 from autoseg.atomic import read_json, write_json
 from autoseg.fingerprint import Fingerprint
 from autoseg.network.unet import feature_map_elements
+from autoseg.planning import PlanError  # noqa: F401  (raised here; imported from here by callers)
 from autoseg.planning.normalization import plan_normalization
 from autoseg.planning.spacing import choose_target_spacing, is_anisotropic, transpose_thick_axis_first
 from autoseg.planning.topology import Topology, plan_topology
@@ -29,10 +30,6 @@ SETTINGS = {
     "2d": {"max_stages": 7, "max_features": 512, "initial_patch_voxels": 2048 ** 2, "max_batch": 512},
     "3d": {"max_stages": 6, "max_features": 320, "initial_patch_voxels": 256 ** 3, "max_batch": 512},
 }
-
-
-class PlanError(Exception):
-    """Plans that cannot be made or read; the message says why and what to do."""
 
 
 def estimate_memory_gb(topology: Topology, batch_size: int, in_channels: int, num_classes: int) -> float:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import numpy as np
 from autoseg.dataset.image_io import Geometry
 from autoseg.dataset.layout import Case, Dataset, read_case_image, read_case_label
 from autoseg.parallel import map_cases
+from autoseg.planning.planner import PlanError
 from autoseg.preprocessing import store
 from autoseg.preprocessing.cropping import crop, nonzero_bounding_box
 from autoseg.preprocessing.normalization import normalize
@@ -19,6 +22,20 @@ from autoseg.preprocessing.resampling import new_shape_for, resample_image, resa
 log = logging.getLogger(__name__)
 
 LOCATIONS_PER_LABEL = 2000  # voxel coordinates kept per label for foreground oversampling
+
+
+def preprocessing_key(plans: dict, configuration: str) -> str:
+    """Short hash of every plan setting that shapes the preprocessed arrays (reasons left out), so data
+    made under other plans is never taken for complete."""
+    strip = lambda d: {k: v for k, v in d.items() if k != "reason"}  # noqa: E731
+    relevant = {"transpose_forward": plans["transpose_forward"], "spacing": plans["configurations"][configuration]["spacing"],
+                "normalization": [strip(n) for n in plans["normalization"]], "resampling": strip(plans["resampling"])}
+    return hashlib.sha1(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def is_current(folder: Path, case_id: str, key: str) -> bool:
+    """Complete and made with the current plans."""
+    return store.is_complete(folder, case_id) and store.load_properties(folder, case_id).get("preprocessing_key") == key
 
 
 def preprocess_case(image: np.ndarray, label: np.ndarray | None, geometry: Geometry, plans: dict,
@@ -46,6 +63,7 @@ def preprocess_case(image: np.ndarray, label: np.ndarray | None, geometry: Geome
         "shape_after_crop": [hi - lo for lo, hi in bbox],
         "shape_after_resampling": list(shape),
         "spacing": list(target_spacing),
+        "preprocessing_key": preprocessing_key(plans, configuration),
     }
     seg = None
     if label is not None:
@@ -86,12 +104,13 @@ def preprocess_dataset(dataset: Dataset, plans: dict, workdir: Path, configurati
     done_ids: dict[str, str] = {}
     for name in configs:
         if name not in plans["configurations"]:
-            raise KeyError(f"configuration '{name}' is not in plans.json (has {', '.join(plans['configurations'])})")
+            raise PlanError(f"configuration '{name}' is not in plans.json (has {', '.join(plans['configurations'])})")
         done_ids.setdefault(plans["configurations"][name]["data_identifier"], name)
     written = {}
     for identifier, name in done_ids.items():
         folder = preprocessed_dir(workdir, identifier)
-        todo = [c for c in dataset.cases if not store.is_complete(folder, c.case_id)]
+        key = preprocessing_key(plans, name)
+        todo = [c for c in dataset.cases if not is_current(folder, c.case_id, key)]
         skipped = len(dataset.cases) - len(todo)
         if skipped:
             log.info("%s: %d case(s) already preprocessed, %d to do", folder, skipped, len(todo))

@@ -19,6 +19,7 @@ from autoseg.device import autocast_for, choose_device
 from autoseg.network.unet import UNetTopology, build_unet, deep_supervision_scales
 from autoseg.planning.planner import load_plans
 from autoseg.preprocessing import store
+from autoseg.preprocessing.preprocess import is_current, preprocessing_key
 from autoseg.training.augmentation import (default_num_workers, make_loader, shutdown_loader, training_patch_size,
                                            training_transforms, validation_transforms)
 from autoseg.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -87,6 +88,10 @@ def train_fold(workdir: Path, configuration: str, fold: int | str, settings: Tra
     case_ids = store.list_cases(data_dir)
     if not case_ids:
         raise ValueError(f"{data_dir}: no preprocessed cases; run `autoseg plan` (preprocess step) first")
+    stale = [c for c in case_ids if not is_current(data_dir, c, preprocessing_key(plans, configuration))]
+    if stale:
+        raise ValueError(f"{data_dir}: {len(stale)} case(s) (e.g. {stale[0]}) were preprocessed with other plans; "
+                         "run `autoseg plan DATASET_DIR -o WORKDIR --steps preprocess` first")
     splits = load_or_create_splits(workspace.splits_json(workdir), case_ids)
     train_ids, val_ids = fold_cases(splits, fold, case_ids)
     out = workspace.fold_dir(workdir, configuration, fold)
