@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from autoseg.dataset.image_io import SUPPORTED_SUFFIXES, strip_suffix
+from autoseg.dataset.image_io import SUPPORTED_SUFFIXES, image_suffix, strip_suffix
 
 
 GEOMETRY_TOLERANCE = 1e-3  # relative; grids closer than this count as the same (verification uses it too)
@@ -130,7 +130,7 @@ def _load_decathlon(root: Path, meta_path: Path, meta: dict) -> Dataset:
         image = (root / entry["image"]).resolve()
         label = (root / entry["label"]).resolve() if entry.get("label") else None
         cases.append(Case(strip_suffix(image), (image,), label))
-    ending = _ending_of(cases[0].image_files[0]) or ".nii.gz"
+    ending = image_suffix(cases[0].image_files[0]) or ".nii.gz"
     return Dataset(root, str(meta.get("name", root.name)), "decathlon", channels,
                    _check_labels(meta_path, labels), ending, tuple(cases), meta.get("licence") or meta.get("license"))
 
@@ -172,11 +172,6 @@ def _load_nnunetv2(root: Path, meta_path: Path, meta: dict) -> Dataset:
         cases.append(Case(case_id, image_files, label_files.get(case_id, labels_dir / f"{case_id}{ending}")))
     return Dataset(root, str(meta.get("name", root.name)), "nnunetv2", channels,
                    _check_labels(meta_path, labels), ending, tuple(cases), meta.get("licence") or meta.get("license"))
-
-
-def _ending_of(path: Path) -> str | None:
-    name = path.name.lower()
-    return next((s for s in SUPPORTED_SUFFIXES if name.endswith(s)), None)
 
 
 def read_case_image(case: Case, num_channels: int) -> tuple["np.ndarray", "Geometry"]:

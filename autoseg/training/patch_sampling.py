@@ -13,7 +13,6 @@ centre is clipped to the same range, which keeps that voxel inside the final pat
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 from batchgenerators.dataloading.data_loader import DataLoader
+
+from autoseg.preprocessing import store
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +39,7 @@ class PreprocessedCase:
 def open_case(folder: Path, case_id: str) -> PreprocessedCase:
     """Memory-map one case written by preprocessing (`<id>.npy`, `<id>_seg.npy`, `<id>.json`)."""
     folder = Path(folder)
-    paths = {k: folder / f"{case_id}{suffix}" for k, suffix in
-             (("image", ".npy"), ("seg", "_seg.npy"), ("properties", ".json"))}
+    paths = dict(zip(("image", "seg", "properties"), store.case_paths(folder, case_id)))
     for path in paths.values():
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing; run preprocessing for this configuration first "
@@ -49,7 +49,7 @@ def open_case(folder: Path, case_id: str) -> PreprocessedCase:
     if image.ndim != 4 or seg.ndim != 4 or seg.shape[0] != 1 or image.shape[1:] != seg.shape[1:]:
         raise ValueError(f"{paths['image']} has shape {image.shape} and {paths['seg']} has shape {seg.shape}; "
                          "expected (C, Z, Y, X) and (1, Z, Y, X) with equal spatial shape; rerun preprocessing")
-    properties = json.loads(paths["properties"].read_text())
+    properties = store.load_properties(folder, case_id)
     class_locations = {
         int(label): np.asarray(coords, dtype=np.int64).reshape(-1, 3)
         for label, coords in properties.get("class_locations", {}).items()
