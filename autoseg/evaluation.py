@@ -294,7 +294,14 @@ def _summarize(cases: dict[str, dict[str, dict]], labels: Sequence[int], missing
         "foreground_mean": foreground,
         "cases": cases,
     }
-    return _nan_to_none(summary)
+    return nan_to_none(summary)
+
+
+def mean_per_label(cases: Mapping[str, Mapping[str, Mapping[str, float]]], labels: Sequence[int],
+                   metrics: Sequence[str] = ("dice", "iou", "hd95_mm")) -> dict[str, dict[str, float]]:
+    """Mean of each metric per label over cases (as `evaluate_case` returns them), skipping undefined (NaN) values."""
+    return {str(label): {m: _nanmean(np.array([cases[c][str(label)][m] for c in cases], dtype=float)) for m in metrics}
+            for label in labels}
 
 
 def _nanmean(values: np.ndarray) -> float:
@@ -302,11 +309,12 @@ def _nanmean(values: np.ndarray) -> float:
     return float(np.mean(values[~np.isnan(values)])) if np.any(~np.isnan(values)) else math.nan
 
 
-def _nan_to_none(value):
+def nan_to_none(value):
+    """NaN (undefined metric) -> None, recursively, for JSON."""
     if isinstance(value, dict):
-        return {k: _nan_to_none(v) for k, v in value.items()}
+        return {k: nan_to_none(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_nan_to_none(v) for v in value]
+        return [nan_to_none(v) for v in value]
     if isinstance(value, float) and math.isnan(value):
         return None
     return value

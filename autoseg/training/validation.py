@@ -15,7 +15,7 @@ from autoseg.atomic import read_json, write_json
 from autoseg.dataset.image_io import Geometry
 from autoseg.device import cpu_has_native_bf16
 from autoseg.dataset.layout import load_dataset, read_case_label
-from autoseg.evaluation import evaluate_case
+from autoseg.evaluation import evaluate_case, mean_per_label, nan_to_none
 from autoseg.inference.export import export_segmentation, probabilities_to_original, save_probabilities
 from autoseg.inference.sliding_window import sliding_window_predict
 from autoseg.preprocessing import store
@@ -51,19 +51,13 @@ def validate_fold(network: torch.nn.Module, workdir: Path, plans: dict, configur
         segmentation = export_segmentation(original, geometry, out_dir / f"{case_id}{ending}")
         reference = read_case_label(cases[case_id])
         per_case[case_id] = evaluate_case(segmentation, reference, geometry.spacing, labels)
-    mean = {}
-    for label in labels:
-        key = str(label)
-        mean[key] = {}
-        for metric in ("dice", "iou", "hd95_mm"):
-            values = [c[key][metric] for c in per_case.values() if c[key][metric] is not None and not np.isnan(c[key][metric])]
-            mean[key][metric] = float(np.mean(values)) if values else None
+    mean = nan_to_none(mean_per_label(per_case, labels))
+    for key in mean:
         mean[key]["name"] = plans["labels"][key]
     dices = [m["dice"] for m in mean.values() if m["dice"] is not None]
     summary = {"format_version": 1, "configuration": configuration, "mirroring": mirroring,
                "num_cases": len(per_case), "mean": mean,
                "foreground_mean_dice": float(np.mean(dices)) if dices else None,
-               "cases": {cid: {k: {m: (None if isinstance(v, float) and np.isnan(v) else v) for m, v in d.items()}
-                               for k, d in c.items()} for cid, c in per_case.items()}}
+               "cases": nan_to_none(per_case)}
     write_json(out_dir / "summary.json", summary)
     return summary
