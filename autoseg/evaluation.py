@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from autoseg.atomic import atomic_path, write_json
 from autoseg.dataset.image_io import Geometry, ImageReadError, image_suffix, read_image, strip_suffix
+from autoseg.fingerprint import nonzero_bounding_box
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +91,8 @@ def hausdorff95(pred_mask: np.ndarray, ref_mask: np.ndarray, spacing: Sequence[f
     _check_spacing(pred, spacing)
     if not pred.any() or not ref.any():
         return math.nan
-    crop = _bounding_box(pred | ref, margin=1)
+    crop = tuple(slice(max(lo - 1, 0), min(hi + 1, n))  # one voxel of margin keeps the surfaces intact
+                 for (lo, hi), n in zip(nonzero_bounding_box((pred | ref)[None]), pred.shape))
     pred, ref = pred[crop], ref[crop]
     pred_surface, ref_surface = _surface(pred), _surface(ref)
     sampling = tuple(float(s) for s in spacing)
@@ -102,15 +104,6 @@ def hausdorff95(pred_mask: np.ndarray, ref_mask: np.ndarray, spacing: Sequence[f
 def _surface(mask: np.ndarray) -> np.ndarray:
     structure = ndimage.generate_binary_structure(mask.ndim, 1)
     return mask & ~ndimage.binary_erosion(mask, structure=structure, border_value=0)
-
-
-def _bounding_box(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
-    box = []
-    for axis in range(mask.ndim):
-        other = tuple(a for a in range(mask.ndim) if a != axis)
-        hits = np.flatnonzero(np.any(mask, axis=other))
-        box.append(slice(max(int(hits[0]) - margin, 0), min(int(hits[-1]) + 1 + margin, mask.shape[axis])))
-    return tuple(box)
 
 
 def _as_bool_pair(pred_mask: np.ndarray, ref_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -88,7 +88,8 @@ def strip_suffix(path: Path | str) -> str:
     return name[: -len(suffix)] if suffix else name
 
 
-def _geometry_of(image: sitk.Image) -> Geometry:
+def _geometry_of(image: sitk.Image | sitk.ImageFileReader) -> Geometry:
+    """Spatial geometry of an image, or of a reader after ReadImageInformation (same getters)."""
     dim = image.GetDimension()
     size = image.GetSize()
     if dim == 4:  # channels on the 4th axis (Decathlon): keep the spatial part of the geometry
@@ -114,15 +115,7 @@ def read_header(path: Path | str) -> Geometry:
         reader.ReadImageInformation()
     except RuntimeError as exc:
         raise ImageReadError(path, f"unreadable image header ({_first_line(exc)})") from None
-    dim = reader.GetDimension()
-    size = reader.GetSize()
-    spacing, origin, direction = reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection()
-    if dim == 4:
-        spacing, origin = spacing[:3], origin[:3]
-        direction = tuple(np.array(direction).reshape(4, 4)[:3, :3].ravel())
-        size = size[:3]
-    return Geometry(tuple(float(s) for s in reversed(spacing)), tuple(map(float, origin)),
-                    tuple(map(float, direction)), tuple(int(s) for s in reversed(size)))
+    return _geometry_of(reader)
 
 
 def read_image(path: Path | str) -> tuple[np.ndarray, Geometry]:

@@ -49,7 +49,7 @@ def _initial_patch(median_shape: np.ndarray, spacing: np.ndarray, voxels: int) -
     return [float(p) for p in np.minimum(patch, median_shape)]
 
 
-def plan_configuration(name: str, spacing: list[float], median_shape: list[float], total_voxels: float,
+def plan_configuration(spacing: list[float], median_shape: list[float], total_voxels: float,
                        in_channels: int, num_classes: int, budget_gb: float) -> dict:
     """Patch, topology and batch for one configuration under the memory budget."""
     kind = "2d" if len(spacing) == 2 else "3d"
@@ -145,13 +145,13 @@ def plan_experiment(fingerprint: Fingerprint, budget_gb: float = DEFAULT_MEMORY_
         },
         "configurations": {},
     }
-    full = plan_configuration("3d_fullres", list(sp), list(median_shape), total_voxels, in_channels, num_classes, budget_gb)
+    full = plan_configuration(list(sp), list(median_shape), total_voxels, in_channels, num_classes, budget_gb)
     full["data_identifier"] = "fullres"
     full["reasons"]["spacing"] = spacing_reason
     if "3d_fullres" in wanted:
         plans["configurations"]["3d_fullres"] = full
     if "2d" in wanted:
-        c2 = plan_configuration("2d", list(sp[1:]), list(median_shape[1:]), total_voxels, in_channels, num_classes, budget_gb)
+        c2 = plan_configuration(list(sp[1:]), list(median_shape[1:]), total_voxels, in_channels, num_classes, budget_gb)
         c2["data_identifier"] = "fullres"
         c2["spacing"] = list(map(float, sp))
         c2["median_shape"] = [int(round(m)) for m in median_shape]
@@ -173,7 +173,7 @@ def _plan_lowres(sp: np.ndarray, shapes: np.ndarray, in_channels: int, num_class
         spacing = np.where(grow, np.minimum(spacing * 1.03, spacing.max() if not grow.all() else np.inf), spacing)
         scaled = shapes * sp / spacing
         median = np.median(scaled, axis=0)
-        c = plan_configuration("3d_lowres", list(spacing), list(median), float(np.sum(np.prod(scaled, axis=1))),
+        c = plan_configuration(list(spacing), list(median), float(np.sum(np.prod(scaled, axis=1))),
                                in_channels, num_classes, budget_gb)
         if np.prod(median) / np.prod(c["patch_size"]) <= LOWRES_TARGET or spacing.min() > 8 * sp.min():
             break

@@ -157,7 +157,7 @@ def train_fold(workdir: Path, configuration: str, fold: int | str, settings: Tra
         return {"configuration": configuration, "fold": str(fold), "epoch": epoch, "epochs": settings.epochs,
                 "network_state": network.state_dict(), "optimizer_state": optimizer.state_dict(),
                 "grad_scaler_state": scaler.state_dict(), "best_ema_dice": best_ema,
-                "ema_dice": ema, "history": history, "plans_configuration": _plain(config),
+                "ema_dice": ema, "history": history, "plans_configuration": config,
                 "labels": plans["labels"], "channel_names": plans["channel_names"]}
 
     # --- data -----------------------------------------------------------------------------------
@@ -278,12 +278,3 @@ def _format_record(r: dict, epochs: int, iters: int) -> str:
     parts += [f"lr {r['lr']:.2e}", f"{r['epoch_s']:.1f} s ({r['epoch_s'] / iters:.2f} s/it, "
               f"waiting for data {r['data_wait_s']:.1f} s)"]
     return "  ".join(parts)
-
-
-def _plain(value):
-    """Plans values as plain lists/ints/floats/str so `weights_only` loading accepts them."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
