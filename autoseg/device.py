@@ -30,10 +30,14 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
+def mixed_precision_available(device: torch.device) -> bool:
+    """CUDA (float16) or a CPU with native bfloat16."""
+    return device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+
+
 def autocast_for(device: torch.device, enabled: bool = True) -> Callable[[], ContextManager]:
     """Mixed-precision context factory: float16 on CUDA, bfloat16 on a CPU with native bf16, else none."""
-    if enabled and device.type == "cuda":
-        return lambda: torch.autocast("cuda", dtype=torch.float16)
-    if enabled and device.type == "cpu" and cpu_has_native_bf16():
-        return lambda: torch.autocast("cpu", dtype=torch.bfloat16)
-    return nullcontext
+    if not (enabled and mixed_precision_available(device)):
+        return nullcontext
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    return lambda: torch.autocast(device.type, dtype=dtype)

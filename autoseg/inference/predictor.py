@@ -24,7 +24,7 @@ from tqdm import tqdm
 from autoseg import __version__, workspace
 from autoseg.atomic import write_json
 from autoseg.dataset.image_io import Geometry
-from autoseg.device import choose_device, cpu_has_native_bf16
+from autoseg.device import choose_device, mixed_precision_available
 from autoseg.inference.export import export_segmentation, probabilities_to_original, save_probabilities
 from autoseg.inference.inputs import InputCase, InputError, discover_inputs, read_input_case
 from autoseg.inference.sliding_window import sliding_window_predict
@@ -99,7 +99,7 @@ class Predictor:
         self.step_size = step_size
         self.tiles_per_batch = tiles_per_batch or (4 if self.device.type == "cuda" else 1)
         # float16 on CUDA; bfloat16 on a CPU that computes it natively (about 2x faster, same labels in practice)
-        self.mixed_precision = mixed_precision and (self.device.type == "cuda" or cpu_has_native_bf16())
+        self.mixed_precision = mixed_precision and mixed_precision_available(self.device)
         self.checkpoint = checkpoint
         self.folds: list[LoadedFold] = []
         for name in self.configurations:

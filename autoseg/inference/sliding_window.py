@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from autoseg.device import autocast_for
+
 logger = logging.getLogger(__name__)
 
 # Share of the free device memory the accumulator may take; the rest is left for the forward passes.
@@ -112,7 +114,7 @@ def sliding_window_predict(
     logits = torch.zeros((num_classes, *spatial), dtype=torch.float32, device=target)
     weights = torch.zeros(spatial, dtype=torch.float32, device=target)
 
-    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    autocast = autocast_for(device, use_amp)
     with tqdm(total=len(tiles), desc="sliding window", unit="tile", disable=not progress) as bar:
         for batch_tiles in _chunks(tiles, tiles_per_batch):
             batch = torch.stack([padded[(slice(None), *tile)] for tile in batch_tiles])
@@ -120,7 +122,7 @@ def sliding_window_predict(
                 batch = batch.squeeze(2)
             batch = batch.to(device, non_blocking=True)
             with torch.inference_mode():
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                with autocast():
                     prediction = _mirrored_forward(network, batch, flip_dims, num_classes)
                 prediction = (prediction * gaussian).to(target)
                 for tile_prediction, tile in zip(prediction, batch_tiles):

@@ -13,7 +13,6 @@ from tqdm import tqdm
 from autoseg import workspace
 from autoseg.atomic import read_json, write_json
 from autoseg.dataset.image_io import Geometry
-from autoseg.device import cpu_has_native_bf16
 from autoseg.dataset.layout import load_dataset, read_case_label
 from autoseg.evaluation import evaluate_case, mean_per_label, nan_to_none
 from autoseg.inference.export import export_segmentation, probabilities_to_original, save_probabilities
@@ -35,7 +34,6 @@ def validate_fold(network: torch.nn.Module, workdir: Path, plans: dict, configur
     labels = [int(k) for k in plans["labels"] if int(k) > 0]
     ending = raw.get("file_ending", ".nii.gz")
     network.eval()
-    mixed_precision = mixed_precision and (device.type == "cuda" or cpu_has_native_bf16())
     per_case = {}
     for case_id in tqdm(val_ids, desc="validation", unit="case", disable=not progress):
         image = torch.from_numpy(np.load(store.case_paths(data_dir, case_id)[0]))
