@@ -61,11 +61,12 @@ def run_crossval(workdir: Path, configurations: list[str] | None = None, num_fol
         detail = "; ".join(f"{c}: folds {r['missing_folds']} missing" for c, r in results.items()) or "no trained configuration"
         raise CrossValidationError(f"{workdir}: no configuration has all {num_folds} folds validated ({detail}); "
                                    "train them with `autoseg train WORKDIR --fold K`")
+    cases, ending = _references(workdir)
     candidates = {c: results[c]["foreground_mean_dice"] or 0.0 for c in complete}
     ensembles = {}
     for size in range(2, len(complete) + 1):
         for members in itertools.combinations(complete, size):
-            ensembles["+".join(members)] = _score_ensemble(workdir, list(members), results, labels, num_folds, progress)
+            ensembles["+".join(members)] = _score_ensemble(workdir, list(members), results, labels, cases, progress)
             candidates["+".join(members)] = ensembles["+".join(members)]["foreground_mean_dice"] or 0.0
     best = max(candidates, key=candidates.get)
     summary = {"format_version": 1,
@@ -74,7 +75,7 @@ def run_crossval(workdir: Path, configurations: list[str] | None = None, num_fol
                "reason": f"highest mean foreground Dice ({candidates[best]:.4f}) over the pooled validation cases "
                          f"of all {num_folds} folds, among {', '.join(candidates)}"}
     if postprocessing:
-        pairs = _validation_pairs(workdir, best.split("+"), results, num_folds)
+        pairs = _validation_pairs(workdir, best.split("+"), results, cases, ending)
         rules = decide_postprocessing(pairs, labels)
         rules["configuration"] = best.split("+")
         save_postprocessing_rules(workspace.postprocessing_json(workdir), rules)
@@ -84,6 +85,7 @@ def run_crossval(workdir: Path, configurations: list[str] | None = None, num_fol
 
 
 def _references(workdir: Path) -> tuple[dict, str]:
+    """Raw cases by id (for their label files) and the dataset's file ending."""
     raw = read_json(workspace.dataset_json(workdir))
     return {c.case_id: c for c in load_dataset(raw["root"]).cases}, raw.get("file_ending", ".nii.gz")
 
@@ -101,9 +103,8 @@ def _ensemble_prediction(workdir: Path, members: list[str], case_id: str, folds:
     return np.argmax(total, axis=0)
 
 
-def _score_ensemble(workdir: Path, members: list[str], results: dict, labels: list[int], num_folds: int,
+def _score_ensemble(workdir: Path, members: list[str], results: dict, labels: list[int], cases: dict,
                     progress: bool) -> dict:
-    cases, _ = _references(workdir)
     case_ids = sorted(set.intersection(*(set(results[c]["case_folds"]) for c in members)))
     dice = {label: [] for label in labels}
     for case_id in tqdm(case_ids, desc=f"ensemble {'+'.join(members)}", unit="case", disable=not progress):
@@ -120,9 +121,9 @@ def _score_ensemble(workdir: Path, members: list[str], results: dict, labels: li
             "foreground_mean_dice": float(np.mean(defined)) if defined else None}
 
 
-def _validation_pairs(workdir: Path, members: list[str], results: dict, num_folds: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def _validation_pairs(workdir: Path, members: list[str], results: dict, cases: dict,
+                      ending: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(prediction, reference) label maps of every validation case of the chosen model, one at a time."""
-    cases, ending = _references(workdir)
     case_ids = sorted(set.intersection(*(set(results[c]["case_folds"]) for c in members)))
     for case_id in case_ids:
         folds = {c: results[c]["case_folds"][case_id] for c in members}
