@@ -25,6 +25,17 @@ def _default_workers() -> int:
     return max(1, min(8, (os.cpu_count() or 2)))
 
 
+def _default_configuration(workdir: Path) -> str:
+    """The configuration plans.json names for use when the user gives no --config."""
+    from autoseg import workspace
+    from autoseg.planning.planner import load_plans
+
+    name = load_plans(workspace.plans_json(workdir)).get("default_configuration")
+    if not name:
+        raise CommandError(f"{workspace.plans_json(workdir)} names no default configuration; pass --config")
+    return name
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from autoseg.dataset.layout import load_dataset
     from autoseg.dataset.verify import verify_dataset
@@ -73,13 +84,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
             raise CommandError(f"{fp_path} not found; run the fingerprint step first")
         plans = plan_experiment(load_fingerprint(fp_path), budget_gb=args.memory_gb, configurations=args.configs)
         not_planned = [c for c in (args.configs or []) if c not in plans["configurations"]]
-        if not_planned:
-            log.warning("not planned: %s (3d_lowres applies only when the median volume holds more than 4 "
-                        "3d_fullres patches)", ", ".join(not_planned))
+        for name in not_planned:
+            log.warning("not planned: %s (%s)", name, plans["not_planned"].get(name, "not requested"))
         if not plans["configurations"]:
-            raise CommandError("no configuration was planned; choose --configs 2d or 3d_fullres")
+            raise CommandError("no configuration was planned: " + "; ".join(
+                f"{c}: {plans['not_planned'].get(c, '')}" for c in args.configs) + "; choose another with --configs")
         save_plans(plans, workspace.plans_json(workdir))
-        log.info("wrote %s (configurations: %s)", workspace.plans_json(workdir), ", ".join(plans["configurations"]))
+        log.info("wrote %s (configurations: %s; default %s)", workspace.plans_json(workdir),
+                 ", ".join(plans["configurations"]), plans["default_configuration"])
     if "preprocess" in steps:
         plans = load_plans(workspace.plans_json(workdir))
         configs = [c for c in (args.configs or plans["configurations"]) if c in plans["configurations"]]
@@ -106,6 +118,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
+    args.config = args.config or _default_configuration(args.workdir)
     result = train_fold(args.workdir, args.config, fold, TrainingSettings(**overrides), resume=args.resume)
     validation = result.get("validation")
     if validation:
@@ -121,7 +134,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if (args.num_parts is None) != (args.part_id is None):
         raise CommandError("--num-parts and --part-id go together")
     report = predict_folder(
-        args.workdir, args.input, args.output, configurations=args.config, folds=args.folds,
+        args.workdir, args.input, args.output, configurations=args.config or [_default_configuration(args.workdir)], folds=args.folds,
         mirroring=not args.no_mirroring, save_probabilities=args.save_probabilities, device=args.device,
         continue_=args.continue_, num_parts=args.num_parts or 1, part_id=args.part_id or 0,
         postprocessing=not args.no_postprocessing, num_workers=args.workers, checkpoint=args.checkpoint,
@@ -167,8 +180,8 @@ def cmd_crossval(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="autoseg",
-        description="Self-configuring 3D medical image segmentation: plan, train and predict a U-Net "
-                    "from a labelled dataset. Run the commands in order: plan, train (per fold), predict.",
+        description="Self-configuring medical image segmentation (3D volumes and 2D images): plan, train and "
+                    "predict a U-Net from a labelled dataset. Run the commands in order: plan, train (per fold), predict.",
         epilog="Documentation: docs/ in the source tree (user guide, dataset layouts, workspace layout).")
     parser.add_argument("--version", action="version", version=f"autoseg {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debugging details")
@@ -206,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "shorten it with --epochs/--iters-per-epoch (the learning rate follows).")
     p.add_argument("workdir", type=Path, metavar="WORKDIR", help="workspace written by `autoseg plan`")
     p.add_argument("--fold", required=True, help="fold 0-4, or 'all'")
-    p.add_argument("--config", default="3d_fullres", choices=CONFIGURATIONS, help="configuration (default: %(default)s)")
+    p.add_argument("--config", choices=CONFIGURATIONS,
+                   help="configuration (default: the plan's default_configuration: 3d_fullres for 3D data, 2d for 2D images)")
     p.add_argument("--epochs", type=int, help="number of epochs (default: 1000)")
     p.add_argument("--iters-per-epoch", type=int, help="training iterations per epoch (default: 250)")
     p.add_argument("--val-iters", type=int, help="validation batches per epoch for the pseudo-Dice (default: 50)")
@@ -231,8 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("workdir", type=Path, metavar="WORKDIR", help="workspace with trained models")
     p.add_argument("-i", "--input", type=Path, nargs="+", required=True, metavar="INPUT", help="input folder or files")
     p.add_argument("-o", "--output", type=Path, required=True, metavar="OUTPUT", help="output folder")
-    p.add_argument("--config", nargs="+", default=["3d_fullres"], choices=CONFIGURATIONS,
-                   help="configuration(s) to ensemble (default: 3d_fullres)")
+    p.add_argument("--config", nargs="+", choices=CONFIGURATIONS,
+                   help="configuration(s) to ensemble (default: the plan's default_configuration: 3d_fullres for 3D "
+                        "data, 2d for 2D images)")
     p.add_argument("--folds", nargs="+", help="folds to ensemble, e.g. 0 1 2 or all (default: every trained fold)")
     p.add_argument("--checkpoint", default="final", choices=("final", "best", "latest"),
                    help="which checkpoint of each fold (default: final, falling back to latest)")

@@ -27,7 +27,7 @@ def test_plan_end_to_end_writes_every_artifact_and_explains(make_nnunetv2, tmp_p
     assert plans["labels"] == {"0": "background", "1": "liver", "2": "tumour"}
     full = plans["configurations"]["3d_fullres"]
     assert len(full["patch_size"]) == 3 and full["strides"][0] == [1, 1, 1]
-    folder = workdir / "preprocessed" / "fullres"
+    folder = workdir / "preprocessed" / "3d_fullres"
     assert sorted(p.name for p in folder.iterdir()) == sorted(
         f"case_{i:03d}{s}" for i in range(3) for s in (".npy", "_seg.npy", ".json"))
     data = np.load(folder / "case_000.npy", mmap_mode="r")
@@ -43,7 +43,7 @@ def test_plan_runs_only_the_requested_steps(make_decathlon, tmp_path, capsys):
     assert not (workdir / "verify_report.json").exists()
     # Now only preprocess, for one configuration, from the plans already written.
     assert _plan(make_decathlon(), workdir, "--steps", "preprocess", "--configs", "3d_fullres") == 0
-    assert len(list((workdir / "preprocessed" / "fullres").glob("*.json"))) == 3
+    assert len(list((workdir / "preprocessed" / "3d_fullres").glob("*.json"))) == 3
 
 
 def test_plan_memory_budget_reaches_the_plans(make_decathlon, tmp_path):
@@ -91,7 +91,7 @@ def test_plan_on_real_hippocampus_cases(hippocampus_subset, tmp_path, capsys):
     assert list(plans["configurations"]) == ["3d_fullres"]
     assert plans["configurations"]["3d_fullres"]["spacing"] == [1.0, 1.0, 1.0]
     assert plans["normalization"][0]["scheme"] == "zscore"
-    assert len(list((workdir / "preprocessed" / "fullres").glob("*_seg.npy"))) == 4
+    assert len(list((workdir / "preprocessed" / "3d_fullres").glob("*_seg.npy"))) == 4
     assert "patch_size" in capsys.readouterr().out
 
 
@@ -125,7 +125,7 @@ def test_preprocessed_data_is_redone_when_the_plan_changes(make_decathlon, tmp_p
     root = make_decathlon(n_cases=3)
     work = tmp_path / "w"
     assert main(["plan", str(root), "-o", str(work), "--workers", "1", "--configs", "3d_fullres"]) == 0
-    folder = workspace.preprocessed_dir(work, "fullres")
+    folder = workspace.preprocessed_dir(work, "3d_fullres")
     old_shape = store.load_properties(folder, "case_000")["shape_after_resampling"]
     plans = json.loads(workspace.plans_json(work).read_text())
     plans["configurations"]["3d_fullres"]["spacing"] = [2.0, 2.0, 2.0]

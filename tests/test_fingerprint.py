@@ -8,7 +8,7 @@ from autoseg.dataset.layout import load_dataset
 from autoseg.fingerprint import (IntensityStats, channel_kind, compute_fingerprint, fingerprint_case,
                                  load_fingerprint, nonzero_bounding_box, save_fingerprint)
 
-from conftest import synthetic_case
+from conftest import synthetic_case, write_sitk
 
 SHAPES = [(12, 16, 14), (10, 20, 18), (14, 12, 16)]
 SPACINGS = [(3.0, 0.75, 0.75), (2.5, 0.5, 0.5), (4.0, 1.0, 1.0)]
@@ -52,33 +52,47 @@ def test_foreground_intensity_stats_equal_numpy_on_the_foreground(dataset):
             foreground = image[c][label > 0]
             _assert_stats_equal(case.foreground_intensities[c], _numpy_stats(foreground))
             pooled[c].append(foreground)
-    # Every case has fewer foreground voxels than the sample cap, so the pooled stats are exact too.
+    # The pooled sample is drawn from the cases' foreground: its range lies inside theirs.
     for c in range(2):
-        _assert_stats_equal(fingerprint.foreground_intensities[c], _numpy_stats(np.concatenate(pooled[c])))
+        everything = np.concatenate(pooled[c])
+        stats = fingerprint.foreground_intensities[c]
+        assert everything.min() <= stats.min and stats.max <= everything.max()
+        assert stats.mean == pytest.approx(np.mean([f.mean() for f in pooled[c]]), rel=0.05)
 
 
-def test_intensity_sample_is_capped_per_case_while_case_stats_stay_exact(make_decathlon, monkeypatch):
-    dataset = load_dataset(make_decathlon(n_cases=2, shape=(32, 32, 32), margin=1))
-    case_fp, samples = fingerprint_case(dataset.cases[0], 1, seed=0)
-    assert case_fp.foreground_voxels > fp_module.SAMPLES_PER_CASE
-    assert samples.shape == (1, fp_module.SAMPLES_PER_CASE) and samples.dtype == np.float32
-    image, label = synthetic_case((32, 32, 32), margin=1, seed=0)
-    _assert_stats_equal(case_fp.foreground_intensities[0], _numpy_stats(image[0][label > 0]))
-    assert set(samples[0].tolist()) <= set(image[0][label > 0].tolist())
+def test_every_case_contributes_the_same_number_of_samples_whatever_its_foreground(make_decathlon, monkeypatch):
+    """A case with a tiny structure counts as much in the dataset statistics as one with a large one (nnU-Net's rule)."""
+    dataset = load_dataset(make_decathlon(n_cases=2, shapes=[(32, 32, 32), (12, 12, 12)], margin=1))
+    big, big_samples = fingerprint_case(dataset.cases[0], 1, seed=0, num_samples=500)
+    small, small_samples = fingerprint_case(dataset.cases[1], 1, seed=1, num_samples=500)
+    assert small.foreground_voxels < 500 < big.foreground_voxels
+    assert big_samples.shape == small_samples.shape == (1, 500) and big_samples.dtype == np.float32
+    image, label = synthetic_case((12, 12, 12), margin=1, seed=1)
+    assert set(small_samples[0].tolist()) <= set(image[0][label > 0].tolist())  # drawn with replacement
+    _assert_stats_equal(small.foreground_intensities[0], _numpy_stats(image[0][label > 0]))  # case stats exact
 
-    monkeypatch.setattr(fp_module, "SAMPLES_PER_CASE", 50)
     pooled_sizes = []
     real_of = IntensityStats.of
     monkeypatch.setattr(IntensityStats, "of", classmethod(lambda cls, v: (pooled_sizes.append(v.size), real_of(v))[1]))
-    compute_fingerprint(dataset, progress=False)
-    assert pooled_sizes[-1] == 2 * 50  # the dataset-wide stats see at most the cap per case
+    compute_fingerprint(dataset, progress=False, total_samples=300)
+    assert pooled_sizes[-1] == 300  # a fixed total, 150 per case
 
 
-def test_ct_channel_kind_comes_from_the_channel_name(make_nnunetv2):
-    assert [channel_kind(n) for n in ("CT", "ct", "CT_venous", "noncontrast CT")] == ["ct"] * 4
-    assert [channel_kind(n) for n in ("MRI", "T1", "FLAIR", "spectral", "PET")] == ["mri"] * 5
+def test_a_case_without_foreground_adds_no_samples(make_decathlon):
+    dataset = load_dataset(make_decathlon(n_cases=1, shape=(12, 12, 12)))
+    write_sitk(dataset.cases[0].label_file, np.zeros((12, 12, 12), np.uint8))
+    case_fp, samples = fingerprint_case(dataset.cases[0], 1, seed=0, num_samples=100)
+    assert case_fp.foreground_voxels == 0 and samples.shape == (1, 0)
+
+
+def test_channel_kind_is_the_normalization_the_name_declares(make_nnunetv2):
+    assert [channel_kind(n) for n in ("CT", "ct", " Ct ")] == ["ct"] * 3
+    assert [channel_kind(n) for n in ("noNorm", "NONORM", "rescale_to_0_1", "rgb_to_0_1", "zscore")] == [
+        "noNorm", "noNorm", "rescale_to_0_1", "rgb_to_0_1", "zscore"]
+    # nnU-Net reads the whole name: anything else is z-scored, CT variants included
+    assert [channel_kind(n) for n in ("MRI", "T1", "FLAIR", "PET", "CT_venous", "R")] == ["zscore"] * 6
     fingerprint = compute_fingerprint(load_dataset(make_nnunetv2(channels=("CT", "PET"), kind="ct")), progress=False)
-    assert fingerprint.channel_kinds == ("ct", "mri")
+    assert fingerprint.channel_kinds == ("ct", "zscore")
 
 
 def test_fingerprint_json_round_trip(dataset, tmp_path):
@@ -107,7 +121,7 @@ def test_nonzero_bounding_box_uses_any_channel_and_keeps_empty_images_whole():
 
 def test_real_hippocampus_fingerprint(hippocampus_subset):
     fingerprint = compute_fingerprint(load_dataset(hippocampus_subset), progress=False)
-    assert fingerprint.channel_kinds == ("mri",)
+    assert fingerprint.channel_kinds == ("zscore",)
     assert len(fingerprint.cases) == 4
     for case in fingerprint.cases:
         assert np.allclose(case.spacing, 1.0)

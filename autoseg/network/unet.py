@@ -211,14 +211,13 @@ def feature_map_elements(
     num_classes: int,
     n_conv_per_stage: int = 2,
 ) -> int:
-    """Activation elements one sample keeps for the backward pass; the planner's memory estimate.
+    """Output elements of every convolution of one sample (deep supervision on): the planner's memory measure.
 
-    Counted per sample (multiply by the batch size): the input; for every conv block its conv
-    output and its norm output (the in-place LeakyReLU adds nothing); per decoder stage the
-    transposed-conv output and the concatenation with the skip; and the segmentation-head logits
-    at every decoder resolution (deep supervision on). Weights, gradients and optimizer state are
-    not included. The input channel count is taken as 1 (it is negligible next to the features).
-    Pure integer arithmetic, no modules are built.
+    Counts what the convolutions write: each encoder and decoder conv, each transposed conv, and
+    the segmentation head at every decoder resolution, as nnU-Net v2's networks report their
+    feature maps, so the planner's budget means the same patch sizes as nnU-Net's. Norm outputs,
+    the skip concatenations and the input are not counted; the calibration constants in the
+    planner absorb them. Pure integer arithmetic, no modules are built.
     """
     n_stages = len(features_per_stage)
     if len(strides) != n_stages:
@@ -231,15 +230,13 @@ def feature_map_elements(
         shape = [n // s for n, s in zip(shape, stride)]
         voxels_per_stage.append(math.prod(shape))
 
-    total = voxels_per_stage[0]  # the input (one channel)
-    per_block = 2 * n_conv_per_stage  # conv output + norm output per conv block
+    total = 0
     for f, v in zip(features_per_stage, voxels_per_stage):
-        total += per_block * f * v
+        total += n_conv_per_stage * f * v  # encoder convs
     for f, v in zip(features_per_stage[:-1], voxels_per_stage[:-1]):
-        total += f * v  # transposed conv output
-        total += 2 * f * v  # concatenation with the skip
-        total += per_block * f * v  # conv blocks
-        total += num_classes * v  # head logits
+        total += f * v  # transposed conv up to this resolution
+        total += n_conv_per_stage * f * v  # decoder convs
+        total += num_classes * v  # segmentation head
     return total
 
 

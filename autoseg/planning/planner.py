@@ -1,4 +1,9 @@
-"""Turn a fingerprint into `plans.json`: one entry per configuration, each decision with its reason."""
+"""Turn a fingerprint into `plans.json`: one entry per configuration, each decision with its reason.
+
+The rules are nnU-Net v2's (its default ExperimentPlanner), so the same fingerprint gives the same
+configurations, patches, topologies and batch sizes; docs/planning.md lists every rule and the
+places where autoseg deliberately differs, with the measurement behind each.
+"""
 
 from __future__ import annotations
 
@@ -12,175 +17,226 @@ from autoseg.fingerprint import Fingerprint
 from autoseg.network.unet import feature_map_elements
 from autoseg.planning import PlanError  # noqa: F401  (raised here; imported from here by callers)
 from autoseg.planning.normalization import plan_normalization
-from autoseg.planning.spacing import choose_target_spacing, is_anisotropic, transpose_thick_axis_first
+from autoseg.planning.spacing import (ANISOTROPY_RATIO, choose_target_spacing, planning_spacings,
+                                      transpose_thick_axis_first)
 from autoseg.planning.topology import Topology, plan_topology
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres")
 DEFAULT_MEMORY_BUDGET_GB = 8.0
-# Bytes of accelerator memory per activation element kept for the backward pass, covering
-# mixed-precision copies, cuDNN workspace and the allocator's slack: calibrated so that a 3D U-Net
-# of 6 stages (32..320 features) on a 128^3 patch with batch 2 is estimated at about 8 GB, the
-# size that plan is known to train in.
-BYTES_PER_ACTIVATION = 4.0
-MAX_BATCH_FRACTION_OF_DATASET = 0.05
+# The memory model: a network's conv-output elements per sample (feature_map_elements) times the
+# batch size, against reference points known to fit the reference budget. These are nnU-Net v2's
+# calibration (a 3D U-Net writing 560 M elements per sample trains at batch 2 in 8 GB, a 2D one
+# writing 85 M at batch 12), so the same budget buys the same patches as there.
+REFERENCE_GB = 8.0
+REFERENCE_ELEMENTS_AND_BATCH = {3: (560e6, 2), 2: (85e6, 12)}
+MAX_DATASET_FRACTION_PER_BATCH = 0.05  # one batch sees at most 5% of the dataset's voxels
 MIN_BATCH_SIZE = 2
-LOWRES_TRIGGER = 4.0  # plan 3d_lowres when the median volume holds more than this many patches
-LOWRES_TARGET = 2.0   # ...and coarsen its spacing until the median volume holds at most this many
-SETTINGS = {
-    "2d": {"max_stages": 7, "max_features": 512, "initial_patch_voxels": 2048 ** 2, "max_batch": 512},
-    "3d": {"max_stages": 6, "max_features": 320, "initial_patch_voxels": 256 ** 3, "max_batch": 512},
-}
+BASE_FEATURES = 32
+MAX_FEATURES = {2: 512, 3: 320}
+INITIAL_PATCH_VOXELS = {2: 2048 ** 2, 3: 256 ** 3}
+LOWRES_PATCH_FRACTION = 0.25  # plan 3d_lowres when a 3d_fullres patch covers less than this of the median volume
+LOWRES_SPACING_STEP = 1.03    # ...coarsening the spacing 3% a step until a patch covers that much,
+LOWRES_MIN_SHRINK = 2.0       # ...and drop it when it shrinks the median volume less than this
 
 
-def estimate_memory_gb(topology: Topology, batch_size: int, in_channels: int, num_classes: int) -> float:
-    """Accelerator memory of one training step, as the network reports its feature maps."""
+def estimate_memory_gb(topology: Topology, batch_size: int, num_classes: int) -> float:
+    """Accelerator memory of one training step under the calibrated model (see REFERENCE_ELEMENTS_AND_BATCH)."""
+    ndim = len(topology.patch_size)
     elements = feature_map_elements(topology.patch_size, topology.features_per_stage, topology.strides, num_classes)
-    elements += math.prod(topology.patch_size) * (in_channels - 1)
-    params = sum(f_in * f_out * math.prod(k) * 2 for f_in, f_out, k in
-                 zip((in_channels,) + topology.features_per_stage, topology.features_per_stage, topology.kernel_sizes))
-    return (elements * batch_size * BYTES_PER_ACTIVATION + params * 4 * 4) / 1e9
+    reference_elements, reference_batch = REFERENCE_ELEMENTS_AND_BATCH[ndim]
+    return elements * batch_size / (reference_elements * reference_batch) * REFERENCE_GB
 
 
-def _initial_patch(median_shape: np.ndarray, spacing: np.ndarray, voxels: int) -> list[float]:
-    """A patch shaped like a physical cube (voxel counts inversely proportional to spacing), clipped to the median shape."""
-    aspect = 1.0 / np.asarray(spacing)
-    aspect = aspect / np.prod(aspect) ** (1.0 / len(aspect))
-    patch = aspect * voxels ** (1.0 / len(aspect))
-    return [float(p) for p in np.minimum(patch, median_shape)]
+def _initial_patch(spacing: list[float], median_shape: list[float]) -> list[float]:
+    """A patch shaped like a physical cube (voxel counts inversely proportional to spacing) of
+    INITIAL_PATCH_VOXELS, clipped to the median shape."""
+    ndim = len(spacing)
+    aspect = 1.0 / np.asarray(spacing, dtype=float)
+    scale = (INITIAL_PATCH_VOXELS[ndim] / np.prod(aspect)) ** (1.0 / ndim)
+    return [float(min(round(a * scale), m)) for a, m in zip(aspect, median_shape)]
 
 
-def plan_configuration(spacing: list[float], median_shape: list[float], total_voxels: float,
-                       in_channels: int, num_classes: int, budget_gb: float) -> dict:
-    """Patch, topology and batch for one configuration under the memory budget."""
-    kind = "2d" if len(spacing) == 2 else "3d"
-    s = SETTINGS[kind]
-    patch = _initial_patch(np.array(median_shape), np.array(spacing), s["initial_patch_voxels"])
+def _topology(patch: list[float], spacing: list[float]) -> Topology:
+    return plan_topology(patch, spacing, BASE_FEATURES, MAX_FEATURES[len(spacing)])
 
-    def topology_for(p: list[float]) -> Topology:
-        return plan_topology([max(1, round(x)) for x in p], spacing, s["max_stages"], max_features=s["max_features"])
 
-    topology = topology_for(patch)
-    shrunk = False
-    while estimate_memory_gb(topology, MIN_BATCH_SIZE, in_channels, num_classes) > budget_gb:
-        # Shrink the axis whose patch covers most of its median extent, by one pooling multiple.
-        ratios = [p / m for p, m in zip(topology.patch_size, median_shape)]
-        axis = int(np.argmax(np.array(ratios) + 1e-6 * np.array(topology.patch_size)))
-        step = int(np.prod([st[axis] for st in topology.strides]))
-        new = list(topology.patch_size)
-        new[axis] -= step
-        if new[axis] < 2 * 4:  # cannot shrink further; keep the smallest viable patch
-            break
-        topology = topology_for(new)
-        shrunk = True
-    per_sample = estimate_memory_gb(topology, 1, in_channels, num_classes)
-    batch_by_memory = max(MIN_BATCH_SIZE, int(budget_gb / per_sample))
-    batch_by_data = max(MIN_BATCH_SIZE, int(MAX_BATCH_FRACTION_OF_DATASET * total_voxels / math.prod(topology.patch_size)))
-    batch = min(batch_by_memory, batch_by_data, s["max_batch"])
+def _shrink_once(topology: Topology, spacing: list[float], median_shape: list[float]) -> Topology | None:
+    """The next smaller patch: shrink the axis whose patch covers most of its median extent by one
+    pooling multiple (the multiple of the reduced size, so no valid size is skipped); if that axis
+    cannot shrink, the next one. None when no axis can."""
+    patch = list(topology.patch_size)
+    ratios = [p / m for p, m in zip(patch, median_shape)]
+    for axis in sorted(range(len(patch)), key=lambda a: (ratios[a], a), reverse=True):
+        trial = list(patch)
+        trial[axis] -= topology.total_stride[axis]
+        if trial[axis] < 1:
+            continue
+        step = _topology(trial, spacing).total_stride[axis]
+        smaller = list(patch)
+        smaller[axis] -= step
+        if smaller[axis] < 1:
+            continue
+        return _topology(smaller, spacing)
+    return None
+
+
+def plan_configuration(spacing: list[float], median_shape: list[float], approximate_dataset_voxels: float,
+                       num_classes: int, budget_gb: float, data_identifier: str) -> dict:
+    """Patch, topology and batch for one configuration under the memory budget (nnU-Net v2's search)."""
+    ndim = len(spacing)
+    spacing = [float(s) for s in spacing]
+    median_shape = [float(m) for m in median_shape]
+    topology = _topology(_initial_patch(spacing, median_shape), spacing)
+    initial = topology.patch_size
+    while estimate_memory_gb(topology, MIN_BATCH_SIZE, num_classes) > budget_gb:
+        smaller = _shrink_once(topology, spacing, median_shape)
+        if smaller is None:
+            raise PlanError(f"even the smallest patch {list(topology.patch_size)} at batch {MIN_BATCH_SIZE} needs "
+                            f"{estimate_memory_gb(topology, MIN_BATCH_SIZE, num_classes):.1f} GB, more than the "
+                            f"{budget_gb:g} GB budget; raise --memory-gb")
+        topology = smaller
+    batch_by_memory = round(budget_gb / estimate_memory_gb(topology, 1, num_classes))
+    batch_by_data = round(approximate_dataset_voxels * MAX_DATASET_FRACTION_PER_BATCH / math.prod(topology.patch_size))
+    batch = max(min(batch_by_memory, batch_by_data), MIN_BATCH_SIZE)
+    shrunk = topology.patch_size != initial
+    clipped = any(p < m - 0.5 for p, m in zip(_initial_patch(spacing, [1e9] * ndim), median_shape))
     reasons = {
         "spacing": "",  # filled by the caller, which knows where the spacing came from
-        "patch_size": ("shrunk from the median shape until batch 2 fits the memory budget" if shrunk
-                       else "covers the median shape"
-                       + (" (capped at the initial maximum patch)" if any(np.array(patch) < np.array(median_shape) - 0.5) else ""))
-                      + f", rounded up to multiples of the total stride {[int(x) for x in np.prod(topology.strides, axis=0)]}",
-        "topology": f"{topology.num_stages} stages: pool an axis while its feature map stays >= 4 voxels and it is "
-                    "not over 2x coarser than the finest axis; kernel 1 along such a coarse axis",
+        "patch_size": ("shrunk, the axis covering most of its median extent first, until batch "
+                       f"{MIN_BATCH_SIZE} fits the {budget_gb:g} GB budget" if shrunk
+                       else "covers the median shape" + (" up to the initial maximum patch" if clipped else ""))
+                      + f"; a multiple of the total stride {list(topology.total_stride)}",
+        "topology": f"{topology.num_stages} stages: each stage pools every axis whose feature map keeps at least "
+                    "8 voxels (12 when it is the only one) and that is under 2x coarser than the finest such axis",
+        "kernel_sizes": "3 along an axis under 2x coarser than the finest axis, else 1 until pooling evens them; "
+                        "3 everywhere at the bottleneck",
         "batch_size": f"{batch}: memory allows {batch_by_memory}, 5% of the dataset's voxels allows {batch_by_data}"
-                      f" (minimum {MIN_BATCH_SIZE}, maximum {s['max_batch']})",
+                      f" (minimum {MIN_BATCH_SIZE})",
     }
     return {
-        "spacing": [float(x) for x in spacing],
+        "data_identifier": data_identifier,
+        "spacing": spacing,
         "median_shape": [int(round(m)) for m in median_shape],
         "patch_size": list(topology.patch_size),
         "batch_size": int(batch),
+        "batch_dice": True,  # set by plan_experiment
         "features_per_stage": list(topology.features_per_stage),
         "kernel_sizes": [list(k) for k in topology.kernel_sizes],
         "strides": [list(st) for st in topology.strides],
         "n_conv_per_stage": 2,
-        "estimated_memory_gb": round(estimate_memory_gb(topology, batch, in_channels, num_classes), 2),
+        "estimated_memory_gb": round(estimate_memory_gb(topology, batch, num_classes), 2),
         "reasons": reasons,
     }
 
 
 def plan_experiment(fingerprint: Fingerprint, budget_gb: float = DEFAULT_MEMORY_BUDGET_GB,
                     configurations: list[str] | None = None) -> dict:
-    """All configurations for a dataset; 3d_lowres only where the median volume is much larger than a patch."""
+    """All configurations for a dataset: 2d always, 3d_fullres for 3D data, 3d_lowres where volumes are large."""
     if not fingerprint.cases:
         raise PlanError("the fingerprint holds no cases")
-    wanted = set(configurations or ["2d", "3d_fullres", "3d_lowres"])
-    unknown = wanted - {"2d", "3d_fullres", "3d_lowres"}
+    wanted = set(configurations or CONFIGURATIONS)
+    unknown = wanted - set(CONFIGURATIONS)
     if unknown:
-        raise PlanError(f"unknown configuration(s) {sorted(unknown)}; choose from 2d, 3d_fullres, 3d_lowres")
-    in_channels, num_classes = len(fingerprint.channel_names), len(fingerprint.labels)
-    spacing, spacing_reason = choose_target_spacing(fingerprint.spacings)
-    transpose = transpose_thick_axis_first(spacing)
-    sp = np.array(spacing)[transpose]
-    shapes = fingerprint.cropped_shapes[:, transpose] * fingerprint.spacings[:, transpose] / sp
-    median_shape = np.median(shapes, axis=0)
-    total_voxels = float(np.sum(np.prod(shapes, axis=1)))
-    anisotropic = is_anisotropic(sp)
-    resampling = {
-        "image_order": 3, "label_order": 1,
-        "thick_axis_order": 1 if anisotropic else None,
-        "reason": ("anisotropic: cubic spline in-plane, linear along the thick axis (axis 0) to avoid ringing "
-                   "between distant slices" if anisotropic else "cubic spline for images")
-        + "; labels resampled one label at a time, linearly, then the most likely label is kept, "
-          "so no label value appears that was not there",
-    }
+        raise PlanError(f"unknown configuration(s) {sorted(unknown)}; choose from {', '.join(CONFIGURATIONS)}")
+    if budget_gb <= 0:
+        raise PlanError(f"the memory budget must be positive, got {budget_gb:g} GB")
+    num_classes = len(fingerprint.labels)
+    num_cases = len(fingerprint.cases)
+    cropped = fingerprint.cropped_shapes
+    spacings = planning_spacings(fingerprint.spacings, cropped)
+    target, spacing_reason = choose_target_spacing(spacings, cropped)
+    transpose = transpose_thick_axis_first(target)
+    sp = np.array(target)[transpose]
+    new_shapes = np.array([[round(n * s / t) for n, s, t in zip(shape, case_spacing, target)]
+                           for shape, case_spacing in zip(cropped, spacings)], dtype=float)
+    median_shape = np.median(new_shapes, axis=0)[transpose]
+    dataset_voxels = float(np.prod(median_shape) * num_cases)
+    is_3d = median_shape[0] != 1
     plans: dict = {
         "format_version": FORMAT_VERSION,
         "dataset_name": fingerprint.dataset_name,
         "channel_names": list(fingerprint.channel_names),
         "labels": {str(k): v for k, v in fingerprint.labels.items()},
+        "default_configuration": None,
         "transpose_forward": transpose,
         "transpose_backward": [int(i) for i in np.argsort(transpose)],
-        "anisotropic": anisotropic,
         "memory_budget_gb": budget_gb,
         "normalization": plan_normalization(fingerprint),
-        "resampling": resampling,
+        "resampling": {
+            "image_order": 3, "label_order": 1, "thick_axis_order": 0, "anisotropy_threshold": ANISOTROPY_RATIO,
+            "reason": f"decided per case: where the case's spacing (else the target's) is over {ANISOTROPY_RATIO:g}x "
+                      "coarser along one axis, images are resampled cubic in-plane and nearest-neighbour along it, "
+                      "so distant slices are not blended; otherwise cubic in 3D. Labels: one label at a time, "
+                      "linear (nearest along a thick axis), the most likely label kept",
+        },
         "reasons": {
             "transpose_forward": "coarsest axis first, so 2D slices are taken across it" if transpose != sorted(transpose)
-            else "axes kept in file order (axis 0 is the coarsest or all are equal)",
-            "anisotropic": f"coarsest/finest target spacing {sp.max() / sp.min():.2f} "
-                           f"{'>' if anisotropic else '<='} 3: {'rotate in-plane only during augmentation' if anisotropic else 'rotate about all axes'}",
+            else "axes kept in file order (axis 0 is the coarsest, or all are equal)",
         },
+        "not_planned": {},
         "configurations": {},
     }
-    full = plan_configuration(list(sp), list(median_shape), total_voxels, in_channels, num_classes, budget_gb)
-    full["data_identifier"] = "fullres"
-    full["reasons"]["spacing"] = spacing_reason
-    if "3d_fullres" in wanted:
-        plans["configurations"]["3d_fullres"] = full
+    configs = plans["configurations"]
+    if not is_3d:
+        for name in ("3d_fullres", "3d_lowres"):
+            plans["not_planned"][name] = "2D data: the median case has a single slice"
+    elif wanted & {"3d_fullres", "3d_lowres"}:
+        full = plan_configuration(list(sp), list(median_shape), dataset_voxels, num_classes, budget_gb, "3d_fullres")
+        full["reasons"]["spacing"] = spacing_reason
+        lowres = _plan_lowres(sp, median_shape, full, num_cases, num_classes, budget_gb)
+        full["batch_dice"] = lowres is not None
+        full["reasons"]["batch_dice"] = ("batch Dice: with a 3d_lowres stage, a fullres patch is a small part of "
+                                         "the case" if lowres is not None else
+                                         "per-sample Dice: a patch covers much of a case")
+        if "3d_fullres" in wanted:
+            configs["3d_fullres"] = full
+        if lowres is None:
+            plans["not_planned"]["3d_lowres"] = (f"a 3d_fullres patch covers {np.prod(full['patch_size']) / np.prod(median_shape):.0%} "
+                                                 f"of the median volume (planned when under {LOWRES_PATCH_FRACTION:.0%}, "
+                                                 f"kept when it shrinks the volume at least {LOWRES_MIN_SHRINK:g}x)")
+        elif "3d_lowres" in wanted:
+            configs["3d_lowres"] = lowres
     if "2d" in wanted:
-        c2 = plan_configuration(list(sp[1:]), list(median_shape[1:]), total_voxels, in_channels, num_classes, budget_gb)
-        c2["data_identifier"] = "fullres"
-        c2["spacing"] = list(map(float, sp))
-        c2["median_shape"] = [int(round(m)) for m in median_shape]
-        c2["reasons"]["spacing"] = "same data as 3d_fullres; slices along axis 0"
-        plans["configurations"]["2d"] = c2
-    coverage = float(np.prod(median_shape) / np.prod(full["patch_size"]))
-    if "3d_lowres" in wanted and coverage > LOWRES_TRIGGER:
-        plans["configurations"]["3d_lowres"] = _plan_lowres(sp, shapes, in_channels, num_classes, budget_gb, coverage)
+        c2 = plan_configuration(list(sp[1:]), list(median_shape[1:]), dataset_voxels, num_classes, budget_gb, "2d")
+        c2["reasons"]["spacing"] = "in-plane target spacing; each case keeps its own spacing across slices"
+        c2["reasons"]["batch_dice"] = "batch Dice: a slice is a small part of a case"
+        configs["2d"] = c2
+    plans["default_configuration"] = next((c for c in ("3d_fullres", "2d", "3d_lowres") if c in configs), None)
+    plans["reasons"]["default_configuration"] = (
+        "3D data: the full-resolution 3D U-Net" if plans["default_configuration"] == "3d_fullres"
+        else "2D data: only the 2D U-Net applies" if not is_3d else "the only configuration planned")
     return plans
 
 
-def _plan_lowres(sp: np.ndarray, shapes: np.ndarray, in_channels: int, num_classes: int,
-                 budget_gb: float, fullres_coverage: float) -> dict:
-    """Coarsen the spacing (finest axes first, 3% a step) until the median volume holds at most LOWRES_TARGET patches."""
-    spacing = sp.copy()
-    while True:
-        finest = spacing.min()
-        grow = spacing < spacing.max() * 0.999 if spacing.max() / finest > 1.001 else np.ones_like(spacing, bool)
-        spacing = np.where(grow, np.minimum(spacing * 1.03, spacing.max() if not grow.all() else np.inf), spacing)
-        scaled = shapes * sp / spacing
-        median = np.median(scaled, axis=0)
-        c = plan_configuration(list(spacing), list(median), float(np.sum(np.prod(scaled, axis=1))),
-                               in_channels, num_classes, budget_gb)
-        if np.prod(median) / np.prod(c["patch_size"]) <= LOWRES_TARGET or spacing.min() > 8 * sp.min():
-            break
-    c["data_identifier"] = "lowres"
-    c["reasons"]["spacing"] = (f"fullres median volume holds {fullres_coverage:.1f} patches; spacing coarsened until "
-                               f"it holds at most {LOWRES_TARGET:g}")
-    return c
+def _plan_lowres(sp: np.ndarray, median_shape: np.ndarray, full: dict, num_cases: int, num_classes: int,
+                 budget_gb: float) -> dict | None:
+    """Coarsen the spacing (the axes over 2x finer than the coarsest first) until a patch covers
+    LOWRES_PATCH_FRACTION of the median volume; None when not needed or not worth it."""
+    fullres_voxels = float(np.prod(median_shape))
+    median_voxels = fullres_voxels
+    patch_voxels = float(np.prod(full["patch_size"]))
+    spacing = sp.astype(float).copy()
+    lowres = None
+    while patch_voxels / median_voxels < LOWRES_PATCH_FRACTION:
+        finer = spacing.max() / spacing > 2
+        if finer.any():
+            spacing[finer] *= LOWRES_SPACING_STEP
+        else:
+            spacing *= LOWRES_SPACING_STEP
+        scaled = sp / spacing * median_shape
+        median_voxels = float(np.prod(scaled))
+        lowres = plan_configuration(list(spacing), [round(x) for x in scaled], median_voxels * num_cases,
+                                    num_classes, budget_gb, "3d_lowres")
+        patch_voxels = float(np.prod(lowres["patch_size"]))
+    if lowres is None or fullres_voxels / median_voxels < LOWRES_MIN_SHRINK:
+        return None
+    lowres["batch_dice"] = False
+    lowres["reasons"]["batch_dice"] = "per-sample Dice: a lowres patch covers much of a case"
+    lowres["reasons"]["spacing"] = (f"a 3d_fullres patch covers {np.prod(full['patch_size']) / fullres_voxels:.0%} of "
+                                    f"the median volume; spacing coarsened {LOWRES_SPACING_STEP:g}x a step (axes over 2x "
+                                    f"finer than the coarsest first) until a patch covers {LOWRES_PATCH_FRACTION:.0%}")
+    return lowres
 
 
 def save_plans(plans: dict, path: Path) -> None:
@@ -199,11 +255,13 @@ def load_plans(path: Path) -> dict:
 
 def explain_plans(plans: dict) -> str:
     """The decisions as a plain-text table (what `autoseg plan --explain` prints)."""
-    rows = [("all", "transpose_forward", str(plans["transpose_forward"]), plans["reasons"]["transpose_forward"]),
-            ("all", "anisotropic", str(plans["anisotropic"]), plans["reasons"]["anisotropic"]),
+    rows = [("all", "default_configuration", str(plans["default_configuration"]), plans["reasons"]["default_configuration"]),
+            ("all", "transpose_forward", str(plans["transpose_forward"]), plans["reasons"]["transpose_forward"]),
             ("all", "resampling", f"image order {plans['resampling']['image_order']}", plans["resampling"]["reason"])]
     for n in plans["normalization"]:
         rows.append(("all", f"normalization[{n['name']}]", n["scheme"] + (" (non-zero mask)" if n["use_nonzero_mask"] else ""), n["reason"]))
+    for name, why in plans.get("not_planned", {}).items():
+        rows.append((name, "not planned", "-", why))
     for name, c in plans["configurations"].items():
         rows += [
             (name, "spacing", _fmt(c["spacing"]), c["reasons"]["spacing"]),
@@ -211,8 +269,9 @@ def explain_plans(plans: dict) -> str:
             (name, "patch_size", _fmt(c["patch_size"]), c["reasons"]["patch_size"]),
             (name, "features_per_stage", _fmt(c["features_per_stage"]), "doubling from 32 per stage, capped"),
             (name, "strides", " ".join(_fmt(s) for s in c["strides"]), c["reasons"]["topology"]),
-            (name, "kernel_sizes", " ".join(_fmt(k) for k in c["kernel_sizes"]), "3 per axis; 1 along an axis over 2x coarser"),
+            (name, "kernel_sizes", " ".join(_fmt(k) for k in c["kernel_sizes"]), c["reasons"]["kernel_sizes"]),
             (name, "batch_size", str(c["batch_size"]), c["reasons"]["batch_size"]),
+            (name, "batch_dice", str(c["batch_dice"]), c["reasons"]["batch_dice"]),
             (name, "estimated_memory_gb", str(c["estimated_memory_gb"]), f"of a {plans['memory_budget_gb']:g} GB budget"),
         ]
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
