@@ -12,6 +12,7 @@ import numpy as np
 from tqdm import tqdm
 
 from autoseg import workspace
+from autoseg.inference.export import segmentation_suffix
 from autoseg.atomic import read_json, write_json
 from autoseg.dataset.image_io import read_image
 from autoseg.dataset.layout import load_dataset, read_case_label
@@ -128,7 +129,7 @@ def _validation_pairs(workdir: Path, members: list[str], results: dict, cases: d
     for case_id in case_ids:
         folds = {c: results[c]["case_folds"][case_id] for c in members}
         if len(members) == 1:
-            prediction, _ = read_image(workspace.fold_dir(workdir, members[0], folds[members[0]]) / "validation" / f"{case_id}{ending}")
+            prediction, _ = read_image(workspace.fold_dir(workdir, members[0], folds[members[0]]) / "validation" / f"{case_id}{segmentation_suffix(ending)}")
         else:
             prediction = _ensemble_prediction(workdir, members, case_id, folds)
         yield prediction, read_case_label(cases[case_id])

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from autoseg.atomic import atomic_path, write_json
 from autoseg.dataset.image_io import Geometry, ImageReadError, image_suffix, read_image, strip_suffix
 from autoseg.fingerprint import nonzero_bounding_box
+from autoseg.planning.spacing import MISSING_AXIS_SPACING
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +120,16 @@ def _check_spacing(mask: np.ndarray, spacing: Sequence[float]) -> None:
                          f"shape {mask.shape})")
 
 
+def _drop_missing_axes(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]):
+    """A 2D image read as one slice with the pseudo-spacing of a missing axis is measured in 2D:
+    distances in-plane, and areas as volumes of a 1 mm thick slab."""
+    keep = [a for a, (n, s) in enumerate(zip(ref.shape, spacing)) if not (n == 1 and s >= MISSING_AXIS_SPACING)]
+    if len(keep) == ref.ndim or not keep:
+        return pred, ref, spacing
+    squeeze = tuple(a for a in range(ref.ndim) if a not in keep)
+    return pred.squeeze(squeeze), ref.squeeze(squeeze), [float(spacing[a]) for a in keep]
+
+
 def evaluate_case(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float],
                   labels: Sequence[int]) -> dict[str, dict[str, float | int]]:
     """Per-label metrics of one case, keyed by label id as a string; NaN marks an undefined value."""
@@ -126,6 +137,7 @@ def evaluate_case(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float],
     if pred.shape != ref.shape:
         raise ValueError(f"prediction shape {pred.shape} differs from reference shape {ref.shape}")
     _check_spacing(ref, spacing)
+    pred, ref, spacing = _drop_missing_axes(pred, ref, spacing)
     voxel_mm3 = float(np.prod(spacing))
     result = {}
     for label in labels:

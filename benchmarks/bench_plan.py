@@ -222,7 +222,7 @@ def autoseg_outcome(workdir: Path) -> str:
     parts = []
     for name, conf in plans["configurations"].items():
         folder = workdir / "preprocessed" / conf["data_identifier"]
-        n = len([p for p in folder.glob("*.npy") if not p.name.endswith("_seg.npy")])
+        n = len(list(folder.glob("*.json")))  # one properties file per complete case
         parts.append(f"{name} {n} cases")
     return "; ".join(parts)
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 from scipy.ndimage import binary_erosion
 
-from autoseg.training.augmentation import (DownsampleSegForDeepSupervision, make_loader, shutdown_loader,
-                                           training_patch_size, training_transforms, validation_transforms)
+from autoseg.training.augmentation import (DownsampleSegForDeepSupervision, MaskImageOutsideNonzero, make_loader,
+                                           rotation_for_patch, shutdown_loader, training_patch_size,
+                                           training_transforms, validation_transforms)
 from autoseg.training.patch_sampling import PatchLoader
 
 SCALES_3D = [[1.0, 1.0, 1.0], [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]]
@@ -34,24 +35,22 @@ def folder(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def augmented_batches(folder, final, n, *, anisotropic=False, mirror_axes=(0, 1, 2), scales=None, seed=0):
-    loader = PatchLoader(folder, ["c0", "c1"], training_patch_size(final, anisotropic=anisotropic), batch_size=4,
-                         seed=seed, final_patch_size=final)
-    transforms = training_transforms(final, anisotropic=anisotropic, mirror_axes=mirror_axes,
-                                     deep_supervision_scales=scales)
+def augmented_batches(folder, final, n, *, mirror_axes=(0, 1, 2), scales=None, seed=0):
+    loader = PatchLoader(folder, ["c0", "c1"], training_patch_size(final), batch_size=4, seed=seed,
+                         final_patch_size=final)
+    transforms = training_transforms(final, mirror_axes=mirror_axes, deep_supervision_scales=scales)
     batches = make_loader(loader, transforms, num_workers=0, seed=seed)
     return [next(batches) for _ in range(n)]
 
 
-@pytest.mark.parametrize("final, anisotropic, scales", [
-    ([40, 56, 40], False, SCALES_3D),
-    ([12, 48, 40], True, [[1.0, 1.0, 1.0], [1.0, 0.5, 0.5]]),
-    ([48, 40], False, [[1.0, 1.0], [0.5, 0.5]]),
-    ([40, 56, 40], False, None),
+@pytest.mark.parametrize("final, scales", [
+    ([40, 56, 40], SCALES_3D),
+    ([12, 48, 40], [[1.0, 1.0, 1.0], [1.0, 0.5, 0.5]]),  # a slab: augmented slice by slice
+    ([48, 40], [[1.0, 1.0], [0.5, 0.5]]),
+    ([40, 56, 40], None),
 ])
-def test_training_batches_have_patch_and_deep_supervision_shapes_and_only_real_labels(folder, final, anisotropic,
-                                                                                      scales):
-    for batch in augmented_batches(folder, final, 3, anisotropic=anisotropic, mirror_axes=(0, 1), scales=scales):
+def test_training_batches_have_patch_and_deep_supervision_shapes_and_only_real_labels(folder, final, scales):
+    for batch in augmented_batches(folder, final, 3, mirror_axes=(0, 1), scales=scales):
         assert batch["data"].dtype == torch.float32 and tuple(batch["data"].shape) == (4, 1, *final)
         expected = [[math.ceil(p * f) for p, f in zip(final, s)] for s in (scales or [[1.0] * len(final)])]
         assert [list(t.shape[2:]) for t in batch["target"]] == expected
@@ -78,29 +77,96 @@ def test_spatial_transforms_and_mirroring_move_image_and_labels_together(folder)
                    for b in batches)
 
 
-def test_enlarged_patch_leaves_no_empty_border_after_rotation_and_scaling(tmp_path):
+def test_rotation_follows_nnunets_rule_for_the_patch_shape():
+    degrees = lambda patch: (math.degrees(rotation_for_patch(patch)[0][1]), rotation_for_patch(patch)[1])  # noqa: E731
+    assert degrees([48, 40]) == pytest.approx((180, False))  # 2D, nearly square: any in-plane angle
+    assert degrees([32, 96]) == pytest.approx((15, False))  # 2D, elongated (3 > 1.5)
+    assert degrees([40, 56, 40]) == pytest.approx((30, False))  # 3D: +-30 degrees about every axis
+    assert degrees([16, 48, 48]) == pytest.approx((30, False))  # ratio exactly 3 is not a slab
+    assert degrees([12, 48, 40]) == pytest.approx((180, True))  # slab (48 / 12 > 3): about axis 0 only
+    assert rotation_for_patch([40, 56, 40])[0][0] == pytest.approx(-math.pi / 6)
+
+
+# nnU-Net v2.8.1's initial patch size (configure_rotation_dummyDA_mirroring_and_inital_patch_size, run once in its
+# venv), and ours: the same, one voxel larger where read minus final patch would be odd. Before, autoseg read
+# 106x112x104 for 40x56x40 (3.3 times the voxels of 74x80x64).
+@pytest.mark.parametrize("final, nnunet, ours", [
+    ([40, 56, 40], [73, 80, 64], [74, 80, 64]),
+    ([12, 48, 40], [12, 56, 56], [12, 56, 56]),
+    ([48, 40], [56, 56], [56, 56]),
+    ([32, 96], [65, 112], [66, 112]),
+    ([8, 8, 8], [12, 12, 12], [12, 12, 12]),
+    ([7, 9, 11], [12, 15, 15], [13, 15, 15]),
+])
+def test_read_patch_is_nnunets_initial_patch_size_with_whole_margins(final, nnunet, ours):
+    read = training_patch_size(final)
+    assert read == ours
+    assert all(0 <= r - n <= 1 and (r - f) % 2 == 0 for r, n, f in zip(read, nnunet, final))
+
+
+@pytest.mark.parametrize("final", [[7, 9, 11], [40, 56, 40], [7, 9], [6, 8]])
+def test_unrotated_final_patch_keeps_foreground_forced_at_the_volume_corners(tmp_path, final):
+    """The final patch is the box patch_sampling aims at: forced voxels in the far corner stay inside it."""
+    shape = (30, 30, 30) if len(final) == 3 else (3, 30, 30)
+    seg = np.zeros((1, *shape), np.int8)
+    seg[0, -1, -1, -1] = 1
+    seg[0, 0, 0, 0] = 2
+    image = np.arange(np.prod(shape), dtype=np.float32).reshape(1, *shape)
+    write_case(tmp_path, "corner", image, seg)
+    spatial = training_transforms(final, mirror_axes=None, deep_supervision_scales=None).transforms[0]
+    spatial.p_rot_per_sample = spatial.p_scale_per_sample = 0.0
+    read = training_patch_size(final)
+    loader = PatchLoader(tmp_path, ["corner"], read, 4, oversample_foreground=1.0, seed=0, final_patch_size=final)
+    for _ in range(5):
+        raw = next(loader)
+        out = spatial(data=raw["data"].copy(), seg=raw["seg"].copy())
+        margin = tuple(slice((r - f) // 2, (r - f) // 2 + f) for r, f in zip(read, final))
+        assert np.array_equal(out["data"], raw["data"][(slice(None), slice(None)) + margin])  # a plain crop
+        for sample in out["seg"][:, 0]:
+            assert (sample == 1).sum() + (sample == 2).sum() >= 1  # the forced label's voxel is in the patch
+
+
+def test_samples_reaching_past_the_read_patch_get_label_minus_one_and_image_zero():
     final = [20, 24, 20]
-    centre_only = np.zeros((1, 90, 90, 90))
-    centre_only[0, 45, 45, 45] = 1  # forced patches are centred here, far from the volume border
-    write_case(tmp_path, "big", np.ones((1, 90, 90, 90)), centre_only)
-    spatial = training_transforms(final, anisotropic=False, mirror_axes=None,
-                                  deep_supervision_scales=None).transforms[0]
-    spatial.p_rot_per_sample = spatial.p_scale_per_sample = 1.0
-    np.random.seed(0)
-    enlarged = PatchLoader(tmp_path, ["big"], training_patch_size(final), 4, oversample_foreground=1.0, seed=0,
-                           final_patch_size=final)
-    plain = PatchLoader(tmp_path, ["big"], final, 4, oversample_foreground=1.0, seed=0)
-    assert min(spatial(**next(enlarged))["data"].min() for _ in range(5)) > 0.99
-    assert min(spatial(**next(plain))["data"].min() for _ in range(5)) < 0.5  # without enlargement: empty corners
+    spatial = training_transforms(final, mirror_axes=None, deep_supervision_scales=None).transforms[0]
+    spatial.p_scale_per_sample, spatial.scale = 1.0, (2.0, 2.0)  # zoom out far beyond the read patch
+    read = training_patch_size(final)
+    out = spatial(data=np.ones((2, 1, *read), np.float32), seg=np.zeros((2, 1, *read), np.int8))
+    assert np.all(out["seg"][:, 0, 0, 0, 0] == -1) and np.all(out["data"][:, 0, 0, 0, 0] == 0)
+    assert np.all(out["seg"][:, 0, 10, 12, 10] == 0) and np.all(out["data"][:, 0, 10, 12, 10] == pytest.approx(1))
 
 
-def test_training_patch_size_enlarges_only_what_rotation_and_scaling_need():
-    assert training_patch_size([40, 56, 40], (0.0, 0.0), (1.0, 1.0)) == [40, 56, 40]
-    iso = training_patch_size([40, 56, 40])
-    assert all(e > p and (e - p) % 2 == 0 for e, p in zip(iso, [40, 56, 40]))
-    aniso = training_patch_size([12, 48, 40], anisotropic=True)
-    assert aniso[0] == 12 and aniso[1] > 48 and aniso[2] > 40
-    assert training_patch_size([32, 32], (-math.pi, math.pi), (1.0, 1.0)) == [46, 46]  # the diagonal
+def test_mask_sets_the_image_to_zero_exactly_where_the_label_is_minus_one_in_masked_channels_only():
+    seg = np.zeros((2, 1, 4, 5, 6), np.int16)
+    seg[:, :, :2] = -1
+    seg[1, :, 3, 3, 3] = 300
+    data = np.random.default_rng(0).normal(size=(2, 3, 4, 5, 6)).astype(np.float32) + 10
+    out = MaskImageOutsideNonzero([0, 2])(data=data.copy(), seg=seg)["data"]
+    outside = seg[:, 0] < 0
+    assert np.all(out[:, 0][outside] == 0) and np.array_equal(out[:, 0][~outside], data[:, 0][~outside])
+    assert np.all(out[:, 2][outside] == 0) and np.array_equal(out[:, 2][~outside], data[:, 2][~outside])
+    assert np.array_equal(out[:, 1], data[:, 1])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_augmented_batches_mask_after_the_intensity_transforms_and_keep_no_minus_one(seed):
+    """Masked channel 0 is 0 exactly where the label was -1, after noise/brightness/...; channel 1 is untouched."""
+    final = [8, 12, 10]
+    seg = np.full((4, 1, *final), 300, np.int16)  # a label id above 127
+    seg[:, :, :, :, :4] = -1
+    seg[1, :, 2:6] = -1
+    data = np.full((4, 2, *final), 5.0, np.float32)
+    transforms = training_transforms(final, mirror_axes=(0, 1, 2), deep_supervision_scales=SCALES_3D,
+                                     nonzero_mask_channels=[0])
+    spatial = transforms.transforms[0]
+    spatial.p_rot_per_sample = spatial.p_scale_per_sample = 0.0  # keep every voxel's label known
+    np.random.seed(seed)
+    batch = transforms(data=data, seg=seg)
+    image, target = batch["data"].numpy(), batch["target"][0].numpy()[:, 0]
+    assert np.array_equal(image[:, 0] == 0, target == 0)
+    assert np.all(image[:, 1] != 0)
+    assert [t.dtype for t in batch["target"]] == [torch.int64] * 3
+    assert all(set(torch.unique(t).tolist()) == {0, 300} for t in batch["target"])
 
 
 def test_deep_supervision_downsampling_keeps_label_ids():
@@ -116,7 +182,8 @@ def test_validation_transforms_do_not_change_the_patch(folder):
     raw = next(PatchLoader(folder, ["c0"], [40, 56, 40], batch_size=2, seed=0))
     batch = next(make_loader(loader, validation_transforms(SCALES_3D), num_workers=0, seed=0))
     assert np.array_equal(batch["data"].numpy(), raw["data"])
-    assert np.array_equal(batch["target"][0].numpy(), raw["seg"].astype(np.int64))
+    # -1 (outside the volume or the non-zero mask) becomes background; every label is kept as it was
+    assert np.array_equal(batch["target"][0].numpy(), np.maximum(raw["seg"], 0).astype(np.int64))
     assert [tuple(t.shape[2:]) for t in batch["target"]] == [(40, 56, 40), (20, 28, 20), (10, 14, 10)]
 
 
@@ -131,8 +198,7 @@ def test_background_workers_yield_batches_and_shut_down(folder):
     final = [40, 56, 40]
     loader = PatchLoader(folder, ["c0", "c1"], training_patch_size(final), batch_size=2, seed=0,
                          final_patch_size=final)
-    transforms = training_transforms(final, anisotropic=False, mirror_axes=(0, 1, 2),
-                                     deep_supervision_scales=SCALES_3D)
+    transforms = training_transforms(final, mirror_axes=(0, 1, 2), deep_supervision_scales=SCALES_3D)
     batches = make_loader(loader, transforms, num_workers=2, seed=0)
     try:
         for _ in range(4):

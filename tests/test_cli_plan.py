@@ -5,6 +5,7 @@ import json
 import numpy as np
 
 from autoseg.atomic import read_json
+from autoseg.preprocessing import store
 from autoseg.cli import main
 
 from conftest import write_sitk
@@ -29,8 +30,8 @@ def test_plan_end_to_end_writes_every_artifact_and_explains(make_nnunetv2, tmp_p
     assert len(full["patch_size"]) == 3 and full["strides"][0] == [1, 1, 1]
     folder = workdir / "preprocessed" / "3d_fullres"
     assert sorted(p.name for p in folder.iterdir()) == sorted(
-        f"case_{i:03d}{s}" for i in range(3) for s in (".npy", "_seg.npy", ".json"))
-    data = np.load(folder / "case_000.npy", mmap_mode="r")
+        f"case_{i:03d}{s}" for i in range(3) for s in (".b2nd", "_seg.b2nd", ".json"))
+    data = store.load_case_image(folder, "case_000")
     assert data.dtype == np.float32 and data.shape[0] == 2
     assert "Traceback" not in out + err
 
@@ -91,7 +92,7 @@ def test_plan_on_real_hippocampus_cases(hippocampus_subset, tmp_path, capsys):
     assert list(plans["configurations"]) == ["3d_fullres"]
     assert plans["configurations"]["3d_fullres"]["spacing"] == [1.0, 1.0, 1.0]
     assert plans["normalization"][0]["scheme"] == "zscore"
-    assert len(list((workdir / "preprocessed" / "3d_fullres").glob("*_seg.npy"))) == 4
+    assert len(list((workdir / "preprocessed" / "3d_fullres").glob("*_seg.b2nd"))) == 4
     assert "patch_size" in capsys.readouterr().out
 
 

@@ -5,12 +5,13 @@ import json
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from autoseg.dataset.image_io import Geometry, ImageReadError, read_header, read_image, write_image
 from autoseg.dataset.layout import DatasetError, load_dataset, read_case_image, read_case_label
 from autoseg.dataset.verify import verify_dataset
 
-from conftest import BRATS, LABELS, synthetic_case, write_sitk
+from conftest import BRATS, LABELS, SHARED_DATASETS, synthetic_case, write_sitk
 
 
 def test_both_layouts_load_into_the_same_dataset_and_the_same_arrays(make_decathlon, make_nnunetv2):
@@ -54,7 +55,9 @@ def test_read_case_image_rejects_a_wrong_channel_count_naming_the_file(make_deca
     ({"modality": {"1": "CT"}, "labels": {"0": "background"}, "training": [{"image": "a.nii.gz"}]}, "indices"),
     ({"modality": {"0": "CT"}, "labels": {"0": "background"}, "training": []}, "training"),
     ({"channel_names": {"0": "CT"}, "labels": {"background": 0, "tumour": [1, 2]}}, "region"),
-    ({"channel_names": {"0": "CT"}, "labels": {"background": 0}, "file_ending": ".png"}, "file_ending"),
+    ({"channel_names": {"0": "CT"}, "labels": {"background": 0}, "file_ending": ".bmp"}, "file_ending"),
+    ({"modality": {"0": "CT"}, "labels": {"0": "background", "1": "a", "40000": "b"}, "training": [{"image": "a.nii.gz"}]},
+     "0..32767"),
 ])
 def test_malformed_dataset_json_names_the_file_and_the_problem(tmp_path, meta, fragment):
     (tmp_path / "imagesTr").mkdir()
@@ -171,3 +174,76 @@ def test_an_origin_far_from_zero_may_not_drift_by_a_fraction_of_a_voxel():
     nearly = Geometry((1.0, 1.0, 1.0), (500.0 + 1e-5, 500.0, 500.0), (1, 0, 0, 0, 1, 0, 0, 0, 1), (4, 4, 4))
     assert not a.matches(shifted, tolerance=1e-3)
     assert a.matches(nearly, tolerance=1e-3)
+
+
+DSB = SHARED_DATASETS / "Dataset010_DSB2018Nuclei"
+
+
+def _picture_dataset(root, n_cases=2, shape=(6, 9), channels=("R", "G", "B"), labels=("background", "cell"),
+                     label_values=(0, 1), label_dtype=np.uint8):
+    """An nnU-Net v2 natural-image dataset: one RGB `<case>_0000.png` per case (greyscale for one channel)."""
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n_cases):
+        pixels = rng.integers(0, 256, (*shape, 3) if len(channels) == 3 else shape, dtype=np.uint8)
+        Image.fromarray(pixels).save(root / "imagesTr" / f"img_{i}_0000.png")
+        label = np.resize(np.asarray(label_values, label_dtype), shape)
+        Image.fromarray(label).save(root / "labelsTr" / f"img_{i}.png")
+    meta = {"channel_names": {str(c): n for c, n in enumerate(channels)},
+            "labels": {name: k for k, name in enumerate(labels)}, "numTraining": n_cases, "file_ending": ".png"}
+    (root / "dataset.json").write_text(json.dumps(meta))
+    return root
+
+
+def test_rgb_png_dataset_holds_its_three_channels_in_one_file_per_case(tmp_path):
+    dataset = load_dataset(_picture_dataset(tmp_path / "pics"))
+    assert dataset.file_ending == ".png" and dataset.num_channels == 3
+    assert [[p.name for p in c.image_files] for c in dataset.cases] == [["img_0_0000.png"], ["img_1_0000.png"]]
+    assert all(c.channels_in_one_file for c in dataset.cases)
+    image, geometry = read_case_image(dataset.cases[0], 3)
+    assert image.shape == (3, 1, 6, 9) and image.dtype == np.float32 and geometry.spacing == (999.0, 1.0, 1.0)
+    label = read_case_label(dataset.cases[0])
+    assert label.shape == (1, 6, 9) and set(np.unique(label)) == {0, 1}
+    assert verify_dataset(dataset, progress=False).problems == []  # no "missing _0001/_0002" reported
+
+
+def test_png_channels_in_separate_files_are_still_one_file_per_channel(tmp_path):
+    root = _picture_dataset(tmp_path / "pics", channels=("DAPI",))
+    meta = json.loads((root / "dataset.json").read_text())
+    meta["channel_names"] = {"0": "DAPI", "1": "GFP"}
+    (root / "dataset.json").write_text(json.dumps(meta))
+    Image.fromarray(np.full((6, 9), 7, np.uint8)).save(root / "imagesTr" / "img_0_0001.png")
+    dataset = load_dataset(root)
+    assert [len(c.image_files) for c in dataset.cases] == [2, 2]  # one case has _0001: the layout is per channel
+    image, _ = read_case_image(dataset.cases[0], 2)
+    assert image.shape == (2, 1, 6, 9) and (image[1] == 7).all()
+    problems = verify_dataset(dataset, progress=False).problems
+    assert [(p.file.split("/")[-1], "not found" in p.message) for p in problems] == [("img_1_0001.png", True)]
+
+
+def test_label_ids_above_127_survive_reading(tmp_path):
+    names = ["background"] + [f"class_{k}" for k in range(1, 301)]
+    root = _picture_dataset(tmp_path / "many", labels=names, label_values=(0, 128, 255, 300), label_dtype=np.uint16)
+    dataset = load_dataset(root)
+    assert max(dataset.labels) == 300
+    label = read_case_label(dataset.cases[0])
+    assert label.dtype == np.int16 and set(np.unique(label)) == {0, 128, 255, 300}
+    assert verify_dataset(dataset, progress=False).problems == []
+
+
+def test_real_dsb_nuclei_rgb_pngs_load_as_three_channel_slices_and_verify_clean():
+    if not (DSB / "dataset.json").is_file():
+        pytest.skip(f"{DSB} not available")
+    dataset = load_dataset(DSB)
+    assert dataset.layout == "nnunetv2" and dataset.channel_names == ("R", "G", "B") and dataset.file_ending == ".png"
+    assert dataset.labels == {0: "background", 1: "nucleus"} and len(dataset.cases) == 80
+    assert all([p.name for p in c.image_files] == [f"{c.case_id}_0000.png"] for c in dataset.cases)
+    subset = dataclasses.replace(dataset, cases=dataset.cases[:6])
+    for case in subset.cases:
+        image, geometry = read_case_image(case, 3)
+        label = read_case_label(case)
+        assert image.shape == (3, *label.shape) and label.shape[0] == 1
+        assert geometry.spacing == (999.0, 1.0, 1.0) and geometry.shape == label.shape
+        assert set(np.unique(label)) == {0, 1}
+    assert verify_dataset(subset, progress=False).problems == []

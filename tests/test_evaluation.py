@@ -169,3 +169,17 @@ def test_prediction_without_reference_is_an_error(folders, tmp_path):
     write(pred_dir / "stray.nii.gz", np.zeros((8, 10, 10), np.uint8))
     with pytest.raises(EvaluationError, match="stray.nii.gz"):
         evaluate_folders(pred_dir, ref_dir, output_dir=tmp_path / "eval")
+
+
+def test_a_2d_image_is_measured_in_2d_not_across_its_pseudo_slice():
+    """PNG inputs are read as one slice 999 'mm' thick: distances stay in-plane, areas count a 1 mm slab."""
+    from autoseg.evaluation import evaluate_case
+
+    ref = np.zeros((1, 20, 20), np.uint8)
+    ref[0, 5:15, 5:15] = 1
+    pred = np.zeros_like(ref)
+    pred[0, 5:15, 8:18] = 1  # shifted 3 px to the right
+    flat = evaluate_case(pred, ref, (999.0, 0.5, 0.5), [1])["1"]
+    plain = evaluate_case(pred[0], ref[0], (0.5, 0.5), [1])["1"]
+    assert flat["hd95_mm"] == pytest.approx(plain["hd95_mm"]) and flat["hd95_mm"] <= 1.5
+    assert flat["ref_volume_ml"] == pytest.approx(100 * 0.25 / 1000)

@@ -1,9 +1,11 @@
 import numpy as np
 import pytest
+from PIL import Image
 
 from autoseg.dataset.image_io import Geometry, read_image
 from autoseg.fingerprint import CaseFingerprint, Fingerprint, IntensityStats
-from autoseg.inference.export import export_segmentation, probabilities_to_original, save_probabilities
+from autoseg.inference.export import (export_segmentation, probabilities_to_original, save_probabilities,
+                                      segmentation_suffix)
 from autoseg.planning.planner import plan_experiment
 from autoseg.preprocessing.preprocess import preprocess_case
 
@@ -96,3 +98,36 @@ def test_saved_probabilities_are_float16_and_close(tmp_path):
     assert loaded.dtype == np.float16 and loaded.shape == probabilities.shape
     np.testing.assert_allclose(loaded, probabilities, atol=1e-3)
     assert [p.name for p in tmp_path.iterdir()] == ["case.npz"]
+
+
+def test_png_input_gives_a_png_label_map_of_the_same_size_and_values(tmp_path):
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (13, 17, 3), dtype=np.uint8)).save(tmp_path / "cells.png")
+    _, geometry = read_image(tmp_path / "cells.png")
+    probabilities = np.random.default_rng(1).dirichlet(np.ones(3), (1, 13, 17)).transpose(3, 0, 1, 2)
+    out = tmp_path / "out" / f"cells{segmentation_suffix('.png')}"
+
+    returned = export_segmentation(probabilities, geometry, out)
+    assert out.name == "cells.png"
+    assert Image.open(out).size == Image.open(tmp_path / "cells.png").size and Image.open(out).mode == "L"
+    written, written_geometry = read_image(out)
+    assert written.shape == (1, 13, 17) and written.dtype == np.uint8 and written_geometry == geometry
+    np.testing.assert_array_equal(written, returned)
+    np.testing.assert_array_equal(written, np.argmax(probabilities, axis=0))
+    assert [p.name for p in out.parent.iterdir()] == ["cells.png"]
+
+
+@pytest.mark.parametrize("suffix", [".png", ".nii.gz"])
+def test_more_than_256_classes_are_written_as_uint16_label_ids(tmp_path, suffix):
+    shape = (1, 4, 5)
+    geometry = Geometry((999.0, 1.0, 1.0), (0.0, 0.0, 0.0), tuple(np.eye(3).ravel()), shape)
+    expected = np.resize([0, 127, 128, 255, 256, 299], 20).reshape(shape)
+    probabilities = np.eye(300, dtype=np.float32)[expected].transpose(3, 0, 1, 2)
+    export_segmentation(probabilities, geometry, tmp_path / f"many{suffix}")
+    written, _ = read_image(tmp_path / f"many{suffix}")
+    assert written.dtype == np.uint16
+    np.testing.assert_array_equal(written, expected)
+
+
+def test_label_maps_keep_the_input_format_except_lossy_jpeg():
+    assert [segmentation_suffix(s) for s in (".png", ".tif", ".tiff", ".nii.gz", ".mha", ".jpg", ".jpeg")] == [
+        ".png", ".tif", ".tiff", ".nii.gz", ".mha", ".png", ".png"]

@@ -36,6 +36,27 @@ def test_dice_is_float32_under_bf16_autocast():
     assert loss.item() == pytest.approx(-1.0, abs=1e-3)
 
 
+def test_per_sample_dice_differs_from_batch_dice_when_one_sample_is_empty():
+    """nnU-Net's two Dice variants on a batch whose second sample has no foreground (background left out)."""
+    target = torch.zeros(2, 1, 4, 4, dtype=torch.long)
+    target[0, 0, :2, :2] = 1  # 4 foreground voxels in sample 0, none in sample 1
+    p_foreground = torch.where(target == 1, 0.9, 0.1).float()
+    logits = torch.cat([torch.log(1 - p_foreground), torch.log(p_foreground)], dim=1)
+    s = 1e-5
+    # sample 0: intersection 4 * 0.9, predicted 4 * 0.9 + 12 * 0.1, reference 4; sample 1: 0, 16 * 0.1, 0
+    dice_0, dice_1 = (7.2 + s) / (3.6 + 1.2 + 4 + s), s / (1.6 + s)
+    per_sample = soft_dice_loss(logits, target, batch_dice=False)
+    batch = soft_dice_loss(logits, target, batch_dice=True)
+    assert per_sample.item() == pytest.approx(-(dice_0 + dice_1) / 2, rel=1e-5)  # the empty sample scores ~0
+    assert batch.item() == pytest.approx(-(7.2 + s) / (3.6 + 2.8 + 4 + s), rel=1e-5)  # pooled over the batch
+    assert per_sample.item() > batch.item() + 0.25
+    ce = F.cross_entropy(logits, target[:, 0]).item()
+    assert DiceCELoss(batch_dice=False)(logits, target).item() == pytest.approx(per_sample.item() + ce, rel=1e-5)
+    assert DiceCELoss()(logits, target).item() == pytest.approx(batch.item() + ce, rel=1e-5)  # batch Dice by default
+    with_background = soft_dice_loss(logits, target, ignore_background=False, batch_dice=False)
+    assert with_background.item() < per_sample.item()  # background Dice (near 1) now enters the mean
+
+
 def test_deep_supervision_weights():
     assert deep_supervision_weights(1) == [1.0]
     assert deep_supervision_weights(2) == [1.0, 0.0]

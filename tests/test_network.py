@@ -66,22 +66,24 @@ def test_feature_map_elements_is_linear_in_patch_voxels():
     assert feature_map_elements([16, 16, 16], **args) == 8 * small
 
 
-def test_feature_map_elements_matches_network_activations():
+@pytest.mark.parametrize("deep_supervision", [False, True])
+def test_feature_map_elements_matches_network_activations(deep_supervision):
     """The planner's memory measure is exactly what the network's convolutions write for one sample."""
     topology = UNetTopology.from_plan(PLAN_3D_ANISO, in_channels=1, num_classes=3)
-    net = build_unet(topology)
+    net = build_unet(topology, deep_supervision=deep_supervision)
     counted = []
 
     def count(_module, _inputs, output):
         counted.append(output.numel())
 
-    for m in net.modules():
-        if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d)):
+    for name, m in net.named_modules():
+        is_unused_head = not deep_supervision and name.startswith("decoder.heads.") and name != "decoder.heads.0"
+        if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d)) and not is_unused_head:
             m.register_forward_hook(count)
     with torch.no_grad():
         net(torch.randn(1, 1, *PLAN_3D_ANISO["patch_size"]))
     estimate = feature_map_elements(PLAN_3D_ANISO["patch_size"], topology.features_per_stage, topology.strides,
-                                     num_classes=3)
+                                    num_classes=3, deep_supervision=deep_supervision)
     assert sum(counted) == estimate
 
 

@@ -1,19 +1,19 @@
 import json
+import pickle
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from autoseg.training.patch_sampling import PatchLoader, open_case, sample_patch_box
+from autoseg.preprocessing import store
+from autoseg.training.patch_sampling import PatchLoader, open_case, read_box, sample_patch_box
 
 
-def write_case(folder: Path, case_id: str, image: np.ndarray, seg: np.ndarray) -> None:
+def write_case(folder: Path, case_id: str, image: np.ndarray, seg: np.ndarray, seg_dtype=np.int8) -> None:
     """A case in the preprocessed format: image, seg and class_locations in the properties."""
-    np.save(folder / f"{case_id}.npy", image.astype(np.float32))
-    np.save(folder / f"{case_id}_seg.npy", seg.astype(np.int8))
     labels = [int(v) for v in np.unique(seg) if v > 0]
     locations = {str(v): np.argwhere(seg[0] == v)[:2000].tolist() for v in labels}
-    (folder / f"{case_id}.json").write_text(json.dumps({"class_locations": locations}))
+    store.save_case(folder, case_id, image.astype(np.float32), seg.astype(seg_dtype), {"class_locations": locations})
 
 
 @pytest.fixture
@@ -67,14 +67,57 @@ def test_case_without_foreground_falls_back_to_random_patches(tmp_path):
     assert batch["seg"].max() == 0 and batch["data"].shape == (2, 1, 4, 4, 4)
 
 
-def test_volume_smaller_than_patch_is_zero_padded_and_fully_inside(tmp_path):
+def test_volume_smaller_than_patch_is_padded_and_fully_inside(tmp_path):
     seg = np.ones((1, 5, 6, 4), np.int8)
     write_case(tmp_path, "small", np.full((1, 5, 6, 4), 7.0), seg)
     for batch in (next(PatchLoader(tmp_path, ["small"], [8, 9, 10], batch_size=3, seed=s)) for s in range(5)):
         data, labels = batch["data"], batch["seg"]
-        assert set(np.unique(data)) == {0.0, 7.0} and set(np.unique(labels)) == {0, 1}
-        assert np.all((data == 7) == (labels == 1))  # padding is image 0 and label 0 at the same voxels
+        assert set(np.unique(data)) == {0.0, 7.0} and set(np.unique(labels)) == {-1, 1}
+        assert np.all((data == 7) == (labels == 1))  # padding is image 0 and label -1 at the same voxels
         assert all((data[i] == 7).sum() == 5 * 6 * 4 for i in range(3))  # whole volume inside the patch
+
+
+def test_read_box_pads_with_the_given_value_and_reads_the_inside_exactly(tmp_path):
+    image = np.arange(3 * 4 * 5, dtype=np.float32).reshape(1, 3, 4, 5) + 1
+    write_case(tmp_path, "c", image, np.full((1, 3, 4, 5), 2))
+    case = open_case(tmp_path, "c")
+    box = read_box(case.image, [-1, 2, 3], [2, 6, 9])
+    assert box.shape == (1, 3, 4, 6)
+    np.testing.assert_array_equal(box[:, 1:, :2, :2], image[:, :2, 2:, 3:])
+    assert (box[:, 0] == 0).all() and (box[:, :, 2:] == 0).all() and (box[:, :, :, 2:] == 0).all()
+    labels = read_box(case.seg, [-1, 2, 3], [2, 6, 9], pad_value=-1)
+    assert labels.dtype == np.int8 and ((labels == 2) == (box > 0)).all() and set(np.unique(labels)) == {-1, 2}
+    assert (read_box(case.seg, [5, 5, 5], [7, 6, 8], pad_value=-1) == -1).all()  # wholly outside
+
+
+def test_int16_labels_and_minus_one_survive_the_loader(tmp_path):
+    seg = np.zeros((1, 12, 12, 12), np.int16)
+    seg[0, 4:8, 4:8, 4:8] = 300
+    seg[0, :2] = -1
+    write_case(tmp_path, "big_ids", np.random.default_rng(0).normal(size=(1, 12, 12, 12)), seg, seg_dtype=np.int16)
+    batch = next(PatchLoader(tmp_path, ["big_ids"], [12, 12, 12], batch_size=2, oversample_foreground=1.0, seed=0))
+    assert batch["seg"].dtype == np.int16
+    np.testing.assert_array_equal(batch["seg"][0], seg)  # the patch covers the volume exactly
+
+
+def test_loader_that_has_read_batches_pickles_and_reopens_its_cases(tmp_path, cases):
+    loader = PatchLoader(tmp_path, cases, [6, 7, 8], batch_size=3, seed=5)
+    next(loader)
+    assert loader._cases  # the cases are open in this process
+    copy = pickle.loads(pickle.dumps(loader))  # as a spawned batchgenerators worker receives it
+    assert copy._cases == {}
+    batch = next(copy)
+    assert batch["data"].shape == (3, 2, 6, 7, 8) and batch["seg"].dtype == np.int8
+
+
+def test_old_npy_cases_still_give_batches(tmp_path):
+    seg = np.zeros((1, 10, 10, 10), np.int8)
+    seg[0, 3:6, 3:6, 3:6] = 1
+    np.save(tmp_path / "old.npy", np.ones((1, 10, 10, 10), np.float32))
+    np.save(tmp_path / "old_seg.npy", seg)
+    (tmp_path / "old.json").write_text(json.dumps({"class_locations": {"1": np.argwhere(seg[0] == 1).tolist()}}))
+    batch = next(PatchLoader(tmp_path, ["old"], [4, 4, 4], batch_size=2, oversample_foreground=1.0, seed=0))
+    assert batch["data"].shape == (2, 1, 4, 4, 4) and all(batch["seg"][i].max() == 1 for i in range(2))
 
 
 def test_same_seed_same_batches_and_each_worker_its_own_stream(tmp_path, cases):
@@ -91,10 +134,13 @@ def test_same_seed_same_batches_and_each_worker_its_own_stream(tmp_path, cases):
 
 def test_open_case_is_lazy_and_names_the_missing_file(tmp_path, cases):
     case = open_case(tmp_path, cases[0])
-    assert isinstance(case.image, np.memmap) and case.image.shape == (2, 20, 24, 22)
+    assert not isinstance(case.image, np.ndarray) and case.image.shape == (2, 20, 24, 22)
     assert case.class_locations[1].shape[1] == 3
-    with pytest.raises(FileNotFoundError, match="nope.npy"):
+    with pytest.raises(FileNotFoundError, match="nope.json"):
         open_case(tmp_path, "nope")
+    (tmp_path / f"{cases[1]}_seg.b2nd").unlink()
+    with pytest.raises(FileNotFoundError, match=f"{cases[1]}_seg.b2nd"):
+        open_case(tmp_path, cases[1])
 
 
 def test_finite_loader_visits_each_case_once(tmp_path, cases):

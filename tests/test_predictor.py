@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from PIL import Image
 
 from autoseg import workspace
 from autoseg.atomic import write_json
@@ -87,7 +88,11 @@ def test_label_map_has_the_input_grid_for_an_anisotropic_cropped_rotated_input(w
     assert set(np.unique(labels)) <= {0, 1, 2} and (labels[outside] == 0).all()
     probabilities = np.load(tmp_path / "out" / "patient.npz")["probabilities"]
     assert probabilities.shape == (3, *shape)
-    np.testing.assert_array_equal(labels, np.argmax(probabilities.astype(np.float32), axis=0))
+    # The .npz holds float16 (about 3 digits): its argmax may differ only where two classes nearly tie.
+    top_two = np.sort(probabilities.astype(np.float32), axis=0)[-2:]
+    clear = top_two[1] - top_two[0] > 2e-3
+    np.testing.assert_array_equal(labels[clear], np.argmax(probabilities.astype(np.float32), axis=0)[clear])
+    assert clear.mean() > 0.95
     assert _no_temporary_files(tmp_path / "out")
 
 
@@ -211,3 +216,40 @@ def test_decathlon_style_4d_folder_and_explicit_files_are_one_case_each(tmp_path
     assert problems == [(str(tmp_path / "absent.nii.gz"), "no such file or folder")]
     with pytest.raises(InputError, match="has 2 channel"):
         read_input_case(cases[1], num_channels=1)
+
+
+def test_rgb_pictures_are_predicted_into_label_maps_of_the_same_format_and_size(tmp_path):
+    work = tmp_path / "work"
+    plans = _workspace(work, spacing=(999.0, 1.0, 1.0), shape=(1, 24, 28), num_channels=3, folds=(0,))
+    assert plans["default_configuration"] == "2d"
+    inputs = tmp_path / "imagesTs"
+    inputs.mkdir()
+    rng = np.random.default_rng(0)
+    sizes = {"cells_a": (24, 30), "cells_b": (31, 27), "photo": (20, 22)}  # (height, width)
+    for name, size in sizes.items():
+        ending = ".jpg" if name == "photo" else ".png"
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(inputs / f"{name}_0000{ending}")
+
+    report = predict_folder(work, [inputs], tmp_path / "out", mirroring=False, progress=False)  # default: 2d
+
+    assert report.written == sorted(sizes) and not report.failed
+    assert report.settings["configurations"] == ["2d"]
+    for name, (height, width) in sizes.items():
+        out = tmp_path / "out" / f"{name}.png"  # the JPEG input gets a lossless PNG
+        assert Image.open(out).size == (width, height)
+        labels, geometry = read_image(out)
+        assert labels.shape == (1, height, width) and geometry.is_2d and set(np.unique(labels)) <= {0, 1, 2}
+    assert _no_temporary_files(tmp_path / "out")
+
+
+def test_a_folder_of_rgb_pictures_is_one_case_per_picture_and_a_greyscale_one_is_refused(tmp_path):
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (5, 6, 3), dtype=np.uint8)).save(tmp_path / "dsb_001_0000.png")
+    Image.fromarray(rng.integers(0, 256, (5, 6), dtype=np.uint8)).save(tmp_path / "dsb_002_0000.png")
+
+    cases, problems = discover_inputs([tmp_path], num_channels=3)
+    assert [c.case_id for c in cases] == ["dsb_001", "dsb_002"] and not problems  # no "_0001 missing"
+    image, geometry = read_input_case(cases[0], num_channels=3)
+    assert image.shape == (3, 1, 5, 6) and geometry.spacing == (999.0, 1.0, 1.0)
+    with pytest.raises(InputError, match=r"has 1 channel\(s\), the model needs 3; pass a picture with 3 .*RGB"):
+        read_input_case(cases[1], num_channels=3)

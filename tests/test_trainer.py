@@ -9,31 +9,68 @@ import torch
 
 from autoseg import workspace
 from autoseg.cli import main
+import autoseg.training.trainer as trainer_module
 from autoseg.training import checkpoint as checkpoint_module
 from autoseg.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from autoseg.training.loss import DiceCELoss
 from autoseg.training.splits import make_splits
 from autoseg.training.trainer import TrainingSettings, poly_lr, train_fold
 
 
+def plans_format_2(configuration: str, config: dict) -> dict:
+    """plans.json (format 2, docs in the shared contract) for make_decathlon's data: one MRI channel, 3 labels."""
+    return {
+        "format_version": 2, "dataset_name": "Synthetic", "channel_names": ["MRI"],
+        "labels": {"0": "background", "1": "liver", "2": "tumour"}, "default_configuration": configuration,
+        "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2], "memory_budget_gb": 8.0,
+        "normalization": [{"channel": 0, "name": "MRI", "scheme": "zscore", "use_nonzero_mask": True,
+                           "reason": "test fixture"}],
+        "resampling": {"image_order": 3, "label_order": 1, "thick_axis_order": 0, "anisotropy_threshold": 3.0,
+                       "reason": "test fixture"},
+        "reasons": {},
+        "configurations": {configuration: {"n_conv_per_stage": 2, "estimated_memory_gb": 0.01, "reasons": {},
+                                           **config}},
+    }
+
+
+def planned_workspace(root, work, plans: dict):
+    """Verify and fingerprint `root` into `work`, write `plans` by hand, and preprocess with them."""
+    assert main(["plan", str(root), "-o", str(work), "--workers", "1", "--steps", "verify", "fingerprint"]) == 0
+    workspace.plans_json(work).write_text(json.dumps(plans))
+    assert main(["plan", str(root), "-o", str(work), "--workers", "1", "--steps", "preprocess"]) == 0
+    return work
+
+
 @pytest.fixture
 def tiny_workspace(make_decathlon, tmp_path):
-    """A planned and preprocessed 6-case dataset, with the plan shrunk to a tiny network."""
+    """A preprocessed 6-case dataset planned for a tiny 3D network."""
     root = make_decathlon(n_cases=6, shape=(12, 16, 14))
-    work = tmp_path / "work"
-    assert main(["plan", str(root), "-o", str(work), "--workers", "1", "--configs", "3d_fullres"]) == 0
-    plans = json.loads(workspace.plans_json(work).read_text())
-    c = plans["configurations"]["3d_fullres"]
-    c.update(patch_size=[8, 8, 8], batch_size=2, features_per_stage=[4, 8], kernel_sizes=[[3, 3, 3]] * 2,
-             strides=[[1, 1, 1], [2, 2, 2]])
-    workspace.plans_json(work).write_text(json.dumps(plans))
-    return work
+    config = {"data_identifier": "3d_fullres", "spacing": [1.0, 1.0, 1.0], "median_shape": [8, 12, 10],
+              "patch_size": [8, 8, 8], "batch_size": 2, "batch_dice": True, "features_per_stage": [4, 8],
+              "kernel_sizes": [[3, 3, 3]] * 2, "strides": [[1, 1, 1], [2, 2, 2]]}
+    return planned_workspace(root, tmp_path / "work", plans_format_2("3d_fullres", config))
+
+
+@pytest.fixture
+def dice_modes(monkeypatch) -> list[bool]:
+    """The batch_dice setting of every Dice + CE loss the trainer builds."""
+    modes = []
+
+    class RecordingDiceCELoss(DiceCELoss):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            modes.append(self.batch_dice)
+
+    monkeypatch.setattr(trainer_module, "DiceCELoss", RecordingDiceCELoss)
+    return modes
 
 
 SETTINGS = dict(epochs=2, iters_per_epoch=2, val_iters=1, num_workers=0, seed=3)
 
 
-def test_short_run_writes_every_artifact_and_validation_summary(tiny_workspace):
+def test_short_run_writes_every_artifact_and_validation_summary(tiny_workspace, dice_modes):
     result = train_fold(tiny_workspace, "3d_fullres", 0, TrainingSettings(**SETTINGS), progress=False)
+    assert dice_modes == [True]
     out = workspace.fold_dir(tiny_workspace, "3d_fullres", 0)
     for name in ("checkpoint_latest.pt", "checkpoint_best.pt", "checkpoint_final.pt", "training_log.txt", "progress.png"):
         assert (out / name).is_file(), name
@@ -46,6 +83,8 @@ def test_short_run_writes_every_artifact_and_validation_summary(tiny_workspace):
     assert all((out / "validation" / f"{cid}.nii.gz").is_file() for cid in val_ids)
     log = (out / "training_log.txt").read_text()
     assert "epoch 2/2" in log and "pseudo-Dice" in log and "lr" in log
+    assert "read as [12, 12, 12]" in log and "batch Dice" in log  # nnU-Net's read patch for an 8^3 patch
+    assert "non-zero mask in channels [0]" in log
 
 
 def test_resumed_run_ends_in_the_same_state_as_an_uninterrupted_one(tiny_workspace, tmp_path):
@@ -65,7 +104,6 @@ def test_resumed_run_ends_in_the_same_state_as_an_uninterrupted_one(tiny_workspa
             if calls["n"] == 1:
                 raise KeyboardInterrupt
 
-    import autoseg.training.trainer as trainer_module
     trainer_module.save_checkpoint = interrupt_after_first_latest
     try:
         with pytest.raises(KeyboardInterrupt):
@@ -132,15 +170,14 @@ def test_train_cli_reports_a_missing_workspace_without_traceback(tmp_path, capsy
     assert "plans.json" in err and "Traceback" not in err
 
 
-def test_2d_configuration_trains_and_validates(make_decathlon, tmp_path):
+def test_2d_configuration_trains_and_validates_with_per_sample_dice(make_decathlon, tmp_path, dice_modes):
     root = make_decathlon(n_cases=6, shape=(6, 16, 16))
-    work = tmp_path / "work2d"
-    assert main(["plan", str(root), "-o", str(work), "--workers", "1", "--configs", "2d"]) == 0
-    plans = json.loads(workspace.plans_json(work).read_text())
-    plans["configurations"]["2d"].update(patch_size=[8, 8], batch_size=4, features_per_stage=[4, 8],
-                                         kernel_sizes=[[3, 3]] * 2, strides=[[1, 1], [2, 2]])
-    workspace.plans_json(work).write_text(json.dumps(plans))
+    config = {"data_identifier": "2d", "spacing": [1.0, 1.0], "median_shape": [12, 12], "patch_size": [8, 8],
+              "batch_size": 4, "batch_dice": False, "features_per_stage": [4, 8], "kernel_sizes": [[3, 3]] * 2,
+              "strides": [[1, 1], [2, 2]]}
+    work = planned_workspace(root, tmp_path / "work2d", plans_format_2("2d", config))
     result = train_fold(work, "2d", 0, TrainingSettings(**SETTINGS), progress=False)
+    assert dice_modes == [False]
     assert len(result["history"]) == 2
     assert result["validation"]["num_cases"] >= 1
     assert (workspace.fold_dir(work, "2d", 0) / "validation" / "summary.json").is_file()

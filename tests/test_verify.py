@@ -5,6 +5,8 @@ import shutil
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
+from PIL import Image
 
 from autoseg.cli import main
 from autoseg.dataset.layout import load_dataset, read_case_image
@@ -163,3 +165,45 @@ def test_channel_grids_that_pass_verification_are_also_accepted_when_reading(mak
     assert verify_dataset(dataset, progress=False).problems == []
     array, geometry = read_case_image(dataset.cases[0], 2)  # fingerprinting and preprocessing read it like this
     assert array.shape == (2, 12, 16, 14) and geometry.spacing == (1.0, 1.0, 1.0)
+
+
+def _rgb_png_dataset(root, n_cases=2):
+    """nnU-Net v2 natural-image layout: channel_names R, G, B held in one `<case>_0000.png`."""
+    rng = np.random.default_rng(0)
+    for i in range(n_cases):
+        (root / "imagesTr").mkdir(parents=True, exist_ok=True)
+        (root / "labelsTr").mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (6, 9, 3), dtype=np.uint8)).save(root / "imagesTr" / f"img_{i}_0000.png")
+        Image.fromarray(np.eye(6, 9, dtype=np.uint8)).save(root / "labelsTr" / f"img_{i}.png")
+    meta = {"channel_names": {"0": "R", "1": "G", "2": "B"}, "labels": {"background": 0, "cell": 1},
+            "numTraining": n_cases, "file_ending": ".png"}
+    (root / "dataset.json").write_text(json.dumps(meta))
+    return root
+
+
+def test_an_rgb_label_png_is_reported_by_name_as_colour_not_labels(tmp_path):
+    root = _rgb_png_dataset(tmp_path / "pics")
+    bad = root / "labelsTr" / "img_1.png"
+    Image.fromarray(np.dstack([np.eye(6, 9, dtype=np.uint8) * 255] * 3)).save(bad)  # a mask saved in colour
+    report = verify_dataset(load_dataset(root), progress=False)
+    assert [(p.severity, p.file) for p in report.problems] == [("error", str(bad.resolve()))]
+    assert "3 colour channels" in report.problems[0].message and "greyscale" in report.problems[0].message
+
+
+def test_a_greyscale_picture_in_an_rgb_dataset_is_reported_as_a_channel_count(tmp_path):
+    root = _rgb_png_dataset(tmp_path / "pics")
+    grey = root / "imagesTr" / "img_0_0000.png"
+    Image.fromarray(np.zeros((6, 9), np.uint8)).save(grey)
+    report = verify_dataset(load_dataset(root), progress=False)
+    assert [p.file for p in report.problems] == [str(grey.resolve())]
+    assert "has 1 channel(s), dataset.json declares 3" in report.problems[0].message
+
+
+def test_a_2d_label_on_another_pixel_size_is_reported_despite_the_pseudo_spacing(tmp_path):
+    root = _rgb_png_dataset(tmp_path / "pics")
+    bad = root / "labelsTr" / "img_0.png"
+    label = sitk.GetImageFromArray(np.eye(6, 9, dtype=np.uint8))
+    label.SetSpacing((0.5, 0.5))  # the picture has 1.0; the 999 of the missing axis must not hide this
+    sitk.WriteImage(label, str(bad))
+    report = verify_dataset(load_dataset(root), progress=False)
+    assert [p.file for p in report.problems] == [str(bad.resolve())] and "spacing" in report.problems[0].message

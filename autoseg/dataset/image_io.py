@@ -3,11 +3,17 @@
 Arrays use SimpleITK's numpy axis order: spatial axes (z, y, x), and a 4D file becomes
 (channels, z, y, x). `Geometry.spacing` follows the array axes; `origin` and `direction` keep
 SimpleITK's physical (x, y, z) convention so they can be handed back unchanged on writing.
+
+A 2D file (a PNG, a 2D NIfTI...) becomes one slice (1, y, x) whose spacing along the added axis
+is `PSEUDO_SPACING_2D`, so no later stage mistakes it for a thin 3D slab; writing such a geometry
+gives back a 2D file. Colour pictures (PNG, TIFF, JPEG with RGB pixels) become three channels
+(3, 1, y, x); an alpha channel is dropped.
 """
 
 from __future__ import annotations
 
 import gzip
+import logging
 import math
 import os
 import shutil
@@ -22,7 +28,15 @@ import SimpleITK as sitk
 
 from autoseg.atomic import atomic_path
 
-SUPPORTED_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+log = logging.getLogger(__name__)
+
+MEDICAL_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+# Pictures without a medical header ("natural images" in nnU-Net's words): 2D, possibly RGB(A), and a
+# multi-page TIFF may be a 3D stack. JPEG is read only: lossy compression would corrupt a label map.
+NATURAL_IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
+SUPPORTED_SUFFIXES = MEDICAL_SUFFIXES + NATURAL_IMAGE_SUFFIXES
+WRITE_SUFFIXES = tuple(s for s in SUPPORTED_SUFFIXES if s not in (".jpg", ".jpeg"))
+PSEUDO_SPACING_2D = 999.0  # spacing of the axis a 2D image lacks (nnU-Net uses the same value)
 
 
 class ImageReadError(Exception):
@@ -44,6 +58,11 @@ class Geometry:
     direction: tuple[float, ...]
     shape: tuple[int, ...]
 
+    @property
+    def is_2d(self) -> bool:
+        """Read from a 2D file: one slice whose missing axis carries PSEUDO_SPACING_2D."""
+        return len(self.shape) == 3 and self.shape[0] == 1 and self.spacing[0] == PSEUDO_SPACING_2D
+
     def matches(self, other: "Geometry", tolerance: float = 1e-4) -> bool:
         """Same grid: equal shape, spacing/origin/direction equal within a relative tolerance."""
         return self.shape == other.shape and not self.differences(other, tolerance)
@@ -54,11 +73,13 @@ class Geometry:
         if self.shape != other.shape:
             problems.append(f"shape {self.shape} vs {other.shape}")
         # Spacing and direction are compared relatively; the origin in units of the voxel size, since
-        # a relative test would let an origin far from 0 drift by whole voxels.
-        voxel = float(np.abs(self.spacing).max(initial=1.0))
+        # a relative test would let an origin far from 0 drift by whole voxels. The pseudo-spacing of a
+        # 2D file's missing axis is no voxel size: it would let the in-plane values drift by a whole pixel.
+        voxel = float(np.abs(self.spacing[1:] if self.is_2d else self.spacing).max(initial=1.0))
+        scale = {"spacing": max(1.0, voxel), "origin": voxel, "direction": 1.0}
         for name in ("spacing", "origin", "direction"):
             a, b = np.asarray(getattr(self, name)), np.asarray(getattr(other, name))
-            atol = tolerance * voxel if name == "origin" else tolerance * max(1.0, float(np.abs(a).max(initial=0)))
+            atol = tolerance * scale[name]
             if a.shape != b.shape or not np.allclose(a, b, rtol=0.0 if name == "origin" else tolerance, atol=atol):
                 problems.append(f"{name} {tuple(float(x) for x in np.round(a, 5))} vs {tuple(float(x) for x in np.round(b, 5))}")
         return problems
@@ -88,8 +109,10 @@ def strip_suffix(path: Path | str) -> str:
     return name[: -len(suffix)] if suffix else name
 
 
-def _geometry_of(image: sitk.Image | sitk.ImageFileReader) -> Geometry:
-    """Spatial geometry of an image, or of a reader after ReadImageInformation (same getters)."""
+def _geometry_of(image: sitk.Image | sitk.ImageFileReader, natural: bool = False) -> Geometry:
+    """Spatial geometry of an image, or of a reader after ReadImageInformation (same getters).
+
+    A 2D image gets a leading axis of length 1 and spacing PSEUDO_SPACING_2D."""
     dim = image.GetDimension()
     size = image.GetSize()
     if dim == 4:  # channels on the 4th axis (Decathlon): keep the spatial part of the geometry
@@ -100,47 +123,114 @@ def _geometry_of(image: sitk.Image | sitk.ImageFileReader) -> Geometry:
     else:
         spacing, origin, direction = image.GetSpacing(), image.GetOrigin(), image.GetDirection()
         shape = tuple(reversed(size))
-    return Geometry(tuple(float(s) for s in reversed(spacing)), tuple(map(float, origin)),
-                    tuple(map(float, direction)), tuple(int(s) for s in shape))
+    spacing = tuple(float(s) for s in reversed(spacing))
+    if natural:  # TIFF stores resolution as a fraction: a spacing of 1.0 comes back as 1.0000000150
+        spacing = tuple(float(f"{s:.7g}") for s in spacing)
+    if dim == 2:
+        return Geometry((PSEUDO_SPACING_2D, *spacing), (*map(float, origin), 0.0),
+                        _embed_direction_2d(direction), (1, *map(int, shape)))
+    return Geometry(spacing, tuple(map(float, origin)), tuple(map(float, direction)), tuple(int(s) for s in shape))
+
+
+def _checked_suffix(path: Path) -> str:
+    if not path.is_file():
+        raise ImageReadError(path, "file not found")
+    suffix = image_suffix(path)
+    if suffix is None:
+        raise ImageReadError(path, f"unsupported file type; use one of {', '.join(SUPPORTED_SUFFIXES)}")
+    return suffix
 
 
 def read_header(path: Path | str) -> Geometry:
-    """Geometry without reading the voxels (fast integrity checks)."""
+    """Geometry without reading the voxels (fast integrity checks); the same as read_image's."""
     path = Path(path)
-    if not path.is_file():
-        raise ImageReadError(path, "file not found")
+    suffix = _checked_suffix(path)
+    if suffix == ".png":
+        _check_png_colour_type(path)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
         reader.ReadImageInformation()
     except RuntimeError as exc:
         raise ImageReadError(path, f"unreadable image header ({_first_line(exc)})") from None
-    return _geometry_of(reader)
+    return _geometry_of(reader, suffix in NATURAL_IMAGE_SUFFIXES)
 
 
 def read_image(path: Path | str) -> tuple[np.ndarray, Geometry]:
-    """Voxels as a numpy array ((z, y, x), or (c, z, y, x) for a 4D file) and the geometry."""
+    """Voxels as a numpy array and the geometry: (z, y, x) for one channel, (c, z, y, x) for a 4D
+    file or colour pixels (RGB(A) -> 3 channels, alpha dropped); a 2D file gives z = 1."""
     path = Path(path)
-    if not path.is_file():
-        raise ImageReadError(path, "file not found")
-    if image_suffix(path) is None:
-        raise ImageReadError(path, f"unsupported file type; use one of {', '.join(SUPPORTED_SUFFIXES)}")
+    suffix = _checked_suffix(path)
+    natural = suffix in NATURAL_IMAGE_SUFFIXES
+    png = _check_png_colour_type(path) if suffix == ".png" else None
+    if suffix in (".jpg", ".jpeg"):
+        _check_jpeg_complete(path)
     _check_nifti_complete(path)
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
         raise ImageReadError(path, f"unreadable or truncated image ({_first_line(exc)})") from None
-    if image.GetNumberOfComponentsPerPixel() != 1:
+    components = image.GetNumberOfComponentsPerPixel()
+    if components != 1 and not natural:
         raise ImageReadError(path, "vector/RGB pixels are not supported; store channels as separate files or a 4D image")
-    if image.GetDimension() not in (2, 3, 4):
-        raise ImageReadError(path, f"{image.GetDimension()}D images are not supported")
-    geometry = _geometry_of(image)
+    if image.GetDimension() not in (2, 3, 4) or (image.GetDimension() == 4 and components != 1):
+        raise ImageReadError(path, f"{image.GetDimension()}D images{' with vector pixels' if components != 1 else ''} "
+                                   "are not supported")
+    geometry = _geometry_of(image, natural)
     array = sitk.GetArrayFromImage(image)
-    if image.GetDimension() == 2:  # a single slice: treat as a 3D volume of thickness 1
-        array = array[None]
-        geometry = Geometry((1.0, *geometry.spacing), (*geometry.origin, 0.0),
-                            _embed_direction_2d(geometry.direction), (1, *geometry.shape))
+    if components != 1:  # colour: components last in the array -> channels first
+        array = np.moveaxis(array, -1, 0)
+        if components == 4:
+            log.debug("%s: RGBA pixels, alpha channel dropped", path)
+            array = array[:3]
+        array = np.ascontiguousarray(array)
+    if image.GetDimension() == 2:
+        array = array[:, None] if components != 1 else array[None]
+    if png is not None and png[1] == 0 and png[0] < 8:  # libpng stretches 1/2/4-bit grey to 0..255: undo it
+        array = array // (255 // (2 ** png[0] - 1))
     return array, geometry
+
+
+def read_label(path: Path | str) -> tuple[np.ndarray, Geometry]:
+    """A label map as (z, y, x) with its geometry; colour or multi-channel files are refused."""
+    path = Path(path)
+    array, geometry = read_image(path)
+    if array.ndim == 4 and array.shape[0] == 1:
+        array = array[0]
+    if array.ndim == 4:
+        if image_suffix(path) in NATURAL_IMAGE_SUFFIXES:
+            png = _png_header(path)
+            palette = " (a palette PNG is read as its colours)" if png is not None and png[1] == 3 else ""
+            raise ImageReadError(path, f"label map has {array.shape[0]} colour channels{palette}; save it as a "
+                                       "greyscale image whose pixel values are the label ids (0 = background)")
+        raise ImageReadError(path, f"label map has {array.shape[0]} channels; a label map is one volume of label ids")
+    return array, geometry
+
+
+def _png_header(path: Path) -> tuple[int, int] | None:
+    """(bit depth, colour type) from a PNG's IHDR chunk; None when the file does not start like a PNG."""
+    with open(path, "rb") as f:
+        head = f.read(26)
+    if len(head) < 26 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
+        return None
+    return head[24], head[25]
+
+
+def _check_png_colour_type(path: Path) -> tuple[int, int] | None:
+    png = _png_header(path)
+    if png is not None and png[1] == 4:  # SimpleITK cannot read it ("Unknown PixelType")
+        raise ImageReadError(path, "greyscale PNG with an alpha channel is not supported; save it as plain "
+                                   "greyscale (or RGB) without transparency")
+    return png
+
+
+def _check_jpeg_complete(path: Path) -> None:
+    """libjpeg reads a truncated JPEG with a warning only (the missing rows come back grey), so look
+    for the end-of-image marker after the last start-of-scan marker."""
+    data = path.read_bytes()
+    scan = data.rfind(b"\xff\xda")
+    if scan < 0 or data.find(b"\xff\xd9", scan) < 0:
+        raise ImageReadError(path, "truncated image: the JPEG data stops before its end-of-image marker")
 
 
 def _check_nifti_complete(path: Path) -> None:
@@ -189,17 +279,36 @@ def _nifti_data_end(header: bytes) -> int | None:
 
 
 def write_image(path: Path | str, array: np.ndarray, geometry: Geometry) -> None:
-    """Write a (z, y, x) array with the given geometry; atomic (temporary file, then rename)."""
+    """Write a (z, y, x) array with the given geometry; atomic (temporary file, then rename).
+
+    A geometry read from a 2D file (`Geometry.is_2d`), or any .png, is written as a 2D image;
+    PNG holds uint8 or uint16 only. JPEG is not written (lossy)."""
     path = Path(path)
-    if image_suffix(path) is None:
-        raise ValueError(f"{path}: unsupported output file type; use one of {', '.join(SUPPORTED_SUFFIXES)}")
+    suffix = image_suffix(path)
+    if suffix not in WRITE_SUFFIXES:
+        raise ValueError(f"{path}: unsupported output file type; use one of {', '.join(WRITE_SUFFIXES)}"
+                         + (" (JPEG is lossy: write .png)" if suffix in (".jpg", ".jpeg") else ""))
     if tuple(array.shape) != tuple(geometry.shape):
         raise ValueError(f"{path}: array shape {array.shape} does not match geometry shape {geometry.shape}")
-    image = sitk.GetImageFromArray(np.ascontiguousarray(array))
-    image.SetSpacing(tuple(reversed(geometry.spacing)))
-    image.SetOrigin(geometry.origin)
-    image.SetDirection(geometry.direction)
-    if image_suffix(path) == ".mhd":
+    array = np.ascontiguousarray(array)
+    if suffix == ".png" and array.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"{path}: PNG holds 8- or 16-bit unsigned integers, not {array.dtype}; "
+                         "convert the array or write .tif or .nii.gz")
+    if suffix == ".png" or geometry.is_2d:
+        if array.shape[0] != 1:
+            raise ValueError(f"{path}: a 2D {suffix} file holds one slice, the array has {array.shape[0]}; "
+                             "write .tif or .nii.gz")
+        image = sitk.GetImageFromArray(array[0])
+        image.SetSpacing(tuple(reversed(geometry.spacing[1:])))
+        if geometry.is_2d:  # a 3D direction's in-plane block need not be a valid 2D direction
+            image.SetOrigin(geometry.origin[:2])
+            image.SetDirection(tuple(np.reshape(geometry.direction, (3, 3))[:2, :2].ravel()))
+    else:
+        image = sitk.GetImageFromArray(array)
+        image.SetSpacing(tuple(reversed(geometry.spacing)))
+        image.SetOrigin(geometry.origin)
+        image.SetDirection(geometry.direction)
+    if suffix == ".mhd":
         _write_mhd(path, image)
         return
     with atomic_path(path) as tmp:
@@ -222,7 +331,7 @@ def _write_mhd(path: Path, image: sitk.Image) -> None:
 def _embed_direction_2d(direction: tuple[float, ...]) -> tuple[float, ...]:
     d = np.eye(3)
     d[:2, :2] = np.array(direction).reshape(2, 2)
-    return tuple(d.ravel())
+    return tuple(map(float, d.ravel()))
 
 
 def _first_line(exc: Exception) -> str:

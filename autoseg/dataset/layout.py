@@ -5,6 +5,8 @@ Two layouts are read:
   of {image, label} paths; a multi-channel image is one 4D file.
 - nnU-Net v2: `channel_names` {index: name}, `labels` {name: id}, `file_ending`; images are
   `imagesTr/<case>_<cccc><ending>`, one file per channel, labels `labelsTr/<case><ending>`.
+  Pictures (`.png`, `.tif`, ...) may instead hold every channel in `<case>_0000` (an RGB image for
+  channel_names R, G, B): see `one_file_holds_all_channels`.
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from autoseg.dataset.image_io import SUPPORTED_SUFFIXES, image_suffix, strip_suffix
+from autoseg.dataset.image_io import NATURAL_IMAGE_SUFFIXES, SUPPORTED_SUFFIXES, image_suffix, strip_suffix
 
 
 GEOMETRY_TOLERANCE = 1e-3  # relative; grids closer than this count as the same (verification uses it too)
+MAX_LABEL_ID = 32767  # label maps are held as int16
 
 
 class DatasetError(Exception):
@@ -27,7 +30,7 @@ class DatasetError(Exception):
 @dataclass(frozen=True)
 class Case:
     case_id: str
-    image_files: tuple[Path, ...]  # one file per channel, or a single 4D file holding all channels
+    image_files: tuple[Path, ...]  # one file per channel, or a single file holding all channels (4D or RGB)
     label_file: Path | None
 
     @property
@@ -102,8 +105,8 @@ def _channel_names(meta_path: Path, mapping: object, key: str) -> tuple[str, ...
 def _check_labels(meta_path: Path, labels: dict[int, str]) -> dict[int, str]:
     if 0 not in labels:
         raise DatasetError(f"{meta_path}: 'labels' must declare the background as label 0")
-    if any(k < 0 or k > 127 for k in labels):
-        raise DatasetError(f"{meta_path}: label ids must lie in 0..127")
+    if any(k < 0 or k > MAX_LABEL_ID for k in labels):
+        raise DatasetError(f"{meta_path}: label ids must lie in 0..{MAX_LABEL_ID}")
     if sorted(labels) != list(range(len(labels))):
         # The network's output channel k predicts label k, so the ids must be 0..K-1.
         raise DatasetError(f"{meta_path}: label ids must be consecutive 0..{len(labels) - 1}, found {sorted(labels)}; "
@@ -164,14 +167,31 @@ def _load_nnunetv2(root: Path, meta_path: Path, meta: dict) -> Dataset:
     case_ids = sorted(set(channel_files) | set(label_files))
     if not case_ids:
         raise DatasetError(f"{images_dir}: no files named <case>_<cccc>{ending}")
+    one_file = one_file_holds_all_channels(ending, len(channels), channel_files)
     cases = []
     for case_id in case_ids:
         files = channel_files.get(case_id, {})
         # Missing channels are kept as the expected path so verification reports them by name.
-        image_files = tuple(files.get(c, images_dir / f"{case_id}_{c:04d}{ending}") for c in range(len(channels)))
+        expected = range(1 if one_file else len(channels))
+        image_files = tuple(files.get(c, images_dir / f"{case_id}_{c:04d}{ending}") for c in expected)
         cases.append(Case(case_id, image_files, label_files.get(case_id, labels_dir / f"{case_id}{ending}")))
     return Dataset(root, str(meta.get("name", root.name)), "nnunetv2", channels,
                    _check_labels(meta_path, labels), ending, tuple(cases), meta.get("licence") or meta.get("license"))
+
+
+def one_file_holds_all_channels(ending: str, num_channels: int, channel_files: dict[str, dict[int, Path]]) -> bool:
+    """Whether `<case>_0000` files hold every channel, given the channel numbers found per case.
+
+    nnU-Net v2's natural-image layout: channel_names lists R, G, B but each case has only an RGB
+    `<case>_0000.png`. The rule: a picture format, several channels declared, and no `_0001` or
+    higher anywhere in imagesTr. Whether each file really holds that many channels is checked when
+    it is read (verification reports the files that do not)."""
+    return (ending in NATURAL_IMAGE_SUFFIXES and num_channels > 1
+            and all(set(files) == {0} for files in channel_files.values()))
+
+
+_ONE_FILE_HINT = ("; a picture holding every channel must have that many colour components (RGB for 3), "
+                  "otherwise give each channel its own file <case>_<cccc>")
 
 
 def read_case_image(case: Case, num_channels: int) -> tuple["np.ndarray", "Geometry"]:
@@ -188,13 +208,16 @@ def read_case_image(case: Case, num_channels: int) -> tuple["np.ndarray", "Geome
         if array.ndim == 3:
             array = array[None]
         if array.shape[0] != num_channels:
-            raise DatasetError(f"{case.image_files[0]}: has {array.shape[0]} channel(s), dataset.json declares {num_channels}")
+            hint = _ONE_FILE_HINT if image_suffix(case.image_files[0]) in NATURAL_IMAGE_SUFFIXES else ""
+            raise DatasetError(f"{case.image_files[0]}: has {array.shape[0]} channel(s), dataset.json declares "
+                               f"{num_channels}{hint}")
         return array.astype(np.float32, copy=False), geometry
     channels, geometry = [], None
     for path in case.image_files:
         array, g = read_image(path)
         if array.ndim != 3:
-            raise DatasetError(f"{path}: expected a 3D image per channel, found {array.ndim}D")
+            raise DatasetError(f"{path}: expected one channel per file, found {array.shape[0]} channels "
+                               f"({'colour pixels' if image_suffix(path) in NATURAL_IMAGE_SUFFIXES else 'a 4D image'})")
         if geometry is not None and not g.matches(geometry, GEOMETRY_TOLERANCE):
             raise DatasetError(f"{path}: grid differs from {case.image_files[0].name} "
                                f"({'; '.join(g.differences(geometry, GEOMETRY_TOLERANCE))})")
@@ -204,17 +227,18 @@ def read_case_image(case: Case, num_channels: int) -> tuple["np.ndarray", "Geome
 
 
 def read_case_label(case: Case) -> "np.ndarray":
-    """Label map of a case as an int16 (Z, Y, X) array."""
+    """Label map of a case as an int16 (Z, Y, X) array (a 2D label file gives Z = 1)."""
     import numpy as np
 
-    from autoseg.dataset.image_io import read_image
+    from autoseg.dataset.image_io import read_label
 
     if case.label_file is None:
         raise DatasetError(f"case {case.case_id}: no label file")
-    array, _ = read_image(case.label_file)
-    if array.ndim == 4 and array.shape[0] == 1:
-        array = array[0]
+    array, _ = read_label(case.label_file)
     rounded = np.rint(array)
     if not np.array_equal(rounded, array):
         raise DatasetError(f"{case.label_file}: label map holds non-integer values")
+    if rounded.size and (rounded.min() < 0 or rounded.max() > MAX_LABEL_ID):
+        raise DatasetError(f"{case.label_file}: label values {int(rounded.min())}..{int(rounded.max())} lie outside "
+                           f"0..{MAX_LABEL_ID}")
     return rounded.astype(np.int16)

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from autoseg.parallel import map_cases
-from autoseg.dataset.image_io import Geometry, ImageReadError, read_image
+from autoseg.dataset.image_io import (NATURAL_IMAGE_SUFFIXES, Geometry, ImageReadError, image_suffix, read_image,
+                                      read_label)
 from autoseg.dataset.layout import GEOMETRY_TOLERANCE, Case, Dataset
 
 log = logging.getLogger(__name__)
@@ -67,12 +68,15 @@ def check_case(case: Case, num_channels: int, declared_labels: frozenset[int]) -
         except ImageReadError as exc:
             error(path, exc.reason)
             continue
+        picture = image_suffix(path) in NATURAL_IMAGE_SUFFIXES
         if case.channels_in_one_file:
             channels = array.shape[0] if array.ndim == 4 else 1
             if channels != num_channels:
-                error(path, f"has {channels} channel(s), dataset.json declares {num_channels}")
+                hint = " (a picture holding every channel needs that many colour components)" if picture else ""
+                error(path, f"has {channels} channel(s), dataset.json declares {num_channels}{hint}")
         elif array.ndim != 3:
-            error(path, f"expected one 3D channel per file, found a {array.ndim}D image")
+            error(path, f"expected one channel per file, found {array.shape[0]} "
+                        f"({'colour pixels' if picture else 'a 4D image'})")
         nan, inf = _non_finite_counts(Path(path), array)
         if nan or inf:
             error(path, f"{nan} NaN and {inf} infinite intensities")
@@ -89,15 +93,13 @@ def check_case(case: Case, num_channels: int, declared_labels: frozenset[int]) -
         error(case.image_files[0], "no label file given for this training case")
         return problems
     try:
-        label, label_geometry = read_image(case.label_file)
+        label, label_geometry = read_label(case.label_file)
     except ImageReadError as exc:
         error(case.label_file, exc.reason)
         return problems
-    if label.ndim == 4 and label.shape[0] == 1:
-        label = label[0]
-    if label.ndim != 3:
-        error(case.label_file, f"label map must be 3D, found shape {label.shape}")
-        return problems
+    if image_suffix(case.label_file) in (".jpg", ".jpeg"):
+        problems.append(Problem("warning", str(case.label_file), "JPEG is lossy: compression alters label values "
+                                                                 "along edges; store label maps as PNG"))
     if grids:
         diff = label_geometry.differences(grids[0][1], GEOMETRY_TOLERANCE)
         if diff:

@@ -1,10 +1,13 @@
 """Find the cases to predict among folders and files, in the layouts users actually have.
 
 Three ways to name inputs (any mix of them may be passed):
-- a folder of nnU-Net-style channel files `<case>_<cccc><ending>` (one file per channel);
+- a folder of nnU-Net-style channel files `<case>_<cccc><ending>` (one file per channel, or for
+  pictures only `<case>_0000.png` holding every channel as colours, the rule of
+  `layout.one_file_holds_all_channels`);
 - a folder of one file per case: 4D multi-channel files (Decathlon), or 3D files when the
   model has a single channel;
-- explicit files, each one case (4D multi-channel, or 3D when the model has one channel).
+- explicit files, each one case (4D multi-channel or an RGB picture, or 3D/2D when the model has
+  one channel).
 
 A folder counts as nnU-Net-style when most of its image files are named `<case>_<cccc><ending>`
 with `cccc` below the model's channel count (and, for a multi-channel model, they are not 4D
@@ -23,8 +26,9 @@ from typing import Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from autoseg.dataset.image_io import Geometry, ImageReadError, image_suffix, read_image, strip_suffix
-from autoseg.dataset.layout import Case, DatasetError, read_case_image
+from autoseg.dataset.image_io import (NATURAL_IMAGE_SUFFIXES, SUPPORTED_SUFFIXES, Geometry, ImageReadError,
+                                      image_suffix, read_image, strip_suffix)
+from autoseg.dataset.layout import Case, DatasetError, one_file_holds_all_channels, read_case_image
 
 _CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
@@ -65,7 +69,7 @@ def discover_inputs(paths: Sequence[Path | str], num_channels: int) -> tuple[lis
             problems += bad
         elif path.is_file():
             if image_suffix(path) is None:
-                problems.append((str(path), "not an image file of a supported type (.nii.gz, .nii, .nrrd, .mha, .mhd)"))
+                problems.append((str(path), f"not an image file of a supported type ({', '.join(SUPPORTED_SUFFIXES)})"))
             else:
                 cases.append(InputCase(strip_suffix(path), (path,)))
         else:
@@ -94,19 +98,20 @@ def _discover_folder(folder: Path, num_channels: int) -> tuple[list[InputCase], 
     first = next((f for files in channel_files.values() for f in files.values()), None)
     if named_by_channel <= len(others) or (num_channels > 1 and _is_4d(first)):  # one file per case
         return [InputCase(strip_suffix(f), (f,)) for f in images], []
+    one_file = one_file_holds_all_channels(image_suffix(first), num_channels, channel_files)
     cases, problems = [], []
     for f in others:
         problems.append((str(f), f"not named <case>_<cccc>{image_suffix(f)} like the other files in {folder} "
                                  f"(cccc = channel 0000..{num_channels - 1:04d}); rename it or move it out"))
     for case_id, files in sorted(channel_files.items()):
-        missing = [c for c in range(num_channels) if c not in files]
+        missing = [c for c in range(1 if one_file else num_channels) if c not in files]
         if missing:
             ending = image_suffix(next(iter(files.values())))
             names = ", ".join(f"{case_id}_{c:04d}{ending}" for c in missing)
             problems.append((str(folder / f"{case_id}_{missing[0]:04d}{ending}"),
                              f"case {case_id}: channel file(s) {names} missing; the model needs {num_channels} channel(s)"))
         else:
-            cases.append(InputCase(case_id, tuple(files[c] for c in range(num_channels))))
+            cases.append(InputCase(case_id, tuple(files[c] for c in range(1 if one_file else num_channels))))
     return cases, problems
 
 
@@ -129,15 +134,18 @@ def read_input_case(case: InputCase, num_channels: int) -> tuple[np.ndarray, Geo
             if image.ndim == 3:
                 image = image[None]
             if image.shape[0] != num_channels:
+                kind = ("picture" if image_suffix(case.files[0]) in NATURAL_IMAGE_SUFFIXES
+                        else "4D image" if num_channels > 1 else "image")
                 raise InputError(case.files[0], f"{case.files[0]}: has {image.shape[0]} channel(s), the model needs "
-                                                f"{num_channels}; pass a {'4D ' if num_channels > 1 else ''}image with "
-                                                f"{num_channels} channel(s) or one file per channel (<case>_<cccc>)")
+                                                f"{num_channels}; pass a {kind} with {num_channels} channel(s)"
+                                                f"{' (RGB)' if kind == 'picture' and num_channels == 3 else ''} or "
+                                                "one file per channel (<case>_<cccc>)")
             image = image.astype(np.float32, copy=False)
         else:
             image, geometry = read_case_image(Case(case.case_id, case.files, None), num_channels)
     except ImageReadError as exc:
         raise InputError(exc.path, str(exc)) from None
-    except DatasetError as exc:  # a channel file that is not 3D, or grids that differ between channel files
+    except DatasetError as exc:  # a channel file holding several channels, or grids that differ between channel files
         raise InputError(_file_named_in(str(exc), case), str(exc)) from None
     if not np.isfinite(image).all():
         raise InputError(case.files[0], f"{case.files[0]}: holds NaN or infinite intensities; fix or remove them")

@@ -25,7 +25,8 @@ from autoseg import __version__, workspace
 from autoseg.atomic import write_json
 from autoseg.dataset.image_io import Geometry
 from autoseg.device import choose_device, mixed_precision_available
-from autoseg.inference.export import export_segmentation, probabilities_to_original, save_probabilities
+from autoseg.inference.export import (export_segmentation, probabilities_to_original, save_probabilities,
+                                      segmentation_suffix)
 from autoseg.inference.inputs import InputCase, InputError, discover_inputs, read_input_case
 from autoseg.inference.sliding_window import sliding_window_predict
 from autoseg.network.unet import UNetTopology, build_unet
@@ -72,15 +73,18 @@ class LoadedFold:
 class Predictor:
     """Holds the fold networks of one or more configurations; predicts cases."""
 
-    def __init__(self, workdir: Path, configurations: Sequence[str] = ("3d_fullres",),
+    def __init__(self, workdir: Path, configurations: Sequence[str] | None = None,
                  folds: Sequence[int | str] | None = None, checkpoint: str = "final",
                  device: str | torch.device | None = None, mirroring: bool = True, step_size: float = 0.5,
                  tiles_per_batch: int | None = None, mixed_precision: bool = True):
-        """`folds=None` uses every `fold_*` folder of each configuration. `checkpoint` is "final"
+        """`configurations=None` uses the plans' default_configuration (2d for 2D data, else 3d_fullres).
+        `folds=None` uses every `fold_*` folder of each configuration. `checkpoint` is "final"
         (falls back to checkpoint_latest.pt where training did not finish), "latest" or "best"."""
         self.workdir = Path(workdir)
         plans_path = workspace.plans_json(self.workdir)
         self.plans = load_plans(plans_path)
+        if configurations is None:
+            configurations = (self.plans.get("default_configuration") or "3d_fullres",)
         if not configurations:
             raise PredictorError("no configuration given; pass at least one, e.g. 3d_fullres")
         unknown = [c for c in configurations if c not in self.plans["configurations"]]
@@ -155,7 +159,7 @@ class Predictor:
         data, properties, done = [], [], {}
         for name in self.configurations:
             identifier = self.plans["configurations"][name]["data_identifier"]
-            if identifier not in done:  # 2d and 3d_fullres share their data
+            if identifier not in done:  # configurations with the same data_identifier share their data
                 done[identifier] = preprocess_case(image, None, geometry, self.plans, name)
             d, _, p = done[identifier]
             data.append(d)
@@ -242,12 +246,13 @@ class PredictionReport:
 
 
 def predict_folder(workdir: Path, inputs: Sequence[Path], output_dir: Path,
-                   configurations: Sequence[str] = ("3d_fullres",), folds: Sequence[int | str] | None = None,
+                   configurations: Sequence[str] | None = None, folds: Sequence[int | str] | None = None,
                    mirroring: bool = True, save_probabilities: bool = False, device: str | torch.device | None = None,
                    continue_: bool = False, num_parts: int = 1, part_id: int = 0, postprocessing: bool = True,
                    num_workers: int = 1, progress: bool = True, checkpoint: str = "final",
                    step_size: float = 0.5) -> PredictionReport:
-    """Segment every case found in `inputs` into `output_dir/<case_id><ending>`; see docs on `autoseg predict`.
+    """Segment every case found in `inputs` into `output_dir/<case_id><ending>` in the input's format (a PNG
+    for a PNG); see docs on `autoseg predict`. `configurations=None`: the plans' default_configuration.
 
     While the network runs on one case, `num_workers` background threads read and preprocess the
     next ones and export and write finished ones (0: everything in this thread). One bad input is
@@ -265,6 +270,7 @@ def predict_folder(workdir: Path, inputs: Sequence[Path], output_dir: Path,
                           mirroring=mirroring, step_size=step_size)
     rules_path = workspace.postprocessing_json(workdir)
     rules = load_postprocessing_rules(rules_path) if postprocessing and rules_path.is_file() else None
+    configurations = predictor.configurations
     if rules is not None and sorted(rules.get("configuration") or configurations) != sorted(configurations):
         log.warning("%s was decided for %s, not for %s: not applied", rules_path,
                     "+".join(rules["configuration"]), "+".join(configurations))
@@ -309,7 +315,8 @@ def report_name(num_parts: int = 1, part_id: int = 0) -> str:
 
 
 def _output_path(output_dir: Path, case: InputCase) -> Path:
-    return output_dir / f"{case.case_id}{case.ending}"
+    """`<case_id>` in the input's format (a JPEG input gets a PNG: see `segmentation_suffix`)."""
+    return output_dir / f"{case.case_id}{segmentation_suffix(case.ending)}"
 
 
 def _read_and_prepare(predictor: Predictor, case: InputCase) -> PreparedCase:

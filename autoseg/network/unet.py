@@ -210,14 +210,15 @@ def feature_map_elements(
     strides: Sequence[Sequence[int]],
     num_classes: int,
     n_conv_per_stage: int = 2,
+    deep_supervision: bool = False,
 ) -> int:
-    """Output elements of every convolution of one sample (deep supervision on): the planner's memory measure.
+    """Output elements of every convolution of one sample: the planner's memory measure.
 
     Counts what the convolutions write: each encoder and decoder conv, each transposed conv, and
-    the segmentation head at every decoder resolution, as nnU-Net v2's networks report their
-    feature maps, so the planner's budget means the same patch sizes as nnU-Net's. Norm outputs,
-    the skip concatenations and the input are not counted; the calibration constants in the
-    planner absorb them. Pure integer arithmetic, no modules are built.
+    the segmentation head (at full resolution only, unless `deep_supervision`), as nnU-Net v2
+    measures its networks when planning, so the planner's budget means the same patch sizes and
+    batches as nnU-Net's. Norm outputs, the skip concatenations and the input are not counted; the
+    calibration constants in the planner absorb them. Pure integer arithmetic, no modules are built.
     """
     n_stages = len(features_per_stage)
     if len(strides) != n_stages:
@@ -233,10 +234,11 @@ def feature_map_elements(
     total = 0
     for f, v in zip(features_per_stage, voxels_per_stage):
         total += n_conv_per_stage * f * v  # encoder convs
-    for f, v in zip(features_per_stage[:-1], voxels_per_stage[:-1]):
+    for level, (f, v) in enumerate(zip(features_per_stage[:-1], voxels_per_stage[:-1])):
         total += f * v  # transposed conv up to this resolution
         total += n_conv_per_stage * f * v  # decoder convs
-        total += num_classes * v  # segmentation head
+        if deep_supervision or level == 0:
+            total += num_classes * v  # segmentation head
     return total
 
 

@@ -3,10 +3,32 @@
 from __future__ import annotations
 
 import numpy as np
+from scipy import ndimage
 
 from autoseg.fingerprint import nonzero_bounding_box
 
-__all__ = ["nonzero_bounding_box", "crop", "uncrop"]
+__all__ = ["nonzero_bounding_box", "nonzero_mask", "mark_outside_mask", "OUTSIDE_LABEL", "crop", "uncrop"]
+
+OUTSIDE_LABEL = -1  # background voxels outside the non-zero mask, in preprocessed label maps (as nnU-Net)
+
+
+def nonzero_mask(image: np.ndarray) -> np.ndarray:
+    """(Z, Y, X) bool: voxels non-zero in any channel of (C, Z, Y, X), enclosed holes filled.
+
+    Filling a cropped image gives the crop of the filled full image (the crop removes only zeros).
+    An all-zero image is all data: there is nothing to tell inside from outside.
+    """
+    mask = np.any(image != 0, axis=0)
+    if not mask.any():
+        return np.ones_like(mask)
+    return ndimage.binary_fill_holes(mask)
+
+
+def mark_outside_mask(label: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Copy of `label` as int16 (signed) with OUTSIDE_LABEL where it is background and outside `mask`."""
+    marked = label.astype(np.int16, copy=True)
+    marked[(marked == 0) & ~mask] = OUTSIDE_LABEL
+    return marked
 
 
 def crop(array: np.ndarray, bbox: tuple[tuple[int, int], ...]) -> np.ndarray:

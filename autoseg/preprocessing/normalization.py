@@ -1,28 +1,71 @@
-"""Apply the plan's per-channel intensity normalization."""
+"""Apply the plan's per-channel intensity normalization.
+
+Schemes (`plans["normalization"][c]["scheme"]`):
+- "ct": clip to the plan's foreground percentiles, then subtract the plan's mean and divide by its std
+  (one set of numbers for the whole dataset).
+- "zscore": per case, (x - mean) / std; with `use_nonzero_mask`, mean and std come from inside the
+  non-zero mask and everything outside it is set to 0.
+- "noNorm": only cast to float32.
+- "rescale_to_0_1": per case, (x - min) / (max - min); a constant image becomes all 0.
+- "rgb_to_0_1": x / 255 for 8-bit colour channels. Values outside [0, 255] raise NormalizationError
+  (as nnU-Net refuses them): silently clipping would hide images that are not 8-bit.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
+SCHEMES = ("ct", "zscore", "noNorm", "rescale_to_0_1", "rgb_to_0_1")
+
+
+class NormalizationError(ValueError):
+    """plans.json's normalization does not fit the image."""
+
 
 def normalize(image: np.ndarray, nonzero_mask: np.ndarray, schemes: list[dict]) -> np.ndarray:
-    """Normalize (C, Z, Y, X) float32 in place per channel as `plans["normalization"]` says."""
+    """Normalize float32 (C, Z, Y, X) in place, channel c as `schemes[...]["channel"] == c` says.
+
+    `nonzero_mask` (Z, Y, X) is the hole-filled mask of voxels holding data; only "zscore" with
+    `use_nonzero_mask` reads it.
+    """
+    planned = sorted(s["channel"] for s in schemes)
+    if planned != list(range(image.shape[0])):
+        raise NormalizationError(f"plans.json normalizes channels {planned} but the image has {image.shape[0]} "
+                                 f"channel(s); plan the dataset again")
     for s in schemes:
-        c = s["channel"]
+        c, scheme = s["channel"], s["scheme"]
         channel = image[c]
-        if s["scheme"] == "ct":
+        if scheme == "ct":
             lo, hi = s["clip"]
             np.clip(channel, lo, hi, out=channel)
             channel -= s["mean"]
-            channel /= s["std"]
-        elif s["scheme"] == "zscore":
-            region = channel[nonzero_mask] if s["use_nonzero_mask"] else channel
-            mean = float(region.mean()) if region.size else 0.0
-            std = float(region.std()) if region.size else 1.0
-            channel -= mean
-            channel /= max(std, 1e-8)
+            channel /= max(s["std"], 1e-8)
+        elif scheme == "zscore":
             if s["use_nonzero_mask"]:
+                inside = channel[nonzero_mask]
+                mean = float(inside.mean()) if inside.size else 0.0
+                std = float(inside.std()) if inside.size else 1.0
+                channel[nonzero_mask] = (inside - mean) / max(std, 1e-8)
                 channel[~nonzero_mask] = 0
+            else:
+                mean, std = float(channel.mean()), float(channel.std())
+                channel -= mean
+                channel /= max(std, 1e-8)
+        elif scheme == "noNorm":
+            pass  # already float32
+        elif scheme == "rescale_to_0_1":
+            lo, hi = float(channel.min()), float(channel.max())
+            channel -= lo
+            if hi > lo:
+                channel /= hi - lo
+        elif scheme == "rgb_to_0_1":
+            lo, hi = float(channel.min()), float(channel.max())
+            if lo < 0 or hi > 255:
+                raise NormalizationError(f"channel {c} ({s.get('name', '?')}) has values in [{lo:g}, {hi:g}], outside "
+                                         f"the [0, 255] of 8-bit colour; set its scheme in plans.json to "
+                                         f"'rescale_to_0_1' or 'zscore'")
+            channel /= 255.0
         else:
-            raise ValueError(f"unknown normalization scheme '{s['scheme']}' for channel {c} in plans.json")
+            raise NormalizationError(f"unknown normalization scheme '{scheme}' for channel {c} in plans.json; "
+                                     f"choose one of {', '.join(SCHEMES)}")
     return image

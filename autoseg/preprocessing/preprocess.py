@@ -1,4 +1,4 @@
-"""Preprocess cases exactly as the plan says: crop, transpose, normalize, resample, store."""
+"""Preprocess cases exactly as the plan says: crop, normalize, transpose, resample, store."""
 
 from __future__ import annotations
 
@@ -14,22 +14,30 @@ from autoseg.dataset.layout import Case, Dataset, read_case_image, read_case_lab
 from autoseg.parallel import map_cases
 from autoseg.planning.planner import PlanError
 from autoseg.preprocessing import store
-from autoseg.preprocessing.cropping import crop, nonzero_bounding_box
-from autoseg.preprocessing.normalization import normalize
+from autoseg.preprocessing.cropping import crop, mark_outside_mask, nonzero_bounding_box, nonzero_mask
+from autoseg.preprocessing.normalization import NormalizationError, normalize
+from autoseg.preprocessing.resampling import new_shape_for, resample_image, resample_label, separate_axis_for
 from autoseg.workspace import preprocessed_dir
-from autoseg.preprocessing.resampling import new_shape_for, resample_image, resample_label
 
 log = logging.getLogger(__name__)
 
 LOCATIONS_PER_LABEL = 2000  # voxel coordinates kept per label for foreground oversampling
+PREPROCESSING_VERSION = 2  # 2: -1 outside the non-zero mask, per-case separate axis, int16 seg for large label ids
+
+
+class PreprocessingError(ValueError):
+    """A case or plans.json that preprocessing cannot follow."""
 
 
 def preprocessing_key(plans: dict, configuration: str) -> str:
     """Short hash of every plan setting that shapes the preprocessed arrays (reasons left out), so data
-    made under other plans is never taken for complete."""
+    made under other plans, or by an older version of these rules, is never taken for complete."""
     strip = lambda d: {k: v for k, v in d.items() if k != "reason"}  # noqa: E731
-    relevant = {"transpose_forward": plans["transpose_forward"], "spacing": plans["configurations"][configuration]["spacing"],
-                "normalization": [strip(n) for n in plans["normalization"]], "resampling": strip(plans["resampling"])}
+    config = plans["configurations"][configuration]
+    relevant = {"version": PREPROCESSING_VERSION, "transpose_forward": plans["transpose_forward"],
+                "data_identifier": config["data_identifier"], "spacing": config["spacing"],
+                "normalization": [strip(n) for n in plans["normalization"]], "resampling": strip(plans["resampling"]),
+                "seg_dtype": np.dtype(seg_dtype(plans["labels"])).name}
     return hashlib.sha1(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -38,25 +46,58 @@ def is_current(folder: Path, case_id: str, key: str) -> bool:
     return store.is_complete(folder, case_id) and store.load_properties(folder, case_id).get("preprocessing_key") == key
 
 
+def seg_dtype(labels: dict) -> type[np.integer]:
+    """int8 when every label id of plans["labels"] fits it, else int16 (-1 marks outside the data)."""
+    largest = max(int(k) for k in labels)
+    if largest > np.iinfo(np.int16).max:
+        raise PreprocessingError(f"label id {largest} in plans.json does not fit int16 (at most 32767); "
+                                 f"renumber the labels")
+    return np.int8 if largest <= np.iinfo(np.int8).max else np.int16
+
+
+def target_spacing_for(config_spacing: list[float], case_spacing: tuple[float, ...]) -> tuple[float, ...]:
+    """A 3D configuration's spacing, or for "2d" (in-plane spacing only) the case's own axis-0 spacing
+    followed by the plan's in-plane spacing: slices are never resampled across."""
+    if len(config_spacing) == len(case_spacing):
+        return tuple(float(s) for s in config_spacing)
+    if len(config_spacing) == len(case_spacing) - 1:
+        return (float(case_spacing[0]), *(float(s) for s in config_spacing))
+    raise PreprocessingError(f"plans.json spacing {config_spacing} has {len(config_spacing)} entries; a "
+                             f"{len(case_spacing)}D case needs {len(case_spacing)} (or {len(case_spacing) - 1} for 2d)")
+
+
+def _resampling_settings(plans: dict) -> dict:
+    r = plans["resampling"]
+    needed = ("image_order", "label_order", "thick_axis_order", "anisotropy_threshold")
+    missing = [k for k in needed if r.get(k) is None]
+    if missing:
+        raise PreprocessingError(f"plans.json resampling lacks {', '.join(missing)} (plans format 2); "
+                                 f"run `autoseg plan` again")
+    return r
+
+
 def preprocess_case(image: np.ndarray, label: np.ndarray | None, geometry: Geometry, plans: dict,
                     configuration: str) -> tuple[np.ndarray, np.ndarray | None, dict]:
     """One case (C, Z, Y, X) in file orientation -> network-ready arrays and the properties to go back.
 
-    Used by both `autoseg plan` and `autoseg predict`, so prediction sees exactly the training
-    preprocessing.
+    Crop to the non-zero region, normalize (inside the hole-filled non-zero mask where planned),
+    transpose, resample (the thick axis apart, decided for this case). The seg (1, Z, Y, X) holds -1
+    where the case is background outside the mask. Used by both `autoseg plan` and `autoseg predict`,
+    so prediction sees exactly the training preprocessing.
     """
     config = plans["configurations"][configuration]
     transpose = plans["transpose_forward"]
+    r = _resampling_settings(plans)
     bbox = nonzero_bounding_box(image)
     image = crop(image, bbox).astype(np.float32, copy=True)
-    nonzero_mask = np.any(image != 0, axis=0)
-    normalize(image, nonzero_mask, plans["normalization"])
+    mask = nonzero_mask(image)
+    normalize(image, mask, plans["normalization"])
     image = image.transpose(0, *(a + 1 for a in transpose))
-    spacing = tuple(geometry.spacing[a] for a in transpose)
-    target_spacing = tuple(config["spacing"])
+    spacing = tuple(float(geometry.spacing[a]) for a in transpose)
+    target_spacing = target_spacing_for(config["spacing"], spacing)
     shape = new_shape_for(image.shape[1:], spacing, target_spacing)
-    r = plans["resampling"]
-    image = np.ascontiguousarray(resample_image(image, shape, r["image_order"], r["thick_axis_order"]))
+    axis = separate_axis_for(spacing, target_spacing, r["anisotropy_threshold"])
+    image = np.ascontiguousarray(resample_image(image, shape, r["image_order"], axis, r["thick_axis_order"]))
     properties = {
         "original_geometry": geometry.to_json(),
         "nonzero_bbox": [list(b) for b in bbox],
@@ -67,8 +108,15 @@ def preprocess_case(image: np.ndarray, label: np.ndarray | None, geometry: Geome
     }
     seg = None
     if label is not None:
-        seg = crop(label, bbox).transpose(*transpose)
-        seg = np.ascontiguousarray(resample_label(seg, shape, r["label_order"]))[None].astype(np.int8)
+        dtype = seg_dtype(plans["labels"])
+        seg = crop(label, bbox)
+        if seg.size and (seg.min() < 0 or seg.max() > np.iinfo(dtype).max):
+            raise PreprocessingError(f"label values [{seg.min()}, {seg.max()}] do not fit {np.dtype(dtype).name} "
+                                     f"(plans.json's largest label id is {max(int(k) for k in plans['labels'])}); "
+                                     f"check the label file against dataset.json")
+        seg = mark_outside_mask(seg, mask).transpose(*transpose)
+        seg = resample_label(seg, shape, r["label_order"], axis, r["thick_axis_order"])
+        seg = np.ascontiguousarray(seg)[None].astype(dtype)
         properties["class_locations"] = _sample_class_locations(seg[0], seed=int(np.prod(shape)) % (2 ** 31))
     return image, seg, properties
 
@@ -90,8 +138,12 @@ def _preprocess_job(args: tuple[Case, int, dict, str, Path]) -> str:
     case, num_channels, plans, configuration, folder = args
     image, geometry = read_case_image(case, num_channels)
     label = read_case_label(case) if case.label_file is not None else None
-    data, seg, properties = preprocess_case(image, label, geometry, plans, configuration)
-    store.save_case(folder, case.case_id, data, seg, {"case_id": case.case_id, **properties})
+    try:
+        data, seg, properties = preprocess_case(image, label, geometry, plans, configuration)
+    except (NormalizationError, PreprocessingError) as exc:
+        raise PreprocessingError(f"case {case.case_id}: {exc}") from exc
+    store.save_case(folder, case.case_id, data, seg, {"case_id": case.case_id, **properties},
+                    patch_size=plans["configurations"][configuration]["patch_size"])
     return case.case_id
 
 

@@ -1,62 +1,124 @@
-"""Resample images, label maps and probabilities to a new grid covering the same physical extent."""
+"""Resample images, label maps and probabilities to a new grid covering the same physical extent.
+
+When either grid is anisotropic, the thick axis is resampled apart from the other two: in-plane with
+the given order, slice by slice, and along the thick axis with `thick_axis_order` (0, nearest
+neighbour, by default), so a 5 mm case never gets cubic interpolation between distant slices.
+`separate_axis_for` decides, per case, which axis that is (nnU-Net v2's rule).
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 from scipy import ndimage
 
 
-def new_shape_for(shape: tuple[int, ...], spacing: tuple[float, ...], target_spacing: tuple[float, ...]) -> tuple[int, ...]:
-    return tuple(max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, target_spacing))
+def new_shape_for(shape: Sequence[int], spacing: Sequence[float], target_spacing: Sequence[float]) -> tuple[int, ...]:
+    """Voxels per axis that cover the same extent at `target_spacing` (at least 1)."""
+    return tuple(max(1, int(round(s / t * n))) for n, s, t in zip(shape, spacing, target_spacing))
 
 
-def _zoom(volume: np.ndarray, shape: tuple[int, ...], order: int) -> np.ndarray:
-    """Resample one (Z, Y, X) volume; voxel edges stay aligned, so the physical extent is kept."""
-    if tuple(volume.shape) == tuple(shape):
+def separate_axis_for(current_spacing: Sequence[float], target_spacing: Sequence[float],
+                      anisotropy_threshold: float) -> int | None:
+    """The axis to resample on its own, or None for plain 3D resampling.
+
+    The current grid decides first: if it is anisotropic (coarsest/finest > threshold), its coarsest
+    axis; otherwise, if the target grid is, the target's coarsest axis. When several axes share the
+    coarsest spacing of the grid that decides, there is no single thick axis: None.
+    """
+    for spacing in (np.asarray(current_spacing, float), np.asarray(target_spacing, float)):
+        if spacing.max() / spacing.min() > anisotropy_threshold:
+            coarsest = np.flatnonzero(spacing == spacing.max())
+            return int(coarsest[0]) if len(coarsest) == 1 else None
+    return None
+
+
+def _zoom(volume: np.ndarray, shape: Sequence[int], order: int) -> np.ndarray:
+    """Resample a whole array; voxel edges stay aligned, so the physical extent is kept."""
+    shape = tuple(shape)
+    if volume.shape == shape:
         return volume
     factors = [n / o for n, o in zip(shape, volume.shape)]
     out = ndimage.zoom(volume, factors, order=order, mode="nearest", grid_mode=True, prefilter=order > 1)
-    if out.shape != tuple(shape):  # zoom rounds; guard against an off-by-one
+    if out.shape != shape:  # zoom rounds; guard against an off-by-one
         out = out[tuple(slice(0, n) for n in shape)]
         out = np.pad(out, [(0, n - o) for n, o in zip(shape, out.shape)], mode="edge")
     return out
 
 
-def resample_image(image: np.ndarray, shape: tuple[int, ...], order: int = 3,
-                   thick_axis_order: int | None = None) -> np.ndarray:
-    """Resample every channel of (C, Z, Y, X). With `thick_axis_order`, axis 0 (the thick axis)
-    is resampled separately with that lower order, after the in-plane axes."""
-    if tuple(image.shape[1:]) == tuple(shape):
+def _in_plane(volume: np.ndarray, axis: int, shape: Sequence[int], order: int) -> np.ndarray:
+    """Resample every slice across `axis` to the other two entries of `shape`."""
+    plane = tuple(n for a, n in enumerate(shape) if a != axis)
+    if tuple(np.delete(volume.shape, axis)) == plane:
+        return volume
+    return np.stack([_zoom(np.take(volume, i, axis=axis), plane, order) for i in range(volume.shape[axis])], axis=axis)
+
+
+def _along_axis(volume: np.ndarray, axis: int, n_out: int, order: int) -> np.ndarray:
+    """Resample along `axis` only. Order 0 copies whole input slices (the nearest by voxel centre)."""
+    n_in = volume.shape[axis]
+    if n_in == n_out:
+        return volume
+    if order == 0:
+        centres = n_in / n_out * (np.arange(n_out) + 0.5) - 0.5
+        nearest = ndimage.map_coordinates(np.arange(n_in, dtype=float), centres[None], order=0, mode="nearest")
+        return np.take(volume, nearest.astype(np.intp), axis=axis)
+    shape = list(volume.shape)
+    shape[axis] = n_out
+    return _zoom(volume, shape, order)
+
+
+def _resample_volume(volume: np.ndarray, shape: Sequence[int], order: int, separate_axis: int | None,
+                     thick_axis_order: int) -> np.ndarray:
+    """One (Z, Y, X) float volume to `shape`, the separate axis (if any) apart from the other two."""
+    if separate_axis is None:
+        return _zoom(volume, shape, order)
+    n_out = shape[separate_axis]
+    if thick_axis_order == 0 and n_out < volume.shape[separate_axis]:
+        # Copying slices commutes with in-plane resampling: pick them first, so fewer slices are resampled.
+        return _in_plane(_along_axis(volume, separate_axis, n_out, 0), separate_axis, shape, order)
+    return _along_axis(_in_plane(volume, separate_axis, shape, order), separate_axis, n_out, thick_axis_order)
+
+
+def resample_image(image: np.ndarray, shape: Sequence[int], order: int = 3, separate_axis: int | None = None,
+                   thick_axis_order: int = 0) -> np.ndarray:
+    """Resample every channel of (C, Z, Y, X) to float32 of spatial `shape`."""
+    shape = tuple(shape)
+    if tuple(image.shape[1:]) == shape:
         return image.astype(np.float32, copy=False)
     out = np.empty((image.shape[0], *shape), dtype=np.float32)
     for c in range(image.shape[0]):
-        volume = image[c].astype(np.float32, copy=False)
-        if thick_axis_order is None:
-            out[c] = _zoom(volume, shape, order)
-        else:
-            in_plane = np.stack([_zoom(s, shape[1:], order) for s in volume])
-            out[c] = _zoom(in_plane, shape, thick_axis_order)
+        out[c] = _resample_volume(image[c].astype(np.float32, copy=False), shape, order, separate_axis,
+                                  thick_axis_order)
     return out
 
 
-def resample_label(label: np.ndarray, shape: tuple[int, ...], order: int = 1) -> np.ndarray:
+def resample_label(label: np.ndarray, shape: Sequence[int], order: int = 1, separate_axis: int | None = None,
+                   thick_axis_order: int = 0) -> np.ndarray:
     """Resample a (Z, Y, X) label map one label at a time and keep the most likely label per voxel,
-    so no label value appears that was not there."""
-    if tuple(label.shape) == tuple(shape):
+    so no label value appears that was not there (negative values such as -1 included)."""
+    shape = tuple(shape)
+    if tuple(label.shape) == shape:
         return label
     values = np.unique(label)
     best = np.zeros(shape, dtype=np.float32)
     out = np.full(shape, values[0], dtype=label.dtype)
     for v in values:
-        weight = _zoom((label == v).astype(np.float32), shape, order)
+        weight = _resample_volume((label == v).astype(np.float32), shape, order, separate_axis, thick_axis_order)
         better = weight > best
         out[better] = v
         best[better] = weight[better]
     return out
 
 
-def resample_probabilities(probabilities: np.ndarray, shape: tuple[int, ...], order: int = 1) -> np.ndarray:
-    """Resample class probabilities (K, Z, Y, X) back to an original grid (linear: stays in [0, 1])."""
-    if tuple(probabilities.shape[1:]) == tuple(shape):
+def resample_probabilities(probabilities: np.ndarray, shape: Sequence[int], order: int = 1,
+                           separate_axis: int | None = None, thick_axis_order: int = 0) -> np.ndarray:
+    """Resample class probabilities (K, Z, Y, X) back to an original grid (linear and nearest keep
+    them in [0, 1]). Pass `separate_axis_for(network_spacing, original_spacing, threshold)` as
+    `separate_axis` to undo preprocessing the way nnU-Net does; without it, plain 3D."""
+    shape = tuple(shape)
+    if tuple(probabilities.shape[1:]) == shape:
         return probabilities
-    return np.stack([_zoom(p.astype(np.float32, copy=False), shape, order) for p in probabilities])
+    return np.stack([_resample_volume(p.astype(np.float32, copy=False), shape, order, separate_axis, thick_axis_order)
+                     for p in probabilities])

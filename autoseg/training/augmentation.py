@@ -1,31 +1,39 @@
 """How training patches are augmented (batchgenerators transforms) and fed from background workers.
 
-The loader reads an enlarged patch (`training_patch_size`); the spatial transform rotates/scales
-about its centre and centre-crops to the network's patch size, so no empty corners appear.
-Probabilities are per sample unless stated; ranges are the values commonly used for U-Net
-training on CT/MR:
+The rules are nnU-Net v2's (its nnUNetTrainer), decided per configuration from the patch shape:
+`rotation_for_patch` gives the rotation range and whether a 3D patch is a slab augmented slice by
+slice; `training_patch_size` gives the enlarged patch the loader reads (nnU-Net's initial patch
+size). The spatial transform rotates and scales about the centre of that read patch and crops the
+network's patch from its centre, so the final patch lies where `patch_sampling` puts it. The
+enlargement covers the rotation and a zoom-out of 1/0.85 only, as in nnU-Net, while scaling goes
+up to 1.4: samples reaching past the read patch get image 0 and label -1 there.
 
-1. Spatial: rotation with p 0.2 (isotropic 3D: about each axis in [-30, 30] degrees; 2D and
-   anisotropic 3D: in-plane only, about axis 0, in [-180, 180] degrees), isotropic scaling in
-   [0.7, 1.4] with p 0.2, optional elastic deformation (off by default; alpha 0-200, sigma 9-13,
-   p 0.2); cubic interpolation for images, nearest for labels, zeros outside. Anisotropic 3D
-   patches are transformed slice by slice (axis 0 untouched).
+Probabilities are per sample unless stated:
+
+1. Spatial: rotation with p 0.2 (2D: +-15 degrees for elongated patches, else +-180; 3D: about
+   each axis by +-30 degrees, slabs in-plane only by +-180), isotropic scaling in [0.7, 1.4]
+   (above 1 zooms out) with p 0.2, optional elastic deformation (off by default; alpha 0-200,
+   sigma 9-13, p 0.2); cubic interpolation for images with 0 outside, nearest for labels with -1
+   outside. Slab patches are transformed slice by slice (axis 0 untouched).
 2. Gaussian noise, variance in [0, 0.1], p 0.1.
 3. Gaussian blur, sigma in [0.5, 1], p 0.2, each channel with p 0.5 and its own sigma.
 4. Multiplicative brightness in [0.75, 1.25], p 0.15.
 5. Contrast in [0.75, 1.25] (value range preserved), p 0.15.
 6. Simulated low resolution: nearest downsampling by 0.5-1 and cubic upsampling, p 0.25, each
-   channel with p 0.5 (anisotropic 3D: axis 0 kept).
+   channel with p 0.5 (slabs: axis 0 kept).
 7. Gamma in [0.7, 1.5] on the inverted image, p 0.1; then gamma in [0.7, 1.5], p 0.3 (mean and
    standard deviation retained).
 8. Mirroring along each of `mirror_axes` with p 0.5.
-9. Labels rounded to ids, downsampled (nearest) to each deep-supervision scale, converted to
-   tensors: `data` float32 (B, C, *patch), `target` a list of int64 (B, 1, *scaled patch).
+9. Masking: in the channels normalized within the non-zero mask, the image is set to 0 wherever
+   the label is -1 (outside that mask, outside the volume, outside the read patch), which is what
+   inference sees there.
+10. Labels: -1 becomes background 0; labels are downsampled (nearest) to each deep-supervision
+    scale and converted to tensors: `data` float32 (B, C, *patch), `target` a list of int64
+    (B, 1, *scaled patch).
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import os
@@ -49,52 +57,54 @@ from batchgenerators.transforms.utility_transforms import NumpyToTensor
 logger = logging.getLogger(__name__)
 
 DEFAULT_SCALE_RANGE = (0.7, 1.4)
+SLAB_RATIO = 3.0  # a 3D patch whose largest side exceeds this times axis 0 is augmented in-plane only
+ELONGATED_2D_RATIO = 1.5  # a 2D patch longer than this times its width rotates by +-15 degrees only
+READ_PATCH_ZOOM_OUT = 0.85  # the read patch covers scaling down to this factor (nnU-Net's value)
 
 
-def default_rotation_range(ndim: int, anisotropic: bool) -> tuple[float, float]:
-    """Rotation angle range in radians: +-30 degrees for isotropic 3D, full in-plane turn otherwise."""
-    if ndim == 3 and not anisotropic:
-        return (-math.pi / 6, math.pi / 6)
-    return (-math.pi, math.pi)
+def rotation_for_patch(patch_size: Sequence[int]) -> tuple[tuple[float, float], bool]:
+    """Rotation range in radians, and whether a 3D patch is rotated and scaled within its slices only.
 
-
-def training_patch_size(
-    patch_size: Sequence[int],
-    rotation_range_rad: Sequence[float] | None = None,
-    scale_range: Sequence[float] = DEFAULT_SCALE_RANGE,
-    *,
-    anisotropic: bool = False,
-) -> list[int]:
-    """Patch to read so that any rotation/scaling in range, centre-cropped to `patch_size`, stays inside it.
-
-    Anisotropic 3D rotates and scales in-plane only, so axis 0 keeps its size. Each enlarged axis
-    differs from `patch_size` by an even number, so the plain centre crop needs no interpolation.
+    nnU-Net's rule. 2D: +-15 degrees when the longer side exceeds 1.5 times the shorter, else
+    +-180. 3D: a slab (largest side more than 3 times axis 0) is turned about axis 0 only, by up to
+    +-180 degrees; any other patch about every axis by up to +-30 degrees. The flag is False for 2D
+    patches, which have no axis 0 to keep.
     """
     patch = [int(p) for p in patch_size]
-    ndim = len(patch)
-    if ndim not in (2, 3):
-        raise ValueError(f"patch_size must have 2 or 3 entries, got {patch}")
-    if rotation_range_rad is None:
-        rotation_range_rad = default_rotation_range(ndim, anisotropic)
-    in_plane = patch[1:] if ndim == 3 and anisotropic else patch
-    lo, hi = float(rotation_range_rad[0]), float(rotation_range_rad[1])
-    angles = np.unique(np.concatenate([np.linspace(lo, hi, 25 if len(in_plane) == 2 else 9),
-                                       [0.0] if lo <= 0 <= hi else []]))
-    half = np.array([(p - 1) / 2 for p in in_plane])
-    corners = np.array(list(itertools.product(*[(-h, h) for h in half]))).T  # (dim, n_corners)
-    reach = np.abs(corners).max(axis=1)
-    if len(in_plane) == 2:
-        for a in angles:
-            reach = np.maximum(reach, np.abs(rotate_coords_2d(corners, a)).max(axis=1))
+    if len(patch) == 2:
+        limit = 15.0 if max(patch) / min(patch) > ELONGATED_2D_RATIO else 180.0
+        return (-math.radians(limit), math.radians(limit)), False
+    if len(patch) == 3:
+        in_plane_only = max(patch) / patch[0] > SLAB_RATIO
+        limit = 180.0 if in_plane_only else 30.0
+        return (-math.radians(limit), math.radians(limit)), in_plane_only
+    raise ValueError(f"patch_size must have 2 or 3 entries, got {patch}")
+
+
+def training_patch_size(patch_size: Sequence[int]) -> list[int]:
+    """The patch to read before the spatial transform: nnU-Net's initial patch size, margins made whole.
+
+    nnU-Net's rule: turn the patch's corner vector by the largest angle of `rotation_for_patch`
+    (at most 90 degrees) about each axis in turn, take per axis the largest absolute value and the
+    patch itself, divide by 0.85 and truncate; a slab keeps its axis 0. Then each axis grows by one
+    voxel where needed so that read and final patch differ by an even number: batchgenerators'
+    centre crop then takes exactly the box `patch_sampling` describes, and the centre of a rotated
+    patch falls on a voxel.
+    """
+    patch = [int(p) for p in patch_size]
+    rotation, in_plane_only = rotation_for_patch(patch)
+    angle = min(max(abs(a) for a in rotation), math.pi / 2)
+    corner = np.array(patch, dtype=float)
+    reach = corner.copy()
+    if len(patch) == 2:
+        reach = np.maximum(reach, np.abs(rotate_coords_2d(corner, angle)))
     else:
-        for ax, ay, az in itertools.product(angles, repeat=3):
-            reach = np.maximum(reach, np.abs(rotate_coords_3d(corners, ax, ay, az)).max(axis=1))
-    reach *= max(1.0, float(max(scale_range)))
-    enlarged = []
-    for p, r in zip(in_plane, reach):
-        size = max(p, math.ceil(2 * r + 1 - 1e-6))
-        enlarged.append(size + (size - p) % 2)
-    return patch[:1] + enlarged if ndim == 3 and anisotropic else enlarged
+        for angles in ((angle, 0, 0), (0, angle, 0), (0, 0, angle)):
+            reach = np.maximum(reach, np.abs(rotate_coords_3d(corner, *angles)))
+    read = [int(r / READ_PATCH_ZOOM_OUT) for r in reach]
+    if in_plane_only:
+        read[0] = patch[0]
+    return [r + (r - p) % 2 for r, p in zip(read, patch)]
 
 
 class _FoldAxis0IntoChannels(AbstractTransform):
@@ -122,8 +132,30 @@ class _UnfoldAxis0FromChannels(AbstractTransform):
         return data_dict
 
 
+class MaskImageOutsideNonzero(AbstractTransform):
+    """Set `channels` of the image to 0 wherever the label is negative (-1: outside the non-zero mask).
+
+    For the channels normalized within the non-zero mask, which inference sees as 0 there; the
+    other channels are left alone.
+    """
+
+    def __init__(self, channels: Sequence[int]):
+        self.channels = [int(c) for c in channels]
+
+    def __call__(self, **data_dict):
+        if self.channels:
+            outside = np.asarray(data_dict["seg"])[:, 0] < 0
+            data = data_dict["data"]
+            for c in self.channels:
+                data[:, c][outside] = 0
+        return data_dict
+
+
 class RoundSegToLabels(AbstractTransform):
-    """Turn the float labels left by spatial transforms back into integer ids (negatives become 0)."""
+    """Turn the labels left by the transforms into integer ids; -1 (outside) becomes background 0.
+
+    int16, so label ids above 127 stay exact.
+    """
 
     def __init__(self, key: str = "seg"):
         self.key = key
@@ -176,31 +208,32 @@ def _to_tensors() -> list[AbstractTransform]:
 def training_transforms(
     patch_size: Sequence[int],
     *,
-    anisotropic: bool,
     mirror_axes: Sequence[int] | None,
     deep_supervision_scales: list[list[float]] | None,
-    rotation_rad: Sequence[float] | None = None,
+    nonzero_mask_channels: Sequence[int] = (),
     scale_range: Sequence[float] = DEFAULT_SCALE_RANGE,
     elastic: bool = False,
 ) -> Compose:
-    """The training augmentation (see the module docstring); input patches come from `training_patch_size`."""
+    """The training augmentation (see the module docstring) for patches read at `training_patch_size`.
+
+    `nonzero_mask_channels` lists the channels normalized within the non-zero mask (plans.json
+    "use_nonzero_mask"); they are set to 0 where the label is -1.
+    """
     patch = [int(p) for p in patch_size]
     ndim = len(patch)
-    anisotropic_3d = ndim == 3 and anisotropic
-    rotation = tuple(rotation_rad) if rotation_rad is not None else default_rotation_range(ndim, anisotropic)
-    spatial_patch = patch[1:] if anisotropic_3d else patch
-    in_plane_only = len(spatial_patch) == 2 or anisotropic_3d
+    rotation, in_plane_only = rotation_for_patch(patch)
+    spatial_patch = patch[1:] if in_plane_only else patch
+    other_axes = rotation if len(spatial_patch) == 3 else (0.0, 0.0)  # a 2D transform turns about one axis
     spatial = SpatialTransform(
         spatial_patch, patch_center_dist_from_border=None,
         do_elastic_deform=elastic, alpha=(0.0, 200.0), sigma=(9.0, 13.0), p_el_per_sample=0.2,
-        do_rotation=True, angle_x=rotation,
-        angle_y=(0.0, 0.0) if in_plane_only else rotation, angle_z=(0.0, 0.0) if in_plane_only else rotation,
+        do_rotation=True, angle_x=rotation, angle_y=other_axes, angle_z=other_axes,
         p_rot_per_sample=0.2, do_scale=True, scale=tuple(scale_range), p_scale_per_sample=0.2,
         border_mode_data="constant", border_cval_data=0, order_data=3,
-        border_mode_seg="constant", border_cval_seg=0, order_seg=0, random_crop=False,
+        border_mode_seg="constant", border_cval_seg=-1, order_seg=0, random_crop=False,
     )
     transforms: list[AbstractTransform] = (
-        [_FoldAxis0IntoChannels(), spatial, _UnfoldAxis0FromChannels()] if anisotropic_3d else [spatial])
+        [_FoldAxis0IntoChannels(), spatial, _UnfoldAxis0FromChannels()] if in_plane_only else [spatial])
     transforms += [
         GaussianNoiseTransform(noise_variance=(0.0, 0.1), p_per_sample=0.1),
         GaussianBlurTransform(blur_sigma=(0.5, 1.0), different_sigma_per_channel=True, p_per_channel=0.5,
@@ -210,7 +243,7 @@ def training_transforms(
                                       p_per_sample=0.15),
         SimulateLowResolutionTransform(zoom_range=(0.5, 1.0), per_channel=True, p_per_channel=0.5,
                                        order_downsample=0, order_upsample=3, p_per_sample=0.25,
-                                       ignore_axes=(0,) if anisotropic_3d else None),
+                                       ignore_axes=(0,) if in_plane_only else None),
         GammaTransform(gamma_range=(0.7, 1.5), invert_image=True, per_channel=True, retain_stats=True,
                        p_per_sample=0.1),
         GammaTransform(gamma_range=(0.7, 1.5), invert_image=False, per_channel=True, retain_stats=True,
@@ -220,12 +253,13 @@ def training_transforms(
         if max(mirror_axes) >= ndim:
             raise ValueError(f"mirror_axes {list(mirror_axes)} refer to spatial axes of a {ndim}D patch {patch}")
         transforms.append(MirrorTransform(tuple(mirror_axes)))
-    transforms += [RoundSegToLabels(), DownsampleSegForDeepSupervision(deep_supervision_scales)]
+    transforms += [MaskImageOutsideNonzero(nonzero_mask_channels), RoundSegToLabels(),
+                   DownsampleSegForDeepSupervision(deep_supervision_scales)]
     return Compose(transforms + _to_tensors())
 
 
 def validation_transforms(deep_supervision_scales: list[list[float]] | None) -> Compose:
-    """No augmentation: label clean-up, deep-supervision targets and tensors (loader reads the final patch)."""
+    """No augmentation: labels (-1 becomes 0), deep-supervision targets and tensors (loader reads the final patch)."""
     return Compose([RoundSegToLabels(), DownsampleSegForDeepSupervision(deep_supervision_scales)] + _to_tensors())
 
 

@@ -1,4 +1,4 @@
-"""Segmentation losses: batch soft Dice + cross-entropy, and its deep-supervision weighting."""
+"""Segmentation losses: soft Dice (batch or per sample) + cross-entropy, and its deep-supervision weighting."""
 
 from __future__ import annotations
 
@@ -10,13 +10,17 @@ from torch import nn
 
 
 def soft_dice_loss(
-    logits: torch.Tensor, target: torch.Tensor, ignore_background: bool = True, smooth: float = 1e-5
+    logits: torch.Tensor, target: torch.Tensor, ignore_background: bool = True, smooth: float = 1e-5,
+    batch_dice: bool = True,
 ) -> torch.Tensor:
-    """Negative mean batch Dice over classes (about -1 when perfect); float32 even under autocast.
+    """Negative mean soft Dice over classes (about -1 when perfect); float32 even under autocast.
 
-    `logits` is (B, C, *spatial); `target` holds label ids, shape (B, 1, *spatial). Sums run over
-    the batch and spatial axes per class ("batch Dice"), so small structures in one sample are
-    not drowned by empty samples.
+    `logits` is (B, C, *spatial); `target` holds label ids, shape (B, 1, *spatial). Batch Dice
+    sums over the batch and spatial axes per class, so small structures in one sample are not
+    drowned by empty samples. Per-sample Dice (`batch_dice=False`) sums over space per sample and
+    class, then averages over samples and classes; a class absent from a sample then scores about
+    0 there unless the prediction is also (almost exactly) empty. Both as nnU-Net's
+    MemoryEfficientSoftDiceLoss, with the background left out by default.
     """
     if target.shape[0] != logits.shape[0] or target.shape[2:] != logits.shape[2:] or target.shape[1] != 1:
         raise ValueError(
@@ -25,25 +29,29 @@ def soft_dice_loss(
     with torch.autocast(device_type=logits.device.type, enabled=False):
         probs = torch.softmax(logits.float(), dim=1)
         one_hot = torch.zeros_like(probs).scatter_(1, target.long(), 1.0)
-        axes = [0] + list(range(2, logits.dim()))
+        axes = ([0] if batch_dice else []) + list(range(2, logits.dim()))
         intersection = (probs * one_hot).sum(axes)
         denominator = probs.sum(axes) + one_hot.sum(axes)
-        dice = (2.0 * intersection + smooth) / (denominator + smooth).clamp_min(1e-8)
+        dice = (2.0 * intersection + smooth) / (denominator + smooth).clamp_min(1e-8)  # (C,) or (B, C)
         if ignore_background:
-            dice = dice[1:]
+            dice = dice[..., 1:]
         return -dice.mean()
 
 
 class DiceCELoss(nn.Module):
-    """Soft batch Dice plus cross-entropy, weight 1 each: Dice handles class imbalance, CE gives smooth gradients."""
+    """Soft Dice plus cross-entropy, weight 1 each: Dice handles class imbalance, CE gives smooth gradients.
 
-    def __init__(self, ignore_background: bool = True, smooth: float = 1e-5):
+    `batch_dice` comes from the configuration in plans.json (see `soft_dice_loss`).
+    """
+
+    def __init__(self, ignore_background: bool = True, smooth: float = 1e-5, batch_dice: bool = True):
         super().__init__()
         self.ignore_background = ignore_background
         self.smooth = smooth
+        self.batch_dice = batch_dice
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        dice = soft_dice_loss(logits, target, self.ignore_background, self.smooth)
+        dice = soft_dice_loss(logits, target, self.ignore_background, self.smooth, self.batch_dice)
         with torch.autocast(device_type=logits.device.type, enabled=False):
             ce = F.cross_entropy(logits.float(), target[:, 0].long())
         return dice + ce

@@ -5,7 +5,8 @@ augmentation centre-crops; `f` defaults to `p`): the patch centre `c = lower + p
 uniformly from `[min(a, b), max(a, b)]` with `a = f // 2` and `b = s - f + f // 2`. So when the
 volume is at least as large as the final patch, the final patch lies fully inside the volume (only
 the enlargement margin `(p - f) / 2` may be padding); when the volume is smaller, the whole volume
-lies inside the final patch and the rest is zero padding (image 0, label 0).
+lies inside the final patch and the rest is padding: image 0 and label -1 (as outside the non-zero
+mask; the augmentation turns -1 into background).
 
 Foreground oversampling: the patch is centred on a stored voxel of the chosen label, then the
 centre is clipped to the same range, which keeps that voxel inside the final patch.
@@ -14,6 +15,7 @@ centre is clipped to the same range, which keeps that voxel inside the final pat
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -28,26 +30,27 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PreprocessedCase:
-    """One preprocessed case; `image` and `seg` are memory-mapped, so opening it reads no voxels."""
+    """One preprocessed case; `image` and `seg` are opened lazily, so opening it reads no voxels.
+
+    Slicing `image[:, z0:z1, y0:y1, x0:x1]` (or `seg[...]`) returns numpy and reads only that box.
+    """
 
     case_id: str
-    image: np.ndarray  # (C, Z, Y, X) float32, memory-mapped
-    seg: np.ndarray  # (1, Z, Y, X) int8, memory-mapped
+    image: store.CaseArray  # (C, Z, Y, X) float32
+    seg: store.CaseArray  # (1, Z, Y, X) int8 or int16; -1 outside the image's non-zero mask
     class_locations: dict[int, np.ndarray]  # label -> (N, 3) int64 voxel coordinates, N may be 0
 
 
 def open_case(folder: Path, case_id: str) -> PreprocessedCase:
-    """Memory-map one case written by preprocessing (`<id>.npy`, `<id>_seg.npy`, `<id>.json`)."""
+    """Open one case written by preprocessing (see `autoseg.preprocessing.store`) without reading voxels."""
     folder = Path(folder)
-    paths = dict(zip(("image", "seg", "properties"), store.case_paths(folder, case_id)))
-    for path in paths.values():
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing; run preprocessing for this configuration first "
-                                    f"(or remove case '{case_id}' from the split)")
-    image = np.load(paths["image"], mmap_mode="r")
-    seg = np.load(paths["seg"], mmap_mode="r")
-    if image.ndim != 4 or seg.ndim != 4 or seg.shape[0] != 1 or image.shape[1:] != seg.shape[1:]:
-        raise ValueError(f"{paths['image']} has shape {image.shape} and {paths['seg']} has shape {seg.shape}; "
+    properties_path = store.case_paths(folder, case_id)[2]
+    if not properties_path.is_file():
+        raise FileNotFoundError(f"{properties_path} is missing; run preprocessing for this configuration first "
+                                f"(or remove case '{case_id}' from the split)")
+    image, seg = store.open_case_arrays(folder, case_id)
+    if len(image.shape) != 4 or len(seg.shape) != 4 or seg.shape[0] != 1 or image.shape[1:] != seg.shape[1:]:
+        raise ValueError(f"case '{case_id}' in {folder} has image shape {image.shape} and seg shape {seg.shape}; "
                          "expected (C, Z, Y, X) and (1, Z, Y, X) with equal spatial shape; rerun preprocessing")
     properties = store.load_properties(folder, case_id)
     class_locations = {
@@ -117,19 +120,24 @@ def sample_patch_box(
     return lower, upper
 
 
-def read_box(array: np.ndarray, lower: Sequence[int], upper: Sequence[int]) -> np.ndarray:
-    """Read `array[:, lower:upper]` (spatial box) touching only the voxels inside; outside is 0."""
-    spatial = array.shape[1:]
-    inside = tuple(slice(max(lo, 0), min(up, s)) for lo, up, s in zip(lower, upper, spatial))
+def read_box(array: store.CaseArray, lower: Sequence[int], upper: Sequence[int],
+             pad_value: float = 0) -> np.ndarray:
+    """Read `array[:, lower:upper]` (spatial box) touching only the voxels inside; outside is `pad_value`."""
+    spatial = [int(s) for s in array.shape[1:]]
+    inside = tuple(slice(min(max(lo, 0), s), max(min(up, s), 0)) for lo, up, s in zip(lower, upper, spatial))
     region = np.asarray(array[(slice(None),) + inside])
-    pad = [(0, 0)] + [(max(-lo, 0), max(up - s, 0)) for lo, up, s in zip(lower, upper, spatial)]
+    pad = [(0, 0)] + [(min(max(-lo, 0), up - lo), min(max(up - s, 0), up - lo)) for lo, up, s in
+                      zip(lower, upper, spatial)]
     if any(before or after for before, after in pad):
-        region = np.pad(region, pad, mode="constant", constant_values=0)
+        region = np.pad(region, pad, mode="constant", constant_values=pad_value)
     return region
 
 
 class PatchLoader(DataLoader):
-    """Batches of patches `{"data": (B, C, *patch) float32, "seg": (B, 1, *patch) int8, "keys": [...]}`.
+    """Batches of patches `{"data": (B, C, *patch) float32, "seg": (B, 1, *patch) int8|int16, "keys": [...]}`.
+
+    The seg keeps the stored integer type (int16 when any case stores int16) and holds -1 outside
+    the non-zero mask and in the padding beyond the volume.
 
     The last samples of each batch (index i >= round(batch_size * (1 - oversample_foreground))) are
     forced to contain foreground. Each worker (thread_id) draws from its own generator seeded with
@@ -166,6 +174,7 @@ class PatchLoader(DataLoader):
         self.seed = seed
         self.indices = list(range(len(self.case_ids)))
         self._cases: dict[str, PreprocessedCase] = {}
+        self._cases_pid = os.getpid()
         self._rng = self._make_rng(0)
 
     def _make_rng(self, thread_id: int) -> np.random.Generator:
@@ -177,10 +186,12 @@ class PatchLoader(DataLoader):
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_cases"] = {}  # memory maps are reopened in the worker, never pickled as full arrays
+        state["_cases"] = {}  # opened arrays hold files: each worker reopens them, they are never pickled
         return state
 
     def _case(self, case_id: str) -> PreprocessedCase:
+        if self._cases_pid != os.getpid():  # a forked worker: do not share the parent's open files
+            self._cases, self._cases_pid = {}, os.getpid()
         if case_id not in self._cases:
             self._cases[case_id] = open_case(self.folder, case_id)
         return self._cases[case_id]
@@ -201,11 +212,11 @@ class PatchLoader(DataLoader):
             label = choose_foreground_label(case.class_locations, self._rng) if self.is_forced(i) else None
             lower, upper = sample_patch_box(case.image.shape[1:], self.patch_size, self._rng, label,
                                             case.class_locations, final_patch_size=self.final_patch_size)
-            image, labels = read_box(case.image, lower, upper), read_box(case.seg, lower, upper)
+            image, labels = read_box(case.image, lower, upper), read_box(case.seg, lower, upper, pad_value=-1)
             if len(self.patch_size) == 2:
                 image, labels = image[:, 0], labels[:, 0]
             data.append(image)
             seg.append(labels)
             keys.append(case.case_id)
         return {"data": np.stack(data).astype(np.float32, copy=False),
-                "seg": np.stack(seg).astype(np.int8, copy=False), "keys": keys}
+                "seg": np.stack(seg), "keys": keys}

@@ -20,8 +20,8 @@ from autoseg.network.unet import UNetTopology, build_unet, deep_supervision_scal
 from autoseg.planning.planner import load_plans
 from autoseg.preprocessing import store
 from autoseg.preprocessing.preprocess import is_current, preprocessing_key
-from autoseg.training.augmentation import (default_num_workers, make_loader, shutdown_loader, training_patch_size,
-                                           training_transforms, validation_transforms)
+from autoseg.training.augmentation import (default_num_workers, make_loader, rotation_for_patch, shutdown_loader,
+                                           training_patch_size, training_transforms, validation_transforms)
 from autoseg.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from autoseg.training.loss import DeepSupervisionLoss, DiceCELoss, deep_supervision_weights
 from autoseg.training.patch_sampling import PatchLoader
@@ -118,7 +118,8 @@ def train_fold(workdir: Path, configuration: str, fold: int | str, settings: Tra
     if memory_format is not None:
         network = network.to(memory_format=memory_format)
     scales = deep_supervision_scales(config["strides"])
-    loss_fn = DeepSupervisionLoss(DiceCELoss(), deep_supervision_weights(len(scales)))
+    batch_dice = bool(config.get("batch_dice", True))
+    loss_fn = DeepSupervisionLoss(DiceCELoss(batch_dice=batch_dice), deep_supervision_weights(len(scales)))
     optimizer = torch.optim.SGD(network.parameters(), lr=settings.initial_lr, momentum=settings.momentum,
                                 nesterov=True, weight_decay=settings.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
@@ -162,13 +163,18 @@ def train_fold(workdir: Path, configuration: str, fold: int | str, settings: Tra
 
     # --- data -----------------------------------------------------------------------------------
     patch = config["patch_size"]
-    anisotropic = bool(plans["anisotropic"])
-    read_patch = training_patch_size(patch, anisotropic=anisotropic)
+    read_patch = training_patch_size(patch)  # enlarged so rotation and scaling find data to fill the patch
+    rotation, in_plane_only = rotation_for_patch(patch)
     mirror_axes = tuple(range(len(patch)))
+    masked_channels = [n["channel"] for n in plans["normalization"] if n["use_nonzero_mask"]]
+    say(f"augmentation: patch {patch} read as {read_patch}, rotation up to +-{np.degrees(rotation[1]):.0f} degrees"
+        f"{' (slab: in-plane only)' if in_plane_only else ''}, image 0 outside the non-zero mask in channels "
+        f"{masked_channels}; loss: {'batch' if batch_dice else 'per-sample'} Dice + cross-entropy")
     train_loader = PatchLoader(data_dir, train_ids, read_patch, config["batch_size"], settings.oversample_foreground,
                                max(1, settings.num_workers), seed=settings.seed + start_epoch, final_patch_size=patch)
-    train_batches = make_loader(train_loader, training_transforms(patch, anisotropic=anisotropic, mirror_axes=mirror_axes,
-                                                                  deep_supervision_scales=scales),
+    train_batches = make_loader(train_loader, training_transforms(patch, mirror_axes=mirror_axes,
+                                                                  deep_supervision_scales=scales,
+                                                                  nonzero_mask_channels=masked_channels),
                                 settings.num_workers, seed=settings.seed + start_epoch)
     val_batches = None
     if val_ids:

@@ -15,7 +15,8 @@ from autoseg.atomic import read_json, write_json
 from autoseg.dataset.image_io import Geometry
 from autoseg.dataset.layout import load_dataset, read_case_label
 from autoseg.evaluation import evaluate_case, mean_per_label, nan_to_none
-from autoseg.inference.export import export_segmentation, probabilities_to_original, save_probabilities
+from autoseg.inference.export import (export_segmentation, probabilities_to_original, save_probabilities,
+                                      segmentation_suffix)
 from autoseg.inference.sliding_window import sliding_window_predict
 from autoseg.preprocessing import store
 
@@ -36,7 +37,7 @@ def validate_fold(network: torch.nn.Module, workdir: Path, plans: dict, configur
     network.eval()
     per_case = {}
     for case_id in tqdm(val_ids, desc="validation", unit="case", disable=not progress):
-        image = torch.from_numpy(np.load(store.case_paths(data_dir, case_id)[0]))
+        image = torch.from_numpy(store.load_case_image(data_dir, case_id))
         properties = store.load_properties(data_dir, case_id)
         logits = sliding_window_predict(network, image, config["patch_size"], len(plans["labels"]),
                                         mirror_axes=tuple(range(len(config["patch_size"]))) if mirroring else None,
@@ -46,7 +47,7 @@ def validate_fold(network: torch.nn.Module, workdir: Path, plans: dict, configur
         original = probabilities_to_original(probabilities, properties, plans)
         # Probabilities are kept so `autoseg crossval` can score ensembles of configurations.
         save_probabilities(out_dir / f"{case_id}.npz", original)
-        segmentation = export_segmentation(original, geometry, out_dir / f"{case_id}{ending}")
+        segmentation = export_segmentation(original, geometry, out_dir / f"{case_id}{segmentation_suffix(ending)}")
         reference = read_case_label(cases[case_id])
         per_case[case_id] = evaluate_case(segmentation, reference, geometry.spacing, labels)
     mean = nan_to_none(mean_per_label(per_case, labels))

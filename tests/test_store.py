@@ -1,0 +1,145 @@
+"""The preprocessed-case store: compressed chunked arrays, partial reads, atomic writes, old .npy cases."""
+
+import json
+
+import blosc2
+import numpy as np
+import pytest
+
+from autoseg.preprocessing import store
+
+
+def _case(shape=(2, 37, 41, 29), seg_dtype=np.int8, max_label=2, seed=0):
+    rng = np.random.default_rng(seed)
+    image = rng.normal(size=shape).astype(np.float32)
+    seg = rng.integers(-1, max_label + 1, size=(1, *shape[1:])).astype(seg_dtype)
+    return image, seg
+
+
+@pytest.mark.parametrize("seg_dtype, max_label", [(np.int8, 2), (np.int16, 300)])
+def test_round_trip_keeps_values_and_dtypes_including_minus_one(tmp_path, seg_dtype, max_label):
+    image, seg = _case(seg_dtype=seg_dtype, max_label=max_label)
+    store.save_case(tmp_path, "c0", image, seg, {"spacing": [1.0, 1.0, 1.0]})
+    assert store.is_complete(tmp_path, "c0") and store.list_cases(tmp_path) == ["c0"]
+    assert {p.name for p in tmp_path.iterdir()} == {"c0.b2nd", "c0_seg.b2nd", "c0.json"}
+    loaded = store.load_case_image(tmp_path, "c0")
+    assert loaded.dtype == np.float32 and np.array_equal(loaded, image)
+    opened_image, opened_seg = store.open_case_arrays(tmp_path, "c0")
+    labels = opened_seg[...]
+    assert labels.dtype == seg_dtype and np.array_equal(labels, seg) and labels.min() == -1
+    assert opened_image.shape == image.shape and opened_image.dtype == np.float32
+    properties = store.load_properties(tmp_path, "c0")
+    assert properties["format_version"] == store.FORMAT_VERSION and properties["spacing"] == [1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("patch_size", [None, (40, 40)])
+def test_partial_reads_equal_the_same_slice_of_the_full_array(tmp_path, patch_size):
+    image, seg = _case(shape=(2, 70, 90, 75))
+    store.save_case(tmp_path, "c0", image, seg, {}, patch_size=patch_size)
+    opened_image, opened_seg = store.open_case_arrays(tmp_path, "c0")
+    rng = np.random.default_rng(1)
+    boxes = [((0, 0, 0), (70, 90, 75)), ((31, 63, 60), (33, 65, 75)), ((5, 0, 17), (6, 90, 18))]
+    for _ in range(20):  # random boxes, most crossing chunk and block borders
+        lower = rng.integers(0, [69, 89, 74])
+        boxes.append((tuple(lower), tuple(rng.integers(lower + 1, [71, 91, 76]))))
+    for lower, upper in boxes:
+        box = (slice(None),) + tuple(slice(lo, up) for lo, up in zip(lower, upper))
+        part = opened_image[box]
+        assert type(part) is np.ndarray and np.array_equal(part, image[box])
+        assert np.array_equal(opened_seg[box], seg[box])
+
+
+def test_chunk_layout_keeps_all_channels_and_one_slice_for_2d_data():
+    chunks, blocks = store.chunk_layout((4, 100, 30, 200))
+    assert chunks == (4, 32, 30, 64) and blocks == (4, 8, 16, 16)
+    chunks, blocks = store.chunk_layout((1, 100, 300, 200), patch_size=[256, 192])
+    assert chunks == (1, 1, 256, 200) and blocks == (1, 1, 64, 64)
+    chunks, blocks = store.chunk_layout((1, 3, 5, 7))
+    assert chunks == (1, 3, 5, 7) and blocks == (1, 3, 5, 7)
+
+
+def test_the_array_on_disk_is_compressed_in_the_chosen_layout(tmp_path):
+    image = np.zeros((1, 64, 64, 64), np.float32)
+    image[:, 20:40, 20:40, 20:40] = np.random.default_rng(0).normal(size=(1, 20, 20, 20))
+    store.save_case(tmp_path, "c0", image, np.zeros((1, 64, 64, 64), np.int8), {})
+    opened, _ = store.open_case_arrays(tmp_path, "c0")
+    assert isinstance(opened, blosc2.NDArray)
+    assert opened.chunks == (1, 32, 64, 64) and opened.blocks == (1, 8, 16, 16)
+    assert (tmp_path / "c0.b2nd").stat().st_size < image.nbytes / 5
+
+
+def test_interrupted_write_leaves_no_file_under_the_final_name_and_no_complete_case(tmp_path, monkeypatch):
+    image, seg = _case()
+    real_asarray = blosc2.asarray
+
+    def write_half_then_fail(array, urlpath=None, **kwargs):
+        real_asarray(array[:, : array.shape[1] // 2], urlpath=urlpath, **kwargs)  # a partial file on disk
+        raise OSError("disk full")
+
+    monkeypatch.setattr(blosc2, "asarray", write_half_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        store.save_case(tmp_path, "c0", image, seg, {})
+    assert list(tmp_path.iterdir()) == []  # neither the final name nor the temporary file
+    assert not store.is_complete(tmp_path, "c0") and store.list_cases(tmp_path) == []
+
+
+def test_interrupted_overwrite_makes_the_old_case_incomplete(tmp_path, monkeypatch):
+    image, seg = _case()
+    store.save_case(tmp_path, "c0", image, seg, {})
+    real_asarray, calls = blosc2.asarray, []
+
+    def fail_on_seg(array, urlpath=None, **kwargs):
+        calls.append(urlpath)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_asarray(array, urlpath=urlpath, **kwargs)
+
+    monkeypatch.setattr(blosc2, "asarray", fail_on_seg)
+    with pytest.raises(KeyboardInterrupt):
+        store.save_case(tmp_path, "c0", image + 1, seg, {})
+    # The new image is in place beside the old seg: the case must not count as complete.
+    assert np.array_equal(store.load_case_image(tmp_path, "c0"), image + 1)
+    assert not store.is_complete(tmp_path, "c0") and store.list_cases(tmp_path) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c0.b2nd", "c0_seg.b2nd"]
+
+
+def test_properties_written_last_mark_completeness(tmp_path, monkeypatch):
+    image, seg = _case()
+
+    def fail(*args, **kwargs):
+        raise OSError("no space for the json")
+
+    monkeypatch.setattr(store, "write_json", fail)
+    with pytest.raises(OSError):
+        store.save_case(tmp_path, "c0", image, seg, {})
+    assert (tmp_path / "c0.b2nd").is_file() and not store.is_complete(tmp_path, "c0")
+
+
+def test_old_npy_cases_are_still_read_and_replaced_by_the_compressed_format(tmp_path):
+    image, seg = _case()
+    np.save(tmp_path / "old.npy", image)
+    np.save(tmp_path / "old_seg.npy", seg)
+    (tmp_path / "old.json").write_text(json.dumps({"format_version": 1, "class_locations": {}}))
+    assert store.is_complete(tmp_path, "old") and store.list_cases(tmp_path) == ["old"]
+    opened_image, opened_seg = store.open_case_arrays(tmp_path, "old")
+    assert np.array_equal(opened_image[:, 3:9, 2:5, 1:4], image[:, 3:9, 2:5, 1:4])
+    assert np.array_equal(store.load_case_image(tmp_path, "old"), image)
+
+    store.save_case(tmp_path, "old", image, seg, {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.b2nd", "old.json", "old_seg.b2nd"]
+    assert store.load_properties(tmp_path, "old")["format_version"] == store.FORMAT_VERSION
+
+
+def test_missing_arrays_and_newer_formats_are_named(tmp_path):
+    image, seg = _case()
+    store.save_case(tmp_path, "c0", image, seg, {})
+    (tmp_path / "c0_seg.b2nd").unlink()
+    assert not store.is_complete(tmp_path, "c0")
+    with pytest.raises(FileNotFoundError, match=r"c0_seg\.b2nd.*--steps preprocess"):
+        store.open_case_arrays(tmp_path, "c0")
+    (tmp_path / "c0.json").write_text(json.dumps({"format_version": store.FORMAT_VERSION + 1}))
+    with pytest.raises(store.PreprocessedDataError, match="c0.json.*newer"):
+        store.load_properties(tmp_path, "c0")
+    with pytest.raises(TypeError, match="signed integer"):
+        store.save_case(tmp_path, "c1", image, seg.astype(np.float32), {})
+
