@@ -122,9 +122,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train_fold(args.workdir, args.config, fold, TrainingSettings(**overrides), resume=args.resume)
     validation = result.get("validation")
     if validation:
+        from autoseg.evaluation import format_summary_table
+
         print(f"validation of {args.config} fold {fold} ({validation['num_cases']} cases):")
-        for key, m in validation["mean"].items():
-            print(f"  {m['name']:>20s}  Dice {m['dice']:.4f}  HD95 {m['hd95_mm'] or float('nan'):.2f} mm")
+        print(format_summary_table(validation))
     return 0
 
 
@@ -149,11 +150,25 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from autoseg.evaluation import evaluate_folders, format_summary_table
 
-    summary = evaluate_folders(args.predictions, args.references, labels=args.labels,
-                               output_dir=args.output, num_workers=args.workers)
+    labels = [label for label, _ in args.labels] if args.labels else None
+    names = {label: name for label, name in args.labels or [] if name}
+    summary = evaluate_folders(args.predictions, args.references, labels=labels, output_dir=args.output,
+                               num_workers=args.workers, label_names=names)
     print(format_summary_table(summary))
+    sources = ["--labels" if s == "given" else s for s in summary["label_names_from"]]
+    if sources:
+        print(f"label names from {' and '.join(sources)}")
     print(f"written: {(args.output or args.predictions) / 'summary.json'} and summary.csv")
     return 0
+
+
+def _label_arg(text: str) -> tuple[int, str | None]:
+    """`--labels` item: ID or ID=NAME."""
+    label, _, name = text.partition("=")
+    try:
+        return int(label), (name.strip() or None)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not ID or ID=NAME (e.g. 1 or 1=liver)") from None
 
 
 def cmd_crossval(args: argparse.Namespace) -> int:
@@ -267,10 +282,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="Dice, IoU, HD95 and volumes of predictions against references",
                        description="Compare every prediction in PRED_DIR with the reference of the same name in REF_DIR: "
                                    "per case and label Dice, IoU, 95th-percentile Hausdorff distance (mm) and volumes (ml). "
-                                   "Writes summary.json and summary.csv and prints the mean per label.")
+                                   "Writes summary.json and summary.csv and prints the mean per label, by name where "
+                                   "known: from --labels, else the plans.json of the workspace that `autoseg predict` "
+                                   "recorded in PRED_DIR/prediction_report.json, else a dataset.json in REF_DIR or its "
+                                   "parent.")
     p.add_argument("predictions", type=Path, metavar="PRED_DIR")
     p.add_argument("references", type=Path, metavar="REF_DIR")
-    p.add_argument("--labels", type=int, nargs="+", help="label ids to score (default: every label in the references)")
+    p.add_argument("--labels", type=_label_arg, nargs="+", metavar="ID[=NAME]",
+                   help="labels to score, each an id or id=name, e.g. 1=liver 2=tumour (default: every label in "
+                        "the references)")
     p.add_argument("-o", "--output", type=Path, help="where to write the summaries (default: PRED_DIR)")
     p.add_argument("--workers", type=int, default=_default_workers(), help="parallel processes (default: %(default)s)")
     p.set_defaults(func=cmd_evaluate)

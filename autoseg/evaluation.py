@@ -8,7 +8,9 @@ Empty cases follow the usual convention of segmentation challenges:
 - Means over cases skip NaN values (nanmean) and report how many cases they used.
 
 In `summary.json` (and the dict `evaluate_folders` returns) an undefined value is written as
-null. Labels are keyed by their id as a string ("1", "2", ...), as in `plans["labels"]`.
+null. Labels are keyed by their id as a string ("1", "2", ...), as in `plans["labels"]`; their
+names, where known, are in `label_names` and in each label's `mean` entry. The printed table says
+in words why a value is undefined ("absent in both", "missing in prediction", "not in reference").
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
-from autoseg.atomic import atomic_path, write_json
-from autoseg.dataset.image_io import Geometry, ImageReadError, image_suffix, read_image, strip_suffix
+from autoseg import workspace
+from autoseg.atomic import atomic_path, read_json, write_json
+from autoseg.dataset.image_io import (SUPPORTED_SUFFIXES, Geometry, ImageReadError, image_suffix, read_image,
+                                      strip_suffix)
 from autoseg.fingerprint import nonzero_bounding_box
 from autoseg.planning.spacing import MISSING_AXIS_SPACING
 
@@ -162,6 +166,18 @@ def _absent_label_metrics() -> dict[str, float | int]:
             "ref_volume_ml": 0.0, "tp": 0, "fp": 0, "fn": 0}
 
 
+def presence(metrics: Mapping[str, float | int]) -> str:
+    """Where a case's structure is, from its voxel counts: 'in both', 'absent in both',
+    'missing in prediction' or 'not in reference' (the last three leave HD95 undefined)."""
+    in_pred = metrics["tp"] + metrics["fp"] > 0
+    in_ref = metrics["tp"] + metrics["fn"] > 0
+    if in_pred and in_ref:
+        return "in both"
+    if in_ref:
+        return "missing in prediction"
+    return "not in reference" if in_pred else "absent in both"
+
+
 # ---------------------------------------------------------------------------------------------
 # Folder-level evaluation
 
@@ -214,18 +230,70 @@ def _evaluate_pair(case_id: str, pred_path: Path, ref_path: Path,
     return case_id, evaluate_case(pred, ref, ref_geometry.spacing, labels), ref_labels
 
 
+def find_label_names(pred_dir: Path | str, ref_dir: Path | str) -> tuple[dict[str, str], Path | None]:
+    """Label names {"1": "liver", ...} for a pair of folders, and the file they came from.
+
+    The first source found wins: the plans.json of the workspace that `autoseg predict` recorded in
+    `pred_dir/prediction_report*.json`, then a dataset.json in `ref_dir` or its parent (Decathlon
+    {id: name} or nnU-Net v2 {name: id}). Nothing found: ({}, None), and ids are shown.
+    """
+    pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
+    for report in sorted(pred_dir.glob("prediction_report*.json")):
+        content = _read_json_or_none(report)
+        settings = content.get("settings") if isinstance(content, dict) else None
+        workdir = settings.get("workdir") if isinstance(settings, dict) else None
+        plans_path = workspace.plans_json(Path(workdir)) if workdir else None
+        names = _label_names_of(plans_path) if plans_path is not None and plans_path.is_file() else {}
+        if names:
+            return names, plans_path
+    for meta_path in (ref_dir / "dataset.json", ref_dir.parent / "dataset.json"):
+        names = _label_names_of(meta_path) if meta_path.is_file() else {}
+        if names:
+            return names, meta_path
+    return {}, None
+
+
+def _read_json_or_none(path: Path):
+    try:
+        return read_json(path)
+    except (OSError, ValueError) as exc:
+        logger.debug("%s: not read for label names (%s)", path, exc)
+        return None
+
+
+def _label_names_of(path: Path) -> dict[str, str]:
+    """The "labels" of a plans.json or dataset.json as {id: name}; regions (lists of ids) are skipped."""
+    meta = _read_json_or_none(path)
+    labels = meta.get("labels") if isinstance(meta, dict) else None
+    if not isinstance(labels, dict):
+        return {}
+    if all(_is_label_id(k) for k in labels):  # Decathlon and plans.json: {id: name}
+        return {str(int(k)): str(v) for k, v in labels.items()}
+    return {str(int(v)): str(k) for k, v in labels.items() if _is_label_id(v)}  # nnU-Net v2: {name: id}
+
+
+def _is_label_id(value) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return True
+    return isinstance(value, str) and value.strip().isdigit()
+
+
 def evaluate_folders(pred_dir: Path | str, ref_dir: Path | str, labels: Sequence[int] | None = None,
-                     output_dir: Path | str | None = None, num_workers: int = 1) -> dict:
+                     output_dir: Path | str | None = None, num_workers: int = 1,
+                     label_names: Mapping[int | str, str] | None = None) -> dict:
     """Evaluate every prediction against the reference with the same case id.
 
-    Labels default to the union of the non-zero values in the references. Writes `summary.json`
-    and `summary.csv` into `output_dir` (default: `pred_dir`) and returns the summary (the same
-    content as `summary.json`, with null for undefined values).
+    Labels default to the union of the non-zero values in the references. Label names given in
+    `label_names` win over those `find_label_names` finds. Writes `summary.json` and `summary.csv`
+    into `output_dir` (default: `pred_dir`) and returns the summary (the same content as
+    `summary.json`, with null for undefined values).
     """
     pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
     predictions, references = segmentation_files(pred_dir), segmentation_files(ref_dir)
     if not predictions:
-        raise EvaluationError(f"{pred_dir}: no prediction files found (expected .nii.gz, .nii, .nrrd or .mha)")
+        raise EvaluationError(f"{pred_dir}: no prediction files found (expected {', '.join(SUPPORTED_SUFFIXES)})")
     orphans = [predictions[c] for c in predictions if c not in references]
     if orphans:
         names = ", ".join(p.name for p in orphans[:5]) + (" ..." if len(orphans) > 5 else "")
@@ -247,7 +315,16 @@ def evaluate_folders(pred_dir: Path | str, ref_dir: Path | str, labels: Sequence
         metrics = results[case_id][1]
         cases[case_id] = {str(label): metrics.get(str(label), _absent_label_metrics()) for label in labels}
 
-    summary = _summarize(cases, labels, missing, pred_dir, ref_dir)
+    found, found_in = find_label_names(pred_dir, ref_dir)
+    given = {str(int(k)): str(v) for k, v in (label_names or {}).items()}
+    names = {**found, **given}
+    names_from = []  # where the names came from: "given" (label_names) and/or the file found
+    if any(str(l) in given for l in labels):
+        names_from.append("given")
+    if any(str(l) in found and str(l) not in given for l in labels):
+        names_from.append(str(found_in))
+    summary = _summarize(cases, labels, missing, pred_dir, ref_dir,
+                         {str(l): names[str(l)] for l in labels if str(l) in names}, names_from)
     output_dir = Path(output_dir) if output_dir is not None else pred_dir
     write_json(output_dir / "summary.json", summary)
     _write_csv(output_dir / "summary.csv", summary)
@@ -275,12 +352,12 @@ def _run_jobs(jobs: list[tuple], num_workers: int) -> dict[str, tuple]:
 
 
 def _summarize(cases: dict[str, dict[str, dict]], labels: Sequence[int], missing: list[str],
-               pred_dir: Path, ref_dir: Path) -> dict:
+               pred_dir: Path, ref_dir: Path, label_names: dict[str, str], label_names_from: list[str]) -> dict:
     mean = {}
     for label in labels:
         key = str(label)
         values = {m: np.array([cases[c][key][m] for c in cases], dtype=float) for m in MEAN_METRICS}
-        mean[key] = {m: _nanmean(v) for m, v in values.items()}
+        mean[key] = {"name": label_names.get(key), **{m: _nanmean(v) for m, v in values.items()}}
         mean[key]["cases_used"] = {m: int(np.count_nonzero(~np.isnan(v))) for m, v in values.items()}
     foreground = {}
     for metric in FOREGROUND_METRICS:
@@ -293,6 +370,8 @@ def _summarize(cases: dict[str, dict[str, dict]], labels: Sequence[int], missing
         "pred_dir": str(pred_dir),
         "ref_dir": str(ref_dir),
         "labels": list(labels),
+        "label_names": label_names,
+        "label_names_from": label_names_from,
         "num_cases": len(cases),
         "missing_predictions": list(missing),
         "mean": mean,
@@ -326,37 +405,77 @@ def nan_to_none(value):
 
 
 def _write_csv(path: Path, summary: dict) -> None:
+    names = summary.get("label_names") or {}
     with atomic_path(path) as tmp:
         with open(tmp, "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["case_id", "label", *CASE_METRICS])
+            writer.writerow(["case_id", "label", *CASE_METRICS, "label_name"])  # name last: column positions stay
             for case_id, per_label in summary["cases"].items():
                 for label, metrics in per_label.items():
-                    writer.writerow([case_id, label, *("" if metrics[m] is None else metrics[m] for m in CASE_METRICS)])
+                    writer.writerow([case_id, label, *("" if metrics[m] is None else metrics[m] for m in CASE_METRICS),
+                                     names.get(label, "")])
 
 
-def format_summary_table(summary: Mapping, label_names: Mapping[str, str] | None = None) -> str:
-    """Plain-text table of the mean metrics per label (and the foreground mean) for printing."""
-    label_names = label_names or {}
-    header = ["label", "dice", "iou", "hd95_mm", "cases"]
-    rows = []
-    for label, metrics in summary["mean"].items():
-        name = f"{label} {label_names[label]}" if label in label_names else label
+UNDEFINED = "undefined"
+PRESENCE_ORDER = ("missing in prediction", "not in reference", "absent in both")
+
+
+def format_summary_table(summary: Mapping, label_names: Mapping[str, str] | None = None,
+                         max_cases_named: int = 3) -> str:
+    """Plain-text table of the mean metrics per label and the foreground mean, for a person to read.
+
+    Takes a summary of `evaluate_folders` or of the end-of-training validation. Labels show their
+    names where known (`label_names` wins over the summary's). An undefined mean reads
+    "undefined" with a footnote, and each label whose HD95 is undefined in some cases gets a line
+    naming those cases in words ("missing in prediction: case_7").
+    """
+    names = {**(summary.get("label_names") or {}),
+             **{k: m["name"] for k, m in summary["mean"].items() if m.get("name")}, **(label_names or {})}
+    cases = summary.get("cases") or {}
+    header = ["label", "Dice", "IoU", "HD95 mm", "cases"]
+    rows, notes = [], []
+    for key, metrics in summary["mean"].items():
+        name = names.get(key, key)
+        where = {c: presence(cases[c][key]) for c in cases if key in cases[c]}
         rows.append([name, _fmt(metrics["dice"]), _fmt(metrics["iou"]), _fmt(metrics["hd95_mm"], 2),
-                     str(metrics["cases_used"]["dice"])])
-    fg = summary["foreground_mean"]
+                     str(sum(w != "absent in both" for w in where.values()))])
+        undefined_in = {}
+        for case_id, w in where.items():
+            if w != "in both":
+                undefined_in.setdefault(w, []).append(case_id)
+        if undefined_in:
+            notes.append(f"  {name}: " + "; ".join(f"{w}: {_some(undefined_in[w], max_cases_named)}"
+                                                   for w in PRESENCE_ORDER if w in undefined_in))
+    fg = {m: _nanmean(np.array([_none_to_nan(v[m]) for v in summary["mean"].values()], dtype=float))
+          for m in FOREGROUND_METRICS}
     rows.append(["foreground mean", _fmt(fg["dice"]), _fmt(fg["iou"]), _fmt(fg["hd95_mm"], 2),
                  str(summary["num_cases"])])
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
              for row in [header, *rows]]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    if any(UNDEFINED in row[1:3] for row in rows):
+        lines.append(f"{UNDEFINED}: no case to average; Dice and IoU need the structure in prediction or reference, "
+                     "HD95 in both.")
+    elif any(UNDEFINED in row for row in rows):
+        lines.append(f"{UNDEFINED}: no case had the structure in both prediction and reference (HD95 needs both).")
+    if notes:
+        lines.append("Where a structure is not in both, HD95 is undefined and left out of the mean:")
+        lines.extend(notes)
     missing = summary.get("missing_predictions") or []
     if missing:
         lines.append(f"{len(missing)} reference case(s) without a prediction were not evaluated.")
     return "\n".join(lines)
 
 
-def _fmt(value: float | None, digits: int = 4) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+def _some(case_ids: list[str], limit: int) -> str:
+    shown = ", ".join(case_ids[:limit])
+    return shown if len(case_ids) <= limit else f"{shown} and {len(case_ids) - limit} more"
 
+
+def _none_to_nan(value: float | None) -> float:
+    return math.nan if value is None else float(value)
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return UNDEFINED if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"

@@ -146,7 +146,7 @@ def test_evaluate_folders_summarises_cases_labels_and_missing_predictions(folder
     assert row["dice"] == "" and row["tp"] == "0"
 
     table = format_summary_table(summary, label_names={"1": "tumour"})
-    assert "1 tumour" in table and "foreground mean" in table and "0.7500" in table
+    assert "tumour" in table and "foreground mean" in table and "0.7500" in table
 
 
 def test_evaluate_folders_with_workers_and_explicit_labels(folders, tmp_path):
@@ -183,3 +183,147 @@ def test_a_2d_image_is_measured_in_2d_not_across_its_pseudo_slice():
     plain = evaluate_case(pred[0], ref[0], (0.5, 0.5), [1])["1"]
     assert flat["hd95_mm"] == pytest.approx(plain["hd95_mm"]) and flat["hd95_mm"] <= 1.5
     assert flat["ref_volume_ml"] == pytest.approx(100 * 0.25 / 1000)
+
+
+# ---------------------------------------------------------------------------------------------
+# What a person reads: label names and undefined values in words
+
+
+def table_rows(table):
+    """First cell (the label) -> the rest of the row, for the rows of the printed table."""
+    return {line.split("  ")[0].strip(): line for line in table.splitlines()[2:]}
+
+
+def test_evaluate_prints_names_given_as_id_equals_name(folders, tmp_path, capsys):
+    from autoseg.cli import main
+
+    pred_dir, ref_dir = folders
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(pred_dir), str(ref_dir), "--labels", "1=liver", "2", "-o", str(out),
+                 "--workers", "1"]) == 0
+    printed = capsys.readouterr().out
+    rows = table_rows(printed)
+    assert "liver" in rows and "2" in rows  # label 2 has no name anywhere: its id is shown
+    assert "label names from --labels" in printed
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["label_names"] == {"1": "liver"}
+    assert summary["mean"]["1"]["name"] == "liver" and summary["mean"]["2"]["name"] is None
+    assert summary["mean"]["1"]["dice"] == pytest.approx(0.75)  # id keys unchanged
+    with open(out / "summary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["label"], r["label_name"]) for r in rows} == {("1", "liver"), ("2", "")}
+
+
+def test_evaluate_rejects_a_labels_item_that_is_neither_id_nor_id_equals_name(folders, capsys):
+    from autoseg.cli import main
+
+    pred_dir, ref_dir = folders
+    with pytest.raises(SystemExit):
+        main(["evaluate", str(pred_dir), str(ref_dir), "--labels", "liver"])
+    assert "ID=NAME" in capsys.readouterr().err
+
+
+def test_names_come_from_the_plans_of_the_workspace_that_predicted(folders, tmp_path):
+    pred_dir, ref_dir = folders
+    workdir = tmp_path / "workspace"
+    workdir.mkdir()
+    (workdir / "plans.json").write_text(json.dumps({"labels": {"0": "background", "1": "liver", "2": "tumour"}}))
+    (pred_dir / "prediction_report.json").write_text(json.dumps({"settings": {"workdir": str(workdir)}}))
+    (ref_dir.parent / "dataset.json").write_text(json.dumps({"labels": {"0": "bg", "1": "other", "2": "names"}}))
+
+    summary = evaluate_folders(pred_dir, ref_dir, output_dir=tmp_path / "eval")
+    assert summary["label_names"] == {"1": "liver", "2": "tumour"}  # the plan wins over dataset.json
+    assert summary["label_names_from"] == [str(workdir / "plans.json")]
+    assert {"liver", "tumour"} <= set(table_rows(format_summary_table(summary)))
+
+
+@pytest.mark.parametrize("where, labels", [
+    ("parent", {"0": "background", "1": "liver", "2": "tumour"}),  # Decathlon: {id: name}
+    ("folder", {"background": 0, "liver": 1, "tumour": 2, "whole": [1, 2]}),  # nnU-Net v2: {name: id}, a region
+])
+def test_names_come_from_the_dataset_json_beside_the_references(folders, tmp_path, where, labels):
+    pred_dir, ref_dir = folders
+    meta_dir = ref_dir.parent if where == "parent" else ref_dir
+    (meta_dir / "dataset.json").write_text(json.dumps({"labels": labels}))
+
+    summary = evaluate_folders(pred_dir, ref_dir, output_dir=tmp_path / "eval")
+    assert summary["label_names"] == {"1": "liver", "2": "tumour"}
+    rows = table_rows(format_summary_table(summary))
+    assert "liver" in rows and "tumour" in rows and "1" not in rows
+
+
+def test_without_any_source_labels_are_shown_by_id(folders, tmp_path):
+    pred_dir, ref_dir = folders
+    summary = evaluate_folders(pred_dir, ref_dir, output_dir=tmp_path / "eval")
+    assert summary["label_names"] == {} and summary["label_names_from"] == []
+    assert {"1", "2"} <= set(table_rows(format_summary_table(summary)))
+
+
+@pytest.fixture
+def absent_structures(tmp_path):
+    """Label 1 found in both; label 2 only ever predicted (never in a reference); label 3 missed."""
+    pred_dir, ref_dir = tmp_path / "pred", tmp_path / "ref"
+    pred_dir.mkdir()
+    ref_dir.mkdir()
+    for case, (pred_labels, ref_labels) in {"a": ((1, 2), (1, 3)), "b": ((1,), (1,))}.items():
+        pred, ref = np.zeros((6, 8, 8), np.uint8), np.zeros((6, 8, 8), np.uint8)
+        for image, labels in ((pred, pred_labels), (ref, ref_labels)):
+            for label in labels:
+                image[1:3, 2 * label - 1:2 * label + 1, 1:4] = label
+        write(pred_dir / f"case_{case}.nii.gz", pred)
+        write(ref_dir / f"case_{case}.nii.gz", ref)
+    (ref_dir / "dataset.json").write_text(json.dumps({"labels": {"0": "background", "1": "liver", "2": "cyst",
+                                                                 "3": "tumour"}}))
+    return pred_dir, ref_dir
+
+
+def test_absent_structures_read_as_words_not_nan(absent_structures, tmp_path):
+    pred_dir, ref_dir = absent_structures
+    summary = evaluate_folders(pred_dir, ref_dir, labels=[1, 2, 3], output_dir=tmp_path / "eval")
+    assert summary["mean"]["2"]["hd95_mm"] is None  # JSON keeps null
+
+    table = format_summary_table(summary)
+    assert "nan" not in table.lower()
+    rows = table_rows(table)
+    assert "undefined" in rows["cyst"] and "undefined" in rows["tumour"]  # HD95 defined in no case
+    assert "undefined" not in rows["liver"]
+    assert "undefined: no case had the structure in both" in table  # the footnote says why
+    assert "cyst: not in reference: case_a; absent in both: case_b" in table
+    assert "tumour: missing in prediction: case_a; absent in both: case_b" in table
+
+
+def test_a_label_in_no_image_has_undefined_dice_explained(absent_structures, tmp_path):
+    pred_dir, ref_dir = absent_structures
+    summary = evaluate_folders(pred_dir, ref_dir, labels=[1, 4], output_dir=tmp_path / "eval")
+    table = format_summary_table(summary, label_names={"4": "spleen"})
+    assert table_rows(table)["spleen"].split()[1:] == ["undefined", "undefined", "undefined", "0"]
+    assert "undefined: no case to average; Dice and IoU need the structure in prediction or reference" in table
+    assert "spleen: absent in both: case_a, case_b" in table
+
+
+def test_training_validation_summary_prints_names_and_no_nan():
+    """`autoseg train` prints validation/summary.json (written by training/validation.py) with this table."""
+    from autoseg.evaluation import mean_per_label, nan_to_none
+
+    ref = np.zeros((6, 8, 8), np.uint8)
+    ref[1:4, 1:4, 1:4] = 1
+    pred = ref.copy()
+    pred[5, 6, 6] = 2  # a tumour voxel where the reference has none
+    per_case = {"case_a": evaluate_case(pred, ref, (1, 1, 1), [1, 2])}
+    mean = nan_to_none(mean_per_label(per_case, [1, 2]))
+    for key, name in (("1", "liver"), ("2", "tumour")):
+        mean[key]["name"] = name
+    validation = {"num_cases": 1, "mean": mean, "foreground_mean_dice": 0.5, "cases": nan_to_none(per_case)}
+
+    table = format_summary_table(validation)
+    assert "nan" not in table.lower()
+    assert table_rows(table)["liver"].split()[1] == "1.0000"
+    assert "tumour: not in reference: case_a" in table
+
+
+def test_no_predictions_names_every_accepted_format(tmp_path):
+    (tmp_path / "pred").mkdir()
+    (tmp_path / "ref").mkdir()
+    with pytest.raises(EvaluationError, match=r"\.png.*\.tif.*\.jpg"):
+        evaluate_folders(tmp_path / "pred", tmp_path / "ref")

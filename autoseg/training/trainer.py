@@ -228,7 +228,8 @@ def train_fold(workdir: Path, configuration: str, fold: int | str, settings: Tra
                 say(f"  new best EMA pseudo-Dice {best_ema:.4f}: checkpoint_best.pt written")
             if (epoch + 1) % settings.checkpoint_every == 0 or epoch + 1 == settings.epochs:
                 save_checkpoint(out / "checkpoint_latest.pt", checkpoint_state(epoch + 1))
-            plot_progress(history, out / "progress.png")
+            plot_progress(history, out / "progress.png",
+                          [plans["labels"][str(k)] for k in range(1, len(plans["labels"]))])
     finally:
         shutdown_loader(train_batches)
         if val_batches is not None:
