@@ -48,7 +48,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from autoseg import workspace
-    from autoseg.atomic import read_json, write_json
+    from autoseg.atomic import write_json
     from autoseg.dataset.layout import load_dataset
     from autoseg.dataset.verify import verify_dataset
     from autoseg.fingerprint import compute_fingerprint, load_fingerprint, save_fingerprint

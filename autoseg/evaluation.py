@@ -28,10 +28,9 @@ from tqdm import tqdm
 
 from autoseg import workspace
 from autoseg.atomic import atomic_path, read_json, write_json
-from autoseg.dataset.image_io import (SUPPORTED_SUFFIXES, Geometry, ImageReadError, image_suffix, read_image,
-                                      strip_suffix)
+from autoseg.dataset.image_io import (PSEUDO_SPACING_2D, SUPPORTED_SUFFIXES, Geometry, ImageReadError,
+                                      image_suffix, read_image, strip_suffix)
 from autoseg.fingerprint import nonzero_bounding_box
-from autoseg.planning.spacing import MISSING_AXIS_SPACING
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +126,7 @@ def _check_spacing(mask: np.ndarray, spacing: Sequence[float]) -> None:
 def _drop_missing_axes(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]):
     """A 2D image read as one slice with the pseudo-spacing of a missing axis is measured in 2D:
     distances in-plane, and areas as volumes of a 1 mm thick slab."""
-    keep = [a for a, (n, s) in enumerate(zip(ref.shape, spacing)) if not (n == 1 and s >= MISSING_AXIS_SPACING)]
+    keep = [a for a, (n, s) in enumerate(zip(ref.shape, spacing)) if not (n == 1 and s >= PSEUDO_SPACING_2D)]
     if len(keep) == ref.ndim or not keep:
         return pred, ref, spacing
     squeeze = tuple(a for a in range(ref.ndim) if a not in keep)

@@ -22,7 +22,6 @@ FORMAT_VERSION = 2
 # drawn with replacement, so a case with little foreground weighs as much as one with much (nnU-Net's
 # rule). nnU-Net draws 10^8; 10^7 gives the same statistics (docs/planning.md) in a tenth of the memory.
 FOREGROUND_SAMPLES_TOTAL = 10_000_000
-MAX_SAMPLES_PER_CASE = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -130,7 +129,7 @@ def channel_kind(name: str) -> str:
     `rgb_to_0_1` name a normalization outright; any other name (`MRI`, `T1`, `R`, `CT_venous`) is
     z-scored per case.
     """
-    return NORMALIZATION_BY_CHANNEL_NAME.get(name.strip().casefold(), "zscore")
+    return NORMALIZATION_BY_CHANNEL_NAME.get(name.casefold(), "zscore")
 
 
 def nonzero_bounding_box(image: np.ndarray) -> tuple[tuple[int, int], ...]:
@@ -171,7 +170,7 @@ def _fingerprint_job(args: tuple[Case, int, int, int]) -> tuple[CaseFingerprint,
 def compute_fingerprint(dataset: Dataset, workers: int = 1, progress: bool = True,
                         total_samples: int = FOREGROUND_SAMPLES_TOTAL) -> Fingerprint:
     """Fingerprint every case in parallel over `workers` processes."""
-    per_case = max(1, min(MAX_SAMPLES_PER_CASE, total_samples // max(1, len(dataset.cases))))
+    per_case = max(1, total_samples // max(1, len(dataset.cases)))
     jobs = [(case, dataset.num_channels, i, per_case) for i, case in enumerate(dataset.cases)]
     results = map_cases(_fingerprint_job, jobs, workers, "fingerprint", progress)
     pooled = np.concatenate([samples for _, samples in results], axis=1)

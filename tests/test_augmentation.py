@@ -1,4 +1,3 @@
-import json
 import math
 import multiprocessing
 from pathlib import Path
@@ -8,6 +7,7 @@ import pytest
 import torch
 from scipy.ndimage import binary_erosion
 
+from autoseg.preprocessing import store
 from autoseg.training.augmentation import (DownsampleSegForDeepSupervision, MaskImageOutsideNonzero, make_loader,
                                            rotation_for_patch, shutdown_loader, training_patch_size,
                                            training_transforms, validation_transforms)
@@ -17,11 +17,10 @@ SCALES_3D = [[1.0, 1.0, 1.0], [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]]
 
 
 def write_case(folder: Path, case_id: str, image: np.ndarray, seg: np.ndarray) -> None:
-    seg = seg.astype(np.int8)
-    np.save(folder / f"{case_id}.npy", image.astype(np.float32))
-    np.save(folder / f"{case_id}_seg.npy", seg.astype(np.int8))
+    """A case as preprocessing stores it (compressed arrays; int16 seg when a label exceeds 127)."""
+    seg = seg.astype(np.int16 if seg.max() > 127 else np.int8)
     locations = {str(int(v)): np.argwhere(seg[0] == v)[:2000].tolist() for v in np.unique(seg) if v > 0}
-    (folder / f"{case_id}.json").write_text(json.dumps({"class_locations": locations}))
+    store.save_case(folder, case_id, image.astype(np.float32), seg, {"class_locations": locations})
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ def _plans(spacing, shape=(8, 12, 14)) -> dict:
     stats = IntensityStats(0.0, 1.0, -1.0, 1.0, 0.0, -1.0, 1.0)
     cases = tuple(CaseFingerprint(f"c{i}", spacing, shape, tuple((0, n) for n in shape), 100, (stats,))
                   for i in range(3))
-    fingerprint = Fingerprint("tiny", ("MRI",), ("mri",), {0: "background", 1: "a", 2: "b"}, cases, (stats,))
+    fingerprint = Fingerprint("tiny", ("MRI",), ("zscore",), {0: "background", 1: "a", 2: "b"}, cases, (stats,))
     return plan_experiment(fingerprint, configurations=["3d_fullres"])
 
 

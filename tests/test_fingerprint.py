@@ -86,7 +86,7 @@ def test_a_case_without_foreground_adds_no_samples(make_decathlon):
 
 
 def test_channel_kind_is_the_normalization_the_name_declares(make_nnunetv2):
-    assert [channel_kind(n) for n in ("CT", "ct", " Ct ")] == ["ct"] * 3
+    assert [channel_kind(n) for n in ("CT", "ct", "cT")] == ["ct"] * 3
     assert [channel_kind(n) for n in ("noNorm", "NONORM", "rescale_to_0_1", "rgb_to_0_1", "zscore")] == [
         "noNorm", "noNorm", "rescale_to_0_1", "rgb_to_0_1", "zscore"]
     # nnU-Net reads the whole name: anything else is z-scored, CT variants included

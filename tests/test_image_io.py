@@ -55,12 +55,16 @@ def test_a_1_bit_mask_reads_as_0_and_1_not_0_and_255(tmp_path):
     np.testing.assert_array_equal(label[0], mask.astype(np.uint8))
 
 
-def test_tiff_keeps_its_resolution_as_in_plane_spacing(tmp_path):
+def test_a_pictures_dpi_is_ignored_so_a_mask_saved_without_one_still_matches(tmp_path):
     pixels = np.arange(20, dtype=np.uint16).reshape(4, 5)
-    Image.fromarray(pixels).save(tmp_path / "scan.tif", dpi=(254, 254))  # 254 dpi = 0.1 mm per pixel
+    Image.fromarray(pixels).save(tmp_path / "scan.tif", dpi=(254, 254))  # 254 dpi would be 0.1 mm per pixel
+    Image.fromarray((pixels > 9).astype(np.uint8)).save(tmp_path / "mask.tif")  # no resolution recorded
+    Image.fromarray(_rgb((4, 5))).save(tmp_path / "photo.jpg", dpi=(72, 72))
     array, geometry = read_image(tmp_path / "scan.tif")
     np.testing.assert_array_equal(array[0], pixels)
-    assert geometry.spacing == (999.0, 0.1, 0.1) and geometry.shape == (1, 4, 5)
+    assert geometry.spacing == (999.0, 1.0, 1.0) and geometry.shape == (1, 4, 5)
+    assert read_image(tmp_path / "mask.tif")[1].matches(geometry)
+    assert read_image(tmp_path / "photo.jpg")[1].spacing == (999.0, 1.0, 1.0)
 
 
 def test_a_multi_page_tiff_is_a_3d_volume(tmp_path):

@@ -1,4 +1,3 @@
-import json
 import pickle
 from pathlib import Path
 
@@ -108,16 +107,6 @@ def test_loader_that_has_read_batches_pickles_and_reopens_its_cases(tmp_path, ca
     assert copy._cases == {}
     batch = next(copy)
     assert batch["data"].shape == (3, 2, 6, 7, 8) and batch["seg"].dtype == np.int8
-
-
-def test_old_npy_cases_still_give_batches(tmp_path):
-    seg = np.zeros((1, 10, 10, 10), np.int8)
-    seg[0, 3:6, 3:6, 3:6] = 1
-    np.save(tmp_path / "old.npy", np.ones((1, 10, 10, 10), np.float32))
-    np.save(tmp_path / "old_seg.npy", seg)
-    (tmp_path / "old.json").write_text(json.dumps({"class_locations": {"1": np.argwhere(seg[0] == 1).tolist()}}))
-    batch = next(PatchLoader(tmp_path, ["old"], [4, 4, 4], batch_size=2, oversample_foreground=1.0, seed=0))
-    assert batch["data"].shape == (2, 1, 4, 4, 4) and all(batch["seg"][i].max() == 1 for i in range(2))
 
 
 def test_same_seed_same_batches_and_each_worker_its_own_stream(tmp_path, cases):

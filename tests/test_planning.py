@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from autoseg.fingerprint import CaseFingerprint, Fingerprint, IntensityStats
+from autoseg.fingerprint import CaseFingerprint, Fingerprint, IntensityStats, channel_kind
 from autoseg.planning.planner import (MAX_DATASET_FRACTION_PER_BATCH, MIN_BATCH_SIZE, PlanError, estimate_memory_gb,
                                       explain_plans, load_plans, plan_configuration, plan_experiment, save_plans)
 from autoseg.planning.spacing import choose_target_spacing, transpose_thick_axis_first
@@ -27,7 +27,7 @@ def make_fingerprint(shape, spacing, n_cases, channels=("MRI",), spacings=None, 
         cases.append(CaseFingerprint(f"case_{i:03d}", tuple(spacings[i] if spacings else spacing), case_shape, bbox,
                                      1000, (STATS,) * len(channels)))
     label_names = {0: "background", **{k: f"label{k}" for k in range(1, labels)}}
-    return Fingerprint("Test", tuple(channels), tuple("zscore" for _ in channels), label_names, tuple(cases),
+    return Fingerprint("Test", tuple(channels), tuple(channel_kind(c) for c in channels), label_names, tuple(cases),
                        (STATS,) * len(channels))
 
 

@@ -7,7 +7,6 @@ import torch
 from PIL import Image
 
 from autoseg import workspace
-from autoseg.atomic import write_json
 from autoseg.dataset.image_io import Geometry, read_image, write_image
 from autoseg.fingerprint import CaseFingerprint, Fingerprint, IntensityStats
 from autoseg.inference.inputs import InputError, discover_inputs, read_input_case
@@ -27,7 +26,7 @@ def _workspace(root, spacing=(3.0, 0.8, 0.8), shape=(8, 20, 20), num_channels=1,
     stats = IntensityStats(0.0, 1.0, -1.0, 1.0, 0.0, -1.0, 1.0)
     cases = tuple(CaseFingerprint(f"c{i}", spacing, shape, tuple((0, n) for n in shape), 100, (stats,) * num_channels)
                   for i in range(3))
-    fingerprint = Fingerprint("tiny", tuple(f"MRI{c}" for c in range(num_channels)), ("mri",) * num_channels,
+    fingerprint = Fingerprint("tiny", tuple(f"MRI{c}" for c in range(num_channels)), ("zscore",) * num_channels,
                               {0: "background", 1: "a", 2: "b"}, cases, (stats,) * num_channels)
     plans = plan_experiment(fingerprint, configurations=list(CONFIGS))
     for config in plans["configurations"].values():

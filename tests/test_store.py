@@ -1,4 +1,4 @@
-"""The preprocessed-case store: compressed chunked arrays, partial reads, atomic writes, old .npy cases."""
+"""The preprocessed-case store: compressed chunked arrays, partial reads, atomic writes."""
 
 import json
 
@@ -115,21 +115,6 @@ def test_properties_written_last_mark_completeness(tmp_path, monkeypatch):
     assert (tmp_path / "c0.b2nd").is_file() and not store.is_complete(tmp_path, "c0")
 
 
-def test_old_npy_cases_are_still_read_and_replaced_by_the_compressed_format(tmp_path):
-    image, seg = _case()
-    np.save(tmp_path / "old.npy", image)
-    np.save(tmp_path / "old_seg.npy", seg)
-    (tmp_path / "old.json").write_text(json.dumps({"format_version": 1, "class_locations": {}}))
-    assert store.is_complete(tmp_path, "old") and store.list_cases(tmp_path) == ["old"]
-    opened_image, opened_seg = store.open_case_arrays(tmp_path, "old")
-    assert np.array_equal(opened_image[:, 3:9, 2:5, 1:4], image[:, 3:9, 2:5, 1:4])
-    assert np.array_equal(store.load_case_image(tmp_path, "old"), image)
-
-    store.save_case(tmp_path, "old", image, seg, {})
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.b2nd", "old.json", "old_seg.b2nd"]
-    assert store.load_properties(tmp_path, "old")["format_version"] == store.FORMAT_VERSION
-
-
 def test_missing_arrays_and_newer_formats_are_named(tmp_path):
     image, seg = _case()
     store.save_case(tmp_path, "c0", image, seg, {})
@@ -142,4 +127,3 @@ def test_missing_arrays_and_newer_formats_are_named(tmp_path):
         store.load_properties(tmp_path, "c0")
     with pytest.raises(TypeError, match="signed integer"):
         store.save_case(tmp_path, "c1", image, seg.astype(np.float32), {})
-

@@ -199,11 +199,18 @@ def test_a_greyscale_picture_in_an_rgb_dataset_is_reported_as_a_channel_count(tm
     assert "has 1 channel(s), dataset.json declares 3" in report.problems[0].message
 
 
-def test_a_2d_label_on_another_pixel_size_is_reported_despite_the_pseudo_spacing(tmp_path):
+def test_a_2d_grid_mismatch_is_reported_despite_the_pseudo_spacing():
+    """The 999 of a 2D image's missing axis must not widen the tolerance for its in-plane spacing."""
+    from autoseg.dataset.image_io import Geometry
+
+    image = Geometry((999.0, 1.0, 1.0), (0.0, 0.0, 0.0), tuple(np.eye(3).ravel()), (1, 6, 9))
+    label = Geometry((999.0, 0.5, 0.5), (0.0, 0.0, 0.0), tuple(np.eye(3).ravel()), (1, 6, 9))
+    assert any("spacing" in d for d in image.differences(label, 1e-3))
+
+
+def test_a_picture_label_saved_with_another_dpi_still_matches_its_image(tmp_path):
     root = _rgb_png_dataset(tmp_path / "pics")
-    bad = root / "labelsTr" / "img_0.png"
     label = sitk.GetImageFromArray(np.eye(6, 9, dtype=np.uint8))
-    label.SetSpacing((0.5, 0.5))  # the picture has 1.0; the 999 of the missing axis must not hide this
-    sitk.WriteImage(label, str(bad))
-    report = verify_dataset(load_dataset(root), progress=False)
-    assert [p.file for p in report.problems] == [str(bad.resolve())] and "spacing" in report.problems[0].message
+    label.SetSpacing((0.5, 0.5))  # a resolution recorded by another tool: not a pixel size
+    sitk.WriteImage(label, str(root / "labelsTr" / "img_0.png"))
+    assert verify_dataset(load_dataset(root), progress=False).ok

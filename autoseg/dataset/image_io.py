@@ -112,7 +112,8 @@ def strip_suffix(path: Path | str) -> str:
 def _geometry_of(image: sitk.Image | sitk.ImageFileReader, natural: bool = False) -> Geometry:
     """Spatial geometry of an image, or of a reader after ReadImageInformation (same getters).
 
-    A 2D image gets a leading axis of length 1 and spacing PSEUDO_SPACING_2D."""
+    A 2D image gets a leading axis of length 1 and spacing PSEUDO_SPACING_2D; a picture (`natural`:
+    PNG, TIFF, JPEG) has 1 unit per pixel whatever resolution its file records."""
     dim = image.GetDimension()
     size = image.GetSize()
     if dim == 4:  # channels on the 4th axis (Decathlon): keep the spatial part of the geometry
@@ -124,8 +125,10 @@ def _geometry_of(image: sitk.Image | sitk.ImageFileReader, natural: bool = False
         spacing, origin, direction = image.GetSpacing(), image.GetOrigin(), image.GetDirection()
         shape = tuple(reversed(size))
     spacing = tuple(float(s) for s in reversed(spacing))
-    if natural:  # TIFF stores resolution as a fraction: a spacing of 1.0 comes back as 1.0000000150
-        spacing = tuple(float(f"{s:.7g}") for s in spacing)
+    if natural:
+        # A picture's DPI says how it was printed, not what a pixel measures; tools disagree on it
+        # (a mask saved without one would no longer match its image), so a pixel is 1 unit, as nnU-Net does.
+        spacing = (1.0,) * len(spacing)
     if dim == 2:
         return Geometry((PSEUDO_SPACING_2D, *spacing), (*map(float, origin), 0.0),
                         _embed_direction_2d(direction), (1, *map(int, shape)))

@@ -84,7 +84,9 @@ class Predictor:
         plans_path = workspace.plans_json(self.workdir)
         self.plans = load_plans(plans_path)
         if configurations is None:
-            configurations = (self.plans.get("default_configuration") or "3d_fullres",)
+            if not self.plans.get("default_configuration"):
+                raise PredictorError(f"{plans_path} names no default configuration; pass the configuration(s)")
+            configurations = (self.plans["default_configuration"],)
         if not configurations:
             raise PredictorError("no configuration given; pass at least one, e.g. 3d_fullres")
         unknown = [c for c in configurations if c not in self.plans["configurations"]]

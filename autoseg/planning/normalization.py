@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from autoseg.fingerprint import Fingerprint, channel_kind
+from autoseg.fingerprint import Fingerprint
 from autoseg.planning import PlanError
 
 NONZERO_MASK_FRACTION = 0.75  # crop keeps less than this of the volume: z-score inside the non-zero region only
@@ -17,7 +17,7 @@ _REASONS = {
 
 
 def plan_normalization(fingerprint: Fingerprint) -> list[dict]:
-    """One scheme per channel, chosen from the channel name as nnU-Net v2 does (see channel_kind).
+    """One scheme per channel: the kind the fingerprint read from the channel name (fingerprint.channel_kind).
 
     CT: clip to the foreground 0.5/99.5 percentiles, standardize with the dataset-wide foreground
     mean and std (Hounsfield units are absolute). z-score (every other name): each case on its
@@ -28,8 +28,7 @@ def plan_normalization(fingerprint: Fingerprint) -> list[dict]:
     cropped = fingerprint.median_cropped_fraction
     use_mask = cropped < NONZERO_MASK_FRACTION
     schemes = []
-    for c, name in enumerate(fingerprint.channel_names):
-        kind = channel_kind(name)
+    for c, (name, kind) in enumerate(zip(fingerprint.channel_names, fingerprint.channel_kinds)):
         if kind == "ct":
             s = fingerprint.foreground_intensities[c]
             if not math.isfinite(s.mean):
@@ -46,7 +45,10 @@ def plan_normalization(fingerprint: Fingerprint) -> list[dict]:
                 "reason": f"channel '{name}': intensities have no absolute scale, so z-score each case"
                           + (f"; inside the non-zero region, as cropping keeps only {cropped:.0%} of the median volume"
                              if use_mask else "")})
-        else:
+        elif kind in _REASONS:
             schemes.append({"channel": c, "name": name, "scheme": kind, "use_nonzero_mask": False,
                             "reason": _REASONS[kind]})
+        else:
+            raise PlanError(f"channel {name}: unknown intensity kind '{kind}' in the fingerprint; rerun "
+                            "`autoseg plan --steps fingerprint plan`")
     return schemes

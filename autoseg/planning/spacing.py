@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from autoseg.dataset.image_io import PSEUDO_SPACING_2D
+
 ANISOTROPY_RATIO = 3.0  # thick axis spacing over the others' beyond which data counts as anisotropic
-MISSING_AXIS_SPACING = 999.0  # pseudo-spacing of an axis every case has a single slice along (2D data)
-
-
-def is_anisotropic(spacing: np.ndarray | list[float]) -> bool:
-    """Coarsest spacing over finest beyond ANISOTROPY_RATIO (used by resampling and augmentation)."""
-    s = np.asarray(spacing, dtype=float)
-    return bool(s.max() / s.min() > ANISOTROPY_RATIO)
+MISSING_AXIS_SPACING = PSEUDO_SPACING_2D  # an axis every case has a single slice along is a 2D image's missing axis
 
 
 def planning_spacings(spacings: np.ndarray, shapes: np.ndarray) -> np.ndarray:

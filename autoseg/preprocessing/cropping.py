@@ -13,9 +13,11 @@ OUTSIDE_LABEL = -1  # background voxels outside the non-zero mask, in preprocess
 
 
 def nonzero_mask(image: np.ndarray) -> np.ndarray:
-    """(Z, Y, X) bool: voxels non-zero in any channel of (C, Z, Y, X), enclosed holes filled.
+    """(Z, Y, X) bool: voxels non-zero in any channel of (C, Z, Y, X), holes enclosed in 3D filled.
 
-    Filling a cropped image gives the crop of the filled full image (the crop removes only zeros).
+    As in nnU-Net the filling is 3D, so a single-slice (2D) image gets none: every zero pixel there
+    touches the volume's border. Filling a cropped image gives the crop of the filled full image
+    (the crop removes only zeros).
     An all-zero image is all data: there is nothing to tell inside from outside.
     """
     mask = np.any(image != 0, axis=0)

@@ -9,9 +9,8 @@ shapes, a sample of voxel coordinates per label) and is written last: a case who
 exist is complete. Every file is written under a temporary name and renamed, so an interrupted write
 never leaves a partial file under a final name.
 
-Format 1 (plain `<case>.npy` / `<case>_seg.npy`, from earlier autoseg versions) is still read,
-memory-mapped, so existing workspaces keep working. To store them compressed, delete the
-workspace's `preprocessed/` folder and rerun `autoseg plan DATASET -o WORKDIR --steps preprocess`.
+Workspaces of earlier autoseg versions (plain `.npy` files) are not read: their plans.json is of an
+older format too, so `autoseg plan` must be run again.
 
 Layout (see benchmarks/bench_store.py for the measurements behind it): every chunk and block holds all
 channels. 3D data: blocks of 8x16x16 voxels (8-32 KiB of float32 for 1-4 channels: an L1 cache
@@ -40,7 +39,7 @@ BLOCKS_3D, CHUNKS_3D = (8, 16, 16), (32, 64, 64)
 BLOCKS_2D, CHUNKS_2D = (1, 64, 64), (1, 256, 256)
 
 
-class PreprocessedDataError(Exception):
+class PreprocessedDataError(ValueError):
     """A preprocessed folder that cannot be read as it is; the message names the file and the fix."""
 
 
@@ -50,22 +49,8 @@ def case_paths(folder: Path, case_id: str) -> tuple[Path, Path, Path]:
     return folder / f"{case_id}.b2nd", folder / f"{case_id}_seg.b2nd", folder / f"{case_id}.json"
 
 
-def _legacy_paths(folder: Path, case_id: str) -> tuple[Path, Path]:
-    folder = Path(folder)
-    return folder / f"{case_id}.npy", folder / f"{case_id}_seg.npy"
-
-
-def _array_paths(folder: Path, case_id: str) -> tuple[Path, Path] | None:
-    """The (image, seg) files holding the case, current format first; None when neither pair is whole."""
-    image, seg, _ = case_paths(folder, case_id)
-    for pair in ((image, seg), _legacy_paths(folder, case_id)):
-        if all(p.is_file() for p in pair):
-            return pair
-    return None
-
-
 def is_complete(folder: Path, case_id: str) -> bool:
-    return case_paths(folder, case_id)[2].is_file() and _array_paths(folder, case_id) is not None
+    return all(p.is_file() for p in case_paths(folder, case_id))
 
 
 def chunk_layout(shape: Sequence[int], patch_size: Sequence[int] | None = None
@@ -115,8 +100,6 @@ def save_case(folder: Path, case_id: str, data: np.ndarray, seg: np.ndarray | No
     else:
         seg_path.unlink(missing_ok=True)
     write_json(props_path, {"format_version": FORMAT_VERSION, **properties})
-    for legacy in _legacy_paths(folder, case_id):
-        legacy.unlink(missing_ok=True)
 
 
 def open_case_arrays(folder: Path, case_id: str) -> tuple[CaseArray, CaseArray]:
@@ -124,16 +107,13 @@ def open_case_arrays(folder: Path, case_id: str) -> tuple[CaseArray, CaseArray]:
 
     The returned objects hold open files: reopen them in each worker process, never pickle them.
     """
-    paths = _array_paths(folder, case_id)
-    if paths is None:
-        image_path, seg_path, _ = case_paths(folder, case_id)
-        missing = image_path if not image_path.is_file() else seg_path
-        raise FileNotFoundError(f"{missing} is missing; run preprocessing for this configuration first "
-                                f"(`autoseg plan DATASET -o WORKDIR --steps preprocess`) or remove case "
-                                f"'{case_id}' from the split")
-    if paths[0].suffix == ".npy":
-        return np.load(paths[0], mmap_mode="r"), np.load(paths[1], mmap_mode="r")
-    return open_array(paths[0]), open_array(paths[1])
+    image_path, seg_path, _ = case_paths(folder, case_id)
+    for path in (image_path, seg_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing; run preprocessing for this configuration first "
+                                    f"(`autoseg plan DATASET -o WORKDIR --steps preprocess`) or remove case "
+                                    f"'{case_id}' from the split")
+    return open_array(image_path), open_array(seg_path)
 
 
 def load_case_image(folder: Path, case_id: str) -> np.ndarray:
@@ -141,9 +121,6 @@ def load_case_image(folder: Path, case_id: str) -> np.ndarray:
     image_path, _, _ = case_paths(folder, case_id)
     if image_path.is_file():
         return open_array(image_path)[...]
-    legacy = _legacy_paths(folder, case_id)[0]
-    if legacy.is_file():
-        return np.load(legacy)
     raise FileNotFoundError(f"{image_path} is missing; run preprocessing for this configuration first "
                             "(`autoseg plan DATASET -o WORKDIR --steps preprocess`)")
 

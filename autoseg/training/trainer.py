@@ -118,7 +118,7 @@ def train_fold(workdir: Path, configuration: str, fold: int | str, settings: Tra
     if memory_format is not None:
         network = network.to(memory_format=memory_format)
     scales = deep_supervision_scales(config["strides"])
-    batch_dice = bool(config.get("batch_dice", True))
+    batch_dice = bool(config["batch_dice"])
     loss_fn = DeepSupervisionLoss(DiceCELoss(batch_dice=batch_dice), deep_supervision_weights(len(scales)))
     optimizer = torch.optim.SGD(network.parameters(), lr=settings.initial_lr, momentum=settings.momentum,
                                 nesterov=True, weight_decay=settings.weight_decay)
