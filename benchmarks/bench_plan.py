@@ -32,7 +32,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import psutil
+try:
+    import psutil
+except ImportError:  # checked in main(), so --help works without it
+    psutil = None
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATASET = REPO_ROOT.parent / "shared" / "datasets" / "Task04_Hippocampus"
@@ -342,6 +345,8 @@ def _median(results: list[RunResult], attr: str) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if psutil is None:
+        raise BenchError("psutil is needed to sample memory; install it with `pip install -e '.[bench]'`")
     dataset = args.dataset.resolve()
     meta = _dataset_meta(dataset)
     if args.repeat < 1 or args.workers < 1:

@@ -32,13 +32,11 @@ import time
 from pathlib import Path
 
 from autoseg.inference.inputs import discover_inputs
-from autoseg.inference import predictor as predictor_module
 from autoseg.inference.predictor import predict_folder
 
 from bench_train import (DEFAULT_NNUNET_CACHE, BenchError, autoseg_precisions, machine, nnunet_env, prepare_nnunet,
                          run_nnunet_driver, workspace_dataset)
 
-native_bf16 = predictor_module.cpu_has_native_bf16
 
 NNUNET_TRAINER_FOLDER = "nnUNetTrainer__nnUNetPlans__{configuration}"
 # nnUNetv2_predict's first line after its imports and model loading, and the line its first case
@@ -119,21 +117,19 @@ def main() -> None:
         timings = {}
         precisions = autoseg_precisions(args.autoseg_precision, None)
         for mixed, label in precisions:
-            # predict_folder has no precision argument: float32 is forced by hiding native bf16 from the predictor.
-            predictor_module.cpu_has_native_bf16 = native_bf16 if mixed else (lambda: False)
             for folds in fold_sets:
                 for m in mirror:
                     with tempfile.TemporaryDirectory() as out:
                         t = time.perf_counter()
                         report = predict_folder(workdir, [inputs], Path(out), configurations=[args.config],
-                                                folds=folds, mirroring=m, num_workers=args.workers, progress=False)
+                                                folds=folds, mirroring=m, num_workers=args.workers, progress=False,
+                                                mixed_precision=mixed)
                         wall = time.perf_counter() - t
                     n = len(report.written)
                     timings[(label, tuple(folds), m)] = wall / max(n, 1)
                     print(f"autoseg ({label}): {len(folds)} fold(s) {','.join(folds)}, mirroring {'on' if m else 'off'}: "
                           f"{n} cases in {wall:.1f} s = {wall / max(n, 1):.2f} s/case ({len(report.failed)} failed; "
                           f"{args.workers} background threads)", flush=True)
-        predictor_module.cpu_has_native_bf16 = native_bf16
 
         if nnunet is None:
             return

@@ -252,7 +252,7 @@ def predict_folder(workdir: Path, inputs: Sequence[Path], output_dir: Path,
                    mirroring: bool = True, save_probabilities: bool = False, device: str | torch.device | None = None,
                    continue_: bool = False, num_parts: int = 1, part_id: int = 0, postprocessing: bool = True,
                    num_workers: int = 1, progress: bool = True, checkpoint: str = "final",
-                   step_size: float = 0.5) -> PredictionReport:
+                   step_size: float = 0.5, mixed_precision: bool = True) -> PredictionReport:
     """Segment every case found in `inputs` into `output_dir/<case_id><ending>` in the input's format (a PNG
     for a PNG); see docs on `autoseg predict`. `configurations=None`: the plans' default_configuration.
 
@@ -269,7 +269,7 @@ def predict_folder(workdir: Path, inputs: Sequence[Path], output_dir: Path,
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     predictor = Predictor(workdir, configurations, folds, checkpoint=checkpoint, device=device,
-                          mirroring=mirroring, step_size=step_size)
+                          mirroring=mirroring, step_size=step_size, mixed_precision=mixed_precision)
     rules_path = workspace.postprocessing_json(workdir)
     rules = load_postprocessing_rules(rules_path) if postprocessing and rules_path.is_file() else None
     configurations = predictor.configurations
