@@ -135,7 +135,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if (args.num_parts is None) != (args.part_id is None):
         raise CommandError("--num-parts and --part-id go together")
     report = predict_folder(
-        args.workdir, args.input, args.output, configurations=args.config or [_default_configuration(args.workdir)], folds=args.folds,
+        args.workdir, args.input, args.output, configurations=args.config, folds=args.folds,
         mirroring=not args.no_mirroring, save_probabilities=args.save_probabilities, device=args.device,
         continue_=args.continue_, num_parts=args.num_parts or 1, part_id=args.part_id or 0,
         postprocessing=not args.no_postprocessing, num_workers=args.workers, checkpoint=args.checkpoint,

@@ -154,10 +154,10 @@ def fingerprint_case(case: Case, num_channels: int, seed: int,
                            f"{list(image.shape[1:])}")
     foreground = label > 0
     values = image[:, foreground]
+    stats = tuple(IntensityStats.of(values[c]) for c in range(num_channels))
     rng = np.random.default_rng(seed)
     if values.shape[1]:
         values = values[:, rng.integers(values.shape[1], size=num_samples)]
-    stats = tuple(IntensityStats.of(image[c, foreground]) for c in range(num_channels))
     fp = CaseFingerprint(case.case_id, geometry.spacing, geometry.shape, nonzero_bounding_box(image),
                          int(foreground.sum()), stats)
     return fp, values.astype(np.float32)

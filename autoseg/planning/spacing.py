@@ -7,11 +7,10 @@ import numpy as np
 from autoseg.dataset.image_io import PSEUDO_SPACING_2D
 
 ANISOTROPY_RATIO = 3.0  # thick axis spacing over the others' beyond which data counts as anisotropic
-MISSING_AXIS_SPACING = PSEUDO_SPACING_2D  # an axis every case has a single slice along is a 2D image's missing axis
 
 
 def planning_spacings(spacings: np.ndarray, shapes: np.ndarray) -> np.ndarray:
-    """Spacings with MISSING_AXIS_SPACING along an axis where the median case has a single slice.
+    """Spacings with PSEUDO_SPACING_2D along an axis where the median case has a single slice.
 
     A stack of 2D images stored as single-slice 3D files then plans like a 2D dataset whatever
     spacing the header gives the missing axis (a thin 0.3 mm slice would otherwise look like the
@@ -19,7 +18,7 @@ def planning_spacings(spacings: np.ndarray, shapes: np.ndarray) -> np.ndarray:
     """
     spacings = np.array(spacings, dtype=float)
     missing = np.median(shapes, axis=0) <= 1
-    spacings[:, missing] = np.maximum(spacings[:, missing], MISSING_AXIS_SPACING)
+    spacings[:, missing] = np.maximum(spacings[:, missing], PSEUDO_SPACING_2D)
     return spacings
 
 
