@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import sys
@@ -119,7 +120,23 @@ def cmd_train(args: argparse.Namespace) -> int:
         import torch
         torch.set_num_threads(args.threads)
     args.config = args.config or _default_configuration(args.workdir)
-    result = train_fold(args.workdir, args.config, fold, TrainingSettings(**overrides), resume=args.resume)
+    from autoseg.device import choose_device
+    from autoseg.training.distributed import DistributedError, launch
+
+    device = choose_device(args.device)
+    if args.gpus < 1:
+        raise CommandError(f"--gpus must be at least 1, got {args.gpus}")
+    if args.gpus > 1 and (args.device is None and device.type == "cpu"):
+        raise CommandError(f"--gpus {args.gpus}: CUDA is not available; add --device cpu to train with "
+                           f"{args.gpus} CPU processes")
+    if args.gpus > 1 and device.index is not None:
+        raise CommandError(f"--gpus {args.gpus} uses cuda:0..{args.gpus - 1}; pick the devices with "
+                           "CUDA_VISIBLE_DEVICES instead of --device cuda:K")
+    try:
+        result = launch(train_fold, (args.workdir, args.config, fold, TrainingSettings(**overrides), args.resume),
+                        args.gpus, device.type, args.threads)
+    except DistributedError as exc:
+        raise CommandError(str(exc)) from None
     validation = result.get("validation")
     if validation:
         from autoseg.evaluation import format_summary_table
@@ -134,12 +151,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     if (args.num_parts is None) != (args.part_id is None):
         raise CommandError("--num-parts and --part-id go together")
+    if args.output_format == "dicom-seg" and importlib.util.find_spec("highdicom") is None:
+        raise CommandError("--output-format dicom-seg needs highdicom, which is not installed: pip install autoseg[dicom]")
+    args.workdir, args.config = _predict_workspace(args)
     report = predict_folder(
         args.workdir, args.input, args.output, configurations=args.config, folds=args.folds,
         mirroring=not args.no_mirroring, save_probabilities=args.save_probabilities, device=args.device,
         continue_=args.continue_, num_parts=args.num_parts or 1, part_id=args.part_id or 0,
         postprocessing=not args.no_postprocessing, num_workers=args.workers, checkpoint=args.checkpoint,
-        step_size=args.step_size)
+        step_size=args.step_size, output_format=args.output_format, mixed_precision=not args.fp32,
+        save_uncertainty=args.save_uncertainty, report=not args.no_report,
+        **({} if args.uncertainty_threshold is None else {"uncertainty_threshold": args.uncertainty_threshold}))
     print(f"{len(report.written)} written, {len(report.skipped)} skipped, {len(report.failed)} failed "
           f"-> {args.output}")
     for key, message in report.failed:
@@ -189,6 +211,46 @@ def cmd_crossval(args: argparse.Namespace) -> int:
         pp = summary["postprocessing"]
         print(f"postprocessing: largest foreground component {pp['foreground_largest_component']}, "
               f"largest component per label {pp['largest_component_labels']}")
+    return 0
+
+
+def _predict_workspace(args: argparse.Namespace) -> tuple[Path, list[str] | None]:
+    """The workspace and configurations to predict with: WORKDIR, or the verified --model archive
+    extracted once into OUTPUT/.autoseg_model_<hash> (reused by later runs into the same OUTPUT)."""
+    from autoseg.model_archive import model_workspace
+
+    if (args.workdir is None) == (args.model is None):
+        raise CommandError("give either WORKDIR or --model model.zip (exactly one)")
+    if args.model is None:
+        return args.workdir, args.config
+    if args.checkpoint != "final":
+        raise CommandError("--checkpoint does not apply to --model: the archive holds one checkpoint per fold, "
+                           "chosen by `autoseg export-model --checkpoint`")
+    folder, manifest = model_workspace(args.model, args.output)
+    log.info("model %s verified, extracted to %s", args.model, folder)
+    return folder, args.config or manifest["configurations"]
+
+
+def cmd_export_model(args: argparse.Namespace) -> int:
+    from autoseg.model_archive import export_model
+
+    manifest = export_model(args.workdir, args.archive, configurations=args.config, folds=args.folds,
+                            checkpoint=args.checkpoint)
+    folds = "; ".join(f"{c} folds {' '.join(f)}" for c, f in manifest["folds"].items())
+    print(f"wrote {args.archive} ({args.archive.stat().st_size / 1e6:.1f} MB): {folds}, "
+          f"{len(manifest['members']) + 1} members")
+    print(f"predict with it: autoseg predict --model {args.archive} -i INPUT -o OUTPUT")
+    return 0
+
+
+def cmd_import_model(args: argparse.Namespace) -> int:
+    from autoseg.model_archive import import_model
+
+    manifest = import_model(args.archive, args.directory)
+    folds = "; ".join(f"{c} folds {' '.join(f)}" for c, f in manifest["folds"].items())
+    print(f"verified and extracted {args.archive} into {args.directory}: {folds} (see model_card.md there)")
+    print(f"predict with it: autoseg predict {args.directory} --config {' '.join(manifest['configurations'])} "
+          "-i INPUT -o OUTPUT")
     return 0
 
 
@@ -248,6 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-validation", action="store_true", help="skip predicting the validation cases at the end")
     p.add_argument("--fp32", action="store_true",
                    help="train in float32 (default: mixed precision, float16 on CUDA, bfloat16 on CPUs with native bf16)")
+    p.add_argument("--gpus", type=int, default=1,
+                   help="data-parallel processes on this machine, one per GPU (with --device cpu: CPU processes); "
+                        "the plan's batch is split over them (default: 1). For several machines use torchrun, "
+                        "see docs/distributed.md")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("predict", help="segment new volumes with the trained folds",
@@ -257,7 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "weighting and mirroring, softmax averaged over folds and configurations, exported "
                                    "to each input's exact original geometry as OUTPUT/<case><ending>. Exit status 1 if "
                                    "any case failed (the others are still written).")
-    p.add_argument("workdir", type=Path, metavar="WORKDIR", help="workspace with trained models")
+    p.add_argument("workdir", type=Path, nargs="?", metavar="WORKDIR", help="workspace with trained models")
+    p.add_argument("--model", type=Path, metavar="MODEL_ZIP",
+                   help="predict with a model archive (`autoseg export-model`) instead of WORKDIR; it is verified "
+                        "and extracted into OUTPUT/.autoseg_model_<hash>, reused by later runs")
     p.add_argument("-i", "--input", type=Path, nargs="+", required=True, metavar="INPUT", help="input folder or files")
     p.add_argument("-o", "--output", type=Path, required=True, metavar="OUTPUT", help="output folder")
     p.add_argument("--config", nargs="+", choices=CONFIGURATIONS,
@@ -268,7 +337,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which checkpoint of each fold (default: final, falling back to latest)")
     p.add_argument("--no-mirroring", action="store_true", help="switch off mirroring test-time augmentation (8x faster in 3D)")
     p.add_argument("--step-size", type=float, default=0.5, help="window step as a fraction of the patch (default: %(default)s)")
-    p.add_argument("--save-probabilities", action="store_true", help="also write OUTPUT/<case>.npz with per-label probabilities")
+    p.add_argument("--save-probabilities", action="store_true",
+                   help="also write OUTPUT/<case>.npz with per-label probabilities (holds them for the whole input "
+                        "grid: much more memory on large volumes)")
+    p.add_argument("--save-uncertainty", action="store_true",
+                   help="with >= 2 folds/configurations: also write OUTPUT/<case>_uncertainty<ending>, the voxel-wise "
+                        "entropy of the averaged probabilities / log(K), float32 on the input's grid (.tif for PNG inputs)")
+    p.add_argument("--uncertainty-threshold", type=float, metavar="U",
+                   help="flag a case's label in volumes.csv and report.html when its uncertainty (mean normalised "
+                        "entropy over the label's voxels, 0..1) exceeds U (default: 0.1; docs/prediction.md)")
+    p.add_argument("--no-report", action="store_true",
+                   help="write no volumes.csv, qc/<case>.png overlays or report.html")
+    p.add_argument("--fp32", action="store_true",
+                   help="compute in float32 (default: float16 on CUDA, bfloat16 on CPUs with native bf16)")
     p.add_argument("--no-postprocessing", action="store_true", help="ignore WORKDIR/postprocessing.json")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--continue", dest="continue_", action="store_true", help="skip cases whose output already exists")
@@ -277,6 +358,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1,
                    help="background threads that read/preprocess and export/write while the network runs; 0 runs "
                         "everything in turn (default: %(default)s)")
+    p.add_argument("--output-format", choices=("default", "dicom-seg"), default="default",
+                   help="default: label maps in the input's format (NIfTI for DICOM series); dicom-seg: a DICOM "
+                        "Segmentation OUTPUT/<case>.dcm referencing each input DICOM series (needs highdicom: "
+                        "pip install autoseg[dicom]); other inputs still get the default (default: %(default)s)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("evaluate", help="Dice, IoU, HD95 and volumes of predictions against references",
@@ -304,6 +389,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--configs", nargs="+", choices=CONFIGURATIONS, help="configurations to compare (default: all trained)")
     p.add_argument("--no-postprocessing", action="store_true", help="do not decide postprocessing")
     p.set_defaults(func=cmd_crossval)
+
+    p = sub.add_parser("export-model", help="write trained folds to one portable model archive (.zip)",
+                       description="Write the chosen configurations' folds to one zip: plans.json (with the "
+                                   "normalization statistics), the network weights, postprocessing.json, a model card "
+                                   "(labels, channels, training data summary, validation Dice) and a manifest with the "
+                                   "SHA-256 of every member. See docs/model_archive.md.")
+    p.add_argument("workdir", type=Path, metavar="WORKDIR", help="workspace with trained models")
+    p.add_argument("archive", type=Path, metavar="MODEL_ZIP", help="archive to write, e.g. model.zip")
+    p.add_argument("--config", nargs="+", choices=CONFIGURATIONS,
+                   help="configuration(s) to export (default: the one(s) postprocessing.json was decided for by "
+                        "`autoseg crossval`, else the plan's default_configuration)")
+    p.add_argument("--folds", nargs="+", help="folds to export, e.g. 0 1 2 or all (default: every trained fold)")
+    p.add_argument("--checkpoint", default="final", choices=("final", "best", "latest"),
+                   help="which checkpoint of each fold (default: final, falling back to latest)")
+    p.set_defaults(func=cmd_export_model)
+
+    p = sub.add_parser("import-model", help="verify a model archive and extract it into a workspace",
+                       description="Check every member of MODEL_ZIP against its manifest (presence, SHA-256, safe "
+                                   "paths, format version), check that the weights load safely, and extract it into "
+                                   "DIR (new or empty), a workspace `autoseg predict DIR` accepts.")
+    p.add_argument("archive", type=Path, metavar="MODEL_ZIP")
+    p.add_argument("directory", type=Path, metavar="DIR", help="new (or empty) folder for the workspace")
+    p.set_defaults(func=cmd_import_model)
     return parser
 
 
@@ -318,13 +426,14 @@ def main(argv: list[str] | None = None) -> int:
     from autoseg.crossval import CrossValidationError
     from autoseg.evaluation import EvaluationError
     from autoseg.inference.predictor import PredictorError
+    from autoseg.model_archive import ModelArchiveError
     from autoseg.training.checkpoint import CheckpointError
     from autoseg.training.splits import SplitError
 
     try:
         return args.func(args)
     except (CommandError, DatasetError, ImageReadError, PlanError, SplitError, CheckpointError, PredictorError,
-            EvaluationError, CrossValidationError, PostprocessingError, ValueError) as exc:
+            EvaluationError, CrossValidationError, PostprocessingError, ModelArchiveError, ValueError) as exc:
         if args.verbose:
             raise
         print(f"autoseg {args.command}: error: {exc}", file=sys.stderr)

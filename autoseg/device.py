@@ -35,9 +35,40 @@ def mixed_precision_available(device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
 
 
+def mixed_precision_dtype(device: torch.device, enabled: bool = True) -> torch.dtype | None:
+    """float16 on CUDA, bfloat16 on a CPU with native bf16, None (float32) otherwise or when not enabled."""
+    if not (enabled and mixed_precision_available(device)):
+        return None
+    return torch.float16 if device.type == "cuda" else torch.bfloat16
+
+
+def autocast_context(device_type: str, dtype: torch.dtype | None) -> Callable[[], ContextManager]:
+    """Context factory computing in `dtype` under autocast; no autocast (float32) when `dtype` is None."""
+    if dtype is None:
+        return nullcontext
+    return lambda: torch.autocast(device_type, dtype=dtype)
+
+
 def autocast_for(device: torch.device, enabled: bool = True) -> Callable[[], ContextManager]:
     """Mixed-precision context factory: float16 on CUDA, bfloat16 on a CPU with native bf16, else none."""
-    if not (enabled and mixed_precision_available(device)):
-        return nullcontext
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    return lambda: torch.autocast(device.type, dtype=dtype)
+    return autocast_context(device.type, mixed_precision_dtype(device, enabled))
+
+
+def gradient_scaler(device_type: str, dtype: torch.dtype | None) -> torch.amp.GradScaler:
+    """Loss scaling for float16 (whose small gradients would underflow); a no-op scaler for other dtypes.
+
+    It skips an optimizer step whose gradients hold inf or NaN and then lowers the scale.
+    """
+    return torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
+
+
+def pin_memory_for(device: torch.device) -> bool:
+    """Whether to pin host batches: only for a CUDA device (pinned memory needs CUDA, and lets copies overlap)."""
+    return device.type == "cuda" and torch.cuda.is_available()
+
+
+def configure_cudnn(device: torch.device) -> None:
+    """On CUDA let cuDNN benchmark convolution algorithms once per input shape (the patch is fixed in training)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.deterministic = False

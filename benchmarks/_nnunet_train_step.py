@@ -1,4 +1,4 @@
-"""Driver run with nnunetv2's own Python by bench_train.py and bench_predict.py; not part of autoseg.
+"""Driver run with nnunetv2's own Python by bench_train.py, bench_predict.py and bench_accuracy.py; not part of autoseg.
 
 Builds nnU-Net v2's standard `nnUNetTrainer` for one dataset, configuration and fold on the CPU,
 runs its `on_train_start` (network, optimizer, data augmentation workers), times `--warmup` and then
@@ -6,6 +6,11 @@ runs its `on_train_start` (network, optimizer, data augmentation workers), times
 `on_train_end`, which writes `checkpoint_final.pth` and stops the augmentation workers. With
 `--iters 0 --warmup 0` it only writes that checkpoint (initial weights), a model folder for timing
 `nnUNetv2_predict`.
+
+With `--epochs E` it instead trains: the trainer's own `run_training()` with `num_epochs = E`,
+`num_iterations_per_epoch = --iters` and `num_val_iterations_per_epoch = --val-iters` set on the
+instance before it initializes (its learning-rate schedule is built from `num_epochs` then), so no
+trainer subclass is needed. bench_accuracy.py uses this for an equal-budget run.
 
 The nnUNet_raw, nnUNet_preprocessed and nnUNet_results variables must be set by the caller, and
 nnUNet_n_proc_DA for the number of augmentation workers. The figures are written as JSON to --json.
@@ -43,6 +48,9 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--json", type=Path, required=True)
+    parser.add_argument("--epochs", type=int, default=0,
+                        help="train with run_training() for this many epochs of --iters iterations (0: time steps)")
+    parser.add_argument("--val-iters", type=int, default=50, help="validation batches per epoch with --epochs")
     args = parser.parse_args()
 
     t_start = time.perf_counter()
@@ -56,6 +64,9 @@ def main() -> None:
     plans["continue_training"] = False  # what run_training's get_trainer_from_args sets for a new run
     dataset_json = load_json(str(folder / "dataset.json"))
     trainer = nnUNetTrainer(plans, args.configuration, args.fold, dataset_json, device=torch.device("cpu"))
+    if args.epochs:
+        _train(trainer, args, time.perf_counter() - t_start)
+        return
     trainer.initialize()
     trainer.on_train_start()
     setup_s = time.perf_counter() - t_start
@@ -94,6 +105,26 @@ def main() -> None:
         "children_left": left,
     }
     args.json.write_text(json.dumps(record, indent=1))
+
+
+def _train(trainer, args: argparse.Namespace, setup_s: float) -> None:
+    """A shortened standard training run: run_training() with the epoch and iteration counts set."""
+    import torch
+
+    trainer.num_epochs = args.epochs
+    trainer.num_iterations_per_epoch = args.iters
+    trainer.num_val_iterations_per_epoch = args.val_iters
+    t = time.perf_counter()
+    trainer.run_training()
+    train_s = time.perf_counter() - t
+    checkpoint = Path(trainer.output_folder) / "checkpoint_final.pth"
+    args.json.write_text(json.dumps({
+        "epochs": args.epochs, "iters_per_epoch": args.iters, "val_iters": args.val_iters, "train_s": train_s,
+        "setup_s": setup_s, "batch_size": trainer.batch_size,
+        "patch_size": list(trainer.configuration_manager.patch_size), "n_proc_DA": os.environ.get("nnUNet_n_proc_DA"),
+        "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+        "checkpoint": str(checkpoint) if checkpoint.is_file() else None,
+        "model_folder": str(trainer.output_folder_base), "children_left": _child_pids()}, indent=1))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,20 @@ the ratio.
                                        [--mirroring both] [--cases N]
                                        [--nnunet-venv /work/bench/nnunet_venv/bin]
 
+Large-volume mode (no workspace needed): peak resident memory and seconds of one `autoseg predict`
+process on a synthetic CT-like volume, with a 3d_fullres plan made by autoseg's planner for a
+dataset of such volumes and a fold of random weights (weights change the labels, not the work):
+
+    python benchmarks/bench_predict.py --large 400x512x512 --labels 14 [--spacing 1.5x0.8x0.8]
+                                       [--mirroring off] [--step-size 1.0] [--workers 0]
+
+With --nnunet-venv, `nnUNetv2_predict_from_modelfolder` runs on the same file with a model folder of
+the same plan and topology (written by _nnunet_model_folder.py with nnU-Net's own network builder).
+Peak memory: autoseg's is the kernel's RSS high-water mark of its one process (wait4's ru_maxrss),
+activations, threads and torch included; for the comparison, both tools' process trees are sampled
+every 0.2 s for their proportional set size (nnU-Net runs worker processes, whose shared libraries
+RSS would count once per process).
+
 The input cases are linked into a temporary folder in nnU-Net's naming (`<case>_0000.nii.gz`, one
 file per channel), which both tools read, so they predict exactly the same files (`--cases N`: the
 first N case ids only). Each autoseg setting runs `predict_folder` into a fresh temporary folder in
@@ -77,10 +91,165 @@ def nnunet_model(nnunet_bin: Path, cache: Path, name: str, configuration: str) -
     return checkpoint
 
 
+def _size(text: str, kind=int) -> tuple:
+    try:
+        values = tuple(kind(v) for v in text.lower().split("x"))
+    except ValueError:
+        values = ()
+    if len(values) != 3 or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected three positive numbers as ZxYxX, got {text!r}")
+    return values
+
+
+def large_volume_workspace(folder: Path, shape: tuple[int, ...], spacing: tuple[float, ...], num_labels: int) -> dict:
+    """A workspace with autoseg's 3d_fullres plan for a dataset of `shape` volumes at `spacing` (CT) and a
+    fold 0 of random weights; returns the configuration's plan."""
+    import torch
+
+    from autoseg import workspace
+    from autoseg.fingerprint import CaseFingerprint, Fingerprint, IntensityStats
+    from autoseg.network.unet import UNetTopology, build_unet
+    from autoseg.planning.planner import plan_experiment, save_plans
+    from autoseg.training.checkpoint import save_checkpoint
+
+    stats = IntensityStats(40.0, 60.0, -200.0, 400.0, 40.0, -100.0, 250.0)
+    cases = tuple(CaseFingerprint(f"ct_{i:03d}", spacing, shape, tuple((0, n) for n in shape), 10**6, (stats,))
+                  for i in range(20))
+    labels = {0: "background", **{k: f"structure_{k}" for k in range(1, num_labels)}}
+    plans = plan_experiment(Fingerprint("synthetic_ct", ("CT",), ("ct",), labels, cases, (stats,)),
+                            configurations=["3d_fullres"])
+    save_plans(plans, workspace.plans_json(folder))
+    config = plans["configurations"]["3d_fullres"]
+    torch.manual_seed(0)
+    network = build_unet(UNetTopology.from_plan(config, 1, num_labels), deep_supervision=True)
+    save_checkpoint(workspace.fold_dir(folder, "3d_fullres", 0) / "checkpoint_final.pt",
+                    {"configuration": "3d_fullres", "network_state": network.state_dict(), "epoch": 0})
+    return config
+
+
+def synthetic_ct(path: Path, shape: tuple[int, ...], spacing: tuple[float, ...]) -> None:
+    """An int16 CT-like volume: air around an elliptic body of soft tissue with denser blobs, written as .mha."""
+    import numpy as np
+
+    from autoseg.dataset.image_io import Geometry, write_image
+
+    rng = np.random.default_rng(0)
+    z, y, x = shape
+    yy, xx = np.ogrid[:y, :x]
+    body = ((yy - y / 2) / (0.42 * y)) ** 2 + ((xx - x / 2) / (0.47 * x)) ** 2 < 1
+    volume = np.full(shape, -1000, dtype=np.int16)
+    for k in range(z):  # slice by slice: no float copy of the whole volume
+        plane = np.where(body, 40, -1000).astype(np.int16)
+        plane += rng.integers(-20, 20, (y, x), dtype=np.int16)
+        volume[k] = plane
+    for _ in range(12):
+        c = [int(rng.integers(n // 4, 3 * n // 4)) for n in shape]
+        r = [max(2, n // 12) for n in shape]
+        volume[c[0] - r[0]:c[0] + r[0], c[1] - r[1]:c[1] + r[1], c[2] - r[2]:c[2] + r[2]] += int(rng.integers(50, 300))
+    write_image(path, volume, Geometry(spacing, (0.0, 0.0, 0.0), (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0), shape))
+
+
+def _tree_pss(root: int) -> int:
+    """Proportional set size of `root` and all its descendants now, in bytes (/proc/PID/smaps_rollup): pages
+    shared between processes, such as torch's libraries in every worker, are split among them, not counted
+    in each as RSS would."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, [])
+        try:
+            rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+        except OSError:
+            continue
+        total += next((int(line.split()[1]) * 1024 for line in rollup.splitlines() if line.startswith("Pss:")), 0)
+    return total
+
+
+def run_with_peak_memory(cmd: list[str], log_path: Path, env: dict[str, str] | None = None) -> tuple[float, float, float]:
+    """Run `cmd`; (wall seconds, peak PSS of its process tree sampled every 0.2 s, the main process's
+    own RSS high-water mark from wait4), memory in GiB. Raises BenchError with the log's tail if it fails."""
+    import subprocess
+
+    start = time.perf_counter()
+    peak = 0
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            peak = max(peak, _tree_pss(proc.pid))
+            time.sleep(0.2)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise BenchError(f"{' '.join(cmd)} failed (exit {proc.returncode}):\n{log_path.read_text(errors='replace')[-3000:]}")
+    return wall, peak / 2**30, usage.ru_maxrss / 2**20
+
+
+def run_large(args: argparse.Namespace) -> None:
+    """--large: `autoseg predict` (and with --nnunet-venv `nnUNetv2_predict_from_modelfolder`) on one synthetic
+    volume with the same plan; peak memory and seconds of each."""
+    shape, spacing = args.large, args.spacing
+    print(f"machine: {machine()}")
+    print(f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average before: {os.getloadavg()[0]:.1f}")
+    with tempfile.TemporaryDirectory(prefix="bench_predict_large_") as tmp:
+        tmp = Path(tmp)
+        config = large_volume_workspace(tmp / "work", shape, spacing, args.labels)
+        print(f"plan (autoseg's planner, 3d_fullres): patch {config['patch_size']}, spacing {config['spacing']}, "
+              f"features {config['features_per_stage']}; {args.labels} labels")
+        t = time.perf_counter()
+        synthetic_ct(tmp / "input" / "ct_0000.mha", shape, spacing)
+        print(f"input: synthetic int16 CT {'x'.join(map(str, shape))} at {spacing} mm "
+              f"(written in {time.perf_counter() - t:.0f} s, not timed)", flush=True)
+        nnunet_bin = None
+        if args.nnunet_venv:
+            nnunet_bin = Path(args.nnunet_venv)
+            nnunet_bin = nnunet_bin if nnunet_bin.name == "bin" else nnunet_bin / "bin"
+            model = tmp / "nnunet_model"
+            run_with_peak_memory([str(nnunet_bin / "python"), str(Path(__file__).with_name("_nnunet_model_folder.py")),
+                                  str(tmp / "work" / "plans.json"), str(model)], tmp / "nnunet_model.log")
+        size = f"{'x'.join(map(str, shape))}, {args.labels} labels"
+        for m in {"on": [True], "off": [False], "both": [True, False]}[args.mirroring]:
+            setting = f"mirroring {'on' if m else 'off'}, step {args.step_size}"
+            cmd = [sys.executable, "-m", "autoseg.cli", "predict", str(tmp / "work"), "-i", str(tmp / "input"),
+                   "-o", str(tmp / f"out_{m}"), "--config", "3d_fullres", "--folds", "0", "--device", "cpu",
+                   "--workers", str(args.workers), "--step-size", str(args.step_size)]
+            cmd += [] if m else ["--no-mirroring"]
+            wall, tree, own = run_with_peak_memory(cmd, tmp / f"autoseg_{m}.log")
+            print(f"autoseg: {size}, {setting}: {wall:.1f} s, peak RSS {own:.2f} GiB "
+                  f"(process tree PSS sampled: {tree:.2f} GiB; --workers {args.workers})", flush=True)
+            if nnunet_bin is None:
+                continue
+            cmd = [str(nnunet_bin / "nnUNetv2_predict_from_modelfolder"), "-i", str(tmp / "input"),
+                   "-o", str(tmp / f"nnunet_out_{m}"), "-m", str(model), "-f", "0", "-step_size", str(args.step_size),
+                   "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_progress_bar"]
+            cmd += [] if m else ["--disable_tta"]
+            env = {**os.environ, **{k: str(tmp / k) for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}}
+            n_wall, n_tree, n_own = run_with_peak_memory(cmd, tmp / f"nnunet_{m}.log", env)
+            print(f"nnunetv2: {size}, {setting}: {n_wall:.1f} s, peak PSS of its process tree {n_tree:.2f} GiB "
+                  f"(sampled; its main process's peak RSS {n_own:.2f} GiB; -npp 1 -nps 1)", flush=True)
+            print(f"ratio nnunetv2 / autoseg: {n_wall / wall:.2f}x seconds, {n_tree / tree:.2f}x peak memory "
+                  "(process trees, PSS)", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("workdir", type=Path)
-    parser.add_argument("-i", "--input", type=Path, nargs="+", required=True)
+    parser.add_argument("workdir", type=Path, nargs="?")
+    parser.add_argument("-i", "--input", type=Path, nargs="+")
+    parser.add_argument("--large", type=_size, metavar="ZxYxX",
+                        help="large-volume mode: a synthetic volume of this size (no WORKDIR or INPUT)")
+    parser.add_argument("--labels", type=int, default=14, help="--large: labels including background (default: %(default)s)")
+    parser.add_argument("--spacing", type=lambda t: _size(t, float), default=(1.5, 0.8, 0.8), metavar="ZxYxX",
+                        help="--large: voxel spacing in mm (default: 1.5x0.8x0.8)")
+    parser.add_argument("--step-size", type=float, default=0.5, help="--large: window step (default: %(default)s)")
     parser.add_argument("--config", default="3d_fullres")
     parser.add_argument("--folds", nargs="+", action="append", help="a fold set to time; repeat for several")
     parser.add_argument("--mirroring", choices=("on", "off", "both"), default="both")
@@ -96,6 +265,10 @@ def main() -> None:
                         help="autoseg's own default (bfloat16 autocast on a CPU with native bf16), float32 "
                              "(as nnU-Net computes on the CPU), or both (default: %(default)s)")
     args = parser.parse_args()
+    if args.large:
+        return run_large(args)
+    if args.workdir is None or not args.input:
+        parser.error("WORKDIR and -i INPUT are required (or use --large)")
     workdir = args.workdir.resolve()
     plans = json.loads((workdir / "plans.json").read_text())
     num_channels = len(plans["channel_names"])

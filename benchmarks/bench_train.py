@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
@@ -187,6 +188,57 @@ def time_autoseg(workdir: Path, configuration: str, iters: int, warmup: int, wor
     return record["epoch_s"] / iters, record["data_wait_s"] / iters, wall
 
 
+def augmentation_rate(workdir: Path, configuration: str, batches: int, warmup: int = 2) -> dict:
+    """Augmented training batches per second that one worker produces for this plan, measured in-process.
+
+    Builds the loader and transforms as `train_fold` does (patch read enlarged, then rotated, scaled,
+    cropped, deep-supervision targets) and draws `warmup` + `batches` batches with no background
+    process. Wall and CPU seconds are both given; on a loaded machine the CPU figure is the steadier.
+    """
+    import numpy as np
+
+    from autoseg import workspace
+    from autoseg.network.unet import deep_supervision_scales
+    from autoseg.planning.planner import load_plans
+    from autoseg.preprocessing import store
+    from autoseg.training.augmentation import (make_loader, rotation_for_patch, shutdown_loader, training_patch_size,
+                                               training_transforms)
+    from autoseg.training.patch_sampling import PatchLoader
+
+    plans = load_plans(workspace.plans_json(workdir))
+    config = plans["configurations"][configuration]
+    data_dir = workspace.preprocessed_dir(workdir, config["data_identifier"])
+    case_ids = store.list_cases(data_dir)
+    if not case_ids:
+        raise BenchError(f"{data_dir}: no preprocessed cases; run `autoseg plan` first")
+    patch = config["patch_size"]
+    rotation, _ = rotation_for_patch(patch)
+    masked = [n["channel"] for n in plans["normalization"] if n["use_nonzero_mask"]]
+    loader = PatchLoader(data_dir, case_ids, training_patch_size(patch), config["batch_size"], 0.33, 1, seed=0,
+                         final_patch_size=patch)
+    transforms = training_transforms(patch, mirror_axes=tuple(range(len(patch))),
+                                     deep_supervision_scales=deep_supervision_scales(config["strides"]),
+                                     nonzero_mask_channels=masked)
+    batches_iter = make_loader(loader, transforms, 0, seed=0)
+    try:
+        for _ in range(warmup):
+            next(batches_iter)
+        wall, cpu = time.perf_counter(), time.process_time()
+        for _ in range(batches):
+            next(batches_iter)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    finally:
+        shutdown_loader(batches_iter)
+    return {"batches": batches, "batch_size": config["batch_size"], "patch_size": list(patch),
+            "per_s_wall": batches / wall, "per_s_cpu": batches / max(cpu, 1e-9), "threads": torch.get_num_threads(),
+            "numpy": np.__version__}
+
+
+def workers_to_keep_up(batches_per_s: float, step_s: float) -> int:
+    """Augmentation workers (one core each) needed so that a step of `step_s` seconds never waits for data."""
+    return max(1, math.ceil(1.0 / (batches_per_s * step_s)))
+
+
 def autoseg_precisions(choice: str, device: str | None) -> list[tuple[bool, str]]:
     """(mixed_precision setting, what it means here) for each autoseg run --autoseg-precision asks for."""
     from autoseg.device import cpu_has_native_bf16
@@ -213,6 +265,9 @@ def main() -> None:
                         help="where nnU-Net's raw and preprocessed dataset are kept between runs (default: %(default)s)")
     parser.add_argument("--dataset", type=Path, help="raw dataset for nnU-Net (default: the workspace's dataset.json root)")
     parser.add_argument("--skip-autoseg", action="store_true", help="time nnU-Net only")
+    parser.add_argument("--augmentation-batches", type=int, default=10,
+                        help="batches drawn in-process to measure augmentation batches/s per worker (0: skip; "
+                             "default: %(default)s)")
     parser.add_argument("--autoseg-precision", choices=("auto", "float32", "both"), default="auto",
                         help="autoseg's own default (bfloat16 autocast on a CPU with native bf16), float32 "
                              "(mixed_precision=False, as nnU-Net computes on the CPU), or both (default: %(default)s)")
@@ -238,6 +293,14 @@ def main() -> None:
         compare_plans(ours, nnunet_plan_summary(args.nnunet_cache, name, args.config))
     else:
         print("plan autoseg: " + ", ".join(f"{k} {v}" for k, v in ours.items()))
+
+    if args.augmentation_batches > 0:
+        rate = augmentation_rate(workdir, args.config, args.augmentation_batches)
+        print(f"augmentation ({args.config}, batch {rate['batch_size']}, patch {rate['patch_size']}): "
+              f"{rate['per_s_wall']:.2f} batches/s per worker in wall time, {rate['per_s_cpu']:.2f} per CPU second "
+              f"({rate['batches']} batches in this process); workers to keep a step fed: "
+              + ", ".join(f"{workers_to_keep_up(rate['per_s_cpu'], s)} at {s} s/step" for s in (0.1, 0.3, 1.0)),
+              flush=True)
 
     autoseg_runs = []
     if not args.skip_autoseg:

@@ -131,3 +131,72 @@ def test_more_than_256_classes_are_written_as_uint16_label_ids(tmp_path, suffix)
 def test_label_maps_keep_the_input_format_except_lossy_jpeg():
     assert [segmentation_suffix(s) for s in (".png", ".tif", ".tiff", ".nii.gz", ".mha", ".jpg", ".jpeg")] == [
         ".png", ".tif", ".tiff", ".nii.gz", ".mha", ".png", ".png"]
+
+
+def _todays_probabilities_to_original(probabilities, properties, plans):
+    """The export before label-by-label export, for comparison: all labels resampled, transposed, uncropped."""
+    from autoseg.preprocessing.cropping import uncrop
+    from autoseg.preprocessing.resampling import resample_probabilities, separate_axis_for
+
+    forward, backward = plans["transpose_forward"], plans["transpose_backward"]
+    original_spacing = [properties["original_geometry"]["spacing"][a] for a in forward]
+    separate = separate_axis_for(properties["spacing"], original_spacing, plans["resampling"]["anisotropy_threshold"])
+    resampled = resample_probabilities(probabilities, tuple(properties["shape_after_crop"][a] for a in forward), 1,
+                                       separate, plans["resampling"]["thick_axis_order"])
+    fill = np.zeros(probabilities.shape[0], np.float32)
+    fill[0] = 1
+    return uncrop(np.ascontiguousarray(resampled.transpose(0, *(a + 1 for a in backward))),
+                  tuple(tuple(b) for b in properties["nonzero_bbox"]), tuple(properties["original_geometry"]["shape"]),
+                  fill=fill)
+
+
+@pytest.mark.parametrize("plan_spacing, spacing, shape, bbox, streams", [
+    ((3.0, 1.0, 1.0), (2.5, 0.7, 0.8), (25, 14, 11), ((1, 24), (2, 13), (0, 11)), True),   # thick axis: fewer slices
+    ((3.0, 1.0, 1.0), (4.5, 0.7, 1.2), (9, 14, 11), ((0, 9), (2, 13), (1, 10)), True),     # thick axis: more slices
+    ((3.0, 1.0, 1.0), (3.0, 0.7, 1.2), (12, 14, 11), ((2, 11), (0, 14), (1, 10)), True),   # thick axis kept
+    ((1.0, 1.0, 1.0), (1.0, 1.0, 1.0), (10, 12, 9), ((1, 9), (2, 12), (0, 9)), True),      # no resampling
+    ((1.0, 1.0, 1.0), (1.3, 0.8, 1.1), (10, 12, 9), ((0, 10), (1, 12), (0, 8)), False),    # plain 3D
+    ((1.0, 1.0, 2.5), (0.8, 1.1, 3.5), (12, 10, 7), ((1, 12), (0, 10), (1, 7)), True),     # transposed plan
+])
+def test_label_map_builder_gives_todays_argmax_slab_by_slab(plan_spacing, spacing, shape, bbox, streams):
+    from autoseg.inference.export import LabelMapBuilder
+
+    plans = _plans(plan_spacing)
+    geometry = Geometry(spacing, (0.0, 0.0, 0.0), ROTATED, shape)
+    data, _, properties = preprocess_case(_image_with_zero_border(shape, bbox), None, geometry, plans, "3d_fullres")
+    rng = np.random.default_rng(3)
+    probabilities = rng.dirichlet(np.full(4, 0.3), data.shape[1:]).transpose(3, 0, 1, 2).astype(np.float32)
+    expected = _todays_probabilities_to_original(probabilities, properties, plans)
+
+    np.testing.assert_array_equal(probabilities_to_original(probabilities, properties, plans), expected)
+    builder = LabelMapBuilder([properties], plans, 4, uncertainty=True, entropy_map=True)
+    assert builder.streams == streams
+    if streams:  # uneven slabs, as the sliding window hands them out
+        edges = [0, *sorted(rng.choice(np.arange(1, data.shape[1]), min(3, data.shape[1] - 1), replace=False)),
+                 data.shape[1]]
+        for z0, z1 in zip(edges, edges[1:]):
+            builder.add(int(z0), [probabilities[:, z0:z1]])
+    else:
+        with pytest.raises(ValueError, match="whole volume"):
+            builder.add(0, [probabilities[:, :2]])
+        builder.add(0, [probabilities])
+    np.testing.assert_array_equal(builder.labels, np.argmax(expected, axis=0))
+    entropy = -(expected * np.log(np.maximum(expected, 1e-30))).sum(axis=0)
+    np.testing.assert_allclose(builder.entropy, entropy, atol=1e-5)
+    for label, score in builder.uncertainty().items():
+        assert score == pytest.approx(entropy[builder.labels == label].mean() / np.log(4), abs=1e-5)
+
+
+def test_write_segmentation_postprocesses_and_checks_the_grid(tmp_path):
+    from autoseg.inference.export import write_segmentation
+
+    shape = (3, 4, 5)
+    geometry = Geometry((1.0, 1.0, 1.0), (0.0, 0.0, 0.0), ROTATED, shape)
+    labels = np.zeros(shape, np.uint8)
+    labels[0, :2, :2] = 1
+    labels[2, 3, 4] = 1
+    rules = {"format_version": 1, "foreground_largest_component": False, "largest_component_labels": [1]}
+    written = write_segmentation(labels, geometry, tmp_path / "case.nii.gz", rules)
+    assert written.sum() == 4 and read_image(tmp_path / "case.nii.gz")[0].sum() == 4
+    with pytest.raises(ValueError, match="does not match"):
+        write_segmentation(labels[:2], geometry, tmp_path / "bad.nii.gz")

@@ -107,3 +107,16 @@ def test_tiny_network_overfits_one_sample():
     with torch.no_grad():
         prediction = net(image).argmax(1, keepdim=True)
     assert (prediction == target).float().mean() > 0.9
+
+
+def test_batch_dice_terms_summed_over_ranks_give_the_dice_of_the_global_batch():
+    """As two data-parallel ranks holding the same half-batch: summing the terms equals Dice on both halves."""
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 3, 4, 8, 8, generator=g)
+    target = _random_target()
+    as_if_two_ranks = soft_dice_loss(logits, target, sum_terms=lambda terms: 2 * terms)
+    whole = soft_dice_loss(torch.cat([logits, logits]), torch.cat([target, target]))
+    assert as_if_two_ranks.item() == pytest.approx(whole.item(), rel=1e-6)
+    # Per-sample Dice has no terms to share between ranks: sum_terms is left out.
+    assert soft_dice_loss(logits, target, batch_dice=False, sum_terms=lambda terms: 2 * terms).item() == \
+        pytest.approx(soft_dice_loss(logits, target, batch_dice=False).item())

@@ -1,3 +1,4 @@
+import csv
 import json
 
 import numpy as np
@@ -137,7 +138,9 @@ def test_bad_inputs_are_reported_by_file_and_the_others_still_run(work, tmp_path
         assert set(failed) == {str(truncated), str(inputs / "two_channels.nii.gz")}
         assert "truncated" in failed[str(truncated)] or "unreadable" in failed[str(truncated)]
         assert "2 channel(s)" in failed[str(inputs / "two_channels.nii.gz")]
-    assert sorted(p.name for p in out.iterdir()) == ["good_a.nii.gz", "good_b.nii.gz", "prediction_report.json"]
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
+        "good_a.nii.gz", "good_b.nii.gz", "prediction_report.json", "qc", "report.html", "volumes.csv"]
+    assert sorted(p.name for p in (out / "qc").iterdir()) == ["good_a.png", "good_b.png"]
     saved = json.loads((out / "prediction_report.json").read_text())
     assert saved["written"] == ["good_a", "good_b"] and len(saved["failed"]) == 2
     assert saved["settings"]["models"][0]["checkpoint"].endswith("checkpoint_final.pt")
@@ -252,3 +255,140 @@ def test_a_folder_of_rgb_pictures_is_one_case_per_picture_and_a_greyscale_one_is
     assert image.shape == (3, 1, 5, 6) and geometry.spacing == (999.0, 1.0, 1.0)
     with pytest.raises(InputError, match=r"has 1 channel\(s\), the model needs 3; pass a picture with 3 .*RGB"):
         read_input_case(cases[1], num_channels=3)
+
+
+def _todays_labels(predictor, image, geometry):
+    """The label map as predict wrote it before label-by-label export: every configuration's full
+    probabilities resampled to the input's grid, averaged, argmax."""
+    from autoseg.inference.sliding_window import sliding_window_predict
+    from autoseg.preprocessing.cropping import uncrop
+    from autoseg.preprocessing.resampling import resample_probabilities, separate_axis_for
+
+    prepared = predictor.prepare(image, geometry)
+    plans, total = predictor.plans, None
+    for name, data, properties in zip(prepared.configurations, prepared.data, prepared.properties):
+        folds = [f for f in predictor.folds if f.configuration == name]
+        patch = plans["configurations"][name]["patch_size"]
+        p = sum(torch.softmax(sliding_window_predict(f.network, torch.from_numpy(data), patch, 3), 0) for f in folds)
+        p = (p / len(folds)).numpy()
+        forward, backward = plans["transpose_forward"], plans["transpose_backward"]
+        original_spacing = [properties["original_geometry"]["spacing"][a] for a in forward]
+        separate = separate_axis_for(properties["spacing"], original_spacing, plans["resampling"]["anisotropy_threshold"])
+        cropped = tuple(properties["shape_after_crop"][a] for a in forward)
+        p = resample_probabilities(p, cropped, 1, separate, plans["resampling"]["thick_axis_order"])
+        fill = np.array([1.0, 0.0, 0.0], np.float32)
+        p = uncrop(np.ascontiguousarray(p.transpose(0, *(a + 1 for a in backward))),
+                   tuple(tuple(b) for b in properties["nonzero_bbox"]), tuple(geometry.shape), fill=fill)
+        total = p if total is None else total + p
+    return np.argmax(total / len(prepared.configurations), axis=0), total / len(prepared.configurations)
+
+
+@pytest.mark.parametrize("configs, spacing, shape, bbox, streams", [
+    # thick axis resampled apart (nearest slices), fewer slices than the plan's grid, cropped: streamed in slabs
+    (("3d_fullres",), (2.0, 0.7, 0.9), (26, 17, 15), ((2, 25), (1, 16), (0, 14)), True),
+    # the thick axis keeps its slices, in-plane resampled: streamed
+    (("3d_fullres",), (3.0, 0.7, 0.9), (18, 17, 15), ((0, 17), (3, 17), (2, 13)), True),
+    # no thick axis on either grid: plain 3D resampling of the whole volume
+    (("3d_fullres",), (1.1, 0.9, 1.0), (10, 13, 12), ((1, 10), (0, 13), (2, 12)), False),
+    # two configurations averaged on the input's grid
+    (("3d_fullres", "2d"), (2.5, 0.7, 0.9), (9, 17, 15), ((1, 8), (1, 16), (0, 15)), False),
+])
+def test_label_by_label_export_gives_todays_labels(work, configs, spacing, shape, bbox, streams, monkeypatch):
+    from autoseg.inference.export import LabelMapBuilder
+
+    geometry = Geometry(spacing, (1.0, 2.0, 3.0), IDENTITY, shape)
+    image = _volume(shape, bbox, seed=7, channels=1)
+    predictor = Predictor(work, configs, device="cpu", mirroring=False)
+    slabs = []
+    add = LabelMapBuilder.add
+    monkeypatch.setattr(LabelMapBuilder, "add", lambda self, z0, p: slabs.append(p[0].shape) or add(self, z0, p))
+
+    result = predictor.segment(predictor.prepare(image, geometry))
+
+    expected, probabilities = _todays_labels(predictor, image, geometry)
+    assert result.labels.shape == shape and result.labels.dtype == np.uint8 and result.members == 2 * len(configs)
+    np.testing.assert_array_equal(result.labels, expected)
+    assert len(set(np.unique(expected))) > 1  # not a trivial all-background case
+    network_depth = predictor.prepare(image, geometry).data[0].shape[1]
+    assert (len(slabs) > 1 and all(s[1] < network_depth for s in slabs)) == streams
+    # Uncertainty: mean normalised entropy of the averaged probabilities over each label's voxels.
+    entropy = -(probabilities * np.log(np.maximum(probabilities, 1e-30))).sum(axis=0) / np.log(3)
+    for label, score in result.uncertainty.items():
+        assert 0 <= score <= 1
+        assert score == pytest.approx(entropy[expected == label].mean(), abs=1e-5)
+    assert set(result.uncertainty) == set(np.unique(expected)) - {0}
+
+
+def test_2d_pictures_stream_slice_by_slice_with_todays_labels(tmp_path):
+    work = tmp_path / "work"
+    _workspace(work, spacing=(999.0, 1.0, 1.0), shape=(1, 24, 28), folds=(0, 1))
+    shape = (1, 23, 30)
+    geometry = Geometry((999.0, 0.8, 1.3), (0.0, 0.0, 0.0), IDENTITY, shape)
+    image = _volume(shape, ((0, 1), (2, 21), (1, 29)), seed=2, channels=1)
+    predictor = Predictor(work, ("2d",), device="cpu", mirroring=False)
+    result = predictor.segment(predictor.prepare(image, geometry), entropy_map=True)
+    expected, _ = _todays_labels(predictor, image, geometry)
+    np.testing.assert_array_equal(result.labels, expected)
+    assert result.entropy.shape == shape and result.entropy.dtype == np.float32
+    assert 0 <= result.entropy.min() and result.entropy.max() <= 1 and (result.entropy[0, 0] == 0).all()
+
+
+def test_ensembles_flag_uncertain_labels_and_write_the_uncertainty_map(work, tmp_path):
+    shape, bbox = (8, 14, 13), ((0, 8), (1, 13), (1, 12))
+    geometry = Geometry((3.0, 0.8, 0.8), (5.0, 0.0, -2.0), ROTATED, shape)
+    inputs = tmp_path / "in"
+    write_image(inputs / "case_a.nii.gz", _volume(shape, bbox, seed=4), geometry)
+    out = tmp_path / "out"
+
+    report = predict_folder(work, [inputs], out, configurations=["3d_fullres"], mirroring=False, progress=False,
+                            save_uncertainty=True, uncertainty_threshold=0.0)
+
+    assert report.written == ["case_a"]
+    entropy, written_geometry = read_image(out / "case_a_uncertainty.nii.gz")
+    assert entropy.dtype == np.float32 and written_geometry.matches(geometry) and 0 <= entropy.min() <= entropy.max() <= 1
+    with open(out / "volumes.csv", newline="") as f:
+        present = [r for r in csv.DictReader(f) if int(r["voxels"]) > 0]
+    assert present and all(r["flagged"] == "yes" and 0 < float(r["uncertainty"]) <= 1 for r in present), present
+    assert (out / "report.html").is_file() and (out / "qc" / "case_a.png").is_file()
+
+    # One fold: nothing to disagree about, so no score and no map; --no-report writes no table.
+    single = predict_folder(work, [inputs], tmp_path / "single", configurations=["3d_fullres"], folds=[0],
+                            mirroring=False, progress=False, save_uncertainty=True, report=False)
+    assert single.written == ["case_a"]
+    assert sorted(p.name for p in (tmp_path / "single").iterdir()) == ["case_a.nii.gz", "prediction_report.json"]
+
+
+def test_dicom_series_go_to_write_dicom_seg_when_asked(work, tmp_path, monkeypatch):
+    import sys
+    import types
+
+    from autoseg.inference import predictor as predictor_module
+    from autoseg.inference.inputs import InputCase
+    from autoseg.inference.volumes import VolumeTable
+
+    calls = []
+    fake = types.ModuleType("autoseg.inference.dicom_seg")
+    fake.write_dicom_seg = lambda segmentation, geometry, source_files, labels, path: calls.append(
+        (segmentation.copy(), geometry, tuple(source_files), labels, path))
+    monkeypatch.setitem(sys.modules, "autoseg.inference.dicom_seg", fake)
+    shape = (4, 6, 5)
+    geometry = Geometry((3.0, 0.8, 0.8), (0.0, 0.0, 0.0), IDENTITY, shape)
+    labels = np.zeros(shape, np.uint8)
+    labels[1:3, 2:4, 1:3] = 2
+    labels[3, 5, 4] = 2  # a stray voxel the rules remove
+    series = InputCase("1.2.840.99", (tmp_path / "IM0001.dcm", tmp_path / "IM0002.dcm"))
+    rules = {"format_version": 1, "foreground_largest_component": False, "largest_component_labels": [2]}
+    outputs = predictor_module._Outputs(tmp_path / "out", rules, False, False, 0.1, {0: "background", 1: "a", 2: "b"},
+                                        "dicom-seg", VolumeTable(tmp_path / "out" / "volumes.csv", "test"))
+    prepared = predictor_module.PreparedCase(geometry, ("3d_fullres",), (), ({},))
+    predictor = Predictor(work, ("3d_fullres",), device="cpu")
+
+    predictor_module._write_case(predictor, series, prepared, predictor_module.CaseSegmentation(labels, 2, {2: 0.3}),
+                                 outputs)
+
+    assert len(calls) == 1
+    segmentation, written_geometry, files, names, path = calls[0]
+    assert path == tmp_path / "out" / "1.2.840.99.dcm" and files == series.files and names[2] == "b"
+    assert written_geometry == geometry and segmentation.sum() == 2 * 8 and segmentation[3, 5, 4] == 0
+    assert "1.2.840.99,2,b,8" in (tmp_path / "out" / "volumes.csv").read_text()
+    assert predictor_module._output_path(tmp_path, series, "default").name == "1.2.840.99.nii.gz"

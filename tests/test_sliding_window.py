@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from autoseg.inference import sliding_window
 from autoseg.inference.sliding_window import gaussian_importance_map, sliding_window_predict, window_starts
 
 
@@ -127,3 +128,61 @@ def test_wrong_num_classes_is_reported():
     net = _net(nn.Conv3d, 1, 2, kernel=1)
     with pytest.raises(ValueError, match="num_classes"):
         sliding_window_predict(net, torch.zeros(1, 8, 8, 8), (8, 8, 8), num_classes=3)
+
+
+def test_out_of_memory_on_the_device_falls_back_to_host_accumulation(monkeypatch, caplog):
+    from autoseg.inference import sliding_window
+
+    net = _net(nn.Conv3d, 1, 3, kernel=3)
+    image = torch.randn(1, 20, 11, 9)
+    kwargs = {"patch_size": (8, 8, 8), "num_classes": 3, "mirror_axes": (0,), "tiles_per_batch": 2}
+    expected = sliding_window_predict(net, image, accumulate_on="host", **kwargs)
+
+    # The first attempt to allocate the accumulators on the "device" fails.
+    new_band = sliding_window._new_band
+    attempts = []
+
+    def failing_first(num_classes, depth, plane, target):
+        attempts.append(target)
+        if len(attempts) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return new_band(num_classes, depth, plane, target)
+
+    device = torch.device("cpu", 0)  # stands in for a GPU: any accumulator device that is not the host
+    monkeypatch.setattr(sliding_window, "_accumulator_device", lambda *args: device)
+    monkeypatch.setattr(sliding_window, "_new_band", failing_first)
+    with caplog.at_level("WARNING"):
+        out = sliding_window_predict(net, image, accumulate_on="device", **kwargs)
+    assert attempts == [device, sliding_window.HOST] and "out of memory" in caplog.text
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+    # Running out later, after slabs were handed out, resumes on the host without repeating them.
+    monkeypatch.setattr(sliding_window, "_new_band", new_band)
+    calls = []
+
+    def net_failing_once(x):
+        calls.append(1)
+        if len(calls) == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return net(x)
+
+    slabs = list(sliding_window.sliding_window_slabs(net_failing_once, image, accumulate_on="device", **kwargs))
+    starts = [z0 for z0, _ in slabs]
+    assert starts == sorted(set(starts)) and len(slabs) > 2
+    torch.testing.assert_close(torch.cat([s for _, s in slabs], dim=1), expected, rtol=0, atol=0)
+
+
+def test_slabs_are_final_before_the_last_window_runs():
+    calls = []
+    net = _net(nn.Conv3d, 1, 2, kernel=1)
+
+    def counting(x):
+        calls.append(x.shape[0])
+        return net(x)
+
+    image = torch.randn(1, 40, 10, 10)
+    seen = []
+    for z0, slab in sliding_window.sliding_window_slabs(counting, image, (8, 10, 10), 2, tiles_per_batch=1):
+        seen.append((z0, slab.shape[1], len(calls)))
+    assert seen[0][0] == 0 and seen[0][2] < 9  # the first slab came out after a few of the 9 windows
+    assert sum(n for _, n, _ in seen) == 40 and [z for z, _, _ in seen] == sorted(z for z, _, _ in seen)

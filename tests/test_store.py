@@ -127,3 +127,17 @@ def test_missing_arrays_and_newer_formats_are_named(tmp_path):
         store.load_properties(tmp_path, "c0")
     with pytest.raises(TypeError, match="signed integer"):
         store.save_case(tmp_path, "c1", image, seg.astype(np.float32), {})
+
+
+def test_atomic_writes_get_ordinary_file_permissions(tmp_path):
+    """Results are shared between people: an atomically written file must not stay private (0600)."""
+    import os
+    import stat
+
+    from autoseg.atomic import _UMASK, write_json
+
+    write_json(tmp_path / "a.json", {"x": 1})
+    mode = stat.S_IMODE(os.stat(tmp_path / "a.json").st_mode)
+    assert mode == 0o666 & ~_UMASK
+    if not _UMASK & 0o044:  # the usual umask 022: readable by group and others, unlike mkstemp's 0600
+        assert mode & 0o044

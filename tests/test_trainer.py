@@ -7,14 +7,16 @@ import json
 import pytest
 import torch
 
+import autoseg.training.trainer as trainer_module
 from autoseg import workspace
 from autoseg.cli import main
-import autoseg.training.trainer as trainer_module
+from autoseg.device import autocast_context, configure_cudnn, gradient_scaler, pin_memory_for
+from autoseg.network import UNetTopology, build_unet
 from autoseg.training import checkpoint as checkpoint_module
 from autoseg.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from autoseg.training.loss import DiceCELoss
 from autoseg.training.splits import make_splits
-from autoseg.training.trainer import TrainingSettings, poly_lr, train_fold
+from autoseg.training.trainer import TrainingSettings, _to_device, backward_and_step, poly_lr, train_fold
 
 
 def plans_format_2(configuration: str, config: dict) -> dict:
@@ -187,3 +189,75 @@ def test_2d_configuration_trains_and_validates_with_per_sample_dice(make_decathl
 def test_a_schedule_of_zero_is_refused_with_its_option_name(field):
     with pytest.raises(ValueError, match=field.replace("_", "-")):
         TrainingSettings(**{field: 0})
+
+
+# --- the CUDA-only branches, run on the CPU through the same functions -----------------------------
+
+
+def test_float16_step_with_gradient_scaling_skips_a_step_whose_gradients_overflow():
+    topology = UNetTopology(in_channels=1, num_classes=2, features_per_stage=[2, 4],
+                            kernel_sizes=[[3, 3, 3]] * 2, strides=[[1, 1, 1], [2, 2, 2]])
+    torch.manual_seed(0)
+    network = build_unet(topology, deep_supervision=False)
+    optimizer = torch.optim.SGD(network.parameters(), lr=0.1, momentum=0.9)
+    scaler = gradient_scaler("cpu", torch.float16)  # the trainer's CUDA choice: float16 needs loss scaling
+    assert scaler.is_enabled() and not gradient_scaler("cpu", torch.bfloat16).is_enabled()
+    autocast = autocast_context("cpu", torch.float16)
+    data, target = torch.randn(2, 1, 8, 8, 8), torch.randint(0, 2, (2, 1, 8, 8, 8))
+
+    def step() -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast():
+            logits = network(data)
+            assert logits.dtype == torch.float16
+            loss = DiceCELoss()(logits, target)
+        backward_and_step(loss, network, optimizer, scaler, grad_clip=12.0)
+        return loss
+
+    before = [p.detach().clone() for p in network.parameters()]
+    step()
+    assert any(not torch.equal(a, p) for a, p in zip(before, network.parameters())), "a finite step must update"
+
+    weights, scale = [p.detach().clone() for p in network.parameters()], scaler.get_scale()
+    hook = next(network.parameters()).register_hook(lambda grad: torch.full_like(grad, float("inf")))
+    step()
+    hook.remove()
+    assert all(torch.equal(a, p) for a, p in zip(weights, network.parameters())), "an overflowing step must be skipped"
+    assert scaler.get_scale() == scale / 2
+
+
+def test_batches_go_to_the_device_through_pinned_memory_when_pinning(monkeypatch):
+    pinned = []
+
+    def fake_pin(tensor):  # pinning itself needs CUDA; the copy path around it is what runs here
+        pinned.append(tensor.shape)
+        return tensor
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
+    data, targets = torch.randn(2, 1, 4, 4, 4), [torch.zeros(2, 1, 4, 4, 4), torch.zeros(2, 1, 2, 2, 2)]
+    moved = _to_device(data, torch.device("cpu"), torch.channels_last_3d, pin_memory=True)
+    moved_targets = _to_device(targets, torch.device("cpu"), None, pin_memory=True)
+    assert pinned == [data.shape] + [t.shape for t in targets]
+    assert torch.equal(moved, data) and moved.is_contiguous(memory_format=torch.channels_last_3d)
+    assert [t.shape for t in moved_targets] == [t.shape for t in targets]
+    pinned.clear()
+    _to_device(data, torch.device("cpu"))
+    assert pinned == []
+
+
+def test_host_memory_is_pinned_only_for_an_available_cuda_device(monkeypatch):
+    assert not pin_memory_for(torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not pin_memory_for(torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert pin_memory_for(torch.device("cuda", 1))
+    assert not pin_memory_for(torch.device("cpu"))
+
+
+def test_cudnn_autotuning_is_switched_on_for_cuda_only(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    configure_cudnn(torch.device("cpu"))
+    assert torch.backends.cudnn.benchmark is False
+    configure_cudnn(torch.device("cuda", 0))
+    assert torch.backends.cudnn.benchmark is True and torch.backends.cudnn.deterministic is False

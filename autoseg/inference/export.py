@@ -4,6 +4,11 @@ Preprocessing went crop -> transpose -> resample; export undoes it in reverse or
 resample to the cropped shape (still transposed), transpose back, put the crop back into the
 full volume with background probability 1 outside it.
 
+`LabelMapBuilder` does the same for the label map alone without ever holding per-label
+probabilities on the input's grid: one label at a time it resamples the network's probabilities
+back to the cropped grid and keeps a running maximum and argmax, and for a single configuration it
+takes them in z-slabs as the sliding window finishes them (docs/prediction.md).
+
 A label map is written in the input's format (`segmentation_suffix`): PNG in, PNG out; TIFF in,
 TIFF out; NIfTI in, NIfTI out. It is uint8 when the label ids fit, else uint16.
 """
@@ -11,13 +16,13 @@ TIFF out; NIfTI in, NIfTI out. It is uint8 when the label ids fit, else uint16.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
 from autoseg.atomic import atomic_path
 from autoseg.dataset.image_io import WRITE_SUFFIXES, Geometry, write_image
 from autoseg.postprocessing import apply_postprocessing
-from autoseg.preprocessing.cropping import uncrop
 from autoseg.preprocessing.resampling import resample_probabilities, separate_axis_for
 
 PROBABILITIES_KEY = "probabilities"
@@ -35,26 +40,162 @@ def segmentation_suffix(input_suffix: str) -> str:
 
 def probabilities_to_original(probabilities: np.ndarray, properties: dict, plans: dict) -> np.ndarray:
     """(K, *resampled) probabilities in network space -> (K, Z, Y, X) float32 in the original file's
-    orientation and shape (`properties` as returned by `preprocess_case`)."""
+    orientation and shape (`properties` as returned by `preprocess_case`). Holds K volumes of the
+    input's size: for the label map alone use `LabelMapBuilder`."""
     probabilities = np.asarray(probabilities, dtype=np.float32)
-    expected = tuple(properties["shape_after_resampling"])
-    if tuple(probabilities.shape[1:]) != expected:
-        raise ValueError(f"probabilities have spatial shape {list(probabilities.shape[1:])}, the preprocessed case "
-                         f"had {list(expected)}; pass the network output for this case and configuration")
-    forward, backward = plans["transpose_forward"], plans["transpose_backward"]
-    cropped_shape = properties["shape_after_crop"]  # in file axis order: cropping comes before the transpose
-    original_spacing = [properties["original_geometry"]["spacing"][a] for a in forward]
-    separate_axis = separate_axis_for(properties["spacing"], original_spacing,
-                                      plans["resampling"]["anisotropy_threshold"])
-    resampled = resample_probabilities(probabilities, tuple(cropped_shape[a] for a in forward), order=1,
-                                       separate_axis=separate_axis,
-                                       thick_axis_order=plans["resampling"]["thick_axis_order"])
-    in_file_order = resampled.transpose(0, *(a + 1 for a in backward))
-    fill = np.zeros(probabilities.shape[0], dtype=np.float32)
-    fill[0] = 1.0  # outside the crop there was no data: background
-    bbox = tuple(tuple(b) for b in properties["nonzero_bbox"])
-    full_shape = tuple(properties["original_geometry"]["shape"])
-    return uncrop(np.ascontiguousarray(in_file_order), bbox, full_shape, fill=fill)
+    grid = _BackToCrop(properties, plans)
+    grid.check(probabilities)
+    out = np.zeros((probabilities.shape[0], *grid.full_shape), dtype=np.float32)
+    out[0] = 1.0  # outside the crop there was no data: background
+    for k in range(probabilities.shape[0]):
+        grid.crop_view(out[k])[...] = grid.resample(probabilities[k], 0)[1]
+    return out
+
+
+class _BackToCrop:
+    """How one configuration's network grid maps back onto the cropped input grid (network axis order)."""
+
+    def __init__(self, properties: dict, plans: dict):
+        forward = plans["transpose_forward"]
+        self.forward = tuple(forward)
+        self.network_shape = tuple(properties["shape_after_resampling"])
+        self.shape = tuple(properties["shape_after_crop"][a] for a in forward)  # cropping comes before the transpose
+        original_spacing = [properties["original_geometry"]["spacing"][a] for a in forward]
+        self.separate_axis = separate_axis_for(properties["spacing"], original_spacing,
+                                               plans["resampling"]["anisotropy_threshold"])
+        self.thick_axis_order = plans["resampling"]["thick_axis_order"]
+        self.bbox = tuple(slice(lo, hi) for lo, hi in properties["nonzero_bbox"])
+        self.full_shape = tuple(properties["original_geometry"]["shape"])
+        n_in, n_out = self.network_shape[0], self.shape[0]
+        # Slabs along the first network axis can be resampled on their own, with the very values of the
+        # whole volume, when that axis is not resampled or is resampled apart by copying nearest slices.
+        self.streams = self.network_shape == self.shape or (
+            self.separate_axis == 0 and (n_in == n_out or self.thick_axis_order == 0))
+        self.source_rows = None  # per output row, the network row it copies (nearest along a thick axis 0)
+        if self.streams and n_in != n_out:
+            rows = np.arange(n_in, dtype=np.float32)[None, :, None, None]
+            self.source_rows = resample_probabilities(rows, (n_out, 1, 1), order=1, separate_axis=0,
+                                                      thick_axis_order=0).ravel().astype(np.intp)
+
+    def check(self, probabilities: np.ndarray) -> None:
+        if tuple(probabilities.shape[1:]) != self.network_shape:
+            raise ValueError(f"probabilities have spatial shape {list(probabilities.shape[1:])}, the preprocessed case "
+                             f"had {list(self.network_shape)}; pass the network output for this case and configuration")
+
+    def crop_view(self, full: np.ndarray) -> np.ndarray:
+        """The cropped region of a full-size (Z, Y, X) array, as a writable view in network axis order."""
+        return full[self.bbox].transpose(self.forward)
+
+    def rows_for(self, z0: int, z1: int) -> slice:
+        """Output rows (cropped grid, network order) computed from network rows [z0, z1)."""
+        if self.source_rows is not None:
+            inside = np.flatnonzero((self.source_rows >= z0) & (self.source_rows < z1))
+            return slice(int(inside[0]), int(inside[-1]) + 1) if inside.size else slice(0, 0)
+        if (z0, z1) == (0, self.network_shape[0]):
+            return slice(0, self.shape[0])
+        return slice(z0, z1)  # a slab of an axis that is not resampled
+
+    def resample(self, volume: np.ndarray, z0: int) -> tuple[slice, np.ndarray]:
+        """Network rows [z0, z0 + len(volume)) of one label -> (output rows, float32 values on them)."""
+        z1 = z0 + volume.shape[0]
+        rows = self.rows_for(z0, z1)
+        whole = (z0, z1) == (0, self.network_shape[0])
+        if not whole and not self.streams:
+            raise ValueError("this case's resampling mixes rows along the first axis; pass the whole volume")
+        if self.source_rows is not None:
+            volume = np.take(volume, self.source_rows[rows] - z0, axis=0)
+            shape, separate_axis = (volume.shape[0], *self.shape[1:]), 0
+        elif whole:
+            shape, separate_axis = self.shape, self.separate_axis
+        else:
+            shape, separate_axis = (volume.shape[0], *self.shape[1:]), self.separate_axis
+        out = resample_probabilities(volume[None].astype(np.float32, copy=False), shape, order=1,
+                                     separate_axis=separate_axis, thick_axis_order=self.thick_axis_order)[0]
+        return rows, out
+
+
+class LabelMapBuilder:
+    """Label map on the input's grid from network probabilities, averaged over configurations, without
+    per-label probabilities on that grid: at most one label's volume (of a slab) at a time.
+
+    With one configuration whose resampling allows it (`streams`), `add` takes z-slabs of its
+    network grid in any order; otherwise one whole network volume per configuration. With
+    `uncertainty=True` it sums, per label, the voxel-wise entropy of the averaged probabilities over
+    the voxels given that label, and with `entropy_map=True` it keeps the entropy map (nats).
+    The labels equal the argmax of `probabilities_to_original` (averaged), ties to the lower label.
+    """
+
+    def __init__(self, properties: Sequence[dict], plans: dict, num_classes: int, uncertainty: bool = False,
+                 entropy_map: bool = False):
+        if num_classes > 65536:
+            raise ValueError(f"{num_classes} classes do not fit a uint16 label map")
+        self.grids = [_BackToCrop(p, plans) for p in properties]
+        if len({(g.shape, tuple((b.start, b.stop) for b in g.bbox)) for g in self.grids}) != 1:
+            raise ValueError("the configurations' cases were cropped differently; they are not one input")
+        self.num_classes = num_classes
+        self.full_shape = self.grids[0].full_shape
+        self.labels = np.zeros(self.full_shape, dtype=np.uint8 if num_classes <= 256 else np.uint16)
+        self.with_entropy = uncertainty or entropy_map
+        self.entropy = np.zeros(self.full_shape, dtype=np.float32) if entropy_map else None
+        # Per label: voxels assigned to it and the entropy summed over them (before postprocessing).
+        self.label_voxels = np.zeros(num_classes, dtype=np.int64)
+        self.label_entropy = np.zeros(num_classes, dtype=np.float64)
+
+    @property
+    def streams(self) -> bool:
+        return len(self.grids) == 1 and self.grids[0].streams
+
+    def add(self, z0: int, probabilities: Sequence[np.ndarray]) -> None:
+        """(K, n, Y, X) float32 network rows [z0, z0 + n), one array per configuration."""
+        if len(probabilities) != len(self.grids):
+            raise ValueError(f"expected probabilities of {len(self.grids)} configuration(s), got {len(probabilities)}")
+        for p, grid in zip(probabilities, self.grids):
+            if p.shape[0] != self.num_classes or tuple(p.shape[2:]) != grid.network_shape[1:]:
+                raise ValueError(f"probabilities of shape {list(p.shape)} do not fit the network grid "
+                                 f"{list(grid.network_shape)} with {self.num_classes} classes")
+        best = labels = entropy = rows = None
+        for k in range(self.num_classes):
+            total = None
+            for p, grid in zip(probabilities, self.grids):
+                rows, values = grid.resample(p[k], z0)
+                total = values.copy() if total is None else np.add(total, values, out=total)
+            if len(probabilities) > 1:
+                total /= len(probabilities)
+            if k == 0:
+                best, labels = total, np.zeros(total.shape, dtype=self.labels.dtype)
+                entropy = np.zeros(total.shape, dtype=np.float32) if self.with_entropy else None
+            else:
+                better = total > best
+                labels[better] = k
+                np.maximum(best, total, out=best)
+            if entropy is not None:
+                entropy -= total * np.log(np.maximum(total, np.finfo(np.float32).tiny))
+        self.grids[0].crop_view(self.labels)[rows] = labels
+        self.label_voxels += np.bincount(labels.ravel(), minlength=self.num_classes)
+        if entropy is not None:
+            if self.entropy is not None:
+                self.grids[0].crop_view(self.entropy)[rows] = entropy
+            self.label_entropy += np.bincount(labels.ravel(), weights=entropy.ravel(), minlength=self.num_classes)
+
+    def uncertainty(self) -> dict[int, float]:
+        """Per label present: mean entropy of the averaged probabilities over its voxels, divided by log(K): 0
+        when every member agrees with certainty, 1 at uniform probabilities."""
+        scale = np.log(self.num_classes) if self.num_classes > 1 else 1.0
+        return {k: float(self.label_entropy[k] / self.label_voxels[k] / scale)
+                for k in range(1, self.num_classes) if self.label_voxels[k]}
+
+
+def write_segmentation(segmentation: np.ndarray, geometry: Geometry, path: Path | str,
+                       rules: dict | None = None) -> np.ndarray:
+    """Postprocess a label map by `rules` (if given) and write it atomically on `geometry`'s exact grid in the
+    format `path` names (a 2D geometry as a 2D file). Returns the label map that was written."""
+    if tuple(segmentation.shape) != tuple(geometry.shape):
+        raise ValueError(f"{path}: label map of shape {list(segmentation.shape)} does not match the input grid "
+                         f"{list(geometry.shape)}")
+    if rules is not None:
+        segmentation = apply_postprocessing(segmentation, rules)
+    write_image(path, segmentation, geometry)
+    return segmentation
 
 
 def export_segmentation(probabilities_original: np.ndarray, geometry: Geometry, path: Path | str,
@@ -73,10 +214,7 @@ def export_segmentation(probabilities_original: np.ndarray, geometry: Geometry, 
     if num_classes > 65536:
         raise ValueError(f"{path}: {num_classes} classes do not fit a uint16 label map")
     segmentation = np.argmax(probabilities_original, axis=0).astype(np.uint8 if num_classes <= 256 else np.uint16)
-    if rules is not None:
-        segmentation = apply_postprocessing(segmentation, rules)
-    write_image(path, segmentation, geometry)
-    return segmentation
+    return write_segmentation(segmentation, geometry, path, rules)
 
 
 def save_probabilities(path_npz: Path | str, probabilities: np.ndarray) -> None:

@@ -1,13 +1,17 @@
 """Find the cases to predict among folders and files, in the layouts users actually have.
 
-Three ways to name inputs (any mix of them may be passed):
+Four ways to name inputs (any mix of them may be passed):
 - a folder of nnU-Net-style channel files `<case>_<cccc><ending>` (one file per channel, or for
   pictures only `<case>_0000.png` holding every channel as colours, the rule of
   `layout.one_file_holds_all_channels`);
 - a folder of one file per case: 4D multi-channel files (Decathlon), or 3D files when the
   model has a single channel;
 - explicit files, each one case (4D multi-channel or an RGB picture, or 3D/2D when the model has
-  one channel).
+  one channel);
+- DICOM series (single-channel models): every image series found in an input folder or any of its
+  subfolders (files `.dcm`/`.dicom`/`.ima`, or without an image suffix and starting like DICOM) is one
+  case named by its Series Instance UID (`autoseg.dataset.dicom`); a DICOM file given on its own stands
+  for its whole series. Their outputs are NIfTI (`InputCase.ending` is `.nii.gz`).
 
 A folder counts as nnU-Net-style when most of its image files are named `<case>_<cccc><ending>`
 with `cccc` below the model's channel count (and, for a multi-channel model, they are not 4D
@@ -26,6 +30,7 @@ from typing import Sequence
 import numpy as np
 import SimpleITK as sitk
 
+from autoseg.dataset.dicom import find_dicom_series, is_dicom_file, read_dicom_series, series_of_file
 from autoseg.dataset.image_io import (NATURAL_IMAGE_SUFFIXES, SUPPORTED_SUFFIXES, Geometry, ImageReadError,
                                       image_suffix, read_image, strip_suffix)
 from autoseg.dataset.layout import Case, DatasetError, one_file_holds_all_channels, read_case_image
@@ -47,12 +52,13 @@ class InputError(Exception):
 @dataclass(frozen=True)
 class InputCase:
     case_id: str
-    files: tuple[Path, ...]  # one file per channel, or a single file holding all channels
+    files: tuple[Path, ...]  # one file per channel, or a single file holding all channels, or a DICOM series' slices
+    series_uid: str | None = None  # set for a DICOM series
 
     @property
     def ending(self) -> str:
-        """File extension of the input (`.nii.gz`, ...), reused for the output."""
-        return image_suffix(self.files[0]) or ".nii.gz"
+        """File extension of the input (`.nii.gz`, ...), reused for the output; `.nii.gz` for a DICOM series."""
+        return ".nii.gz" if self.series_uid else image_suffix(self.files[0]) or ".nii.gz"
 
 
 def discover_inputs(paths: Sequence[Path | str], num_channels: int) -> tuple[list[InputCase], list[tuple[str, str]]]:
@@ -67,6 +73,15 @@ def discover_inputs(paths: Sequence[Path | str], num_channels: int) -> tuple[lis
             found, bad = _discover_folder(path, num_channels)
             cases += found
             problems += bad
+            series, bad = find_dicom_series(path)
+            cases += [InputCase(s.case_id, s.files, s.series_uid) for s in series]
+            problems += bad
+        elif path.is_file() and image_suffix(path) is None and is_dicom_file(path):
+            series = series_of_file(path)
+            if series is None:
+                problems.append((str(path), f"{path}: not a readable DICOM image"))
+            elif not any(c.series_uid == series.series_uid and c.files == series.files for c in cases):
+                cases.append(InputCase(series.case_id, series.files, series.series_uid))
         elif path.is_file():
             if image_suffix(path) is None:
                 problems.append((str(path), f"not an image file of a supported type ({', '.join(SUPPORTED_SUFFIXES)})"))
@@ -129,7 +144,14 @@ def _is_4d(path: Path) -> bool:
 def read_input_case(case: InputCase, num_channels: int) -> tuple[np.ndarray, Geometry]:
     """All channels as (C, Z, Y, X) float32 with the geometry; InputError naming the file otherwise."""
     try:
-        if len(case.files) == 1:
+        if case.series_uid:
+            image, geometry = read_dicom_series(case.files)
+            if num_channels != 1:
+                raise InputError(case.files[0], f"{case.files[0].parent}: DICOM series {case.series_uid} is one "
+                                                f"channel, the model needs {num_channels}; convert the series to "
+                                                "NIfTI and pass one file per channel (<case>_<cccc>)")
+            image = image[None].astype(np.float32, copy=False)
+        elif len(case.files) == 1:
             image, geometry = read_image(case.files[0])
             if image.ndim == 3:
                 image = image[None]

@@ -1,10 +1,12 @@
 """Predict new images with the trained folds of one or more configurations, and write the results.
 
 `Predictor` owns the networks (built once, kept in eval mode on the device) and splits a case into
-three steps so that `predict_folder` can overlap them: `prepare` (CPU: preprocessing exactly as in
-training), `run_networks` (device: sliding window per fold, softmax averaged over folds) and
-`to_original` (CPU: back to the input's grid, averaged over configurations). `predict_case` runs
-the three in a row.
+steps so that `predict_folder` can overlap them: `prepare` (CPU: preprocessing exactly as in
+training), `segment` (device, then CPU: sliding window per fold, softmax averaged over folds and
+configurations, the label map on the input's grid taken label by label and, for one configuration,
+slab by slab, so no per-label probabilities of the input's size are held; docs/prediction.md), and
+writing. `run_networks` + `to_original` (`predict_case`) give the full probabilities instead, for
+`--save-probabilities`.
 """
 
 from __future__ import annotations
@@ -23,21 +25,26 @@ from tqdm import tqdm
 
 from autoseg import __version__, workspace
 from autoseg.atomic import write_json
-from autoseg.dataset.image_io import Geometry
+from autoseg.dataset.image_io import Geometry, write_image
 from autoseg.device import choose_device, mixed_precision_available
-from autoseg.inference.export import (export_segmentation, probabilities_to_original, save_probabilities,
-                                      segmentation_suffix)
+from autoseg.inference.export import (LabelMapBuilder, probabilities_to_original, save_probabilities,
+                                      segmentation_suffix, write_segmentation)
 from autoseg.inference.inputs import InputCase, InputError, discover_inputs, read_input_case
-from autoseg.inference.sliding_window import sliding_window_predict
+from autoseg.inference.sliding_window import sliding_window_predict, sliding_window_slabs
+from autoseg.inference.volumes import VolumeTable, structure_rows
 from autoseg.network.unet import UNetTopology, build_unet
 from autoseg.planning.planner import load_plans
-from autoseg.postprocessing import load_postprocessing_rules
+from autoseg.postprocessing import apply_postprocessing, load_postprocessing_rules
 from autoseg.preprocessing.preprocess import preprocess_case
 from autoseg.training.checkpoint import CheckpointError, load_checkpoint
 
 log = logging.getLogger(__name__)
 
 REPORT_FORMAT_VERSION = 1
+OUTPUT_FORMATS = ("default", "dicom-seg")
+# Flag a label for review when the ensemble's mean entropy over it exceeds this share of log(K); see
+# docs/prediction.md for how it was chosen.
+DEFAULT_UNCERTAINTY_THRESHOLD = 0.1
 # Which file each `checkpoint` choice loads, in order of preference: a fold whose training was
 # stopped before the end has no checkpoint_final.pt, and then its latest state is used.
 CHECKPOINT_FILES = {
@@ -59,6 +66,18 @@ class PreparedCase:
     configurations: tuple[str, ...]
     data: tuple[np.ndarray, ...]  # (C, *resampled) per configuration
     properties: tuple[dict, ...]
+
+
+@dataclass(frozen=True)
+class CaseSegmentation:
+    """A predicted label map on the input's grid (before postprocessing) and how sure the ensemble was."""
+
+    labels: np.ndarray  # (Z, Y, X) uint8 (uint16 beyond 256 classes)
+    members: int  # networks averaged: folds x configurations
+    # Per label present, mean entropy of the averaged probabilities over its voxels / log(K), in [0, 1];
+    # None with a single member.
+    uncertainty: dict[int, float] | None = None
+    entropy: np.ndarray | None = None  # (Z, Y, X) float32 voxel entropy / log(K), when asked for
 
 
 @dataclass(frozen=True)
@@ -172,20 +191,58 @@ class Predictor:
         """Per configuration, softmax probabilities in network space averaged over its folds."""
         outputs = []
         for name, data in zip(prepared.configurations, prepared.data):
-            config = self.plans["configurations"][name]
-            patch = config["patch_size"]
             image = torch.from_numpy(data)
             total, count = None, 0
             for fold in (f for f in self.folds if f.configuration == name):
-                logits = sliding_window_predict(
-                    fold.network, image, patch, self.num_classes, step_size=self.step_size,
-                    mirror_axes=tuple(range(len(patch))) if self.mirroring else None,
-                    tiles_per_batch=self.tiles_per_batch, device=self.device, use_amp=self.mixed_precision)
-                probabilities = torch.softmax(logits, dim=0)
-                total = probabilities if total is None else total.add_(probabilities)
+                logits = self._sliding_window(fold, image)
+                _softmax_in_place(logits)
+                total = logits if total is None else total.add_(logits)
                 count += 1
             outputs.append(total.div_(count).numpy())
         return outputs
+
+    def segment(self, prepared: PreparedCase, entropy_map: bool = False) -> CaseSegmentation:
+        """The label map on the input's grid, the argmax of `predict_case`'s probabilities, in bounded memory.
+
+        One configuration: its folds' sliding windows run side by side and each finished z-slab is
+        averaged, resampled and argmaxed at once, when the case's resampling allows it (see
+        `LabelMapBuilder`); otherwise, and for several configurations, each configuration's probabilities
+        are held in network space, and only one label at a time goes back to the input's grid.
+        With >= 2 members, also the per-label uncertainty (and with `entropy_map` the voxel map).
+        """
+        members = len(self.folds)
+        builder = LabelMapBuilder(prepared.properties, self.plans, self.num_classes, uncertainty=members > 1,
+                                  entropy_map=entropy_map and members > 1)
+        if not builder.streams:
+            return self.segment_probabilities(prepared, self.run_networks(prepared), entropy_map)
+        data = torch.from_numpy(prepared.data[0])
+        slabs = [self._sliding_window(fold, data, streaming=True) for fold in self.folds]  # one configuration
+        for pieces in zip(*slabs):
+            z0 = pieces[0][0]
+            total = None
+            for start, logits in pieces:
+                if start != z0:
+                    raise AssertionError("the folds' sliding windows went out of step")
+                _softmax_in_place(logits)
+                total = logits if total is None else total.add_(logits)
+            builder.add(z0, [total.div_(len(pieces)).numpy()])
+        return _segmentation(builder, members)
+
+    def segment_probabilities(self, prepared: PreparedCase, probabilities: Sequence[np.ndarray],
+                              entropy_map: bool = False) -> CaseSegmentation:
+        """`segment` from `run_networks`'s output (when the probabilities are needed too)."""
+        members = len(self.folds)
+        builder = LabelMapBuilder(prepared.properties, self.plans, self.num_classes, uncertainty=members > 1,
+                                  entropy_map=entropy_map and members > 1)
+        builder.add(0, probabilities)
+        return _segmentation(builder, members)
+
+    def _sliding_window(self, fold: LoadedFold, image: torch.Tensor, streaming: bool = False):
+        patch = self.plans["configurations"][fold.configuration]["patch_size"]
+        function = sliding_window_slabs if streaming else sliding_window_predict
+        return function(fold.network, image, patch, self.num_classes, step_size=self.step_size,
+                        mirror_axes=tuple(range(len(patch))) if self.mirroring else None,
+                        tiles_per_batch=self.tiles_per_batch, device=self.device, use_amp=self.mixed_precision)
 
     def to_original(self, prepared: PreparedCase, probabilities: Sequence[np.ndarray]) -> np.ndarray:
         """Average of the configurations' probabilities on the input's grid, (K, Z, Y, X) float32."""
@@ -212,6 +269,19 @@ class Predictor:
             "models": [{"configuration": f.configuration, "fold": f.fold, "checkpoint": str(f.checkpoint),
                         "epoch": f.epoch} for f in self.folds],
         }
+
+
+def _segmentation(builder: LabelMapBuilder, members: int) -> CaseSegmentation:
+    entropy = builder.entropy
+    if entropy is not None:
+        entropy /= np.log(builder.num_classes)
+    return CaseSegmentation(builder.labels, members, builder.uncertainty() if members > 1 else None, entropy)
+
+
+def _softmax_in_place(logits: torch.Tensor, rows: int = 16) -> None:
+    """Softmax over the class axis of (K, Z, ...) logits, a few z-rows at a time, so no second volume is made."""
+    for z in range(0, logits.shape[1], rows):
+        logits[:, z:z + rows] = torch.softmax(logits[:, z:z + rows], dim=0)
 
 
 def _fold_names(workdir: Path, configuration: str, folds: Sequence[int | str] | None) -> list[str]:
@@ -252,14 +322,23 @@ def predict_folder(workdir: Path, inputs: Sequence[Path], output_dir: Path,
                    mirroring: bool = True, save_probabilities: bool = False, device: str | torch.device | None = None,
                    continue_: bool = False, num_parts: int = 1, part_id: int = 0, postprocessing: bool = True,
                    num_workers: int = 1, progress: bool = True, checkpoint: str = "final",
-                   step_size: float = 0.5, mixed_precision: bool = True) -> PredictionReport:
+                   step_size: float = 0.5, mixed_precision: bool = True, save_uncertainty: bool = False,
+                   uncertainty_threshold: float = DEFAULT_UNCERTAINTY_THRESHOLD, report: bool = True,
+                   output_format: str = "default") -> PredictionReport:
     """Segment every case found in `inputs` into `output_dir/<case_id><ending>` in the input's format (a PNG
-    for a PNG); see docs on `autoseg predict`. `configurations=None`: the plans' default_configuration.
+    for a PNG); see docs/prediction.md. `configurations=None`: the plans' default_configuration.
 
     While the network runs on one case, `num_workers` background threads read and preprocess the
-    next ones and export and write finished ones (0: everything in this thread). One bad input is
-    reported in the result and `prediction_report.json`, the others still run.
+    next ones and write finished ones (0: everything in this thread). One bad input is reported in
+    the result and `prediction_report.json`, the others still run. `report`: also `volumes.csv`,
+    `qc/<case>.png` and `report.html`; with >= 2 members ensembled, labels whose uncertainty exceeds
+    `uncertainty_threshold` are flagged there, and `save_uncertainty` writes `<case>_uncertainty<ending>`.
+    `output_format="dicom-seg"` writes a DICOM-SEG `<case>.dcm` for inputs that are DICOM series.
     """
+    if output_format not in OUTPUT_FORMATS:
+        raise ValueError(f"output_format must be one of {', '.join(OUTPUT_FORMATS)}, got {output_format!r}")
+    if not 0 <= uncertainty_threshold <= 1:
+        raise ValueError(f"uncertainty_threshold must be in [0, 1] (entropy / log(K)), got {uncertainty_threshold}")
     if num_parts < 1 or not 0 <= part_id < num_parts:
         raise ValueError(f"part_id must be in 0..num_parts-1, got part_id={part_id}, num_parts={num_parts}")
     if num_workers < 0:
@@ -283,7 +362,7 @@ def predict_folder(workdir: Path, inputs: Sequence[Path], output_dir: Path,
     input_files = {f.resolve() for c in cases for f in c.files}
     todo, skipped = [], []
     for case in cases[part_id::num_parts]:
-        out = _output_path(output_dir, case)
+        out = _output_path(output_dir, case, output_format)
         if out.resolve() in input_files:
             failed.append((case.case_id, f"{out}: the output would overwrite an input file; choose another output folder"))
         elif continue_ and out.is_file() and (not save_probabilities or out.with_name(f"{case.case_id}.npz").is_file()):
@@ -293,22 +372,31 @@ def predict_folder(workdir: Path, inputs: Sequence[Path], output_dir: Path,
     if skipped:
         log.info("%d case(s) already predicted in %s, skipped", len(skipped), output_dir)
 
+    labels = {int(k): v for k, v in predictor.plans["labels"].items()}
+    outputs = _Outputs(output_dir, rules, save_probabilities, save_uncertainty, uncertainty_threshold, labels,
+                       output_format, VolumeTable(output_dir / "volumes.csv", _model_name(predictor)) if report else None)
     # Torch keeps every core: the background threads mostly wait on files (measured on 2 cores: 0.57 s
     # per case with 1 thread beside 2 torch threads, 1.09 s when torch gave a core up to it).
-    written = _run_pipeline(predictor, todo, output_dir, rules, save_probabilities, num_workers, progress, failed)
+    written = _run_pipeline(predictor, todo, outputs, num_workers, progress, failed)
 
     settings = {**predictor.settings(), "inputs": [str(p) for p in inputs], "output_dir": str(output_dir),
                 "postprocessing": str(rules_path) if rules is not None else None,
-                "save_probabilities": save_probabilities, "continue": continue_, "num_parts": num_parts,
+                "save_probabilities": save_probabilities, "save_uncertainty": save_uncertainty,
+                "uncertainty_threshold": uncertainty_threshold, "report": report, "output_format": output_format,
+                "continue": continue_, "num_parts": num_parts,
                 "part_id": part_id, "num_workers": num_workers, "autoseg_version": __version__,
                 "seconds": round(time.perf_counter() - started, 2)}
-    report = PredictionReport(sorted(written), skipped, failed, settings)
-    write_json(output_dir / report_name(num_parts, part_id), report.to_json())
+    result = PredictionReport(sorted(written), skipped, failed, settings)
+    write_json(output_dir / report_name(num_parts, part_id), result.to_json())
+    if outputs.volumes is not None:
+        from autoseg.inference.qc import write_html_report
+
+        write_html_report(output_dir, outputs.volumes.path, output_dir / "qc", output_dir / "report.html")
     log.info("predicted %d case(s), skipped %d, failed %d; report in %s", len(written), len(skipped), len(failed),
              output_dir / report_name(num_parts, part_id))
     for key, message in failed:
         log.warning("failed: %s: %s", key, message)
-    return report
+    return result
 
 
 def report_name(num_parts: int = 1, part_id: int = 0) -> str:
@@ -316,9 +404,36 @@ def report_name(num_parts: int = 1, part_id: int = 0) -> str:
     return "prediction_report.json" if num_parts == 1 else f"prediction_report_part{part_id}of{num_parts}.json"
 
 
-def _output_path(output_dir: Path, case: InputCase) -> Path:
-    """`<case_id>` in the input's format (a JPEG input gets a PNG: see `segmentation_suffix`)."""
+def _output_path(output_dir: Path, case: InputCase, output_format: str = "default") -> Path:
+    """`<case_id>` in the input's format (a JPEG input gets a PNG: see `segmentation_suffix`), or `.dcm`
+    (DICOM-SEG) for a DICOM series with output_format "dicom-seg"."""
+    if output_format == "dicom-seg" and _is_dicom_series(case):
+        return output_dir / f"{case.case_id}.dcm"
     return output_dir / f"{case.case_id}{segmentation_suffix(case.ending)}"
+
+
+def _is_dicom_series(case: InputCase) -> bool:
+    return getattr(case, "series_uid", None) is not None or any(f.suffix.lower() == ".dcm" for f in case.files)
+
+
+def _model_name(predictor: Predictor) -> str:
+    """What volumes.csv records as the model: workspace, configurations and folds."""
+    folds = ",".join(dict.fromkeys(f.fold for f in predictor.folds))
+    return f"{predictor.workdir.name}:{'+'.join(predictor.configurations)}:folds {folds}"
+
+
+@dataclass(frozen=True)
+class _Outputs:
+    """What to write per case besides the label map."""
+
+    folder: Path
+    rules: dict | None
+    probabilities: bool
+    uncertainty_map: bool
+    uncertainty_threshold: float
+    labels: dict[int, str]
+    output_format: str
+    volumes: VolumeTable | None  # None: no volumes.csv, overlays or report.html
 
 
 def _read_and_prepare(predictor: Predictor, case: InputCase) -> PreparedCase:
@@ -326,18 +441,55 @@ def _read_and_prepare(predictor: Predictor, case: InputCase) -> PreparedCase:
     return predictor.prepare(image, geometry)
 
 
-def _export_and_write(predictor: Predictor, case: InputCase, prepared: PreparedCase, probabilities: list[np.ndarray],
-                      output_dir: Path, rules: dict | None, with_probabilities: bool) -> None:
-    original = predictor.to_original(prepared, probabilities)
-    if with_probabilities:  # before the label map, so an existing label map means the case is complete
-        save_probabilities(output_dir / f"{case.case_id}.npz", original)
-    export_segmentation(original, prepared.geometry, _output_path(output_dir, case), rules)
+def _predict(predictor: Predictor, prepared: PreparedCase, outputs: _Outputs) -> CaseSegmentation | list[np.ndarray]:
+    """The network part, in the main thread: the label map, or (to save them) network-space probabilities."""
+    if outputs.probabilities:
+        return predictor.run_networks(prepared)
+    return predictor.segment(prepared, entropy_map=outputs.uncertainty_map)
 
 
-def _run_pipeline(predictor: Predictor, cases: list[InputCase], output_dir: Path, rules: dict | None,
-                  with_probabilities: bool, num_workers: int, progress: bool,
+def _write_case(predictor: Predictor, case: InputCase, prepared: PreparedCase,
+                predicted: CaseSegmentation | list[np.ndarray], outputs: _Outputs) -> None:
+    """Probabilities and uncertainty map (if asked), the label map (postprocessed), then the report row and
+    overlay: an existing label map means the files --continue looks for are complete."""
+    geometry = prepared.geometry
+    if not isinstance(predicted, CaseSegmentation):
+        save_probabilities(outputs.folder / f"{case.case_id}.npz", predictor.to_original(prepared, predicted))
+        predicted = predictor.segment_probabilities(prepared, predicted, entropy_map=outputs.uncertainty_map)
+    path = _output_path(outputs.folder, case, outputs.output_format)
+    if outputs.uncertainty_map and predicted.entropy is not None:
+        suffix = segmentation_suffix(case.ending)
+        suffix = ".tif" if suffix == ".png" else suffix  # a float map does not fit an 8-bit PNG
+        write_image(outputs.folder / f"{case.case_id}_uncertainty{suffix}", predicted.entropy, geometry)
+    if path.suffix == ".dcm":
+        from autoseg.inference.dicom_seg import (
+            write_dicom_seg,  # needs the optional highdicom
+        )
+
+        segmentation = predicted.labels if outputs.rules is None else apply_postprocessing(predicted.labels, outputs.rules)
+        write_dicom_seg(segmentation, geometry, case.files, outputs.labels, path)
+    else:
+        segmentation = write_segmentation(predicted.labels, geometry, path, outputs.rules)
+    if outputs.volumes is None:
+        return
+    uncertainty = predicted.uncertainty
+    flagged = None if uncertainty is None else {k for k, u in uncertainty.items() if u > outputs.uncertainty_threshold}
+    outputs.volumes.add_case(case.case_id, case.files, structure_rows(segmentation, geometry, outputs.labels),
+                             uncertainty, flagged)
+    from autoseg.inference.qc import (
+        write_overlay,  # matplotlib, only when there is an overlay to draw
+    )
+
+    overlay = outputs.folder / "qc" / f"{case.case_id}.png"
+    try:  # the input is read again: holding it through the prediction would cost memory
+        write_overlay(read_input_case(case, predictor.num_channels)[0], segmentation, geometry, outputs.labels, overlay)
+    except Exception as exc:  # the label map and its row are written; a missing picture must not fail the case
+        log.warning("%s: no overlay written: %s", overlay, _describe(exc))
+
+
+def _run_pipeline(predictor: Predictor, cases: list[InputCase], outputs: _Outputs, num_workers: int, progress: bool,
                   failed: list[tuple[str, str]]) -> list[str]:
-    """Network in this thread; reading/preprocessing ahead and export/writing behind in worker threads.
+    """Network in this thread; reading/preprocessing ahead and writing behind in worker threads.
 
     At most `num_workers + 1` cases wait preprocessed and `num_workers + 1` wait to be written, so
     memory stays bounded however many cases there are.
@@ -357,7 +509,8 @@ def _run_pipeline(predictor: Predictor, cases: list[InputCase], output_dir: Path
             future.result()
             written.append(case.case_id)
         except Exception as exc:
-            failed.append((case.case_id, f"writing {_output_path(output_dir, case)} failed: {_describe(exc)}"))
+            path = _output_path(outputs.folder, case, outputs.output_format)
+            failed.append((case.case_id, f"writing {path} failed: {_describe(exc)}"))
             log.debug("writing %s failed", case.case_id, exc_info=True)
         bar.update()
 
@@ -380,7 +533,7 @@ def _run_pipeline(predictor: Predictor, cases: list[InputCase], output_dir: Path
                 bar.update()
                 continue
             try:
-                probabilities = predictor.run_networks(prepared)
+                predicted = _predict(predictor, prepared, outputs)
             except Exception as exc:  # e.g. out of memory on a very large case: the others may still fit
                 failed.append((case.case_id, f"prediction failed: {_describe(exc)}"))
                 log.debug("prediction of %s failed", case.case_id, exc_info=True)
@@ -388,8 +541,7 @@ def _run_pipeline(predictor: Predictor, cases: list[InputCase], output_dir: Path
                 continue
             # The network input is not needed any more; drop it so only the outputs wait for writing.
             prepared, future = replace(prepared, data=()), None
-            writes.append((case, writers.submit(_export_and_write, predictor, case, prepared, probabilities,
-                                                output_dir, rules, with_probabilities)))
+            writes.append((case, writers.submit(_write_case, predictor, case, prepared, predicted, outputs)))
             while len(writes) > ahead:
                 finish_oldest_write()
         while writes:

@@ -17,6 +17,10 @@ from autoseg.device import autocast_for
 
 logger = logging.getLogger(__name__)
 
+HOST = torch.device("cpu")
+# Finished rows are handed out in slabs this deep, so the caller's per-slab work (softmax, resampling)
+# stays small beside the accumulator band.
+SLAB_ROWS = 8
 # Share of the free device memory the accumulator may take; the rest is left for the forward passes.
 _DEVICE_ACCUMULATOR_SHARE = 0.5
 
@@ -87,7 +91,40 @@ def sliding_window_predict(
 
     A 3-entry patch_size runs a 3D network; a 2-entry one runs a 2D network on every z-slice.
     mirror_axes are axes of the patch; all 2**n flip combinations are averaged. The caller owns the
-    network: put it on `device` and in eval mode before calling.
+    network: put it on `device` and in eval mode before calling. Holds the whole result; for large
+    volumes consume `sliding_window_slabs` instead.
+    """
+    if isinstance(image, np.ndarray):
+        image = torch.from_numpy(np.array(image, dtype=np.float32))
+    # Created outside inference mode so the returned tensor is an ordinary one the caller may modify.
+    logits = None
+    for z0, slab in sliding_window_slabs(network, image, patch_size, num_classes, step_size, mirror_axes,
+                                         tiles_per_batch, device, use_amp, accumulate_on, progress):
+        if logits is None:
+            logits = torch.empty((num_classes, *image.shape[1:]), dtype=torch.float32)
+        logits[:, z0:z0 + slab.shape[1]] = slab
+    return logits
+
+
+def sliding_window_slabs(
+    network: Callable[[torch.Tensor], torch.Tensor],
+    image: torch.Tensor,
+    patch_size: Sequence[int],
+    num_classes: int,
+    step_size: float = 0.5,
+    mirror_axes: Sequence[int] | None = None,
+    tiles_per_batch: int = 4,
+    device: torch.device | str = "cpu",
+    use_amp: bool | None = None,
+    accumulate_on: str = "auto",
+    progress: bool = False,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """`sliding_window_predict`'s logits as consecutive z-slabs `(z0, logits[:, z0:z0 + n])`, each yielded
+    as soon as no later window touches it, so only one patch-deep band of the volume is accumulated
+    (the values are the same, bit for bit). Slabs are float32 CPU tensors the caller may keep.
+
+    On CUDA an out-of-memory error while accumulating on the device restarts the accumulation in host
+    memory (slabs already yielded are not yielded again).
     """
     device = torch.device(device)
     if isinstance(image, np.ndarray):
@@ -97,22 +134,73 @@ def sliding_window_predict(
     if use_amp is None:
         use_amp = device.type == "cuda"
     flip_dims = _flip_combinations(sorted(set(mirror_axes or ())))
-    is_2d = len(patch) == 2
 
     padded, crop = _pad_to_patch(image.float(), patch)
     spatial = tuple(padded.shape[1:])
     tiles = _tile_slices(spatial, patch, step_size)
-    target = _accumulator_device(accumulate_on, device, (num_classes + 1) * math.prod(spatial) * 4)
+    band_depth = patch[0] if len(patch) == 3 else 1
+    target = _accumulator_device(accumulate_on, device, (num_classes + 1) * band_depth * math.prod(spatial[1:]) * 4)
     logger.debug("sliding window: %d tiles of %s over %s, %d mirror passes, accumulating on %s",
                  len(tiles), list(patch), list(spatial), len(flip_dims), target)
+    done = 0  # image rows already yielded
+    while True:
+        try:
+            for z0, slab in _accumulate_slabs(network, padded, crop, tiles, patch, band_depth, num_classes, flip_dims,
+                                              tiles_per_batch, device, target, use_amp, done, progress):
+                done = z0 + slab.shape[1]
+                yield z0, slab
+            return
+        except torch.OutOfMemoryError:
+            if target == HOST:
+                raise
+        # Outside the handler, whose traceback still holds the failed attempt's tensors.
+        logger.warning("out of memory accumulating logits on %s; continuing in host memory from row %d",
+                       target, done)
+        if target.type == "cuda":
+            torch.cuda.empty_cache()
+        target = HOST
 
+
+def _new_band(num_classes: int, depth: int, plane: tuple[int, ...],
+              target: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zeroed logit sums (K, depth, *plane) and weight sums (depth, *plane) on `target`."""
+    return (torch.zeros((num_classes, depth, *plane), dtype=torch.float32, device=target),
+            torch.zeros((depth, *plane), dtype=torch.float32, device=target))
+
+
+def _accumulate_slabs(network: Callable[[torch.Tensor], torch.Tensor], padded: torch.Tensor, crop: tuple[slice, ...],
+                      tiles: list[tuple[slice, ...]], patch: tuple[int, ...], depth: int, num_classes: int,
+                      flip_dims: list[tuple[int, ...]], tiles_per_batch: int, device: torch.device,
+                      target: torch.device, use_amp: bool, skip_rows: int,
+                      progress: bool) -> Iterator[tuple[int, torch.Tensor]]:
+    """Tiles in order (z-start outermost), summed into a band of `depth` rows starting at padded row `top`;
+    rows above the next tile's start are final: divided by their weights, cropped and yielded."""
+    is_2d = len(patch) == 2
+    spatial = tuple(padded.shape[1:])
     gaussian = gaussian_importance_map(patch, device=device)
     gaussian_acc = gaussian_importance_map(patch, device=target)
     if is_2d:
         gaussian_acc = gaussian_acc[None]
-    # Created outside inference mode so the returned tensor is an ordinary one the caller may modify.
-    logits = torch.zeros((num_classes, *spatial), dtype=torch.float32, device=target)
-    weights = torch.zeros(spatial, dtype=torch.float32, device=target)
+    logits, weights = _new_band(num_classes, depth, spatial[1:], target)
+    top = 0
+    skip_padded = skip_rows + crop[0].start  # windows that end above this only touch rows already yielded
+    tiles = [t for t in tiles if t[0].stop > skip_padded]
+
+    def finish(rows: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """The band's first `rows` rows, divided by their weights, cropped, in slabs of at most SLAB_ROWS rows;
+        then the band moves down by `rows`."""
+        nonlocal top
+        lo, hi = max(top, crop[0].start, skip_padded), min(top + rows, crop[0].stop)
+        for start in range(lo, hi, SLAB_ROWS):
+            part = (slice(None), slice(start - top, min(start + SLAB_ROWS, hi) - top), *crop[1:])
+            yield start - crop[0].start, (logits[part] / weights[part[1:]]).to("cpu").contiguous()
+        with torch.no_grad():
+            for row in range(depth - rows):  # move the live rows up, one at a time (source below target)
+                logits[:, row].copy_(logits[:, row + rows])
+                weights[row].copy_(weights[row + rows])
+            logits[:, depth - rows:] = 0
+            weights[depth - rows:] = 0
+        top += rows
 
     autocast = autocast_for(device, use_amp)
     with tqdm(total=len(tiles), desc="sliding window", unit="tile", disable=not progress) as bar:
@@ -125,16 +213,20 @@ def sliding_window_predict(
                 with autocast():
                     prediction = _mirrored_forward(network, batch, flip_dims, num_classes)
                 prediction = (prediction * gaussian).to(target)
-                for tile_prediction, tile in zip(prediction, batch_tiles):
-                    if is_2d:
-                        tile_prediction = tile_prediction[:, None]
-                    logits[(slice(None), *tile)] += tile_prediction
-                    weights[tile] += gaussian_acc
+            # Outside inference mode (thread-wide state that must not leak to the caller between slabs), so
+            # slabs are ordinary tensors the caller may modify.
+            for tile_prediction, tile in zip(prediction, batch_tiles):
+                if tile[0].start > top:  # windows start at most one patch apart (step_size <= 1)
+                    yield from finish(tile[0].start - top)
+                if is_2d:
+                    tile_prediction = tile_prediction[:, None]
+                rows = slice(tile[0].start - top, tile[0].stop - top)
+                with torch.no_grad():
+                    logits[(slice(None), rows, *tile[1:])] += tile_prediction
+                    weights[(rows, *tile[1:])] += gaussian_acc
             bar.update(len(batch_tiles))
-
-    logits = logits[(slice(None), *crop)]
-    logits /= weights[crop]
-    return logits.to("cpu").contiguous()
+    while top < spatial[0]:
+        yield from finish(min(spatial[0] - top, depth))
 
 
 def _check_arguments(image: torch.Tensor, patch: tuple[int, ...], num_classes: int, step_size: float,

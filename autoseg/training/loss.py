@@ -11,7 +11,7 @@ from torch import nn
 
 def soft_dice_loss(
     logits: torch.Tensor, target: torch.Tensor, ignore_background: bool = True, smooth: float = 1e-5,
-    batch_dice: bool = True,
+    batch_dice: bool = True, sum_terms: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Negative mean soft Dice over classes (about -1 when perfect); float32 even under autocast.
 
@@ -21,6 +21,9 @@ def soft_dice_loss(
     class, then averages over samples and classes; a class absent from a sample then scores about
     0 there unless the prediction is also (almost exactly) empty. Both as nnU-Net's
     MemoryEfficientSoftDiceLoss, with the background left out by default.
+
+    With batch Dice, `sum_terms` (e.g. `distributed.sum_with_gradient`) sums the per-class terms
+    over the processes of a data-parallel run, so the Dice covers the global batch.
     """
     if target.shape[0] != logits.shape[0] or target.shape[2:] != logits.shape[2:] or target.shape[1] != 1:
         raise ValueError(
@@ -32,6 +35,8 @@ def soft_dice_loss(
         axes = ([0] if batch_dice else []) + list(range(2, logits.dim()))
         intersection = (probs * one_hot).sum(axes)
         denominator = probs.sum(axes) + one_hot.sum(axes)
+        if batch_dice and sum_terms is not None:
+            intersection, denominator = sum_terms(torch.stack([intersection, denominator])).unbind(0)
         dice = (2.0 * intersection + smooth) / (denominator + smooth).clamp_min(1e-8)  # (C,) or (B, C)
         if ignore_background:
             dice = dice[..., 1:]
@@ -41,17 +46,20 @@ def soft_dice_loss(
 class DiceCELoss(nn.Module):
     """Soft Dice plus cross-entropy, weight 1 each: Dice handles class imbalance, CE gives smooth gradients.
 
-    `batch_dice` comes from the configuration in plans.json (see `soft_dice_loss`).
+    `batch_dice` comes from the configuration in plans.json; `sum_terms` (see `soft_dice_loss`) is
+    set in a data-parallel run.
     """
 
-    def __init__(self, ignore_background: bool = True, smooth: float = 1e-5, batch_dice: bool = True):
+    def __init__(self, ignore_background: bool = True, smooth: float = 1e-5, batch_dice: bool = True,
+                 sum_terms: Callable[[torch.Tensor], torch.Tensor] | None = None):
         super().__init__()
         self.ignore_background = ignore_background
         self.smooth = smooth
         self.batch_dice = batch_dice
+        self.sum_terms = sum_terms
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        dice = soft_dice_loss(logits, target, self.ignore_background, self.smooth, self.batch_dice)
+        dice = soft_dice_loss(logits, target, self.ignore_background, self.smooth, self.batch_dice, self.sum_terms)
         with torch.autocast(device_type=logits.device.type, enabled=False):
             ce = F.cross_entropy(logits.float(), target[:, 0].long())
         return dice + ce

@@ -1,6 +1,8 @@
 """The training loop for one fold of one configuration, readable top to bottom.
 
 Everything it writes lives in `WORKDIR/models/<configuration>/fold_<K>/` (docs/workspace.md).
+In a data-parallel run (training/distributed.py, docs/distributed.md) every process runs this loop
+on its share of the batch; rank 0 alone logs, plots, validates and writes checkpoints.
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ import numpy as np
 import torch
 
 from autoseg import workspace
-from autoseg.device import autocast_for, choose_device
+from autoseg.device import (autocast_context, choose_device, configure_cudnn, gradient_scaler,
+                            mixed_precision_dtype, pin_memory_for)
 from autoseg.network.unet import UNetTopology, build_unet, deep_supervision_scales
 from autoseg.planning.planner import load_plans
 from autoseg.preprocessing import store
 from autoseg.preprocessing.preprocess import is_current, preprocessing_key
+from autoseg.training import distributed
 from autoseg.training.augmentation import (default_num_workers, make_loader, rotation_for_patch, shutdown_loader,
                                            training_patch_size, training_transforms, validation_transforms)
 from autoseg.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -63,11 +67,24 @@ def poly_lr(initial_lr: float, epoch: int, epochs: int, exponent: float = 0.9) -
     return initial_lr * (1 - epoch / epochs) ** exponent
 
 
-def _to_device(x, device: torch.device, memory_format=None):
+def _to_device(x, device: torch.device, memory_format=None, pin_memory: bool = False):
+    """Copy a host batch (tensor or list) to `device`; from pinned memory the copy does not block the host."""
     if isinstance(x, (list, tuple)):
-        return [_to_device(t, device) for t in x]
+        return [_to_device(t, device, None, pin_memory) for t in x]
+    if pin_memory:
+        x = x.pin_memory()
     x = x.to(device, non_blocking=True)
     return x.contiguous(memory_format=memory_format) if memory_format is not None else x
+
+
+def backward_and_step(loss: torch.Tensor, network: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                      scaler: torch.amp.GradScaler, grad_clip: float) -> None:
+    """Backward through the (scaled) loss, clip the true gradients, step; the scaler skips a step with inf/NaN."""
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(network.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
 
 
 def _memory_format(ndim: int, device: torch.device):
@@ -92,23 +109,25 @@ def train_fold(workdir: Path, configuration: str, fold: int | str, settings: Tra
     if stale:
         raise ValueError(f"{data_dir}: {len(stale)} case(s) (e.g. {stale[0]}) were preprocessed with other plans; "
                          "run `autoseg plan DATASET_DIR -o WORKDIR --steps preprocess` first")
-    splits = load_or_create_splits(workspace.splits_json(workdir), case_ids)
+    splits = distributed.main_first(load_or_create_splits, workspace.splits_json(workdir), case_ids)
     train_ids, val_ids = fold_cases(splits, fold, case_ids)
     out = workspace.fold_dir(workdir, configuration, fold)
     out.mkdir(parents=True, exist_ok=True)
     log_file = out / "training_log.txt"
+    main_process = distributed.is_main()
 
     def say(message: str) -> None:
-        log.info(message)
-        with open(log_file, "a") as f:
-            f.write(time.strftime("%Y-%m-%d %H:%M:%S ") + message + "\n")
+        if main_process:
+            log.info(message)
+            with open(log_file, "a") as f:
+                f.write(time.strftime("%Y-%m-%d %H:%M:%S ") + message + "\n")
 
-    device = choose_device(settings.device)
+    device = distributed.process_device(choose_device(settings.device))
     torch.manual_seed(settings.seed)
     np.random.seed(settings.seed)
-    amp = device.type == "cuda" and settings.mixed_precision  # gradient scaling is needed for float16 only
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    configure_cudnn(device)
+    batch_size, oversample = distributed.batch_share(config["batch_size"], settings.oversample_foreground,
+                                                     distributed.rank(), distributed.world_size())
 
     # --- network, loss, optimizer -------------------------------------------------------------
     num_classes = len(plans["labels"])
@@ -119,11 +138,15 @@ def train_fold(workdir: Path, configuration: str, fold: int | str, settings: Tra
         network = network.to(memory_format=memory_format)
     scales = deep_supervision_scales(config["strides"])
     batch_dice = bool(config["batch_dice"])
-    loss_fn = DeepSupervisionLoss(DiceCELoss(batch_dice=batch_dice), deep_supervision_weights(len(scales)))
+    loss_weights = deep_supervision_weights(len(scales))
+    sum_dice_terms = distributed.sum_with_gradient if distributed.is_distributed() and batch_dice else None
+    loss_fn = DeepSupervisionLoss(DiceCELoss(batch_dice=batch_dice, sum_terms=sum_dice_terms), loss_weights)
     optimizer = torch.optim.SGD(network.parameters(), lr=settings.initial_lr, momentum=settings.momentum,
                                 nesterov=True, weight_decay=settings.weight_decay)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
-    autocast = autocast_for(device, settings.mixed_precision)
+    amp_dtype = mixed_precision_dtype(device, settings.mixed_precision)
+    autocast = autocast_context(device.type, amp_dtype)
+    scaler = gradient_scaler(device.type, amp_dtype)
+    pin_memory = pin_memory_for(device)
 
     # --- state: fresh or resumed ---------------------------------------------------------------
     start_epoch, best_ema, ema, history = 0, -1.0, None, []
@@ -136,14 +159,15 @@ def train_fold(workdir: Path, configuration: str, fold: int | str, settings: Tra
             raise ValueError(f"{out / 'checkpoint_latest.pt'} is for configuration {state['configuration']}")
         network.load_state_dict(state["network_state"])
         optimizer.load_state_dict(state["optimizer_state"])
-        scaler.load_state_dict(state["grad_scaler_state"])
+        if state["grad_scaler_state"]:  # empty when the run was not in float16
+            scaler.load_state_dict(state["grad_scaler_state"])
         start_epoch, best_ema, ema = state["epoch"], state["best_ema_dice"], state["ema_dice"]
         history = list(state["history"])
         if state["epochs"] != settings.epochs:
             say(f"note: resuming a {state['epochs']}-epoch schedule with --epochs {settings.epochs}; "
                 "the learning-rate schedule follows the new length")
         say(f"resumed from epoch {start_epoch} (best EMA pseudo-Dice {best_ema:.4f})")
-    else:
+    elif main_process:
         if (out / "checkpoint_latest.pt").exists():
             log.warning("%s holds an earlier run; starting afresh overwrites it (use --resume to continue it)", out)
         if log_file.exists():
@@ -153,6 +177,16 @@ def train_fold(workdir: Path, configuration: str, fold: int | str, settings: Tra
             f"patch {config['patch_size']}, device {device}, "
             f"{'mixed precision' if autocast is not nullcontext else 'float32'}, {settings.num_workers} augmentation worker(s), "
             f"{torch.get_num_threads()} torch thread(s)")
+    if distributed.is_distributed():
+        shares = [distributed.batch_share(config["batch_size"], settings.oversample_foreground, r,
+                                          distributed.world_size()) for r in range(distributed.world_size())]
+        dice = "batch Dice terms summed over the ranks" if sum_dice_terms else "per-sample Dice"
+        say(f"data parallel over {distributed.world_size()} processes ({distributed.backend_for(device.type)}): "
+            f"batch per rank {[b for b, _ in shares]}, foreground fraction per rank "
+            f"{[round(f, 2) for _, f in shares]}; {dice}")
+    for head, weight in zip(network.decoder.heads, loss_weights):
+        head.requires_grad_(weight > 0)  # the coarsest head gets no loss; DDP must not wait for its gradient
+    model = distributed.wrap(network, device)
 
     def checkpoint_state(epoch: int) -> dict:
         return {"configuration": configuration, "fold": str(fold), "epoch": epoch, "epochs": settings.epochs,
@@ -170,18 +204,19 @@ def train_fold(workdir: Path, configuration: str, fold: int | str, settings: Tra
     say(f"augmentation: patch {patch} read as {read_patch}, rotation up to +-{np.degrees(rotation[1]):.0f} degrees"
         f"{' (slab: in-plane only)' if in_plane_only else ''}, image 0 outside the non-zero mask in channels "
         f"{masked_channels}; loss: {'batch' if batch_dice else 'per-sample'} Dice + cross-entropy")
-    train_loader = PatchLoader(data_dir, train_ids, read_patch, config["batch_size"], settings.oversample_foreground,
-                               max(1, settings.num_workers), seed=settings.seed + start_epoch, final_patch_size=patch)
+    data_seed = distributed.rank_seed(settings.seed + start_epoch)
+    train_loader = PatchLoader(data_dir, train_ids, read_patch, batch_size, oversample,
+                               max(1, settings.num_workers), seed=data_seed, final_patch_size=patch)
     train_batches = make_loader(train_loader, training_transforms(patch, mirror_axes=mirror_axes,
                                                                   deep_supervision_scales=scales,
                                                                   nonzero_mask_channels=masked_channels),
-                                settings.num_workers, seed=settings.seed + start_epoch)
+                                settings.num_workers, seed=data_seed)
     val_batches = None
     if val_ids:
-        val_loader = PatchLoader(data_dir, val_ids, patch, config["batch_size"], settings.oversample_foreground,
-                                 max(1, settings.num_workers // 2), seed=settings.seed + 1 + start_epoch)
+        val_loader = PatchLoader(data_dir, val_ids, patch, batch_size, oversample,
+                                 max(1, settings.num_workers // 2), seed=data_seed + 1)
         val_batches = make_loader(val_loader, validation_transforms(scales), max(0, settings.num_workers // 2),
-                                  seed=settings.seed + 1 + start_epoch)
+                                  seed=data_seed + 1)
 
     # --- the loop ---------------------------------------------------------------------------------
     try:
@@ -190,30 +225,26 @@ def train_fold(workdir: Path, configuration: str, fold: int | str, settings: Tra
             lr = poly_lr(settings.initial_lr, epoch, settings.epochs, settings.lr_exponent)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            network.train()
+            model.train()
             train_losses, wait = [], 0.0
             iterator = range(settings.iters_per_epoch)
-            if progress:
+            if progress and main_process:
                 from tqdm import tqdm
                 iterator = tqdm(iterator, desc=f"epoch {epoch + 1}/{settings.epochs}", unit="it", leave=False)
             for _ in iterator:
                 t_wait = time.perf_counter()
                 batch = next(train_batches)
-                data = _to_device(batch["data"], device, memory_format)
-                target = _to_device(batch["target"], device)
+                data = _to_device(batch["data"], device, memory_format, pin_memory)
+                target = _to_device(batch["target"], device, None, pin_memory)
                 wait += time.perf_counter() - t_wait
                 optimizer.zero_grad(set_to_none=True)
                 with autocast():
-                    loss = loss_fn(network(data), target)
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(network.parameters(), settings.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
+                    loss = loss_fn(model(data), target)
+                backward_and_step(loss, network, optimizer, scaler, settings.grad_clip)
                 train_losses.append(loss.item())
 
-            record = {"epoch": epoch + 1, "train_loss": float(np.mean(train_losses)), "lr": lr,
-                      "data_wait_s": wait}
+            train_loss = distributed.sum_over_ranks(np.mean(train_losses)) / distributed.world_size()
+            record = {"epoch": epoch + 1, "train_loss": float(train_loss), "lr": lr, "data_wait_s": wait}
             if val_batches is not None:
                 record.update(_validate_patches(network, val_batches, settings.val_iters, loss_fn, num_classes,
                                                 device, memory_format, autocast))
@@ -224,19 +255,23 @@ def train_fold(workdir: Path, configuration: str, fold: int | str, settings: Tra
             say(_format_record(record, settings.epochs, settings.iters_per_epoch))
             if val_batches is not None and ema > best_ema:
                 best_ema = ema
-                save_checkpoint(out / "checkpoint_best.pt", checkpoint_state(epoch + 1))
+                if main_process:
+                    save_checkpoint(out / "checkpoint_best.pt", checkpoint_state(epoch + 1))
                 say(f"  new best EMA pseudo-Dice {best_ema:.4f}: checkpoint_best.pt written")
-            if (epoch + 1) % settings.checkpoint_every == 0 or epoch + 1 == settings.epochs:
+            if main_process and ((epoch + 1) % settings.checkpoint_every == 0 or epoch + 1 == settings.epochs):
                 save_checkpoint(out / "checkpoint_latest.pt", checkpoint_state(epoch + 1))
-            plot_progress(history, out / "progress.png",
-                          [plans["labels"][str(k)] for k in range(1, len(plans["labels"]))])
+            if main_process:
+                plot_progress(history, out / "progress.png",
+                              [plans["labels"][str(k)] for k in range(1, len(plans["labels"]))])
     finally:
         shutdown_loader(train_batches)
         if val_batches is not None:
             shutdown_loader(val_batches)
 
-    save_checkpoint(out / "checkpoint_final.pt", checkpoint_state(settings.epochs))
     result = {"configuration": configuration, "fold": str(fold), "epochs": settings.epochs, "history": history}
+    if not main_process:
+        return result
+    save_checkpoint(out / "checkpoint_final.pt", checkpoint_state(settings.epochs))
     if val_ids and settings.validate_at_end:
         from autoseg.training.validation import validate_fold
 
@@ -251,7 +286,7 @@ def train_fold(workdir: Path, configuration: str, fold: int | str, settings: Tra
 
 @torch.inference_mode()
 def _validate_patches(network, batches, iters: int, loss_fn, num_classes: int, device, memory_format, autocast) -> dict:
-    """Validation loss and pseudo-Dice per label (TP/FP/FN pooled over all validation patches)."""
+    """Validation loss and pseudo-Dice per label (TP/FP/FN pooled over all validation patches of all ranks)."""
     network.eval()
     losses = []
     tp = np.zeros(num_classes - 1)
@@ -271,9 +306,11 @@ def _validate_patches(network, batches, iters: int, loss_fn, num_classes: int, d
             tp[c - 1] += (p & r).sum().item()
             fp[c - 1] += (p & ~r).sum().item()
             fn[c - 1] += (~p & r).sum().item()
+    tp, fp, fn = distributed.sum_over_ranks(np.stack([tp, fp, fn]))
+    val_loss = distributed.sum_over_ranks(np.mean(losses)) / distributed.world_size()
     denominator = 2 * tp + fp + fn
     dice = np.where(denominator > 0, 2 * tp / np.maximum(denominator, 1), np.nan)
-    return {"val_loss": float(np.mean(losses)), "dice_per_label": [None if np.isnan(d) else float(d) for d in dice],
+    return {"val_loss": float(val_loss), "dice_per_label": [None if np.isnan(d) else float(d) for d in dice],
             "mean_dice": float(np.nanmean(dice)) if not np.all(np.isnan(dice)) else 0.0}
 
 

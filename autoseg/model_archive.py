@@ -1,0 +1,471 @@
+"""A trained model as one portable file: export a workspace's chosen folds to a zip, import it back.
+
+The archive (format described in docs/model_archive.md) holds what prediction needs and nothing of the
+training data: plans.json (which carries the normalization statistics), the network weights of the
+chosen folds (optimizer state and training history are dropped), postprocessing.json when the workspace
+has one, a model card (model_card.json and model_card.md) and manifest.json, which lists every other
+member with its size and SHA-256. `import_model` refuses an archive whose members do not match its
+manifest, and extracts into a scratch folder that is renamed into place only when all is verified,
+so the target folder is either a complete workspace or absent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+import zipfile
+from datetime import datetime, timezone
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from autoseg import __version__, workspace
+from autoseg.atomic import atomic_path, read_json
+from autoseg.inference.predictor import CHECKPOINT_FILES
+from autoseg.planning.planner import PlanError, load_plans
+from autoseg.training.checkpoint import FORMAT_VERSION as CHECKPOINT_FORMAT_VERSION
+from autoseg.training.checkpoint import CheckpointError, load_checkpoint
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+CHECKPOINT_NAME = "checkpoint_final.pt"  # every exported fold's weights, whichever checkpoint they came from
+# What a fold's checkpoint keeps in the archive: enough to rebuild and describe the network.
+CHECKPOINT_KEYS = ("configuration", "fold", "epoch", "epochs", "network_state", "plans_configuration", "labels",
+                   "channel_names", "best_ema_dice", "ema_dice")
+_CHUNK = 1 << 20
+
+
+class ModelArchiveError(Exception):
+    """An archive that cannot be written or trusted; the message names the archive, the member and the fix."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Export
+
+
+def export_model(workdir: Path | str, path: Path | str, configurations: Sequence[str] | None = None,
+                 folds: Sequence[int | str] | None = None, checkpoint: str = "final") -> dict:
+    """Write the chosen configurations' folds of a workspace to one zip at `path`; returns the manifest.
+
+    `configurations=None`: the configurations postprocessing.json was decided for (the cross-validation
+    winner), else the plans' default_configuration. `folds=None`: every fold folder holding the checkpoint.
+    `checkpoint` is "final" (falling back to latest, as prediction does), "best" or "latest"; whichever it
+    is, the fold's weights are stored as checkpoint_final.pt so the imported model predicts by default."""
+    workdir, path = Path(workdir), Path(path)
+    plans = load_plans(workspace.plans_json(workdir))
+    if checkpoint not in CHECKPOINT_FILES:
+        raise ModelArchiveError(f"checkpoint must be one of {', '.join(CHECKPOINT_FILES)}, got {checkpoint!r}")
+    rules_path = workspace.postprocessing_json(workdir)
+    rules = read_json(rules_path) if rules_path.is_file() else None
+    configurations = list(dict.fromkeys(configurations or (rules or {}).get("configuration")
+                                        or [plans.get("default_configuration")]))
+    unknown = [c for c in configurations if c not in plans["configurations"]]
+    if unknown or not configurations:
+        raise ModelArchiveError(f"{workspace.plans_json(workdir)}: has no configuration {', '.join(map(str, unknown))} "
+                                f"(it has {', '.join(plans['configurations'])}); choose with --config")
+
+    chosen = {name: _fold_names(workdir, name, folds, checkpoint) for name in configurations}
+    entries: dict[str, dict] = {}
+    sources: dict[str, dict] = {}
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w") as archive:
+        def add(name: str, data: bytes) -> None:  # one member at a time: a fold's weights are not all held at once
+            method = zipfile.ZIP_STORED if name.endswith(".pt") else zipfile.ZIP_DEFLATED
+            archive.writestr(name, data, compress_type=method)
+            entries[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+        for name, fold_names in chosen.items():
+            for fold in fold_names:
+                source = _checkpoint_path(workdir, name, fold, checkpoint)
+                try:
+                    state = load_checkpoint(source)
+                except CheckpointError as exc:
+                    raise ModelArchiveError(str(exc)) from None
+                kept = {k: state[k] for k in CHECKPOINT_KEYS if k in state}
+                kept.setdefault("configuration", name)
+                buffer = io.BytesIO()
+                torch.save({"format_version": CHECKPOINT_FORMAT_VERSION, **kept}, buffer)
+                sources[f"{name}/fold_{fold}"] = {"checkpoint": source.name, "epoch": state.get("epoch"),
+                                                  "epochs": state.get("epochs")}
+                del state, kept
+                add(f"models/{name}/fold_{fold}/{CHECKPOINT_NAME}", buffer.getvalue())
+
+        archive_plans = dict(plans)
+        if archive_plans.get("default_configuration") not in configurations:
+            # so that an imported workspace predicts without --config
+            archive_plans["default_configuration"] = configurations[0]
+            archive_plans["reasons"] = {**plans.get("reasons", {}), "default_configuration":
+                                        f"model archive: the first exported configuration (the workspace's default, "
+                                        f"{plans.get('default_configuration')}, was not exported)"}
+        add("plans.json", _json_bytes(archive_plans))
+        if rules is not None:
+            add("postprocessing.json", rules_path.read_bytes())
+        card = model_card(workdir, plans, chosen, checkpoint, sources)
+        add("model_card.json", _json_bytes(card))
+        add("model_card.md", format_model_card(card).encode())
+        manifest = {"format_version": FORMAT_VERSION, "kind": "autoseg model", "autoseg_version": __version__,
+                    "created": card["created"], "configurations": configurations, "folds": chosen,
+                    "source_checkpoint": checkpoint, "members": entries}
+        archive.writestr(MANIFEST, _json_bytes(manifest), compress_type=zipfile.ZIP_DEFLATED)
+    log.info("wrote %s: %s (%.1f MB)", path, ", ".join(f"{c} folds {' '.join(f)}" for c, f in chosen.items()),
+             path.stat().st_size / 1e6)
+    return manifest
+
+
+def _fold_names(workdir: Path, configuration: str, folds: Sequence[int | str] | None, checkpoint: str) -> list[str]:
+    models = workspace.fold_dir(workdir, configuration, 0).parent
+    if folds is not None:
+        names = [str(f) for f in dict.fromkeys(folds)]
+        for n in names:
+            if not any((workspace.fold_dir(workdir, configuration, n) / f).is_file() for f in CHECKPOINT_FILES[checkpoint]):
+                raise ModelArchiveError(f"{workspace.fold_dir(workdir, configuration, n)}: no "
+                                        f"{' or '.join(CHECKPOINT_FILES[checkpoint])}; train fold {n} of {configuration} "
+                                        "or leave it out with --folds")
+        return names
+    found = sorted((p.name.removeprefix("fold_") for p in models.glob("fold_*")
+                    if any((p / f).is_file() for f in CHECKPOINT_FILES[checkpoint])),
+                   key=lambda n: (0, int(n), "") if n.isdigit() else (1, 0, n))
+    if not found:
+        raise ModelArchiveError(f"{models}: no fold with a {' or '.join(CHECKPOINT_FILES[checkpoint])} for "
+                                f"{configuration}; train it first (`autoseg train`) or choose another with --config")
+    return found
+
+
+def _checkpoint_path(workdir: Path, configuration: str, fold: str, checkpoint: str) -> Path:
+    folder = workspace.fold_dir(workdir, configuration, fold)
+    path = next(folder / f for f in CHECKPOINT_FILES[checkpoint] if (folder / f).is_file())
+    if path.name != CHECKPOINT_FILES[checkpoint][0]:
+        log.warning("%s: no %s (training did not finish); exporting %s", folder, CHECKPOINT_FILES[checkpoint][0], path.name)
+    return path
+
+
+def _json_bytes(data: dict) -> bytes:
+    return (json.dumps(data, indent=2) + "\n").encode()
+
+
+# ---------------------------------------------------------------------------------------------
+# Model card
+
+
+def model_card(workdir: Path, plans: dict, folds: dict[str, list[str]], checkpoint: str,
+               sources: dict[str, dict]) -> dict:
+    """What a user of the model should know: labels, channels, training data, cross-validation Dice.
+
+    The training data is summarised (case count, spacings, shapes); case ids and dataset paths are left
+    out. A workspace that was itself imported keeps the training summary of its own model card."""
+    previous = _read_optional(workdir / "model_card.json") or {}
+    return {
+        "format_version": FORMAT_VERSION,
+        "name": plans.get("dataset_name"),
+        "autoseg_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "labels": dict(plans["labels"]),
+        "channel_names": list(plans["channel_names"]),
+        "normalization": [{"channel": n.get("name"), "scheme": n.get("scheme")} for n in plans.get("normalization", [])],
+        "configurations": {c: {"folds": f, "target_spacing": plans["configurations"][c].get("spacing"),
+                               "patch_size": plans["configurations"][c].get("patch_size")} for c, f in folds.items()},
+        "source_checkpoint": checkpoint,
+        "checkpoints": sources,
+        "training_data": _training_data(workdir) or previous.get("training_data"),
+        "cross_validation": _cross_validation(workdir, folds) or previous.get("cross_validation"),
+        "postprocessing": _read_optional(workspace.postprocessing_json(workdir)),
+    }
+
+
+def _read_optional(path: Path) -> dict | None:
+    try:
+        return read_json(path) if path.is_file() else None
+    except (OSError, json.JSONDecodeError):
+        log.warning("%s: unreadable, left out of the model card", path)
+        return None
+
+
+def _training_data(workdir: Path) -> dict | None:
+    dataset = _read_optional(workspace.dataset_json(workdir)) or {}
+    fingerprint = _read_optional(workspace.fingerprint_json(workdir)) or {}
+    if not dataset and not fingerprint:
+        return None
+    summary = {k: dataset[k] for k in ("name", "layout", "file_ending", "num_cases") if k in dataset}
+    cases = fingerprint.get("cases") or []
+    if cases:
+        spacings = np.array([c["spacing"] for c in cases], dtype=float)
+        shapes = np.array([c["shape"] for c in cases], dtype=float)
+        summary.update(num_cases=len(cases),
+                       median_spacing=[round(float(v), 4) for v in np.median(spacings, axis=0)],
+                       min_spacing=[round(float(v), 4) for v in spacings.min(axis=0)],
+                       max_spacing=[round(float(v), 4) for v in spacings.max(axis=0)],
+                       median_shape=[int(v) for v in np.median(shapes, axis=0)],
+                       min_shape=[int(v) for v in shapes.min(axis=0)],
+                       max_shape=[int(v) for v in shapes.max(axis=0)])
+    if fingerprint.get("channel_kinds"):
+        summary["channel_kinds"] = fingerprint["channel_kinds"]
+    return summary
+
+
+def _cross_validation(workdir: Path, folds: dict[str, list[str]]) -> dict | None:
+    """Pooled cross-validation Dice (`autoseg crossval`) and each exported fold's own validation Dice."""
+    result: dict = {}
+    pooled = _read_optional(workspace.crossval_dir(workdir) / "summary.json")
+    if pooled:
+        result["pooled"] = {c: {k: r.get(k) for k in ("num_cases", "mean_dice", "foreground_mean_dice", "missing_folds")}
+                            for c, r in pooled.get("configurations", {}).items() if c in folds}
+        ensemble = pooled.get("ensembles", {}).get("+".join(folds))
+        if ensemble:
+            result["pooled"]["+".join(folds)] = {k: ensemble.get(k) for k in ("num_cases", "mean_dice", "foreground_mean_dice")}
+        result["best"] = pooled.get("best")
+    per_fold = {}
+    for c, names in folds.items():
+        for fold in names:
+            summary = _read_optional(workspace.fold_dir(workdir, c, fold) / "validation" / "summary.json")
+            if summary:
+                per_fold[f"{c}/fold_{fold}"] = {
+                    "num_cases": summary.get("num_cases"),
+                    "mean_dice": {k: m.get("dice") for k, m in summary.get("mean", {}).items()},
+                    "foreground_mean_dice": summary.get("foreground_mean_dice")}
+    if per_fold:
+        result["folds"] = per_fold
+    return result or None
+
+
+def format_model_card(card: dict) -> str:
+    """The model card as Markdown for people."""
+    labels = card["labels"]
+
+    def dice_row(name: str, r: dict) -> str:
+        values = [r.get("mean_dice", {}).get(k) for k in labels if k != "0"]
+        cells = " | ".join("-" if v is None else f"{v:.4f}" for v in values)
+        return f"| {name} | {r.get('num_cases', '-')} | {cells} |"
+
+    lines = [f"# Model card: {card.get('name') or 'autoseg model'}", "",
+             f"Exported by autoseg {card['autoseg_version']} on {card['created']}.", "",
+             "## Labels", "", "| id | name |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in labels.items()]
+    lines += ["", "## Input channels", "", "| channel | name | normalization |", "|---|---|---|"]
+    schemes = {n["channel"]: n["scheme"] for n in card.get("normalization", [])}
+    lines += [f"| {i} | {name} | {schemes.get(name, '-')} |" for i, name in enumerate(card["channel_names"])]
+    lines += ["", "## Networks", "", "| configuration | folds | target spacing | patch size |", "|---|---|---|---|"]
+    for c, r in card["configurations"].items():
+        lines.append(f"| {c} | {' '.join(r['folds'])} | {r['target_spacing']} | {r['patch_size']} |")
+    epochs = ", ".join(f"{k}: epoch {v.get('epoch')}" for k, v in card["checkpoints"].items())
+    lines += ["", f"Weights from each fold's `{card['source_checkpoint']}` checkpoint ({epochs})."]
+    data = card.get("training_data")
+    lines += ["", "## Training data", ""]
+    if data:
+        lines += [f"- {k.replace('_', ' ')}: {v}" for k, v in data.items()]
+    else:
+        lines.append("Not recorded (the workspace had no dataset.json or fingerprint.json).")
+    cv = card.get("cross_validation")
+    lines += ["", "## Validation Dice", ""]
+    if cv:
+        header = "| model | cases | " + " | ".join(f"{v} ({k})" for k, v in labels.items() if k != "0") + " |"
+        lines += [header, "|" + "---|" * (2 + len(labels) - 1)]
+        lines += [dice_row(f"{name} (cross-validation, pooled"
+                           + (f"; folds {r['missing_folds']} missing)" if r.get("missing_folds") else ")"), r)
+                  for name, r in cv.get("pooled", {}).items()]
+        lines += [dice_row(name, r) for name, r in cv.get("folds", {}).items()]
+        if cv.get("best"):
+            lines += ["", f"Best model in cross-validation: {' + '.join(cv['best'])}."]
+    else:
+        lines.append("Not recorded (no validation results in the workspace).")
+    pp = card.get("postprocessing")
+    lines += ["", "## Postprocessing", ""]
+    lines.append(f"Rules decided for {' + '.join(pp.get('configuration') or [])}: largest foreground component "
+                 f"{pp.get('foreground_largest_component')}, largest component per label "
+                 f"{pp.get('largest_component_labels')}." if pp else "None.")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Import
+
+
+def read_manifest(path: Path | str) -> dict:
+    """The archive's manifest, after checking the archive's structure (no member is extracted)."""
+    path = Path(path)
+    with _open_zip(path) as archive:
+        return _checked_manifest(path, archive)
+
+
+def import_model(path: Path | str, target_dir: Path | str) -> dict:
+    """Verify the archive and extract it into `target_dir` (absent or empty), a workspace `autoseg predict`
+    accepts; returns the manifest. Nothing is left at `target_dir` when a check fails."""
+    path, target = Path(path), Path(target_dir)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise ModelArchiveError(f"{target}: already exists and is not an empty folder; choose a new folder for the model")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        with _open_zip(path) as archive:
+            manifest = _checked_manifest(path, archive)
+            for name, expected in manifest["members"].items():
+                _extract_verified(path, archive, name, expected, scratch)
+            (scratch / MANIFEST).write_bytes(archive.read(MANIFEST))
+        _check_weights(path, scratch, manifest)
+        if target.exists():
+            target.rmdir()
+        os.rename(scratch, target)
+    finally:
+        if scratch.exists():
+            shutil.rmtree(scratch, ignore_errors=True)
+    log.info("imported %s into %s", path, target)
+    return manifest
+
+
+def model_workspace(path: Path | str, cache_root: Path | str) -> tuple[Path, dict]:
+    """A verified workspace of the archive under `cache_root/.autoseg_model_<hash>`, extracted once and reused
+    while the archive is unchanged (its files are checked against the archive's manifest on reuse)."""
+    path, cache_root = Path(path), Path(cache_root)
+    if not path.is_file():
+        raise ModelArchiveError(f"{path}: model archive not found")
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    target = cache_root / f".autoseg_model_{digest.hexdigest()[:16]}"
+    if (target / MANIFEST).is_file():
+        manifest = read_manifest(path)
+        for name, expected in manifest["members"].items():
+            if _sha256_of(target / name) != expected["sha256"]:
+                raise ModelArchiveError(f"{target / name}: differs from member {name} of {path}; delete {target} "
+                                        "and run again to extract the model afresh")
+        return target, manifest
+    try:
+        return target, import_model(path, target)
+    except ModelArchiveError:
+        if (target / MANIFEST).is_file():  # a parallel run (--num-parts) extracted it first
+            return model_workspace(path, cache_root)
+        raise
+
+
+def _open_zip(path: Path) -> zipfile.ZipFile:
+    if not path.is_file():
+        raise ModelArchiveError(f"{path}: model archive not found")
+    try:
+        return zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise ModelArchiveError(f"{path}: not a readable zip archive ({exc}); export the model again "
+                                "with `autoseg export-model`") from None
+
+
+def _checked_manifest(path: Path, archive: zipfile.ZipFile) -> dict:
+    """Every member name safe, the manifest present and of a known version, members and manifest agreeing."""
+    names = [info.filename for info in archive.infolist() if not info.is_dir()]
+    for name in [info.filename.rstrip("/") for info in archive.infolist()]:
+        problem = _unsafe_name(name)
+        if problem:
+            raise ModelArchiveError(f"{path}: member {name!r} {problem}; the archive is refused (it could write "
+                                    "outside the target folder)")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ModelArchiveError(f"{path}: member {duplicates[0]!r} appears more than once; the archive is refused")
+    if MANIFEST not in names:
+        raise ModelArchiveError(f"{path}: member {MANIFEST} missing; not an autoseg model archive "
+                                "(export one with `autoseg export-model`)")
+    try:
+        manifest = json.loads(archive.read(MANIFEST))
+    except (json.JSONDecodeError, UnicodeDecodeError, zipfile.BadZipFile) as exc:
+        raise ModelArchiveError(f"{path}: member {MANIFEST} is not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        version = manifest.get("format_version") if isinstance(manifest, dict) else None
+        raise ModelArchiveError(f"{path}: member {MANIFEST}: format_version {version!r} is not {FORMAT_VERSION}, "
+                                f"the one autoseg {__version__} reads; use the autoseg version that exported it "
+                                "or export the model again")
+    members = manifest.get("members")
+    if not isinstance(members, dict) or not all(isinstance(m, dict) and {"size", "sha256"} <= set(m)
+                                                for m in members.values()):
+        raise ModelArchiveError(f"{path}: member {MANIFEST} has no valid member list")
+    for name in members:
+        problem = _unsafe_name(name) or ("is reserved" if name == MANIFEST else None)
+        if problem:
+            raise ModelArchiveError(f"{path}: member {name!r} listed in {MANIFEST} {problem}; the archive is refused")
+    for required in ("plans.json",):
+        if required not in members:
+            raise ModelArchiveError(f"{path}: member {required} not listed in {MANIFEST}; the archive is incomplete")
+    present = set(names) - {MANIFEST}
+    missing = sorted(set(members) - present)
+    if missing:
+        raise ModelArchiveError(f"{path}: member {missing[0]} missing (listed in {MANIFEST}); the archive is "
+                                "incomplete or was altered: export the model again")
+    extra = sorted(present - set(members))
+    if extra:
+        raise ModelArchiveError(f"{path}: member {extra[0]} is not listed in {MANIFEST}; the archive was altered: "
+                                "export the model again")
+    for c, folds in (manifest.get("folds") or {}).items():
+        for fold in folds:
+            name = f"models/{c}/fold_{fold}/{CHECKPOINT_NAME}"
+            if name not in members:
+                raise ModelArchiveError(f"{path}: member {name} missing (the manifest names fold {fold} of {c})")
+    return manifest
+
+
+def _unsafe_name(name: str) -> str | None:
+    """Why a member name could escape the extraction folder, or None when it is a plain relative path."""
+    if not name:
+        return "has an empty name"
+    if "\\" in name or PureWindowsPath(name).drive or name.startswith("/") or PurePosixPath(name).is_absolute():
+        return "is an absolute path"
+    if any(part in ("..", ".", "") for part in name.split("/")):
+        return "points outside the target folder ('..')" if ".." in name.split("/") else "is not a plain relative path"
+    return None
+
+
+def _extract_verified(path: Path, archive: zipfile.ZipFile, name: str, expected: dict, folder: Path) -> None:
+    info = archive.getinfo(name)
+    if info.file_size != expected["size"]:
+        raise ModelArchiveError(f"{path}: member {name} holds {info.file_size} bytes, the manifest says "
+                                f"{expected['size']}; the archive was altered: export the model again")
+    out = folder / name
+    if not out.resolve().is_relative_to(folder.resolve()):
+        raise ModelArchiveError(f"{path}: member {name!r} points outside the target folder; the archive is refused")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    try:
+        with archive.open(info) as src, open(out, "wb") as dst:
+            while chunk := src.read(_CHUNK):
+                digest.update(chunk)
+                dst.write(chunk)
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:  # a CRC error or truncated data
+        raise ModelArchiveError(f"{path}: member {name} cannot be read ({exc}); the archive is damaged") from None
+    if digest.hexdigest() != expected["sha256"]:
+        raise ModelArchiveError(f"{path}: member {name}: SHA-256 does not match the manifest; the archive was "
+                                "altered or damaged: export the model again")
+
+
+def _check_weights(path: Path, folder: Path, manifest: dict) -> None:
+    """plans.json is readable plans naming the exported configurations; each fold's weights load with
+    weights_only=True and belong to their configuration."""
+    try:
+        plans = load_plans(folder / "plans.json")
+    except (PlanError, ValueError) as exc:
+        raise ModelArchiveError(f"{path}: member plans.json: {exc}") from None
+    missing = [c for c in manifest.get("folds") or {} if c not in plans.get("configurations", {})]
+    if missing:
+        raise ModelArchiveError(f"{path}: member plans.json has no configuration {', '.join(missing)}, which the "
+                                f"manifest exports")
+    for c, folds in (manifest.get("folds") or {}).items():
+        for fold in folds:
+            name = f"models/{c}/fold_{fold}/{CHECKPOINT_NAME}"
+            try:
+                state = load_checkpoint(folder / name)
+            except CheckpointError as exc:
+                raise ModelArchiveError(f"{path}: member {name}: {exc}") from None
+            if state.get("configuration", c) != c or "network_state" not in state:
+                raise ModelArchiveError(f"{path}: member {name}: not the weights of configuration {c}")
+
+
+def _sha256_of(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()

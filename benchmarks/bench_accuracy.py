@@ -1,0 +1,276 @@
+"""Equal-budget accuracy: autoseg and nnU-Net v2 each train fold 0 of the same dataset for the same
+number of iterations (same batch and patch), predict the same held-out test cases, and the Dice per
+label of both is printed side by side with their training and prediction seconds.
+
+    python benchmarks/bench_accuracy.py DATASET --test-images DIR --test-labels DIR --iterations N
+                                        [--epochs E] [--val-iters V] [--workers W]
+                                        [--nnunet-venv /work/bench/nnunet_venv | --no-nnunet]
+    python benchmarks/bench_accuracy.py DATASET --hold-out 20 --iterations N      # makes the split itself
+
+DATASET is the raw training set (Decathlon or nnU-Net v2 layout); the test cases must not be in it.
+`--hold-out K` (Decathlon layout) instead draws K labelled cases at random (`--seed`) from DATASET's
+dataset.json as the test set and trains on the others, through links in a temporary folder.
+
+autoseg: `autoseg plan` (verify, fingerprint, plan, preprocess the default configuration) into a
+temporary workspace, `train_fold` of fold 0 for `--epochs` epochs of N / E iterations with
+`--val-iters` validation batches per epoch and no validation of whole cases at the end, then
+`predict_folder` of fold 0 (checkpoint_final, mirroring on) on --test-images.
+
+nnU-Net v2 (when its venv is found): the dataset is converted and preprocessed in the same temporary
+folder (bench_train.py's `prepare_nnunet`), its fold-0 split is replaced by autoseg's
+(`splits_final.json`), so both train on the same cases; `_nnunet_train_step.py --epochs E` runs the
+standard `nnUNetTrainer`'s own `run_training()` with `num_epochs`, `num_iterations_per_epoch` and
+`num_val_iterations_per_epoch` set; then `nnUNetv2_predict -f 0 -chk checkpoint_final.pth`.
+Both predictions are scored with `autoseg.evaluation.evaluate_folders` against --test-labels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_train import BenchError, machine, nnunet_env, prepare_nnunet  # noqa: E402
+
+DEFAULT_NNUNET_VENV = Path("/work/bench/nnunet_venv")
+NNUNET_DRIVER = Path(__file__).resolve().parent / "_nnunet_train_step.py"
+
+
+def hold_out(dataset: Path, count: int, seed: int, folder: Path) -> tuple[Path, Path, Path]:
+    """Split a Decathlon dataset: (training dataset, test images, test labels) as links under `folder`."""
+    meta = json.loads((dataset / "dataset.json").read_text())
+    if "training" not in meta:
+        raise BenchError(f"{dataset / 'dataset.json'}: --hold-out needs a Decathlon dataset.json ('training' list); "
+                         "pass --test-images and --test-labels instead")
+    training = meta["training"]
+    if not 0 < count < len(training) - 5:
+        raise BenchError(f"--hold-out {count}: the dataset has {len(training)} cases; keep at least 6 for training")
+    test = set(np.random.default_rng(seed).choice(len(training), size=count, replace=False).tolist())
+    train_root = folder / dataset.name  # keeps 'TaskNN_Name', which names nnU-Net's converted dataset
+    images, labels = folder / "test_images", folder / "test_labels"
+    for sub in (train_root / "imagesTr", train_root / "labelsTr", images, labels):
+        sub.mkdir(parents=True)
+    kept = []
+    for i, entry in enumerate(training):
+        if i in test:
+            (images / Path(entry["image"]).name).symlink_to((dataset / entry["image"]).resolve())
+            (labels / Path(entry["label"]).name).symlink_to((dataset / entry["label"]).resolve())
+            continue
+        for key in ("image", "label"):
+            (train_root / entry[key]).symlink_to((dataset / entry[key]).resolve())
+        kept.append(entry)
+    meta.update(training=kept, numTraining=len(kept), test=[], numTest=0)
+    (train_root / "dataset.json").write_text(json.dumps(meta, indent=1))
+    return train_root, images, labels
+
+
+def plan_autoseg(dataset: Path, workdir: Path, workers: int) -> tuple[dict, str]:
+    """What `autoseg plan DATASET -o WORKDIR` does, for the default configuration only; (plans, configuration)."""
+    from autoseg import workspace
+    from autoseg.atomic import write_json
+    from autoseg.dataset.layout import load_dataset
+    from autoseg.dataset.verify import verify_dataset
+    from autoseg.fingerprint import compute_fingerprint, save_fingerprint
+    from autoseg.planning.planner import plan_experiment, save_plans
+    from autoseg.preprocessing.preprocess import preprocess_dataset
+
+    data = load_dataset(dataset)
+    workdir.mkdir(parents=True)
+    write_json(workspace.dataset_json(workdir), {"format_version": 1, **data.to_json()})
+    report = verify_dataset(data, workers=workers)
+    if not report.ok:
+        raise BenchError(f"{dataset}: the dataset does not verify:\n{report.summary()}")
+    fingerprint = compute_fingerprint(data, workers=workers)
+    save_fingerprint(fingerprint, workspace.fingerprint_json(workdir))
+    plans = plan_experiment(fingerprint)
+    save_plans(plans, workspace.plans_json(workdir))
+    configuration = plans["default_configuration"]
+    preprocess_dataset(data, plans, workdir, [configuration], workers=workers)
+    return plans, configuration
+
+
+def dice_per_label(pred_dir: Path, labels_dir: Path, labels: list[int]) -> dict[int, float | None]:
+    from autoseg.evaluation import evaluate_folders
+
+    summary = evaluate_folders(pred_dir, labels_dir, labels=labels, output_dir=pred_dir.parent / f"{pred_dir.name}_eval")
+    if summary["missing_predictions"]:
+        raise BenchError(f"{pred_dir}: no prediction for {summary['missing_predictions'][:5]}")
+    return {label: summary["mean"][str(label)]["dice"] for label in labels}
+
+
+def run_autoseg(workdir: Path, configuration: str, epochs: int, iters_per_epoch: int, val_iters: int,
+                workers: int, test_images: Path, out: Path) -> dict:
+    from autoseg.inference.predictor import predict_folder
+    from autoseg.training.trainer import TrainingSettings, train_fold
+
+    settings = TrainingSettings(epochs=epochs, iters_per_epoch=iters_per_epoch, val_iters=val_iters,
+                                num_workers=workers, validate_at_end=False)
+    t = time.perf_counter()
+    train_fold(workdir, configuration, 0, settings, progress=False)
+    train_s = time.perf_counter() - t
+    t = time.perf_counter()
+    report = predict_folder(workdir, [test_images], out, folds=[0], progress=False)
+    predict_s = time.perf_counter() - t
+    if report.failed:
+        raise BenchError(f"autoseg predict failed on {report.failed[:3]}")
+    return {"train_s": train_s, "predict_s": predict_s, "cases": len(report.written)}
+
+
+def run_nnunet(dataset: Path, workdir: Path, configuration: str, venv: str, folder: Path, epochs: int,
+               iters_per_epoch: int, val_iters: int, workers: int, test_images: Path, out: Path) -> dict:
+    from bench_predict import link_inputs
+    from bench_train import autoseg_plan_summary, compare_plans, nnunet_plan_summary
+
+    cache = folder / "nnunet"
+    nnunet_bin, name, dataset_id = prepare_nnunet(dataset, cache, venv, configuration)
+    differ = compare_plans(autoseg_plan_summary(workdir, configuration), nnunet_plan_summary(cache, name, configuration))
+    if {"batch_size", "patch_size"} & set(differ):
+        print("WARNING: batch or patch differ, so the budgets are not equal", flush=True)
+    splits = json.loads((workdir / "splits.json").read_text())
+    splits = splits["folds"] if isinstance(splits, dict) else splits
+    preprocessed = cache / "nnUNet_preprocessed" / name
+    (preprocessed / "splits_final.json").write_text(json.dumps(splits, indent=1))
+
+    results = folder / "nnunet_results"
+    env = {**nnunet_env(nnunet_bin, cache, results), "nnUNet_n_proc_DA": str(workers)}
+    record = folder / "nnunet_train.json"
+    cmd = [str(nnunet_bin / "python"), str(NNUNET_DRIVER), "--dataset-name", name, "--configuration", configuration,
+           "--fold", "0", "--epochs", str(epochs), "--iters", str(iters_per_epoch), "--val-iters", str(val_iters),
+           "--json", str(record)]
+    log = folder / "nnunet_train.log"
+    t = time.perf_counter()
+    with open(log, "w") as log_file:
+        done = subprocess.run(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    train_wall = time.perf_counter() - t
+    if done.returncode != 0 or not record.is_file():
+        tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-25:])
+        raise BenchError(f"{' '.join(cmd)} failed (exit {done.returncode}):\n{tail}")
+    figures = json.loads(record.read_text())
+
+    inputs = folder / "nnunet_inputs"
+    channels = len(json.loads((workdir / "plans.json").read_text())["channel_names"])
+    cases = link_inputs([test_images], channels, inputs, None)
+    cmd = [str(nnunet_bin / "nnUNetv2_predict"), "-i", str(inputs), "-o", str(out), "-d", str(dataset_id),
+           "-c", configuration, "-f", "0", "-chk", "checkpoint_final.pth", "-device", "cpu", "-npp", "2", "-nps", "2"]
+    t = time.perf_counter()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    predict_s = time.perf_counter() - t
+    if done.returncode != 0:
+        raise BenchError(f"{' '.join(cmd)} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+    return {"train_s": figures["train_s"], "train_wall_s": train_wall, "predict_s": predict_s, "cases": len(cases),
+            "torch": figures["torch"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("dataset", type=Path, help="raw training dataset (Decathlon or nnU-Net v2 layout)")
+    parser.add_argument("--test-images", type=Path, help="folder of test images (not in DATASET)")
+    parser.add_argument("--test-labels", type=Path, help="folder of their reference label maps")
+    parser.add_argument("--hold-out", type=int, metavar="K",
+                        help="instead of --test-images/--test-labels: hold K cases of DATASET out as the test set")
+    parser.add_argument("--seed", type=int, default=0, help="seed of --hold-out's draw (default: %(default)s)")
+    parser.add_argument("--iterations", type=int, required=True, help="training iterations for each tool")
+    parser.add_argument("--epochs", type=int,
+                        help="epochs the iterations are split into (the learning rate decays per epoch; "
+                             "default: one per 250 iterations, at least 1)")
+    parser.add_argument("--val-iters", type=int, default=10,
+                        help="validation batches per epoch, both tools (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=None, help="augmentation workers for both (default: autoseg's)")
+    parser.add_argument("--nnunet-venv", default=str(DEFAULT_NNUNET_VENV) if DEFAULT_NNUNET_VENV.is_dir() else None,
+                        metavar="PATH", help="nnunetv2 venv or its bin folder (default: %(default)s)")
+    parser.add_argument("--no-nnunet", action="store_true", help="run autoseg only")
+    parser.add_argument("--keep", type=Path, metavar="DIR", help="work in DIR (kept) instead of a temporary folder")
+    parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    args = parser.parse_args()
+
+    if args.iterations < 1:
+        raise BenchError("--iterations must be at least 1")
+    epochs = args.epochs or max(1, round(args.iterations / 250))
+    if epochs < 1 or args.iterations % epochs:
+        raise BenchError(f"--iterations {args.iterations} must split into --epochs {epochs} equal epochs")
+    iters_per_epoch = args.iterations // epochs
+    if (args.hold_out is None) == (args.test_images is None or args.test_labels is None):
+        raise BenchError("pass either --test-images and --test-labels, or --hold-out K")
+    from autoseg.training.augmentation import default_num_workers
+    workers = default_num_workers() if args.workers is None else args.workers
+    use_nnunet = args.nnunet_venv is not None and not args.no_nnunet
+
+    print(f"machine: {machine()}")
+    print(f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average before: {os.getloadavg()[0]:.1f}")
+    with tempfile.TemporaryDirectory(prefix="bench_accuracy_") as tmp:
+        folder = args.keep or Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        dataset = args.dataset.resolve()
+        if args.hold_out is not None:
+            dataset, test_images, test_labels = hold_out(dataset, args.hold_out, args.seed, folder / "split")
+        else:
+            test_images, test_labels = args.test_images.resolve(), args.test_labels.resolve()
+        workdir = folder / "autoseg_ws"
+        t = time.perf_counter()
+        plans, configuration = plan_autoseg(dataset, workdir, workers=2)
+        plan_s = time.perf_counter() - t
+        config = plans["configurations"][configuration]
+        labels = sorted(int(k) for k in plans["labels"] if int(k) > 0)
+        print(f"configuration {configuration}: batch {config['batch_size']}, patch {config['patch_size']}; "
+              f"{args.iterations} iterations = {epochs} epoch(s) x {iters_per_epoch}, {args.val_iters} validation "
+              f"batches per epoch, {workers} augmentation worker(s); test cases in {test_images}", flush=True)
+
+        figures = {"autoseg": run_autoseg(workdir, configuration, epochs, iters_per_epoch, args.val_iters, workers,
+                                          test_images, folder / "pred_autoseg")}
+        figures["autoseg"]["plan_s"] = plan_s
+        figures["autoseg"]["dice"] = dice_per_label(folder / "pred_autoseg", test_labels, labels)
+        print(f"autoseg done: train {figures['autoseg']['train_s']:.1f} s, predict "
+              f"{figures['autoseg']['predict_s']:.1f} s", flush=True)
+        if use_nnunet:
+            figures["nnunetv2"] = run_nnunet(dataset, workdir, configuration, args.nnunet_venv, folder, epochs,
+                                             iters_per_epoch, args.val_iters, workers, test_images,
+                                             folder / "pred_nnunet")
+            figures["nnunetv2"]["dice"] = dice_per_label(folder / "pred_nnunet", test_labels, labels)
+
+        tools = list(figures)
+        print(f"\nDice on {figures['autoseg']['cases']} test cases, fold 0 after {args.iterations} iterations "
+              f"(batch {config['batch_size']}, patch {config['patch_size']}):")
+        print(f"{'label':<24}" + "".join(f"{t:>12}" for t in tools))
+        for label in labels:
+            name = f"{label} {plans['labels'][str(label)]}"
+            print(f"{name:<24}" + "".join(f"{_fmt(figures[t]['dice'][label]):>12}" for t in tools))
+        means = {t: _mean([figures[t]["dice"][label] for label in labels]) for t in tools}
+        print(f"{'mean':<24}" + "".join(f"{_fmt(means[t]):>12}" for t in tools))
+        print(f"{'training s':<24}" + "".join(f"{figures[t]['train_s']:>12.1f}" for t in tools))
+        print(f"{'training s/iteration':<24}" + "".join(f"{figures[t]['train_s'] / args.iterations:>12.2f}" for t in tools))
+        print(f"{'prediction s':<24}" + "".join(f"{figures[t]['predict_s']:>12.1f}" for t in tools))
+        print("training s: autoseg's train_fold and nnU-Net's run_training (both with per-epoch validation batches, "
+              "without imports); prediction s: autoseg's predict_folder in this process, nnUNetv2_predict from launch "
+              "to exit")
+        if args.json:
+            args.json.write_text(json.dumps({"iterations": args.iterations, "epochs": epochs, "val_iters": args.val_iters,
+                                             "workers": workers, "configuration": configuration, **figures}, indent=1,
+                                            default=str))
+
+
+def _mean(values: list[float | None]) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except BenchError as exc:
+        print(f"bench_accuracy: error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,30 @@
+"""bench_accuracy.py runs end to end on a tiny dataset (autoseg side only), so a refactor of the
+training, prediction or evaluation API cannot silently break the accuracy benchmark."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def test_autoseg_side_trains_predicts_and_scores_held_out_cases(make_decathlon, tmp_path):
+    root = make_decathlon(tmp_path / "Task99_Tiny", n_cases=9, shape=(12, 16, 14))
+    figures = tmp_path / "figures.json"
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "bench_accuracy.py"), str(root), "--hold-out", "2",
+                             "--iterations", "2", "--val-iters", "1", "--workers", "0", "--no-nnunet",
+                             "--json", str(figures)], cwd=BENCHMARKS, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "Dice on 2 test cases" in result.stdout
+    record = json.loads(figures.read_text())
+    assert record["iterations"] == 2 and "nnunetv2" not in record
+    dice = record["autoseg"]["dice"]
+    assert set(dice) == {"1", "2"} and all(d is None or 0.0 <= d <= 1.0 for d in dice.values())
+
+
+def test_iterations_that_do_not_split_into_the_epochs_are_refused(tmp_path):
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "bench_accuracy.py"), str(tmp_path), "--hold-out", "2",
+                             "--iterations", "5", "--epochs", "2", "--no-nnunet"], cwd=BENCHMARKS,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "equal epochs" in result.stderr
