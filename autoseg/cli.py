@@ -161,6 +161,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         postprocessing=not args.no_postprocessing, num_workers=args.workers, checkpoint=args.checkpoint,
         step_size=args.step_size, output_format=args.output_format, mixed_precision=not args.fp32,
         save_uncertainty=args.save_uncertainty, report=not args.no_report,
+        model_name=None if args.model is None else args.model.name,
         **({} if args.uncertainty_threshold is None else {"uncertainty_threshold": args.uncertainty_threshold}))
     print(f"{len(report.written)} written, {len(report.skipped)} skipped, {len(report.failed)} failed "
           f"-> {args.output}")
@@ -310,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-validation", action="store_true", help="skip predicting the validation cases at the end")
     p.add_argument("--fp32", action="store_true",
                    help="train in float32 (default: mixed precision, float16 on CUDA, bfloat16 on CPUs with native bf16)")
-    p.add_argument("--gpus", type=int, default=1,
+    p.add_argument("--gpus", type=int, default=1, metavar="N",
                    help="data-parallel processes on this machine, one per GPU (with --device cpu: CPU processes); "
                         "the plan's batch is split over them (default: 1). For several machines use torchrun, "
                         "see docs/distributed.md")
@@ -318,12 +319,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="segment new volumes with the trained folds",
                        description="Segment every case of INPUT (a folder of Decathlon-style 3D/4D files, an nnU-Net-style "
-                                   "folder of <case>_<cccc> channel files, or a list of files) with the ensemble of the "
-                                   "trained folds: the training preprocessing, sliding-window inference with Gaussian "
-                                   "weighting and mirroring, softmax averaged over folds and configurations, exported "
-                                   "to each input's exact original geometry as OUTPUT/<case><ending>. Exit status 1 if "
-                                   "any case failed (the others are still written).")
-    p.add_argument("workdir", type=Path, nargs="?", metavar="WORKDIR", help="workspace with trained models")
+                                   "folder of <case>_<cccc> channel files, folders of DICOM series, or a list of files) "
+                                   "with the ensemble of the trained folds (of WORKDIR or of --model): the training "
+                                   "preprocessing, sliding-window inference with Gaussian weighting and mirroring, "
+                                   "softmax averaged over folds and configurations, exported to each input's exact "
+                                   "original geometry as OUTPUT/<case><ending>; unless --no-report also "
+                                   "OUTPUT/volumes.csv, qc/<case>.png and report.html (docs/reports.md). Exit status 1 "
+                                   "if any case failed (the others are still written).")
+    p.add_argument("workdir", type=Path, nargs="?", metavar="WORKDIR",
+                   help="workspace with trained models (leave it out with --model)")
     p.add_argument("--model", type=Path, metavar="MODEL_ZIP",
                    help="predict with a model archive (`autoseg export-model`) instead of WORKDIR; it is verified "
                         "and extracted into OUTPUT/.autoseg_model_<hash>, reused by later runs")
@@ -334,8 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "data, 2d for 2D images)")
     p.add_argument("--folds", nargs="+", help="folds to ensemble, e.g. 0 1 2 or all (default: every trained fold)")
     p.add_argument("--checkpoint", default="final", choices=("final", "best", "latest"),
-                   help="which checkpoint of each fold (default: final, falling back to latest)")
-    p.add_argument("--no-mirroring", action="store_true", help="switch off mirroring test-time augmentation (8x faster in 3D)")
+                   help="which checkpoint of each fold (default: final, falling back to latest; not with --model)")
+    p.add_argument("--no-mirroring", action="store_true",
+                   help="switch off mirroring test-time augmentation (8x fewer forward passes in 3D)")
     p.add_argument("--step-size", type=float, default=0.5, help="window step as a fraction of the patch (default: %(default)s)")
     p.add_argument("--save-probabilities", action="store_true",
                    help="also write OUTPUT/<case>.npz with per-label probabilities (holds them for the whole input "
@@ -352,16 +357,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute in float32 (default: float16 on CUDA, bfloat16 on CPUs with native bf16)")
     p.add_argument("--no-postprocessing", action="store_true", help="ignore WORKDIR/postprocessing.json")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
-    p.add_argument("--continue", dest="continue_", action="store_true", help="skip cases whose output already exists")
+    p.add_argument("--continue", dest="continue_", action="store_true",
+                   help="skip cases whose output already exists (and, unless --no-report, whose rows volumes.csv "
+                        "holds; the others are predicted again)")
     p.add_argument("--num-parts", type=int, help="split the cases into this many parts ...")
     p.add_argument("--part-id", type=int, help="... and predict only this one (0-based)")
     p.add_argument("--workers", type=int, default=1,
                    help="background threads that read/preprocess and export/write while the network runs; 0 runs "
                         "everything in turn (default: %(default)s)")
     p.add_argument("--output-format", choices=("default", "dicom-seg"), default="default",
-                   help="default: label maps in the input's format (NIfTI for DICOM series); dicom-seg: a DICOM "
-                        "Segmentation OUTPUT/<case>.dcm referencing each input DICOM series (needs highdicom: "
-                        "pip install autoseg[dicom]); other inputs still get the default (default: %(default)s)")
+                   help="default (the default): label maps in the input's format (NIfTI for DICOM series); "
+                        "dicom-seg: a DICOM Segmentation OUTPUT/<case>.dcm referencing each input DICOM series "
+                        "(needs highdicom: pip install autoseg[dicom]), other inputs still get the default")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("evaluate", help="Dice, IoU, HD95 and volumes of predictions against references",
@@ -409,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Check every member of MODEL_ZIP against its manifest (presence, SHA-256, safe "
                                    "paths, format version), check that the weights load safely, and extract it into "
                                    "DIR (new or empty), a workspace `autoseg predict DIR` accepts.")
-    p.add_argument("archive", type=Path, metavar="MODEL_ZIP")
+    p.add_argument("archive", type=Path, metavar="MODEL_ZIP", help="archive written by `autoseg export-model`")
     p.add_argument("directory", type=Path, metavar="DIR", help="new (or empty) folder for the workspace")
     p.set_defaults(func=cmd_import_model)
     return parser
@@ -426,6 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     from autoseg.crossval import CrossValidationError
     from autoseg.evaluation import EvaluationError
     from autoseg.inference.predictor import PredictorError
+    from autoseg.inference.volumes import VolumeTableError
     from autoseg.model_archive import ModelArchiveError
     from autoseg.training.checkpoint import CheckpointError
     from autoseg.training.splits import SplitError
@@ -433,7 +441,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (CommandError, DatasetError, ImageReadError, PlanError, SplitError, CheckpointError, PredictorError,
-            EvaluationError, CrossValidationError, PostprocessingError, ModelArchiveError, ValueError) as exc:
+            EvaluationError, CrossValidationError, PostprocessingError, ModelArchiveError, VolumeTableError,
+            ValueError) as exc:
         if args.verbose:
             raise
         print(f"autoseg {args.command}: error: {exc}", file=sys.stderr)

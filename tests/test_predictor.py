@@ -169,6 +169,38 @@ def test_continue_skips_outputs_and_parts_split_the_cases(work, tmp_path):
     assert _no_temporary_files(out)
 
 
+def test_a_continued_batch_predicts_again_the_cases_missing_from_volumes_csv(work, tmp_path):
+    shape = (8, 12, 12)
+    geometry = Geometry((3.0, 0.8, 0.8), (0.0, 0.0, 0.0), IDENTITY, shape)
+    inputs = tmp_path / "in"
+    names = [f"case_{i}" for i in range(4)]
+    for i, name in enumerate(names):
+        write_image(inputs / f"{name}.nii.gz", _volume(shape, ((0, 8), (2, 10), (2, 10)), seed=i), geometry)
+    out = tmp_path / "out"
+    assert predict_folder(work, [inputs], out, mirroring=False, num_workers=0, progress=False).written == names
+    table = out / "volumes.csv"
+    with open(table, newline="") as f:
+        complete = list(csv.DictReader(f))
+    # Interrupted after case_1's label map, before its rows; and in the middle of case_3's last row.
+    lines = table.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if not line.startswith("case_1,")]
+    assert kept[-1].startswith("case_3,2,")
+    table.write_text("".join(kept[:-1]) + kept[-1][:12])
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.nii.gz")}
+
+    report = predict_folder(work, [inputs], out, mirroring=False, num_workers=0, progress=False, continue_=True)
+
+    assert report.written == ["case_1", "case_3"] and report.skipped == ["case_0", "case_2"]
+    assert all(p.stat().st_mtime_ns == before[p.name] for p in out.glob("*.nii.gz") if p.name in
+               ("case_0.nii.gz", "case_2.nii.gz"))
+    with open(table, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted((r["case"], r["label"]) for r in rows) == [(n, label) for n in names for label in ("1", "2")]
+    by_key = {(r["case"], r["label"]): r for r in rows}
+    assert all(by_key[r["case"], r["label"]] == r for r in complete)  # the same model gives the same rows
+    assert _no_temporary_files(out)
+
+
 def test_checkpoint_final_falls_back_to_latest_and_missing_folds_are_named(tmp_path):
     work = tmp_path / "work"
     _workspace(work, folds=(0,))

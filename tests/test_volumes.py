@@ -95,18 +95,50 @@ def test_continued_batch_gives_one_complete_table_without_duplicates(tmp_path):
 
     assert VolumeTable(path, model="m").cases() == {"case_a", "case_b", "case_c"}
     rows = read_table(path)
-    assert [(r["case"], r["label"]) for r in rows] == [(c, lab) for c in ("case_a", "case_b", "case_c")
+    # one row per case and label, in the order the cases were last written
+    assert [(r["case"], r["label"]) for r in rows] == [(c, lab) for c in ("case_b", "case_a", "case_c")
                                                        for lab in ("1", "2")]
-    a_liver = rows[0]
+    a_liver = rows[2]
     assert (a_liver["voxels"], a_liver["volume_ml"], a_liver["uncertainty"], a_liver["flagged"]) == ("5", "0.005",
                                                                                                    "0.5", "no")
-    assert rows[1]["uncertainty"] == ""  # NaN (no voxels to score) is left empty
+    assert rows[3]["uncertainty"] == ""  # NaN (no voxels to score) is left empty
     assert a_liver["input_files"] == "in/case_a_0000.nii.gz; in/case_a_0001.nii.gz"
-    assert rows[2]["flagged"] == "" and rows[2]["uncertainty"] == ""  # no ensemble: nothing scored
+    assert rows[0]["flagged"] == "" and rows[0]["uncertainty"] == ""  # no ensemble: nothing scored
     assert {r["model"] for r in rows} == {"ws:3d_fullres:0-4"}
     assert {r["format_version"] for r in rows} == {"1"}
     assert list(rows[0]) == list(COLUMNS)
     assert not list(path.parent.glob(".volumes*.tmp*"))  # no temporary files left behind
+
+
+def test_a_new_case_is_appended_without_rewriting_the_rows_before_it(tmp_path):
+    path = tmp_path / "volumes.csv"
+    table = VolumeTable(path, model="m")
+    table.add_case("case_a", [Path("case_a.nii.gz")], case_rows(1))
+    before, inode = path.read_bytes(), path.stat().st_ino
+    table.add_case("case_b", [Path("case_b.nii.gz")], case_rows(2))
+    VolumeTable(path, model="m").add_case("case_c", [Path("case_c.nii.gz")], case_rows(3))  # a continued batch
+    assert path.read_bytes().startswith(before) and path.stat().st_ino == inode
+    assert path.read_text().count("case,label,") == 1  # one header
+    assert [r["case"] for r in read_table(path)] == ["case_a"] * 2 + ["case_b"] * 2 + ["case_c"] * 2
+
+
+def test_an_incomplete_last_line_is_dropped_and_its_case_counts_as_missing(tmp_path):
+    path = tmp_path / "volumes.csv"
+    table = VolumeTable(path, model="m")
+    table.add_case("case_a", [Path("case_a.nii.gz")], case_rows(1))
+    table.add_case("case_b", [Path("case_b.nii.gz")], case_rows(2))
+    text = path.read_text()
+    last_line = text.rstrip("\n").rindex("\n") + 1
+    assert text[last_line:].startswith("case_b,2,")
+    path.write_text(text[:last_line] + "case_b,2,tum")  # a write cut short in case_b's second row
+
+    continued = VolumeTable(path, model="m")  # opens the table instead of refusing it
+    assert continued.cases() == {"case_a", "case_b"}
+    assert continued.cases(labels=[1, 2]) == {"case_a"}  # case_b lacks a row: predict it again
+    continued.add_case("case_b", [Path("case_b.nii.gz")], case_rows(2))
+    rows = read_table(path)
+    assert [(r["case"], r["label"]) for r in rows] == [(c, lab) for c in ("case_a", "case_b") for lab in ("1", "2")]
+    assert path.read_text().endswith("\n")
 
 
 def test_concurrent_cases_from_threads_all_land_in_the_table(tmp_path):

@@ -42,8 +42,8 @@ log = logging.getLogger(__name__)
 
 REPORT_FORMAT_VERSION = 1
 OUTPUT_FORMATS = ("default", "dicom-seg")
-# Flag a label for review when the ensemble's mean entropy over it exceeds this share of log(K); see
-# docs/prediction.md for how it was chosen.
+# Flag a label for review when the ensemble's mean entropy over it exceeds this share of log(K). A starting
+# point, not calibrated on any dataset: docs/prediction.md says how to choose it for a model.
 DEFAULT_UNCERTAINTY_THRESHOLD = 0.1
 # Which file each `checkpoint` choice loads, in order of preference: a fold whose training was
 # stopped before the end has no checkpoint_final.pt, and then its latest state is used.
@@ -324,7 +324,7 @@ def predict_folder(workdir: Path, inputs: Sequence[Path], output_dir: Path,
                    num_workers: int = 1, progress: bool = True, checkpoint: str = "final",
                    step_size: float = 0.5, mixed_precision: bool = True, save_uncertainty: bool = False,
                    uncertainty_threshold: float = DEFAULT_UNCERTAINTY_THRESHOLD, report: bool = True,
-                   output_format: str = "default") -> PredictionReport:
+                   output_format: str = "default", model_name: str | None = None) -> PredictionReport:
     """Segment every case found in `inputs` into `output_dir/<case_id><ending>` in the input's format (a PNG
     for a PNG); see docs/prediction.md. `configurations=None`: the plans' default_configuration.
 
@@ -333,7 +333,9 @@ def predict_folder(workdir: Path, inputs: Sequence[Path], output_dir: Path,
     the result and `prediction_report.json`, the others still run. `report`: also `volumes.csv`,
     `qc/<case>.png` and `report.html`; with >= 2 members ensembled, labels whose uncertainty exceeds
     `uncertainty_threshold` are flagged there, and `save_uncertainty` writes `<case>_uncertainty<ending>`.
+    `continue_` skips a case whose outputs exist and, with `report`, whose rows volumes.csv holds.
     `output_format="dicom-seg"` writes a DICOM-SEG `<case>.dcm` for inputs that are DICOM series.
+    `model_name`: what volumes.csv calls the model instead of `workdir`'s folder name (e.g. the archive's).
     """
     if output_format not in OUTPUT_FORMATS:
         raise ValueError(f"output_format must be one of {', '.join(OUTPUT_FORMATS)}, got {output_format!r}")
@@ -357,29 +359,40 @@ def predict_folder(workdir: Path, inputs: Sequence[Path], output_dir: Path,
                     "+".join(rules["configuration"]), "+".join(configurations))
         rules = None
 
+    labels = {int(k): v for k, v in predictor.plans["labels"].items()}
+    model = _model_name(predictor, model_name)
+    volumes = VolumeTable(output_dir / "volumes.csv", model) if report else None
     cases, problems = discover_inputs(inputs, predictor.num_channels)
     failed: list[tuple[str, str]] = list(problems)
     input_files = {f.resolve() for c in cases for f in c.files}
-    todo, skipped = [], []
+    # A case whose label map was written but not its rows (interrupted in between) is predicted again.
+    recorded = volumes.cases(labels=[k for k in labels if k > 0]) if continue_ and volumes is not None else None
+    todo, skipped, unrecorded = [], [], 0
     for case in cases[part_id::num_parts]:
         out = _output_path(output_dir, case, output_format)
         if out.resolve() in input_files:
             failed.append((case.case_id, f"{out}: the output would overwrite an input file; choose another output folder"))
         elif continue_ and out.is_file() and (not save_probabilities or out.with_name(f"{case.case_id}.npz").is_file()):
-            skipped.append(case.case_id)
+            if recorded is None or case.case_id in recorded:
+                skipped.append(case.case_id)
+            else:
+                unrecorded += 1
+                todo.append(case)
         else:
             todo.append(case)
     if skipped:
         log.info("%d case(s) already predicted in %s, skipped", len(skipped), output_dir)
+    if unrecorded:
+        log.info("%d case(s) predicted before but missing from %s: predicted again", unrecorded, volumes.path)
 
-    labels = {int(k): v for k, v in predictor.plans["labels"].items()}
     outputs = _Outputs(output_dir, rules, save_probabilities, save_uncertainty, uncertainty_threshold, labels,
-                       output_format, VolumeTable(output_dir / "volumes.csv", _model_name(predictor)) if report else None)
+                       output_format, volumes)
     # Torch keeps every core: the background threads mostly wait on files (measured on 2 cores: 0.57 s
     # per case with 1 thread beside 2 torch threads, 1.09 s when torch gave a core up to it).
     written = _run_pipeline(predictor, todo, outputs, num_workers, progress, failed)
 
-    settings = {**predictor.settings(), "inputs": [str(p) for p in inputs], "output_dir": str(output_dir),
+    settings = {**predictor.settings(), "model": model, "inputs": [str(p) for p in inputs],
+                "output_dir": str(output_dir),
                 "postprocessing": str(rules_path) if rules is not None else None,
                 "save_probabilities": save_probabilities, "save_uncertainty": save_uncertainty,
                 "uncertainty_threshold": uncertainty_threshold, "report": report, "output_format": output_format,
@@ -416,10 +429,10 @@ def _is_dicom_series(case: InputCase) -> bool:
     return getattr(case, "series_uid", None) is not None or any(f.suffix.lower() == ".dcm" for f in case.files)
 
 
-def _model_name(predictor: Predictor) -> str:
-    """What volumes.csv records as the model: workspace, configurations and folds."""
+def _model_name(predictor: Predictor, name: str | None = None) -> str:
+    """What volumes.csv records as the model: workspace (or `name`), configurations and folds."""
     folds = ",".join(dict.fromkeys(f.fold for f in predictor.folds))
-    return f"{predictor.workdir.name}:{'+'.join(predictor.configurations)}:folds {folds}"
+    return f"{name or predictor.workdir.name}:{'+'.join(predictor.configurations)}:folds {folds}"
 
 
 @dataclass(frozen=True)

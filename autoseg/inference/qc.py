@@ -264,6 +264,7 @@ def write_html_report(output_dir: Path, volumes_csv: Path, overlays_dir: Path, p
     if volumes_csv.is_file():
         with open(volumes_csv, newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))
+        rows.sort(key=lambda r: (r["case"], int(r["label"]) if r["label"].isdigit() else 0))  # the file keeps the order cases finished
     cases = list(dict.fromkeys(r["case"] for r in rows))
     overlays = {p.name.removesuffix(".png"): p for p in sorted(overlays_dir.glob("*.png"))} \
         if overlays_dir.is_dir() else {}

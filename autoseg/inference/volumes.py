@@ -1,8 +1,8 @@
 """`volumes.csv`: per case and label, how much was segmented, in how many pieces, and where.
 
-`structure_rows` measures one segmentation; `VolumeTable` keeps the batch's table on disk, rewritten
-(temporary file + rename) after every case, so an interrupted batch leaves a valid table of the cases
-it finished and a continued one completes it. The columns and units are described in docs/reports.md.
+`structure_rows` measures one segmentation; `VolumeTable` keeps the batch's table on disk, appending
+each case's rows as it finishes, so an interrupted batch leaves a valid table of the cases it finished
+and a continued one completes it. The columns and units are described in docs/reports.md.
 """
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -111,39 +112,64 @@ def _round(value: float) -> float:
 class VolumeTable:
     """`volumes.csv` of one batch; `add_case` may be called from several threads and processes.
 
-    Every `add_case` re-reads the file, replaces the rows of that case, and writes it back sorted by
-    case and label, so a batch continued later (a new VolumeTable on the same path) or run in parallel
-    parts ends with one row per case and label. Processes are serialized with an advisory lock on a
-    hidden `.volumes.csv.lock` beside the table (POSIX only).
+    `add_case` appends the case's rows (after the header, when the file is new) in one write, so a
+    batch writes each row once however many cases it has. Only a case the table already holds (one
+    predicted again) makes it rewrite the table (temporary file + rename) without that case's old
+    rows, so a batch continued later (a new VolumeTable on the same path) or run in parallel parts
+    ends with one row per case and label. Rows stay in the order their cases were written. Processes
+    are serialized with an advisory lock on a hidden `.volumes.csv.lock` beside the table (POSIX only).
     """
 
     def __init__(self, path: Path, model: str):
         self.path = Path(path)
         self.model = str(model)
         self._lock = threading.Lock()
+        self._labels: dict[str, set[str]] = {}  # case -> label ids it has rows for, as the file was at `_seen`
+        self._seen: tuple[int, ...] | None = None  # the file's (device, inode, size, mtime) when last read or written
+        self._torn = False  # the file ends in an incomplete line (a write cut short, e.g. by a full disk)
         if self.path.is_file():
-            self._read()  # refuse an incompatible table now, not after the first case has been predicted
+            with self._lock, self._process_lock():
+                self._refresh()  # refuse an incompatible table now, not after the first case has been predicted
 
     def add_case(self, case_id: str, input_files: Sequence[Path], rows: list[dict],
                  uncertainty: dict[int, float] | None = None, flagged: set[int] | None = None) -> None:
         """Record (or replace) the rows of `case_id`; `uncertainty` and `flagged` are keyed by label id."""
+        case_id = str(case_id)
         uncertainty = {int(k): v for k, v in (uncertainty or {}).items()}
         flagged_labels = None if flagged is None else {int(k) for k in flagged}
         new = [self._format_row(case_id, input_files, row, uncertainty, flagged_labels) for row in rows]
         with self._lock, self._process_lock():
-            kept = [row for row in (self._read() if self.path.is_file() else []) if row["case"] != str(case_id)]
-            table = sorted(kept + new, key=lambda r: (r["case"], _label_key(r["label"])))
-            text = io.StringIO()
-            writer = csv.DictWriter(text, fieldnames=COLUMNS, lineterminator="\n")
-            writer.writeheader()
-            writer.writerows(table)
-            with atomic_path(self.path) as tmp:
-                tmp.write_text(text.getvalue(), encoding="utf-8")
+            self._refresh()
+            if case_id in self._labels or self._torn:
+                kept = [row for row in self._read() if row["case"] != case_id]
+                with atomic_path(self.path) as tmp:
+                    tmp.write_text(_csv_text(kept + new, header=True), encoding="utf-8")
+                self._torn = False
+            else:
+                _append(self.path, _csv_text(new, header=self._seen is None or self._seen[2] == 0))
+            self._labels[case_id] = {str(row["label"]) for row in new}
+            self._seen = _identity(self.path)
 
-    def cases(self) -> set[str]:
-        """Case ids already in the table (a continued batch can tell which skipped cases still lack rows)."""
+    def cases(self, labels: Iterable[int] | None = None) -> set[str]:
+        """Case ids in the table; with `labels`, only those that have a row for every one of these label ids
+        (a continued batch predicts the others again)."""
         with self._lock, self._process_lock():
-            return {row["case"] for row in self._read()} if self.path.is_file() else set()
+            self._refresh()
+            if labels is None:
+                return set(self._labels)
+            wanted = {str(int(label)) for label in labels}
+            return {case for case, present in self._labels.items() if wanted <= present}
+
+    def _refresh(self) -> None:
+        """Bring `_labels` up to date; the file is read again only when something else changed it since."""
+        seen = _identity(self.path)
+        if seen is None:
+            self._labels, self._seen, self._torn = {}, None, False
+        elif seen != self._seen:  # first look, or another process wrote (parallel parts)
+            self._labels = {}
+            for row in self._read():
+                self._labels.setdefault(row["case"], set()).add(row["label"])
+            self._seen = seen
 
     def _format_row(self, case_id: str, input_files: Sequence[Path], row: dict, uncertainty: dict[int, float],
                     flagged: set[int] | None) -> dict:
@@ -160,12 +186,22 @@ class VolumeTable:
                 "format_version": VOLUMES_FORMAT_VERSION}
 
     def _read(self) -> list[dict]:
+        """The table's rows; an incomplete last line is left out (and `_torn` set, so the next case rewrites)."""
         try:
-            with open(self.path, newline="", encoding="utf-8") as f:
-                reader = csv.DictReader(f)
-                header = tuple(reader.fieldnames or ())
-                rows = list(reader)
-        except (OSError, UnicodeDecodeError, csv.Error) as exc:
+            text = self.path.read_bytes().decode("utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise VolumeTableError(f"{self.path}: cannot be read ({exc}); move it away to start a new table") from None
+        complete = text.rfind("\n") + 1
+        self._torn = complete < len(text)
+        if self._torn:
+            log.warning("%s: its last line is incomplete (a write was cut short); it is dropped", self.path)
+        if not complete:
+            return []
+        try:
+            reader = csv.DictReader(io.StringIO(text[:complete], newline=""))
+            header = tuple(reader.fieldnames or ())
+            rows = list(reader)
+        except csv.Error as exc:
             raise VolumeTableError(f"{self.path}: cannot be read ({exc}); move it away to start a new table") from None
         versions = {r.get("format_version") for r in rows}
         if header != COLUMNS or versions - {str(VOLUMES_FORMAT_VERSION)}:
@@ -188,12 +224,33 @@ class VolumeTable:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _csv_text(rows: list[dict], header: bool) -> str:
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=COLUMNS, lineterminator="\n")
+    if header:
+        writer.writeheader()
+    writer.writerows(rows)
+    return text.getvalue()
+
+
+def _append(path: Path, text: str) -> None:
+    """Append in one write call, so a batch killed meanwhile leaves no half row (a full disk still may)."""
+    data = memoryview(text.encode("utf-8"))
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        while data:
+            data = data[os.write(fd, data):]
+    finally:
+        os.close(fd)
+
+
+def _identity(path: Path) -> tuple[int, ...] | None:
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
 def _cell(value: float | None) -> str:
     return "" if value is None else f"{float(value):.7g}"
-
-
-def _label_key(label: str | int) -> tuple:
-    try:
-        return (0, int(label))
-    except ValueError:
-        return (1, str(label))
