@@ -111,7 +111,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     fold = args.fold if args.fold == "all" else int(args.fold)
     overrides = {k: v for k, v in {"epochs": args.epochs, "iters_per_epoch": args.iters_per_epoch,
                                    "val_iters": args.val_iters, "device": args.device, "num_workers": args.workers,
-                                   "seed": args.seed, "checkpoint_every": args.checkpoint_every}.items() if v is not None}
+                                   "seed": args.seed, "checkpoint_every": args.checkpoint_every,
+                                   "batch_size": args.batch_size}.items() if v is not None}
     if args.no_validation:
         overrides["validate_at_end"] = False
     if args.fp32:
@@ -302,6 +303,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="number of epochs (default: 1000)")
     p.add_argument("--iters-per-epoch", type=int, help="training iterations per epoch (default: 250)")
     p.add_argument("--val-iters", type=int, help="validation batches per epoch for the pseudo-Dice (default: 50)")
+    p.add_argument("--batch-size", type=int, metavar="N",
+                   help="patches per iteration instead of the plan's batch_size; for short CPU runs a smaller "
+                        "batch takes more, cheaper steps and learns more in the same time (docs/user_guide.md) "
+                        "(default: the plan's)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--workers", type=int, help="background augmentation processes (default: CPU cores - 1, at most 12)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice, all cores)")

@@ -261,3 +261,21 @@ def test_cudnn_autotuning_is_switched_on_for_cuda_only(monkeypatch):
     assert torch.backends.cudnn.benchmark is False
     configure_cudnn(torch.device("cuda", 0))
     assert torch.backends.cudnn.benchmark is True and torch.backends.cudnn.deterministic is False
+
+
+def test_batch_size_option_replaces_the_plans_batch_and_the_log_says_so(tiny_workspace, monkeypatch):
+    sizes = []
+
+    class RecordingLoader(trainer_module.PatchLoader):
+        def __init__(self, data_dir, case_ids, patch_size, batch_size, *args, **kwargs):
+            sizes.append(batch_size)
+            super().__init__(data_dir, case_ids, patch_size, batch_size, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "PatchLoader", RecordingLoader)
+    settings = TrainingSettings(**{**SETTINGS, "batch_size": 3, "validate_at_end": False})
+    train_fold(tiny_workspace, "3d_fullres", 0, settings, progress=False)
+    assert sizes and set(sizes) == {3}  # training and validation patches, not the plan's 2
+    log = (workspace.fold_dir(tiny_workspace, "3d_fullres", 0) / "training_log.txt").read_text()
+    assert "batch 3 (plan: 2)" in log
+    with pytest.raises(ValueError, match="batch-size"):
+        TrainingSettings(batch_size=0)

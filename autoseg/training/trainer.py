@@ -40,6 +40,7 @@ class TrainingSettings:
     epochs: int = 1000
     iters_per_epoch: int = 250
     val_iters: int = 50
+    batch_size: int | None = None  # None: the plan's; a smaller batch takes more, cheaper steps in the same time
     initial_lr: float = 1e-2
     momentum: float = 0.99
     weight_decay: float = 3e-5
@@ -58,6 +59,8 @@ class TrainingSettings:
         for name in ("epochs", "iters_per_epoch", "val_iters", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch-size must be at least 1, got {self.batch_size}")
         if self.num_workers < 0:
             raise ValueError(f"workers must be 0 or more, got {self.num_workers}")
 
@@ -126,7 +129,9 @@ def train_fold(workdir: Path, configuration: str, fold: int | str, settings: Tra
     torch.manual_seed(settings.seed)
     np.random.seed(settings.seed)
     configure_cudnn(device)
-    batch_size, oversample = distributed.batch_share(config["batch_size"], settings.oversample_foreground,
+    global_batch = settings.batch_size or config["batch_size"]
+    batch_note = "" if global_batch == config["batch_size"] else f" (plan: {config['batch_size']})"
+    batch_size, oversample = distributed.batch_share(global_batch, settings.oversample_foreground,
                                                      distributed.rank(), distributed.world_size())
 
     # --- network, loss, optimizer -------------------------------------------------------------
@@ -173,12 +178,13 @@ def train_fold(workdir: Path, configuration: str, fold: int | str, settings: Tra
         if log_file.exists():
             log_file.unlink()
         say(f"training {configuration} fold {fold}: {len(train_ids)} training and {len(val_ids)} validation cases, "
-            f"{settings.epochs} epochs x {settings.iters_per_epoch} iterations, batch {config['batch_size']}, "
+            f"{settings.epochs} epochs x {settings.iters_per_epoch} iterations, batch {global_batch}"
+            f"{batch_note}, "
             f"patch {config['patch_size']}, device {device}, "
             f"{'mixed precision' if autocast is not nullcontext else 'float32'}, {settings.num_workers} augmentation worker(s), "
             f"{torch.get_num_threads()} torch thread(s)")
     if distributed.is_distributed():
-        shares = [distributed.batch_share(config["batch_size"], settings.oversample_foreground, r,
+        shares = [distributed.batch_share(global_batch, settings.oversample_foreground, r,
                                           distributed.world_size()) for r in range(distributed.world_size())]
         dice = "batch Dice terms summed over the ranks" if sum_dice_terms else "per-sample Dice"
         say(f"data parallel over {distributed.world_size()} processes ({distributed.backend_for(device.type)}): "
