@@ -318,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train in float32 (default: mixed precision, float16 on CUDA, bfloat16 on CPUs with native bf16)")
     p.add_argument("--gpus", type=int, default=1, metavar="N",
                    help="data-parallel processes on this machine, one per GPU (with --device cpu: CPU processes); "
-                        "the plan's batch is split over them (default: 1). For several machines use torchrun, "
+                        "the batch (the plan's, or --batch-size) is split over them (default: 1). For several machines use torchrun, "
                         "see docs/distributed.md")
     p.set_defaults(func=cmd_train)
 

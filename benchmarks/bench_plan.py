@@ -32,6 +32,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _machine  # noqa: E402
+
 try:
     import psutil
 except ImportError:  # checked in main(), so --help works without it
@@ -284,18 +287,10 @@ def time_import(python: str, module: str, env: dict[str, str]) -> float:
 
 
 def machine_description() -> str:
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        model = platform.processor() or model
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     mem_gb = psutil.virtual_memory().total / 2**30
-    return (f"{model}, {os.cpu_count()} logical cores ({usable} usable), {mem_gb:.0f} GiB RAM, "
-            f"{platform.system()} {platform.release()}, Python {platform.python_version()}")
+    return (f"{_machine.machine()}, {usable} usable cores, {mem_gb:.0f} GiB RAM, "
+            f"{platform.system()} {platform.release()}")
 
 
 def build_parser() -> argparse.ArgumentParser:

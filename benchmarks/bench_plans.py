@@ -36,6 +36,9 @@ import numpy as np
 
 from autoseg.fingerprint import CaseFingerprint, Fingerprint, IntensityStats, channel_kind
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _machine  # noqa: E402
+
 BUDGET_GB = 8.0
 DEFAULT_NNUNET_VENV = "/work/bench/nnunet_venv/bin"
 NNUNET_DRIVER = Path(__file__).resolve().parent / "_nnunet_plan.py"
@@ -449,12 +452,7 @@ def side_by_side(ours: dict | None, theirs: dict | None) -> list[str]:
 # --- the run ----------------------------------------------------------------------------------------
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                    if line.startswith("model name")), cpu)
-    return f"{cpu}, {os.cpu_count()} logical cores, {platform.system()} {platform.release()}, Python {platform.python_version()}"
+    return f"{_machine.machine()}, {platform.system()} {platform.release()}"
 
 
 def _version(package: str) -> str:

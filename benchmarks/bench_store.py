@@ -26,8 +26,6 @@ instead (either format), and `--synthetic CxZxYxX` makes smooth random volumes o
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -40,6 +38,9 @@ from scipy import ndimage
 
 from autoseg.preprocessing import store
 from autoseg.training.patch_sampling import read_box, sample_patch_box
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _machine  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATASETS = [REPO.parent / "shared" / "datasets" / "Dataset002_BraTS2013Subset",
@@ -70,19 +71,8 @@ class Group:
 
 
 def machine() -> str:
-    """CPU model, cores and the SIMD flags blosc2's codecs use."""
-    model, flags = None, None
-    cpuinfo = Path("/proc/cpuinfo")
-    for line in cpuinfo.read_text().splitlines() if cpuinfo.exists() else []:
-        key, _, value = line.partition(":")
-        if key.strip() == "model name" and model is None:
-            model = value.strip()
-        elif key.strip() == "flags" and flags is None:
-            flags = set(value.split())
-    model, flags = model or platform.processor() or platform.machine(), flags or set()
-    simd = ", ".join(f"{f}: {'yes' if f in flags else 'no'}" for f in ("avx2", "avx512f", "avx512bw"))
-    return (f"{model}, {os.cpu_count()} logical cores; {simd}; Python {platform.python_version()}, "
-            f"numpy {np.__version__}, blosc2 {blosc2.__version__}")
+    """The shared machine line, and the library versions blosc2's codecs depend on."""
+    return f"{_machine.machine()}; numpy {np.__version__}, blosc2 {blosc2.__version__}"
 
 
 def preprocessed_like(image: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -26,7 +26,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -39,19 +38,15 @@ import torch
 
 from autoseg.training.trainer import TrainingSettings, train_fold
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import machine  # noqa: E402  (re-exported for bench_predict and bench_accuracy)
+
 DEFAULT_NNUNET_CACHE = Path("/work/bench/nnunet_cache")
 NNUNET_DRIVER = Path(__file__).resolve().parent / "_nnunet_train_step.py"
 
 
 class BenchError(Exception):
     """A problem with the benchmark's inputs or a tool's run; printed without a traceback."""
-
-
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {os.cpu_count()} logical cores, {gpu}, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 # --- nnU-Net v2 side (also used by bench_predict.py) ------------------------------------------------
@@ -284,7 +279,6 @@ def main() -> None:
     print(f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average before: "
           f"{os.getloadavg()[0]:.1f}")
     ours = autoseg_plan_summary(workdir, args.config)
-    nnunet = None
     if args.nnunet_venv:
         if (args.device or "cpu") != "cpu":
             raise BenchError("the nnU-Net side runs on the CPU only; leave --device unset or pass cpu")
