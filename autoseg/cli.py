@@ -161,6 +161,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         continue_=args.continue_, num_parts=args.num_parts or 1, part_id=args.part_id or 0,
         postprocessing=not args.no_postprocessing, num_workers=args.workers, checkpoint=args.checkpoint,
         step_size=args.step_size, output_format=args.output_format, mixed_precision=not args.fp32,
+        runtime=args.runtime,
         save_uncertainty=args.save_uncertainty, report=not args.no_report,
         model_name=None if args.model is None else args.model.name,
         **({} if args.uncertainty_threshold is None else {"uncertainty_threshold": args.uncertainty_threshold}))
@@ -360,6 +361,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write no volumes.csv, qc/<case>.png overlays or report.html")
     p.add_argument("--fp32", action="store_true",
                    help="compute in float32 (default: float16 on CUDA, bfloat16 on CPUs with native bf16)")
+    p.add_argument("--runtime", choices=("torch", "openvino"), default="torch",
+                   help="what runs the networks: torch, or openvino (CPU only, float32; 1.6x to 2.3x faster than "
+                        "torch's float32 on a CPU without native bf16; pip install 'autoseg[openvino]'; "
+                        "docs/prediction.md) (default: %(default)s)")
     p.add_argument("--no-postprocessing", action="store_true", help="ignore WORKDIR/postprocessing.json")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--continue", dest="continue_", action="store_true",

@@ -264,11 +264,17 @@ def main() -> None:
     parser.add_argument("--autoseg-precision", choices=("auto", "float32", "both"), default="auto",
                         help="autoseg's own default (bfloat16 autocast on a CPU with native bf16), float32 "
                              "(as nnU-Net computes on the CPU), or both (default: %(default)s)")
+    parser.add_argument("--runtime", choices=("torch", "openvino", "both"), default="torch",
+                        help="what runs autoseg's networks: torch, openvino (float32 only), or both (default: %(default)s)")
     args = parser.parse_args()
     if args.large:
         return run_large(args)
     if args.workdir is None or not args.input:
         parser.error("WORKDIR and -i INPUT are required (or use --large)")
+    if args.nnunet_venv:
+        import bench_plan
+        if bench_plan.psutil is None:
+            raise BenchError("--nnunet-venv measures nnU-Net's processes with psutil: pip install -e '.[bench]'")
     workdir = args.workdir.resolve()
     plans = json.loads((workdir / "plans.json").read_text())
     num_channels = len(plans["channel_names"])
@@ -288,15 +294,20 @@ def main() -> None:
             nnunet = (nnunet_bin, dataset_id, nnunet_model(nnunet_bin, args.nnunet_cache, name, args.config))
 
         timings = {}
-        precisions = autoseg_precisions(args.autoseg_precision, None)
-        for mixed, label in precisions:
+        precisions = []
+        for runtime in (("torch", "openvino") if args.runtime == "both" else (args.runtime,)):
+            if runtime == "openvino":
+                precisions.append((False, "openvino float32", runtime))
+            else:
+                precisions += [(mixed, label, runtime) for mixed, label in autoseg_precisions(args.autoseg_precision, None)]
+        for mixed, label, runtime in precisions:
             for folds in fold_sets:
                 for m in mirror:
                     with tempfile.TemporaryDirectory() as out:
                         t = time.perf_counter()
                         report = predict_folder(workdir, [inputs], Path(out), configurations=[args.config],
                                                 folds=folds, mirroring=m, num_workers=args.workers, progress=False,
-                                                mixed_precision=mixed)
+                                                mixed_precision=mixed, runtime=runtime)
                         wall = time.perf_counter() - t
                     n = len(report.written)
                     timings[(label, tuple(folds), m)] = wall / max(n, 1)
@@ -332,7 +343,7 @@ def main() -> None:
                   f"from then {steady:.2f} s/case", flush=True)
             if n != len(case_ids):
                 print(f"nnunetv2: WARNING: wrote {n} of {len(case_ids)} cases; log tail:\n{result.log_tail}")
-            for _, label in precisions if one_fold is not None else []:
+            for _, label, _ in precisions if one_fold is not None else []:
                 ours = timings[(label, tuple(one_fold), m)]
                 print(f"ratio nnunetv2 (float32) / autoseg ({label}), 1 fold, mirroring {'on' if m else 'off'}: "
                       f"{per_case / ours:.2f}x ({steady / ours:.2f}x counting nnU-Net only from its first case on)")

@@ -27,6 +27,7 @@ from autoseg import __version__, workspace
 from autoseg.atomic import write_json
 from autoseg.dataset.image_io import Geometry, write_image
 from autoseg.device import choose_device, mixed_precision_available
+from autoseg.inference.openvino_runtime import RUNTIMES, OpenVINONetwork, OpenVINOUnavailable
 from autoseg.inference.export import (LabelMapBuilder, probabilities_to_original, save_probabilities,
                                       segmentation_suffix, write_segmentation)
 from autoseg.inference.inputs import InputCase, InputError, discover_inputs, read_input_case
@@ -86,7 +87,7 @@ class LoadedFold:
     fold: str
     checkpoint: Path
     epoch: int | None
-    network: torch.nn.Module
+    network: Callable[[torch.Tensor], torch.Tensor]  # the torch module, or its OpenVINONetwork
 
 
 class Predictor:
@@ -95,10 +96,11 @@ class Predictor:
     def __init__(self, workdir: Path, configurations: Sequence[str] | None = None,
                  folds: Sequence[int | str] | None = None, checkpoint: str = "final",
                  device: str | torch.device | None = None, mirroring: bool = True, step_size: float = 0.5,
-                 tiles_per_batch: int | None = None, mixed_precision: bool = True):
+                 tiles_per_batch: int | None = None, mixed_precision: bool = True, runtime: str = "torch"):
         """`configurations=None` uses the plans' default_configuration (2d for 2D data, else 3d_fullres).
         `folds=None` uses every `fold_*` folder of each configuration. `checkpoint` is "final"
-        (falls back to checkpoint_latest.pt where training did not finish), "latest" or "best"."""
+        (falls back to checkpoint_latest.pt where training did not finish), "latest" or "best".
+        `runtime="openvino"` runs the networks in float32 through OpenVINO (CPU only; openvino_runtime.py)."""
         self.workdir = Path(workdir)
         plans_path = workspace.plans_json(self.workdir)
         self.plans = load_plans(plans_path)
@@ -120,11 +122,16 @@ class Predictor:
                                  "class index is the label id, so relabel the dataset to 0..K-1 and plan again")
         self.configurations = tuple(dict.fromkeys(configurations))
         self.device = choose_device(device)
+        if runtime not in RUNTIMES:
+            raise PredictorError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+        if runtime == "openvino" and self.device.type != "cpu":
+            raise PredictorError(f"the openvino runtime runs on the CPU; got device {self.device} (use --device cpu)")
+        self.runtime = runtime
         self.mirroring = mirroring
         self.step_size = step_size
         self.tiles_per_batch = tiles_per_batch or (4 if self.device.type == "cuda" else 1)
         # float16 on CUDA; bfloat16 on a CPU that computes it natively (about 2x faster, same labels in practice)
-        self.mixed_precision = mixed_precision and mixed_precision_available(self.device)
+        self.mixed_precision = mixed_precision and mixed_precision_available(self.device) and runtime == "torch"
         self.checkpoint = checkpoint
         self.folds: list[LoadedFold] = []
         for name in self.configurations:
@@ -168,6 +175,11 @@ class Predictor:
                                  f"(was the dataset planned again after training?): {str(exc).splitlines()[0][:200]}") from None
         # Default layout: channels_last_3d measured no faster for CPU inference (torch 2.13, U-Net 32..256, 48^3).
         network = network.to(self.device).eval()
+        if self.runtime == "openvino":
+            try:
+                network = OpenVINONetwork(network, self.num_channels, config["patch_size"])
+            except OpenVINOUnavailable as exc:
+                raise PredictorError(str(exc)) from None
         return LoadedFold(configuration, fold, path, state.get("epoch"), network)
 
     def prepare(self, image: np.ndarray, geometry: Geometry) -> PreparedCase:
@@ -265,7 +277,7 @@ class Predictor:
             "workdir": str(self.workdir), "configurations": list(self.configurations),
             "checkpoint": self.checkpoint, "device": str(self.device), "mirroring": self.mirroring,
             "step_size": self.step_size, "tiles_per_batch": self.tiles_per_batch,
-            "mixed_precision": self.mixed_precision,
+            "mixed_precision": self.mixed_precision, "runtime": self.runtime,
             "models": [{"configuration": f.configuration, "fold": f.fold, "checkpoint": str(f.checkpoint),
                         "epoch": f.epoch} for f in self.folds],
         }
@@ -324,7 +336,8 @@ def predict_folder(workdir: Path, inputs: Sequence[Path], output_dir: Path,
                    num_workers: int = 1, progress: bool = True, checkpoint: str = "final",
                    step_size: float = 0.5, mixed_precision: bool = True, save_uncertainty: bool = False,
                    uncertainty_threshold: float = DEFAULT_UNCERTAINTY_THRESHOLD, report: bool = True,
-                   output_format: str = "default", model_name: str | None = None) -> PredictionReport:
+                   output_format: str = "default", model_name: str | None = None,
+                   runtime: str = "torch") -> PredictionReport:
     """Segment every case found in `inputs` into `output_dir/<case_id><ending>` in the input's format (a PNG
     for a PNG); see docs/prediction.md. `configurations=None`: the plans' default_configuration.
 
@@ -336,6 +349,7 @@ def predict_folder(workdir: Path, inputs: Sequence[Path], output_dir: Path,
     `continue_` skips a case whose outputs exist and, with `report`, whose rows volumes.csv holds.
     `output_format="dicom-seg"` writes a DICOM-SEG `<case>.dcm` for inputs that are DICOM series.
     `model_name`: what volumes.csv calls the model instead of `workdir`'s folder name (e.g. the archive's).
+    `runtime="openvino"`: the networks run in float32 through OpenVINO on the CPU (faster without native bf16).
     """
     if output_format not in OUTPUT_FORMATS:
         raise ValueError(f"output_format must be one of {', '.join(OUTPUT_FORMATS)}, got {output_format!r}")
@@ -350,7 +364,8 @@ def predict_folder(workdir: Path, inputs: Sequence[Path], output_dir: Path,
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     predictor = Predictor(workdir, configurations, folds, checkpoint=checkpoint, device=device,
-                          mirroring=mirroring, step_size=step_size, mixed_precision=mixed_precision)
+                          mirroring=mirroring, step_size=step_size, mixed_precision=mixed_precision,
+                          runtime=runtime)
     rules_path = workspace.postprocessing_json(workdir)
     rules = load_postprocessing_rules(rules_path) if postprocessing and rules_path.is_file() else None
     configurations = predictor.configurations
