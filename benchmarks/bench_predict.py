@@ -222,9 +222,9 @@ def run_large(args: argparse.Namespace) -> None:
             cmd = [sys.executable, "-m", "autoseg.cli", "predict", str(tmp / "work"), "-i", str(tmp / "input"),
                    "-o", str(tmp / f"out_{m}"), "--config", "3d_fullres", "--folds", "0", "--device", "cpu",
                    "--workers", str(args.workers), "--step-size", str(args.step_size)]
-            cmd += [] if m else ["--no-mirroring"]
+            cmd += ([] if m else ["--no-mirroring"]) + ["--runtime", args.runtime]
             wall, tree, own = run_with_peak_memory(cmd, tmp / f"autoseg_{m}.log")
-            print(f"autoseg: {size}, {setting}: {wall:.1f} s, peak RSS {own:.2f} GiB "
+            print(f"autoseg ({args.runtime}): {size}, {setting}: {wall:.1f} s, peak RSS {own:.2f} GiB "
                   f"(process tree PSS sampled: {tree:.2f} GiB; --workers {args.workers})", flush=True)
             if nnunet_bin is None:
                 continue
@@ -268,6 +268,8 @@ def main() -> None:
                         help="what runs autoseg's networks: torch, openvino (float32 only), or both (default: %(default)s)")
     args = parser.parse_args()
     if args.large:
+        if args.runtime == "both":
+            parser.error("--large runs one autoseg runtime: --runtime torch or --runtime openvino")
         return run_large(args)
     if args.workdir is None or not args.input:
         parser.error("WORKDIR and -i INPUT are required (or use --large)")
