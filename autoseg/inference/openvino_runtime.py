@@ -40,6 +40,7 @@ class OpenVINONetwork:
         with torch.no_grad(), warnings.catch_warnings():  # outside inference mode: tracing cannot record its tensors
             # The network's input checks read shapes, which tracing fixes as constants: right for one patch size.
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)  # openvino's converter traces with torch.jit
             model = ov.convert_model(network, example_input=torch.zeros(shape), input=[shape])
         config = {"INFERENCE_PRECISION_HINT": "f32",  # never bf16/f16 behind the user's back
                   "INFERENCE_NUM_THREADS": str(threads or torch.get_num_threads())}
