@@ -138,3 +138,20 @@ def hippocampus_subset(tmp_path) -> Path:
     meta.update(training=training, numTraining=len(training), test=[])
     (root / "dataset.json").write_text(json.dumps(meta, indent=2))
     return root
+
+
+@pytest.fixture
+def hide_package(monkeypatch):
+    """Call with a package name: from then on, importing it (or its submodules) fails as if not installed."""
+    import builtins
+
+    real_import = builtins.__import__
+    hidden: list[str] = []
+
+    def guarded_import(name, *args, **kwargs):
+        if any(name == h or name.startswith(h + ".") for h in hidden):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", guarded_import)
+    return hidden.append

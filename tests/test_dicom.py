@@ -150,19 +150,10 @@ def test_dicom_seg_references_the_series_and_holds_one_segment_per_label(tmp_pat
     assert not (tmp_path / "out" / "bad.dcm").exists()
 
 
-def test_dicom_seg_without_highdicom_says_how_to_install_it(tmp_path, monkeypatch):
-    import builtins
-
+def test_dicom_seg_without_highdicom_says_how_to_install_it(tmp_path, hide_package):
     from autoseg.inference.dicom_seg import DicomSegError, write_dicom_seg
 
-    real_import = builtins.__import__
-
-    def no_highdicom(name, *args, **kwargs):
-        if name.startswith("highdicom"):
-            raise ImportError(name)
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_highdicom)
+    hide_package("highdicom")
     files = write_series(tmp_path, volume(), "1.2.3.1")
     image, geometry = read_dicom_series(files)
     with pytest.raises(DicomSegError, match=r"pip install autoseg\[dicom\]"):

@@ -1,7 +1,5 @@
 """`predict --runtime openvino`: the same network computed by OpenVINO gives torch's logits and labels."""
 
-import builtins
-
 import numpy as np
 import pytest
 import torch
@@ -47,7 +45,7 @@ def test_predictor_on_openvino_gives_the_labels_of_torch(tmp_path, configuration
     assert (p_openvino.argmax(0) == p_torch.argmax(0)).all()
 
 
-def test_openvino_runtime_is_refused_off_the_cpu_and_explains_a_missing_install(tmp_path, monkeypatch):
+def test_openvino_runtime_is_refused_off_the_cpu_and_explains_a_missing_install(tmp_path, monkeypatch, hide_package):
     _workspace(tmp_path, folds=(0,))
     with monkeypatch.context() as m:
         m.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine
@@ -55,14 +53,7 @@ def test_openvino_runtime_is_refused_off_the_cpu_and_explains_a_missing_install(
             Predictor(tmp_path, ("2d",), device="cuda", runtime="openvino")
     with pytest.raises(PredictorError, match="runtime must be one of"):
         Predictor(tmp_path, ("2d",), device="cpu", runtime="tensorrt")
-    real_import = builtins.__import__
-
-    def no_openvino(name, *args, **kwargs):
-        if name.startswith("openvino"):
-            raise ImportError(name)
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_openvino)
+    hide_package("openvino")
     with pytest.raises(PredictorError, match=r"pip install 'autoseg\[openvino\]'"):
         Predictor(tmp_path, ("2d",), device="cpu", runtime="openvino")
     assert issubclass(OpenVINOUnavailable, RuntimeError)

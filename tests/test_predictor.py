@@ -56,6 +56,15 @@ def _write_4d(path, array, spacing=(1.0, 1.0, 1.0)):
     sitk.WriteImage(image, str(path))
 
 
+def _write_cases(folder, n, bbox, shape=(8, 12, 12)) -> list[str]:
+    """n NIfTI cases case_0.. of `shape` at 3 x 0.8 x 0.8 mm, non-zero inside `bbox`; their ids."""
+    geometry = Geometry((3.0, 0.8, 0.8), (0.0, 0.0, 0.0), IDENTITY, shape)
+    names = [f"case_{i}" for i in range(n)]
+    for i, name in enumerate(names):
+        write_image(folder / f"{name}.nii.gz", _volume(shape, bbox, seed=i), geometry)
+    return names
+
+
 def _no_temporary_files(folder):
     return not [p.name for p in folder.iterdir() if ".tmp" in p.name]
 
@@ -147,12 +156,8 @@ def test_bad_inputs_are_reported_by_file_and_the_others_still_run(work, tmp_path
 
 
 def test_continue_skips_outputs_and_parts_split_the_cases(work, tmp_path):
-    shape = (8, 12, 12)
-    geometry = Geometry((3.0, 0.8, 0.8), (0.0, 0.0, 0.0), IDENTITY, shape)
     inputs = tmp_path / "in"
-    names = [f"case_{i}" for i in range(5)]
-    for i, name in enumerate(names):
-        write_image(inputs / f"{name}.nii.gz", _volume(shape, ((0, 8), (0, 12), (0, 12)), seed=i), geometry)
+    names = _write_cases(inputs, 5, ((0, 8), (0, 12), (0, 12)))
     out = tmp_path / "out"
 
     parts = [predict_folder(work, [inputs], out, mirroring=False, num_parts=2, part_id=p, progress=False).written
@@ -170,12 +175,8 @@ def test_continue_skips_outputs_and_parts_split_the_cases(work, tmp_path):
 
 
 def test_a_continued_batch_predicts_again_the_cases_missing_from_volumes_csv(work, tmp_path):
-    shape = (8, 12, 12)
-    geometry = Geometry((3.0, 0.8, 0.8), (0.0, 0.0, 0.0), IDENTITY, shape)
     inputs = tmp_path / "in"
-    names = [f"case_{i}" for i in range(4)]
-    for i, name in enumerate(names):
-        write_image(inputs / f"{name}.nii.gz", _volume(shape, ((0, 8), (2, 10), (2, 10)), seed=i), geometry)
+    names = _write_cases(inputs, 4, ((0, 8), (2, 10), (2, 10)))
     out = tmp_path / "out"
     assert predict_folder(work, [inputs], out, mirroring=False, num_workers=0, progress=False).written == names
     table = out / "volumes.csv"
