@@ -115,6 +115,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                                    "batch_size": args.batch_size}.items() if v is not None}
     if args.no_validation:
         overrides["validate_at_end"] = False
+    if args.save_probabilities is not None:
+        overrides["save_probabilities"] = args.save_probabilities
     if args.fp32:
         overrides["mixed_precision"] = False
     if args.threads:
@@ -315,8 +317,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, help="epochs between checkpoint_latest writes (default: 1)")
     p.add_argument("--resume", action="store_true", help="continue from checkpoint_latest.pt exactly where training stopped")
     p.add_argument("--no-validation", action="store_true", help="skip predicting the validation cases at the end")
+    p.add_argument("--save-probabilities", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep each validation case's probabilities (validation/<case>.npz, float16), which "
+                        "`autoseg crossval` needs to score ensembles of configurations; without them validation "
+                        "builds label maps slab by slab in bounded memory (default: saved when the plans have "
+                        "more than one configuration)")
     p.add_argument("--fp32", action="store_true",
-                   help="train in float32 (default: mixed precision, float16 on CUDA, bfloat16 on CPUs with native bf16)")
+                   help="train and validate in float32 (default: mixed precision, float16 on CUDA, bfloat16 on CPUs with "
+                        "native bf16; validation averages the windows in float16)")
     p.add_argument("--gpus", type=int, default=1, metavar="N",
                    help="data-parallel processes on this machine, one per GPU (with --device cpu: CPU processes); "
                         "the batch (the plan's, or --batch-size) is split over them (default: 1). For several machines use torchrun, "
@@ -360,7 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-report", action="store_true",
                    help="write no volumes.csv, qc/<case>.png overlays or report.html")
     p.add_argument("--fp32", action="store_true",
-                   help="compute in float32 (default: float16 on CUDA, bfloat16 on CPUs with native bf16)")
+                   help="compute in float32 and average the overlapping windows in float32 (default: float16 "
+                        "on CUDA, bfloat16 on CPUs with native bf16, and the windows' average held in float16 as "
+                        "nnU-Net holds it)")
     p.add_argument("--runtime", choices=("torch", "openvino"), default="torch",
                    help="what runs the networks: torch, or openvino (CPU only, float32; 1.6x to 2.3x faster than "
                         "torch's float32 on a CPU without native bf16; pip install 'autoseg[openvino]'; "

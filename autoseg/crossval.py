@@ -27,6 +27,11 @@ class CrossValidationError(Exception):
     """Missing fold results; the message says which folds to train."""
 
 
+class MissingProbabilities(CrossValidationError):
+    """A fold's validation kept no probabilities (`autoseg train --no-save-probabilities`), so ensembles with
+    its configuration cannot be scored; the configurations alone still can."""
+
+
 def collect_validation(workdir: Path, configuration: str, num_folds: int = 5) -> dict:
     """Per-case results of every fold's `validation/summary.json`, pooled, with the mean Dice per label."""
     cases, missing = {}, []
@@ -65,14 +70,21 @@ def run_crossval(workdir: Path, configurations: list[str] | None = None, num_fol
     cases, ending = _references(workdir)
     candidates = {c: results[c]["foreground_mean_dice"] or 0.0 for c in complete}
     ensembles = {}
+    skipped = {}
     for size in range(2, len(complete) + 1):
         for members in itertools.combinations(complete, size):
-            ensembles["+".join(members)] = _score_ensemble(workdir, list(members), results, labels, cases, progress)
-            candidates["+".join(members)] = ensembles["+".join(members)]["foreground_mean_dice"] or 0.0
+            name = "+".join(members)
+            try:
+                ensembles[name] = _score_ensemble(workdir, list(members), results, labels, cases, progress)
+            except MissingProbabilities as exc:
+                log.warning("ensemble %s not scored: %s", name, exc)
+                skipped[name] = str(exc)
+                continue
+            candidates[name] = ensembles[name]["foreground_mean_dice"] or 0.0
     best = max(candidates, key=candidates.get)
     summary = {"format_version": 1,
                "configurations": {c: {k: v for k, v in r.items() if k != "case_folds"} for c, r in results.items()},
-               "ensembles": ensembles, "best": best.split("+"),
+               "ensembles": ensembles, "ensembles_not_scored": skipped, "best": best.split("+"),
                "reason": f"highest mean foreground Dice ({candidates[best]:.4f}) over the pooled validation cases "
                          f"of all {num_folds} folds, among {', '.join(candidates)}"}
     if postprocessing:
@@ -97,8 +109,9 @@ def _ensemble_prediction(workdir: Path, members: list[str], case_id: str, folds:
     for c in members:
         path = workspace.fold_dir(workdir, c, folds[c]) / "validation" / f"{case_id}.npz"
         if not path.is_file():
-            raise CrossValidationError(f"{path}: missing; rerun validation of {c} fold {folds[c]} "
-                                       f"(`autoseg train WORKDIR --config {c} --fold {folds[c]} --resume`)")
+            raise MissingProbabilities(f"{path}: missing; validation of {c} fold {folds[c]} kept no probabilities "
+                                       f"(rerun it with `autoseg train WORKDIR --config {c} --fold {folds[c]} "
+                                       "--resume --save-probabilities`)")
         p = np.load(path)["probabilities"].astype(np.float32)
         total = p if total is None else total + p
     return np.argmax(total, axis=0)

@@ -83,6 +83,20 @@ def test_crossval_names_the_missing_folds(trained_workspace, tmp_path):
         run_crossval(work, progress=False)
 
 
+def test_ensembles_without_kept_probabilities_are_skipped_with_the_fix(trained_workspace, tmp_path):
+    import shutil
+
+    work = tmp_path / "no_npz"
+    shutil.copytree(trained_workspace, work)
+    for npz in (workspace.fold_dir(work, "2d", 0).parent).glob("fold_*/validation/*.npz"):
+        npz.unlink()  # as after `autoseg train --no-save-probabilities`
+    summary = run_crossval(work, progress=False)
+    assert summary["ensembles"] == {}
+    (name, reason), = summary["ensembles_not_scored"].items()
+    assert set(name.split("+")) == set(TINY) and "--save-probabilities" in reason
+    assert summary["best"][0] in TINY and len(summary["best"]) == 1
+
+
 def test_crossval_on_an_unplanned_folder_gives_a_clean_error(tmp_path, capsys):
     assert main(["crossval", str(tmp_path)]) == 2
     err = capsys.readouterr().err

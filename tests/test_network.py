@@ -115,3 +115,43 @@ def test_invalid_topology_names_the_problem(change, message):
 def test_from_plan_reports_missing_keys():
     with pytest.raises(ValueError, match="strides"):
         UNetTopology.from_plan({"features_per_stage": [4, 8], "kernel_sizes": [[3, 3]] * 2}, 1, 2)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+@pytest.mark.parametrize("chunk_bytes", [1, 2000, None])
+def test_low_memory_forward_gives_the_networks_logits(ndim, chunk_bytes):
+    """Row chunks of every size (one row per call, a few rows, the whole map) reproduce `network(x)`,
+    through anisotropic kernels and strides, stride-2 convolutions and the decoder's skips."""
+    from autoseg.network.low_memory import CHUNK_BYTES, low_memory_forward
+
+    if ndim == 3:
+        kernels, strides, shape = ((1, 3, 3), (3, 3, 3), (3, 3, 3)), ((1, 1, 1), (1, 2, 2), (2, 2, 2)), (6, 16, 12)
+    else:
+        kernels, strides, shape = ((3, 3), (3, 3), (3, 1)), ((1, 1), (2, 2), (2, 1)), (20, 12)
+    topology = UNetTopology(in_channels=2, num_classes=3, features_per_stage=(4, 8, 16), kernel_sizes=kernels,
+                            strides=strides)
+    torch.manual_seed(0)
+    network = build_unet(topology, deep_supervision=True).eval()
+    x = torch.randn(2, 2, *shape)
+    with torch.no_grad():
+        expected = network(x)[0]
+    got = low_memory_forward(network, x, chunk_bytes or CHUNK_BYTES)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="multiple of the total stride"):
+        low_memory_forward(network, torch.randn(1, 2, *(n + 1 for n in shape)))
+
+
+def test_low_memory_forward_keeps_norm_statistics_in_float32_under_bfloat16():
+    from autoseg.network.low_memory import low_memory_forward
+
+    topology = UNetTopology(in_channels=1, num_classes=2, features_per_stage=(4, 8), kernel_sizes=((3, 3, 3),) * 2,
+                            strides=((1, 1, 1), (2, 2, 2)))
+    torch.manual_seed(0)
+    network = build_unet(topology, deep_supervision=False).eval()
+    x = torch.randn(1, 1, 8, 8, 8) * 100 + 1000  # a large offset: bfloat16 statistics would lose it
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = network(x).float()
+        got = low_memory_forward(network, x, chunk_bytes=1).float()
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, expected, rtol=0.05, atol=0.1)

@@ -38,7 +38,7 @@ def test_predictor_on_openvino_gives_the_labels_of_torch(tmp_path, configuration
     image = _volume(shape, ((0, 8), (2, 18), (3, 17)), seed=5, channels=1)
     geometry = Geometry((3.0, 0.8, 0.8), (0.0, 0.0, 0.0), IDENTITY, shape)
     reference = Predictor(tmp_path, (configuration,), device="cpu", mixed_precision=False)
-    openvino = Predictor(tmp_path, (configuration,), device="cpu", runtime="openvino")
+    openvino = Predictor(tmp_path, (configuration,), device="cpu", runtime="openvino", mixed_precision=False)
     assert openvino.settings()["runtime"] == "openvino" and not openvino.mixed_precision
     p_torch, p_openvino = reference.predict_case(image, geometry), openvino.predict_case(image, geometry)
     np.testing.assert_allclose(p_openvino, p_torch, atol=1e-4)

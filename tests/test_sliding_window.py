@@ -21,7 +21,7 @@ def _forward(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def test_image_of_patch_size_equals_one_forward_pass():
     net = _net(nn.Conv3d, 2, 3, kernel=3)
     image = torch.randn(2, 8, 12, 10)
-    out = sliding_window_predict(net, image, (8, 12, 10), num_classes=3)
+    out = sliding_window_predict(net, image, (8, 12, 10), num_classes=3, accumulator_dtype=torch.float32)
     assert out.dtype == torch.float32 and out.device.type == "cpu"
     torch.testing.assert_close(out, _forward(net, image), rtol=1e-5, atol=1e-5)
     assert not out.is_inference()  # callers may modify the result in place
@@ -30,7 +30,7 @@ def test_image_of_patch_size_equals_one_forward_pass():
 def test_mirroring_a_flip_equivariant_network_changes_nothing():
     net = _net(nn.Conv3d, 2, 3, kernel=1)
     image = torch.randn(2, 8, 12, 10)
-    out = sliding_window_predict(net, image, (8, 12, 10), num_classes=3, mirror_axes=(0, 1, 2))
+    out = sliding_window_predict(net, image, (8, 12, 10), num_classes=3, mirror_axes=(0, 1, 2), accumulator_dtype=torch.float32)
     torch.testing.assert_close(out, _forward(net, image), rtol=1e-5, atol=1e-5)
 
 
@@ -80,7 +80,8 @@ def test_window_starts_single_window_and_errors():
 def test_per_voxel_network_is_reproduced_exactly_on_a_large_image():
     net = _net(nn.Conv3d, 2, 4, kernel=1)
     image = torch.randn(2, 13, 29, 22)
-    out = sliding_window_predict(net, image, (8, 12, 10), 4, step_size=0.5, mirror_axes=(0, 2), tiles_per_batch=3)
+    out = sliding_window_predict(net, image, (8, 12, 10), 4, step_size=0.5, mirror_axes=(0, 2), tiles_per_batch=3,
+                                 accumulator_dtype=torch.float32)
     assert out.shape == (4, 13, 29, 22)
     torch.testing.assert_close(out, _forward(net, image), rtol=1e-5, atol=1e-5)
 
@@ -88,7 +89,7 @@ def test_per_voxel_network_is_reproduced_exactly_on_a_large_image():
 def test_image_smaller_than_patch_keeps_its_shape():
     net = _net(nn.Conv3d, 1, 2, kernel=1)
     image = torch.randn(1, 5, 20, 9)
-    out = sliding_window_predict(net, image, (8, 16, 16), 2)
+    out = sliding_window_predict(net, image, (8, 16, 16), 2, accumulator_dtype=torch.float32)
     assert out.shape == (2, 5, 20, 9)
     torch.testing.assert_close(out, _forward(net, image), rtol=1e-5, atol=1e-5)
 
@@ -96,10 +97,28 @@ def test_image_smaller_than_patch_keeps_its_shape():
 def test_2d_mode_predicts_every_slice():
     net = _net(nn.Conv2d, 1, 3, kernel=1)
     image = torch.randn(1, 5, 20, 24)
-    out = sliding_window_predict(net, image, (16, 16), 3, mirror_axes=(0, 1), tiles_per_batch=7)
+    out = sliding_window_predict(net, image, (16, 16), 3, mirror_axes=(0, 1), tiles_per_batch=7, accumulator_dtype=torch.float32)
     assert out.shape == (3, 5, 20, 24)
     expected = torch.stack([_forward(net, image[:, z]) for z in range(5)], dim=1)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_float16_accumulation_is_float32_to_float16_rounding_even_where_border_weights_are_tiny():
+    # A per-voxel network makes every window predict the same value at a voxel, so the weighted mean is
+    # exactly that value whatever the weights; at the image's corners only a window's far border covers,
+    # with weights near 1e-11 that would vanish if weight x logit were summed in float16.
+    net = _net(nn.Conv3d, 2, 4, kernel=1)
+    image = torch.randn(2, 21, 30, 17) * 10
+    kwargs = dict(patch_size=(8, 12, 10), num_classes=4, step_size=0.5, tiles_per_batch=2)
+    half = sliding_window_predict(net, image, **kwargs)
+    exact = _forward(net, image)
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half, exact, rtol=1e-3, atol=1e-3)  # float16: 11 bits of mantissa
+    assert (half - exact).abs().max() > 0  # it is rounded: the band really is float16
+    torch.testing.assert_close(half[:, 0, 0, 0], exact[:, 0, 0, 0], rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(half[:, -1, -1, -1], exact[:, -1, -1, -1], rtol=1e-3, atol=1e-3)
+    with pytest.raises(ValueError, match="accumulator_dtype"):
+        sliding_window_predict(net, image, accumulator_dtype=torch.bfloat16, **kwargs)
 
 
 def test_host_and_device_accumulation_agree():
@@ -142,11 +161,11 @@ def test_out_of_memory_on_the_device_falls_back_to_host_accumulation(monkeypatch
     new_band = sliding_window._new_band
     attempts = []
 
-    def failing_first(num_classes, depth, plane, target):
+    def failing_first(num_classes, depth, plane, target, dtype):
         attempts.append(target)
         if len(attempts) == 1:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return new_band(num_classes, depth, plane, target)
+        return new_band(num_classes, depth, plane, target, dtype)
 
     device = torch.device("cpu", 0)  # stands in for a GPU: any accumulator device that is not the host
     monkeypatch.setattr(sliding_window, "_accumulator_device", lambda *args: device)

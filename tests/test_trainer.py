@@ -89,6 +89,34 @@ def test_short_run_writes_every_artifact_and_validation_summary(tiny_workspace, 
     assert "non-zero mask in channels [0]" in log
 
 
+def test_validation_keeps_probabilities_only_when_asked_and_gives_the_same_labels_either_way(tiny_workspace):
+    """One configuration planned: no ensembles to score, so no .npz; asked for, they come with the same labels."""
+    import numpy as np
+
+    from autoseg.dataset.image_io import read_image
+    from autoseg.planning.planner import load_plans
+    from autoseg.training.validation import validate_fold
+
+    train_fold(tiny_workspace, "3d_fullres", 0, TrainingSettings(**SETTINGS), progress=False)
+    out = workspace.fold_dir(tiny_workspace, "3d_fullres", 0)
+    streamed = json.loads((out / "validation" / "summary.json").read_text())
+    assert streamed["probabilities_saved"] is False and not list((out / "validation").glob("*.npz"))
+
+    plans = load_plans(workspace.plans_json(tiny_workspace))
+    network = build_unet(UNetTopology.from_plan(plans["configurations"]["3d_fullres"], 1, 3), deep_supervision=False)
+    network.load_state_dict(load_checkpoint(out / "checkpoint_final.pt")["network_state"])
+    val_ids = sorted(streamed["cases"])
+    kept = validate_fold(network, tiny_workspace, plans, "3d_fullres", val_ids, tmp := out / "with_npz",
+                         torch.device("cpu"), progress=False, save_probabilities=True)
+    assert kept["probabilities_saved"] is True
+    for case_id in val_ids:
+        probabilities = np.load(tmp / f"{case_id}.npz")["probabilities"]
+        labels, _ = read_image(tmp / f"{case_id}.nii.gz")
+        assert probabilities.shape[0] == 3 and probabilities.shape[1:] == labels.shape
+        np.testing.assert_array_equal(labels, read_image(out / "validation" / f"{case_id}.nii.gz")[0])
+    assert kept["mean"] == streamed["mean"]
+
+
 def test_resumed_run_ends_in_the_same_state_as_an_uninterrupted_one(tiny_workspace, tmp_path):
     settings = TrainingSettings(**{**SETTINGS, "epochs": 3, "validate_at_end": False})
     train_fold(tiny_workspace, "3d_fullres", 1, settings, progress=False)

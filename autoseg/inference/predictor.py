@@ -11,6 +11,7 @@ writing. `run_networks` + `to_original` (`predict_case`) give the full probabili
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections import deque
@@ -31,8 +32,9 @@ from autoseg.inference.openvino_runtime import RUNTIMES, OpenVINONetwork, OpenVI
 from autoseg.inference.export import (LabelMapBuilder, probabilities_to_original, save_probabilities,
                                       segmentation_suffix, write_segmentation)
 from autoseg.inference.inputs import InputCase, InputError, discover_inputs, read_input_case
-from autoseg.inference.sliding_window import sliding_window_predict, sliding_window_slabs
+from autoseg.inference.sliding_window import sliding_window_predict, sliding_window_slabs, softmax_in_place
 from autoseg.inference.volumes import VolumeTable, structure_rows
+from autoseg.network.low_memory import low_memory_forward
 from autoseg.network.unet import UNetTopology, build_unet
 from autoseg.planning.planner import load_plans
 from autoseg.postprocessing import apply_postprocessing, load_postprocessing_rules
@@ -87,7 +89,7 @@ class LoadedFold:
     fold: str
     checkpoint: Path
     epoch: int | None
-    network: Callable[[torch.Tensor], torch.Tensor]  # the torch module, or its OpenVINONetwork
+    network: Callable[[torch.Tensor], torch.Tensor]  # low_memory_forward of the torch module, or an OpenVINONetwork
 
 
 class Predictor:
@@ -132,6 +134,9 @@ class Predictor:
         self.tiles_per_batch = tiles_per_batch or (4 if self.device.type == "cuda" else 1)
         # float16 on CUDA; bfloat16 on a CPU that computes it natively (about 2x faster, same labels in practice)
         self.mixed_precision = mixed_precision and mixed_precision_available(self.device) and runtime == "torch"
+        # The windows' running mean in float16 (nnU-Net's choice, half the largest array); float32 when the
+        # caller asked for float32 throughout (--fp32).
+        self.accumulator_dtype = torch.float16 if mixed_precision else torch.float32
         self.checkpoint = checkpoint
         self.folds: list[LoadedFold] = []
         for name in self.configurations:
@@ -177,10 +182,12 @@ class Predictor:
         network = network.to(self.device).eval()
         if self.runtime == "openvino":
             try:
-                network = OpenVINONetwork(network, self.num_channels, config["patch_size"])
+                return LoadedFold(configuration, fold, path, state.get("epoch"),
+                                  OpenVINONetwork(network, self.num_channels, config["patch_size"]))
             except OpenVINOUnavailable as exc:
                 raise PredictorError(str(exc)) from None
-        return LoadedFold(configuration, fold, path, state.get("epoch"), network)
+        # The same logits as network(x) with a fraction of the activation memory (network/low_memory.py).
+        return LoadedFold(configuration, fold, path, state.get("epoch"), functools.partial(low_memory_forward, network))
 
     def prepare(self, image: np.ndarray, geometry: Geometry) -> PreparedCase:
         """Preprocess (C, Z, Y, X) for every configuration (CPU only; safe to run in a worker thread)."""
@@ -207,7 +214,7 @@ class Predictor:
             total, count = None, 0
             for fold in (f for f in self.folds if f.configuration == name):
                 logits = self._sliding_window(fold, image)
-                _softmax_in_place(logits)
+                softmax_in_place(logits)
                 total = logits if total is None else total.add_(logits)
                 count += 1
             outputs.append(total.div_(count).numpy())
@@ -235,7 +242,7 @@ class Predictor:
             for start, logits in pieces:
                 if start != z0:
                     raise AssertionError("the folds' sliding windows went out of step")
-                _softmax_in_place(logits)
+                softmax_in_place(logits)
                 total = logits if total is None else total.add_(logits)
             builder.add(z0, [total.div_(len(pieces)).numpy()])
         return _segmentation(builder, members)
@@ -254,7 +261,8 @@ class Predictor:
         function = sliding_window_slabs if streaming else sliding_window_predict
         return function(fold.network, image, patch, self.num_classes, step_size=self.step_size,
                         mirror_axes=tuple(range(len(patch))) if self.mirroring else None,
-                        tiles_per_batch=self.tiles_per_batch, device=self.device, use_amp=self.mixed_precision)
+                        tiles_per_batch=self.tiles_per_batch, device=self.device, use_amp=self.mixed_precision,
+                        accumulator_dtype=self.accumulator_dtype)
 
     def to_original(self, prepared: PreparedCase, probabilities: Sequence[np.ndarray]) -> np.ndarray:
         """Average of the configurations' probabilities on the input's grid, (K, Z, Y, X) float32."""
@@ -278,6 +286,7 @@ class Predictor:
             "checkpoint": self.checkpoint, "device": str(self.device), "mirroring": self.mirroring,
             "step_size": self.step_size, "tiles_per_batch": self.tiles_per_batch,
             "mixed_precision": self.mixed_precision, "runtime": self.runtime,
+            "accumulator_dtype": str(self.accumulator_dtype).removeprefix("torch."),
             "models": [{"configuration": f.configuration, "fold": f.fold, "checkpoint": str(f.checkpoint),
                         "epoch": f.epoch} for f in self.folds],
         }
@@ -288,12 +297,6 @@ def _segmentation(builder: LabelMapBuilder, members: int) -> CaseSegmentation:
     if entropy is not None:
         entropy /= np.log(builder.num_classes)
     return CaseSegmentation(builder.labels, members, builder.uncertainty() if members > 1 else None, entropy)
-
-
-def _softmax_in_place(logits: torch.Tensor, rows: int = 16) -> None:
-    """Softmax over the class axis of (K, Z, ...) logits, a few z-rows at a time, so no second volume is made."""
-    for z in range(0, logits.shape[1], rows):
-        logits[:, z:z + rows] = torch.softmax(logits[:, z:z + rows], dim=0)
 
 
 def _fold_names(workdir: Path, configuration: str, folds: Sequence[int | str] | None) -> list[str]:

@@ -23,6 +23,9 @@ HOST = torch.device("cpu")
 SLAB_ROWS = 8
 # Share of the free device memory the accumulator may take; the rest is left for the forward passes.
 _DEVICE_ACCUMULATOR_SHARE = 0.5
+# The accumulated logits are held in float16 by default, as nnU-Net v2 holds them: half the memory of the
+# largest array of a large case, for a rounding of about 5e-4 of each logit (docs/prediction.md).
+DEFAULT_ACCUMULATOR_DTYPE = torch.float16
 
 
 def gaussian_importance_map(patch_size: Sequence[int], sigma_scale: float = 1 / 8, device=None,
@@ -86,20 +89,22 @@ def sliding_window_predict(
     use_amp: bool | None = None,
     accumulate_on: str = "auto",
     progress: bool = False,
+    accumulator_dtype: torch.dtype = DEFAULT_ACCUMULATOR_DTYPE,
 ) -> torch.Tensor:
     """Logits (num_classes, Z, Y, X), float32 on the CPU, for a (C, Z, Y, X) image; apply softmax yourself.
 
     A 3-entry patch_size runs a 3D network; a 2-entry one runs a 2D network on every z-slice.
     mirror_axes are axes of the patch; all 2**n flip combinations are averaged. The caller owns the
     network: put it on `device` and in eval mode before calling. Holds the whole result; for large
-    volumes consume `sliding_window_slabs` instead.
+    volumes consume `sliding_window_slabs` instead. `accumulator_dtype`: see `sliding_window_slabs`.
     """
     if isinstance(image, np.ndarray):
         image = torch.from_numpy(np.array(image, dtype=np.float32))
     # Created outside inference mode so the returned tensor is an ordinary one the caller may modify.
     logits = None
     for z0, slab in sliding_window_slabs(network, image, patch_size, num_classes, step_size, mirror_axes,
-                                         tiles_per_batch, device, use_amp, accumulate_on, progress):
+                                         tiles_per_batch, device, use_amp, accumulate_on, progress,
+                                         accumulator_dtype):
         if logits is None:
             logits = torch.empty((num_classes, *image.shape[1:]), dtype=torch.float32)
         logits[:, z0:z0 + slab.shape[1]] = slab
@@ -118,10 +123,15 @@ def sliding_window_slabs(
     use_amp: bool | None = None,
     accumulate_on: str = "auto",
     progress: bool = False,
+    accumulator_dtype: torch.dtype = DEFAULT_ACCUMULATOR_DTYPE,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """`sliding_window_predict`'s logits as consecutive z-slabs `(z0, logits[:, z0:z0 + n])`, each yielded
     as soon as no later window touches it, so only one patch-deep band of the volume is accumulated
     (the values are the same, bit for bit). Slabs are float32 CPU tensors the caller may keep.
+
+    Each voxel's value is the Gaussian-weighted mean of the windows covering it, kept as a running mean
+    in `accumulator_dtype` (float16 by default, as nnU-Net; float32 to keep float32 rounding) with
+    float32 weight sums, so a window's small border weights never underflow in float16.
 
     On CUDA an out-of-memory error while accumulating on the device restarts the accumulation in host
     memory (slabs already yielded are not yielded again).
@@ -130,7 +140,8 @@ def sliding_window_slabs(
     if isinstance(image, np.ndarray):
         image = torch.from_numpy(np.array(image, dtype=np.float32))
     patch = tuple(int(p) for p in patch_size)
-    _check_arguments(image, patch, num_classes, step_size, mirror_axes, tiles_per_batch, accumulate_on)
+    _check_arguments(image, patch, num_classes, step_size, mirror_axes, tiles_per_batch, accumulate_on,
+                     accumulator_dtype)
     if use_amp is None:
         use_amp = device.type == "cuda"
     flip_dims = _flip_combinations(sorted(set(mirror_axes or ())))
@@ -139,14 +150,16 @@ def sliding_window_slabs(
     spatial = tuple(padded.shape[1:])
     tiles = _tile_slices(spatial, patch, step_size)
     band_depth = patch[0] if len(patch) == 3 else 1
-    target = _accumulator_device(accumulate_on, device, (num_classes + 1) * band_depth * math.prod(spatial[1:]) * 4)
+    band_bytes = (num_classes * accumulator_dtype.itemsize + 4) * band_depth * math.prod(spatial[1:])
+    target = _accumulator_device(accumulate_on, device, band_bytes)
     logger.debug("sliding window: %d tiles of %s over %s, %d mirror passes, accumulating on %s",
                  len(tiles), list(patch), list(spatial), len(flip_dims), target)
     done = 0  # image rows already yielded
     while True:
         try:
             for z0, slab in _accumulate_slabs(network, padded, crop, tiles, patch, band_depth, num_classes, flip_dims,
-                                              tiles_per_batch, device, target, use_amp, done, progress):
+                                              tiles_per_batch, device, target, use_amp, done, progress,
+                                              accumulator_dtype):
                 done = z0 + slab.shape[1]
                 yield z0, slab
             return
@@ -161,39 +174,55 @@ def sliding_window_slabs(
         target = HOST
 
 
-def _new_band(num_classes: int, depth: int, plane: tuple[int, ...],
-              target: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zeroed logit sums (K, depth, *plane) and weight sums (depth, *plane) on `target`."""
-    return (torch.zeros((num_classes, depth, *plane), dtype=torch.float32, device=target),
+def _new_band(num_classes: int, depth: int, plane: tuple[int, ...], target: torch.device,
+              dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zeroed weighted-mean logits (K, depth, *plane) in `dtype` and float32 weight sums (depth, *plane)."""
+    return (torch.zeros((num_classes, depth, *plane), dtype=dtype, device=target),
             torch.zeros((depth, *plane), dtype=torch.float32, device=target))
+
+
+def _add_to_mean(means: torch.Tensor, weights: torch.Tensor, region: tuple[slice, ...], prediction: torch.Tensor,
+                 gaussian: torch.Tensor) -> None:
+    """Fold one window's float32 logits into the running weighted means of `region`, one label at a time
+    (float32 temporaries of one label's window only)."""
+    total = weights[region]
+    total += gaussian
+    share = gaussian / total  # the new window's part of the voxel's weight so far
+    for k in range(means.shape[0]):
+        mean = means[(k, *region)]
+        if mean.dtype == torch.float32:
+            mean += (prediction[k] - mean).mul_(share)
+        else:
+            exact = mean.float()
+            exact += (prediction[k] - exact).mul_(share)
+            mean.copy_(exact)
 
 
 def _accumulate_slabs(network: Callable[[torch.Tensor], torch.Tensor], padded: torch.Tensor, crop: tuple[slice, ...],
                       tiles: list[tuple[slice, ...]], patch: tuple[int, ...], depth: int, num_classes: int,
                       flip_dims: list[tuple[int, ...]], tiles_per_batch: int, device: torch.device,
                       target: torch.device, use_amp: bool, skip_rows: int,
-                      progress: bool) -> Iterator[tuple[int, torch.Tensor]]:
-    """Tiles in order (z-start outermost), summed into a band of `depth` rows starting at padded row `top`;
-    rows above the next tile's start are final: divided by their weights, cropped and yielded."""
+                      progress: bool, dtype: torch.dtype) -> Iterator[tuple[int, torch.Tensor]]:
+    """Tiles in order (z-start outermost), averaged into a band of `depth` rows starting at padded row `top`;
+    rows above the next tile's start are final: cropped and yielded as float32."""
     is_2d = len(patch) == 2
     spatial = tuple(padded.shape[1:])
-    gaussian = gaussian_importance_map(patch, device=device)
-    gaussian_acc = gaussian_importance_map(patch, device=target)
+    gaussian = gaussian_importance_map(patch, device=target)
     if is_2d:
-        gaussian_acc = gaussian_acc[None]
-    logits, weights = _new_band(num_classes, depth, spatial[1:], target)
+        gaussian = gaussian[None]
+    logits, weights = _new_band(num_classes, depth, spatial[1:], target, dtype)
     top = 0
     skip_padded = skip_rows + crop[0].start  # windows that end above this only touch rows already yielded
     tiles = [t for t in tiles if t[0].stop > skip_padded]
 
     def finish(rows: int) -> Iterator[tuple[int, torch.Tensor]]:
-        """The band's first `rows` rows, divided by their weights, cropped, in slabs of at most SLAB_ROWS rows;
-        then the band moves down by `rows`."""
+        """The band's first `rows` rows, cropped, in float32 slabs of at most SLAB_ROWS rows; then the band
+        moves down by `rows`."""
         nonlocal top
         lo, hi = max(top, crop[0].start, skip_padded), min(top + rows, crop[0].stop)
         for start in range(lo, hi, SLAB_ROWS):
             part = (slice(None), slice(start - top, min(start + SLAB_ROWS, hi) - top), *crop[1:])
-            yield start - crop[0].start, (logits[part] / weights[part[1:]]).to("cpu").contiguous()
+            yield start - crop[0].start, logits[part].to("cpu", torch.float32, copy=True).contiguous()
         with torch.no_grad():
             for row in range(depth - rows):  # move the live rows up, one at a time (source below target)
                 logits[:, row].copy_(logits[:, row + rows])
@@ -212,7 +241,7 @@ def _accumulate_slabs(network: Callable[[torch.Tensor], torch.Tensor], padded: t
             with torch.inference_mode():
                 with autocast():
                     prediction = _mirrored_forward(network, batch, flip_dims, num_classes)
-                prediction = (prediction * gaussian).to(target)
+                prediction = prediction.to(target)
             # Outside inference mode (thread-wide state that must not leak to the caller between slabs), so
             # slabs are ordinary tensors the caller may modify.
             for tile_prediction, tile in zip(prediction, batch_tiles):
@@ -222,15 +251,22 @@ def _accumulate_slabs(network: Callable[[torch.Tensor], torch.Tensor], padded: t
                     tile_prediction = tile_prediction[:, None]
                 rows = slice(tile[0].start - top, tile[0].stop - top)
                 with torch.no_grad():
-                    logits[(slice(None), rows, *tile[1:])] += tile_prediction
-                    weights[(rows, *tile[1:])] += gaussian_acc
+                    _add_to_mean(logits, weights, (rows, *tile[1:]), tile_prediction, gaussian)
             bar.update(len(batch_tiles))
     while top < spatial[0]:
         yield from finish(min(spatial[0] - top, depth))
 
 
+def softmax_in_place(logits: torch.Tensor, rows: int = 16) -> torch.Tensor:
+    """Softmax over the class axis of (K, Z, ...) logits, a few z-rows at a time, so no second volume is made."""
+    for z in range(0, logits.shape[1], rows):
+        logits[:, z:z + rows] = torch.softmax(logits[:, z:z + rows], dim=0)
+    return logits
+
+
 def _check_arguments(image: torch.Tensor, patch: tuple[int, ...], num_classes: int, step_size: float,
-                     mirror_axes: Sequence[int] | None, tiles_per_batch: int, accumulate_on: str) -> None:
+                     mirror_axes: Sequence[int] | None, tiles_per_batch: int, accumulate_on: str,
+                     accumulator_dtype: torch.dtype) -> None:
     if not isinstance(image, torch.Tensor):
         raise TypeError(f"image must be a torch.Tensor or numpy array, got {type(image).__name__}")
     if image.ndim != 4:
@@ -253,6 +289,8 @@ def _check_arguments(image: torch.Tensor, patch: tuple[int, ...], num_classes: i
         raise ValueError(f"tiles_per_batch must be >= 1, got {tiles_per_batch}")
     if accumulate_on not in ("auto", "device", "host"):
         raise ValueError(f"accumulate_on must be 'auto', 'device' or 'host', got {accumulate_on!r}")
+    if accumulator_dtype not in (torch.float16, torch.float32):
+        raise ValueError(f"accumulator_dtype must be torch.float16 or torch.float32, got {accumulator_dtype}")
 
 
 def _flip_combinations(axes: list[int]) -> list[tuple[int, ...]]:

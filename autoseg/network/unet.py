@@ -178,6 +178,12 @@ class UNet(nn.Module):
         self.apply(_init_weights)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor] | torch.Tensor:
+        self.check_input(x)
+        outputs = self.decoder(self.encoder(x), all_heads=self.deep_supervision)
+        return outputs if self.deep_supervision else outputs[0]
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """A readable error for a batch this network cannot take (wrong channels, axes or size)."""
         t = self.topology
         if x.dim() != t.ndim + 2 or x.shape[1] != t.in_channels:
             raise ValueError(
@@ -188,8 +194,6 @@ class UNet(nn.Module):
                 f"input spatial shape {list(x.shape[2:])} must be a multiple of the total stride "
                 f"{list(t.total_stride)}; pad the input or choose a patch size divisible by it"
             )
-        outputs = self.decoder(self.encoder(x), all_heads=self.deep_supervision)
-        return outputs if self.deep_supervision else outputs[0]
 
 
 def _init_weights(module: nn.Module) -> None:

@@ -54,6 +54,9 @@ class TrainingSettings:
     device: str | None = None  # None: CUDA if available, else CPU
     mixed_precision: bool = True  # float16 autocast on CUDA; bfloat16 on a CPU with native bf16 (about 2x faster)
     validate_at_end: bool = True
+    # Validation probabilities (<case>.npz) for `autoseg crossval`'s ensembles; None: when the plans have
+    # more than one configuration.
+    save_probabilities: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("epochs", "iters_per_epoch", "val_iters", "checkpoint_every"):
@@ -284,7 +287,8 @@ def train_fold(workdir: Path, configuration: str, fold: int | str, settings: Tra
         network.deep_supervision = False
         result["validation"] = validate_fold(network, workdir, plans, configuration, val_ids, out / "validation",
                                              device, progress=progress,
-                                             mixed_precision=settings.mixed_precision)
+                                             mixed_precision=settings.mixed_precision,
+                                             save_probabilities=settings.save_probabilities)
         say("validation Dice per label: " + ", ".join(
             f"{plans['labels'][k]} {v['dice']:.4f}" for k, v in result["validation"]["mean"].items() if v["dice"] is not None))
     return result

@@ -3,6 +3,7 @@ geometry and score it against the original label file (`validation/summary.json`
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
@@ -15,9 +16,12 @@ from autoseg.atomic import read_json, write_json
 from autoseg.dataset.image_io import Geometry
 from autoseg.dataset.layout import load_dataset, read_case_label
 from autoseg.evaluation import evaluate_case, mean_per_label, nan_to_none
-from autoseg.inference.export import (export_segmentation, probabilities_to_original, save_probabilities,
-                                      segmentation_suffix)
-from autoseg.inference.sliding_window import sliding_window_predict
+from autoseg.inference.export import (LabelMapBuilder, export_segmentation, probabilities_to_original,
+                                      segmentation_suffix, write_segmentation)
+from autoseg.inference.export import save_probabilities as save_npz
+from autoseg.inference.sliding_window import sliding_window_predict, sliding_window_slabs, softmax_in_place
+from autoseg.network.low_memory import low_memory_forward
+from autoseg.network.unet import UNet
 from autoseg.preprocessing import store
 
 log = logging.getLogger(__name__)
@@ -25,8 +29,17 @@ log = logging.getLogger(__name__)
 
 def validate_fold(network: torch.nn.Module, workdir: Path, plans: dict, configuration: str, val_ids: list[str],
                   out_dir: Path, device: torch.device, mirroring: bool = True, progress: bool = True,
-                  mixed_precision: bool = True) -> dict:
-    """Dice (and the other metrics) per validation case and label, and their means."""
+                  mixed_precision: bool = True, save_probabilities: bool | None = None) -> dict:
+    """Dice (and the other metrics) per validation case and label, and their means.
+
+    Each case's label map is written beside `summary.json`. Its probabilities on the input grid
+    (`<case>.npz`, float16) are written only with `save_probabilities`, which `autoseg crossval` needs to
+    score ensembles of configurations; None (the default) writes them when the plans have more than one
+    configuration. Without them, the label map is built slab by slab as `autoseg predict` builds it,
+    so a large case needs no per-label probabilities of its full size (docs/prediction.md).
+    """
+    if save_probabilities is None:
+        save_probabilities = len(plans["configurations"]) > 1
     config = plans["configurations"][configuration]
     data_dir = workspace.preprocessed_dir(workdir, config["data_identifier"])
     raw = read_json(workspace.dataset_json(workdir))
@@ -35,19 +48,34 @@ def validate_fold(network: torch.nn.Module, workdir: Path, plans: dict, configur
     labels = [int(k) for k in plans["labels"] if int(k) > 0]
     ending = raw.get("file_ending", ".nii.gz")
     network.eval()
+    # As `autoseg predict` computes them: the same logits in a fraction of the activation memory.
+    forward = functools.partial(low_memory_forward, network) if isinstance(network, UNet) else network
     per_case = {}
     for case_id in tqdm(val_ids, desc="validation", unit="case", disable=not progress):
         image = torch.from_numpy(store.load_case_image(data_dir, case_id))
         properties = store.load_properties(data_dir, case_id)
-        logits = sliding_window_predict(network, image, config["patch_size"], len(plans["labels"]),
-                                        mirror_axes=tuple(range(len(config["patch_size"]))) if mirroring else None,
-                                        device=device, use_amp=mixed_precision)
-        probabilities = torch.softmax(logits, 0).numpy()
+        window = dict(patch_size=config["patch_size"], num_classes=len(plans["labels"]),
+                      mirror_axes=tuple(range(len(config["patch_size"]))) if mirroring else None, device=device,
+                      use_amp=mixed_precision, accumulator_dtype=torch.float16 if mixed_precision else torch.float32)
         geometry = Geometry.from_json(properties["original_geometry"])
-        original = probabilities_to_original(probabilities, properties, plans)
-        # Probabilities are kept so `autoseg crossval` can score ensembles of configurations.
-        save_probabilities(out_dir / f"{case_id}.npz", original)
-        segmentation = export_segmentation(original, geometry, out_dir / f"{case_id}{segmentation_suffix(ending)}")
+        path = out_dir / f"{case_id}{segmentation_suffix(ending)}"
+        if save_probabilities:
+            # Kept so `autoseg crossval` can score ensembles of configurations.
+            probabilities = softmax_in_place(sliding_window_predict(forward, image, **window)).numpy()
+            original = probabilities_to_original(probabilities, properties, plans)
+            del probabilities
+            save_npz(out_dir / f"{case_id}.npz", original)
+            segmentation = export_segmentation(original, geometry, path)
+            del original
+        else:
+            builder = LabelMapBuilder([properties], plans, len(plans["labels"]))
+            if builder.streams:
+                for z0, logits in sliding_window_slabs(forward, image, **window):
+                    builder.add(z0, [softmax_in_place(logits).numpy()])
+            else:
+                builder.add(0, [softmax_in_place(sliding_window_predict(forward, image, **window)).numpy()])
+            segmentation = write_segmentation(builder.labels, geometry, path)
+            del builder
         reference = read_case_label(cases[case_id])
         per_case[case_id] = evaluate_case(segmentation, reference, geometry.spacing, labels)
     mean = nan_to_none(mean_per_label(per_case, labels))
@@ -55,6 +83,7 @@ def validate_fold(network: torch.nn.Module, workdir: Path, plans: dict, configur
         mean[key]["name"] = plans["labels"][key]
     dices = [m["dice"] for m in mean.values() if m["dice"] is not None]
     summary = {"format_version": 1, "configuration": configuration, "mirroring": mirroring,
+               "probabilities_saved": bool(save_probabilities),
                "num_cases": len(per_case), "mean": mean,
                "foreground_mean_dice": float(np.mean(dices)) if dices else None,
                "cases": nan_to_none(per_case)}
