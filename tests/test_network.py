@@ -118,9 +118,9 @@ def test_from_plan_reports_missing_keys():
 
 
 @pytest.mark.parametrize("ndim", [2, 3])
-@pytest.mark.parametrize("chunk_bytes", [1, 2000, None])
+@pytest.mark.parametrize("chunk_bytes", [1, 2000, "default", None])
 def test_low_memory_forward_gives_the_networks_logits(ndim, chunk_bytes):
-    """Row chunks of every size (one row per call, a few rows, the whole map) reproduce `network(x)`,
+    """Row chunks of every size (one row per call, a few rows, the whole map, no chunks) reproduce `network(x)`,
     through anisotropic kernels and strides, stride-2 convolutions and the decoder's skips."""
     from autoseg.network.low_memory import CHUNK_BYTES, low_memory_forward
 
@@ -135,7 +135,7 @@ def test_low_memory_forward_gives_the_networks_logits(ndim, chunk_bytes):
     x = torch.randn(2, 2, *shape)
     with torch.no_grad():
         expected = network(x)[0]
-    got = low_memory_forward(network, x, chunk_bytes or CHUNK_BYTES)
+    got = low_memory_forward(network, x, CHUNK_BYTES if chunk_bytes == "default" else chunk_bytes)
     assert got.shape == expected.shape
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="multiple of the total stride"):

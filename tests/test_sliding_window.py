@@ -1,3 +1,4 @@
+import itertools
 import math
 
 import pytest
@@ -119,6 +120,45 @@ def test_float16_accumulation_is_float32_to_float16_rounding_even_where_border_w
     torch.testing.assert_close(half[:, -1, -1, -1], exact[:, -1, -1, -1], rtol=1e-3, atol=1e-3)
     with pytest.raises(ValueError, match="accumulator_dtype"):
         sliding_window_predict(net, image, accumulator_dtype=torch.bfloat16, **kwargs)
+
+
+def _naive_weighted_mean(net, image, patch, num_classes, step):
+    """Every window's logits times the Gaussian summed over the whole volume, divided by the summed Gaussian."""
+    spatial = image.shape[1:]
+    starts = window_starts(spatial[-len(patch):], patch, step)
+    g = gaussian_importance_map(patch).double()
+    total = torch.zeros((num_classes, *spatial), dtype=torch.float64)
+    weight = torch.zeros(spatial, dtype=torch.float64)
+    z_windows = [[z] for z in range(spatial[0])] if len(patch) == 2 else [None]
+    for z in z_windows:
+        for corner in itertools.product(*starts):
+            box = tuple(slice(c, c + p) for c, p in zip(corner, patch))
+            box = ((slice(z[0], z[0] + 1),) if z else ()) + box
+            window = image[(slice(None), *box)]
+            with torch.no_grad():
+                out = net(window.squeeze(1)[None] if z else window[None])[0].double()
+            gw = g[None] if z else g
+            total[(slice(None), *box)] += (out[:, None] if z else out) * gw
+            weight[box] += gw
+    return (total / weight).float()
+
+
+@pytest.mark.parametrize("patch, shape", [((8, 12, 10), (2, 21, 30, 17)), ((12, 10), (2, 3, 30, 17))])
+def test_windows_that_disagree_are_averaged_with_gaussian_weights(patch, shape):
+    """Each window predicts its own mean intensity (so overlapping windows disagree); the running mean over
+    windows with weights from per-axis sums equals the plain weighted sum over the volume."""
+    def net(x):
+        return x.mean(dim=tuple(range(1, x.dim())), keepdim=True).expand(x.shape[0], 3, *x.shape[2:]) * torch.tensor(
+            [1.0, -2.0, 0.5]).view(1, 3, *([1] * (x.dim() - 2)))
+
+    torch.manual_seed(0)
+    image = torch.randn(*shape)
+    expected = _naive_weighted_mean(net, image, patch, 3, 0.5)
+    got = sliding_window_predict(net, image, patch, 3, step_size=0.5, tiles_per_batch=3,
+                                 accumulator_dtype=torch.float32)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    half = sliding_window_predict(net, image, patch, 3, step_size=0.5, tiles_per_batch=3)
+    torch.testing.assert_close(half, expected, rtol=2e-3, atol=1e-3)
 
 
 def test_host_and_device_accumulation_agree():

@@ -34,7 +34,7 @@ from autoseg.inference.export import (LabelMapBuilder, probabilities_to_original
 from autoseg.inference.inputs import InputCase, InputError, discover_inputs, read_input_case
 from autoseg.inference.sliding_window import sliding_window_predict, sliding_window_slabs, softmax_in_place
 from autoseg.inference.volumes import VolumeTable, structure_rows
-from autoseg.network.low_memory import low_memory_forward
+from autoseg.network.low_memory import CHUNK_BYTES, low_memory_forward
 from autoseg.network.unet import UNetTopology, build_unet
 from autoseg.planning.planner import load_plans
 from autoseg.postprocessing import apply_postprocessing, load_postprocessing_rules
@@ -186,8 +186,11 @@ class Predictor:
                                   OpenVINONetwork(network, self.num_channels, config["patch_size"]))
             except OpenVINOUnavailable as exc:
                 raise PredictorError(str(exc)) from None
-        # The same logits as network(x) with a fraction of the activation memory (network/low_memory.py).
-        return LoadedFold(configuration, fold, path, state.get("epoch"), functools.partial(low_memory_forward, network))
+        # The same logits as network(x) with a fraction of the activation memory (network/low_memory.py); on a
+        # GPU each convolution runs whole, since small calls would leave it idle.
+        chunk_bytes = CHUNK_BYTES if self.device.type == "cpu" else None
+        return LoadedFold(configuration, fold, path, state.get("epoch"),
+                          functools.partial(low_memory_forward, network, chunk_bytes=chunk_bytes))
 
     def prepare(self, image: np.ndarray, geometry: Geometry) -> PreparedCase:
         """Preprocess (C, Z, Y, X) for every configuration (CPU only; safe to run in a worker thread)."""

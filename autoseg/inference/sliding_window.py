@@ -47,14 +47,56 @@ def gaussian_importance_map(patch_size: Sequence[int], sigma_scale: float = 1 / 
 def _cached_gaussian(patch: tuple[int, ...], sigma_scale: float, device: torch.device,
                      dtype: torch.dtype) -> torch.Tensor:
     weights = torch.ones((), dtype=torch.float64)
-    for size in patch:
-        offset = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-        profile = torch.exp(-0.5 * (offset / (size * sigma_scale)) ** 2)
+    for profile in _gaussian_profiles(patch, sigma_scale):
         weights = weights[..., None] * profile
     weights = (weights / weights.max()).to(dtype)
     # Far from the centre the Gaussian underflows; a zero weight would divide by zero where only borders cover.
     smallest = weights[weights > 0].min()
     return torch.where(weights > 0, weights, smallest).to(device)
+
+
+def _gaussian_profiles(patch: Sequence[int], sigma_scale: float = 1 / 8) -> list[torch.Tensor]:
+    """Per axis the 1D Gaussian (float64, max 1) whose outer product is the importance map."""
+    profiles = []
+    for size in patch:
+        offset = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+        profile = torch.exp(-0.5 * (offset / (size * sigma_scale)) ** 2)
+        profiles.append(profile / profile.max())
+    return profiles
+
+
+class _EarlierWeights:
+    """At each voxel of a window, the summed Gaussian weights of the windows run before it, without a
+    volume of weight sums: the weights are a product of 1D profiles and the windows a grid run in the
+    order z, y, x, so the sum is three products of per-axis sums (prefix sums over the starts)."""
+
+    def __init__(self, tiles: list[tuple[slice, ...]], spatial: tuple[int, ...], patch: tuple[int, ...],
+                 device: torch.device):
+        profiles = _gaussian_profiles(patch)
+        if len(patch) == 2:  # a 2D network runs every z-slice: one-row windows of weight 1 along z
+            profiles.insert(0, torch.ones(1, dtype=torch.float64))
+        self.profiles = [p.float().to(device) for p in profiles]
+        self.index, self.prefix = [], []
+        for axis, profile in enumerate(profiles):
+            starts = sorted({t[axis].start for t in tiles})
+            prefix = torch.zeros((len(starts) + 1, spatial[axis]), dtype=torch.float64)
+            for j, start in enumerate(starts):
+                prefix[j + 1] = prefix[j]
+                prefix[j + 1, start:start + len(profile)] += profile
+            self.index.append({start: j for j, start in enumerate(starts)})
+            self.prefix.append(prefix.float().to(device))
+
+    def __call__(self, tile: tuple[slice, ...]) -> torch.Tensor:
+        """(pz, py, px) float32: the weights of the earlier windows over `tile` (0 where none reached)."""
+        (i, j, k) = (self.index[a][tile[a].start] for a in range(3))
+        (pz, py, _), (qz, qy, qx) = self.profiles, self.prefix
+        before_z, before_y, before_x = qz[i, tile[0]], qy[j, tile[1]], qx[k, tile[2]]
+        all_y, all_x = qy[-1, tile[1]], qx[-1, tile[2]]
+        # earlier z rows of windows, then earlier windows of this row, then earlier ones of this column
+        earlier = before_z[:, None, None] * (all_y[:, None] * all_x)[None]
+        earlier += pz[:, None, None] * (before_y[:, None] * all_x)[None]
+        earlier += pz[:, None, None] * (py[:, None] * before_x)[None]
+        return earlier
 
 
 def window_starts(image_size: Sequence[int], patch_size: Sequence[int], step_size: float = 0.5) -> list[list[int]]:
@@ -130,8 +172,9 @@ def sliding_window_slabs(
     (the values are the same, bit for bit). Slabs are float32 CPU tensors the caller may keep.
 
     Each voxel's value is the Gaussian-weighted mean of the windows covering it, kept as a running mean
-    in `accumulator_dtype` (float16 by default, as nnU-Net; float32 to keep float32 rounding) with
-    float32 weight sums, so a window's small border weights never underflow in float16.
+    in `accumulator_dtype` (float16 by default, as nnU-Net; float32 to keep float32 rounding); the
+    weights themselves are never summed in that dtype, so a window's small border weights cannot
+    underflow, and need no volume of their own (`_EarlierWeights`).
 
     On CUDA an out-of-memory error while accumulating on the device restarts the accumulation in host
     memory (slabs already yielded are not yielded again).
@@ -150,7 +193,7 @@ def sliding_window_slabs(
     spatial = tuple(padded.shape[1:])
     tiles = _tile_slices(spatial, patch, step_size)
     band_depth = patch[0] if len(patch) == 3 else 1
-    band_bytes = (num_classes * accumulator_dtype.itemsize + 4) * band_depth * math.prod(spatial[1:])
+    band_bytes = num_classes * accumulator_dtype.itemsize * band_depth * math.prod(spatial[1:])
     target = _accumulator_device(accumulate_on, device, band_bytes)
     logger.debug("sliding window: %d tiles of %s over %s, %d mirror passes, accumulating on %s",
                  len(tiles), list(patch), list(spatial), len(flip_dims), target)
@@ -175,19 +218,16 @@ def sliding_window_slabs(
 
 
 def _new_band(num_classes: int, depth: int, plane: tuple[int, ...], target: torch.device,
-              dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zeroed weighted-mean logits (K, depth, *plane) in `dtype` and float32 weight sums (depth, *plane)."""
-    return (torch.zeros((num_classes, depth, *plane), dtype=dtype, device=target),
-            torch.zeros((depth, *plane), dtype=torch.float32, device=target))
+              dtype: torch.dtype) -> torch.Tensor:
+    """Zeroed weighted-mean logits (K, depth, *plane) in `dtype`."""
+    return torch.zeros((num_classes, depth, *plane), dtype=dtype, device=target)
 
 
-def _add_to_mean(means: torch.Tensor, weights: torch.Tensor, region: tuple[slice, ...], prediction: torch.Tensor,
-                 gaussian: torch.Tensor) -> None:
+def _add_to_mean(means: torch.Tensor, region: tuple[slice, ...], prediction: torch.Tensor, gaussian: torch.Tensor,
+                 earlier: torch.Tensor) -> None:
     """Fold one window's float32 logits into the running weighted means of `region`, one label at a time
-    (float32 temporaries of one label's window only)."""
-    total = weights[region]
-    total += gaussian
-    share = gaussian / total  # the new window's part of the voxel's weight so far
+    (float32 temporaries of one label's window only); `earlier`: the weights already averaged there."""
+    share = gaussian / (earlier + gaussian)  # the new window's part of the voxel's weight so far
     for k in range(means.shape[0]):
         mean = means[(k, *region)]
         if mean.dtype == torch.float32:
@@ -210,10 +250,11 @@ def _accumulate_slabs(network: Callable[[torch.Tensor], torch.Tensor], padded: t
     gaussian = gaussian_importance_map(patch, device=target)
     if is_2d:
         gaussian = gaussian[None]
-    logits, weights = _new_band(num_classes, depth, spatial[1:], target, dtype)
+    logits = _new_band(num_classes, depth, spatial[1:], target, dtype)
     top = 0
     skip_padded = skip_rows + crop[0].start  # windows that end above this only touch rows already yielded
     tiles = [t for t in tiles if t[0].stop > skip_padded]
+    earlier_weights = _EarlierWeights(tiles, spatial, patch, target)
 
     def finish(rows: int) -> Iterator[tuple[int, torch.Tensor]]:
         """The band's first `rows` rows, cropped, in float32 slabs of at most SLAB_ROWS rows; then the band
@@ -226,9 +267,7 @@ def _accumulate_slabs(network: Callable[[torch.Tensor], torch.Tensor], padded: t
         with torch.no_grad():
             for row in range(depth - rows):  # move the live rows up, one at a time (source below target)
                 logits[:, row].copy_(logits[:, row + rows])
-                weights[row].copy_(weights[row + rows])
             logits[:, depth - rows:] = 0
-            weights[depth - rows:] = 0
         top += rows
 
     autocast = autocast_for(device, use_amp)
@@ -251,7 +290,8 @@ def _accumulate_slabs(network: Callable[[torch.Tensor], torch.Tensor], padded: t
                     tile_prediction = tile_prediction[:, None]
                 rows = slice(tile[0].start - top, tile[0].stop - top)
                 with torch.no_grad():
-                    _add_to_mean(logits, weights, (rows, *tile[1:]), tile_prediction, gaussian)
+                    _add_to_mean(logits, (rows, *tile[1:]), tile_prediction, gaussian,
+                                 earlier_weights(tile).reshape(gaussian.shape))
             bar.update(len(batch_tiles))
     while top < spatial[0]:
         yield from finish(min(spatial[0] - top, depth))

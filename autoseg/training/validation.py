@@ -20,7 +20,7 @@ from autoseg.inference.export import (LabelMapBuilder, export_segmentation, prob
                                       segmentation_suffix, write_segmentation)
 from autoseg.inference.export import save_probabilities as save_npz
 from autoseg.inference.sliding_window import sliding_window_predict, sliding_window_slabs, softmax_in_place
-from autoseg.network.low_memory import low_memory_forward
+from autoseg.network.low_memory import CHUNK_BYTES, low_memory_forward
 from autoseg.network.unet import UNet
 from autoseg.preprocessing import store
 
@@ -49,7 +49,9 @@ def validate_fold(network: torch.nn.Module, workdir: Path, plans: dict, configur
     ending = raw.get("file_ending", ".nii.gz")
     network.eval()
     # As `autoseg predict` computes them: the same logits in a fraction of the activation memory.
-    forward = functools.partial(low_memory_forward, network) if isinstance(network, UNet) else network
+    chunk_bytes = CHUNK_BYTES if torch.device(device).type == "cpu" else None  # as the predictor
+    forward = (functools.partial(low_memory_forward, network, chunk_bytes=chunk_bytes) if isinstance(network, UNet)
+               else network)
     per_case = {}
     for case_id in tqdm(val_ids, desc="validation", unit="case", disable=not progress):
         image = torch.from_numpy(store.load_case_image(data_dir, case_id))
