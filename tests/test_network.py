@@ -155,3 +155,19 @@ def test_low_memory_forward_keeps_norm_statistics_in_float32_under_bfloat16():
         got = low_memory_forward(network, x, chunk_bytes=1).float()
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, expected, rtol=0.05, atol=0.1)
+
+
+def test_prediction_takes_the_low_memory_forward_for_large_windows_only():
+    import functools
+
+    from autoseg.network.low_memory import CHUNK_BYTES, LARGE_MAP_BYTES, inference_forward, low_memory_forward
+
+    topology = UNetTopology(in_channels=1, num_classes=2, features_per_stage=(32, 64),
+                            kernel_sizes=((3, 3, 3),) * 2, strides=((1, 1, 1), (2, 2, 2)))
+    network = build_unet(topology, deep_supervision=False)
+    assert inference_forward(network, (40, 56, 40)) is network  # Hippocampus: 11 MiB maps, the plain forward
+    large = inference_forward(network, (112, 160, 128))  # a CT window: 280 MiB maps
+    assert isinstance(large, functools.partial) and large.func is low_memory_forward
+    assert large.keywords["chunk_bytes"] == CHUNK_BYTES
+    assert inference_forward(network, (112, 160, 128), "cuda").keywords["chunk_bytes"] is None
+    assert 32 * 112 * 160 * 128 * 4 > LARGE_MAP_BYTES > 32 * 40 * 56 * 40 * 4

@@ -1,4 +1,5 @@
 import csv
+import functools
 import json
 
 import numpy as np
@@ -127,6 +128,22 @@ def test_fold_ensemble_is_the_mean_of_the_single_folds(work):
     assert both.shape == (3, *shape)
     assert not np.allclose(single[0], single[1], atol=1e-3)  # the folds really differ
     np.testing.assert_allclose(both, (single[0] + single[1]) / 2, atol=1e-5)
+
+
+@pytest.mark.parametrize("configuration", CONFIGS)
+def test_the_low_memory_forward_of_large_windows_gives_the_same_probabilities(work, monkeypatch, configuration):
+    import autoseg.network.low_memory as low_memory
+
+    shape = (7, 15, 18)
+    image = _volume(shape, ((0, 7), (2, 14), (1, 17)), seed=3, channels=1)
+    geometry = Geometry((2.0, 1.0, 1.1), (0.0, 0.0, 0.0), IDENTITY, shape)
+    plain = Predictor(work, (configuration,), device="cpu", mixed_precision=False)
+    assert not isinstance(plain.folds[0].network, functools.partial)  # tiny windows: the plain forward
+    monkeypatch.setattr(low_memory, "LARGE_MAP_BYTES", 0)  # every window counts as large
+    monkeypatch.setattr(low_memory, "CHUNK_BYTES", 64)  # and is computed a row or two at a time
+    lean = Predictor(work, (configuration,), device="cpu", mixed_precision=False)
+    assert lean.folds[0].network.func is low_memory.low_memory_forward
+    np.testing.assert_allclose(lean.predict_case(image, geometry), plain.predict_case(image, geometry), atol=1e-5)
 
 
 def test_bad_inputs_are_reported_by_file_and_the_others_still_run(work, tmp_path):

@@ -11,7 +11,6 @@ writing. `run_networks` + `to_original` (`predict_case`) give the full probabili
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from collections import deque
@@ -34,7 +33,7 @@ from autoseg.inference.export import (LabelMapBuilder, probabilities_to_original
 from autoseg.inference.inputs import InputCase, InputError, discover_inputs, read_input_case
 from autoseg.inference.sliding_window import sliding_window_predict, sliding_window_slabs, softmax_in_place
 from autoseg.inference.volumes import VolumeTable, structure_rows
-from autoseg.network.low_memory import CHUNK_BYTES, low_memory_forward
+from autoseg.network.low_memory import inference_forward
 from autoseg.network.unet import UNetTopology, build_unet
 from autoseg.planning.planner import load_plans
 from autoseg.postprocessing import apply_postprocessing, load_postprocessing_rules
@@ -89,7 +88,7 @@ class LoadedFold:
     fold: str
     checkpoint: Path
     epoch: int | None
-    network: Callable[[torch.Tensor], torch.Tensor]  # low_memory_forward of the torch module, or an OpenVINONetwork
+    network: Callable[[torch.Tensor], torch.Tensor]  # the module (or its low_memory_forward), or an OpenVINONetwork
 
 
 class Predictor:
@@ -186,11 +185,9 @@ class Predictor:
                                   OpenVINONetwork(network, self.num_channels, config["patch_size"]))
             except OpenVINOUnavailable as exc:
                 raise PredictorError(str(exc)) from None
-        # The same logits as network(x) with a fraction of the activation memory (network/low_memory.py); on a
-        # GPU each convolution runs whole, since small calls would leave it idle.
-        chunk_bytes = CHUNK_BYTES if self.device.type == "cpu" else None
+        # Large windows: the same logits with a fraction of the activation memory (network/low_memory.py).
         return LoadedFold(configuration, fold, path, state.get("epoch"),
-                          functools.partial(low_memory_forward, network, chunk_bytes=chunk_bytes))
+                          inference_forward(network, config["patch_size"], self.device))
 
     def prepare(self, image: np.ndarray, geometry: Geometry) -> PreparedCase:
         """Preprocess (C, Z, Y, X) for every configuration (CPU only; safe to run in a worker thread)."""

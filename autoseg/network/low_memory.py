@@ -20,7 +20,9 @@ keeps `UNet.forward`, whose intermediate maps autograd needs anyway.
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +34,21 @@ from autoseg.network.unet import UNet
 # that oneDNN still runs each call at full speed (2 AVX2 cores, 112 x 160 x 128 window, 32 features:
 # 14.8 s and 1.33 GiB peak with 32 MiB, 15.1 s and 1.24 GiB with 8 MiB, 36.6 s with 2 MiB).
 CHUNK_BYTES = 8 * 2**20
+# Windows whose full-resolution feature map (float32) is smaller run the plain forward: there its
+# activations are small anyway (about 7 such maps at the peak), and it was 1.29x faster than
+# low_memory_forward on a 40 x 56 x 40 window (Hippocampus, 2 AVX2 cores; docs/prediction.md).
+LARGE_MAP_BYTES = 64 * 2**20
+
+
+def inference_forward(network: UNet, patch_size: Sequence[int],
+                      device: torch.device | str = "cpu") -> Callable[[torch.Tensor], torch.Tensor]:
+    """What prediction calls on each batch of windows of `patch_size`: `low_memory_forward` where one
+    full-resolution feature map exceeds LARGE_MAP_BYTES, else the network itself. On a GPU each
+    convolution runs whole (small calls would leave it idle)."""
+    if network.topology.features_per_stage[0] * math.prod(patch_size) * 4 < LARGE_MAP_BYTES:
+        return network
+    chunk_bytes = CHUNK_BYTES if torch.device(device).type == "cpu" else None
+    return functools.partial(low_memory_forward, network, chunk_bytes=chunk_bytes)
 
 
 @torch.no_grad()

@@ -3,7 +3,6 @@ geometry and score it against the original label file (`validation/summary.json`
 
 from __future__ import annotations
 
-import functools
 import logging
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from autoseg.inference.export import (LabelMapBuilder, export_segmentation, prob
                                       segmentation_suffix, write_segmentation)
 from autoseg.inference.export import save_probabilities as save_npz
 from autoseg.inference.sliding_window import sliding_window_predict, sliding_window_slabs, softmax_in_place
-from autoseg.network.low_memory import CHUNK_BYTES, low_memory_forward
+from autoseg.network.low_memory import inference_forward
 from autoseg.network.unet import UNet
 from autoseg.preprocessing import store
 
@@ -48,10 +47,8 @@ def validate_fold(network: torch.nn.Module, workdir: Path, plans: dict, configur
     labels = [int(k) for k in plans["labels"] if int(k) > 0]
     ending = raw.get("file_ending", ".nii.gz")
     network.eval()
-    # As `autoseg predict` computes them: the same logits in a fraction of the activation memory.
-    chunk_bytes = CHUNK_BYTES if torch.device(device).type == "cpu" else None  # as the predictor
-    forward = (functools.partial(low_memory_forward, network, chunk_bytes=chunk_bytes) if isinstance(network, UNet)
-               else network)
+    # As `autoseg predict` runs the windows (large ones through low_memory_forward).
+    forward = inference_forward(network, config["patch_size"], device) if isinstance(network, UNet) else network
     per_case = {}
     for case_id in tqdm(val_ids, desc="validation", unit="case", disable=not progress):
         image = torch.from_numpy(store.load_case_image(data_dir, case_id))
