@@ -17,7 +17,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -31,7 +31,8 @@ from autoseg.inference.openvino_runtime import RUNTIMES, OpenVINONetwork, OpenVI
 from autoseg.inference.export import (LabelMapBuilder, probabilities_to_original, save_probabilities,
                                       segmentation_suffix, write_segmentation)
 from autoseg.inference.inputs import InputCase, InputError, discover_inputs, read_input_case
-from autoseg.inference.sliding_window import sliding_window_predict, sliding_window_slabs, softmax_in_place
+from autoseg.inference.sliding_window import (accumulator_dtype_for, sliding_window_predict, sliding_window_slabs,
+                                              softmax_in_place)
 from autoseg.inference.volumes import VolumeTable, structure_rows
 from autoseg.network.low_memory import inference_forward
 from autoseg.network.unet import UNetTopology, build_unet
@@ -133,9 +134,8 @@ class Predictor:
         self.tiles_per_batch = tiles_per_batch or (4 if self.device.type == "cuda" else 1)
         # float16 on CUDA; bfloat16 on a CPU that computes it natively (about 2x faster, same labels in practice)
         self.mixed_precision = mixed_precision and mixed_precision_available(self.device) and runtime == "torch"
-        # The windows' running mean in float16 (nnU-Net's choice, half the largest array); float32 when the
-        # caller asked for float32 throughout (--fp32).
-        self.accumulator_dtype = torch.float16 if mixed_precision else torch.float32
+        # The windows' running mean in float16 (nnU-Net's choice, half the largest array), unless --fp32.
+        self.accumulator_dtype = accumulator_dtype_for(mixed_precision)
         self.checkpoint = checkpoint
         self.folds: list[LoadedFold] = []
         for name in self.configurations:
@@ -235,16 +235,7 @@ class Predictor:
         if not builder.streams:
             return self.segment_probabilities(prepared, self.run_networks(prepared), entropy_map)
         data = torch.from_numpy(prepared.data[0])
-        slabs = [self._sliding_window(fold, data, streaming=True) for fold in self.folds]  # one configuration
-        for pieces in zip(*slabs):
-            z0 = pieces[0][0]
-            total = None
-            for start, logits in pieces:
-                if start != z0:
-                    raise AssertionError("the folds' sliding windows went out of step")
-                softmax_in_place(logits)
-                total = logits if total is None else total.add_(logits)
-            builder.add(z0, [total.div_(len(pieces)).numpy()])
+        add_slabs(builder, [self._sliding_window(fold, data, streaming=True) for fold in self.folds])
         return _segmentation(builder, members)
 
     def segment_probabilities(self, prepared: PreparedCase, probabilities: Sequence[np.ndarray],
@@ -290,6 +281,20 @@ class Predictor:
             "models": [{"configuration": f.configuration, "fold": f.fold, "checkpoint": str(f.checkpoint),
                         "epoch": f.epoch} for f in self.folds],
         }
+
+
+def add_slabs(builder: LabelMapBuilder, streams: Sequence[Iterator[tuple[int, torch.Tensor]]]) -> None:
+    """Give `builder` (one configuration) each z-slab's softmax, averaged over the networks whose
+    `sliding_window_slabs` streams advance side by side."""
+    for pieces in zip(*streams):
+        z0 = pieces[0][0]
+        total = None
+        for start, logits in pieces:
+            if start != z0:
+                raise AssertionError("the folds' sliding windows went out of step")
+            softmax_in_place(logits)
+            total = logits if total is None else total.add_(logits)
+        builder.add(z0, [total.div_(len(pieces)).numpy()])
 
 
 def _segmentation(builder: LabelMapBuilder, members: int) -> CaseSegmentation:

@@ -28,6 +28,11 @@ _DEVICE_ACCUMULATOR_SHARE = 0.5
 DEFAULT_ACCUMULATOR_DTYPE = torch.float16
 
 
+def accumulator_dtype_for(mixed_precision: bool) -> torch.dtype:
+    """The band's dtype for a run: float16 by default, float32 when float32 was asked for throughout (--fp32)."""
+    return DEFAULT_ACCUMULATOR_DTYPE if mixed_precision else torch.float32
+
+
 def gaussian_importance_map(patch_size: Sequence[int], sigma_scale: float = 1 / 8, device=None,
                             dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Weights that trust a patch's centre more than its borders; max 1, >0 everywhere.
@@ -49,7 +54,7 @@ def _cached_gaussian(patch: tuple[int, ...], sigma_scale: float, device: torch.d
     weights = torch.ones((), dtype=torch.float64)
     for profile in _gaussian_profiles(patch, sigma_scale):
         weights = weights[..., None] * profile
-    weights = (weights / weights.max()).to(dtype)
+    weights = weights.to(dtype)  # max 1: each profile's is
     # Far from the centre the Gaussian underflows; a zero weight would divide by zero where only borders cover.
     smallest = weights[weights > 0].min()
     return torch.where(weights > 0, weights, smallest).to(device)

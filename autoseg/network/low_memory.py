@@ -8,10 +8,11 @@ same function with:
 
 - every convolution run over chunks of rows of the first spatial axis, so the library's copies are
   one chunk, not one map;
+- a stride-1 convolution whose input is used up writing its output over that input (the decoder's
+  first convolution over the skip), one chunk late;
 - the decoder's upsampling and its concatenation with the skip computed for one chunk at a time,
   never for the whole map;
-- InstanceNorm and LeakyReLU applied in place;
-- each skip released as soon as the decoder has used it.
+- InstanceNorm and LeakyReLU applied in place.
 
 The arithmetic per output voxel is that of `UNet.forward` (same weights, same reduction over
 channels and kernel taps), so the logits agree to float32 rounding. Used by the predictor; training

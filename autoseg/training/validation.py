@@ -18,7 +18,9 @@ from autoseg.evaluation import evaluate_case, mean_per_label, nan_to_none
 from autoseg.inference.export import (LabelMapBuilder, export_segmentation, probabilities_to_original,
                                       segmentation_suffix, write_segmentation)
 from autoseg.inference.export import save_probabilities as save_npz
-from autoseg.inference.sliding_window import sliding_window_predict, sliding_window_slabs, softmax_in_place
+from autoseg.inference.predictor import add_slabs
+from autoseg.inference.sliding_window import (accumulator_dtype_for, sliding_window_predict, sliding_window_slabs,
+                                              softmax_in_place)
 from autoseg.network.low_memory import inference_forward
 from autoseg.network.unet import UNet
 from autoseg.preprocessing import store
@@ -49,13 +51,13 @@ def validate_fold(network: torch.nn.Module, workdir: Path, plans: dict, configur
     network.eval()
     # As `autoseg predict` runs the windows (large ones through low_memory_forward).
     forward = inference_forward(network, config["patch_size"], device) if isinstance(network, UNet) else network
+    window = dict(patch_size=config["patch_size"], num_classes=len(plans["labels"]),
+                  mirror_axes=tuple(range(len(config["patch_size"]))) if mirroring else None, device=device,
+                  use_amp=mixed_precision, accumulator_dtype=accumulator_dtype_for(mixed_precision))
     per_case = {}
     for case_id in tqdm(val_ids, desc="validation", unit="case", disable=not progress):
         image = torch.from_numpy(store.load_case_image(data_dir, case_id))
         properties = store.load_properties(data_dir, case_id)
-        window = dict(patch_size=config["patch_size"], num_classes=len(plans["labels"]),
-                      mirror_axes=tuple(range(len(config["patch_size"]))) if mirroring else None, device=device,
-                      use_amp=mixed_precision, accumulator_dtype=torch.float16 if mixed_precision else torch.float32)
         geometry = Geometry.from_json(properties["original_geometry"])
         path = out_dir / f"{case_id}{segmentation_suffix(ending)}"
         if save_probabilities:
@@ -69,8 +71,7 @@ def validate_fold(network: torch.nn.Module, workdir: Path, plans: dict, configur
         else:
             builder = LabelMapBuilder([properties], plans, len(plans["labels"]))
             if builder.streams:
-                for z0, logits in sliding_window_slabs(forward, image, **window):
-                    builder.add(z0, [softmax_in_place(logits).numpy()])
+                add_slabs(builder, [sliding_window_slabs(forward, image, **window)])
             else:
                 builder.add(0, [softmax_in_place(sliding_window_predict(forward, image, **window)).numpy()])
             segmentation = write_segmentation(builder.labels, geometry, path)
