@@ -51,6 +51,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=0,
                         help="train with run_training() for this many epochs of --iters iterations (0: time steps)")
     parser.add_argument("--val-iters", type=int, default=50, help="validation batches per epoch with --epochs")
+    parser.add_argument("--batch-size", type=int, default=0,
+                        help="train with this batch size instead of the plans' (written into the plans it reads)")
     args = parser.parse_args()
 
     t_start = time.perf_counter()
@@ -61,6 +63,8 @@ def main() -> None:
 
     folder = Path(nnUNet_preprocessed) / args.dataset_name
     plans = load_json(str(folder / "nnUNetPlans.json"))
+    if args.batch_size:
+        plans["configurations"][args.configuration]["batch_size"] = args.batch_size
     plans["continue_training"] = False  # what run_training's get_trainer_from_args sets for a new run
     dataset_json = load_json(str(folder / "dataset.json"))
     trainer = nnUNetTrainer(plans, args.configuration, args.fold, dataset_json, device=torch.device("cpu"))

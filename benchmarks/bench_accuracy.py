@@ -4,6 +4,7 @@ label of both is printed side by side with their training and prediction seconds
 
     python benchmarks/bench_accuracy.py DATASET --test-images DIR --test-labels DIR --iterations N
                                         [--epochs E] [--val-iters V] [--workers W]
+                                        [--configuration 2d|3d_fullres|3d_lowres] [--batch-size B]
                                         [--nnunet-venv /work/bench/nnunet_venv | --no-nnunet]
     python benchmarks/bench_accuracy.py DATASET --hold-out 20 --iterations N      # makes the split itself
 
@@ -11,7 +12,12 @@ DATASET is the raw training set (Decathlon or nnU-Net v2 layout); the test cases
 `--hold-out K` (Decathlon layout) instead draws K labelled cases at random (`--seed`) from DATASET's
 dataset.json as the test set and trains on the others, through links in a temporary folder.
 
-autoseg: `autoseg plan` (verify, fingerprint, plan, preprocess the default configuration) into a
+Both train the same configuration (`--configuration`, default autoseg's default configuration) with
+the same batch (`--batch-size`, default the plan's; nnU-Net gets it written into the plans its
+trainer reads). On a CPU the 2d configuration with a small batch is what reaches a few hundred or
+thousand iterations within the hour; 3d_fullres on Hippocampus takes 12-15 s an iteration there.
+
+autoseg: `autoseg plan` (verify, fingerprint, plan, preprocess that configuration) into a
 temporary workspace, `train_fold` of fold 0 for `--epochs` epochs of N / E iterations with
 `--val-iters` validation batches per epoch and no validation of whole cases at the end, then
 `predict_folder` of fold 0 (checkpoint_final, mirroring on) on --test-images.
@@ -74,8 +80,9 @@ def hold_out(dataset: Path, count: int, seed: int, folder: Path) -> tuple[Path, 
     return train_root, images, labels
 
 
-def plan_autoseg(dataset: Path, workdir: Path, workers: int) -> tuple[dict, str]:
-    """What `autoseg plan DATASET -o WORKDIR` does, for the default configuration only; (plans, configuration)."""
+def plan_autoseg(dataset: Path, workdir: Path, workers: int, configuration: str | None = None) -> tuple[dict, str]:
+    """What `autoseg plan DATASET -o WORKDIR` does, preprocessing one configuration (default: the plan's
+    default); (plans, configuration)."""
     from autoseg import workspace
     from autoseg.atomic import write_json
     from autoseg.dataset.layout import load_dataset
@@ -94,7 +101,10 @@ def plan_autoseg(dataset: Path, workdir: Path, workers: int) -> tuple[dict, str]
     save_fingerprint(fingerprint, workspace.fingerprint_json(workdir))
     plans = plan_experiment(fingerprint)
     save_plans(plans, workspace.plans_json(workdir))
-    configuration = plans["default_configuration"]
+    configuration = configuration or plans["default_configuration"]
+    if configuration not in plans["configurations"]:
+        raise BenchError(f"configuration {configuration} is not planned for {dataset.name} "
+                         f"(planned: {', '.join(plans['configurations'])})")
     preprocess_dataset(data, plans, workdir, [configuration], workers=workers)
     return plans, configuration
 
@@ -109,17 +119,17 @@ def dice_per_label(pred_dir: Path, labels_dir: Path, labels: list[int]) -> dict[
 
 
 def run_autoseg(workdir: Path, configuration: str, epochs: int, iters_per_epoch: int, val_iters: int,
-                workers: int, test_images: Path, out: Path) -> dict:
+                workers: int, test_images: Path, out: Path, batch_size: int | None = None) -> dict:
     from autoseg.inference.predictor import predict_folder
     from autoseg.training.trainer import TrainingSettings, train_fold
 
     settings = TrainingSettings(epochs=epochs, iters_per_epoch=iters_per_epoch, val_iters=val_iters,
-                                num_workers=workers, validate_at_end=False)
+                                num_workers=workers, validate_at_end=False, batch_size=batch_size)
     t = time.perf_counter()
     train_fold(workdir, configuration, 0, settings, progress=False)
     train_s = time.perf_counter() - t
     t = time.perf_counter()
-    report = predict_folder(workdir, [test_images], out, folds=[0], progress=False)
+    report = predict_folder(workdir, [test_images], out, configurations=[configuration], folds=[0], progress=False)
     predict_s = time.perf_counter() - t
     if report.failed:
         raise BenchError(f"autoseg predict failed on {report.failed[:3]}")
@@ -127,14 +137,15 @@ def run_autoseg(workdir: Path, configuration: str, epochs: int, iters_per_epoch:
 
 
 def run_nnunet(dataset: Path, workdir: Path, configuration: str, venv: str, folder: Path, epochs: int,
-               iters_per_epoch: int, val_iters: int, workers: int, test_images: Path, out: Path) -> dict:
+               iters_per_epoch: int, val_iters: int, workers: int, test_images: Path, out: Path,
+               batch_size: int | None = None) -> dict:
     from bench_predict import link_inputs
     from bench_train import autoseg_plan_summary, compare_plans, nnunet_plan_summary
 
     cache = folder / "nnunet"
     nnunet_bin, name, dataset_id = prepare_nnunet(dataset, cache, venv, configuration)
     differ = compare_plans(autoseg_plan_summary(workdir, configuration), nnunet_plan_summary(cache, name, configuration))
-    if {"batch_size", "patch_size"} & set(differ):
+    if "patch_size" in differ or ("batch_size" in differ and batch_size is None):
         print("WARNING: batch or patch differ, so the budgets are not equal", flush=True)
     splits = json.loads((workdir / "splits.json").read_text())
     splits = splits["folds"] if isinstance(splits, dict) else splits
@@ -146,7 +157,7 @@ def run_nnunet(dataset: Path, workdir: Path, configuration: str, venv: str, fold
     record = folder / "nnunet_train.json"
     cmd = [str(nnunet_bin / "python"), str(NNUNET_DRIVER), "--dataset-name", name, "--configuration", configuration,
            "--fold", "0", "--epochs", str(epochs), "--iters", str(iters_per_epoch), "--val-iters", str(val_iters),
-           "--json", str(record)]
+           "--json", str(record)] + (["--batch-size", str(batch_size)] if batch_size else [])
     log = folder / "nnunet_train.log"
     t = time.perf_counter()
     with open(log, "w") as log_file:
@@ -186,6 +197,10 @@ def main() -> None:
     parser.add_argument("--val-iters", type=int, default=10,
                         help="validation batches per epoch, both tools (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=None, help="augmentation workers for both (default: autoseg's)")
+    parser.add_argument("--configuration", choices=("2d", "3d_fullres", "3d_lowres"),
+                        help="configuration both train (default: autoseg's default configuration, 3d_fullres for 3D data)")
+    parser.add_argument("--batch-size", type=int,
+                        help="batch size for both instead of the plan's (nnU-Net gets it written into its plans)")
     parser.add_argument("--nnunet-venv", default=str(DEFAULT_NNUNET_VENV) if DEFAULT_NNUNET_VENV.is_dir() else None,
                         metavar="PATH", help="nnunetv2 venv or its bin folder (default: %(default)s)")
     parser.add_argument("--no-nnunet", action="store_true", help="run autoseg only")
@@ -195,6 +210,8 @@ def main() -> None:
 
     if args.iterations < 1:
         raise BenchError("--iterations must be at least 1")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise BenchError("--batch-size must be at least 1")
     epochs = args.epochs or max(1, round(args.iterations / 250))
     if epochs < 1 or args.iterations % epochs:
         raise BenchError(f"--iterations {args.iterations} must split into --epochs {epochs} equal epochs")
@@ -217,16 +234,19 @@ def main() -> None:
             test_images, test_labels = args.test_images.resolve(), args.test_labels.resolve()
         workdir = folder / "autoseg_ws"
         t = time.perf_counter()
-        plans, configuration = plan_autoseg(dataset, workdir, workers=2)
+        plans, configuration = plan_autoseg(dataset, workdir, workers=2, configuration=args.configuration)
         plan_s = time.perf_counter() - t
-        config = plans["configurations"][configuration]
+        config = dict(plans["configurations"][configuration])
+        if args.batch_size:
+            config["batch_size"] = args.batch_size
         labels = sorted(int(k) for k in plans["labels"] if int(k) > 0)
-        print(f"configuration {configuration}: batch {config['batch_size']}, patch {config['patch_size']}; "
+        print(f"configuration {configuration}: batch {config['batch_size']}"
+              f"{' (plan: ' + str(plans['configurations'][configuration]['batch_size']) + ')' if args.batch_size else ''}, patch {config['patch_size']}; "
               f"{args.iterations} iterations = {epochs} epoch(s) x {iters_per_epoch}, {args.val_iters} validation "
               f"batches per epoch, {workers} augmentation worker(s); test cases in {test_images}", flush=True)
 
         figures = {"autoseg": run_autoseg(workdir, configuration, epochs, iters_per_epoch, args.val_iters, workers,
-                                          test_images, folder / "pred_autoseg")}
+                                          test_images, folder / "pred_autoseg", args.batch_size)}
         figures["autoseg"]["plan_s"] = plan_s
         figures["autoseg"]["dice"] = dice_per_label(folder / "pred_autoseg", test_labels, labels)
         print(f"autoseg done: train {figures['autoseg']['train_s']:.1f} s, predict "
@@ -234,7 +254,7 @@ def main() -> None:
         if use_nnunet:
             figures["nnunetv2"] = run_nnunet(dataset, workdir, configuration, args.nnunet_venv, folder, epochs,
                                              iters_per_epoch, args.val_iters, workers, test_images,
-                                             folder / "pred_nnunet")
+                                             folder / "pred_nnunet", args.batch_size)
             figures["nnunetv2"]["dice"] = dice_per_label(folder / "pred_nnunet", test_labels, labels)
 
         tools = list(figures)
@@ -254,7 +274,9 @@ def main() -> None:
               "to exit")
         if args.json:
             args.json.write_text(json.dumps({"iterations": args.iterations, "epochs": epochs, "val_iters": args.val_iters,
-                                             "workers": workers, "configuration": configuration, **figures}, indent=1,
+                                             "workers": workers, "configuration": configuration,
+                                             "batch_size": config["batch_size"], "patch_size": config["patch_size"],
+                                             **figures}, indent=1,
                                             default=str))
 
 

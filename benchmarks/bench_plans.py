@@ -353,11 +353,11 @@ def summarize_nnunet(plans: dict) -> dict:
             "default_configuration": None, "only_nnunet": derived}
 
 
-def _close(a, b) -> bool:
+def _close(a, b, rtol: float = 1e-3) -> bool:
     if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(_close(x, y, rtol) for x, y in zip(a, b))
     if isinstance(a, float) or isinstance(b, float):
-        return a is not None and b is not None and abs(a - b) <= 1e-3 * max(abs(a), abs(b), 1e-9)
+        return a is not None and b is not None and abs(a - b) <= rtol * max(abs(a), abs(b), 1e-9)
     return a == b
 
 
@@ -365,8 +365,10 @@ CONFIG_FIELDS = ("spacing", "median_shape", "patch_size", "batch_size", "n_stage
                  "kernel_sizes", "features_per_stage", "batch_dice")
 
 
-def differences(ours: dict, theirs: dict) -> list[str]:
-    """Every compared field where the two plans disagree, as readable lines."""
+def differences(ours: dict, theirs: dict, intensity_rtol: float = 1e-3) -> list[str]:
+    """Every compared field where the two plans disagree, as readable lines. CT clip, mean and std are
+    compared within `intensity_rtol` (relative): on real images both tools draw their own random sample
+    of foreground voxels, so these differ by sampling noise."""
     out = []
     a_set, b_set = set(ours["configurations"]), set(theirs["configurations"])
     if a_set != b_set:
@@ -375,7 +377,7 @@ def differences(ours: dict, theirs: dict) -> list[str]:
         out.append(f"transpose_forward: autoseg {ours['transpose_forward']}, nnU-Net {theirs['transpose_forward']}")
     for i, (a, b) in enumerate(zip(ours["normalization"], theirs["normalization"])):
         for key in ("scheme", "use_mask", "clip", "mean", "std"):
-            if not _close(a.get(key), b.get(key)):
+            if not _close(a.get(key), b.get(key), intensity_rtol if key in ("clip", "mean", "std") else 1e-3):
                 out.append(f"normalization[{i}].{key}: autoseg {_show(a.get(key))}, nnU-Net {_show(b.get(key))}")
     for name in [c for c in CONFIGURATIONS if c in a_set & b_set]:
         for key in CONFIG_FIELDS:
@@ -417,7 +419,7 @@ def _norm_text(norm: list[dict]) -> str:
     return ", ".join(parts)
 
 
-def side_by_side(ours: dict | None, theirs: dict | None) -> list[str]:
+def side_by_side(ours: dict | None, theirs: dict | None, intensity_rtol: float = 1e-3) -> list[str]:
     """Rows of both plans; `*` marks a row that differs."""
     def cell(summary, getter):
         if summary is None:
@@ -437,7 +439,7 @@ def side_by_side(ours: dict | None, theirs: dict | None) -> list[str]:
             rows.append((f"{name} {key}", lambda s, n=name, k=key: _show(s["configurations"][n][k], k)))
     diff_keys = set()
     if ours and theirs:
-        for line in differences(ours, theirs):
+        for line in differences(ours, theirs, intensity_rtol):
             field = line.split(":", 1)[0]
             diff_keys.add(field.split("[")[0] if field.startswith("normalization") else field)
     width = max(len(cell(ours, g)) for _, g in rows)

@@ -23,6 +23,19 @@ def test_autoseg_side_trains_predicts_and_scores_held_out_cases(make_decathlon, 
     assert set(dice) == {"1", "2"} and all(d is None or 0.0 <= d <= 1.0 for d in dice.values())
 
 
+def test_configuration_and_batch_size_are_the_ones_trained(make_decathlon, tmp_path):
+    root = make_decathlon(tmp_path / "Task99_Tiny", n_cases=9, shape=(12, 16, 14))
+    figures = tmp_path / "figures.json"
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "bench_accuracy.py"), str(root), "--hold-out", "2",
+                             "--iterations", "2", "--val-iters", "1", "--workers", "0", "--no-nnunet",
+                             "--configuration", "2d", "--batch-size", "3", "--json", str(figures)],
+                            cwd=BENCHMARKS, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "configuration 2d: batch 3 (plan: " in result.stdout
+    record = json.loads(figures.read_text())
+    assert record["configuration"] == "2d" and record["batch_size"] == 3 and len(record["patch_size"]) == 2
+
+
 def test_iterations_that_do_not_split_into_the_epochs_are_refused(tmp_path):
     result = subprocess.run([sys.executable, str(BENCHMARKS / "bench_accuracy.py"), str(tmp_path), "--hold-out", "2",
                              "--iterations", "5", "--epochs", "2", "--no-nnunet"], cwd=BENCHMARKS,

@@ -55,6 +55,7 @@ def test_read_case_image_rejects_a_wrong_channel_count_naming_the_file(make_deca
     ({"modality": {"1": "CT"}, "labels": {"0": "background"}, "training": [{"image": "a.nii.gz"}]}, "indices"),
     ({"modality": {"0": "CT"}, "labels": {"0": "background"}, "training": []}, "training"),
     ({"channel_names": {"0": "CT"}, "labels": {"background": 0, "tumour": [1, 2]}}, "region"),
+    ({"channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": 1, "ignore": 2}}, "ignore.*unannotated"),
     ({"channel_names": {"0": "CT"}, "labels": {"background": 0}, "file_ending": ".bmp"}, "file_ending"),
     ({"modality": {"0": "CT"}, "labels": {"0": "background", "1": "a", "40000": "b"}, "training": [{"image": "a.nii.gz"}]},
      "0..32767"),

@@ -8,6 +8,7 @@ import hashlib
 import numpy as np
 import pytest
 from scipy import ndimage
+from skimage.transform import resize
 
 from autoseg.dataset.image_io import Geometry
 from autoseg.dataset.layout import load_dataset, read_case_image, read_case_label
@@ -239,6 +240,59 @@ def test_separate_axis_is_decided_by_the_current_grid_first_then_the_target():
     assert separate_axis_for((2.0, 0.7, 0.7), (2.0, 0.7, 0.7), 3.0) is None  # ratio 2.86 <= 3
 
 
+def _nnunet_resize(volume: np.ndarray, shape: tuple[int, ...], order: int = 3, dtype=np.float32) -> np.ndarray:
+    """The reference: scikit-image's resize as nnU-Net v2 calls it (edge mode, no anti-aliasing, clipped
+    to the input's range)."""
+    return resize(volume.astype(np.float64), shape, order=order, mode="edge", anti_aliasing=False).astype(dtype)
+
+
+def _reference_label_resize(label: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """nnU-Net v2's label rule written plainly: every label's mask resized linearly, the largest wins;
+    an exact tie goes to the nearest-neighbour label if it is among the tied, else to the lowest."""
+    values = np.unique(label)
+    weights = np.stack([_nnunet_resize(label == v, shape, order=1, dtype=np.float64) for v in values])
+    top = weights.max(0)
+    nearest = _nnunet_resize(label.astype(np.float32), shape, order=0)
+    out = values[weights.argmax(0)].astype(label.dtype)  # argmax takes the first, the lowest, of tied labels
+    for i, v in enumerate(values):
+        settles = (nearest == v) & (weights[i] == top) & (top > 0)
+        out[settles] = v
+    return out
+
+
+def test_cubic_resampling_is_scikit_images_resize_clipped_to_the_input_range():
+    """A bright square on a constant background: cubic splines ring below the background, and the
+    result is clipped to the input's range as nnU-Net's resize does, so both give the same values."""
+    image = np.zeros((1, 6, 10, 10), np.float32)
+    image[0, 2:4, 3:7, 3:7] = 5.0
+    for shape in [(9, 17, 13), (4, 6, 7)]:
+        out = resample_image(image, shape, order=3)
+        assert out.min() >= 0.0 and out.max() <= 5.0
+        np.testing.assert_allclose(out[0], _nnunet_resize(image[0], shape), rtol=1e-5, atol=1e-5)
+    unclipped = ndimage.zoom(image[0], np.divide((9, 17, 13), image.shape[1:]), order=3, mode="nearest", grid_mode=True)
+    assert unclipped.min() < -0.1  # the ringing that clipping removes
+
+
+def test_label_resampling_is_nnunets_rule_ties_included():
+    rng = np.random.default_rng(11)
+    label = ndimage.median_filter(rng.integers(-1, 4, (8, 12, 12)), size=3).astype(np.int8)  # blobs, -1 included
+    for shape in [(13, 19, 7), (5, 9, 20), (16, 24, 24), (4, 6, 6)]:  # x2 and /2 make exact ties at every boundary
+        np.testing.assert_array_equal(resample_label(label, shape, 1), _reference_label_resize(label, shape))
+
+
+def test_label_resampling_matches_batchgenerators_resize_segmentation_that_nnunet_calls():
+    import inspect
+
+    from batchgenerators.augmentations import utils as bg_utils
+    if "seg_tiebreak" not in inspect.signature(bg_utils.resize_segmentation).parameters:
+        pytest.skip("batchgenerators before 0.25.5 thresholds labels at 0.5 (nnU-Net's older rule)")
+    rng = np.random.default_rng(12)
+    label = ndimage.median_filter(rng.integers(0, 5, (10, 14, 9)), size=3).astype(np.int16)
+    for shape in [(20, 28, 18), (7, 11, 13), (10, 7, 27)]:
+        np.testing.assert_array_equal(resample_label(label, shape, 1),
+                                      bg_utils.resize_segmentation(label, shape, order=1))
+
+
 def test_mixed_thickness_cases_get_nearest_along_z_only_when_thick():
     """One plan (1.0, 0.7, 0.7) for a 5 mm and a 0.7 mm case: the 5 mm case is copied slice by slice along z,
     the 0.7 mm case gets ordinary 3D cubic resampling."""
@@ -254,7 +308,7 @@ def test_mixed_thickness_cases_get_nearest_along_z_only_when_thick():
     thin = rng.uniform(1, 2, (1, 14, 6, 6)).astype(np.float32)
     data, _, _ = preprocess_case(thin, None, _geometry((0.7, 0.7, 0.7), (14, 6, 6)), plans, "3d_fullres")
     assert data.shape[1:] == (10, 6, 6)
-    cubic = ndimage.zoom(thin[0], (10 / 14, 1, 1), order=3, mode="nearest", grid_mode=True)
+    cubic = _nnunet_resize(thin[0], (10, 6, 6))
     np.testing.assert_allclose(data[0], cubic, rtol=1e-6, atol=1e-6)
 
 
@@ -273,7 +327,7 @@ def test_in_plane_resampling_with_a_separate_axis_is_cubic_slice_by_slice():
     rng = np.random.default_rng(5)
     image = rng.uniform(0, 1, (1, 3, 8, 8)).astype(np.float32)
     out = resample_image(image, (6, 12, 12), order=3, separate_axis=0, thick_axis_order=0)
-    per_slice = np.stack([ndimage.zoom(s, 1.5, order=3, mode="nearest", grid_mode=True) for s in image[0]])
+    per_slice = np.stack([_nnunet_resize(s, (12, 12)) for s in image[0]])
     np.testing.assert_allclose(out[0], per_slice[[0, 0, 1, 1, 2, 2]], rtol=1e-6, atol=1e-6)
 
 
@@ -341,8 +395,13 @@ def test_2d_keeps_each_case_axis0_spacing_and_resamples_in_plane_only():
         data, seg, properties = preprocess_case(image, label, _geometry(spacing, (5, 6, 7)), plans, "2d")
         assert data.shape == (1, 5, 12, 14) and seg.shape == (1, 5, 12, 14)
         assert properties["spacing"] == [spacing[0], 0.5, 0.5]
-        per_slice = np.stack([ndimage.zoom(s, 2, order=3, mode="nearest", grid_mode=True) for s in image[0]])
-        np.testing.assert_allclose(data[0], per_slice, rtol=1e-5, atol=1e-5)  # slices never mix
+        # nnU-Net's rule: slice by slice where either grid is anisotropic, else one 3D resize whose
+        # factor along axis 0 is 1, which samples each slice where it lies: slices never mix either way.
+        if separate_axis_for(spacing, properties["spacing"], 3.0) == 0:
+            reference = np.stack([_nnunet_resize(s, (12, 14)) for s in image[0]])
+        else:
+            reference = _nnunet_resize(image[0], (5, 12, 14))
+        np.testing.assert_allclose(data[0], reference, rtol=1e-5, atol=1e-5)
     assert preprocessing_key(plans, "2d") != preprocessing_key(plans, "3d_fullres")
 
 

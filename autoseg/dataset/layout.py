@@ -147,6 +147,11 @@ def _load_nnunetv2(root: Path, meta_path: Path, meta: dict) -> Dataset:
     for name, value in raw_labels.items():
         if isinstance(value, list):
             raise DatasetError(f"{meta_path}: label '{name}' is a region (list of ids); region-based training is not supported")
+        if name == "ignore":
+            # nnU-Net v2 reads this name as "not annotated" (sparse labels); training it as a class would
+            # teach the network to predict unannotated voxels, so refuse rather than do that silently.
+            raise DatasetError(f"{meta_path}: label 'ignore' ({value}) marks unannotated voxels in nnU-Net v2; "
+                               "autoseg does not support sparse annotations, so every voxel needs a real label")
         try:
             labels[int(value)] = str(name)
         except (TypeError, ValueError):

@@ -35,7 +35,11 @@ def separate_axis_for(current_spacing: Sequence[float], target_spacing: Sequence
 
 
 def _zoom(volume: np.ndarray, shape: Sequence[int], order: int) -> np.ndarray:
-    """Resample a whole array; voxel edges stay aligned, so the physical extent is kept."""
+    """Resample a whole array; voxel edges stay aligned, so the physical extent is kept.
+
+    Splines of order 2 and up overshoot at sharp edges (a brain against a constant background rings
+    below the background value), so their result is clipped to the input's range, as scikit-image's
+    `resize` does for nnU-Net; the two then give the same values (benchmarks/bench_plan_parity.py)."""
     shape = tuple(shape)
     if volume.shape == shape:
         return volume
@@ -44,6 +48,8 @@ def _zoom(volume: np.ndarray, shape: Sequence[int], order: int) -> np.ndarray:
     if out.shape != shape:  # zoom rounds; guard against an off-by-one
         out = out[tuple(slice(0, n) for n in shape)]
         out = np.pad(out, [(0, n - o) for n, o in zip(shape, out.shape)], mode="edge")
+    if order > 1 and volume.size:
+        np.clip(out, volume.min(), volume.max(), out=out)
     return out
 
 
@@ -96,19 +102,39 @@ def resample_image(image: np.ndarray, shape: Sequence[int], order: int = 3, sepa
 
 def resample_label(label: np.ndarray, shape: Sequence[int], order: int = 1, separate_axis: int | None = None,
                    thick_axis_order: int = 0) -> np.ndarray:
-    """Resample a (Z, Y, X) label map one label at a time and keep the most likely label per voxel,
-    so no label value appears that was not there (negative values such as -1 included)."""
+    """Resample a (Z, Y, X) label map one label at a time: each voxel takes the label whose interpolated
+    mask is largest, so no label value appears that was not there (-1 included; interpolating the ids
+    would put a 1 between a 0 and a 2). An exact tie, which an even resize factor makes at every
+    boundary, goes to the nearest-neighbour label where it is one of the tied labels, else to the
+    lowest: nnU-Net v2's rule (batchgenerators 0.25's `resize_segmentation`), checked voxel for voxel
+    by benchmarks/bench_plan_parity.py."""
     shape = tuple(shape)
     if tuple(label.shape) == shape:
         return label
     values = np.unique(label)
-    best = np.zeros(shape, dtype=np.float32)
-    out = np.full(shape, values[0], dtype=label.dtype)
+    if len(values) == 1:
+        return np.full(shape, values[0], dtype=label.dtype)
+    nearest = _resample_volume(label.astype(np.float32), shape, 0, separate_axis, 0)
+    out = np.empty(shape, dtype=label.dtype)
+    best = None
+    nearest_on_top = np.empty(shape, dtype=bool)  # the nearest neighbour's label holds the top weight so far
     for v in values:
-        weight = _resample_volume((label == v).astype(np.float32), shape, order, separate_axis, thick_axis_order)
+        # float64 as nnU-Net: ties are decided by exact equality, and float32 rounding would make more of them
+        weight = _resample_volume((label == v).astype(np.float64), shape, order, separate_axis, thick_axis_order)
+        is_nearest = nearest == v
+        if best is None:
+            best = weight
+            out[...] = v
+            np.logical_and(is_nearest, weight > 0, out=nearest_on_top)
+            continue
+        # The nearest label drawing level with the leader keeps (or puts) it on top; any label taking the
+        # lead outright decides afresh. Two labels both weighing 0 are absent, not tied.
+        nearest_on_top |= is_nearest & (weight == best) & (weight > 0)
         better = weight > best
+        np.copyto(nearest_on_top, is_nearest, where=better)
         out[better] = v
-        best[better] = weight[better]
+        np.maximum(best, weight, out=best)
+    np.copyto(out, nearest.astype(label.dtype), where=nearest_on_top)
     return out
 
 

@@ -1,0 +1,145 @@
+"""benchmarks/bench_plan_parity.py without nnU-Net: its comparisons find a difference where there is
+one and none where there is none, and its dataset variants change what they say they change."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import blosc2
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from autoseg.cli import main as autoseg_main
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def parity():
+    sys.path.insert(0, str(BENCHMARKS))
+    import bench_plan_parity
+
+    yield bench_plan_parity
+    sys.path.remove(str(BENCHMARKS))
+
+
+def _as_nnunet(ws: Path, out: Path) -> tuple[dict, Path]:
+    """autoseg's fingerprint, plans and arrays written the way nnU-Net writes its own, so the comparison
+    has a partner that agrees everywhere until a test changes it."""
+    fp = json.loads((ws / "fingerprint.json").read_text())
+    plans = json.loads((ws / "plans.json").read_text())
+    cases = sorted(fp["cases"], key=lambda c: c["case_id"])
+    out.mkdir(parents=True)
+    (out / "dataset_fingerprint.json").write_text(json.dumps({
+        "spacings": [c["spacing"] for c in cases], "shapes_after_crop": [c["cropped_shape"] for c in cases],
+        "median_relative_size_after_cropping": float(np.median([np.prod(c["cropped_shape"]) / np.prod(c["shape"])
+                                                                for c in cases])),
+        "foreground_intensity_properties_per_channel": {str(i): s for i, s in enumerate(fp["foreground_intensities"])}}))
+    configurations = {}
+    for name, c in plans["configurations"].items():
+        configurations[name] = {
+            "data_identifier": f"nnUNetPlans_{name}", "spacing": c["spacing"],
+            "median_image_size_in_voxels": c["median_shape"], "patch_size": c["patch_size"],
+            "batch_size": c["batch_size"], "batch_dice": c["batch_dice"],
+            "normalization_schemes": ["ZScoreNormalization" for _ in plans["normalization"]],
+            "use_mask_for_norm": [n["use_nonzero_mask"] for n in plans["normalization"]],
+            "architecture": {"arch_kwargs": {"strides": c["strides"], "kernel_sizes": c["kernel_sizes"],
+                                             "features_per_stage": c["features_per_stage"]}}}
+        shutil.copytree(ws / "preprocessed" / c["data_identifier"], out / f"nnUNetPlans_{name}",
+                        ignore=shutil.ignore_patterns("*.json"))
+    nnunet_plans = {"configurations": configurations, "transpose_forward": plans["transpose_forward"],
+                    "foreground_intensity_properties_per_channel": {}}
+    (out / "nnUNetPlans.json").write_text(json.dumps(nnunet_plans))
+    return nnunet_plans, out
+
+
+@pytest.fixture(scope="module")
+def planned(tmp_path_factory):
+    from tests.conftest import synthetic_case, write_sitk  # noqa: F401  (conftest helpers)
+
+    root = tmp_path_factory.mktemp("parity")
+    dataset = root / "Task98_Tiny"
+    training = []
+    for i in range(4):
+        image, label = synthetic_case((10, 14, 12), 1, "mri", 2, seed=i)
+        write_sitk(dataset / "imagesTr" / f"case_{i:03d}.nii.gz", image[0], (1.0, 1.0, 1.0))
+        write_sitk(dataset / "labelsTr" / f"case_{i:03d}.nii.gz", label, (1.0, 1.0, 1.0))
+        training.append({"image": f"./imagesTr/case_{i:03d}.nii.gz", "label": f"./labelsTr/case_{i:03d}.nii.gz"})
+    (dataset / "dataset.json").write_text(json.dumps({
+        "name": "Tiny", "modality": {"0": "MRI"}, "labels": {"0": "background", "1": "a", "2": "b"},
+        "numTraining": 4, "training": training}))
+    ws = root / "ws"
+    assert autoseg_main(["plan", str(dataset), "-o", str(ws), "--workers", "0", "--configs", "3d_fullres"]) == 0
+    return dataset, ws
+
+
+def test_identical_outputs_compare_as_identical(parity, planned, tmp_path):
+    _, ws = planned
+    nnunet_plans, pre = _as_nnunet(ws, tmp_path / "nnunet")
+    fp = parity.compare_fingerprints(json.loads((ws / "fingerprint.json").read_text()),
+                                     json.loads((pre / "dataset_fingerprint.json").read_text()))
+    assert fp["problems"] == []
+    arrays = parity.compare_arrays(ws, json.loads((ws / "plans.json").read_text()), pre, nnunet_plans, 0)
+    summary = parity.array_summary(arrays["3d_fullres"])
+    assert summary["cases"] == summary["same_shape"] == 4
+    assert summary["data_max_abs_diff"] == 0.0 and summary["seg_agreement_min"] == 1.0
+
+
+def test_a_changed_voxel_a_changed_label_and_a_changed_shape_are_each_reported(parity, planned, tmp_path):
+    _, ws = planned
+    nnunet_plans, pre = _as_nnunet(ws, tmp_path / "nnunet")
+    folder = pre / "nnUNetPlans_3d_fullres"
+    data = blosc2.open(str(folder / "case_000.b2nd"))[...]
+    data[0, 3, 4, 5] += 0.25
+    blosc2.asarray(data, urlpath=str(folder / "case_000.b2nd"), mode="w")
+    seg = blosc2.open(str(folder / "case_001_seg.b2nd"))[...]
+    seg[0][seg[0] == 2] = 1  # label 2 of case_001 read as label 1
+    blosc2.asarray(seg, urlpath=str(folder / "case_001_seg.b2nd"), mode="w")
+    fp_path = pre / "dataset_fingerprint.json"
+    fp = json.loads(fp_path.read_text())
+    fp["shapes_after_crop"][2] = [s + 1 for s in fp["shapes_after_crop"][2]]
+    fp_path.write_text(json.dumps(fp))
+
+    rows = {r["case_id"]: r for r in parity.compare_arrays(ws, json.loads((ws / "plans.json").read_text()), pre,
+                                                           nnunet_plans, 0)["3d_fullres"]}
+    assert rows["case_000"]["data_max_abs_diff"] == pytest.approx(0.25) and rows["case_000"]["seg_agreement"] == 1.0
+    assert rows["case_001"]["data_max_abs_diff"] == 0.0 and rows["case_001"]["seg_agreement"] < 1.0
+    assert rows["case_001"]["seg_dice"]["2"] == 0.0
+    problems = parity.compare_fingerprints(json.loads((ws / "fingerprint.json").read_text()), fp)["problems"]
+    assert problems == ["shape after cropping differs in 1 case(s): case_002"]
+
+
+def test_plan_differences_are_listed_by_field(parity, planned, tmp_path):
+    _, ws = planned
+    nnunet_plans, _ = _as_nnunet(ws, tmp_path / "nnunet")
+    nnunet_plans["configurations"]["3d_fullres"]["batch_size"] += 1
+    ours = parity.summarize_autoseg(json.loads((ws / "plans.json").read_text()))
+    theirs = parity.summarize_nnunet(nnunet_plans)
+    diffs = parity.differences(ours, theirs, parity.INTENSITY_RTOL)
+    assert len(diffs) == 1 and diffs[0].startswith("3d_fullres batch_size")
+
+
+def test_variant_respaces_one_axis_per_case_and_renames_channels(parity, planned, tmp_path):
+    dataset, _ = planned
+    variant = parity.dataset_variant(dataset, tmp_path / "variant", [1.0, 4.0], ["CT"], axis=0)
+    assert json.loads((variant / "dataset.json").read_text())["modality"] == {"0": "CT"}
+    for i, factor in enumerate([1.0, 4.0, 1.0, 4.0]):
+        for sub in ("imagesTr", "labelsTr"):
+            image = sitk.ReadImage(str(variant / sub / f"case_{i:03d}.nii.gz"))
+            assert image.GetSpacing() == pytest.approx((factor, 1.0, 1.0))
+            original = sitk.ReadImage(str(dataset / sub / f"case_{i:03d}.nii.gz"))
+            assert np.array_equal(sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(original))
+    renamed_only = parity.dataset_variant(dataset, tmp_path / "renamed", None, ["T1"])
+    assert (renamed_only / "imagesTr" / "case_000.nii.gz").is_symlink()
+    with pytest.raises(parity.BenchError, match="1 channel"):
+        parity.dataset_variant(dataset, tmp_path / "wrong", None, ["T1", "T2"])
+
+
+def test_without_nnunet_it_says_how_to_get_it(parity, planned, tmp_path, capsys):
+    dataset, _ = planned
+    assert parity.main([str(dataset), "--nnunet-venv", str(tmp_path / "no_venv")]) == 2
+    assert "nnUNetv2_plan_and_preprocess" in capsys.readouterr().err
