@@ -248,3 +248,30 @@ def test_real_dsb_nuclei_rgb_pngs_load_as_three_channel_slices_and_verify_clean(
         assert geometry.spacing == (999.0, 1.0, 1.0) and geometry.shape == label.shape
         assert set(np.unique(label)) == {0, 1}
     assert verify_dataset(subset, progress=False).problems == []
+
+
+def test_nnunetv2_dataset_object_names_files_kept_elsewhere(make_nnunetv2, tmp_path):
+    """nnU-Net v2's `dataset` entry: cases listed with their files, relative or absolute, not in imagesTr."""
+    source = make_nnunetv2(tmp_path / "source", n_cases=2)
+    root = tmp_path / "listed"
+    root.mkdir()
+    meta = json.loads((source / "dataset.json").read_text())
+    meta["dataset"] = {
+        "first": {"images": [str(source / "imagesTr" / f"case_000_{c:04d}.nii.gz") for c in range(2)],
+                  "label": str(source / "labelsTr" / "case_000.nii.gz")},
+        "second": {"images": [f"../source/imagesTr/case_001_{c:04d}.nii.gz" for c in range(2)],
+                   "label": "../source/labelsTr/case_001.nii.gz"}}
+    (root / "dataset.json").write_text(json.dumps(meta))
+    dataset = load_dataset(root)
+    assert [c.case_id for c in dataset.cases] == ["first", "second"]
+    assert dataset.cases[1].image_files[1] == (source / "imagesTr" / "case_001_0001.nii.gz").resolve()
+    assert read_case_image(dataset.cases[1], 2)[0].shape[0] == 2
+    meta["dataset"]["second"]["images"] = meta["dataset"]["second"]["images"][:1]
+    (root / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(DatasetError, match="'second' lists 1 image.*declares 2"):
+        load_dataset(root)
+    del meta["dataset"]["second"]["label"]
+    meta["dataset"]["second"]["images"] = ["a.nii.gz", "b.nii.gz"]
+    (root / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(DatasetError, match="'second' needs \"label\""):
+        load_dataset(root)

@@ -75,6 +75,32 @@ def test_a_multi_page_tiff_is_a_3d_volume(tmp_path):
     assert geometry.shape == (4, 5, 6) and not geometry.is_2d
 
 
+def test_a_tiff_stack_takes_its_spacing_from_the_json_beside_it_as_in_nnunet(tmp_path):
+    volume = np.random.default_rng(1).integers(0, 255, (4, 5, 6)).astype(np.uint8)
+    sitk.WriteImage(sitk.GetImageFromArray(volume), str(tmp_path / "em_0000.tif"))
+    assert read_image(tmp_path / "em_0000.tif")[1].spacing == (1.0, 1.0, 1.0)  # no spacing file: 1 per voxel
+    (tmp_path / "em_0000.json").write_text('{"spacing": [40.0, 4.0, 4.0]}')  # z, y, x: an EM stack
+    array, geometry = read_image(tmp_path / "em_0000.tif")
+    np.testing.assert_array_equal(array, volume)
+    assert geometry.spacing == (40.0, 4.0, 4.0) and read_header(tmp_path / "em_0000.tif") == geometry
+    (tmp_path / "em_0000.json").write_text('{"spacing": [40.0, 4.0]}')
+    with pytest.raises(ImageReadError, match=r"em_0000\.json.*three positive numbers"):
+        read_image(tmp_path / "em_0000.tif")
+    (tmp_path / "em_0000.json").write_text('{"voxel": 1}')
+    with pytest.raises(ImageReadError, match=r"em_0000\.json.*spacing"):
+        read_header(tmp_path / "em_0000.tif")
+
+
+def test_writing_a_tiff_stack_writes_its_spacing_file_so_it_reads_back_on_its_grid(tmp_path):
+    geometry = Geometry((40.0, 4.0, 4.0), (0.0, 0.0, 0.0), (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0), (3, 5, 6))
+    labels = np.random.default_rng(2).integers(0, 3, (3, 5, 6)).astype(np.uint8)
+    write_image(tmp_path / "em.tif", labels, geometry)
+    assert (tmp_path / "em.json").is_file()
+    array, back = read_label(tmp_path / "em.tif")
+    np.testing.assert_array_equal(array, labels)
+    assert back.spacing == geometry.spacing and back.shape == geometry.shape
+
+
 def test_jpeg_reads_and_a_truncated_one_is_refused(tmp_path):
     Image.fromarray(_rgb((40, 50))).save(tmp_path / "photo.jpg", quality=95)
     array, geometry = read_image(tmp_path / "photo.jpg")

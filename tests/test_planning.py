@@ -283,3 +283,36 @@ def test_plans_json_round_trip_and_explain_table(tmp_path):
         assert word in table
     with pytest.raises(PlanError, match="autoseg plan"):
         load_plans(tmp_path / "missing.json")
+
+
+def test_tiff_stacks_plan_with_the_spacing_of_their_json_files(tmp_path):
+    """nnU-Net v2 keeps a 3D TIFF's spacing in `<file>.json`; an anisotropic EM stack must plan anisotropic
+    (thick axis kept coarse, 1x3x3 kernels first), not as the 1x1x1 the TIFF alone would say."""
+    import json
+
+    import SimpleITK as sitk
+
+    from autoseg.dataset.layout import load_dataset
+    from autoseg.fingerprint import compute_fingerprint
+    from autoseg.planning.planner import plan_experiment
+
+    from conftest import synthetic_case
+
+    def dataset(root, spacing):
+        for i in range(3):
+            image, label = synthetic_case((8, 32, 32), 1, "mri", 2, seed=i)
+            for path, array in ((root / "imagesTr" / f"em_{i:03d}_0000.tif", image[0].astype(np.uint8)),
+                                (root / "labelsTr" / f"em_{i:03d}.tif", label.astype(np.uint8))):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                sitk.WriteImage(sitk.GetImageFromArray(array), str(path))
+                if spacing:
+                    path.with_suffix(".json").write_text(json.dumps({"spacing": spacing}))
+        (root / "dataset.json").write_text(json.dumps({"channel_names": {"0": "EM"}, "labels": {"background": 0, "a": 1, "b": 2},
+                                                       "numTraining": 3, "file_ending": ".tif"}))
+        fp = compute_fingerprint(load_dataset(root), workers=0, progress=False, total_samples=3000)
+        return plan_experiment(fp)["configurations"]["3d_fullres"]
+
+    aniso = dataset(tmp_path / "with_json", [4.0, 1.0, 1.0])
+    assert aniso["spacing"] == [4.0, 1.0, 1.0] and aniso["kernel_sizes"][0] == [1, 3, 3]
+    plain = dataset(tmp_path / "without_json", None)
+    assert plain["spacing"] == [1.0, 1.0, 1.0] and plain["kernel_sizes"][0] == [3, 3, 3]

@@ -13,6 +13,7 @@ gives back a 2D file. Colour pictures (PNG, TIFF, JPEG with RGB pixels) become t
 from __future__ import annotations
 
 import gzip
+import json
 import logging
 import math
 import os
@@ -26,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from autoseg.atomic import atomic_path
+from autoseg.atomic import atomic_path, write_json
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +145,34 @@ def _checked_suffix(path: Path) -> str:
     return suffix
 
 
+TIFF_SUFFIXES = (".tif", ".tiff")
+
+
+def spacing_file(path: Path | str) -> Path:
+    """Where a 3D TIFF's spacing lives: `<name>.json` beside it, {"spacing": [z, y, x]} (nnU-Net v2's
+    convention for TIFF stacks, which have no slice spacing of their own)."""
+    path = Path(path)
+    return path.with_name(strip_suffix(path) + ".json")
+
+
+def _with_tiff_spacing(path: Path, geometry: Geometry) -> Geometry:
+    """A 3D TIFF's geometry with the spacing of its spacing file, when there is one (else 1 per voxel)."""
+    if image_suffix(path) not in TIFF_SUFFIXES or geometry.is_2d or len(geometry.shape) != 3:
+        return geometry
+    aux = spacing_file(path)
+    if not aux.is_file():
+        return geometry
+    try:
+        spacing = json.loads(aux.read_text())["spacing"]
+        spacing = tuple(float(s) for s in spacing)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ImageReadError(aux, f"not a spacing file for {path.name}: expected {{\"spacing\": [z, y, x]}} "
+                                  f"({type(exc).__name__}: {exc})") from None
+    if len(spacing) != 3 or not all(math.isfinite(s) and s > 0 for s in spacing):
+        raise ImageReadError(aux, f"spacing {list(spacing)} for {path.name}: three positive numbers (z, y, x) needed")
+    return Geometry(spacing, geometry.origin, geometry.direction, geometry.shape)
+
+
 def read_header(path: Path | str) -> Geometry:
     """Geometry without reading the voxels (fast integrity checks); the same as read_image's."""
     path = Path(path)
@@ -156,7 +185,7 @@ def read_header(path: Path | str) -> Geometry:
         reader.ReadImageInformation()
     except RuntimeError as exc:
         raise ImageReadError(path, f"unreadable image header ({_first_line(exc)})") from None
-    return _geometry_of(reader, suffix in NATURAL_IMAGE_SUFFIXES)
+    return _with_tiff_spacing(path, _geometry_of(reader, suffix in NATURAL_IMAGE_SUFFIXES))
 
 
 def read_image(path: Path | str) -> tuple[np.ndarray, Geometry]:
@@ -179,7 +208,7 @@ def read_image(path: Path | str) -> tuple[np.ndarray, Geometry]:
     if image.GetDimension() not in (2, 3, 4) or (image.GetDimension() == 4 and components != 1):
         raise ImageReadError(path, f"{image.GetDimension()}D images{' with vector pixels' if components != 1 else ''} "
                                    "are not supported")
-    geometry = _geometry_of(image, natural)
+    geometry = _with_tiff_spacing(path, _geometry_of(image, natural))
     array = sitk.GetArrayFromImage(image)
     if components != 1:  # colour: components last in the array -> channels first
         array = np.moveaxis(array, -1, 0)
@@ -314,6 +343,10 @@ def write_image(path: Path | str, array: np.ndarray, geometry: Geometry) -> None
     if suffix == ".mhd":
         _write_mhd(path, image)
         return
+    if suffix in TIFF_SUFFIXES and not geometry.is_2d and array.ndim == 3:
+        # A TIFF stack keeps no slice spacing; its spacing file does (written first: a TIFF without one
+        # would read back at 1 per voxel).
+        write_json(spacing_file(path), {"spacing": [float(s) for s in geometry.spacing]})
     with atomic_path(path) as tmp:
         sitk.WriteImage(image, str(tmp), useCompression=True)
 

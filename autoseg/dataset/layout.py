@@ -6,7 +6,8 @@ Two layouts are read:
 - nnU-Net v2: `channel_names` {index: name}, `labels` {name: id}, `file_ending`; images are
   `imagesTr/<case>_<cccc><ending>`, one file per channel, labels `labelsTr/<case><ending>`.
   Pictures (`.png`, `.tif`, ...) may instead hold every channel in `<case>_0000` (an RGB image for
-  channel_names R, G, B): see `one_file_holds_all_channels`.
+  channel_names R, G, B): see `one_file_holds_all_channels`. A `dataset` object
+  {case: {"images": [...], "label": ...}} instead names the files wherever they are.
 """
 
 from __future__ import annotations
@@ -159,6 +160,10 @@ def _load_nnunetv2(root: Path, meta_path: Path, meta: dict) -> Dataset:
     ending = meta.get("file_ending", ".nii.gz")
     if ending not in SUPPORTED_SUFFIXES:
         raise DatasetError(f"{meta_path}: file_ending '{ending}' is not supported; use one of {', '.join(SUPPORTED_SUFFIXES)}")
+    if "dataset" in meta:
+        cases = _listed_cases(root, meta_path, meta["dataset"], len(channels), ending)
+        return Dataset(root, str(meta.get("name", root.name)), "nnunetv2", channels,
+                       _check_labels(meta_path, labels), ending, cases, meta.get("licence") or meta.get("license"))
     images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
     if not images_dir.is_dir():
         raise DatasetError(f"{images_dir}: folder missing (nnU-Net v2 layout keeps training images in imagesTr/)")
@@ -182,6 +187,26 @@ def _load_nnunetv2(root: Path, meta_path: Path, meta: dict) -> Dataset:
         cases.append(Case(case_id, image_files, label_files.get(case_id, labels_dir / f"{case_id}{ending}")))
     return Dataset(root, str(meta.get("name", root.name)), "nnunetv2", channels,
                    _check_labels(meta_path, labels), ending, tuple(cases), meta.get("licence") or meta.get("license"))
+
+
+def _listed_cases(root: Path, meta_path: Path, listing: object, num_channels: int, ending: str) -> tuple[Case, ...]:
+    """Cases named in dataset.json's `dataset` object (nnU-Net v2's way to point at files kept elsewhere):
+    {case: {"images": [one path per channel], "label": path}}, paths absolute or relative to the dataset."""
+    if not isinstance(listing, dict) or not listing:
+        raise DatasetError(f"{meta_path}: 'dataset' must be a non-empty object {{case: {{\"images\": [...], \"label\": ...}}}}")
+    cases = []
+    for case_id, entry in sorted(listing.items()):
+        images = entry.get("images") if isinstance(entry, dict) else None
+        if not isinstance(images, list) or not images or not all(isinstance(i, str) for i in images):
+            raise DatasetError(f"{meta_path}: dataset entry '{case_id}' needs \"images\": a list of file paths")
+        if len(images) != num_channels and not (len(images) == 1 and ending in NATURAL_IMAGE_SUFFIXES):
+            raise DatasetError(f"{meta_path}: dataset entry '{case_id}' lists {len(images)} image(s), channel_names "
+                               f"declares {num_channels}")
+        label = entry.get("label")
+        if not isinstance(label, str) or not label:
+            raise DatasetError(f"{meta_path}: dataset entry '{case_id}' needs \"label\": the path of its label map")
+        cases.append(Case(str(case_id), tuple((root / i).resolve() for i in images), (root / label).resolve()))
+    return tuple(cases)
 
 
 def one_file_holds_all_channels(ending: str, num_channels: int, channel_files: dict[str, dict[int, Path]]) -> bool:
