@@ -2,7 +2,8 @@
 the images to the arrays training reads.
 
     python benchmarks/bench_plan_parity.py DATASET [--cases N] [--respace F,F,... [--respace-axis A]]
-                                           [--channel-names N,...] [--background-to-zero] [--memory-gb GB]
+                                           [--channel-names N,...] [--background-to-zero] [--as-tiff]
+                                           [--memory-gb GB]
                                            [--workers W]
                                            [--configs 2d,3d_fullres,3d_lowres] [--keep DIR] [--json OUT]
                                            [--nnunet-venv /work/bench/nnunet_venv/bin]
@@ -34,7 +35,9 @@ is compared too: with factors above 3 the thick axis is resampled apart, and alo
 moves the axis order (transpose). The shared datasets are otherwise all at one spacing and need no
 resampling. `--background-to-zero` shifts every image by its corner voxel's value, so a constant
 background (BraTS here) becomes 0 as in skull-stripped MRI stored with zeros: cropping to the
-non-zero region and z-scoring inside the non-zero mask then apply. `--memory-gb 2` shrinks the patches of both planners, so large volumes plan 3d_lowres.
+non-zero region and z-scoring inside the non-zero mask then apply. `--as-tiff` rewrites the cases
+(after any of the above) as TIFF stacks in nnU-Net v2's layout with each case's spacing in
+`<case>.json` files, nnU-Net's convention for TIFF, which has no slice spacing. `--memory-gb 2` shrinks the patches of both planners, so large volumes plan 3d_lowres.
 
 Needs nnunetv2 in its own venv (benchmarks/README.md says how); without it the script stops.
 """
@@ -110,6 +113,40 @@ def dataset_variant(dataset: Path, out: Path, factors: list[float] | None, chann
                 shifted.CopyInformation(image)
                 image = shifted
             sitk.WriteImage(image, str(dest), useCompression=True)
+    return target
+
+
+def as_tiff_stacks(dataset: Path, out: Path) -> Path:
+    """`dataset` (either layout, 3D) rewritten in nnU-Net v2's layout as TIFF stacks: one float32
+    `imagesTr/<case>_<cccc>.tif` per channel, `labelsTr/<case>.tif`, and each case's spacing in
+    `imagesTr/<case>.json` and `labelsTr/<case>.json` (nnU-Net's Tiff3DIO convention)."""
+    import re
+
+    import SimpleITK as sitk
+
+    from autoseg.dataset.layout import load_dataset, read_case_image, read_case_label
+
+    ds = load_dataset(dataset)
+    name = re.sub(r"[^A-Za-z0-9]", "", re.sub(r"^(Task\d+|Dataset\d+)_", "", dataset.name)) or "Dataset"
+    target = out / f"Dataset996_{name}Tiff"
+    for sub in ("imagesTr", "labelsTr"):
+        (target / sub).mkdir(parents=True)
+    for case in ds.cases:
+        image, geometry = read_case_image(case, ds.num_channels)
+        if geometry.is_2d:
+            raise BenchError(f"{case.image_files[0]}: --as-tiff makes 3D stacks; this case is 2D")
+        spacing = json.dumps({"spacing": [float(s) for s in geometry.spacing]})
+        for c in range(ds.num_channels):
+            sitk.WriteImage(sitk.GetImageFromArray(image[c].astype(np.float32)),
+                            str(target / "imagesTr" / f"{case.case_id}_{c:04d}.tif"))
+        label = read_case_label(case)
+        sitk.WriteImage(sitk.GetImageFromArray(label.astype(np.uint8 if label.max() < 256 else np.uint16)),
+                        str(target / "labelsTr" / f"{case.case_id}.tif"))
+        (target / "imagesTr" / f"{case.case_id}.json").write_text(spacing)
+        (target / "labelsTr" / f"{case.case_id}.json").write_text(spacing)
+    (target / "dataset.json").write_text(json.dumps({
+        "channel_names": {str(i): n for i, n in enumerate(ds.channel_names)},
+        "labels": {n: k for k, n in ds.labels.items()}, "numTraining": len(ds.cases), "file_ending": ".tif"}, indent=1))
     return target
 
 
@@ -290,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--background-to-zero", action="store_true",
                         help="subtract each image's corner value, so a constant background becomes 0 and cropping "
                              "and z-scoring inside the non-zero mask are compared")
+    parser.add_argument("--as-tiff", action="store_true",
+                        help="rewrite the (3D) cases as TIFF stacks whose spacing lives in JSON files beside them")
     parser.add_argument("--memory-gb", type=float, default=8.0,
                         help="memory target of both planners (autoseg --memory-gb, nnU-Net -gpu_memory_target; "
                              "default: %(default)s); a small one makes large volumes plan 3d_lowres")
@@ -336,6 +375,9 @@ def run(dataset: Path, tmp: Path, nnunet_bin: Path, args: argparse.Namespace, co
         dataset = dataset_variant(dataset, tmp / "variant", factors, names, args.respace_axis, args.background_to_zero)
     if args.background_to_zero:
         print("images shifted: each minus its corner voxel, so a constant background is 0")
+    if args.as_tiff:
+        dataset = as_tiff_stacks(dataset, tmp / "tiff")
+        print(f"rewritten as TIFF stacks with JSON spacing files (nnU-Net v2 layout): {dataset.name}")
     if factors:
         print(f"dataset respaced: file axis {args.respace_axis} spacing times {', '.join(f'{f:g}' for f in factors)} in turn")
     if names:

@@ -143,3 +143,20 @@ def test_without_nnunet_it_says_how_to_get_it(parity, planned, tmp_path, capsys)
     dataset, _ = planned
     assert parity.main([str(dataset), "--nnunet-venv", str(tmp_path / "no_venv")]) == 2
     assert "nnUNetv2_plan_and_preprocess" in capsys.readouterr().err
+
+
+def test_as_tiff_keeps_voxels_and_spacing_through_json_files(parity, planned, tmp_path):
+    from autoseg.dataset.layout import load_dataset, read_case_image, read_case_label
+
+    dataset, _ = planned
+    variant = parity.dataset_variant(dataset, tmp_path / "variant", [1.0, 4.0], None)  # z spacing 1, 4, 1, 4
+    tiff = parity.as_tiff_stacks(variant, tmp_path / "tiff")
+    assert tiff.name == "Dataset996_TinyTiff" and (tiff / "imagesTr" / "case_001.json").is_file()
+    original, stacks = load_dataset(variant), load_dataset(tiff)
+    assert [c.case_id for c in stacks.cases] == [c.case_id for c in original.cases]
+    for a, b in zip(original.cases, stacks.cases):
+        (image_a, geometry_a), (image_b, geometry_b) = read_case_image(a, 1), read_case_image(b, 1)
+        np.testing.assert_array_equal(image_a, image_b)
+        np.testing.assert_array_equal(read_case_label(a), read_case_label(b))
+        assert geometry_b.spacing == pytest.approx(geometry_a.spacing)
+    assert {read_case_image(c, 1)[1].spacing[0] for c in stacks.cases} == {1.0, 4.0}

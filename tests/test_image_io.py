@@ -89,6 +89,10 @@ def test_a_tiff_stack_takes_its_spacing_from_the_json_beside_it_as_in_nnunet(tmp
     (tmp_path / "em_0000.json").write_text('{"voxel": 1}')
     with pytest.raises(ImageReadError, match=r"em_0000\.json.*spacing"):
         read_header(tmp_path / "em_0000.tif")
+    (tmp_path / "em_0000.json").unlink()
+    # nnU-Net's own naming: channel files <case>_<cccc>.tif share <case>.json with the label map <case>.tif
+    (tmp_path / "em.json").write_text('{"spacing": [30.0, 5.0, 5.0]}')
+    assert read_header(tmp_path / "em_0000.tif").spacing == (30.0, 5.0, 5.0)
 
 
 def test_writing_a_tiff_stack_writes_its_spacing_file_so_it_reads_back_on_its_grid(tmp_path):

@@ -305,8 +305,8 @@ def test_tiff_stacks_plan_with_the_spacing_of_their_json_files(tmp_path):
                                 (root / "labelsTr" / f"em_{i:03d}.tif", label.astype(np.uint8))):
                 path.parent.mkdir(parents=True, exist_ok=True)
                 sitk.WriteImage(sitk.GetImageFromArray(array), str(path))
-                if spacing:
-                    path.with_suffix(".json").write_text(json.dumps({"spacing": spacing}))
+                if spacing:  # nnU-Net's naming: imagesTr/em_000.json for em_000_0000.tif, labelsTr/em_000.json
+                    (path.parent / f"em_{i:03d}.json").write_text(json.dumps({"spacing": spacing}))
         (root / "dataset.json").write_text(json.dumps({"channel_names": {"0": "EM"}, "labels": {"background": 0, "a": 1, "b": 2},
                                                        "numTraining": 3, "file_ending": ".tif"}))
         fp = compute_fingerprint(load_dataset(root), workers=0, progress=False, total_samples=3000)

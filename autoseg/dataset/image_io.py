@@ -149,10 +149,18 @@ TIFF_SUFFIXES = (".tif", ".tiff")
 
 
 def spacing_file(path: Path | str) -> Path:
-    """Where a 3D TIFF's spacing lives: `<name>.json` beside it, {"spacing": [z, y, x]} (nnU-Net v2's
-    convention for TIFF stacks, which have no slice spacing of their own)."""
+    """Where a 3D TIFF's spacing lives: a JSON file {"spacing": [z, y, x]} beside it (TIFF stacks have no
+    slice spacing of their own). nnU-Net v2's convention: `<case>.json` for a channel file
+    `<case>_<cccc>.tif` and for a label map `<case>.tif`; `<name>.json` for exactly `<name>.tif` is
+    accepted too. Returns the file that exists, else the name autoseg writes (`<name>.json`)."""
     path = Path(path)
-    return path.with_name(strip_suffix(path) + ".json")
+    stem = strip_suffix(path)
+    exact = path.with_name(stem + ".json")
+    if not exact.is_file() and len(stem) > 5 and stem[-5] == "_" and stem[-4:].isdigit():
+        without_channel = path.with_name(stem[:-5] + ".json")
+        if without_channel.is_file():
+            return without_channel
+    return exact
 
 
 def _with_tiff_spacing(path: Path, geometry: Geometry) -> Geometry:
