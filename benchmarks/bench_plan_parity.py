@@ -3,6 +3,7 @@ the images to the arrays training reads.
 
     python benchmarks/bench_plan_parity.py DATASET [--cases N] [--respace F,F,... [--respace-axis A]]
                                            [--channel-names N,...] [--background-to-zero] [--as-tiff]
+                                           [--as-decathlon-4d]
                                            [--memory-gb GB]
                                            [--workers W]
                                            [--configs 2d,3d_fullres,3d_lowres] [--keep DIR] [--json OUT]
@@ -37,7 +38,9 @@ resampling. `--background-to-zero` shifts every image by its corner voxel's valu
 background (BraTS here) becomes 0 as in skull-stripped MRI stored with zeros: cropping to the
 non-zero region and z-scoring inside the non-zero mask then apply. `--as-tiff` rewrites the cases
 (after any of the above) as TIFF stacks in nnU-Net v2's layout with each case's spacing in
-`<case>.json` files, nnU-Net's convention for TIFF, which has no slice spacing. `--memory-gb 2` shrinks the patches of both planners, so large volumes plan 3d_lowres.
+`<case>.json` files, nnU-Net's convention for TIFF, which has no slice spacing; `--as-decathlon-4d`
+rewrites them in the Decathlon layout with every channel of a case in one 4D NIfTI (nnU-Net
+converts that with nnUNetv2_convert_MSD_dataset, autoseg reads it as it is). `--memory-gb 2` shrinks the patches of both planners, so large volumes plan 3d_lowres.
 
 Needs nnunetv2 in its own venv (benchmarks/README.md says how); without it the script stops.
 """
@@ -147,6 +150,45 @@ def as_tiff_stacks(dataset: Path, out: Path) -> Path:
     (target / "dataset.json").write_text(json.dumps({
         "channel_names": {str(i): n for i, n in enumerate(ds.channel_names)},
         "labels": {n: k for k, n in ds.labels.items()}, "numTraining": len(ds.cases), "file_ending": ".tif"}, indent=1))
+    return target
+
+
+def as_decathlon_4d(dataset: Path, out: Path) -> Path:
+    """`dataset` (either layout, 3D) rewritten in the Medical Segmentation Decathlon's layout: all channels
+    of a case in one 4D NIfTI (channels on the 4th axis, as in Task01_BrainTumour or Task05_Prostate),
+    the label a 3D NIfTI, the geometry of the first channel kept."""
+    import re
+
+    import SimpleITK as sitk
+
+    from autoseg.dataset.layout import load_dataset, read_case_image, read_case_label
+
+    ds = load_dataset(dataset)
+    name = re.sub(r"[^A-Za-z0-9]", "", re.sub(r"^(Task\d+|Dataset\d+)_", "", dataset.name)) or "Dataset"
+    target = out / f"Task96_{name}4D"
+    for sub in ("imagesTr", "labelsTr"):
+        (target / sub).mkdir(parents=True)
+    training = []
+    for case in ds.cases:
+        image, geometry = read_case_image(case, ds.num_channels)
+        if geometry.is_2d:
+            raise BenchError(f"{case.image_files[0]}: --as-decathlon-4d needs 3D cases")
+        volumes = []
+        for c in range(ds.num_channels):
+            volume = sitk.GetImageFromArray(image[c].astype(np.float32))
+            volume.SetSpacing(tuple(reversed(geometry.spacing)))
+            volume.SetOrigin(geometry.origin)
+            volume.SetDirection(geometry.direction)
+            volumes.append(volume)
+        sitk.WriteImage(sitk.JoinSeries(volumes), str(target / "imagesTr" / f"{case.case_id}.nii.gz"), True)
+        label = sitk.GetImageFromArray(read_case_label(case).astype(np.uint8))
+        label.CopyInformation(volumes[0])
+        sitk.WriteImage(label, str(target / "labelsTr" / f"{case.case_id}.nii.gz"), True)
+        training.append({"image": f"./imagesTr/{case.case_id}.nii.gz", "label": f"./labelsTr/{case.case_id}.nii.gz"})
+    (target / "dataset.json").write_text(json.dumps({
+        "name": name, "modality": {str(i): n for i, n in enumerate(ds.channel_names)},
+        "labels": {str(k): n for k, n in ds.labels.items()}, "numTraining": len(training), "training": training,
+        "test": []}, indent=1))
     return target
 
 
@@ -329,6 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "and z-scoring inside the non-zero mask are compared")
     parser.add_argument("--as-tiff", action="store_true",
                         help="rewrite the (3D) cases as TIFF stacks whose spacing lives in JSON files beside them")
+    parser.add_argument("--as-decathlon-4d", action="store_true",
+                        help="rewrite the (3D) cases in the Decathlon layout, every channel in one 4D NIfTI")
     parser.add_argument("--memory-gb", type=float, default=8.0,
                         help="memory target of both planners (autoseg --memory-gb, nnU-Net -gpu_memory_target; "
                              "default: %(default)s); a small one makes large volumes plan 3d_lowres")
@@ -375,6 +419,9 @@ def run(dataset: Path, tmp: Path, nnunet_bin: Path, args: argparse.Namespace, co
         dataset = dataset_variant(dataset, tmp / "variant", factors, names, args.respace_axis, args.background_to_zero)
     if args.background_to_zero:
         print("images shifted: each minus its corner voxel, so a constant background is 0")
+    if args.as_decathlon_4d:
+        dataset = as_decathlon_4d(dataset, tmp / "decathlon")
+        print(f"rewritten in the Decathlon layout, channels in one 4D NIfTI: {dataset.name}")
     if args.as_tiff:
         dataset = as_tiff_stacks(dataset, tmp / "tiff")
         print(f"rewritten as TIFF stacks with JSON spacing files (nnU-Net v2 layout): {dataset.name}")

@@ -160,3 +160,19 @@ def test_as_tiff_keeps_voxels_and_spacing_through_json_files(parity, planned, tm
         np.testing.assert_array_equal(read_case_label(a), read_case_label(b))
         assert geometry_b.spacing == pytest.approx(geometry_a.spacing)
     assert {read_case_image(c, 1)[1].spacing[0] for c in stacks.cases} == {1.0, 4.0}
+
+
+def test_as_decathlon_4d_puts_every_channel_in_one_file_with_the_geometry(parity, make_nnunetv2, tmp_path):
+    from autoseg.dataset.layout import load_dataset, read_case_image, read_case_label
+
+    source = make_nnunetv2(tmp_path / "Dataset097_Two", n_cases=2, spacing=(2.0, 0.8, 0.8))  # channels T1, T2
+    four_d = parity.as_decathlon_4d(source, tmp_path / "out")
+    assert four_d.name == "Task96_Two4D"
+    original, converted = load_dataset(source), load_dataset(four_d)
+    assert converted.layout == "decathlon" and converted.channel_names == ("T1", "T2")
+    assert sitk.ReadImage(str(converted.cases[0].image_files[0])).GetDimension() == 4
+    for a, b in zip(original.cases, converted.cases):
+        (image_a, geometry_a), (image_b, geometry_b) = read_case_image(a, 2), read_case_image(b, 2)
+        np.testing.assert_array_equal(image_a, image_b)
+        np.testing.assert_array_equal(read_case_label(a), read_case_label(b))
+        assert geometry_b.spacing == pytest.approx(geometry_a.spacing)
