@@ -152,7 +152,7 @@ def spacing_file(path: Path | str) -> Path:
     """Where a 3D TIFF's spacing lives: a JSON file {"spacing": [z, y, x]} beside it (TIFF stacks have no
     slice spacing of their own). nnU-Net v2's convention: `<case>.json` for a channel file
     `<case>_<cccc>.tif` and for a label map `<case>.tif`; `<name>.json` for exactly `<name>.tif` is
-    accepted too. Returns the file that exists, else the name autoseg writes (`<name>.json`)."""
+    accepted too. Returns the file that exists, else `<name>.json` (what `write_image` writes)."""
     path = Path(path)
     stem = strip_suffix(path)
     exact = path.with_name(stem + ".json")
@@ -354,7 +354,7 @@ def write_image(path: Path | str, array: np.ndarray, geometry: Geometry) -> None
     if suffix in TIFF_SUFFIXES and not geometry.is_2d and array.ndim == 3:
         # A TIFF stack keeps no slice spacing; its spacing file does (written first: a TIFF without one
         # would read back at 1 per voxel).
-        write_json(spacing_file(path), {"spacing": [float(s) for s in geometry.spacing]})
+        write_json(path.with_name(strip_suffix(path) + ".json"), {"spacing": [float(s) for s in geometry.spacing]})
     with atomic_path(path) as tmp:
         sitk.WriteImage(image, str(tmp), useCompression=True)
 

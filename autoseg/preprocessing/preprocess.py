@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 LOCATIONS_PER_LABEL = 2000  # voxel coordinates kept per label for foreground oversampling
 PREPROCESSING_VERSION = 3  # 2: -1 outside the non-zero mask, per-case separate axis, int16 seg for large label ids;
-# 3: cubic resampling clipped to the input range, labels by nnU-Net's 0.5 rule (both as nnU-Net v2)
+# 3: cubic resampling clipped to the input range, label ties to the nearest neighbour (both as nnU-Net v2)
 
 
 class PreprocessingError(ValueError):
