@@ -247,6 +247,23 @@ def nnunet_outcome(preprocessed: Path) -> str:
     return "; ".join(parts)
 
 
+def nnunet_env(nnunet_bin: Path, cache: Path, results: Path | None = None) -> dict[str, str]:
+    """Environment for nnU-Net's processes: its bin first on PATH and its three path variables in `cache`."""
+    env = {**os.environ, "PATH": f"{nnunet_bin}{os.pathsep}{os.environ.get('PATH', '')}",
+           "nnUNet_raw": str(cache / "nnUNet_raw"), "nnUNet_preprocessed": str(cache / "nnUNet_preprocessed"),
+           "nnUNet_results": str(results or cache / "nnUNet_results"), "PYTHONUNBUFFERED": "1"}
+    env.pop("VIRTUAL_ENV", None)
+    return env
+
+
+def require_nnunet_bin(arg: str | None) -> Path:
+    """find_nnunet_bin for a script that compares with nnU-Net and cannot run without it."""
+    found = find_nnunet_bin(arg)
+    if found is None:
+        raise BenchError("nnunetv2 not found; install it in its own venv (benchmarks/README.md) and pass --nnunet-venv")
+    return found
+
+
 def find_nnunet_bin(arg: str | None) -> Path | None:
     """The folder holding nnUNetv2_plan_and_preprocess: --nnunet-venv (venv or its bin), else PATH."""
     if arg:

@@ -61,7 +61,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _machine  # noqa: E402
-from bench_plan import BenchError, _dataset_meta, find_autoseg, find_nnunet_bin, stage_nnunet_raw  # noqa: E402
+from bench_plan import (BenchError, _dataset_meta, find_autoseg, nnunet_env, require_nnunet_bin,  # noqa: E402
+                        stage_nnunet_raw)
 from bench_plans import CONFIGURATIONS, differences, side_by_side, summarize_autoseg, summarize_nnunet  # noqa: E402
 
 DEFAULT_NNUNET_VENV = "/work/bench/nnunet_venv/bin"
@@ -119,30 +120,41 @@ def dataset_variant(dataset: Path, out: Path, factors: list[float] | None, chann
     return target
 
 
-def as_tiff_stacks(dataset: Path, out: Path) -> Path:
-    """`dataset` (either layout, 3D) rewritten in nnU-Net v2's layout as TIFF stacks: one float32
-    `imagesTr/<case>_<cccc>.tif` per channel, `labelsTr/<case>.tif`, and each case's spacing in
-    `imagesTr/<case>.json` and `labelsTr/<case>.json` (nnU-Net's Tiff3DIO convention)."""
+def _rewritten(dataset: Path, out: Path, folder: str, option: str):
+    """The target folder `out/<folder>` (`{name}` filled with the dataset's bare name) with empty imagesTr
+    and labelsTr, and per case (case, image, geometry, label); 2D cases are refused, naming `option`."""
     import re
-
-    import SimpleITK as sitk
 
     from autoseg.dataset.layout import load_dataset, read_case_image, read_case_label
 
     ds = load_dataset(dataset)
     name = re.sub(r"[^A-Za-z0-9]", "", re.sub(r"^(Task\d+|Dataset\d+)_", "", dataset.name)) or "Dataset"
-    target = out / f"Dataset996_{name}Tiff"
+    target = out / folder.format(name=name)
     for sub in ("imagesTr", "labelsTr"):
         (target / sub).mkdir(parents=True)
-    for case in ds.cases:
-        image, geometry = read_case_image(case, ds.num_channels)
-        if geometry.is_2d:
-            raise BenchError(f"{case.image_files[0]}: --as-tiff makes 3D stacks; this case is 2D")
+
+    def cases():
+        for case in ds.cases:
+            image, geometry = read_case_image(case, ds.num_channels)
+            if geometry.is_2d:
+                raise BenchError(f"{case.image_files[0]}: {option} needs 3D cases")
+            yield case, image, geometry, read_case_label(case)
+
+    return ds, name, target, cases()
+
+
+def as_tiff_stacks(dataset: Path, out: Path) -> Path:
+    """`dataset` (either layout, 3D) rewritten in nnU-Net v2's layout as TIFF stacks: one float32
+    `imagesTr/<case>_<cccc>.tif` per channel, `labelsTr/<case>.tif`, and each case's spacing in
+    `imagesTr/<case>.json` and `labelsTr/<case>.json` (nnU-Net's Tiff3DIO convention)."""
+    import SimpleITK as sitk
+
+    ds, _, target, cases = _rewritten(dataset, out, "Dataset996_{name}Tiff", "--as-tiff")
+    for case, image, geometry, label in cases:
         spacing = json.dumps({"spacing": [float(s) for s in geometry.spacing]})
         for c in range(ds.num_channels):
             sitk.WriteImage(sitk.GetImageFromArray(image[c].astype(np.float32)),
                             str(target / "imagesTr" / f"{case.case_id}_{c:04d}.tif"))
-        label = read_case_label(case)
         sitk.WriteImage(sitk.GetImageFromArray(label.astype(np.uint8 if label.max() < 256 else np.uint16)),
                         str(target / "labelsTr" / f"{case.case_id}.tif"))
         (target / "imagesTr" / f"{case.case_id}.json").write_text(spacing)
@@ -157,22 +169,11 @@ def as_decathlon_4d(dataset: Path, out: Path) -> Path:
     """`dataset` (either layout, 3D) rewritten in the Medical Segmentation Decathlon's layout: all channels
     of a case in one 4D NIfTI (channels on the 4th axis, as in Task01_BrainTumour or Task05_Prostate),
     the label a 3D NIfTI, the geometry of the first channel kept."""
-    import re
-
     import SimpleITK as sitk
 
-    from autoseg.dataset.layout import load_dataset, read_case_image, read_case_label
-
-    ds = load_dataset(dataset)
-    name = re.sub(r"[^A-Za-z0-9]", "", re.sub(r"^(Task\d+|Dataset\d+)_", "", dataset.name)) or "Dataset"
-    target = out / f"Task96_{name}4D"
-    for sub in ("imagesTr", "labelsTr"):
-        (target / sub).mkdir(parents=True)
+    ds, name, target, cases = _rewritten(dataset, out, "Task96_{name}4D", "--as-decathlon-4d")
     training = []
-    for case in ds.cases:
-        image, geometry = read_case_image(case, ds.num_channels)
-        if geometry.is_2d:
-            raise BenchError(f"{case.image_files[0]}: --as-decathlon-4d needs 3D cases")
+    for case, image, geometry, label in cases:
         volumes = []
         for c in range(ds.num_channels):
             volume = sitk.GetImageFromArray(image[c].astype(np.float32))
@@ -181,9 +182,9 @@ def as_decathlon_4d(dataset: Path, out: Path) -> Path:
             volume.SetDirection(geometry.direction)
             volumes.append(volume)
         sitk.WriteImage(sitk.JoinSeries(volumes), str(target / "imagesTr" / f"{case.case_id}.nii.gz"), True)
-        label = sitk.GetImageFromArray(read_case_label(case).astype(np.uint8))
-        label.CopyInformation(volumes[0])
-        sitk.WriteImage(label, str(target / "labelsTr" / f"{case.case_id}.nii.gz"), True)
+        label_image = sitk.GetImageFromArray(label.astype(np.uint8))
+        label_image.CopyInformation(volumes[0])
+        sitk.WriteImage(label_image, str(target / "labelsTr" / f"{case.case_id}.nii.gz"), True)
         training.append({"image": f"./imagesTr/{case.case_id}.nii.gz", "label": f"./labelsTr/{case.case_id}.nii.gz"})
     (target / "dataset.json").write_text(json.dumps({
         "name": name, "modality": {str(i): n for i, n in enumerate(ds.channel_names)},
@@ -201,12 +202,10 @@ def run_autoseg(dataset: Path, workdir: Path, workers: int, configs: list[str], 
 def run_nnunet(dataset: Path, tmp: Path, nnunet_bin: Path, workers: int, configs: list[str], memory_gb: float,
                log: Path) -> tuple[Path, float]:
     """Convert and plan-and-preprocess with nnU-Net; its preprocessed dataset folder and the seconds."""
-    raw, pre = tmp / "nnUNet_raw", tmp / "nnUNet_preprocessed"
+    env = nnunet_env(nnunet_bin, tmp)
+    raw, pre = Path(env["nnUNet_raw"]), Path(env["nnUNet_preprocessed"])
     raw.mkdir(parents=True)
     pre.mkdir()
-    env = {**os.environ, "nnUNet_raw": str(raw), "nnUNet_preprocessed": str(pre),
-           "nnUNet_results": str(tmp / "nnUNet_results"), "PYTHONUNBUFFERED": "1"}
-    env.pop("VIRTUAL_ENV", None)
     dataset_id, name, _ = stage_nnunet_raw(dataset, _dataset_meta(dataset), raw, None, nnunet_bin, env)
     cmd = [str(nnunet_bin / "nnUNetv2_plan_and_preprocess"), "-d", str(dataset_id), "-np",
            *[str(workers)] * len(configs), "-npfp", str(workers), "-c", *configs,
@@ -286,14 +285,10 @@ def compare_case(ours_dir: Path, theirs_dir: Path, case_id: str) -> dict:
     row["data_mean_abs_diff"] = float(diff.mean()) if diff.size else 0.0
     row["data_std"] = float(b.std()) if b.size else 0.0
     row["seg_agreement"] = float(np.mean(sa == sb)) if sa.size else 1.0
-    dice = {}
-    for value in sorted(set(np.unique(sa).tolist()) | set(np.unique(sb).tolist())):
-        if value == 0:
-            continue
-        x, y = sa == value, sb == value
-        total = int(x.sum() + y.sum())
-        dice[str(int(value))] = 2.0 * float(np.logical_and(x, y).sum()) / total if total else 1.0
-    row["seg_dice"] = dice
+    from autoseg.evaluation import dice
+
+    values = sorted((set(np.unique(sa).tolist()) | set(np.unique(sb).tolist())) - {0})  # each in one at least
+    row["seg_dice"] = {str(int(v)): dice(sa == v, sb == v) for v in values}
     return row
 
 
@@ -394,10 +389,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     try:
-        nnunet_bin = find_nnunet_bin(args.nnunet_venv)
-        if nnunet_bin is None:
-            raise BenchError("nnunetv2 not found; install it in its own venv (benchmarks/README.md) and pass "
-                             "--nnunet-venv")
+        nnunet_bin = require_nnunet_bin(args.nnunet_venv)
         with tempfile.TemporaryDirectory(prefix="bench_plan_parity_") as tmp_name:
             tmp = args.keep or Path(tmp_name)
             tmp.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import math
 import subprocess
 import sys
 import tempfile
@@ -35,7 +35,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _machine  # noqa: E402
-from bench_plan import BenchError, find_nnunet_bin  # noqa: E402
+from bench_plan import BenchError, nnunet_env, require_nnunet_bin  # noqa: E402
 
 DEFAULT_NNUNET_VENV = "/work/bench/nnunet_venv/bin"
 DRIVER = Path(__file__).resolve().parent / "_nnunet_from_autoseg.py"
@@ -63,12 +63,11 @@ def nnunet_model_folder(python: Path, workdir: Path, configuration: str, fold: i
 
 def compare_labels(a: np.ndarray, b: np.ndarray, labels: list[int]) -> dict:
     """Share of voxels with the same label, and each label's Dice between `a` and `b` (None: in neither)."""
-    dice = {}
-    for label in labels:
-        x, y = a == label, b == label
-        total = int(x.sum() + y.sum())
-        dice[str(label)] = 2.0 * float(np.logical_and(x, y).sum()) / total if total else None
-    return {"agreement": float(np.mean(a == b)) if a.size else 1.0, "dice": dice}
+    from autoseg.evaluation import dice
+
+    scores = {str(label): dice(a == label, b == label) for label in labels}
+    return {"agreement": float(np.mean(a == b)) if a.size else 1.0,
+            "dice": {k: None if math.isnan(v) else v for k, v in scores.items()}}
 
 
 def _read(path: Path) -> np.ndarray:
@@ -95,9 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        nnunet_bin = find_nnunet_bin(args.nnunet_venv)
-        if nnunet_bin is None:
-            raise BenchError("nnunetv2 not found; install it in its own venv (benchmarks/README.md) and pass --nnunet-venv")
+        nnunet_bin = require_nnunet_bin(args.nnunet_venv)
         with tempfile.TemporaryDirectory(prefix="bench_predict_parity_") as tmp_name:
             tmp = args.keep or Path(tmp_name)
             tmp.mkdir(parents=True, exist_ok=True)
@@ -112,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace, nnunet_bin: Path, tmp: Path) -> dict:
+    from autoseg.dataset.image_io import image_suffix
+    from autoseg.inference.export import segmentation_suffix
     from autoseg.inference.predictor import predict_folder
     from autoseg.planning.planner import load_plans
     from bench_predict import link_inputs
@@ -157,9 +156,7 @@ def run(args: argparse.Namespace, nnunet_bin: Path, tmp: Path) -> dict:
     ours_s = time.perf_counter() - t
     if report.failed:
         raise BenchError(f"autoseg predict failed on {report.failed[:3]}")
-    env = {**os.environ, "nnUNet_raw": str(tmp / "raw"), "nnUNet_preprocessed": str(tmp / "pre"),
-           "nnUNet_results": str(tmp / "results")}
-    env.pop("VIRTUAL_ENV", None)
+    env = nnunet_env(nnunet_bin, tmp)
     cmd = [str(nnunet_bin / "nnUNetv2_predict_from_modelfolder"), "-i", str(inputs), "-o", str(out_theirs),
            "-m", str(model), "-f", str(args.fold), "-chk", "checkpoint_final.pth", "-device", "cpu",
            "-npp", "1", "-nps", "1"] + (["--disable_tta"] if args.no_mirroring else [])
@@ -171,7 +168,7 @@ def run(args: argparse.Namespace, nnunet_bin: Path, tmp: Path) -> dict:
     print(f"predicted {len(case_ids)} case(s): autoseg {ours_s:.1f} s, nnUNetv2_predict_from_modelfolder "
           f"{theirs_s:.1f} s (from launch)\n")
 
-    ending = next(inputs.iterdir()).name.split("_")[-1][4:]  # '<case>_0000.nii.gz' -> '.nii.gz'
+    ending = segmentation_suffix(image_suffix(next(inputs.iterdir())))  # the file type predict writes for it
     rows = []
     header = f"  {'case':<24} {'same label':>11}  " + "  ".join(f"Dice {k:>3}" for k in labels)
     if args.labels:

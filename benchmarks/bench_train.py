@@ -40,6 +40,7 @@ from autoseg.training.trainer import TrainingSettings, train_fold
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import machine  # noqa: E402  (re-exported for bench_predict and bench_accuracy)
+from bench_plan import nnunet_env  # noqa: E402  (re-exported for bench_predict and bench_accuracy)
 
 DEFAULT_NNUNET_CACHE = Path("/work/bench/nnunet_cache")
 NNUNET_DRIVER = Path(__file__).resolve().parent / "_nnunet_train_step.py"
@@ -50,15 +51,6 @@ class BenchError(Exception):
 
 
 # --- nnU-Net v2 side (also used by bench_predict.py) ------------------------------------------------
-
-def nnunet_env(nnunet_bin: Path, cache: Path, results: Path | None = None) -> dict[str, str]:
-    """Environment for nnU-Net's processes: its bin first on PATH and its three path variables in `cache`."""
-    env = {**os.environ, "PATH": f"{nnunet_bin}{os.pathsep}{os.environ.get('PATH', '')}",
-           "nnUNet_raw": str(cache / "nnUNet_raw"), "nnUNet_preprocessed": str(cache / "nnUNet_preprocessed"),
-           "nnUNet_results": str(results or cache / "nnUNet_results"), "PYTHONUNBUFFERED": "1"}
-    env.pop("VIRTUAL_ENV", None)
-    return env
-
 
 def prepare_nnunet(dataset: Path, cache: Path, nnunet_venv: str, configuration: str = "3d_fullres") -> tuple[Path, str, int]:
     """Convert and preprocess `dataset` for nnU-Net into `cache` unless done; return (bin, dataset name, id).

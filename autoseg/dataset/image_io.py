@@ -155,7 +155,7 @@ def spacing_file(path: Path | str) -> Path:
     accepted too. Returns the file that exists, else `<name>.json` (what `write_image` writes)."""
     path = Path(path)
     stem = strip_suffix(path)
-    exact = path.with_name(stem + ".json")
+    exact = _own_spacing_file(path)
     if not exact.is_file() and len(stem) > 5 and stem[-5] == "_" and stem[-4:].isdigit():
         without_channel = path.with_name(stem[:-5] + ".json")
         if without_channel.is_file():
@@ -163,9 +163,14 @@ def spacing_file(path: Path | str) -> Path:
     return exact
 
 
+def _own_spacing_file(path: Path) -> Path:
+    """`<name>.json` for `<name>.tif`: the one file that belongs to this TIFF alone (what `write_image` writes)."""
+    return path.with_name(strip_suffix(path) + ".json")
+
+
 def _with_tiff_spacing(path: Path, geometry: Geometry) -> Geometry:
     """A 3D TIFF's geometry with the spacing of its spacing file, when there is one (else 1 per voxel)."""
-    if image_suffix(path) not in TIFF_SUFFIXES or geometry.is_2d or len(geometry.shape) != 3:
+    if image_suffix(path) not in TIFF_SUFFIXES or geometry.is_2d:
         return geometry
     aux = spacing_file(path)
     if not aux.is_file():
@@ -354,7 +359,7 @@ def write_image(path: Path | str, array: np.ndarray, geometry: Geometry) -> None
     if suffix in TIFF_SUFFIXES and not geometry.is_2d and array.ndim == 3:
         # A TIFF stack keeps no slice spacing; its spacing file does (written first: a TIFF without one
         # would read back at 1 per voxel).
-        write_json(path.with_name(strip_suffix(path) + ".json"), {"spacing": [float(s) for s in geometry.spacing]})
+        write_json(_own_spacing_file(path), {"spacing": [float(s) for s in geometry.spacing]})
     with atomic_path(path) as tmp:
         sitk.WriteImage(image, str(tmp), useCompression=True)
 
