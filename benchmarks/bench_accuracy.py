@@ -5,7 +5,7 @@ label of both is printed side by side with their training and prediction seconds
     python benchmarks/bench_accuracy.py DATASET --test-images DIR --test-labels DIR --iterations N
                                         [--epochs E] [--val-iters V] [--workers W]
                                         [--configuration 2d|3d_fullres|3d_lowres] [--batch-size B]
-                                        [--nnunet-venv /work/bench/nnunet_venv | --no-nnunet]
+                                        [--autoseg-precision float32|auto] [--nnunet-venv /work/bench/nnunet_venv | --no-nnunet]
     python benchmarks/bench_accuracy.py DATASET --hold-out 20 --iterations N      # makes the split itself
 
 DATASET is the raw training set (Decathlon or nnU-Net v2 layout); the test cases must not be in it.
@@ -119,17 +119,20 @@ def dice_per_label(pred_dir: Path, labels_dir: Path, labels: list[int]) -> dict[
 
 
 def run_autoseg(workdir: Path, configuration: str, epochs: int, iters_per_epoch: int, val_iters: int,
-                workers: int, test_images: Path, out: Path, batch_size: int | None = None) -> dict:
+                workers: int, test_images: Path, out: Path, batch_size: int | None = None,
+                mixed_precision: bool = False) -> dict:
     from autoseg.inference.predictor import predict_folder
     from autoseg.training.trainer import TrainingSettings, train_fold
 
     settings = TrainingSettings(epochs=epochs, iters_per_epoch=iters_per_epoch, val_iters=val_iters,
-                                num_workers=workers, validate_at_end=False, batch_size=batch_size)
+                                num_workers=workers, validate_at_end=False, batch_size=batch_size,
+                                mixed_precision=mixed_precision)
     t = time.perf_counter()
     train_fold(workdir, configuration, 0, settings, progress=False)
     train_s = time.perf_counter() - t
     t = time.perf_counter()
-    report = predict_folder(workdir, [test_images], out, configurations=[configuration], folds=[0], progress=False)
+    report = predict_folder(workdir, [test_images], out, configurations=[configuration], folds=[0], progress=False,
+                            mixed_precision=mixed_precision)
     predict_s = time.perf_counter() - t
     if report.failed:
         raise BenchError(f"autoseg predict failed on {report.failed[:3]}")
@@ -201,6 +204,9 @@ def main() -> None:
                         help="configuration both train (default: autoseg's default configuration, 3d_fullres for 3D data)")
     parser.add_argument("--batch-size", type=int,
                         help="batch size for both instead of the plan's (nnU-Net gets it written into its plans)")
+    parser.add_argument("--autoseg-precision", choices=("float32", "auto"), default="float32",
+                        help="float32: autoseg trains and predicts without autocast, as nnU-Net does on the CPU; auto: "
+                             "autoseg's default (bfloat16 autocast on a CPU with native bf16) (default: %(default)s)")
     parser.add_argument("--nnunet-venv", default=str(DEFAULT_NNUNET_VENV) if DEFAULT_NNUNET_VENV.is_dir() else None,
                         metavar="PATH", help="nnunetv2 venv or its bin folder (default: %(default)s)")
     parser.add_argument("--no-nnunet", action="store_true", help="run autoseg only")
@@ -243,10 +249,12 @@ def main() -> None:
         print(f"configuration {configuration}: batch {config['batch_size']}"
               f"{' (plan: ' + str(plans['configurations'][configuration]['batch_size']) + ')' if args.batch_size else ''}, patch {config['patch_size']}; "
               f"{args.iterations} iterations = {epochs} epoch(s) x {iters_per_epoch}, {args.val_iters} validation "
-              f"batches per epoch, {workers} augmentation worker(s); test cases in {test_images}", flush=True)
+              f"batches per epoch, {workers} augmentation worker(s), autoseg precision {args.autoseg_precision}; "
+              f"test cases in {test_images}", flush=True)
 
         figures = {"autoseg": run_autoseg(workdir, configuration, epochs, iters_per_epoch, args.val_iters, workers,
-                                          test_images, folder / "pred_autoseg", args.batch_size)}
+                                          test_images, folder / "pred_autoseg", args.batch_size,
+                                          mixed_precision=args.autoseg_precision == "auto")}
         figures["autoseg"]["plan_s"] = plan_s
         figures["autoseg"]["dice"] = dice_per_label(folder / "pred_autoseg", test_labels, labels)
         print(f"autoseg done: train {figures['autoseg']['train_s']:.1f} s, predict "
@@ -275,6 +283,7 @@ def main() -> None:
         if args.json:
             args.json.write_text(json.dumps({"iterations": args.iterations, "epochs": epochs, "val_iters": args.val_iters,
                                              "workers": workers, "configuration": configuration,
+                                             "autoseg_precision": args.autoseg_precision,
                                              "batch_size": config["batch_size"], "patch_size": config["patch_size"],
                                              **figures}, indent=1,
                                             default=str))
