@@ -336,8 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "folder of <case>_<cccc> channel files, folders of DICOM series, or a list of files) "
                                    "with the ensemble of the trained folds (of WORKDIR or of --model): the training "
                                    "preprocessing, sliding-window inference with Gaussian weighting and mirroring, "
-                                   "softmax averaged over folds and configurations, exported to each input's exact "
-                                   "original geometry as OUTPUT/<case><ending>; unless --no-report also "
+                                   "logits averaged over a configuration's folds, resampled to each input's exact "
+                                   "original geometry before the softmax, configurations averaged as probabilities "
+                                   "(nnU-Net v2's rules), written as OUTPUT/<case><ending>; unless --no-report also "
                                    "OUTPUT/volumes.csv, qc/<case>.png and report.html (docs/reports.md). Exit status 1 "
                                    "if any case failed (the others are still written).")
     p.add_argument("workdir", type=Path, nargs="?", metavar="WORKDIR",
@@ -361,7 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "grid: much more memory on large volumes)")
     p.add_argument("--save-uncertainty", action="store_true",
                    help="with >= 2 folds/configurations: also write OUTPUT/<case>_uncertainty<ending>, the voxel-wise "
-                        "entropy of the averaged probabilities / log(K), float32 on the input's grid (.tif for PNG inputs)")
+                        "entropy of the ensemble's probabilities / log(K), float32 on the input's grid (.tif for PNG "
+                        "inputs)")
     p.add_argument("--uncertainty-threshold", type=float, metavar="U",
                    help="flag a case's label in volumes.csv and report.html when its uncertainty (mean normalised "
                         "entropy over the label's voxels, 0..1) exceeds U (default: 0.1; docs/prediction.md)")

@@ -4,7 +4,7 @@ from PIL import Image
 
 from autoseg.dataset.image_io import Geometry, read_image
 from autoseg.fingerprint import CaseFingerprint, Fingerprint, IntensityStats
-from autoseg.inference.export import (export_segmentation, probabilities_to_original, save_probabilities,
+from autoseg.inference.export import (export_segmentation, logits_to_original, save_probabilities,
                                       segmentation_suffix)
 from autoseg.planning.planner import plan_experiment
 from autoseg.preprocessing.preprocess import preprocess_case
@@ -28,7 +28,12 @@ def _image_with_zero_border(shape, bbox, seed=0) -> np.ndarray:
     return image
 
 
-def test_identity_plan_round_trip_preserves_a_one_hot_exactly():
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - logits.max(axis=0))
+    return e / e.sum(axis=0)
+
+
+def test_identity_plan_round_trip_gives_the_softmax_of_the_logits_on_the_file_grid():
     spacing = (1.0, 1.0, 2.5)  # thick axis last in the file: the plan transposes it to the front
     plans = _plans(spacing)
     assert plans["transpose_forward"] == [2, 0, 1]
@@ -37,27 +42,32 @@ def test_identity_plan_round_trip_preserves_a_one_hot_exactly():
     data, _, properties = preprocess_case(_image_with_zero_border(shape, bbox), None, geometry, plans, "3d_fullres")
     assert list(data.shape[1:]) == properties["shape_after_resampling"]  # spacing equals target: no resampling
 
-    labels = np.zeros(shape, dtype=np.int64)
+    logits = np.zeros((3, *shape), dtype=np.float32)
+    logits[0] = 50  # background far ahead outside the crop
     crop = tuple(slice(lo, hi) for lo, hi in bbox)
-    labels[crop] = np.random.default_rng(1).integers(0, 3, labels[crop].shape)
-    one_hot = np.eye(3, dtype=np.float32)[labels].transpose(3, 0, 1, 2)
-    in_network_space = one_hot[(slice(None),) + crop].transpose(0, *(a + 1 for a in plans["transpose_forward"]))
+    logits[(slice(None),) + crop] = np.random.default_rng(1).normal(0, 3, (3, *logits[0][crop].shape))
+    in_network_space = logits[(slice(None),) + crop].transpose(0, *(a + 1 for a in plans["transpose_forward"]))
 
-    back = probabilities_to_original(in_network_space, properties, plans)
+    back = logits_to_original(in_network_space, properties, plans)
     assert back.shape == (3, *shape) and back.dtype == np.float32
-    np.testing.assert_array_equal(back, one_hot)
+    np.testing.assert_allclose(back, _softmax(logits), atol=1e-6)
+    np.testing.assert_array_equal(np.argmax(back, axis=0), np.argmax(logits, axis=0))
+    outside = np.ones(shape, bool)
+    outside[crop] = False
+    assert (back[0][outside] == 1).all()
 
 
-def test_resampled_probabilities_come_back_on_the_file_grid_and_sum_to_one():
+def test_resampled_logits_come_back_as_probabilities_on_the_file_grid_that_sum_to_one():
     plans = _plans((1.0, 1.0, 2.5))
     shape, bbox = (9, 13, 7), ((0, 9), (2, 12), (1, 6))
     geometry = Geometry((0.7, 1.3, 3.0), (0.0, 0.0, 0.0), ROTATED, shape)
     data, _, properties = preprocess_case(_image_with_zero_border(shape, bbox), None, geometry, plans, "3d_fullres")
-    probabilities = np.random.default_rng(0).dirichlet(np.ones(3), data.shape[1:]).transpose(3, 0, 1, 2)
+    logits = np.random.default_rng(0).normal(0, 4, (3, *data.shape[1:])).astype(np.float32)
 
-    back = probabilities_to_original(probabilities.astype(np.float32), properties, plans)
+    back = logits_to_original(logits, properties, plans)
     assert back.shape == (3, *shape)
     np.testing.assert_allclose(back.sum(axis=0), 1.0, atol=1e-5)
+    assert back.min() >= 0
     outside = np.ones(shape, bool)
     outside[tuple(slice(lo, hi) for lo, hi in bbox)] = False
     assert (back[0][outside] == 1).all()
@@ -70,7 +80,7 @@ def test_probabilities_of_another_shape_are_refused():
     _, _, properties = preprocess_case(_image_with_zero_border(shape, ((0, 8), (0, 12), (0, 14))), None, geometry,
                                        plans, "3d_fullres")
     with pytest.raises(ValueError, match="shape"):
-        probabilities_to_original(np.zeros((3, 4, 4, 4), np.float32), properties, plans)
+        logits_to_original(np.zeros((3, 4, 4, 4), np.float32), properties, plans)
 
 
 def test_export_writes_the_input_grid_atomically_and_applies_postprocessing(tmp_path):
@@ -133,19 +143,20 @@ def test_label_maps_keep_the_input_format_except_lossy_jpeg():
         ".png", ".tif", ".tiff", ".nii.gz", ".mha", ".png", ".png"]
 
 
-def _todays_probabilities_to_original(probabilities, properties, plans):
-    """The export before label-by-label export, for comparison: all labels resampled, transposed, uncropped."""
+def _nnunet_export(logits, properties, plans):
+    """nnU-Net v2's export, written out in full for comparison: all labels' logits resampled, softmax,
+    transposed, uncropped with background 1 outside."""
     from autoseg.preprocessing.cropping import uncrop
     from autoseg.preprocessing.resampling import resample_probabilities, separate_axis_for
 
     forward, backward = plans["transpose_forward"], plans["transpose_backward"]
     original_spacing = [properties["original_geometry"]["spacing"][a] for a in forward]
     separate = separate_axis_for(properties["spacing"], original_spacing, plans["resampling"]["anisotropy_threshold"])
-    resampled = resample_probabilities(probabilities, tuple(properties["shape_after_crop"][a] for a in forward), 1,
+    resampled = resample_probabilities(logits, tuple(properties["shape_after_crop"][a] for a in forward), 1,
                                        separate, plans["resampling"]["thick_axis_order"])
-    fill = np.zeros(probabilities.shape[0], np.float32)
+    fill = np.zeros(logits.shape[0], np.float32)
     fill[0] = 1
-    return uncrop(np.ascontiguousarray(resampled.transpose(0, *(a + 1 for a in backward))),
+    return uncrop(np.ascontiguousarray(_softmax(resampled).transpose(0, *(a + 1 for a in backward))),
                   tuple(tuple(b) for b in properties["nonzero_bbox"]), tuple(properties["original_geometry"]["shape"]),
                   fill=fill)
 
@@ -158,28 +169,30 @@ def _todays_probabilities_to_original(probabilities, properties, plans):
     ((1.0, 1.0, 1.0), (1.3, 0.8, 1.1), (10, 12, 9), ((0, 10), (1, 12), (0, 8)), False),    # plain 3D
     ((1.0, 1.0, 2.5), (0.8, 1.1, 3.5), (12, 10, 7), ((1, 12), (0, 10), (1, 7)), True),     # transposed plan
 ])
-def test_label_map_builder_gives_todays_argmax_slab_by_slab(plan_spacing, spacing, shape, bbox, streams):
+def test_label_map_builder_gives_nnunets_argmax_and_entropy_slab_by_slab(plan_spacing, spacing, shape, bbox, streams):
     from autoseg.inference.export import LabelMapBuilder
 
     plans = _plans(plan_spacing)
     geometry = Geometry(spacing, (0.0, 0.0, 0.0), ROTATED, shape)
     data, _, properties = preprocess_case(_image_with_zero_border(shape, bbox), None, geometry, plans, "3d_fullres")
     rng = np.random.default_rng(3)
-    probabilities = rng.dirichlet(np.full(4, 0.3), data.shape[1:]).transpose(3, 0, 1, 2).astype(np.float32)
-    expected = _todays_probabilities_to_original(probabilities, properties, plans)
+    logits = rng.normal(0, 3, (4, *data.shape[1:])).astype(np.float32)
+    given = logits.copy()
+    expected = _nnunet_export(logits, properties, plans)
 
-    np.testing.assert_array_equal(probabilities_to_original(probabilities, properties, plans), expected)
+    np.testing.assert_allclose(logits_to_original(logits, properties, plans), expected, atol=1e-6)
     builder = LabelMapBuilder([properties], plans, 4, uncertainty=True, entropy_map=True)
     assert builder.streams == streams
     if streams:  # uneven slabs, as the sliding window hands them out
         edges = [0, *sorted(rng.choice(np.arange(1, data.shape[1]), min(3, data.shape[1] - 1), replace=False)),
                  data.shape[1]]
         for z0, z1 in zip(edges, edges[1:]):
-            builder.add(int(z0), [probabilities[:, z0:z1]])
+            builder.add(int(z0), [logits[:, z0:z1]])
     else:
         with pytest.raises(ValueError, match="whole volume"):
-            builder.add(0, [probabilities[:, :2]])
-        builder.add(0, [probabilities])
+            builder.add(0, [logits[:, :2]])
+        builder.add(0, [logits])
+    np.testing.assert_array_equal(logits, given)  # the caller's logits are not overwritten
     np.testing.assert_array_equal(builder.labels, np.argmax(expected, axis=0))
     entropy = -(expected * np.log(np.maximum(expected, 1e-30))).sum(axis=0)
     np.testing.assert_allclose(builder.entropy, entropy, atol=1e-5)

@@ -119,15 +119,18 @@ def test_a_transposed_plan_predicts_a_channel_first_file(tmp_path):
     np.testing.assert_allclose(probabilities.sum(axis=0), 1.0, atol=1e-5)
 
 
-def test_fold_ensemble_is_the_mean_of_the_single_folds(work):
+def test_fold_ensemble_averages_logits_and_resamples_them_before_the_softmax(work):
     shape = (7, 15, 18)
     image = _volume(shape, ((0, 7), (2, 14), (1, 17)), seed=3, channels=1)
     geometry = Geometry((2.0, 1.0, 1.1), (0.0, 0.0, 0.0), IDENTITY, shape)
-    both = Predictor(work, ("3d_fullres",), folds=None, device="cpu", mirroring=False).predict_case(image, geometry)
-    single = [Predictor(work, ("3d_fullres",), folds=[f], device="cpu", mirroring=False).predict_case(image, geometry) for f in (0, 1)]
+    predictor = Predictor(work, ("3d_fullres",), folds=None, device="cpu", mirroring=False, mixed_precision=False)
+    both = predictor.predict_case(image, geometry)
+    single = [Predictor(work, ("3d_fullres",), folds=[f], device="cpu", mirroring=False,
+                        mixed_precision=False).predict_case(image, geometry) for f in (0, 1)]
     assert both.shape == (3, *shape)
     assert not np.allclose(single[0], single[1], atol=1e-3)  # the folds really differ
-    np.testing.assert_allclose(both, (single[0] + single[1]) / 2, atol=1e-5)
+    np.testing.assert_allclose(both, _nnunet_rules(predictor, image, geometry)[1], atol=1e-5)
+    assert np.abs(both - (single[0] + single[1]) / 2).max() > 1e-3  # not the mean of the folds' probabilities
 
 
 @pytest.mark.parametrize("configuration", CONFIGS)
@@ -307,9 +310,9 @@ def test_a_folder_of_rgb_pictures_is_one_case_per_picture_and_a_greyscale_one_is
         read_input_case(cases[1], num_channels=3)
 
 
-def _todays_labels(predictor, image, geometry):
-    """The label map as predict wrote it before label-by-label export: every configuration's full
-    probabilities resampled to the input's grid, averaged, argmax."""
+def _nnunet_rules(predictor, image, geometry):
+    """nnU-Net v2's ensemble written out in full: per configuration the folds' logits averaged, every label
+    resampled to the input's grid, softmax, uncropped; configurations averaged. (labels, probabilities)."""
     from autoseg.inference.sliding_window import sliding_window_predict
     from autoseg.preprocessing.cropping import uncrop
     from autoseg.preprocessing.resampling import resample_probabilities, separate_axis_for
@@ -319,13 +322,14 @@ def _todays_labels(predictor, image, geometry):
     for name, data, properties in zip(prepared.configurations, prepared.data, prepared.properties):
         folds = [f for f in predictor.folds if f.configuration == name]
         patch = plans["configurations"][name]["patch_size"]
-        p = sum(torch.softmax(sliding_window_predict(f.network, torch.from_numpy(data), patch, 3), 0) for f in folds)
-        p = (p / len(folds)).numpy()
+        logits = sum(sliding_window_predict(f.network, torch.from_numpy(data), patch, 3, accumulator_dtype=torch.float32)
+                     for f in folds) / len(folds)
         forward, backward = plans["transpose_forward"], plans["transpose_backward"]
         original_spacing = [properties["original_geometry"]["spacing"][a] for a in forward]
         separate = separate_axis_for(properties["spacing"], original_spacing, plans["resampling"]["anisotropy_threshold"])
         cropped = tuple(properties["shape_after_crop"][a] for a in forward)
-        p = resample_probabilities(p, cropped, 1, separate, plans["resampling"]["thick_axis_order"])
+        logits = resample_probabilities(logits.numpy(), cropped, 1, separate, plans["resampling"]["thick_axis_order"])
+        p = torch.softmax(torch.from_numpy(logits), 0).numpy()
         fill = np.array([1.0, 0.0, 0.0], np.float32)
         p = uncrop(np.ascontiguousarray(p.transpose(0, *(a + 1 for a in backward))),
                    tuple(tuple(b) for b in properties["nonzero_bbox"]), tuple(geometry.shape), fill=fill)
@@ -343,19 +347,19 @@ def _todays_labels(predictor, image, geometry):
     # two configurations averaged on the input's grid
     (("3d_fullres", "2d"), (2.5, 0.7, 0.9), (9, 17, 15), ((1, 8), (1, 16), (0, 15)), False),
 ])
-def test_label_by_label_export_gives_todays_labels(work, configs, spacing, shape, bbox, streams, monkeypatch):
+def test_label_by_label_export_follows_nnunets_ensemble_rules(work, configs, spacing, shape, bbox, streams, monkeypatch):
     from autoseg.inference.export import LabelMapBuilder
 
     geometry = Geometry(spacing, (1.0, 2.0, 3.0), IDENTITY, shape)
     image = _volume(shape, bbox, seed=7, channels=1)
-    predictor = Predictor(work, configs, device="cpu", mirroring=False)
+    predictor = Predictor(work, configs, device="cpu", mirroring=False, mixed_precision=False)
     slabs = []
     add = LabelMapBuilder.add
     monkeypatch.setattr(LabelMapBuilder, "add", lambda self, z0, p: slabs.append(p[0].shape) or add(self, z0, p))
 
     result = predictor.segment(predictor.prepare(image, geometry))
 
-    expected, probabilities = _todays_labels(predictor, image, geometry)
+    expected, probabilities = _nnunet_rules(predictor, image, geometry)
     assert result.labels.shape == shape and result.labels.dtype == np.uint8 and result.members == 2 * len(configs)
     np.testing.assert_array_equal(result.labels, expected)
     assert len(set(np.unique(expected))) > 1  # not a trivial all-background case
@@ -369,15 +373,15 @@ def test_label_by_label_export_gives_todays_labels(work, configs, spacing, shape
     assert set(result.uncertainty) == set(np.unique(expected)) - {0}
 
 
-def test_2d_pictures_stream_slice_by_slice_with_todays_labels(tmp_path):
+def test_2d_pictures_stream_slice_by_slice_with_nnunets_labels(tmp_path):
     work = tmp_path / "work"
     _workspace(work, spacing=(999.0, 1.0, 1.0), shape=(1, 24, 28), folds=(0, 1))
     shape = (1, 23, 30)
     geometry = Geometry((999.0, 0.8, 1.3), (0.0, 0.0, 0.0), IDENTITY, shape)
     image = _volume(shape, ((0, 1), (2, 21), (1, 29)), seed=2, channels=1)
-    predictor = Predictor(work, ("2d",), device="cpu", mirroring=False)
+    predictor = Predictor(work, ("2d",), device="cpu", mirroring=False, mixed_precision=False)
     result = predictor.segment(predictor.prepare(image, geometry), entropy_map=True)
-    expected, _ = _todays_labels(predictor, image, geometry)
+    expected, _ = _nnunet_rules(predictor, image, geometry)
     np.testing.assert_array_equal(result.labels, expected)
     assert result.entropy.shape == shape and result.entropy.dtype == np.float32
     assert 0 <= result.entropy.min() and result.entropy.max() <= 1 and (result.entropy[0, 0] == 0).all()

@@ -1,13 +1,15 @@
-"""Bring network probabilities back onto the input file's grid and write them as results.
+"""Bring network logits back onto the input file's grid and write them as results.
 
-Preprocessing went crop -> transpose -> resample; export undoes it in reverse order:
-resample to the cropped shape (still transposed), transpose back, put the crop back into the
-full volume with background probability 1 outside it.
+Preprocessing went crop -> transpose -> resample; export undoes it in reverse order, as nnU-Net v2
+does: each label's logits are resampled to the cropped shape (still transposed), the softmax is
+taken there, transposed back, and the crop is put back into the full volume with background
+probability 1 outside it. Several configurations are averaged as those probabilities.
 
 `LabelMapBuilder` does the same for the label map alone without ever holding per-label
-probabilities on the input's grid: one label at a time it resamples the network's probabilities
-back to the cropped grid and keeps a running maximum and argmax, and for a single configuration it
-takes them in z-slabs as the sliding window finishes them (docs/prediction.md).
+probabilities on the input's grid: one label at a time it resamples the network's logits back to
+the cropped grid and keeps a running maximum and argmax (and a running log-sum-exp for the
+softmax's entropy), and for a single configuration it takes them in z-slabs as the sliding window
+finishes them (docs/prediction.md).
 
 A label map is written in the input's format (`segmentation_suffix`): PNG in, PNG out; TIFF in,
 TIFF out; NIfTI in, NIfTI out. It is uint8 when the label ids fit, else uint16.
@@ -38,17 +40,24 @@ def segmentation_suffix(input_suffix: str) -> str:
     return suffix
 
 
-def probabilities_to_original(probabilities: np.ndarray, properties: dict, plans: dict) -> np.ndarray:
-    """(K, *resampled) probabilities in network space -> (K, Z, Y, X) float32 in the original file's
-    orientation and shape (`properties` as returned by `preprocess_case`). Holds K volumes of the
-    input's size: for the label map alone use `LabelMapBuilder`."""
-    probabilities = np.asarray(probabilities, dtype=np.float32)
+def logits_to_original(logits: np.ndarray, properties: dict, plans: dict) -> np.ndarray:
+    """(K, *resampled) logits in network space -> (K, Z, Y, X) float32 probabilities in the original file's
+    orientation and shape (`properties` as returned by `preprocess_case`): the logits are resampled and
+    the softmax is taken on the input's grid, as nnU-Net v2 exports. Holds K volumes of the input's
+    size: for the label map alone use `LabelMapBuilder`."""
+    logits = np.asarray(logits, dtype=np.float32)
     grid = _BackToCrop(properties, plans)
-    grid.check(probabilities)
-    out = np.zeros((probabilities.shape[0], *grid.full_shape), dtype=np.float32)
+    grid.check(logits)
+    out = np.zeros((logits.shape[0], *grid.full_shape), dtype=np.float32)
     out[0] = 1.0  # outside the crop there was no data: background
-    for k in range(probabilities.shape[0]):
-        grid.crop_view(out[k])[...] = grid.resample(probabilities[k], 0)[1]
+    for k in range(logits.shape[0]):
+        grid.crop_view(out[k])[...] = grid.resample(logits[k], 0)[1]
+    crop = out[(slice(None), *grid.bbox)]  # a view: the softmax is taken in place
+    largest = crop.max(axis=0)
+    np.subtract(crop, largest, out=crop)
+    np.exp(crop, out=crop)
+    np.sum(crop, axis=0, out=largest)
+    np.divide(crop, largest, out=crop)
     return out
 
 
@@ -96,7 +105,8 @@ class _BackToCrop:
         return slice(z0, z1)  # a slab of an axis that is not resampled
 
     def resample(self, volume: np.ndarray, z0: int) -> tuple[slice, np.ndarray]:
-        """Network rows [z0, z0 + len(volume)) of one label -> (output rows, float32 values on them)."""
+        """Network rows [z0, z0 + len(volume)) of one label -> (output rows, float32 values on them, a new
+        array the caller may overwrite)."""
         z1 = z0 + volume.shape[0]
         rows = self.rows_for(z0, z1)
         whole = (z0, z1) == (0, self.network_shape[0])
@@ -111,18 +121,20 @@ class _BackToCrop:
             shape, separate_axis = (volume.shape[0], *self.shape[1:]), self.separate_axis
         out = resample_probabilities(volume[None].astype(np.float32, copy=False), shape, order=1,
                                      separate_axis=separate_axis, thick_axis_order=self.thick_axis_order)[0]
-        return rows, out
+        return rows, out.copy() if np.may_share_memory(out, volume) else out
 
 
 class LabelMapBuilder:
-    """Label map on the input's grid from network probabilities, averaged over configurations, without
-    per-label probabilities on that grid: at most one label's volume (of a slab) at a time.
+    """Label map on the input's grid from network logits (one array per configuration), without
+    per-label probabilities on that grid: at most a few volumes (of a slab) at a time.
 
     With one configuration whose resampling allows it (`streams`), `add` takes z-slabs of its
-    network grid in any order; otherwise one whole network volume per configuration. With
-    `uncertainty=True` it sums, per label, the voxel-wise entropy of the averaged probabilities over
-    the voxels given that label, and with `entropy_map=True` it keeps the entropy map (nats).
-    The labels equal the argmax of `probabilities_to_original` (averaged), ties to the lower label.
+    network grid in any order; otherwise one whole network volume per configuration. The labels
+    equal the argmax of `logits_to_original` (averaged over configurations), ties to the lower
+    label. With `uncertainty=True` it sums, per label, the voxel-wise entropy of those probabilities
+    over the voxels given that label, and with `entropy_map=True` it keeps the entropy map (nats).
+    One configuration takes one pass over the labels (the argmax of the logits, the entropy from a
+    running log-sum-exp); several take two (each one's log-sum-exp, then the averaged probabilities).
     """
 
     def __init__(self, properties: Sequence[dict], plans: dict, num_classes: int, uncertainty: bool = False,
@@ -145,31 +157,18 @@ class LabelMapBuilder:
     def streams(self) -> bool:
         return len(self.grids) == 1 and self.grids[0].streams
 
-    def add(self, z0: int, probabilities: Sequence[np.ndarray]) -> None:
-        """(K, n, Y, X) float32 network rows [z0, z0 + n), one array per configuration."""
-        if len(probabilities) != len(self.grids):
-            raise ValueError(f"expected probabilities of {len(self.grids)} configuration(s), got {len(probabilities)}")
-        for p, grid in zip(probabilities, self.grids):
+    def add(self, z0: int, logits: Sequence[np.ndarray]) -> None:
+        """(K, n, Y, X) float32 network logits of rows [z0, z0 + n), one array per configuration."""
+        if len(logits) != len(self.grids):
+            raise ValueError(f"expected logits of {len(self.grids)} configuration(s), got {len(logits)}")
+        for p, grid in zip(logits, self.grids):
             if p.shape[0] != self.num_classes or tuple(p.shape[2:]) != grid.network_shape[1:]:
-                raise ValueError(f"probabilities of shape {list(p.shape)} do not fit the network grid "
+                raise ValueError(f"logits of shape {list(p.shape)} do not fit the network grid "
                                  f"{list(grid.network_shape)} with {self.num_classes} classes")
-        best = labels = entropy = rows = None
-        for k in range(self.num_classes):
-            total = None
-            for p, grid in zip(probabilities, self.grids):
-                rows, values = grid.resample(p[k], z0)
-                total = values.copy() if total is None else np.add(total, values, out=total)
-            if len(probabilities) > 1:
-                total /= len(probabilities)
-            if k == 0:
-                best, labels = total, np.zeros(total.shape, dtype=self.labels.dtype)
-                entropy = np.zeros(total.shape, dtype=np.float32) if self.with_entropy else None
-            else:
-                better = total > best
-                labels[better] = k
-                np.maximum(best, total, out=best)
-            if entropy is not None:
-                entropy -= total * np.log(np.maximum(total, np.finfo(np.float32).tiny))
+        if len(logits) == 1:
+            rows, labels, entropy = self._one(z0, logits[0])
+        else:
+            rows, labels, entropy = self._ensemble(z0, logits)
         self.grids[0].crop_view(self.labels)[rows] = labels
         self.label_voxels += np.bincount(labels.ravel(), minlength=self.num_classes)
         if entropy is not None:
@@ -177,8 +176,68 @@ class LabelMapBuilder:
                 self.grids[0].crop_view(self.entropy)[rows] = entropy
             self.label_entropy += np.bincount(labels.ravel(), weights=entropy.ravel(), minlength=self.num_classes)
 
+    def _one(self, z0: int, logits: np.ndarray) -> tuple[slice, np.ndarray, np.ndarray | None]:
+        """One configuration: argmax of the resampled logits; the softmax's entropy as log(s) - t / s with
+        s = sum_k exp(l_k - m), t = sum_k exp(l_k - m) (l_k - m), m the running maximum."""
+        grid = self.grids[0]
+        rows, best = grid.resample(logits[0], z0)
+        labels = np.zeros(best.shape, dtype=self.labels.dtype)
+        s = np.ones_like(best) if self.with_entropy else None
+        t = np.zeros_like(best) if self.with_entropy else None
+        for k in range(1, self.num_classes):
+            value = grid.resample(logits[k], z0)[1]
+            labels[value > best] = k
+            if s is None:
+                np.maximum(best, value, out=best)
+                continue
+            largest = np.maximum(best, value)
+            shift = best - largest  # <= 0: the old terms shrink by exp(shift)
+            scale = np.exp(shift)
+            t = scale * (t + s * shift)
+            np.subtract(value, largest, out=value)
+            term = np.exp(value)
+            t += term * value
+            s = s * scale + term
+            best = largest
+        if s is None:
+            return rows, labels, None
+        entropy = np.log(s) - t / s
+        return rows, labels, np.maximum(entropy, 0, out=entropy)
+
+    def _ensemble(self, z0: int, logits: Sequence[np.ndarray]) -> tuple[slice, np.ndarray, np.ndarray | None]:
+        """Several configurations: each one's softmax on the input grid (its log-sum-exp first), averaged."""
+        log_sums = []
+        for p, grid in zip(logits, self.grids):
+            largest = total = None
+            for k in range(self.num_classes):
+                value = grid.resample(p[k], z0)[1]
+                if k == 0:
+                    largest, total = value, np.ones_like(value)
+                    continue
+                new = np.maximum(largest, value)
+                total = total * np.exp(largest - new) + np.exp(value - new)
+                largest = new
+            log_sums.append(largest + np.log(total))
+        best = labels = entropy = rows = None
+        for k in range(self.num_classes):
+            total = None
+            for p, grid, log_sum in zip(logits, self.grids, log_sums):
+                rows, value = grid.resample(p[k], z0)
+                np.exp(value - log_sum, out=value)
+                total = value if total is None else np.add(total, value, out=total)
+            total /= len(logits)
+            if k == 0:
+                best, labels = total, np.zeros(total.shape, dtype=self.labels.dtype)
+                entropy = np.zeros(total.shape, dtype=np.float32) if self.with_entropy else None
+            else:
+                labels[total > best] = k
+                np.maximum(best, total, out=best)
+            if entropy is not None:
+                entropy -= total * np.log(np.maximum(total, np.finfo(np.float32).tiny))
+        return rows, labels, entropy
+
     def uncertainty(self) -> dict[int, float]:
-        """Per label present: mean entropy of the averaged probabilities over its voxels, divided by log(K): 0
+        """Per label present: mean entropy of the ensemble's probabilities over its voxels, divided by log(K): 0
         when every member agrees with certainty, 1 at uniform probabilities."""
         scale = np.log(self.num_classes) if self.num_classes > 1 else 1.0
         return {k: float(self.label_entropy[k] / self.label_voxels[k] / scale)
@@ -209,7 +268,7 @@ def export_segmentation(probabilities_original: np.ndarray, geometry: Geometry, 
     probabilities_original = np.asarray(probabilities_original)
     if tuple(probabilities_original.shape[1:]) != tuple(geometry.shape):
         raise ValueError(f"{path}: probabilities of spatial shape {list(probabilities_original.shape[1:])} do not "
-                         f"match the input grid {list(geometry.shape)}; convert them with probabilities_to_original")
+                         f"match the input grid {list(geometry.shape)}; convert logits with logits_to_original")
     num_classes = probabilities_original.shape[0]
     if num_classes > 65536:
         raise ValueError(f"{path}: {num_classes} classes do not fit a uint16 label map")

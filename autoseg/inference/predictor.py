@@ -2,11 +2,12 @@
 
 `Predictor` owns the networks (built once, kept in eval mode on the device) and splits a case into
 steps so that `predict_folder` can overlap them: `prepare` (CPU: preprocessing exactly as in
-training), `segment` (device, then CPU: sliding window per fold, softmax averaged over folds and
-configurations, the label map on the input's grid taken label by label and, for one configuration,
-slab by slab, so no per-label probabilities of the input's size are held; docs/prediction.md), and
-writing. `run_networks` + `to_original` (`predict_case`) give the full probabilities instead, for
-`--save-probabilities`.
+training), `segment` (device, then CPU: sliding window per fold, logits averaged over a
+configuration's folds, resampled to the input's grid and softmaxed there, averaged over
+configurations, as nnU-Net v2 ensembles; the label map taken label by label and, for one
+configuration, slab by slab, so no per-label probabilities of the input's size are held;
+docs/prediction.md), and writing. `run_networks` + `to_original` (`predict_case`) give the full
+probabilities instead, for `--save-probabilities`.
 """
 
 from __future__ import annotations
@@ -28,11 +29,10 @@ from autoseg.atomic import write_json
 from autoseg.dataset.image_io import Geometry, write_image
 from autoseg.device import choose_device, mixed_precision_available
 from autoseg.inference.openvino_runtime import RUNTIMES, OpenVINONetwork, OpenVINOUnavailable
-from autoseg.inference.export import (LabelMapBuilder, probabilities_to_original, save_probabilities,
+from autoseg.inference.export import (LabelMapBuilder, logits_to_original, save_probabilities,
                                       segmentation_suffix, write_segmentation)
 from autoseg.inference.inputs import InputCase, InputError, discover_inputs, read_input_case
-from autoseg.inference.sliding_window import (accumulator_dtype_for, sliding_window_predict, sliding_window_slabs,
-                                              softmax_in_place)
+from autoseg.inference.sliding_window import accumulator_dtype_for, sliding_window_predict, sliding_window_slabs
 from autoseg.inference.volumes import VolumeTable, structure_rows
 from autoseg.network.low_memory import inference_forward
 from autoseg.network.unet import UNetTopology, build_unet
@@ -77,7 +77,7 @@ class CaseSegmentation:
 
     labels: np.ndarray  # (Z, Y, X) uint8 (uint16 beyond 256 classes)
     members: int  # networks averaged: folds x configurations
-    # Per label present, mean entropy of the averaged probabilities over its voxels / log(K), in [0, 1];
+    # Per label present, mean entropy of the ensemble's probabilities over its voxels / log(K), in [0, 1];
     # None with a single member.
     uncertainty: dict[int, float] | None = None
     entropy: np.ndarray | None = None  # (Z, Y, X) float32 voxel entropy / log(K), when asked for
@@ -207,14 +207,13 @@ class Predictor:
         return PreparedCase(geometry, self.configurations, tuple(data), tuple(properties))
 
     def run_networks(self, prepared: PreparedCase) -> list[np.ndarray]:
-        """Per configuration, softmax probabilities in network space averaged over its folds."""
+        """Per configuration, the logits in network space averaged over its folds (nnU-Net v2's fold ensemble)."""
         outputs = []
         for name, data in zip(prepared.configurations, prepared.data):
             image = torch.from_numpy(data)
             total, count = None, 0
             for fold in (f for f in self.folds if f.configuration == name):
                 logits = self._sliding_window(fold, image)
-                softmax_in_place(logits)
                 total = logits if total is None else total.add_(logits)
                 count += 1
             outputs.append(total.div_(count).numpy())
@@ -233,18 +232,18 @@ class Predictor:
         builder = LabelMapBuilder(prepared.properties, self.plans, self.num_classes, uncertainty=members > 1,
                                   entropy_map=entropy_map and members > 1)
         if not builder.streams:
-            return self.segment_probabilities(prepared, self.run_networks(prepared), entropy_map)
+            return self.segment_logits(prepared, self.run_networks(prepared), entropy_map)
         data = torch.from_numpy(prepared.data[0])
         add_slabs(builder, [self._sliding_window(fold, data, streaming=True) for fold in self.folds])
         return _segmentation(builder, members)
 
-    def segment_probabilities(self, prepared: PreparedCase, probabilities: Sequence[np.ndarray],
-                              entropy_map: bool = False) -> CaseSegmentation:
-        """`segment` from `run_networks`'s output (when the probabilities are needed too)."""
+    def segment_logits(self, prepared: PreparedCase, logits: Sequence[np.ndarray],
+                       entropy_map: bool = False) -> CaseSegmentation:
+        """`segment` from `run_networks`'s logits (when the probabilities are needed too)."""
         members = len(self.folds)
         builder = LabelMapBuilder(prepared.properties, self.plans, self.num_classes, uncertainty=members > 1,
                                   entropy_map=entropy_map and members > 1)
-        builder.add(0, probabilities)
+        builder.add(0, logits)
         return _segmentation(builder, members)
 
     def _sliding_window(self, fold: LoadedFold, image: torch.Tensor, streaming: bool = False):
@@ -255,18 +254,20 @@ class Predictor:
                         tiles_per_batch=self.tiles_per_batch, device=self.device, use_amp=self.mixed_precision,
                         accumulator_dtype=self.accumulator_dtype)
 
-    def to_original(self, prepared: PreparedCase, probabilities: Sequence[np.ndarray]) -> np.ndarray:
-        """Average of the configurations' probabilities on the input's grid, (K, Z, Y, X) float32."""
+    def to_original(self, prepared: PreparedCase, logits: Sequence[np.ndarray]) -> np.ndarray:
+        """Average of the configurations' probabilities on the input's grid, (K, Z, Y, X) float32, from
+        `run_networks`'s logits."""
         total = None
-        for p, properties in zip(probabilities, prepared.properties):
-            original = probabilities_to_original(p, properties, self.plans)
+        for p, properties in zip(logits, prepared.properties):
+            original = logits_to_original(p, properties, self.plans)
             total = original if total is None else np.add(total, original, out=total)
-        if len(probabilities) > 1:
-            total /= len(probabilities)
+        if len(logits) > 1:
+            total /= len(logits)
         return total
 
     def predict_case(self, image: np.ndarray, geometry: Geometry) -> np.ndarray:
-        """Probabilities (K, Z, Y, X) on the input's grid: softmax averaged over folds and configurations."""
+        """Probabilities (K, Z, Y, X) on the input's grid: per configuration the softmax of its folds' mean
+        logits, resampled as logits; averaged over configurations."""
         prepared = self.prepare(image, geometry)
         return self.to_original(prepared, self.run_networks(prepared))
 
@@ -284,7 +285,7 @@ class Predictor:
 
 
 def add_slabs(builder: LabelMapBuilder, streams: Sequence[Iterator[tuple[int, torch.Tensor]]]) -> None:
-    """Give `builder` (one configuration) each z-slab's softmax, averaged over the networks whose
+    """Give `builder` (one configuration) each z-slab's logits, averaged over the networks whose
     `sliding_window_slabs` streams advance side by side."""
     for pieces in zip(*streams):
         z0 = pieces[0][0]
@@ -292,7 +293,6 @@ def add_slabs(builder: LabelMapBuilder, streams: Sequence[Iterator[tuple[int, to
         for start, logits in pieces:
             if start != z0:
                 raise AssertionError("the folds' sliding windows went out of step")
-            softmax_in_place(logits)
             total = logits if total is None else total.add_(logits)
         builder.add(z0, [total.div_(len(pieces)).numpy()])
 
@@ -478,7 +478,7 @@ def _read_and_prepare(predictor: Predictor, case: InputCase) -> PreparedCase:
 
 
 def _predict(predictor: Predictor, prepared: PreparedCase, outputs: _Outputs) -> CaseSegmentation | list[np.ndarray]:
-    """The network part, in the main thread: the label map, or (to save them) network-space probabilities."""
+    """The network part, in the main thread: the label map, or (to save probabilities) network-space logits."""
     if outputs.probabilities:
         return predictor.run_networks(prepared)
     return predictor.segment(prepared, entropy_map=outputs.uncertainty_map)
@@ -491,7 +491,7 @@ def _write_case(predictor: Predictor, case: InputCase, prepared: PreparedCase,
     geometry = prepared.geometry
     if not isinstance(predicted, CaseSegmentation):
         save_probabilities(outputs.folder / f"{case.case_id}.npz", predictor.to_original(prepared, predicted))
-        predicted = predictor.segment_probabilities(prepared, predicted, entropy_map=outputs.uncertainty_map)
+        predicted = predictor.segment_logits(prepared, predicted, entropy_map=outputs.uncertainty_map)
     path = _output_path(outputs.folder, case, outputs.output_format)
     if outputs.uncertainty_map and predicted.entropy is not None:
         suffix = segmentation_suffix(case.ending)

@@ -18,7 +18,7 @@ from autoseg.device import autocast_for
 logger = logging.getLogger(__name__)
 
 HOST = torch.device("cpu")
-# Finished rows are handed out in slabs this deep, so the caller's per-slab work (softmax, resampling)
+# Finished rows are handed out in slabs this deep, so the caller's per-slab work (resampling, argmax)
 # stays small beside the accumulator band.
 SLAB_ROWS = 8
 # Share of the free device memory the accumulator may take; the rest is left for the forward passes.
@@ -138,7 +138,7 @@ def sliding_window_predict(
     progress: bool = False,
     accumulator_dtype: torch.dtype = DEFAULT_ACCUMULATOR_DTYPE,
 ) -> torch.Tensor:
-    """Logits (num_classes, Z, Y, X), float32 on the CPU, for a (C, Z, Y, X) image; apply softmax yourself.
+    """Logits (num_classes, Z, Y, X), float32 on the CPU, for a (C, Z, Y, X) image (no softmax: export takes it).
 
     A 3-entry patch_size runs a 3D network; a 2-entry one runs a 2D network on every z-slice.
     mirror_axes are axes of the patch; all 2**n flip combinations are averaged. The caller owns the
@@ -300,13 +300,6 @@ def _accumulate_slabs(network: Callable[[torch.Tensor], torch.Tensor], padded: t
             bar.update(len(batch_tiles))
     while top < spatial[0]:
         yield from finish(min(spatial[0] - top, depth))
-
-
-def softmax_in_place(logits: torch.Tensor, rows: int = 16) -> torch.Tensor:
-    """Softmax over the class axis of (K, Z, ...) logits, a few z-rows at a time, so no second volume is made."""
-    for z in range(0, logits.shape[1], rows):
-        logits[:, z:z + rows] = torch.softmax(logits[:, z:z + rows], dim=0)
-    return logits
 
 
 def _check_arguments(image: torch.Tensor, patch: tuple[int, ...], num_classes: int, step_size: float,

@@ -15,12 +15,11 @@ from autoseg.atomic import read_json, write_json
 from autoseg.dataset.image_io import Geometry
 from autoseg.dataset.layout import load_dataset, read_case_label
 from autoseg.evaluation import evaluate_case, mean_per_label, nan_to_none
-from autoseg.inference.export import (LabelMapBuilder, export_segmentation, probabilities_to_original,
+from autoseg.inference.export import (LabelMapBuilder, export_segmentation, logits_to_original,
                                       segmentation_suffix, write_segmentation)
 from autoseg.inference.export import save_probabilities as save_npz
 from autoseg.inference.predictor import add_slabs
-from autoseg.inference.sliding_window import (accumulator_dtype_for, sliding_window_predict, sliding_window_slabs,
-                                              softmax_in_place)
+from autoseg.inference.sliding_window import accumulator_dtype_for, sliding_window_predict, sliding_window_slabs
 from autoseg.network.low_memory import inference_forward
 from autoseg.network.unet import UNet
 from autoseg.preprocessing import store
@@ -62,9 +61,9 @@ def validate_fold(network: torch.nn.Module, workdir: Path, plans: dict, configur
         path = out_dir / f"{case_id}{segmentation_suffix(ending)}"
         if save_probabilities:
             # Kept so `autoseg crossval` can score ensembles of configurations.
-            probabilities = softmax_in_place(sliding_window_predict(forward, image, **window)).numpy()
-            original = probabilities_to_original(probabilities, properties, plans)
-            del probabilities
+            logits = sliding_window_predict(forward, image, **window).numpy()
+            original = logits_to_original(logits, properties, plans)
+            del logits
             save_npz(out_dir / f"{case_id}.npz", original)
             segmentation = export_segmentation(original, geometry, path)
             del original
@@ -73,7 +72,7 @@ def validate_fold(network: torch.nn.Module, workdir: Path, plans: dict, configur
             if builder.streams:
                 add_slabs(builder, [sliding_window_slabs(forward, image, **window)])
             else:
-                builder.add(0, [softmax_in_place(sliding_window_predict(forward, image, **window)).numpy()])
+                builder.add(0, [sliding_window_predict(forward, image, **window).numpy()])
             segmentation = write_segmentation(builder.labels, geometry, path)
             del builder
         reference = read_case_label(cases[case_id])
