@@ -14,8 +14,9 @@ dataset.json as the test set and trains on the others, through links in a tempor
 
 Both train the same configuration (`--configuration`, default autoseg's default configuration) with
 the same batch (`--batch-size`, default the plan's; nnU-Net gets it written into the plans its
-trainer reads). On a CPU the 2d configuration with a small batch is what reaches a few hundred or
-thousand iterations within the hour; 3d_fullres on Hippocampus takes 12-15 s an iteration there.
+trainer reads). On a 2-core CPU the 2d configuration with a small batch reaches a few thousand
+iterations within the hour; 3d_fullres on Hippocampus takes 8-15 s an iteration there in float32
+(250 iterations of both tools: about 70 minutes; benchmarks/README.md).
 
 autoseg: `autoseg plan` (verify, fingerprint, plan, preprocess that configuration) into a
 temporary workspace, `train_fold` of fold 0 for `--epochs` epochs of N / E iterations with
