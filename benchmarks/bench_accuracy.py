@@ -5,7 +5,8 @@ label of both is printed side by side with their training and prediction seconds
     python benchmarks/bench_accuracy.py DATASET --test-images DIR --test-labels DIR --iterations N
                                         [--epochs E] [--val-iters V] [--workers W]
                                         [--configuration 2d|3d_fullres|3d_lowres] [--batch-size B]
-                                        [--autoseg-precision float32|auto] [--nnunet-venv /work/bench/nnunet_venv | --no-nnunet]
+                                        [--autoseg-precision float32|auto]
+                                        [--nnunet-venv /work/bench/nnunet_venv | --no-nnunet]
     python benchmarks/bench_accuracy.py DATASET --hold-out 20 --iterations N      # makes the split itself
 
 DATASET is the raw training set (Decathlon or nnU-Net v2 layout); the test cases must not be in it.

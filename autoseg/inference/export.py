@@ -177,47 +177,29 @@ class LabelMapBuilder:
             self.label_entropy += np.bincount(labels.ravel(), weights=entropy.ravel(), minlength=self.num_classes)
 
     def _one(self, z0: int, logits: np.ndarray) -> tuple[slice, np.ndarray, np.ndarray | None]:
-        """One configuration: argmax of the resampled logits; the softmax's entropy as log(s) - t / s with
-        s = sum_k exp(l_k - m), t = sum_k exp(l_k - m) (l_k - m), m the running maximum."""
+        """One configuration: argmax of the resampled logits, and the entropy of their softmax."""
         grid = self.grids[0]
         rows, best = grid.resample(logits[0], z0)
         labels = np.zeros(best.shape, dtype=self.labels.dtype)
-        s = np.ones_like(best) if self.with_entropy else None
-        t = np.zeros_like(best) if self.with_entropy else None
+        running = _RunningLogSumExp(best, entropy=True) if self.with_entropy else None
         for k in range(1, self.num_classes):
             value = grid.resample(logits[k], z0)[1]
             labels[value > best] = k
-            if s is None:
+            if running is None:
                 np.maximum(best, value, out=best)
-                continue
-            largest = np.maximum(best, value)
-            shift = best - largest  # <= 0: the old terms shrink by exp(shift)
-            scale = np.exp(shift)
-            t = scale * (t + s * shift)
-            np.subtract(value, largest, out=value)
-            term = np.exp(value)
-            t += term * value
-            s = s * scale + term
-            best = largest
-        if s is None:
-            return rows, labels, None
-        entropy = np.log(s) - t / s
-        return rows, labels, np.maximum(entropy, 0, out=entropy)
+            else:
+                running.add(value)
+                best = running.largest
+        return rows, labels, None if running is None else running.entropy()
 
     def _ensemble(self, z0: int, logits: Sequence[np.ndarray]) -> tuple[slice, np.ndarray, np.ndarray | None]:
         """Several configurations: each one's softmax on the input grid (its log-sum-exp first), averaged."""
         log_sums = []
         for p, grid in zip(logits, self.grids):
-            largest = total = None
-            for k in range(self.num_classes):
-                value = grid.resample(p[k], z0)[1]
-                if k == 0:
-                    largest, total = value, np.ones_like(value)
-                    continue
-                new = np.maximum(largest, value)
-                total = total * np.exp(largest - new) + np.exp(value - new)
-                largest = new
-            log_sums.append(largest + np.log(total))
+            running = _RunningLogSumExp(grid.resample(p[0], z0)[1])
+            for k in range(1, self.num_classes):
+                running.add(grid.resample(p[k], z0)[1])
+            log_sums.append(running.log_sum())
         best = labels = entropy = rows = None
         for k in range(self.num_classes):
             total = None
@@ -242,6 +224,36 @@ class LabelMapBuilder:
         scale = np.log(self.num_classes) if self.num_classes > 1 else 1.0
         return {k: float(self.label_entropy[k] / self.label_voxels[k] / scale)
                 for k in range(1, self.num_classes) if self.label_voxels[k]}
+
+
+class _RunningLogSumExp:
+    """The log-sum-exp over labels of logits given one label at a time, without holding them: the running
+    maximum m, s = sum_k exp(l_k - m) and, with `entropy`, t = sum_k exp(l_k - m) (l_k - m), so the
+    softmax's entropy is log(s) - t / s."""
+
+    def __init__(self, first: np.ndarray, entropy: bool = False):
+        self.largest = first
+        self.total = np.ones_like(first)
+        self.weighted = np.zeros_like(first) if entropy else None
+
+    def add(self, value: np.ndarray) -> None:
+        """One more label's logits (overwritten)."""
+        largest = np.maximum(self.largest, value)
+        shift = self.largest - largest  # <= 0: the terms so far shrink by exp(shift)
+        scale = np.exp(shift)
+        np.subtract(value, largest, out=value)
+        term = np.exp(value)
+        if self.weighted is not None:
+            self.weighted = scale * (self.weighted + self.total * shift) + term * value
+        self.total = self.total * scale + term
+        self.largest = largest
+
+    def log_sum(self) -> np.ndarray:
+        return self.largest + np.log(self.total)
+
+    def entropy(self) -> np.ndarray:
+        entropy = np.log(self.total) - self.weighted / self.total
+        return np.maximum(entropy, 0, out=entropy)
 
 
 def write_segmentation(segmentation: np.ndarray, geometry: Geometry, path: Path | str,

@@ -141,7 +141,8 @@ def resample_label(label: np.ndarray, shape: Sequence[int], order: int = 1, sepa
 def resample_probabilities(probabilities: np.ndarray, shape: Sequence[int], order: int = 1,
                            separate_axis: int | None = None, thick_axis_order: int = 0) -> np.ndarray:
     """Resample class probabilities or logits (K, Z, Y, X) back to an original grid (linear and nearest
-    keep probabilities in [0, 1]); returns the input itself when the shape is already `shape`. Pass `separate_axis_for(network_spacing, original_spacing, threshold)` as
+    keep probabilities in [0, 1]); returns the input itself when the shape is already `shape`.
+    Pass `separate_axis_for(network_spacing, original_spacing, threshold)` as
     `separate_axis` to undo preprocessing the way nnU-Net does; without it, plain 3D."""
     shape = tuple(shape)
     if tuple(probabilities.shape[1:]) == shape:
