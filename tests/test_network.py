@@ -59,6 +59,60 @@ def test_channels_last_and_bf16_autocast_match_float32():
     assert (out_bf16.float() - reference).abs().max() < 0.1 * reference.abs().max()
 
 
+def _conv_dtypes(net: nn.Module) -> dict[str, torch.dtype]:
+    """The output dtype of every convolution in `net`'s next forward pass, by module name."""
+    seen = {}
+    for name, module in net.named_modules():
+        if isinstance(module, (nn.Conv2d, nn.Conv3d)):
+            module.register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name, o.dtype))
+    return seen
+
+
+def test_under_cpu_bf16_a_kernel_longer_than_its_map_computes_in_float32():
+    # PLAN_3D on a patch of depth 8: stage 2's second convolution reads a map of depth 2 (its first
+    # reads depth 4 and writes 2).
+    net = build_unet(UNetTopology.from_plan(PLAN_3D, in_channels=1, num_classes=2), deep_supervision=False)
+    dtypes = _conv_dtypes(net)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        net(torch.randn(1, 1, *PLAN_3D["patch_size"]))
+    assert {n for n, dtype in dtypes.items() if dtype == torch.float32} == {"encoder.stages.2.1.0"}
+    assert len(dtypes) > 1 and all(dtypes[n] == torch.bfloat16 for n in dtypes if n != "encoder.stages.2.1.0")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        net(torch.randn(1, 1, 16, 16, 12))  # depth 4 there: every convolution stays in bfloat16
+    assert set(dtypes.values()) == {torch.bfloat16}
+    net(torch.randn(1, 1, *PLAN_3D["patch_size"]))  # without autocast nothing changes
+    assert set(dtypes.values()) == {torch.float32}
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread, as in each process of `train --gpus N --device cpu` (oneDNN picks other kernels)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_bf16_training_gradients_of_a_depth_2_bottleneck_repeat_exactly(one_thread):
+    # On one thread, oneDNN's bf16 weight gradient for a 3x3x3 kernel over depth 2 read memory it had
+    # not written (a different, sometimes NaN, gradient on every call) on AVX-512 CPUs; on CPUs
+    # where bf16 works it passes either way.
+    torch.manual_seed(0)
+    net = build_unet(UNetTopology.from_plan(PLAN_3D, in_channels=1, num_classes=3)).to(
+        memory_format=torch.channels_last_3d)
+    x = torch.randn(1, 1, *PLAN_3D["patch_size"]).contiguous(memory_format=torch.channels_last_3d)
+    gradients = []
+    for _ in range(6):
+        net.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = sum(out.float().square().mean() for out in net(x))
+        loss.backward()
+        gradients.append(torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None]))
+        _ = [torch.full((n,), float("nan")) for n in (37, 1000, 4099)]  # fill freed memory with NaN
+    assert torch.isfinite(gradients[0]).all()
+    assert all(torch.equal(g, gradients[0]) for g in gradients[1:])
+
+
 def test_feature_map_elements_is_linear_in_patch_voxels():
     args = dict(features_per_stage=[8, 16, 32], strides=[[1, 1, 1], [2, 2, 2], [2, 2, 2]], num_classes=3)
     small = feature_map_elements([8, 8, 8], **args)

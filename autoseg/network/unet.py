@@ -96,10 +96,45 @@ def _validate_topology(t: UNetTopology) -> None:
         raise ValueError(prefix + f"the first stage's stride must be all ones, got {list(t.strides[0])}")
 
 
+def kernel_exceeds_input(x: torch.Tensor, kernel_size: Sequence[int]) -> bool:
+    """Whether some spatial axis of `x` is shorter than the kernel along it (a feature map of 2 under a 3)."""
+    return any(n < k for n, k in zip(x.shape[2:], kernel_size))
+
+
+def _float32_under_cpu_bf16(conv: nn.Module, x: torch.Tensor) -> bool:
+    """Whether `conv` must leave bfloat16 autocast: oneDNN's bf16 kernels break when the kernel exceeds the map.
+
+    With torch 2.13 on AVX-512 CPUs, a bf16 convolution whose kernel is longer than its input along
+    an axis (3x3x3 over a depth of 2, for one) gives outputs and gradients that change from call to
+    call, may be NaN, and can corrupt the heap or hang; float32 is right on the same shapes
+    (benchmarks/README.md, `bench_conv_bf16.py`). Such maps are tiny, so float32 there costs nothing.
+    """
+    return (x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16 and kernel_exceeds_input(x, conv.kernel_size))
+
+
+class _Float32WhereCpuBf16Fails:
+    """Mixin for nn.ConvNd: float32 for the convolutions that `_float32_under_cpu_bf16` names, else as usual."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _float32_under_cpu_bf16(self, x):
+            with torch.autocast("cpu", enabled=False):
+                return super().forward(x.float())
+        return super().forward(x)
+
+
+class Conv2d(_Float32WhereCpuBf16Fails, nn.Conv2d):
+    pass
+
+
+class Conv3d(_Float32WhereCpuBf16Fails, nn.Conv3d):
+    pass
+
+
 def _layers_for(ndim: int) -> tuple[type[nn.Module], type[nn.Module], type[nn.Module]]:
     if ndim == 2:
-        return nn.Conv2d, nn.ConvTranspose2d, nn.InstanceNorm2d
-    return nn.Conv3d, nn.ConvTranspose3d, nn.InstanceNorm3d
+        return Conv2d, nn.ConvTranspose2d, nn.InstanceNorm2d
+    return Conv3d, nn.ConvTranspose3d, nn.InstanceNorm3d
 
 
 class ConvBlock(nn.Sequential):
