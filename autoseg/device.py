@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Callable, ContextManager
 
 import torch
@@ -22,8 +23,33 @@ def choose_device(requested: str | torch.device | None) -> torch.device:
     return device
 
 
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str] | None:
+    """The CPU's feature flags (x86 "flags", Arm "Features"); None where the system has no /proc/cpuinfo."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return set(value.split())
+    return set()
+
+
 def cpu_has_native_bf16() -> bool:
-    """Whether oneDNN computes bfloat16 natively here (AVX512-BF16 or AMX); emulated bf16 would be slower."""
+    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX on x86, BF16 on Arm) through oneDNN.
+
+    oneDNN also takes bf16 on AVX-512 CPUs without BF16 (Skylake to Ice Lake servers) and emulates
+    it there; a training step then took 1.5x the float32 time (oneDNN held to AVX512_CORE,
+    benchmarks/README.md), so such CPUs compute in float32. Without /proc/cpuinfo, oneDNN decides.
+    """
+    if not _onednn_takes_bf16():
+        return False
+    flags = cpu_flags()
+    return flags is None or bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def _onednn_takes_bf16() -> bool:
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
