@@ -5,7 +5,8 @@ do not change the work): which memory layout, torch.compile, or runtime is faste
     python benchmarks/bench_cpu_paths.py WORKDIR [--config 3d_fullres] --step inference  [--compile]
 
 train: forward + Dice/CE loss with deep supervision + backward + SGD step of the plan's batch
-(`--batch` to change it), float32, in the default (contiguous) layout and in channels_last(_3d);
+(`--batch` to change it), float32, in the default (contiguous) layout and in channels_last(_3d), and
+on a CPU with native bf16 also under bfloat16 autocast in channels_last;
 with --compile also torch.compile of the network (its compile time is printed apart).
 inference: forward of `--batch` windows (default 2 in 3D, 8 in 2D) without deep supervision, float32:
 torch eager in both layouts, torch with oneDNN switched off, torch.compile (with --compile),
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from autoseg.device import autocast_context, cpu_has_native_bf16
 from autoseg.network.unet import UNetTopology, build_unet, deep_supervision_scales
 from autoseg.training.loss import DeepSupervisionLoss, DiceCELoss, deep_supervision_weights
 
@@ -59,10 +61,14 @@ def train_paths(config: dict, channels: int, classes: int, batch: int, args) -> 
     targets = [y] + [F.interpolate(y.float(), size=[round(p * s) for p, s in zip(patch, scale)]).long()
                      for scale in scales[1:]]
     results = {}
-    variants = [("contiguous", torch.contiguous_format, False), ("channels_last", channels_last(len(patch)), False)]
+    variants = [("contiguous", torch.contiguous_format, False, None),
+                ("channels_last", channels_last(len(patch)), False, None)]
+    if cpu_has_native_bf16():
+        variants.append(("channels_last, bfloat16 autocast (autoseg train's default here)", channels_last(len(patch)),
+                         False, torch.bfloat16))
     if args.compile:
-        variants.append(("contiguous + torch.compile", torch.contiguous_format, True))
-    for name, layout, compiled in variants:
+        variants.append(("contiguous + torch.compile", torch.contiguous_format, True, None))
+    for name, layout, compiled, dtype in variants:
         torch.manual_seed(0)
         network = build_unet(UNetTopology.from_plan(config, channels, classes)).to(memory_format=layout)
         optimizer = torch.optim.SGD(network.parameters(), lr=1e-2, momentum=0.99, nesterov=True)
@@ -71,7 +77,8 @@ def train_paths(config: dict, channels: int, classes: int, batch: int, args) -> 
 
         def step():
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(data), targets)
+            with autocast_context("cpu", dtype)():
+                loss = loss_fn(model(data), targets)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(network.parameters(), 12)
             optimizer.step()
