@@ -211,6 +211,16 @@ def test_low_memory_forward_keeps_norm_statistics_in_float32_under_bfloat16():
     torch.testing.assert_close(got, expected, rtol=0.05, atol=0.1)
 
 
+def test_low_memory_forward_takes_the_float32_rule_for_kernels_longer_than_the_map():
+    from autoseg.network.low_memory import low_memory_forward
+
+    net = build_unet(UNetTopology.from_plan(PLAN_3D, in_channels=1, num_classes=2), deep_supervision=False).eval()
+    dtypes = _conv_dtypes(net)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        low_memory_forward(net, torch.randn(1, 1, *PLAN_3D["patch_size"]), chunk_bytes=None)
+    assert dtypes["encoder.stages.2.1.0"] == torch.float32  # depth 2 under a 3x3x3 kernel
+
+
 def test_prediction_takes_the_low_memory_forward_for_large_windows_only():
     import functools
 

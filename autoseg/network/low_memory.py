@@ -145,10 +145,9 @@ def _conv_in_chunks(conv: nn.Module, inputs: list, chunk_bytes: int | None,
     length = _length(inputs[0])
     out_length = (length + 2 * padding - kernel) // stride + 1
     rows = _rows_per_chunk(inputs, chunk_bytes, stride)
-    if rows >= out_length:  # small enough for one call: the plain convolution
+    if rows >= out_length:  # small enough for one call: the module itself (its CPU bf16 rule included)
         whole = [_rows(t, 0, length) for t in inputs]
-        return function(whole[0] if len(whole) == 1 else torch.cat(whole, dim=1), weight, bias,
-                        stride=conv.stride, padding=conv.padding)
+        return conv(whole[0] if len(whole) == 1 else torch.cat(whole, dim=1))
     in_plane_padding = (0, *conv.padding[1:])
     out = pending = None
     in_place = False
