@@ -107,8 +107,9 @@ def _float32_under_cpu_bf16(conv: nn.Module, x: torch.Tensor) -> bool:
     With torch 2.13 and 2.14 on AVX-512 CPUs, a bf16 convolution whose kernel is longer than its input
     along an axis (3x3x3 over a depth of 2, for one) gives outputs and gradients that change from call
     to call, may be NaN, and can corrupt the heap or hang; float32 is right on the same shapes
-    (benchmarks/README.md, `bench_conv_bf16.py`). Planned networks meet such maps only at the bottom
-    of a U-Net or along a thin patch axis (2-slice volumes, where every convolution falls back).
+    (benchmarks/README.md, `bench_conv_bf16.py`). Plans from `autoseg plan` meet such maps only along a
+    thin patch axis (2-slice volumes: every convolution falls back); small hand-written plans also
+    at the bottom of the U-Net.
     """
     return (x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
             and torch.get_autocast_dtype("cpu") == torch.bfloat16 and kernel_exceeds_input(x, conv.kernel_size))
