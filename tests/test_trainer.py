@@ -14,7 +14,7 @@ from autoseg.device import autocast_context, configure_cudnn, gradient_scaler, p
 from autoseg.network import UNetTopology, build_unet
 from autoseg.training import checkpoint as checkpoint_module
 from autoseg.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from autoseg.training.loss import DiceCELoss
+from autoseg.training.loss import DeepSupervisionLoss, DiceCELoss
 from autoseg.training.splits import make_splits
 from autoseg.training.trainer import TrainingSettings, _to_device, backward_and_step, poly_lr, train_fold
 
@@ -252,6 +252,52 @@ def test_float16_step_with_gradient_scaling_skips_a_step_whose_gradients_overflo
     hook.remove()
     assert all(torch.equal(a, p) for a, p in zip(weights, network.parameters())), "an overflowing step must be skipped"
     assert scaler.get_scale() == scale / 2
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_a_step_with_nan_gradients_is_skipped_without_loss_scaling_too(dtype):
+    topology = UNetTopology(in_channels=1, num_classes=2, features_per_stage=[2, 4],
+                            kernel_sizes=[[3, 3, 3]] * 2, strides=[[1, 1, 1], [2, 2, 2]])
+    torch.manual_seed(0)
+    network = build_unet(topology, deep_supervision=False)
+    optimizer = torch.optim.SGD(network.parameters(), lr=0.1, momentum=0.9)
+    scaler = gradient_scaler("cpu", dtype)
+    data, target = torch.randn(2, 1, 8, 8, 8), torch.randint(0, 2, (2, 1, 8, 8, 8))
+
+    def step() -> bool:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast_context("cpu", dtype)():
+            loss = DiceCELoss()(network(data), target)
+        return backward_and_step(loss, network, optimizer, scaler, grad_clip=12.0)
+
+    before = [p.detach().clone() for p in network.parameters()]
+    assert step() is True
+    assert any(not torch.equal(a, p) for a, p in zip(before, network.parameters())), "a finite step must update"
+    weights = [p.detach().clone() for p in network.parameters()]
+    hook = next(network.parameters()).register_hook(lambda grad: torch.full_like(grad, float("nan")))
+    assert step() is False
+    hook.remove()
+    assert all(torch.equal(a, p) for a, p in zip(weights, network.parameters())), "a NaN step must be skipped"
+    assert step() is True and all(torch.isfinite(p).all() for p in network.parameters())
+
+
+def test_an_epoch_of_only_nan_steps_stops_training_and_keeps_the_last_good_checkpoint(tiny_workspace, monkeypatch):
+    settings = TrainingSettings(**{**SETTINGS, "epochs": 3, "validate_at_end": False, "mixed_precision": False})
+    calls = {"n": 0}
+
+    class NaNFromEpochTwo(DeepSupervisionLoss):
+        def forward(self, outputs, targets):
+            calls["n"] += 1
+            loss = super().forward(outputs, targets)
+            return loss * float("nan") if calls["n"] > settings.iters_per_epoch else loss
+
+    monkeypatch.setattr(trainer_module, "DeepSupervisionLoss", NaNFromEpochTwo)
+    with pytest.raises(ValueError, match="diverged: every step of epoch 2 had inf or NaN gradients"):
+        train_fold(tiny_workspace, "3d_fullres", 0, settings, progress=False)
+    out = workspace.fold_dir(tiny_workspace, "3d_fullres", 0)
+    kept = load_checkpoint(out / "checkpoint_latest.pt")
+    assert kept["epoch"] == 1 and not (out / "checkpoint_final.pt").exists()
+    assert all(torch.isfinite(v).all() for v in kept["network_state"].values() if v.is_floating_point())
 
 
 def test_batches_go_to_the_device_through_pinned_memory_when_pinning(monkeypatch):

@@ -84,13 +84,23 @@ def _to_device(x, device: torch.device, memory_format=None, pin_memory: bool = F
 
 
 def backward_and_step(loss: torch.Tensor, network: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                      scaler: torch.amp.GradScaler, grad_clip: float) -> None:
-    """Backward through the (scaled) loss, clip the true gradients, step; the scaler skips a step with inf/NaN."""
+                      scaler: torch.amp.GradScaler, grad_clip: float) -> bool:
+    """Backward through the (scaled) loss, clip the true gradients, step; False when the step was skipped.
+
+    A step whose gradients hold inf or NaN is skipped in every precision: one such step would make
+    every weight NaN for the rest of the run. In float16 the scaler skips it and lowers its scale;
+    in bfloat16 and float32 it is skipped here. Under DDP the gradients are already averaged, so
+    every rank takes the same decision.
+    """
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
-    torch.nn.utils.clip_grad_norm_(network.parameters(), grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
+    finite = bool(torch.isfinite(torch.nn.utils.clip_grad_norm_(network.parameters(), grad_clip)))
+    if scaler.is_enabled():
+        scaler.step(optimizer)
+        scaler.update()
+    elif finite:
+        optimizer.step()
+    return finite
 
 
 def _memory_format(ndim: int, device: torch.device):
@@ -235,7 +245,7 @@ def train_fold(workdir: Path, configuration: str, fold: int | str, settings: Tra
             for group in optimizer.param_groups:
                 group["lr"] = lr
             model.train()
-            train_losses, wait = [], 0.0
+            train_losses, wait, skipped = [], 0.0, 0
             iterator = range(settings.iters_per_epoch)
             if progress and main_process:
                 from tqdm import tqdm
@@ -249,11 +259,20 @@ def train_fold(workdir: Path, configuration: str, fold: int | str, settings: Tra
                 optimizer.zero_grad(set_to_none=True)
                 with autocast():
                     loss = loss_fn(model(data), target)
-                backward_and_step(loss, network, optimizer, scaler, settings.grad_clip)
-                train_losses.append(loss.item())
+                if backward_and_step(loss, network, optimizer, scaler, settings.grad_clip):
+                    train_losses.append(loss.item())
+                else:
+                    skipped += 1
+            if skipped == settings.iters_per_epoch and not scaler.is_enabled():
+                raise ValueError(
+                    f"training {configuration} fold {fold} diverged: every step of epoch {epoch + 1} had inf or NaN "
+                    f"gradients and was skipped; {out / 'checkpoint_latest.pt'} keeps the state before it"
+                    + ("; try --fp32" if amp_dtype is not None else ""))
 
-            train_loss = distributed.sum_over_ranks(np.mean(train_losses)) / distributed.world_size()
-            record = {"epoch": epoch + 1, "train_loss": float(train_loss), "lr": lr, "data_wait_s": wait}
+            mean_loss = np.mean(train_losses) if train_losses else float("nan")
+            train_loss = distributed.sum_over_ranks(mean_loss) / distributed.world_size()
+            record = {"epoch": epoch + 1, "train_loss": float(train_loss), "lr": lr, "data_wait_s": wait,
+                      "skipped_steps": skipped}
             if val_batches is not None:
                 record.update(_validate_patches(network, val_batches, settings.val_iters, loss_fn, num_classes,
                                                 device, memory_format, autocast))
@@ -331,4 +350,6 @@ def _format_record(r: dict, epochs: int, iters: int) -> str:
         parts += [f"val loss {r['val_loss']:.4f}", f"pseudo-Dice [{dice}]", f"EMA {r['ema_dice']:.4f}"]
     parts += [f"lr {r['lr']:.2e}", f"{r['epoch_s']:.1f} s ({r['epoch_s'] / iters:.2f} s/it, "
               f"waiting for data {r['data_wait_s']:.1f} s)"]
+    if r.get("skipped_steps"):
+        parts.append(f"{r['skipped_steps']} step(s) skipped: inf/NaN gradients")
     return "  ".join(parts)
