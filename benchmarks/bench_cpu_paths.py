@@ -161,7 +161,7 @@ def main() -> None:
     print(f"machine: {machine()}")
     print(f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average before: {os.getloadavg()[0]:.1f}")
     print(f"{args.step}: {args.config}, batch {batch}, patch {config['patch_size']}, features "
-          f"{config['features_per_stage']}, float32; median of {args.iters} after {args.warmup} warm-up")
+          f"{config['features_per_stage']}, float32 unless a line says bfloat16; median of {args.iters} after {args.warmup} warm-up")
     paths = train_paths if args.step == "train" else inference_paths
     results = paths(config, channels, classes, batch, args)
     fastest = min(results.values())

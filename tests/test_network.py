@@ -221,6 +221,24 @@ def test_low_memory_forward_takes_the_float32_rule_for_kernels_longer_than_the_m
     assert dtypes["encoder.stages.2.1.0"] == torch.float32  # depth 2 under a 3x3x3 kernel
 
 
+def test_low_memory_chunks_take_the_float32_rule_for_in_plane_axes_shorter_than_the_kernel(monkeypatch):
+    import autoseg.network.low_memory as low_memory
+
+    net = build_unet(UNetTopology.from_plan(PLAN_3D, in_channels=1, num_classes=2), deep_supervision=False).eval()
+    seen, conv3d = [], low_memory.F.conv3d
+
+    def recording_conv3d(x, weight, *args, **kwargs):
+        seen.append((x.shape[-1], x.dtype, torch.is_autocast_enabled("cpu")))
+        return conv3d(x, weight, *args, **kwargs)
+
+    monkeypatch.setattr(low_memory.F, "conv3d", recording_conv3d)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        low_memory.low_memory_forward(net, torch.randn(1, 1, 16, 16, 8), chunk_bytes=1)  # x: 8, 4, then 2
+    narrow = [(dtype, autocast) for width, dtype, autocast in seen if width == 2]
+    assert narrow and all(n == (torch.float32, False) for n in narrow)
+    assert any(autocast for width, _, autocast in seen if width > 2)
+
+
 def test_prediction_takes_the_low_memory_forward_for_large_windows_only():
     import functools
 

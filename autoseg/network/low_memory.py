@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autoseg.network.unet import UNet
+from autoseg.network.unet import UNet, float32_under_cpu_bf16
 
 # Bytes of input one convolution call reads on the CPU: small beside a full-resolution map, large enough
 # that oneDNN still runs each call at full speed (2 AVX2 cores, 112 x 160 x 128 window, 32 features:
@@ -158,7 +158,11 @@ def _conv_in_chunks(conv: nn.Module, inputs: list, chunk_bytes: int | None,
         part = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         if lo < 0 or hi > length:  # the zero padding of the first axis, only where this chunk needs it
             part = F.pad(part, [0, 0] * (ndim - 1) + [max(-lo, 0), max(hi - length, 0)])
-        result = function(part, weight, bias, stride=conv.stride, padding=in_plane_padding)
+        if float32_under_cpu_bf16(conv, part):  # an in-plane axis shorter than the kernel (axis 0 is padded)
+            with torch.autocast("cpu", enabled=False):
+                result = function(part.float(), weight, bias, stride=conv.stride, padding=in_plane_padding)
+        else:
+            result = function(part, weight, bias, stride=conv.stride, padding=in_plane_padding)
         if out is None:
             shape = (result.shape[0], result.shape[1], out_length, *result.shape[3:])
             in_place = (reuse is not None and stride == 1 and rows >= padding and tuple(reuse.shape) == shape

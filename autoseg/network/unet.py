@@ -1,7 +1,8 @@
 """A plain U-Net whose shape comes entirely from a plan's lists (features, kernel sizes, strides).
 
 The same code builds a 2D or a 3D network: the number of entries in each kernel size picks
-`nn.Conv2d`/`nn.Conv3d` (and the matching transposed conv and norm) once, in `_layers_for`.
+`Conv2d`/`Conv3d` (nn.ConvNd with a float32 rule for CPU bfloat16, below; and the matching
+transposed conv and norm) once, in `_layers_for`.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ def kernel_exceeds_input(x: torch.Tensor, kernel_size: Sequence[int]) -> bool:
     return any(n < k for n, k in zip(x.shape[2:], kernel_size))
 
 
-def _float32_under_cpu_bf16(conv: nn.Module, x: torch.Tensor) -> bool:
+def float32_under_cpu_bf16(conv: nn.Module, x: torch.Tensor) -> bool:
     """Whether `conv` must leave bfloat16 autocast: oneDNN's bf16 kernels break when the kernel exceeds the map.
 
     With torch 2.13 and 2.14 on AVX-512 CPUs, a bf16 convolution whose kernel is longer than its input
@@ -116,10 +117,10 @@ def _float32_under_cpu_bf16(conv: nn.Module, x: torch.Tensor) -> bool:
 
 
 class _Float32WhereCpuBf16Fails:
-    """Mixin for nn.ConvNd: float32 for the convolutions that `_float32_under_cpu_bf16` names, else as usual."""
+    """Mixin for nn.ConvNd: float32 for the convolutions that `float32_under_cpu_bf16` names, else as usual."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _float32_under_cpu_bf16(self, x):
+        if float32_under_cpu_bf16(self, x):
             with torch.autocast("cpu", enabled=False):
                 return super().forward(x.float())
         return super().forward(x)

@@ -88,9 +88,9 @@ def backward_and_step(loss: torch.Tensor, network: torch.nn.Module, optimizer: t
     """Backward through the (scaled) loss, clip the true gradients, step; False when the step was skipped.
 
     A step whose gradients hold inf or NaN is skipped in every precision: one such step would make
-    every weight NaN for the rest of the run. In float16 the scaler skips it and lowers its scale;
-    in bfloat16 and float32 it is skipped here. Under DDP the gradients are already averaged, so
-    every rank takes the same decision.
+    every weight NaN for the rest of the run. In float16 the scaler skips it and lowers its scale
+    (its early overflows are routine); in bfloat16 and float32 it is skipped here. Under DDP the
+    gradients are already averaged, so every rank takes the same decision.
     """
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
@@ -264,10 +264,13 @@ def train_fold(workdir: Path, configuration: str, fold: int | str, settings: Tra
                 else:
                     skipped += 1
             if skipped == settings.iters_per_epoch and not scaler.is_enabled():
+                # Skipped steps changed nothing: the state in memory is still the end of the previous epoch.
+                if main_process:
+                    save_checkpoint(out / "checkpoint_latest.pt", checkpoint_state(epoch))
                 raise ValueError(
                     f"training {configuration} fold {fold} diverged: every step of epoch {epoch + 1} had inf or NaN "
-                    f"gradients and was skipped; {out / 'checkpoint_latest.pt'} keeps the state before it"
-                    + ("; try --fp32" if amp_dtype is not None else ""))
+                    f"gradients and was skipped; {out / 'checkpoint_latest.pt'} holds the state after epoch {epoch}"
+                    + ("; try --resume --fp32" if amp_dtype is not None else ""))
 
             mean_loss = np.mean(train_losses) if train_losses else float("nan")
             train_loss = distributed.sum_over_ranks(mean_loss) / distributed.world_size()
