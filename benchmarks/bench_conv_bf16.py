@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from autoseg.network.unet import Conv2d, Conv3d
+from autoseg.network.unet import Conv2d, Conv3d, kernel_exceeds_map
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import machine  # noqa: E402
@@ -47,10 +47,6 @@ def draw_cases(n: int, seed: int) -> list[dict]:
                       "size": [rng.randint(1, 6) for _ in range(ndim)], "stride": stride, "channels": channels,
                       "channels_last": rng.random() < 0.5, "batch": rng.choice([1, 2])})
     return cases
-
-
-def kernel_exceeds_map(case: dict) -> bool:
-    return any(n < k for n, k in zip(case["size"], case["kernel"]))
 
 
 def repeats_exactly(conv: nn.Module, case: dict, repeats: int, seed: int) -> bool:
@@ -159,12 +155,13 @@ def main(argv: list[str] | None = None) -> int:
         wrong = [i for i, v in verdicts[name].items() if v != "right"]
         crashed = sum(v == "crashed" for v in verdicts[name].values())
         hung = sum(v == "hung" for v in verdicts[name].values())
-        exceeding = sum(kernel_exceeds_map(cases[i]) for i in wrong)
+        exceeding = sum(kernel_exceeds_map(cases[i]["size"], cases[i]["kernel"]) for i in wrong)
         print(f"{label}: {len(wrong)} of {len(cases)} wrong ({crashed} crashed the process, {hung} hung), "
               f"{exceeding} of them with a kernel longer than the map")
         for i in wrong[:3]:
             print(f"  e.g. {json.dumps(cases[i])}: {verdicts[name][i]}")
-    print(f"cases with a kernel longer than the map: {sum(kernel_exceeds_map(c) for c in cases)}")
+    drawn = sum(kernel_exceeds_map(c["size"], c["kernel"]) for c in cases)
+    print(f"cases with a kernel longer than the map: {drawn}")
     return 0
 
 

@@ -97,9 +97,9 @@ def _validate_topology(t: UNetTopology) -> None:
         raise ValueError(prefix + f"the first stage's stride must be all ones, got {list(t.strides[0])}")
 
 
-def kernel_exceeds_input(x: torch.Tensor, kernel_size: Sequence[int]) -> bool:
-    """Whether some spatial axis of `x` is shorter than the kernel along it (a feature map of 2 under a 3)."""
-    return any(n < k for n, k in zip(x.shape[2:], kernel_size))
+def kernel_exceeds_map(spatial_shape: Sequence[int], kernel_size: Sequence[int]) -> bool:
+    """Whether some axis of a feature map is shorter than the kernel along it (a map of 2 under a 3)."""
+    return any(n < k for n, k in zip(spatial_shape, kernel_size))
 
 
 def float32_under_cpu_bf16(conv: nn.Module, x: torch.Tensor) -> bool:
@@ -113,7 +113,7 @@ def float32_under_cpu_bf16(conv: nn.Module, x: torch.Tensor) -> bool:
     at the bottom of the U-Net.
     """
     return (x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
-            and torch.get_autocast_dtype("cpu") == torch.bfloat16 and kernel_exceeds_input(x, conv.kernel_size))
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16 and kernel_exceeds_map(x.shape[2:], conv.kernel_size))
 
 
 class _Float32WhereCpuBf16Fails:
