@@ -14,12 +14,12 @@ from autoseg import __version__
 
 log = logging.getLogger("autoseg")
 
-PLAN_STEPS = ("verify", "fingerprint", "plan", "preprocess")
-CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres")
+PLAN_STEPS = ("verify", "fingerprint", "plan", "preprocess")  # as autoseg.plan_workspace.PLAN_STEPS
+CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres")  # as autoseg.planning.plans.CONFIGURATIONS
 
 
 class CommandError(Exception):
-    """A problem the user can fix; printed without a traceback."""
+    """A problem with the command line itself; printed without a traceback."""
 
 
 def _default_workers() -> int:
@@ -29,12 +29,9 @@ def _default_workers() -> int:
 def _default_configuration(workdir: Path) -> str:
     """The configuration plans.json names for use when the user gives no --config."""
     from autoseg import workspace
-    from autoseg.planning.planner import load_plans
+    from autoseg.planning.plans import Plans
 
-    name = load_plans(workspace.plans_json(workdir)).get("default_configuration")
-    if not name:
-        raise CommandError(f"{workspace.plans_json(workdir)} names no default configuration; pass --config")
-    return name
+    return Plans.load(workspace.plans_json(workdir)).resolve_configurations(None)[0]
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -48,60 +45,24 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from autoseg import workspace
-    from autoseg.atomic import write_json
-    from autoseg.dataset.layout import load_dataset
-    from autoseg.dataset.verify import verify_dataset
-    from autoseg.fingerprint import compute_fingerprint, load_fingerprint, save_fingerprint
-    from autoseg.planning.planner import explain_plans, load_plans, plan_experiment, save_plans
-    from autoseg.preprocessing.preprocess import preprocess_dataset
+    from autoseg.plan_workspace import PlanWorkspaceError, plan_workspace
+    from autoseg.planning.planner import explain_plans
 
-    steps = args.steps or list(PLAN_STEPS)
-    workdir = Path(args.output)
-    workdir.mkdir(parents=True, exist_ok=True)
-    dataset = load_dataset(args.dataset)
-    if workdir.resolve() == dataset.root:
-        raise CommandError(f"-o {workdir}: the workspace must not be the dataset folder; choose a folder of its own")
-    write_json(workspace.dataset_json(workdir), {"format_version": 1, **dataset.to_json()})
-    timings = {}
-    if "verify" in steps:
-        t = time.perf_counter()
-        report = verify_dataset(dataset, workers=args.workers)
-        write_json(workspace.verify_report(workdir), report.to_json())
-        timings["verify"] = time.perf_counter() - t
-        if report.problems:
-            print(report.summary())
-        if not report.ok:
-            raise CommandError(f"the dataset has {len(report.errors)} error(s) (listed above, also in "
-                               f"{workspace.verify_report(workdir)}); fix them and run again")
-    if "fingerprint" in steps:
-        t = time.perf_counter()
-        fingerprint = compute_fingerprint(dataset, workers=args.workers)
-        save_fingerprint(fingerprint, workspace.fingerprint_json(workdir))
-        timings["fingerprint"] = time.perf_counter() - t
-    if "plan" in steps:
-        fp_path = workspace.fingerprint_json(workdir)
-        if not fp_path.is_file():
-            raise CommandError(f"{fp_path} not found; run the fingerprint step first")
-        plans = plan_experiment(load_fingerprint(fp_path), budget_gb=args.memory_gb, configurations=args.configs)
-        not_planned = [c for c in (args.configs or []) if c not in plans["configurations"]]
-        for name in not_planned:
-            log.warning("not planned: %s (%s)", name, plans["not_planned"].get(name, "not requested"))
-        if not plans["configurations"]:
-            raise CommandError("no configuration was planned: " + "; ".join(
-                f"{c}: {plans['not_planned'].get(c, '')}" for c in args.configs) + "; choose another with --configs")
-        save_plans(plans, workspace.plans_json(workdir))
-        log.info("wrote %s (configurations: %s; default %s)", workspace.plans_json(workdir),
-                 ", ".join(plans["configurations"]), plans["default_configuration"])
-    if "preprocess" in steps:
-        plans = load_plans(workspace.plans_json(workdir))
-        configs = [c for c in (args.configs or plans["configurations"]) if c in plans["configurations"]]
-        t = time.perf_counter()
-        preprocess_dataset(dataset, plans, workdir, configs, workers=args.workers)
-        timings["preprocess"] = time.perf_counter() - t
+    try:
+        outcome = plan_workspace(args.dataset, args.output, steps=args.steps or PLAN_STEPS,
+                                 configurations=args.configs, memory_gb=args.memory_gb, workers=args.workers)
+    except PlanWorkspaceError as exc:
+        if exc.verification is not None:
+            print(exc.verification.summary())  # every problem, then the one-line error
+        raise
+    if outcome.verification is not None and outcome.verification.problems:
+        print(outcome.verification.summary())
     if args.explain:
-        print(explain_plans(load_plans(workspace.plans_json(workdir))))
-    log.info("done: %s", ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()) or "nothing to time")
+        from autoseg import workspace
+        from autoseg.planning.plans import Plans
+
+        print(explain_plans(outcome.plans or Plans.load(workspace.plans_json(args.output))))
+    log.info("done: %s", ", ".join(f"{k} {v:.1f} s" for k, v in outcome.seconds.items()) or "nothing to time")
     return 0
 
 
@@ -110,7 +71,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     fold = args.fold if args.fold == "all" else int(args.fold)
     overrides = {k: v for k, v in {"epochs": args.epochs, "iters_per_epoch": args.iters_per_epoch,
-                                   "val_iters": args.val_iters, "device": args.device, "num_workers": args.workers,
+                                   "val_iters": args.val_iters, "device": args.device, "workers": args.workers,
                                    "seed": args.seed, "checkpoint_every": args.checkpoint_every,
                                    "batch_size": args.batch_size}.items() if v is not None}
     if args.no_validation:
@@ -124,7 +85,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     args.config = args.config or _default_configuration(args.workdir)
     from autoseg.device import choose_device
-    from autoseg.training.distributed import DistributedError, launch
+    from autoseg.training.distributed import launch
 
     device = choose_device(args.device)
     if args.gpus < 1:
@@ -135,11 +96,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.gpus > 1 and device.index is not None:
         raise CommandError(f"--gpus {args.gpus} uses cuda:0..{args.gpus - 1}; pick the devices with "
                            "CUDA_VISIBLE_DEVICES instead of --device cuda:K")
-    try:
-        result = launch(train_fold, (args.workdir, args.config, fold, TrainingSettings(**overrides), args.resume),
-                        args.gpus, device.type, args.threads)
-    except DistributedError as exc:
-        raise CommandError(str(exc)) from None
+    result = launch(train_fold, (args.workdir, args.config, fold, TrainingSettings(**overrides), args.resume),
+                    args.gpus, device.type, args.threads)
     validation = result.get("validation")
     if validation:
         from autoseg.evaluation import format_summary_table
@@ -150,28 +108,32 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from autoseg.inference.predictor import predict_folder
+    from autoseg.inference.batch import predict_folder
+    from autoseg.inference.settings import (DEFAULT_UNCERTAINTY_THRESHOLD, BatchOptions, ComputeSettings, ModelChoice,
+                                            OutputOptions, WindowSettings)
 
     if (args.num_parts is None) != (args.part_id is None):
         raise CommandError("--num-parts and --part-id go together")
     if args.output_format == "dicom-seg" and importlib.util.find_spec("highdicom") is None:
         raise CommandError("--output-format dicom-seg needs highdicom, which is not installed: pip install autoseg[dicom]")
-    args.workdir, args.config = _predict_workspace(args)
-    report = predict_folder(
-        args.workdir, args.input, args.output, configurations=args.config, folds=args.folds,
-        mirroring=not args.no_mirroring, save_probabilities=args.save_probabilities, device=args.device,
-        continue_=args.continue_, num_parts=args.num_parts or 1, part_id=args.part_id or 0,
-        postprocessing=not args.no_postprocessing, num_workers=args.workers, checkpoint=args.checkpoint,
-        step_size=args.step_size, output_format=args.output_format, mixed_precision=not args.fp32,
-        runtime=args.runtime,
-        save_uncertainty=args.save_uncertainty, report=not args.no_report,
-        model_name=None if args.model is None else args.model.name,
-        **({} if args.uncertainty_threshold is None else {"uncertainty_threshold": args.uncertainty_threshold}))
-    print(f"{len(report.written)} written, {len(report.skipped)} skipped, {len(report.failed)} failed "
+    workdir, configurations = _predict_workspace(args)
+    threshold = DEFAULT_UNCERTAINTY_THRESHOLD if args.uncertainty_threshold is None else args.uncertainty_threshold
+    summary = predict_folder(
+        workdir, args.input, args.output,
+        model=ModelChoice(configurations, args.folds, args.checkpoint),
+        window=WindowSettings(step_size=args.step_size, mirroring=not args.no_mirroring),
+        compute=ComputeSettings(args.device, mixed_precision=not args.fp32, runtime=args.runtime),
+        outputs=OutputOptions(save_probabilities=args.save_probabilities, save_uncertainty=args.save_uncertainty,
+                              uncertainty_threshold=threshold, report_files=not args.no_report,
+                              postprocessing=not args.no_postprocessing, output_format=args.output_format,
+                              model_name=None if args.model is None else args.model.name),
+        batch=BatchOptions(skip_existing=args.continue_, num_parts=args.num_parts or 1, part_id=args.part_id or 0,
+                           workers=args.workers))
+    print(f"{len(summary.written)} written, {len(summary.skipped)} skipped, {len(summary.failed)} failed "
           f"-> {args.output}")
-    for key, message in report.failed:
+    for key, message in summary.failed:
         print(f"  failed: {key}: {message}", file=sys.stderr)
-    return 1 if report.failed else 0
+    return 1 if summary.failed else 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -180,7 +142,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     labels = [label for label, _ in args.labels] if args.labels else None
     names = {label: name for label, name in args.labels or [] if name}
     summary = evaluate_folders(args.predictions, args.references, labels=labels, output_dir=args.output,
-                               num_workers=args.workers, label_names=names)
+                               workers=args.workers, label_names=names)
     print(format_summary_table(summary))
     sources = ["--labels" if s == "given" else s for s in summary["label_names_from"]]
     if sources:
@@ -374,9 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "on CUDA, bfloat16 on CPUs with native bf16, and the windows' average held in float16 as "
                         "nnU-Net holds it)")
     p.add_argument("--runtime", choices=("torch", "openvino"), default="torch",
-                   help="what runs the networks: torch, or openvino (CPU only, float32; 1.6x to 2.3x faster than "
-                        "torch's float32 on a CPU without native bf16; pip install 'autoseg[openvino]'; "
-                        "docs/prediction.md) (default: %(default)s)")
+                   help="what runs the networks: torch, or openvino (CPU only, float32; faster than torch's float32 "
+                        "on a CPU without native bf16, figures in docs/prediction.md; pip install "
+                        "'autoseg[openvino]') (default: %(default)s)")
     p.add_argument("--no-postprocessing", action="store_true", help="ignore WORKDIR/postprocessing.json")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--continue", dest="continue_", action="store_true",
@@ -398,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "per case and label Dice, IoU, 95th-percentile Hausdorff distance (mm) and volumes (ml). "
                                    "Writes summary.json and summary.csv and prints the mean per label, by name where "
                                    "known: from --labels, else the plans.json of the workspace that `autoseg predict` "
-                                   "recorded in PRED_DIR/prediction_report.json, else a dataset.json in REF_DIR or its "
+                                   "recorded in PRED_DIR/prediction_summary.json, else a dataset.json in REF_DIR or its "
                                    "parent.")
     p.add_argument("predictions", type=Path, metavar="PRED_DIR")
     p.add_argument("references", type=Path, metavar="REF_DIR")
@@ -448,23 +410,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
-    from autoseg.dataset.image_io import ImageReadError
-    from autoseg.dataset.layout import DatasetError
-    from autoseg.planning.planner import PlanError
-    from autoseg.postprocessing import PostprocessingError
-    from autoseg.crossval import CrossValidationError
-    from autoseg.evaluation import EvaluationError
-    from autoseg.inference.predictor import PredictorError
-    from autoseg.inference.volumes import VolumeTableError
-    from autoseg.model_archive import ModelArchiveError
-    from autoseg.training.checkpoint import CheckpointError
-    from autoseg.training.splits import SplitError
+    from autoseg.errors import AutosegError
 
     try:
         return args.func(args)
-    except (CommandError, DatasetError, ImageReadError, PlanError, SplitError, CheckpointError, PredictorError,
-            EvaluationError, CrossValidationError, PostprocessingError, ModelArchiveError, VolumeTableError,
-            ValueError) as exc:
+    except (CommandError, AutosegError) as exc:
         if args.verbose:
             raise
         print(f"autoseg {args.command}: error: {exc}", file=sys.stderr)

@@ -12,18 +12,19 @@ import numpy as np
 from tqdm import tqdm
 
 from autoseg import workspace
-from autoseg.inference.export import segmentation_suffix
 from autoseg.atomic import read_json, write_json
 from autoseg.dataset.image_io import read_image
 from autoseg.dataset.layout import load_dataset, read_case_label
+from autoseg.errors import AutosegError
 from autoseg.evaluation import dice_from_counts
-from autoseg.planning.planner import load_plans
+from autoseg.inference.original_grid import segmentation_suffix
+from autoseg.planning.plans import Plans
 from autoseg.postprocessing import decide_postprocessing, save_postprocessing_rules
 
 log = logging.getLogger(__name__)
 
 
-class CrossValidationError(Exception):
+class CrossValidationError(AutosegError):
     """Missing fold results; the message says which folds to train."""
 
 
@@ -58,9 +59,9 @@ def run_crossval(workdir: Path, configurations: list[str] | None = None, num_fol
     """Cross-validation Dice of each configuration and of every ensemble of them; the best one;
     postprocessing rules decided on the best one's validation predictions."""
     workdir = Path(workdir)
-    plans = load_plans(workspace.plans_json(workdir))
-    labels = [int(k) for k in plans["labels"] if int(k) > 0]
-    configs = configurations or [c for c in plans["configurations"] if (workdir / "models" / c).is_dir()]
+    plans = Plans.load(workspace.plans_json(workdir))
+    labels = plans.foreground_labels
+    configs = configurations or [c for c in plans.configurations if (workdir / "models" / c).is_dir()]
     results = {c: collect_validation(workdir, c, num_folds) for c in configs}
     complete = [c for c, r in results.items() if r["num_cases"] and not r["missing_folds"]]
     if not complete:

@@ -31,6 +31,7 @@ from autoseg.atomic import atomic_path, read_json, write_json
 from autoseg.dataset.image_io import (PSEUDO_SPACING_2D, SUPPORTED_SUFFIXES, Geometry, ImageReadError,
                                       image_suffix, read_image, strip_suffix)
 from autoseg.fingerprint import nonzero_bounding_box
+from autoseg.errors import AutosegError
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ MEAN_METRICS = ("dice", "iou", "hd95_mm", "pred_volume_ml", "ref_volume_ml")
 FOREGROUND_METRICS = ("dice", "iou", "hd95_mm")
 
 
-class EvaluationError(Exception):
+class EvaluationError(AutosegError):
     """Predictions and references cannot be compared; the message names the file and the fix."""
 
 
@@ -233,11 +234,11 @@ def find_label_names(pred_dir: Path | str, ref_dir: Path | str) -> tuple[dict[st
     """Label names {"1": "liver", ...} for a pair of folders, and the file they came from.
 
     The first source found wins: the plans.json of the workspace that `autoseg predict` recorded in
-    `pred_dir/prediction_report*.json`, then a dataset.json in `ref_dir` or its parent (Decathlon
+    `pred_dir/prediction_summary*.json` (`prediction_report*.json` before autoseg 0.2), then a dataset.json in `ref_dir` or its parent (Decathlon
     {id: name} or nnU-Net v2 {name: id}). Nothing found: ({}, None), and ids are shown.
     """
     pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
-    for report in sorted(pred_dir.glob("prediction_report*.json")):
+    for report in sorted(pred_dir.glob("prediction_summary*.json")) + sorted(pred_dir.glob("prediction_report*.json")):
         content = _read_json_or_none(report)
         settings = content.get("settings") if isinstance(content, dict) else None
         workdir = settings.get("workdir") if isinstance(settings, dict) else None
@@ -280,7 +281,7 @@ def _is_label_id(value) -> bool:
 
 
 def evaluate_folders(pred_dir: Path | str, ref_dir: Path | str, labels: Sequence[int] | None = None,
-                     output_dir: Path | str | None = None, num_workers: int = 1,
+                     output_dir: Path | str | None = None, workers: int = 1,
                      label_names: Mapping[int | str, str] | None = None) -> dict:
     """Evaluate every prediction against the reference with the same case id.
 
@@ -304,7 +305,7 @@ def evaluate_folders(pred_dir: Path | str, ref_dir: Path | str, labels: Sequence
                        pred_dir, ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))
 
     jobs = [(case_id, predictions[case_id], references[case_id], labels) for case_id in predictions]
-    results = _run_jobs(jobs, num_workers)
+    results = _run_jobs(jobs, workers)
 
     if labels is None:
         labels = sorted({label for _, _, ref_labels in results.values() for label in ref_labels})
@@ -330,16 +331,16 @@ def evaluate_folders(pred_dir: Path | str, ref_dir: Path | str, labels: Sequence
     return summary
 
 
-def _run_jobs(jobs: list[tuple], num_workers: int) -> dict[str, tuple]:
+def _run_jobs(jobs: list[tuple], workers: int) -> dict[str, tuple]:
     progress = tqdm(total=len(jobs), desc="evaluating", unit="case")
     results = {}
     try:
-        if num_workers <= 1:
+        if workers <= 1:
             for job in jobs:
                 results[job[0]] = _evaluate_pair(*job)
                 progress.update()
         else:
-            with ProcessPoolExecutor(max_workers=num_workers) as pool:
+            with ProcessPoolExecutor(max_workers=workers) as pool:
                 futures = [pool.submit(_evaluate_pair, *job) for job in jobs]
                 for future in as_completed(futures):
                     result = future.result()

@@ -19,6 +19,7 @@ import os
 import shutil
 import tempfile
 import zipfile
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Sequence
@@ -28,23 +29,19 @@ import torch
 
 from autoseg import __version__, workspace
 from autoseg.atomic import atomic_path, read_json
-from autoseg.inference.predictor import CHECKPOINT_FILES
-from autoseg.planning.planner import PlanError, load_plans
-from autoseg.training.checkpoint import FORMAT_VERSION as CHECKPOINT_FORMAT_VERSION
-from autoseg.training.checkpoint import CheckpointError, load_checkpoint
+from autoseg.errors import AutosegError
+from autoseg.model_files import PREDICTION_KEYS, CheckpointError, checkpoint_path, fold_names, load_checkpoint
+from autoseg.planning.plans import Plans, PlanError
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 CHECKPOINT_NAME = "checkpoint_final.pt"  # every exported fold's weights, whichever checkpoint they came from
-# What a fold's checkpoint keeps in the archive: enough to rebuild and describe the network.
-CHECKPOINT_KEYS = ("configuration", "fold", "epoch", "epochs", "network_state", "plans_configuration", "labels",
-                   "channel_names", "best_ema_dice", "ema_dice")
 _CHUNK = 1 << 20
 
 
-class ModelArchiveError(Exception):
+class ModelArchiveError(AutosegError):
     """An archive that cannot be written or trusted; the message names the archive, the member and the fix."""
 
 
@@ -61,19 +58,14 @@ def export_model(workdir: Path | str, path: Path | str, configurations: Sequence
     `checkpoint` is "final" (falling back to latest, as prediction does), "best" or "latest"; whichever it
     is, the fold's weights are stored as checkpoint_final.pt so the imported model predicts by default."""
     workdir, path = Path(workdir), Path(path)
-    plans = load_plans(workspace.plans_json(workdir))
-    if checkpoint not in CHECKPOINT_FILES:
-        raise ModelArchiveError(f"checkpoint must be one of {', '.join(CHECKPOINT_FILES)}, got {checkpoint!r}")
+    plans = Plans.load(workspace.plans_json(workdir))
     rules_path = workspace.postprocessing_json(workdir)
     rules = read_json(rules_path) if rules_path.is_file() else None
-    configurations = list(dict.fromkeys(configurations or (rules or {}).get("configuration")
-                                        or [plans.get("default_configuration")]))
-    unknown = [c for c in configurations if c not in plans["configurations"]]
-    if unknown or not configurations:
-        raise ModelArchiveError(f"{workspace.plans_json(workdir)}: has no configuration {', '.join(map(str, unknown))} "
-                                f"(it has {', '.join(plans['configurations'])}); choose with --config")
-
-    chosen = {name: _fold_names(workdir, name, folds, checkpoint) for name in configurations}
+    try:
+        configurations = list(plans.resolve_configurations(configurations or (rules or {}).get("configuration")))
+        chosen = {name: fold_names(workdir, name, folds, checkpoint) for name in configurations}
+    except (PlanError, CheckpointError) as exc:
+        raise ModelArchiveError(f"{workdir}: {exc}; choose with --config and --folds") from None
     entries: dict[str, dict] = {}
     sources: dict[str, dict] = {}
     with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w") as archive:
@@ -82,30 +74,24 @@ def export_model(workdir: Path | str, path: Path | str, configurations: Sequence
             archive.writestr(name, data, compress_type=method)
             entries[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
-        for name, fold_names in chosen.items():
-            for fold in fold_names:
-                source = _checkpoint_path(workdir, name, fold, checkpoint)
+        for name, names in chosen.items():
+            for fold in names:
+                source = checkpoint_path(workdir, name, fold, checkpoint)
                 try:
                     state = load_checkpoint(source)
                 except CheckpointError as exc:
                     raise ModelArchiveError(str(exc)) from None
-                kept = {k: state[k] for k in CHECKPOINT_KEYS if k in state}
-                kept.setdefault("configuration", name)
+                if state.configuration is None:
+                    state = replace(state, configuration=name)
                 buffer = io.BytesIO()
-                torch.save({"format_version": CHECKPOINT_FORMAT_VERSION, **kept}, buffer)
-                sources[f"{name}/fold_{fold}"] = {"checkpoint": source.name, "epoch": state.get("epoch"),
-                                                  "epochs": state.get("epochs")}
-                del state, kept
+                torch.save(state.to_dict(PREDICTION_KEYS), buffer)
+                sources[f"{name}/fold_{fold}"] = {"checkpoint": source.name, "epoch": state.epoch,
+                                                  "epochs": state.epochs}
+                del state
                 add(f"models/{name}/fold_{fold}/{CHECKPOINT_NAME}", buffer.getvalue())
 
-        archive_plans = dict(plans)
-        if archive_plans.get("default_configuration") not in configurations:
-            # so that an imported workspace predicts without --config
-            archive_plans["default_configuration"] = configurations[0]
-            archive_plans["reasons"] = {**plans.get("reasons", {}), "default_configuration":
-                                        f"model archive: the first exported configuration (the workspace's default, "
-                                        f"{plans.get('default_configuration')}, was not exported)"}
-        add("plans.json", _json_bytes(archive_plans))
+        # The exported configurations only; an imported workspace predicts without --config.
+        add("plans.json", _json_bytes(plans.with_configurations(configurations).to_json()))
         if rules is not None:
             add("postprocessing.json", rules_path.read_bytes())
         card = model_card(workdir, plans, chosen, checkpoint, sources)
@@ -120,33 +106,6 @@ def export_model(workdir: Path | str, path: Path | str, configurations: Sequence
     return manifest
 
 
-def _fold_names(workdir: Path, configuration: str, folds: Sequence[int | str] | None, checkpoint: str) -> list[str]:
-    models = workspace.fold_dir(workdir, configuration, 0).parent
-    if folds is not None:
-        names = [str(f) for f in dict.fromkeys(folds)]
-        for n in names:
-            if not any((workspace.fold_dir(workdir, configuration, n) / f).is_file() for f in CHECKPOINT_FILES[checkpoint]):
-                raise ModelArchiveError(f"{workspace.fold_dir(workdir, configuration, n)}: no "
-                                        f"{' or '.join(CHECKPOINT_FILES[checkpoint])}; train fold {n} of {configuration} "
-                                        "or leave it out with --folds")
-        return names
-    found = sorted((p.name.removeprefix("fold_") for p in models.glob("fold_*")
-                    if any((p / f).is_file() for f in CHECKPOINT_FILES[checkpoint])),
-                   key=lambda n: (0, int(n), "") if n.isdigit() else (1, 0, n))
-    if not found:
-        raise ModelArchiveError(f"{models}: no fold with a {' or '.join(CHECKPOINT_FILES[checkpoint])} for "
-                                f"{configuration}; train it first (`autoseg train`) or choose another with --config")
-    return found
-
-
-def _checkpoint_path(workdir: Path, configuration: str, fold: str, checkpoint: str) -> Path:
-    folder = workspace.fold_dir(workdir, configuration, fold)
-    path = next(folder / f for f in CHECKPOINT_FILES[checkpoint] if (folder / f).is_file())
-    if path.name != CHECKPOINT_FILES[checkpoint][0]:
-        log.warning("%s: no %s (training did not finish); exporting %s", folder, CHECKPOINT_FILES[checkpoint][0], path.name)
-    return path
-
-
 def _json_bytes(data: dict) -> bytes:
     return (json.dumps(data, indent=2) + "\n").encode()
 
@@ -155,7 +114,7 @@ def _json_bytes(data: dict) -> bytes:
 # Model card
 
 
-def model_card(workdir: Path, plans: dict, folds: dict[str, list[str]], checkpoint: str,
+def model_card(workdir: Path, plans: Plans, folds: dict[str, list[str]], checkpoint: str,
                sources: dict[str, dict]) -> dict:
     """What a user of the model should know: labels, channels, training data, cross-validation Dice.
 
@@ -164,14 +123,14 @@ def model_card(workdir: Path, plans: dict, folds: dict[str, list[str]], checkpoi
     previous = _read_optional(workdir / "model_card.json") or {}
     return {
         "format_version": FORMAT_VERSION,
-        "name": plans.get("dataset_name"),
+        "name": plans.dataset_name,
         "autoseg_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "labels": dict(plans["labels"]),
-        "channel_names": list(plans["channel_names"]),
-        "normalization": [{"channel": n.get("name"), "scheme": n.get("scheme")} for n in plans.get("normalization", [])],
-        "configurations": {c: {"folds": f, "target_spacing": plans["configurations"][c].get("spacing"),
-                               "patch_size": plans["configurations"][c].get("patch_size")} for c, f in folds.items()},
+        "labels": {str(k): v for k, v in plans.labels.items()},
+        "channel_names": list(plans.channel_names),
+        "normalization": [{"channel": n.name, "scheme": n.scheme} for n in plans.normalization],
+        "configurations": {c: {"folds": f, "target_spacing": list(plans.configuration(c).spacing),
+                               "patch_size": list(plans.configuration(c).patch_size)} for c, f in folds.items()},
         "source_checkpoint": checkpoint,
         "checkpoints": sources,
         "training_data": _training_data(workdir) or previous.get("training_data"),
@@ -321,28 +280,83 @@ def import_model(path: Path | str, target_dir: Path | str) -> dict:
 
 def model_workspace(path: Path | str, cache_root: Path | str) -> tuple[Path, dict]:
     """A verified workspace of the archive under `cache_root/.autoseg_model_<hash>`, extracted once and reused
-    while the archive is unchanged (its files are checked against the archive's manifest on reuse)."""
+    while the archive is unchanged. On reuse the folder must hold exactly the archive's files with the manifest's
+    SHA-256, since prediction loads whatever plans, rules and checkpoints it finds there; otherwise the archive
+    is extracted again and swapped in."""
     path, cache_root = Path(path), Path(cache_root)
     if not path.is_file():
         raise ModelArchiveError(f"{path}: model archive not found")
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    target = cache_root / f".autoseg_model_{digest.hexdigest()[:16]}"
-    if (target / MANIFEST).is_file():
-        manifest = read_manifest(path)
-        for name, expected in manifest["members"].items():
-            if _sha256_of(target / name) != expected["sha256"]:
-                raise ModelArchiveError(f"{target / name}: differs from member {name} of {path}; delete {target} "
-                                        "and run again to extract the model afresh")
-        return target, manifest
+    target = cache_root / f".autoseg_model_{_sha256_of(path)[:16]}"
+    manifest, expected = _extracted_files(path)
+    damaged = target.exists() or target.is_symlink()
+    if damaged:
+        problem = _extraction_problem(path, target, expected)
+        if problem is None:
+            return target, manifest
+        log.warning("%s; extracting the model again", problem)
+    cache_root.mkdir(parents=True, exist_ok=True)
+    fresh = Path(tempfile.mkdtemp(prefix=f"{target.name}.", suffix=".tmp", dir=cache_root))
     try:
-        return target, import_model(path, target)
-    except ModelArchiveError:
-        if (target / MANIFEST).is_file():  # a parallel run (--num-parts) extracted it first
-            return model_workspace(path, cache_root)
-        raise
+        import_model(path, fresh)
+        if not _swap_in(fresh, target, replace=damaged):  # a parallel run (--num-parts) put its extraction there first
+            problem = _extraction_problem(path, target, expected)
+            if problem is not None:
+                raise ModelArchiveError(f"{problem}; delete {target} and run again")
+    finally:
+        shutil.rmtree(fresh, ignore_errors=True)
+    return target, manifest
+
+
+def _extracted_files(path: Path) -> tuple[dict, dict[str, str]]:
+    """The archive's checked manifest, and the SHA-256 of every file `import_model` writes (manifest.json too)."""
+    with _open_zip(path) as archive:
+        manifest = _checked_manifest(path, archive)
+        own = hashlib.sha256(archive.read(MANIFEST)).hexdigest()
+    return manifest, {**{name: m["sha256"] for name, m in manifest["members"].items()}, MANIFEST: own}
+
+
+def _extraction_problem(path: Path, target: Path, expected: dict[str, str]) -> str | None:
+    """Why `target` is not an intact extraction of `path`: a link, or a file or folder that is extra, missing or
+    changed (an extra fold folder or checkpoint would be loaded by prediction); None when intact."""
+    if target.is_symlink() or not target.is_dir():
+        return f"{target}: not a folder extracted from {path}"
+    folders = {PurePosixPath(name).parent.as_posix() for name in expected}
+    folders |= {parent.as_posix() for name in folders for parent in PurePosixPath(name).parents}
+    for root, dirs, files in os.walk(target):
+        for entry in dirs + files:
+            found = Path(root, entry)
+            name = found.relative_to(target).as_posix()
+            if found.is_symlink() or (name not in folders if entry in dirs else name not in expected):
+                return f"{found}: not in {path}, and prediction could load it"
+    for name, sha256 in expected.items():
+        digest = _sha256_of(target / name)
+        if digest != sha256:
+            return f"{target / name}: {'missing' if digest is None else 'changed'} since it was extracted from {path}"
+    return None
+
+
+def _swap_in(fresh: Path, target: Path, replace: bool) -> bool:
+    """Rename `fresh` to `target` (with `replace`, moving the damaged `target` aside first), so `target` is never
+    half written; False when another run's extraction took `target` meanwhile."""
+    stale = fresh.with_suffix(".stale")  # unique, as `fresh` is
+    try:
+        if replace:
+            os.rename(target, stale)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise ModelArchiveError(f"{target}: cannot be replaced by a fresh extraction ({exc}); delete it and run "
+                                "again") from None
+    try:
+        os.rename(fresh, target)
+        return True
+    except OSError:
+        return False
+    finally:
+        if stale.is_symlink() or stale.is_file():
+            stale.unlink()
+        else:
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def _open_zip(path: Path) -> zipfile.ZipFile:
@@ -443,10 +457,10 @@ def _check_weights(path: Path, folder: Path, manifest: dict) -> None:
     """plans.json is readable plans naming the exported configurations; each fold's weights load with
     weights_only=True and belong to their configuration."""
     try:
-        plans = load_plans(folder / "plans.json")
-    except (PlanError, ValueError) as exc:
+        plans = Plans.load(folder / "plans.json")
+    except PlanError as exc:
         raise ModelArchiveError(f"{path}: member plans.json: {exc}") from None
-    missing = [c for c in manifest.get("folds") or {} if c not in plans.get("configurations", {})]
+    missing = [c for c in manifest.get("folds") or {} if c not in plans.configurations]
     if missing:
         raise ModelArchiveError(f"{path}: member plans.json has no configuration {', '.join(missing)}, which the "
                                 f"manifest exports")
@@ -457,7 +471,7 @@ def _check_weights(path: Path, folder: Path, manifest: dict) -> None:
                 state = load_checkpoint(folder / name)
             except CheckpointError as exc:
                 raise ModelArchiveError(f"{path}: member {name}: {exc}") from None
-            if state.get("configuration", c) != c or "network_state" not in state:
+            if state.configuration not in (None, c):
                 raise ModelArchiveError(f"{path}: member {name}: not the weights of configuration {c}")
 
 

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from autoseg.atomic import read_json, write_json
 from autoseg.evaluation import EvaluationError, dice_from_counts, read_label_map, segmentation_files
+from autoseg.errors import AutosegError
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ RULES_FORMAT_VERSION = 1
 _TOLERANCE = 1e-9  # Dice differences below this are float noise, not a change
 
 
-class PostprocessingError(Exception):
+class PostprocessingError(AutosegError):
     """Invalid postprocessing rules or inputs; the message names the file or key and the fix."""
 
 

@@ -43,12 +43,16 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_train import BenchError, machine, nnunet_env, prepare_nnunet  # noqa: E402
+
+if TYPE_CHECKING:
+    from autoseg.planning.plans import Plans
 
 DEFAULT_NNUNET_VENV = Path("/work/bench/nnunet_venv")
 NNUNET_DRIVER = Path(__file__).resolve().parent / "_nnunet_train_step.py"
@@ -82,32 +86,25 @@ def hold_out(dataset: Path, count: int, seed: int, folder: Path) -> tuple[Path, 
     return train_root, images, labels
 
 
-def plan_autoseg(dataset: Path, workdir: Path, workers: int, configuration: str | None = None) -> tuple[dict, str]:
+def plan_autoseg(dataset: Path, workdir: Path, workers: int, configuration: str | None = None) -> tuple[Plans, str]:
     """What `autoseg plan DATASET -o WORKDIR` does, preprocessing one configuration (default: the plan's
     default); (plans, configuration)."""
-    from autoseg import workspace
-    from autoseg.atomic import write_json
-    from autoseg.dataset.layout import load_dataset
-    from autoseg.dataset.verify import verify_dataset
-    from autoseg.fingerprint import compute_fingerprint, save_fingerprint
-    from autoseg.planning.planner import plan_experiment, save_plans
-    from autoseg.preprocessing.preprocess import preprocess_dataset
+    from autoseg.plan_workspace import PlanWorkspaceError, plan_workspace
 
-    data = load_dataset(dataset)
-    workdir.mkdir(parents=True)
-    write_json(workspace.dataset_json(workdir), {"format_version": 1, **data.to_json()})
-    report = verify_dataset(data, workers=workers)
-    if not report.ok:
-        raise BenchError(f"{dataset}: the dataset does not verify:\n{report.summary()}")
-    fingerprint = compute_fingerprint(data, workers=workers)
-    save_fingerprint(fingerprint, workspace.fingerprint_json(workdir))
-    plans = plan_experiment(fingerprint)
-    save_plans(plans, workspace.plans_json(workdir))
-    configuration = configuration or plans["default_configuration"]
-    if configuration not in plans["configurations"]:
-        raise BenchError(f"configuration {configuration} is not planned for {dataset.name} "
-                         f"(planned: {', '.join(plans['configurations'])})")
-    preprocess_dataset(data, plans, workdir, [configuration], workers=workers)
+    workdir.mkdir(parents=True)  # a fresh workspace, as before: a kept one of an earlier run is not reused
+    try:
+        # Every configuration is planned (the default and the table need them all); only the one trained
+        # is preprocessed.
+        plans = plan_workspace(dataset, workdir, steps=("verify", "fingerprint", "plan"), workers=workers).plans
+        configuration = configuration or plans.default_configuration
+        if configuration not in plans.configurations:
+            raise BenchError(f"configuration {configuration} is not planned for {dataset.name} "
+                             f"(planned: {', '.join(plans.configurations)})")
+        plan_workspace(dataset, workdir, steps=("preprocess",), configurations=[configuration], workers=workers)
+    except PlanWorkspaceError as exc:
+        if exc.verification is not None:
+            raise BenchError(f"{dataset}: the dataset does not verify:\n{exc.verification.summary()}") from None
+        raise BenchError(f"{dataset}: {exc}") from None
     return plans, configuration
 
 
@@ -123,18 +120,20 @@ def dice_per_label(pred_dir: Path, labels_dir: Path, labels: list[int]) -> dict[
 def run_autoseg(workdir: Path, configuration: str, epochs: int, iters_per_epoch: int, val_iters: int,
                 workers: int, test_images: Path, out: Path, batch_size: int | None = None,
                 mixed_precision: bool = False) -> dict:
-    from autoseg.inference.predictor import predict_folder
+    from autoseg.inference.batch import predict_folder
+    from autoseg.inference.settings import BatchOptions, ComputeSettings, ModelChoice
     from autoseg.training.trainer import TrainingSettings, train_fold
 
     settings = TrainingSettings(epochs=epochs, iters_per_epoch=iters_per_epoch, val_iters=val_iters,
-                                num_workers=workers, validate_at_end=False, batch_size=batch_size,
+                                workers=workers, validate_at_end=False, batch_size=batch_size,
                                 mixed_precision=mixed_precision)
     t = time.perf_counter()
     train_fold(workdir, configuration, 0, settings, progress=False)
     train_s = time.perf_counter() - t
     t = time.perf_counter()
-    report = predict_folder(workdir, [test_images], out, configurations=[configuration], folds=[0], progress=False,
-                            mixed_precision=mixed_precision)
+    report = predict_folder(workdir, [test_images], out, ModelChoice([configuration], folds=[0]),
+                            compute=ComputeSettings(mixed_precision=mixed_precision),
+                            batch=BatchOptions(progress=False))
     predict_s = time.perf_counter() - t
     if report.failed:
         raise BenchError(f"autoseg predict failed on {report.failed[:3]}")
@@ -226,8 +225,8 @@ def main() -> None:
     iters_per_epoch = args.iterations // epochs
     if (args.hold_out is None) == (args.test_images is None or args.test_labels is None):
         raise BenchError("pass either --test-images and --test-labels, or --hold-out K")
-    from autoseg.training.augmentation import default_num_workers
-    workers = default_num_workers() if args.workers is None else args.workers
+    from autoseg.training.augmentation import default_workers
+    workers = default_workers() if args.workers is None else args.workers
     use_nnunet = args.nnunet_venv is not None and not args.no_nnunet
 
     print(f"machine: {machine()}")
@@ -244,12 +243,12 @@ def main() -> None:
         t = time.perf_counter()
         plans, configuration = plan_autoseg(dataset, workdir, workers=2, configuration=args.configuration)
         plan_s = time.perf_counter() - t
-        config = dict(plans["configurations"][configuration])
-        if args.batch_size:
-            config["batch_size"] = args.batch_size
-        labels = sorted(int(k) for k in plans["labels"] if int(k) > 0)
-        print(f"configuration {configuration}: batch {config['batch_size']}"
-              f"{' (plan: ' + str(plans['configurations'][configuration]['batch_size']) + ')' if args.batch_size else ''}, patch {config['patch_size']}; "
+        planned = plans.configuration(configuration)
+        batch_size = args.batch_size or planned.batch_size
+        patch_size = list(planned.patch_size)
+        labels = plans.foreground_labels
+        print(f"configuration {configuration}: batch {batch_size}"
+              f"{' (plan: ' + str(planned.batch_size) + ')' if args.batch_size else ''}, patch {patch_size}; "
               f"{args.iterations} iterations = {epochs} epoch(s) x {iters_per_epoch}, {args.val_iters} validation "
               f"batches per epoch, {workers} augmentation worker(s), autoseg precision {args.autoseg_precision}; "
               f"test cases in {test_images}", flush=True)
@@ -269,10 +268,10 @@ def main() -> None:
 
         tools = list(figures)
         print(f"\nDice on {figures['autoseg']['cases']} test cases, fold 0 after {args.iterations} iterations "
-              f"(batch {config['batch_size']}, patch {config['patch_size']}):")
+              f"(batch {batch_size}, patch {patch_size}):")
         print(f"{'label':<24}" + "".join(f"{t:>12}" for t in tools))
         for label in labels:
-            name = f"{label} {plans['labels'][str(label)]}"
+            name = f"{label} {plans.labels[label]}"
             print(f"{name:<24}" + "".join(f"{_fmt(figures[t]['dice'][label]):>12}" for t in tools))
         means = {t: _mean([figures[t]["dice"][label] for label in labels]) for t in tools}
         print(f"{'mean':<24}" + "".join(f"{_fmt(means[t]):>12}" for t in tools))
@@ -286,7 +285,7 @@ def main() -> None:
             args.json.write_text(json.dumps({"iterations": args.iterations, "epochs": epochs, "val_iters": args.val_iters,
                                              "workers": workers, "configuration": configuration,
                                              "autoseg_precision": args.autoseg_precision,
-                                             "batch_size": config["batch_size"], "patch_size": config["patch_size"],
+                                             "batch_size": batch_size, "patch_size": patch_size,
                                              **figures}, indent=1,
                                             default=str))
 

@@ -52,6 +52,14 @@ def channels_last(ndim: int) -> torch.memory_format:
     return torch.channels_last_3d if ndim == 3 else torch.channels_last
 
 
+def topology(config: dict, channels: int, classes: int) -> UNetTopology:
+    """The U-Net of one plans.json configuration, read as JSON (features_per_stage, kernel_sizes, strides,
+    n_conv_per_stage)."""
+    return UNetTopology(in_channels=channels, num_classes=classes, features_per_stage=config["features_per_stage"],
+                        kernel_sizes=config["kernel_sizes"], strides=config["strides"],
+                        n_conv_per_stage=int(config.get("n_conv_per_stage", 2)))
+
+
 def train_paths(config: dict, channels: int, classes: int, batch: int, args) -> dict[str, float]:
     patch = config["patch_size"]
     scales = deep_supervision_scales(config["strides"])
@@ -70,7 +78,7 @@ def train_paths(config: dict, channels: int, classes: int, batch: int, args) -> 
         variants.append(("contiguous + torch.compile", torch.contiguous_format, True, None))
     for name, layout, compiled, dtype in variants:
         torch.manual_seed(0)
-        network = build_unet(UNetTopology.from_plan(config, channels, classes)).to(memory_format=layout)
+        network = build_unet(topology(config, channels, classes)).to(memory_format=layout)
         optimizer = torch.optim.SGD(network.parameters(), lr=1e-2, momentum=0.99, nesterov=True)
         model = torch.compile(network) if compiled else network
         data = x.contiguous(memory_format=layout)
@@ -94,7 +102,7 @@ def train_paths(config: dict, channels: int, classes: int, batch: int, args) -> 
 def inference_paths(config: dict, channels: int, classes: int, batch: int, args) -> dict[str, float]:
     patch = config["patch_size"]
     torch.manual_seed(0)
-    network = build_unet(UNetTopology.from_plan(config, channels, classes), deep_supervision=False).eval()
+    network = build_unet(topology(config, channels, classes), deep_supervision=False).eval()
     x = torch.randn(batch, channels, *patch)
     results = {}
     with torch.no_grad():

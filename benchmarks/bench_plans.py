@@ -326,6 +326,7 @@ def _configuration(spacing, median_shape, patch, batch, strides, kernels, featur
 
 
 def summarize_autoseg(plans: dict) -> dict:
+    """autoseg's plans in their JSON form (`Plans.to_json()`, as in plans.json)."""
     norm = []
     for n in plans["normalization"]:
         entry = {"scheme": n["scheme"], "use_mask": bool(n["use_nonzero_mask"])}
@@ -501,7 +502,7 @@ def compare_dataset(spec: DatasetSpec, fp: Fingerprint, nnunet_result: dict | No
     """Plan `fp` with autoseg (timed) and set it against nnU-Net's result for it (None: not run)."""
     t = time.perf_counter()
     try:
-        plans = plan_experiment(fp, budget_gb=BUDGET_GB)
+        plans = plan_experiment(fp, budget_gb=BUDGET_GB).to_json()  # as plans.json holds it
         ours, error = summarize_autoseg(plans), None
     except Exception as exc:  # a planner crash is a result too: show it and go on
         plans, ours, error = None, None, f"{type(exc).__name__}: {exc}"

@@ -44,13 +44,17 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from autoseg.inference.batch import predict_folder
 from autoseg.inference.inputs import discover_inputs
-from autoseg.inference.predictor import predict_folder
+from autoseg.inference.settings import BatchOptions, ComputeSettings, ModelChoice, WindowSettings
 
 from bench_train import (DEFAULT_NNUNET_CACHE, BenchError, autoseg_precisions, machine, nnunet_env, prepare_nnunet,
                          run_nnunet_driver, workspace_dataset)
 
+if TYPE_CHECKING:
+    from autoseg.planning.plans import ConfigurationPlan
 
 NNUNET_TRAINER_FOLDER = "nnUNetTrainer__nnUNetPlans__{configuration}"
 # nnUNetv2_predict's first line after its imports and model loading, and the line its first case
@@ -101,16 +105,17 @@ def _size(text: str, kind=int) -> tuple:
     return values
 
 
-def large_volume_workspace(folder: Path, shape: tuple[int, ...], spacing: tuple[float, ...], num_labels: int) -> dict:
+def large_volume_workspace(folder: Path, shape: tuple[int, ...], spacing: tuple[float, ...],
+                           num_labels: int) -> ConfigurationPlan:
     """A workspace with autoseg's 3d_fullres plan for a dataset of `shape` volumes at `spacing` (CT) and a
     fold 0 of random weights; returns the configuration's plan."""
     import torch
 
     from autoseg import workspace
     from autoseg.fingerprint import CaseFingerprint, Fingerprint, IntensityStats
-    from autoseg.network.unet import UNetTopology, build_unet
-    from autoseg.planning.planner import plan_experiment, save_plans
-    from autoseg.training.checkpoint import save_checkpoint
+    from autoseg.model_files import Checkpoint, save_checkpoint
+    from autoseg.network.unet import build_unet
+    from autoseg.planning.planner import plan_experiment
 
     stats = IntensityStats(40.0, 60.0, -200.0, 400.0, 40.0, -100.0, 250.0)
     cases = tuple(CaseFingerprint(f"ct_{i:03d}", spacing, shape, tuple((0, n) for n in shape), 10**6, (stats,))
@@ -118,13 +123,12 @@ def large_volume_workspace(folder: Path, shape: tuple[int, ...], spacing: tuple[
     labels = {0: "background", **{k: f"structure_{k}" for k in range(1, num_labels)}}
     plans = plan_experiment(Fingerprint("synthetic_ct", ("CT",), ("ct",), labels, cases, (stats,)),
                             configurations=["3d_fullres"])
-    save_plans(plans, workspace.plans_json(folder))
-    config = plans["configurations"]["3d_fullres"]
+    plans.save(workspace.plans_json(folder))
     torch.manual_seed(0)
-    network = build_unet(UNetTopology.from_plan(config, 1, num_labels), deep_supervision=True)
+    network = build_unet(plans.network_topology("3d_fullres"), deep_supervision=True)
     save_checkpoint(workspace.fold_dir(folder, "3d_fullres", 0) / "checkpoint_final.pt",
-                    {"configuration": "3d_fullres", "network_state": network.state_dict(), "epoch": 0})
-    return config
+                    Checkpoint(network_state=network.state_dict(), configuration="3d_fullres", epoch=0))
+    return plans.configuration("3d_fullres")
 
 
 def synthetic_ct(path: Path, shape: tuple[int, ...], spacing: tuple[float, ...]) -> None:
@@ -203,8 +207,8 @@ def run_large(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="bench_predict_large_") as tmp:
         tmp = Path(tmp)
         config = large_volume_workspace(tmp / "work", shape, spacing, args.labels)
-        print(f"plan (autoseg's planner, 3d_fullres): patch {config['patch_size']}, spacing {config['spacing']}, "
-              f"features {config['features_per_stage']}; {args.labels} labels")
+        print(f"plan (autoseg's planner, 3d_fullres): patch {list(config.patch_size)}, spacing {list(config.spacing)}, "
+              f"features {list(config.features_per_stage)}; {args.labels} labels")
         t = time.perf_counter()
         synthetic_ct(tmp / "input" / "ct_0000.mha", shape, spacing)
         print(f"input: synthetic int16 CT {'x'.join(map(str, shape))} at {spacing} mm "
@@ -307,9 +311,10 @@ def main() -> None:
                 for m in mirror:
                     with tempfile.TemporaryDirectory() as out:
                         t = time.perf_counter()
-                        report = predict_folder(workdir, [inputs], Path(out), configurations=[args.config],
-                                                folds=folds, mirroring=m, num_workers=args.workers, progress=False,
-                                                mixed_precision=mixed, runtime=runtime)
+                        report = predict_folder(workdir, [inputs], Path(out), ModelChoice([args.config], folds),
+                                                WindowSettings(mirroring=m),
+                                                ComputeSettings(mixed_precision=mixed, runtime=runtime),
+                                                batch=BatchOptions(workers=args.workers, progress=False))
                         wall = time.perf_counter() - t
                     n = len(report.written)
                     timings[(label, tuple(folds), m)] = wall / max(n, 1)
@@ -349,7 +354,7 @@ def main() -> None:
                 ours = timings[(label, tuple(one_fold), m)]
                 print(f"ratio nnunetv2 (float32) / autoseg ({label}), 1 fold, mirroring {'on' if m else 'off'}: "
                       f"{per_case / ours:.2f}x ({steady / ours:.2f}x counting nnU-Net only from its first case on)")
-        import_s = time_import(sys.executable, "autoseg.inference.predictor", dict(os.environ))
+        import_s = time_import(sys.executable, "autoseg.inference.batch", dict(os.environ))
         print(f"autoseg ran in this process; a fresh `autoseg predict` would add its import of {import_s:.1f} s "
               f"(= {import_s / len(case_ids):.2f} s/case here)")
         shown = {str(inputs): "INPUT", str(out): "OUT"}

@@ -47,8 +47,10 @@ def autoseg_logits(workdir: Path, configuration: str, fold: int, x: np.ndarray) 
     import torch
 
     from autoseg.inference.predictor import Predictor
+    from autoseg.inference.settings import ComputeSettings, ModelChoice
 
-    predictor = Predictor(workdir, configurations=[configuration], folds=[fold], device="cpu", mixed_precision=False)
+    predictor = Predictor(workdir, ModelChoice([configuration], folds=[fold]),
+                          compute=ComputeSettings("cpu", mixed_precision=False))
     with torch.no_grad():
         return predictor.folds[0].network(torch.from_numpy(x)).numpy()
 
@@ -110,29 +112,30 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace, nnunet_bin: Path, tmp: Path) -> dict:
     from autoseg.dataset.image_io import image_suffix
-    from autoseg.inference.export import segmentation_suffix
-    from autoseg.inference.predictor import predict_folder
-    from autoseg.planning.planner import load_plans
+    from autoseg.inference.batch import predict_folder
+    from autoseg.inference.original_grid import segmentation_suffix
+    from autoseg.inference.settings import BatchOptions, ComputeSettings, ModelChoice, OutputOptions, WindowSettings
+    from autoseg.planning.plans import Plans
     from bench_predict import link_inputs
 
     workdir = args.workdir.resolve()
-    plans = load_plans(workdir / "plans.json")
-    configuration = args.configuration or plans["default_configuration"]
-    if configuration not in plans["configurations"]:
+    plans = Plans.load(workdir / "plans.json")
+    configuration = args.configuration or plans.default_configuration
+    if configuration not in plans.configurations:
         raise BenchError(f"{workdir / 'plans.json'} has no configuration {configuration}")
     checkpoint = workdir / "models" / configuration / f"fold_{args.fold}" / "checkpoint_final.pt"
     if not checkpoint.is_file():
         raise BenchError(f"{checkpoint}: not found; train that fold to the end, or pass --configuration/--fold "
                          "of one that was trained")
-    config = plans["configurations"][configuration]
-    labels = sorted(int(k) for k in plans["labels"] if int(k) > 0)
+    config = plans.configuration(configuration)
+    labels = plans.foreground_labels
     print(f"machine: {_machine.machine()}")
-    print(f"model: {workdir} {configuration} fold {args.fold}, patch {config['patch_size']}, "
+    print(f"model: {workdir} {configuration} fold {args.fold}, patch {list(config.patch_size)}, "
           f"mirroring {'off' if args.no_mirroring else 'on'}, float32")
 
     # The same network on both sides, or nothing else means anything.
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(2, len(plans["channel_names"]), *config["patch_size"])).astype(np.float32)
+    x = rng.normal(size=(2, plans.num_channels, *config.patch_size)).astype(np.float32)
     check = tmp / "check.npz"
     np.savez(check, x=x)
     model = tmp / "nnunet_model"
@@ -147,12 +150,13 @@ def run(args: argparse.Namespace, nnunet_bin: Path, tmp: Path) -> dict:
                          "the layer mapping in _nnunet_from_autoseg.py does not fit this network")
 
     inputs = tmp / "inputs"
-    case_ids = link_inputs([args.input.resolve()], len(plans["channel_names"]), inputs, args.cases or None)
+    case_ids = link_inputs([args.input.resolve()], plans.num_channels, inputs, args.cases or None)
     out_ours, out_theirs = tmp / "pred_autoseg", tmp / "pred_nnunet"
     t = time.perf_counter()
-    report = predict_folder(workdir, [inputs], out_ours, configurations=[configuration], folds=[args.fold],
-                            mirroring=not args.no_mirroring, postprocessing=False, progress=False,
-                            mixed_precision=False, report=False, num_workers=0)
+    report = predict_folder(workdir, [inputs], out_ours, ModelChoice([configuration], folds=[args.fold]),
+                            WindowSettings(mirroring=not args.no_mirroring), ComputeSettings(mixed_precision=False),
+                            OutputOptions(report_files=False, postprocessing=False),
+                            BatchOptions(workers=0, progress=False))
     ours_s = time.perf_counter() - t
     if report.failed:
         raise BenchError(f"autoseg predict failed on {report.failed[:3]}")

@@ -162,7 +162,7 @@ def time_autoseg(workdir: Path, configuration: str, iters: int, warmup: int, wor
         os.symlink((workdir / "preprocessed").resolve(), scratch / "preprocessed")
         common = dict(validate_at_end=False, device=device, checkpoint_every=10 ** 6, mixed_precision=mixed_precision)
         if workers is not None:
-            common["num_workers"] = workers
+            common["workers"] = workers
         # A short warm-up run (oneDNN kernel selection, allocator) in this process, then the measured one.
         if warmup:
             train_fold(scratch, configuration, "all", TrainingSettings(epochs=1, iters_per_epoch=warmup, **common),
@@ -186,25 +186,25 @@ def augmentation_rate(workdir: Path, configuration: str, batches: int, warmup: i
 
     from autoseg import workspace
     from autoseg.network.unet import deep_supervision_scales
-    from autoseg.planning.planner import load_plans
+    from autoseg.planning.plans import Plans
     from autoseg.preprocessing import store
     from autoseg.training.augmentation import (make_loader, rotation_for_patch, shutdown_loader, training_patch_size,
                                                training_transforms)
     from autoseg.training.patch_sampling import PatchLoader
 
-    plans = load_plans(workspace.plans_json(workdir))
-    config = plans["configurations"][configuration]
-    data_dir = workspace.preprocessed_dir(workdir, config["data_identifier"])
+    plans = Plans.load(workspace.plans_json(workdir))
+    config = plans.configuration(configuration)
+    data_dir = workspace.preprocessed_dir(workdir, config.data_identifier)
     case_ids = store.list_cases(data_dir)
     if not case_ids:
         raise BenchError(f"{data_dir}: no preprocessed cases; run `autoseg plan` first")
-    patch = config["patch_size"]
+    patch = list(config.patch_size)
     rotation, _ = rotation_for_patch(patch)
-    masked = [n["channel"] for n in plans["normalization"] if n["use_nonzero_mask"]]
-    loader = PatchLoader(data_dir, case_ids, training_patch_size(patch), config["batch_size"], 0.33, 1, seed=0,
+    masked = [n.channel for n in plans.normalization if n.use_nonzero_mask]
+    loader = PatchLoader(data_dir, case_ids, training_patch_size(patch), config.batch_size, 0.33, 1, seed=0,
                          final_patch_size=patch)
-    transforms = training_transforms(patch, mirror_axes=tuple(range(len(patch))),
-                                     deep_supervision_scales=deep_supervision_scales(config["strides"]),
+    transforms = training_transforms(patch, mirror_axes=config.mirror_axes,
+                                     deep_supervision_scales=deep_supervision_scales(config.strides),
                                      nonzero_mask_channels=masked)
     batches_iter = make_loader(loader, transforms, 0, seed=0)
     try:
@@ -216,7 +216,7 @@ def augmentation_rate(workdir: Path, configuration: str, batches: int, warmup: i
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     finally:
         shutdown_loader(batches_iter)
-    return {"batches": batches, "batch_size": config["batch_size"], "patch_size": list(patch),
+    return {"batches": batches, "batch_size": config.batch_size, "patch_size": list(patch),
             "per_s_wall": batches / wall, "per_s_cpu": batches / max(cpu, 1e-9), "threads": torch.get_num_threads(),
             "numpy": np.__version__}
 
@@ -264,8 +264,8 @@ def main() -> None:
     workdir = args.workdir.resolve()
     workers = args.workers
     if workers is None:
-        from autoseg.training.augmentation import default_num_workers
-        workers = default_num_workers()
+        from autoseg.training.augmentation import default_workers
+        workers = default_workers()
 
     print(f"machine: {machine()}")
     print(f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average before: "

@@ -7,7 +7,9 @@ import pytest
 import torch
 from scipy.ndimage import binary_erosion
 
+from autoseg.dataset.image_io import Geometry
 from autoseg.preprocessing import store
+from autoseg.preprocessing.properties import CaseProperties
 from autoseg.training.augmentation import (DownsampleSegForDeepSupervision, MaskImageOutsideNonzero, make_loader,
                                            rotation_for_patch, shutdown_loader, training_patch_size,
                                            training_transforms, validation_transforms)
@@ -16,11 +18,18 @@ from autoseg.training.patch_sampling import PatchLoader
 SCALES_3D = [[1.0, 1.0, 1.0], [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]]
 
 
+def case_properties(shape, locations) -> CaseProperties:
+    """Properties of a case that needed no cropping or resampling, with its sampled class locations."""
+    shape = tuple(int(s) for s in shape)
+    geometry = Geometry((1.0,) * 3, (0.0,) * 3, (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0), shape)
+    return CaseProperties(geometry, tuple((0, s) for s in shape), shape, shape, (1.0,) * 3, "test", locations)
+
+
 def write_case(folder: Path, case_id: str, image: np.ndarray, seg: np.ndarray) -> None:
     """A case as preprocessing stores it (compressed arrays; int16 seg when a label exceeds 127)."""
     seg = seg.astype(np.int16 if seg.max() > 127 else np.int8)
     locations = {str(int(v)): np.argwhere(seg[0] == v)[:2000].tolist() for v in np.unique(seg) if v > 0}
-    store.save_case(folder, case_id, image.astype(np.float32), seg, {"class_locations": locations})
+    store.save_case(folder, case_id, image.astype(np.float32), seg, case_properties(seg.shape[1:], locations))
 
 
 @pytest.fixture
@@ -38,7 +47,7 @@ def augmented_batches(folder, final, n, *, mirror_axes=(0, 1, 2), scales=None, s
     loader = PatchLoader(folder, ["c0", "c1"], training_patch_size(final), batch_size=4, seed=seed,
                          final_patch_size=final)
     transforms = training_transforms(final, mirror_axes=mirror_axes, deep_supervision_scales=scales)
-    batches = make_loader(loader, transforms, num_workers=0, seed=seed)
+    batches = make_loader(loader, transforms, workers=0, seed=seed)
     return [next(batches) for _ in range(n)]
 
 
@@ -179,7 +188,7 @@ def test_deep_supervision_downsampling_keeps_label_ids():
 def test_validation_transforms_do_not_change_the_patch(folder):
     loader = PatchLoader(folder, ["c0"], [40, 56, 40], batch_size=2, seed=0)
     raw = next(PatchLoader(folder, ["c0"], [40, 56, 40], batch_size=2, seed=0))
-    batch = next(make_loader(loader, validation_transforms(SCALES_3D), num_workers=0, seed=0))
+    batch = next(make_loader(loader, validation_transforms(SCALES_3D), workers=0, seed=0))
     assert np.array_equal(batch["data"].numpy(), raw["data"])
     # -1 (outside the volume or the non-zero mask) becomes background; every label is kept as it was
     assert np.array_equal(batch["target"][0].numpy(), np.maximum(raw["seg"], 0).astype(np.int64))
@@ -198,7 +207,7 @@ def test_background_workers_yield_batches_and_shut_down(folder):
     loader = PatchLoader(folder, ["c0", "c1"], training_patch_size(final), batch_size=2, seed=0,
                          final_patch_size=final)
     transforms = training_transforms(final, mirror_axes=(0, 1, 2), deep_supervision_scales=SCALES_3D)
-    batches = make_loader(loader, transforms, num_workers=2, seed=0)
+    batches = make_loader(loader, transforms, workers=2, seed=0)
     try:
         for _ in range(4):
             batch = next(batches)

@@ -56,7 +56,7 @@ def test_nnunet_gets_the_same_cases_and_intensities(bench):
 
 def test_differences_name_the_field_that_differs(bench):
     fp = bench.make_fingerprint(spec_named(bench, "Task04_Hippocampus"))
-    ours = bench.summarize_autoseg(plan_experiment(fp, budget_gb=8.0))
+    ours = bench.summarize_autoseg(plan_experiment(fp, budget_gb=8.0).to_json())
     assert bench.differences(ours, ours) == []
     other = {**ours, "configurations": {k: dict(v) for k, v in ours["configurations"].items()}}
     other["configurations"]["3d_fullres"]["batch_size"] += 1
@@ -74,6 +74,6 @@ def test_script_prints_a_row_per_dataset_and_2d_sets_plan_only_2d(bench, capsys)
     assert "3d_fullres 40x56x40" in next(line for line in summary if line.startswith("Task04_Hippocampus"))
     for name in ("Microscopy_RGB_2D", "EM_2D"):
         plans = plan_experiment(bench.make_fingerprint(spec_named(bench, name)), budget_gb=8.0)
-        assert set(plans["configurations"]) == {"2d"}
-        assert plans["default_configuration"] == "2d"
-        assert len(plans["configurations"]["2d"]["patch_size"]) == 2
+        assert set(plans.configurations) == {"2d"}
+        assert plans.default_configuration == "2d"
+        assert len(plans.configurations["2d"].patch_size) == 2

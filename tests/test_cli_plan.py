@@ -127,7 +127,7 @@ def test_preprocessed_data_is_redone_when_the_plan_changes(make_decathlon, tmp_p
     work = tmp_path / "w"
     assert main(["plan", str(root), "-o", str(work), "--workers", "1", "--configs", "3d_fullres"]) == 0
     folder = workspace.preprocessed_dir(work, "3d_fullres")
-    old_shape = store.load_properties(folder, "case_000")["shape_after_resampling"]
+    old_shape = store.load_properties(folder, "case_000").shape_after_resampling
     plans = json.loads(workspace.plans_json(work).read_text())
     plans["configurations"]["3d_fullres"]["spacing"] = [2.0, 2.0, 2.0]
     workspace.plans_json(work).write_text(json.dumps(plans))
@@ -135,5 +135,5 @@ def test_preprocessed_data_is_redone_when_the_plan_changes(make_decathlon, tmp_p
     assert main(["train", str(work), "--fold", "all", "--epochs", "1"]) == 2
     # ... and preprocessing redoes it.
     assert main(["plan", str(root), "-o", str(work), "--workers", "1", "--steps", "preprocess"]) == 0
-    new_shape = store.load_properties(folder, "case_000")["shape_after_resampling"]
+    new_shape = store.load_properties(folder, "case_000").shape_after_resampling
     assert new_shape != old_shape and new_shape[0] == round(old_shape[0] / 2)

@@ -46,4 +46,4 @@ def test_predict_with_a_model_archive_names_the_archive_in_volumes_csv(work, inp
     with open(out / "volumes.csv", newline="") as f:
         models = {row["model"] for row in csv.DictReader(f)}
     assert models == {"liver_model.zip:3d_fullres:folds 0"}
-    assert json.loads((out / "prediction_report.json").read_text())["settings"]["model"] == models.pop()
+    assert json.loads((out / "prediction_summary.json").read_text())["settings"]["model"] == models.pop()

@@ -40,7 +40,7 @@ def trained_workspace(tmp_path_factory):
     for name, tiny in TINY.items():
         plans["configurations"][name].update(tiny)
     workspace.plans_json(work).write_text(json.dumps(plans))
-    settings = TrainingSettings(epochs=1, iters_per_epoch=1, val_iters=1, num_workers=0)
+    settings = TrainingSettings(epochs=1, iters_per_epoch=1, val_iters=1, workers=0)
     for name in TINY:
         for fold in range(5):
             train_fold(work, name, fold, settings, progress=False)

@@ -9,13 +9,13 @@ from test_trainer import planned_workspace, plans_format_2
 import autoseg.training.trainer as trainer_module
 from autoseg import workspace
 from autoseg.cli import main
+from autoseg.model_files import load_checkpoint
 from autoseg.training import distributed
-from autoseg.training.checkpoint import load_checkpoint
 from autoseg.training.loss import DiceCELoss
 from autoseg.training.patch_sampling import PatchLoader
 from autoseg.training.trainer import TrainingSettings, train_fold
 
-SETTINGS = {"iters_per_epoch": 2, "val_iters": 1, "num_workers": 0, "seed": 3}
+SETTINGS = {"iters_per_epoch": 2, "val_iters": 1, "workers": 0, "seed": 3}
 FAST = {"threads": 1, "start_method": "fork"}  # forked ranks skip re-importing torch (`autoseg train --gpus` spawns)
 
 
@@ -87,7 +87,7 @@ def test_two_ranks_start_from_rank0_weights_stay_identical_and_rank0_alone_write
     assert rank1["saves"] == [] and "checkpoint_final.pt" in rank0["saves"]
     assert rank0["saves"].count("checkpoint_latest.pt") == 2 and rank0["saves"].count("checkpoint_final.pt") == 1
     out = workspace.fold_dir(tiny_workspace, "3d_fullres", 0)
-    assert _equal(load_checkpoint(out / "checkpoint_final.pt")["network_state"], rank0["end"])
+    assert _equal(load_checkpoint(out / "checkpoint_final.pt").network_state, rank0["end"])
     assert result["validation"]["num_cases"] >= 1 and (out / "progress.png").is_file()
     assert "data parallel over 2 processes (gloo): batch per rank [1, 1]" in (out / "training_log.txt").read_text()
 
@@ -97,16 +97,16 @@ def test_a_resumed_ddp_run_continues_where_it_stopped(tiny_workspace, tmp_path):
     distributed.spawn(train_fold, (tiny_workspace, "3d_fullres", 1, first), 2, "cpu", **FAST)
     out = workspace.fold_dir(tiny_workspace, "3d_fullres", 1)
     stopped = load_checkpoint(out / "checkpoint_latest.pt")
-    assert stopped["epoch"] == 1
+    assert stopped.epoch == 1
 
     longer = TrainingSettings(**SETTINGS, epochs=2, validate_at_end=False)
     result = distributed.spawn(_train_and_record, (tmp_path / "records", tiny_workspace, "3d_fullres", 1, longer,
                                                    True), 2, "cpu", **FAST)
     rank0, rank1 = _records(tmp_path / "records")
-    assert _equal(rank0["start"], stopped["network_state"]) and _equal(rank1["start"], stopped["network_state"])
+    assert _equal(rank0["start"], stopped.network_state) and _equal(rank1["start"], stopped.network_state)
     assert _equal(rank0["end"], rank1["end"])
     assert [h["epoch"] for h in result["history"]] == [1, 2]
-    assert load_checkpoint(out / "checkpoint_final.pt")["epoch"] == 2
+    assert load_checkpoint(out / "checkpoint_final.pt").epoch == 2
     assert "resumed from epoch 1" in (out / "training_log.txt").read_text()
 
 

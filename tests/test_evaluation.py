@@ -151,7 +151,7 @@ def test_evaluate_folders_summarises_cases_labels_and_missing_predictions(folder
 
 def test_evaluate_folders_with_workers_and_explicit_labels(folders, tmp_path):
     pred_dir, ref_dir = folders
-    summary = evaluate_folders(pred_dir, ref_dir, labels=[1], output_dir=tmp_path / "eval", num_workers=2)
+    summary = evaluate_folders(pred_dir, ref_dir, labels=[1], output_dir=tmp_path / "eval", workers=2)
     assert summary["labels"] == [1]
     assert list(summary["cases"]["case_a"]) == ["1"]
     assert summary["mean"]["1"]["dice"] == pytest.approx(0.75)
@@ -224,12 +224,14 @@ def test_evaluate_rejects_a_labels_item_that_is_neither_id_nor_id_equals_name(fo
     assert "ID=NAME" in capsys.readouterr().err
 
 
-def test_names_come_from_the_plans_of_the_workspace_that_predicted(folders, tmp_path):
+# prediction_summary.json is what `autoseg predict` writes; prediction_report.json what it wrote before 0.2.
+@pytest.mark.parametrize("summary_file", ["prediction_summary.json", "prediction_report.json"])
+def test_names_come_from_the_plans_of_the_workspace_that_predicted(folders, tmp_path, summary_file):
     pred_dir, ref_dir = folders
     workdir = tmp_path / "workspace"
     workdir.mkdir()
     (workdir / "plans.json").write_text(json.dumps({"labels": {"0": "background", "1": "liver", "2": "tumour"}}))
-    (pred_dir / "prediction_report.json").write_text(json.dumps({"settings": {"workdir": str(workdir)}}))
+    (pred_dir / summary_file).write_text(json.dumps({"settings": {"workdir": str(workdir)}}))
     (ref_dir.parent / "dataset.json").write_text(json.dumps({"labels": {"0": "bg", "1": "other", "2": "names"}}))
 
     summary = evaluate_folders(pred_dir, ref_dir, output_dir=tmp_path / "eval")

@@ -4,15 +4,16 @@ from PIL import Image
 
 from autoseg.dataset.image_io import Geometry, read_image
 from autoseg.fingerprint import CaseFingerprint, Fingerprint, IntensityStats
-from autoseg.inference.export import (export_segmentation, logits_to_original, save_probabilities,
+from autoseg.inference.original_grid import (export_segmentation, logits_to_original, save_probabilities,
                                       segmentation_suffix)
 from autoseg.planning.planner import plan_experiment
+from autoseg.planning.plans import Plans
 from autoseg.preprocessing.preprocess import preprocess_case
 
 ROTATED = tuple(np.array([[0.0, 1, 0], [0, 0, -1], [-1, 0, 0]]).ravel())
 
 
-def _plans(spacing, shape=(8, 12, 14)) -> dict:
+def _plans(spacing, shape=(8, 12, 14)) -> Plans:
     """Real planner output for a dataset whose cases all have `spacing` (in file axis order)."""
     stats = IntensityStats(0.0, 1.0, -1.0, 1.0, 0.0, -1.0, 1.0)
     cases = tuple(CaseFingerprint(f"c{i}", spacing, shape, tuple((0, n) for n in shape), 100, (stats,))
@@ -36,17 +37,17 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 def test_identity_plan_round_trip_gives_the_softmax_of_the_logits_on_the_file_grid():
     spacing = (1.0, 1.0, 2.5)  # thick axis last in the file: the plan transposes it to the front
     plans = _plans(spacing)
-    assert plans["transpose_forward"] == [2, 0, 1]
+    assert plans.transpose_forward == (2, 0, 1)
     shape, bbox = (8, 12, 14), ((1, 7), (2, 11), (3, 13))
     geometry = Geometry(spacing, (4.0, -2.0, 7.5), ROTATED, shape)
     data, _, properties = preprocess_case(_image_with_zero_border(shape, bbox), None, geometry, plans, "3d_fullres")
-    assert list(data.shape[1:]) == properties["shape_after_resampling"]  # spacing equals target: no resampling
+    assert data.shape[1:] == properties.shape_after_resampling  # spacing equals target: no resampling
 
     logits = np.zeros((3, *shape), dtype=np.float32)
     logits[0] = 50  # background far ahead outside the crop
     crop = tuple(slice(lo, hi) for lo, hi in bbox)
     logits[(slice(None),) + crop] = np.random.default_rng(1).normal(0, 3, (3, *logits[0][crop].shape))
-    in_network_space = logits[(slice(None),) + crop].transpose(0, *(a + 1 for a in plans["transpose_forward"]))
+    in_network_space = logits[(slice(None),) + crop].transpose(0, *(a + 1 for a in plans.transpose_forward))
 
     back = logits_to_original(in_network_space, properties, plans)
     assert back.shape == (3, *shape) and back.dtype == np.float32
@@ -149,15 +150,15 @@ def _nnunet_export(logits, properties, plans):
     from autoseg.preprocessing.cropping import uncrop
     from autoseg.preprocessing.resampling import resample_probabilities, separate_axis_for
 
-    forward, backward = plans["transpose_forward"], plans["transpose_backward"]
-    original_spacing = [properties["original_geometry"]["spacing"][a] for a in forward]
-    separate = separate_axis_for(properties["spacing"], original_spacing, plans["resampling"]["anisotropy_threshold"])
-    resampled = resample_probabilities(logits, tuple(properties["shape_after_crop"][a] for a in forward), 1,
-                                       separate, plans["resampling"]["thick_axis_order"])
+    forward, backward = plans.transpose_forward, plans.transpose_backward
+    original_spacing = [properties.original_geometry.spacing[a] for a in forward]
+    separate = separate_axis_for(properties.spacing, original_spacing, plans.resampling.anisotropy_threshold)
+    resampled = resample_probabilities(logits, tuple(properties.shape_after_crop[a] for a in forward), 1,
+                                       separate, plans.resampling.thick_axis_order)
     fill = np.zeros(logits.shape[0], np.float32)
     fill[0] = 1
     return uncrop(np.ascontiguousarray(_softmax(resampled).transpose(0, *(a + 1 for a in backward))),
-                  tuple(tuple(b) for b in properties["nonzero_bbox"]), tuple(properties["original_geometry"]["shape"]),
+                  properties.nonzero_bbox, properties.original_geometry.shape,
                   fill=fill)
 
 
@@ -170,7 +171,7 @@ def _nnunet_export(logits, properties, plans):
     ((1.0, 1.0, 2.5), (0.8, 1.1, 3.5), (12, 10, 7), ((1, 12), (0, 10), (1, 7)), True),     # transposed plan
 ])
 def test_label_map_builder_gives_nnunets_argmax_and_entropy_slab_by_slab(plan_spacing, spacing, shape, bbox, streams):
-    from autoseg.inference.export import LabelMapBuilder
+    from autoseg.inference.original_grid import LabelMapBuilder
 
     plans = _plans(plan_spacing)
     geometry = Geometry(spacing, (0.0, 0.0, 0.0), ROTATED, shape)
@@ -201,7 +202,7 @@ def test_label_map_builder_gives_nnunets_argmax_and_entropy_slab_by_slab(plan_sp
 
 
 def test_write_segmentation_postprocesses_and_checks_the_grid(tmp_path):
-    from autoseg.inference.export import write_segmentation
+    from autoseg.inference.original_grid import write_segmentation
 
     shape = (3, 4, 5)
     geometry = Geometry((1.0, 1.0, 1.0), (0.0, 0.0, 0.0), ROTATED, shape)

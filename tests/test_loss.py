@@ -86,7 +86,7 @@ def test_tiny_network_overfits_one_sample():
     torch.manual_seed(0)
     plan = {"features_per_stage": [4, 8, 16], "kernel_sizes": [[3, 3, 3]] * 3,
             "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]]}
-    net = build_unet(UNetTopology.from_plan(plan, in_channels=1, num_classes=3))
+    net = build_unet(UNetTopology(in_channels=1, num_classes=3, **plan))
     target = torch.zeros(1, 1, 8, 16, 16, dtype=torch.long)
     target[..., 2:6, 3:9, 3:9] = 1
     target[..., 1:5, 10:14, 9:15] = 2

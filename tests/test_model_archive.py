@@ -1,5 +1,7 @@
 import hashlib
 import json
+import logging
+import shutil
 import zipfile
 
 import numpy as np
@@ -12,7 +14,7 @@ from autoseg.cli import main
 from autoseg.dataset.image_io import Geometry, read_image, write_image
 from autoseg.fingerprint import CaseFingerprint, Fingerprint, IntensityStats, save_fingerprint
 from autoseg.inference.predictor import predict_folder
-from autoseg.model_archive import ModelArchiveError, export_model, import_model, read_manifest
+from autoseg.model_archive import ModelArchiveError, export_model, import_model, model_workspace, read_manifest
 from autoseg.network.unet import UNetTopology, build_unet
 from autoseg.planning.planner import load_plans, plan_experiment, save_plans
 from autoseg.training.checkpoint import save_checkpoint
@@ -117,8 +119,8 @@ def test_archive_holds_plans_weights_card_and_checksums_and_no_training_state(ar
 def test_exported_model_predicts_the_same_labels_as_its_workspace(work, archive, inputs, tmp_path):
     imported = tmp_path / "imported"
     import_model(archive, imported)
-    predict_folder(work, [inputs], tmp_path / "from_workspace", mirroring=False, num_workers=0, progress=False)
-    predict_folder(imported, [inputs], tmp_path / "from_archive", mirroring=False, num_workers=0, progress=False)
+    predict_folder(work, [inputs], tmp_path / "from_workspace", mirroring=False, workers=0, progress=False)
+    predict_folder(imported, [inputs], tmp_path / "from_archive", mirroring=False, workers=0, progress=False)
     for i in range(2):
         a, ga = read_image(tmp_path / "from_workspace" / f"case{i}.nii.gz")
         b, gb = read_image(tmp_path / "from_archive" / f"case{i}.nii.gz")
@@ -182,7 +184,75 @@ def test_import_refuses_a_non_empty_target_and_a_file_that_is_no_zip(archive, tm
         import_model(tmp_path / "model.zip", tmp_path / "x")
 
 
-def test_cli_export_import_and_predict_with_model(work, inputs, tmp_path, capsys):
+def _tamper_plans(ws):
+    plans = json.loads((ws / "plans.json").read_text())
+    plans["normalization"][0]["scheme"] = "ct"  # still valid plans, silently different intensities
+    (ws / "plans.json").write_text(json.dumps(plans))
+
+
+def _add_fold(ws):  # every fold_* folder is predicted with when --folds is not given
+    shutil.copytree(ws / "models/3d_fullres/fold_1", ws / "models/3d_fullres/fold_2")
+
+
+REUSE_CHANGES = {
+    "tampered plans.json": (_tamper_plans, "plans.json"),
+    "tampered checkpoint": (lambda ws: shutil.copy(ws / "models/3d_fullres/fold_0/checkpoint_final.pt",
+                                                   ws / "models/3d_fullres/fold_1/checkpoint_final.pt"),
+                            "fold_1/checkpoint_final.pt"),
+    "removed checkpoint": (lambda ws: (ws / "models/3d_fullres/fold_0/checkpoint_final.pt").unlink(),
+                           "fold_0/checkpoint_final.pt"),
+    "added checkpoint": (lambda ws: shutil.copy(ws / "models/3d_fullres/fold_1/checkpoint_final.pt",
+                                                ws / "models/3d_fullres/fold_0/checkpoint_best.pt"),
+                         "fold_0/checkpoint_best.pt"),
+    "added fold": (_add_fold, "fold_2"),
+    "added postprocessing.json": (lambda ws: (ws / "postprocessing.json").write_text("{}"), "postprocessing.json"),
+}
+
+
+def _extracted(folder) -> dict:
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in folder.rglob("*") if p.is_file()}
+
+
+def test_a_reused_extraction_is_kept_when_intact(archive, tmp_path):
+    folder, manifest = model_workspace(archive, tmp_path)
+    inode = (folder / "plans.json").stat().st_ino
+    assert model_workspace(archive, tmp_path) == (folder, manifest)
+    assert (folder / "plans.json").stat().st_ino == inode  # not extracted again
+    assert [p.name for p in tmp_path.iterdir()] == [folder.name]
+
+
+@pytest.mark.parametrize("change", REUSE_CHANGES)
+def test_a_reused_extraction_that_was_changed_is_extracted_again(archive, tmp_path, caplog, change):
+    tamper, named = REUSE_CHANGES[change]
+    folder, manifest = model_workspace(archive, tmp_path)
+    intact = _extracted(folder)
+    assert set(intact) == set(manifest["members"]) | {"manifest.json"}
+    tamper(folder)
+    assert _extracted(folder) != intact
+    with caplog.at_level(logging.WARNING, logger="autoseg.model_archive"):
+        assert model_workspace(archive, tmp_path) == (folder, manifest)
+    assert _extracted(folder) == intact and not (folder / "models/3d_fullres/fold_2").exists()
+    assert named in caplog.text and "extracting the model again" in caplog.text
+    assert [p.name for p in tmp_path.iterdir()] == [folder.name]  # no scratch or stale folder left
+
+
+def test_a_failed_re_extraction_leaves_the_old_folder_and_no_half_written_one(archive, tmp_path, monkeypatch):
+    folder, _ = model_workspace(archive, tmp_path)
+    _tamper_plans(folder)
+
+    def refuse(*args):
+        raise ModelArchiveError("refused")
+
+    monkeypatch.setattr("autoseg.model_archive._check_weights", refuse)
+    with pytest.raises(ModelArchiveError, match="refused"):
+        model_workspace(archive, tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == [folder.name]
+    with pytest.raises(ModelArchiveError, match="refused"):  # still refused: the changed plans are never used
+        model_workspace(archive, tmp_path)
+
+
+def test_cli_export_import_and_predict_with_model(work, inputs, tmp_path, capsys, caplog):
     path = tmp_path / "m.zip"
     assert main(["export-model", str(work), str(path), "--folds", "1"]) == 0
     assert read_manifest(path)["folds"] == {"3d_fullres": ["1"]}
@@ -202,13 +272,14 @@ def test_cli_export_import_and_predict_with_model(work, inputs, tmp_path, capsys
         assert np.array_equal(a, read_image(tmp_path / "c" / f"case{i}.nii.gz")[0])
     cache = [p for p in (tmp_path / "b").iterdir() if p.name.startswith(".autoseg_model_")]
     assert len(cache) == 1 and (cache[0] / "plans.json").is_file()
-    # a second run reuses the verified extraction; a damaged one is refused
+    # a second run reuses the verified extraction; a damaged one is extracted again
     assert main(["predict", "--model", str(path), "-i", str(inputs), "-o", str(tmp_path / "b"), "--no-mirroring",
                  "--workers", "0", "--continue"]) == 0
     (cache[0] / "plans.json").write_text("{}")
     capsys.readouterr()
-    assert main(["predict", "--model", str(path), "-i", str(inputs), "-o", str(tmp_path / "b")]) == 2
-    assert "plans.json" in capsys.readouterr().err
+    assert main(["predict", "--model", str(path), "-i", str(inputs), "-o", str(tmp_path / "b"), "--no-mirroring",
+                 "--workers", "0", "--continue"]) == 0
+    assert "plans.json: changed" in caplog.text and load_plans(cache[0] / "plans.json")["labels"]["2"] == "tumour"
     assert main(["predict", str(work), "--model", str(path), "-i", str(inputs), "-o", str(tmp_path / "d")]) == 2
     assert "exactly one" in capsys.readouterr().err
 

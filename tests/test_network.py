@@ -5,26 +5,32 @@ import torch
 from torch import nn
 
 from autoseg.network import UNetTopology, build_unet, deep_supervision_scales, feature_map_elements
+from autoseg.planning.plans import ConfigurationPlan, PlanError, Plans
 
-PLAN_2D = {"features_per_stage": [4, 8, 16], "kernel_sizes": [[3, 3]] * 3, "strides": [[1, 1], [2, 2], [2, 2]],
-           "n_conv_per_stage": 2, "patch_size": [16, 24]}
-PLAN_3D = {"features_per_stage": [4, 8, 16], "kernel_sizes": [[3, 3, 3]] * 3,
-           "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]], "n_conv_per_stage": 2, "patch_size": [8, 16, 12]}
-PLAN_3D_ANISO = {"features_per_stage": [4, 8, 16, 16], "kernel_sizes": [[1, 3, 3], [1, 3, 3], [3, 3, 3], [3, 3, 3]],
-                 "strides": [[1, 1, 1], [1, 2, 2], [2, 2, 2], [1, 2, 2]], "n_conv_per_stage": 2,
-                 "patch_size": [4, 16, 24]}
+
+def _config(features_per_stage, kernel_sizes, strides, patch_size) -> ConfigurationPlan:
+    return ConfigurationPlan(name="test", data_identifier="test", spacing=(1.0,) * len(patch_size),
+                             median_shape=patch_size, patch_size=patch_size, batch_size=2, batch_dice=False,
+                             features_per_stage=features_per_stage, kernel_sizes=kernel_sizes, strides=strides,
+                             n_conv_per_stage=2)
+
+
+PLAN_2D = _config((4, 8, 16), ((3, 3),) * 3, ((1, 1), (2, 2), (2, 2)), (16, 24))
+PLAN_3D = _config((4, 8, 16), ((3, 3, 3),) * 3, ((1, 1, 1), (2, 2, 2), (2, 2, 2)), (8, 16, 12))
+PLAN_3D_ANISO = _config((4, 8, 16, 16), ((1, 3, 3), (1, 3, 3), (3, 3, 3), (3, 3, 3)),
+                        ((1, 1, 1), (1, 2, 2), (2, 2, 2), (1, 2, 2)), (4, 16, 24))
 
 
 @pytest.mark.parametrize("plan", [PLAN_2D, PLAN_3D, PLAN_3D_ANISO], ids=["2d", "3d", "3d-anisotropic"])
 def test_output_shapes_follow_deep_supervision_scales(plan):
     topology = UNetTopology.from_plan(plan, in_channels=2, num_classes=3)
     net = build_unet(topology, deep_supervision=True)
-    patch = plan["patch_size"]
+    patch = list(plan.patch_size)
     x = torch.randn(2, 2, *patch)
     with torch.no_grad():
         outputs = net(x)
-    scales = deep_supervision_scales(plan["strides"])
-    assert len(outputs) == len(scales) == len(plan["strides"]) - 1
+    scales = deep_supervision_scales(plan.strides)
+    assert len(outputs) == len(scales) == len(plan.strides) - 1
     for out, scale in zip(outputs, scales):
         assert list(out.shape) == [2, 3] + [round(p * s) for p, s in zip(patch, scale)]
 
@@ -47,7 +53,7 @@ def test_input_not_divisible_by_total_stride_is_refused():
 
 def test_channels_last_and_bf16_autocast_match_float32():
     net = build_unet(UNetTopology.from_plan(PLAN_3D, in_channels=1, num_classes=2), deep_supervision=False).eval()
-    x = torch.randn(1, 1, *PLAN_3D["patch_size"])
+    x = torch.randn(1, 1, *PLAN_3D.patch_size)
     with torch.no_grad():
         reference = net(x)
         net_cl = net.to(memory_format=torch.channels_last_3d)
@@ -74,13 +80,13 @@ def test_under_cpu_bf16_a_kernel_longer_than_its_map_computes_in_float32():
     net = build_unet(UNetTopology.from_plan(PLAN_3D, in_channels=1, num_classes=2), deep_supervision=False)
     dtypes = _conv_dtypes(net)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        net(torch.randn(1, 1, *PLAN_3D["patch_size"]))
+        net(torch.randn(1, 1, *PLAN_3D.patch_size))
     assert {n for n, dtype in dtypes.items() if dtype == torch.float32} == {"encoder.stages.2.1.0"}
     assert len(dtypes) > 1 and all(dtypes[n] == torch.bfloat16 for n in dtypes if n != "encoder.stages.2.1.0")
     with torch.autocast("cpu", dtype=torch.bfloat16):
         net(torch.randn(1, 1, 16, 16, 12))  # depth 4 there: every convolution stays in bfloat16
     assert set(dtypes.values()) == {torch.bfloat16}
-    net(torch.randn(1, 1, *PLAN_3D["patch_size"]))  # without autocast nothing changes
+    net(torch.randn(1, 1, *PLAN_3D.patch_size))  # without autocast nothing changes
     assert set(dtypes.values()) == {torch.float32}
 
 
@@ -100,7 +106,7 @@ def test_bf16_training_gradients_of_a_depth_2_bottleneck_repeat_exactly(one_thre
     torch.manual_seed(0)
     net = build_unet(UNetTopology.from_plan(PLAN_3D, in_channels=1, num_classes=3)).to(
         memory_format=torch.channels_last_3d)
-    x = torch.randn(1, 1, *PLAN_3D["patch_size"]).contiguous(memory_format=torch.channels_last_3d)
+    x = torch.randn(1, 1, *PLAN_3D.patch_size).contiguous(memory_format=torch.channels_last_3d)
     gradients = []
     for _ in range(6):
         net.zero_grad()
@@ -135,8 +141,8 @@ def test_feature_map_elements_matches_network_activations(deep_supervision):
         if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d)) and not is_unused_head:
             m.register_forward_hook(count)
     with torch.no_grad():
-        net(torch.randn(1, 1, *PLAN_3D_ANISO["patch_size"]))
-    estimate = feature_map_elements(PLAN_3D_ANISO["patch_size"], topology.features_per_stage, topology.strides,
+        net(torch.randn(1, 1, *PLAN_3D_ANISO.patch_size))
+    estimate = feature_map_elements(PLAN_3D_ANISO.patch_size, topology.features_per_stage, topology.strides,
                                     num_classes=3, deep_supervision=deep_supervision)
     assert sum(counted) == estimate
 
@@ -159,16 +165,22 @@ def test_feature_map_elements_refuses_indivisible_patch():
     ],
 )
 def test_invalid_topology_names_the_problem(change, message):
-    fields = dict(in_channels=1, num_classes=3, features_per_stage=PLAN_3D["features_per_stage"],
-                  kernel_sizes=PLAN_3D["kernel_sizes"], strides=PLAN_3D["strides"])
+    fields = dict(in_channels=1, num_classes=3, features_per_stage=PLAN_3D.features_per_stage,
+                  kernel_sizes=PLAN_3D.kernel_sizes, strides=PLAN_3D.strides)
     fields.update(change)
     with pytest.raises(ValueError, match=message):
         UNetTopology(**fields)
 
 
-def test_from_plan_reports_missing_keys():
-    with pytest.raises(ValueError, match="strides"):
-        UNetTopology.from_plan({"features_per_stage": [4, 8], "kernel_sizes": [[3, 3]] * 2}, 1, 2)
+def test_plans_json_missing_a_topology_key_is_refused_when_read():
+    from test_planning import HIPPOCAMPUS
+
+    from autoseg.planning.planner import plan_experiment
+
+    data = plan_experiment(HIPPOCAMPUS).to_json()
+    del data["configurations"]["3d_fullres"]["kernel_sizes"]
+    with pytest.raises(PlanError, match="kernel_sizes"):
+        Plans.from_json(data)
 
 
 @pytest.mark.parametrize("ndim", [2, 3])
@@ -217,7 +229,7 @@ def test_low_memory_forward_takes_the_float32_rule_for_kernels_longer_than_the_m
     net = build_unet(UNetTopology.from_plan(PLAN_3D, in_channels=1, num_classes=2), deep_supervision=False).eval()
     dtypes = _conv_dtypes(net)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        low_memory_forward(net, torch.randn(1, 1, *PLAN_3D["patch_size"]), chunk_bytes=None)
+        low_memory_forward(net, torch.randn(1, 1, *PLAN_3D.patch_size), chunk_bytes=None)
     assert dtypes["encoder.stages.2.1.0"] == torch.float32  # depth 2 under a 3x3x3 kernel
 
 

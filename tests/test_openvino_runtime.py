@@ -5,8 +5,10 @@ import pytest
 import torch
 
 from autoseg.dataset.image_io import Geometry
+from autoseg.errors import AutosegError
 from autoseg.inference.openvino_runtime import OpenVINONetwork, OpenVINOUnavailable
 from autoseg.inference.predictor import Predictor, PredictorError
+from autoseg.inference.settings import ComputeSettings, ModelChoice, PredictionSettingsError
 from autoseg.network.unet import UNetTopology, build_unet
 
 pytest.importorskip("openvino")
@@ -37,8 +39,9 @@ def test_predictor_on_openvino_gives_the_labels_of_torch(tmp_path, configuration
     shape = (8, 20, 20)
     image = _volume(shape, ((0, 8), (2, 18), (3, 17)), seed=5, channels=1)
     geometry = Geometry((3.0, 0.8, 0.8), (0.0, 0.0, 0.0), IDENTITY, shape)
-    reference = Predictor(tmp_path, (configuration,), device="cpu", mixed_precision=False)
-    openvino = Predictor(tmp_path, (configuration,), device="cpu", runtime="openvino", mixed_precision=False)
+    reference = Predictor(tmp_path, ModelChoice((configuration,)), compute=ComputeSettings("cpu", mixed_precision=False))
+    openvino = Predictor(tmp_path, ModelChoice((configuration,)),
+                         compute=ComputeSettings("cpu", mixed_precision=False, runtime="openvino"))
     assert openvino.settings()["runtime"] == "openvino" and not openvino.mixed_precision
     p_torch, p_openvino = reference.predict_case(image, geometry), openvino.predict_case(image, geometry)
     np.testing.assert_allclose(p_openvino, p_torch, atol=1e-4)
@@ -50,10 +53,10 @@ def test_openvino_runtime_is_refused_off_the_cpu_and_explains_a_missing_install(
     with monkeypatch.context() as m:
         m.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine
         with pytest.raises(PredictorError, match="runs on the CPU"):
-            Predictor(tmp_path, ("2d",), device="cuda", runtime="openvino")
-    with pytest.raises(PredictorError, match="runtime must be one of"):
-        Predictor(tmp_path, ("2d",), device="cpu", runtime="tensorrt")
+            Predictor(tmp_path, ModelChoice(("2d",)), compute=ComputeSettings("cuda", runtime="openvino"))
+    with pytest.raises(PredictionSettingsError, match="runtime must be one of"):
+        Predictor(tmp_path, ModelChoice(("2d",)), compute=ComputeSettings("cpu", runtime="tensorrt"))
     hide_package("openvino")
     with pytest.raises(PredictorError, match=r"pip install 'autoseg\[openvino\]'"):
-        Predictor(tmp_path, ("2d",), device="cpu", runtime="openvino")
-    assert issubclass(OpenVINOUnavailable, RuntimeError)
+        Predictor(tmp_path, ModelChoice(("2d",)), compute=ComputeSettings("cpu", runtime="openvino"))
+    assert issubclass(OpenVINOUnavailable, AutosegError)

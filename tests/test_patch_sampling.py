@@ -4,15 +4,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from autoseg.dataset.image_io import Geometry
 from autoseg.preprocessing import store
+from autoseg.preprocessing.properties import CaseProperties
 from autoseg.training.patch_sampling import PatchLoader, open_case, read_box, sample_patch_box
+
+
+def case_properties(shape, locations) -> CaseProperties:
+    """Properties of a case that needed no cropping or resampling, with its sampled class locations."""
+    shape = tuple(int(s) for s in shape)
+    geometry = Geometry((1.0,) * 3, (0.0,) * 3, (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0), shape)
+    return CaseProperties(geometry, tuple((0, s) for s in shape), shape, shape, (1.0,) * 3, "test", locations)
 
 
 def write_case(folder: Path, case_id: str, image: np.ndarray, seg: np.ndarray, seg_dtype=np.int8) -> None:
     """A case in the preprocessed format: image, seg and class_locations in the properties."""
     labels = [int(v) for v in np.unique(seg) if v > 0]
     locations = {str(v): np.argwhere(seg[0] == v)[:2000].tolist() for v in labels}
-    store.save_case(folder, case_id, image.astype(np.float32), seg.astype(seg_dtype), {"class_locations": locations})
+    store.save_case(folder, case_id, image.astype(np.float32), seg.astype(seg_dtype),
+                    case_properties(seg.shape[1:], locations))
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ from skimage.transform import resize
 
 from autoseg.dataset.image_io import Geometry
 from autoseg.dataset.layout import load_dataset, read_case_image, read_case_label
+from autoseg.planning.plans import ChannelNormalization, PlanError, Plans
 from autoseg.preprocessing import preprocess as preprocess_module
 from autoseg.preprocessing import store
 from autoseg.preprocessing.cropping import crop, nonzero_mask, uncrop
@@ -26,8 +27,16 @@ ANISO_SPACINGS = [(0.875, 0.875, 4.0), (1.0, 1.0, 5.0), (1.125, 1.125, 6.0)]  # 
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 
 
-def _plans(spacing=(1.0, 1.0, 1.0), schemes=("zscore",), labels=(0, 1, 2), transpose=(0, 1, 2),
-           spacing_2d=None, use_nonzero_mask=False) -> dict:
+def _plans(**kwargs) -> Plans:
+    return Plans.from_json(_plans_json(**kwargs))
+
+
+def _norm(channel, scheme, use_nonzero_mask=False, **kwargs) -> ChannelNormalization:
+    return ChannelNormalization(channel, f"ch{channel}", scheme, use_nonzero_mask, **kwargs)
+
+
+def _plans_json(spacing=(1.0, 1.0, 1.0), schemes=("zscore",), labels=(0, 1, 2), transpose=(0, 1, 2),
+                spacing_2d=None, use_nonzero_mask=False) -> dict:
     """plans.json (format 2) for tests: 3d_fullres at `spacing` (network axis order), optionally a 2d
     configuration at in-plane `spacing_2d`; per channel a scheme name or a full scheme dict."""
     normalization = []
@@ -64,14 +73,14 @@ def _back_to_original(seg, properties, plans, num_classes):
     """Preprocessed labels -> one-hot (-1 counted as background) -> resample -> inverse transpose -> uncrop."""
     seg = np.where(seg < 0, 0, seg)
     onehot = np.stack([seg[0] == k for k in range(num_classes)]).astype(np.float32)
-    forward = plans["transpose_forward"]
-    cropped_shape = [properties["shape_after_crop"][a] for a in forward]
-    original_spacing = [properties["original_geometry"]["spacing"][a] for a in forward]
-    axis = separate_axis_for(properties["spacing"], original_spacing, plans["resampling"]["anisotropy_threshold"])
+    forward = plans.transpose_forward
+    cropped_shape = [properties.shape_after_crop[a] for a in forward]
+    original_spacing = [properties.original_geometry.spacing[a] for a in forward]
+    axis = separate_axis_for(properties.spacing, original_spacing, plans.resampling.anisotropy_threshold)
     probabilities = resample_probabilities(onehot, tuple(cropped_shape), separate_axis=axis)
-    probabilities = probabilities.transpose(0, *(a + 1 for a in plans["transpose_backward"]))
+    probabilities = probabilities.transpose(0, *(a + 1 for a in plans.transpose_backward))
     fill = np.eye(num_classes, dtype=np.float32)[0]  # outside the crop box: background
-    full = uncrop(probabilities, properties["nonzero_bbox"], tuple(properties["original_geometry"]["shape"]), fill)
+    full = uncrop(probabilities, properties.nonzero_bbox, tuple(properties.original_geometry.shape), fill)
     return full.argmax(0)
 
 
@@ -134,7 +143,7 @@ def test_seg_is_minus_one_exactly_outside_the_hole_filled_nonzero_mask_of_all_ch
     image, label = _ring_case()
     plans = _plans(schemes=("noNorm", "noNorm"))
     data, seg, properties = preprocess_case(image, label, _geometry((1, 1, 1), image.shape[1:]), plans, "3d_fullres")
-    assert properties["nonzero_bbox"] == [list(b) for b in RING_BBOX]  # channel 1's voxel widens the box
+    assert properties.nonzero_bbox == RING_BBOX  # channel 1's voxel widens the box
     box = tuple(slice(lo, hi) for lo, hi in RING_BBOX)
     expected_mask = ndimage.binary_fill_holes(np.any(image != 0, axis=0))[box]
     assert seg.shape == (1, 6, 14, 13) and seg.dtype == np.int8
@@ -145,7 +154,7 @@ def test_seg_is_minus_one_exactly_outside_the_hole_filled_nonzero_mask_of_all_ch
     assert (seg[0][:, y, x + 12:x + 14] == -1).all()  # the notch open to the outside is not inside
     assert seg[0][2, 0, x + 8] == 2  # foreground is never overwritten by -1
     assert seg[0][0, 0, 0] == 0  # channel 1's data counts too
-    assert set(properties["class_locations"]) == {"1", "2"}  # -1 is no class
+    assert set(properties.class_locations) == {"1", "2"}  # -1 is no class
 
 
 def test_zscore_in_the_mask_is_the_same_with_and_without_a_label():
@@ -176,7 +185,7 @@ def test_zscore_inside_the_nonzero_mask_leaves_the_outside_at_zero():
     image = np.zeros((1, 6, 6, 6), np.float32)
     image[0, 1:5, 1:5, 1:5] = np.random.default_rng(1).normal(500, 80, (4, 4, 4))
     mask = image[0] != 0
-    normalize(image, mask, [{"channel": 0, "scheme": "zscore", "use_nonzero_mask": True}])
+    normalize(image, mask, [_norm(0, "zscore", use_nonzero_mask=True)])
     assert abs(image[0][mask].mean()) < 1e-5 and image[0][mask].std() == pytest.approx(1.0, abs=1e-5)
     assert (image[0][~mask] == 0).all()
 
@@ -185,11 +194,8 @@ def test_each_normalization_scheme():
     rng = np.random.default_rng(2)
     raw = rng.uniform(10, 250, (5, 4, 5, 6)).astype(np.float32)
     raw[4] = 7.0  # a constant channel
-    schemes = [{"channel": 0, "scheme": "ct", "clip": [50.0, 200.0], "mean": 100.0, "std": 25.0},
-               {"channel": 1, "scheme": "zscore", "use_nonzero_mask": False},
-               {"channel": 2, "scheme": "noNorm"},
-               {"channel": 3, "scheme": "rescale_to_0_1"},
-               {"channel": 4, "scheme": "rgb_to_0_1"}]
+    schemes = [_norm(0, "ct", clip=(50.0, 200.0), mean=100.0, std=25.0), _norm(1, "zscore", use_nonzero_mask=False),
+               _norm(2, "noNorm"), _norm(3, "rescale_to_0_1"), _norm(4, "rgb_to_0_1")]
     out = normalize(raw.copy(), np.ones(raw.shape[1:], bool), schemes)
     np.testing.assert_allclose(out[0], (np.clip(raw[0], 50, 200) - 100) / 25, rtol=1e-6)
     assert abs(float(out[1].mean())) < 1e-5 and float(out[1].std()) == pytest.approx(1.0, abs=1e-5)
@@ -198,18 +204,18 @@ def test_each_normalization_scheme():
     np.testing.assert_allclose(out[3], (raw[3] - raw[3].min()) / (raw[3].max() - raw[3].min()), rtol=1e-5)
     np.testing.assert_allclose(out[4], 7.0 / 255, rtol=1e-6)
     constant = normalize(np.full((1, 2, 2, 2), 3.0, np.float32), np.ones((2, 2, 2), bool),
-                         [{"channel": 0, "scheme": "rescale_to_0_1"}])
+                         [_norm(0, "rescale_to_0_1")])
     assert (constant == 0).all()  # max == min: no division by zero
 
 
 def test_normalization_refuses_what_it_cannot_do():
     mask = np.ones((2, 2, 2), bool)
     with pytest.raises(NormalizationError, match=r"\[0, 255\]"):
-        normalize(np.full((1, 2, 2, 2), 300.0, np.float32), mask, [{"channel": 0, "scheme": "rgb_to_0_1"}])
+        normalize(np.full((1, 2, 2, 2), 300.0, np.float32), mask, [_norm(0, "rgb_to_0_1")])
     with pytest.raises(NormalizationError, match="unknown normalization scheme 'minmax'"):
-        normalize(np.ones((1, 2, 2, 2), np.float32), mask, [{"channel": 0, "scheme": "minmax"}])
+        normalize(np.ones((1, 2, 2, 2), np.float32), mask, [_norm(0, "minmax")])
     with pytest.raises(NormalizationError, match="2 channel"):
-        normalize(np.ones((2, 2, 2, 2), np.float32), mask, [{"channel": 0, "scheme": "noNorm"}])
+        normalize(np.ones((2, 2, 2, 2), np.float32), mask, [_norm(0, "noNorm")])
 
 
 def test_a_bad_rgb_case_is_named_when_preprocessing_a_dataset(make_decathlon, tmp_path):
@@ -316,7 +322,7 @@ def test_a_thin_case_to_a_thick_target_keeps_whole_input_slices():
     plans = _plans(spacing=(5.0, 0.7, 0.7), schemes=("noNorm",))
     image = np.random.default_rng(4).uniform(1, 2, (1, 50, 5, 5)).astype(np.float32)
     data, _, properties = preprocess_case(image, None, _geometry((0.7, 0.7, 0.7), (50, 5, 5)), plans, "3d_fullres")
-    assert data.shape[1:] == (7, 5, 5) and properties["shape_after_resampling"] == [7, 5, 5]
+    assert data.shape[1:] == (7, 5, 5) and properties.shape_after_resampling == (7, 5, 5)
     picked = _copied_slices(data[0], image[0])
     assert picked == sorted(picked) and len(set(picked)) == 7
     centres = [(i + 0.5) * 0.7 for i in picked]  # each copied slice is the one nearest the output slice's centre
@@ -394,10 +400,10 @@ def test_2d_keeps_each_case_axis0_spacing_and_resamples_in_plane_only():
         label = rng.integers(0, 3, (5, 6, 7)).astype(np.uint8)
         data, seg, properties = preprocess_case(image, label, _geometry(spacing, (5, 6, 7)), plans, "2d")
         assert data.shape == (1, 5, 12, 14) and seg.shape == (1, 5, 12, 14)
-        assert properties["spacing"] == [spacing[0], 0.5, 0.5]
+        assert properties.spacing == (spacing[0], 0.5, 0.5)
         # nnU-Net's rule: slice by slice where either grid is anisotropic, else one 3D resize whose
         # factor along axis 0 is 1, which samples each slice where it lies: slices never mix either way.
-        if separate_axis_for(spacing, properties["spacing"], 3.0) == 0:
+        if separate_axis_for(spacing, properties.spacing, 3.0) == 0:
             reference = np.stack([_nnunet_resize(s, (12, 14)) for s in image[0]])
         else:
             reference = _nnunet_resize(image[0], (5, 12, 14))
@@ -411,7 +417,7 @@ def test_2d_data_lives_in_its_own_folder(make_decathlon, tmp_path):
     assert preprocess_dataset(dataset, plans, tmp_path / "ws", progress=False) == {"3d_fullres": 2, "2d": 2}
     folder = preprocessed_dir(tmp_path / "ws", "2d")
     assert store.list_cases(folder) == ["case_000", "case_001"]
-    assert store.load_properties(folder, "case_000")["preprocessing_key"] == preprocessing_key(plans, "2d")
+    assert store.load_properties(folder, "case_000").preprocessing_key == preprocessing_key(plans, "2d")
 
 
 def test_seg_is_int16_when_a_label_id_exceeds_127():
@@ -420,7 +426,7 @@ def test_seg_is_int16_when_a_label_id_exceeds_127():
     label[1:3, 1:3, 1:3] = 200
     geometry = _geometry((1, 1, 1), (4, 4, 4))
     _, seg, properties = preprocess_case(image, label, geometry, _plans(labels=(0, 1, 200)), "3d_fullres")
-    assert seg.dtype == np.int16 and seg.max() == 200 and len(properties["class_locations"]["200"]) == 8
+    assert seg.dtype == np.int16 and seg.max() == 200 and len(properties.class_locations["200"]) == 8
     _, seg, _ = preprocess_case(image, label.clip(0, 1), geometry, _plans(labels=(0, 1, 127)), "3d_fullres")
     assert seg.dtype == np.int8
     with pytest.raises(PreprocessingError, match="do not fit int8"):
@@ -428,10 +434,10 @@ def test_seg_is_int16_when_a_label_id_exceeds_127():
 
 
 def test_plans_without_format_2_resampling_are_refused():
-    plans = _plans()
+    plans = _plans_json()
     del plans["resampling"]["anisotropy_threshold"]
-    with pytest.raises(PreprocessingError, match="anisotropy_threshold.*autoseg plan"):
-        preprocess_case(np.ones((1, 2, 2, 2), np.float32), None, _geometry((1, 1, 1), (2, 2, 2)), plans, "3d_fullres")
+    with pytest.raises(PlanError, match="anisotropy_threshold.*autoseg plan"):  # refused when plans.json is read
+        Plans.from_json(plans)
 
 
 # --- whole datasets ------------------------------------------------------------------------------
@@ -449,17 +455,17 @@ def test_preprocessed_cases_are_cropped_normalized_and_map_back_exactly(make_dec
         properties = store.load_properties(folder, case.case_id)
         assert data.dtype == np.float32 and seg.dtype == np.int8
         assert data.shape == (2, 8, 12, 10) and seg.shape == (1, 8, 12, 10)  # 2-voxel zero margin cropped away
-        assert properties["nonzero_bbox"] == [[2, 10], [2, 14], [2, 12]]
+        assert properties.nonzero_bbox == ((2, 10), (2, 14), (2, 12))
         for c in range(2):
             assert abs(float(data[c].mean())) < 1e-4 and float(data[c].std()) == pytest.approx(1.0, abs=1e-4)
-        for label, coords in properties["class_locations"].items():
+        for label, coords in properties.class_locations.items():
             assert coords and all(seg[0][tuple(xyz)] == int(label) for xyz in coords)
         original = read_case_label(case)
         back = _back_to_original(seg, properties, plans, 3)
         assert back.shape == original.shape
         np.testing.assert_array_equal(back, original)
         _, geometry = read_case_image(case, 2)
-        assert properties["original_geometry"] == geometry.to_json()
+        assert properties.original_geometry == geometry
 
 
 def test_anisotropic_cases_are_resampled_to_the_target_spacing_thick_axis_first(make_decathlon, tmp_path):
@@ -475,13 +481,13 @@ def test_anisotropic_cases_are_resampled_to_the_target_spacing_thick_axis_first(
         cropped = (14, 14, 8)  # (z, y, x) in the file, 1-voxel margin removed
         expected = new_shape_for([cropped[a] for a in (2, 0, 1)], [spacing[a] for a in (2, 0, 1)], target)
         assert data.shape[1:] == seg.shape[1:] == expected
-        assert properties["spacing"] == pytest.approx(target)
+        assert properties.spacing == pytest.approx(target)
         assert set(np.unique(seg)) <= {0, 1, 2}
         original = read_case_label(case)
         back = _back_to_original(seg, properties, plans, 3)
         assert back.shape == original.shape
-        assert properties["original_geometry"]["spacing"] == list(spacing)
-        assert properties["original_geometry"] == read_case_image(case, 1)[1].to_json()  # the grid to write back to
+        assert properties.original_geometry.spacing == spacing
+        assert properties.original_geometry == read_case_image(case, 1)[1]  # the grid to write back to
         for label in (1, 2):
             assert _dice(back, original, label) > 0.9
 

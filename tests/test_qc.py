@@ -164,7 +164,7 @@ def test_report_lists_every_case_row_with_its_overlay_and_highlights_flagged_one
     table.add_case("case <2>", [Path("in/case <2>_0000.nii.gz")], structure_rows(seg * 0, geometry, LABELS),
                    uncertainty={1: 0.0, 2: 0.0}, flagged=set())
     write_overlay(image, seg, geometry, LABELS, out / "qc" / "case_001.png")
-    (out / "prediction_report.json").write_text('{"failed": [{"input": "in/broken.nii.gz", "error": "truncated"}]}')
+    (out / "prediction_summary.json").write_text('{"failed": [{"input": "in/broken.nii.gz", "error": "truncated"}]}')
 
     write_html_report(out, out / "volumes.csv", out / "qc", out / "report.html")
     text = (out / "report.html").read_text(encoding="utf-8")

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from autoseg.inference import sliding_window
-from autoseg.inference.sliding_window import gaussian_importance_map, sliding_window_predict, window_starts
+from autoseg.inference.sliding_window import (SlidingWindow, gaussian_importance_map, sliding_window_predict,
+                                              window_starts)
 
 
 def _net(conv: type[nn.Module], in_ch: int, classes: int, kernel: int) -> nn.Module:
@@ -22,7 +23,7 @@ def _forward(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def test_image_of_patch_size_equals_one_forward_pass():
     net = _net(nn.Conv3d, 2, 3, kernel=3)
     image = torch.randn(2, 8, 12, 10)
-    out = sliding_window_predict(net, image, (8, 12, 10), num_classes=3, accumulator_dtype=torch.float32)
+    out = sliding_window_predict(net, image, SlidingWindow((8, 12, 10), num_classes=3, accumulator_dtype=torch.float32))
     assert out.dtype == torch.float32 and out.device.type == "cpu"
     torch.testing.assert_close(out, _forward(net, image), rtol=1e-5, atol=1e-5)
     assert not out.is_inference()  # callers may modify the result in place
@@ -31,7 +32,8 @@ def test_image_of_patch_size_equals_one_forward_pass():
 def test_mirroring_a_flip_equivariant_network_changes_nothing():
     net = _net(nn.Conv3d, 2, 3, kernel=1)
     image = torch.randn(2, 8, 12, 10)
-    out = sliding_window_predict(net, image, (8, 12, 10), num_classes=3, mirror_axes=(0, 1, 2), accumulator_dtype=torch.float32)
+    out = sliding_window_predict(net, image, SlidingWindow((8, 12, 10), num_classes=3, mirror_axes=(0, 1, 2),
+                                                          accumulator_dtype=torch.float32))
     torch.testing.assert_close(out, _forward(net, image), rtol=1e-5, atol=1e-5)
 
 
@@ -42,7 +44,7 @@ def test_mirroring_runs_every_flip_combination_in_full_batches():
         calls.append(x.shape[0])
         return torch.zeros(x.shape[0], 2, *x.shape[2:])
 
-    sliding_window_predict(net, torch.zeros(1, 8, 24, 8), (8, 8, 8), 2, mirror_axes=(1, 2), tiles_per_batch=3)
+    sliding_window_predict(net, torch.zeros(1, 8, 24, 8), SlidingWindow((8, 8, 8), 2, mirror_axes=(1, 2), tiles_per_batch=3))
     tiles = 5  # starts 0, 4, 8, 12, 16 along Y
     assert len(calls) == math.ceil(tiles / 3) * 4 and max(calls) == 3
 
@@ -81,8 +83,8 @@ def test_window_starts_single_window_and_errors():
 def test_per_voxel_network_is_reproduced_exactly_on_a_large_image():
     net = _net(nn.Conv3d, 2, 4, kernel=1)
     image = torch.randn(2, 13, 29, 22)
-    out = sliding_window_predict(net, image, (8, 12, 10), 4, step_size=0.5, mirror_axes=(0, 2), tiles_per_batch=3,
-                                 accumulator_dtype=torch.float32)
+    out = sliding_window_predict(net, image, SlidingWindow((8, 12, 10), 4, step_size=0.5, mirror_axes=(0, 2),
+                                                          tiles_per_batch=3, accumulator_dtype=torch.float32))
     assert out.shape == (4, 13, 29, 22)
     torch.testing.assert_close(out, _forward(net, image), rtol=1e-5, atol=1e-5)
 
@@ -90,7 +92,7 @@ def test_per_voxel_network_is_reproduced_exactly_on_a_large_image():
 def test_image_smaller_than_patch_keeps_its_shape():
     net = _net(nn.Conv3d, 1, 2, kernel=1)
     image = torch.randn(1, 5, 20, 9)
-    out = sliding_window_predict(net, image, (8, 16, 16), 2, accumulator_dtype=torch.float32)
+    out = sliding_window_predict(net, image, SlidingWindow((8, 16, 16), 2, accumulator_dtype=torch.float32))
     assert out.shape == (2, 5, 20, 9)
     torch.testing.assert_close(out, _forward(net, image), rtol=1e-5, atol=1e-5)
 
@@ -98,7 +100,8 @@ def test_image_smaller_than_patch_keeps_its_shape():
 def test_2d_mode_predicts_every_slice():
     net = _net(nn.Conv2d, 1, 3, kernel=1)
     image = torch.randn(1, 5, 20, 24)
-    out = sliding_window_predict(net, image, (16, 16), 3, mirror_axes=(0, 1), tiles_per_batch=7, accumulator_dtype=torch.float32)
+    out = sliding_window_predict(net, image, SlidingWindow((16, 16), 3, mirror_axes=(0, 1), tiles_per_batch=7,
+                                                          accumulator_dtype=torch.float32))
     assert out.shape == (3, 5, 20, 24)
     expected = torch.stack([_forward(net, image[:, z]) for z in range(5)], dim=1)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
@@ -111,7 +114,7 @@ def test_float16_accumulation_is_float32_to_float16_rounding_even_where_border_w
     net = _net(nn.Conv3d, 2, 4, kernel=1)
     image = torch.randn(2, 21, 30, 17) * 10
     kwargs = dict(patch_size=(8, 12, 10), num_classes=4, step_size=0.5, tiles_per_batch=2)
-    half = sliding_window_predict(net, image, **kwargs)
+    half = sliding_window_predict(net, image, SlidingWindow(**kwargs))
     exact = _forward(net, image)
     assert half.dtype == torch.float32
     torch.testing.assert_close(half, exact, rtol=1e-3, atol=1e-3)  # float16: 11 bits of mantissa
@@ -119,7 +122,7 @@ def test_float16_accumulation_is_float32_to_float16_rounding_even_where_border_w
     torch.testing.assert_close(half[:, 0, 0, 0], exact[:, 0, 0, 0], rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(half[:, -1, -1, -1], exact[:, -1, -1, -1], rtol=1e-3, atol=1e-3)
     with pytest.raises(ValueError, match="accumulator_dtype"):
-        sliding_window_predict(net, image, accumulator_dtype=torch.bfloat16, **kwargs)
+        SlidingWindow(accumulator_dtype=torch.bfloat16, **kwargs)
 
 
 def _naive_weighted_mean(net, image, patch, num_classes, step):
@@ -154,10 +157,10 @@ def test_windows_that_disagree_are_averaged_with_gaussian_weights(patch, shape):
     torch.manual_seed(0)
     image = torch.randn(*shape)
     expected = _naive_weighted_mean(net, image, patch, 3, 0.5)
-    got = sliding_window_predict(net, image, patch, 3, step_size=0.5, tiles_per_batch=3,
-                                 accumulator_dtype=torch.float32)
+    got = sliding_window_predict(net, image, SlidingWindow(patch, 3, step_size=0.5, tiles_per_batch=3,
+                                                          accumulator_dtype=torch.float32))
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
-    half = sliding_window_predict(net, image, patch, 3, step_size=0.5, tiles_per_batch=3)
+    half = sliding_window_predict(net, image, SlidingWindow(patch, 3, step_size=0.5, tiles_per_batch=3))
     torch.testing.assert_close(half, expected, rtol=2e-3, atol=1e-3)
 
 
@@ -165,28 +168,36 @@ def test_host_and_device_accumulation_agree():
     net = _net(nn.Conv3d, 1, 2, kernel=3)
     image = torch.randn(1, 10, 19, 14)
     kwargs = dict(patch_size=(8, 8, 8), num_classes=2, mirror_axes=(1,))
-    host = sliding_window_predict(net, image, accumulate_on="host", **kwargs)
-    on_device = sliding_window_predict(net, image, accumulate_on="device", **kwargs)
+    host = sliding_window_predict(net, image, SlidingWindow(accumulate_on="host", **kwargs))
+    on_device = sliding_window_predict(net, image, SlidingWindow(accumulate_on="device", **kwargs))
     torch.testing.assert_close(host, on_device, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("image_shape, patch, kwargs, message", [
-    ((10, 12, 14), (8, 8, 8), {}, "channel-first 3D"),
-    ((1, 10, 12, 14), (8,), {}, "3 entries"),
-    ((1, 10, 12, 14), (8, 8, 8, 8), {}, "3 entries"),
-    ((1, 10, 12, 14), (8, 8), {"mirror_axes": (2,)}, "mirror_axes"),
-    ((1, 10, 12, 14), (8, 8, 8), {"accumulate_on": "gpu"}, "accumulate_on"),
-])
-def test_wrong_arguments_are_rejected_clearly(image_shape, patch, kwargs, message):
+def test_an_image_that_is_not_channel_first_3d_is_rejected_clearly():
     net = _net(nn.Conv3d, 1, 2, kernel=1)
+    window = SlidingWindow((8, 8, 8), 2)
+    with pytest.raises(ValueError, match="channel-first 3D"):
+        sliding_window_predict(net, torch.zeros(10, 12, 14), window)
+    slabs = sliding_window.sliding_window_slabs(net, torch.zeros(10, 12, 14), window)
+    with pytest.raises(ValueError, match="channel-first 3D"):  # a generator: on the first slab asked for
+        next(slabs)
+
+
+@pytest.mark.parametrize("patch, kwargs, message", [
+    ((8,), {}, "3 entries"),
+    ((8, 8, 8, 8), {}, "3 entries"),
+    ((8, 8), {"mirror_axes": (2,)}, "mirror_axes"),
+    ((8, 8, 8), {"accumulate_on": "gpu"}, "accumulate_on"),
+])
+def test_wrong_arguments_are_rejected_clearly(patch, kwargs, message):
     with pytest.raises(ValueError, match=message):
-        sliding_window_predict(net, torch.zeros(image_shape), patch, 2, **kwargs)
+        SlidingWindow(patch, 2, **kwargs)
 
 
 def test_wrong_num_classes_is_reported():
     net = _net(nn.Conv3d, 1, 2, kernel=1)
     with pytest.raises(ValueError, match="num_classes"):
-        sliding_window_predict(net, torch.zeros(1, 8, 8, 8), (8, 8, 8), num_classes=3)
+        sliding_window_predict(net, torch.zeros(1, 8, 8, 8), SlidingWindow((8, 8, 8), num_classes=3))
 
 
 def test_out_of_memory_on_the_device_falls_back_to_host_accumulation(monkeypatch, caplog):
@@ -195,7 +206,7 @@ def test_out_of_memory_on_the_device_falls_back_to_host_accumulation(monkeypatch
     net = _net(nn.Conv3d, 1, 3, kernel=3)
     image = torch.randn(1, 20, 11, 9)
     kwargs = {"patch_size": (8, 8, 8), "num_classes": 3, "mirror_axes": (0,), "tiles_per_batch": 2}
-    expected = sliding_window_predict(net, image, accumulate_on="host", **kwargs)
+    expected = sliding_window_predict(net, image, SlidingWindow(accumulate_on="host", **kwargs))
 
     # The first attempt to allocate the accumulators on the "device" fails.
     new_band = sliding_window._new_band
@@ -211,7 +222,7 @@ def test_out_of_memory_on_the_device_falls_back_to_host_accumulation(monkeypatch
     monkeypatch.setattr(sliding_window, "_accumulator_device", lambda *args: device)
     monkeypatch.setattr(sliding_window, "_new_band", failing_first)
     with caplog.at_level("WARNING"):
-        out = sliding_window_predict(net, image, accumulate_on="device", **kwargs)
+        out = sliding_window_predict(net, image, SlidingWindow(accumulate_on="device", **kwargs))
     assert attempts == [device, sliding_window.HOST] and "out of memory" in caplog.text
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
@@ -225,7 +236,8 @@ def test_out_of_memory_on_the_device_falls_back_to_host_accumulation(monkeypatch
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return net(x)
 
-    slabs = list(sliding_window.sliding_window_slabs(net_failing_once, image, accumulate_on="device", **kwargs))
+    slabs = list(sliding_window.sliding_window_slabs(net_failing_once, image,
+                                                     SlidingWindow(accumulate_on="device", **kwargs)))
     starts = [z0 for z0, _ in slabs]
     assert starts == sorted(set(starts)) and len(slabs) > 2
     torch.testing.assert_close(torch.cat([s for _, s in slabs], dim=1), expected, rtol=0, atol=0)
@@ -241,7 +253,7 @@ def test_slabs_are_final_before_the_last_window_runs():
 
     image = torch.randn(1, 40, 10, 10)
     seen = []
-    for z0, slab in sliding_window.sliding_window_slabs(counting, image, (8, 10, 10), 2, tiles_per_batch=1):
+    for z0, slab in sliding_window.sliding_window_slabs(counting, image, SlidingWindow((8, 10, 10), 2, tiles_per_batch=1)):
         seen.append((z0, slab.shape[1], len(calls)))
     assert seen[0][0] == 0 and seen[0][2] < 9  # the first slab came out after a few of the 9 windows
     assert sum(n for _, n, _ in seen) == 40 and [z for z, _, _ in seen] == sorted(z for z, _, _ in seen)

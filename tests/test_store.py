@@ -6,7 +6,14 @@ import blosc2
 import numpy as np
 import pytest
 
+from autoseg.dataset.image_io import Geometry
 from autoseg.preprocessing import store
+from autoseg.preprocessing.properties import CaseProperties
+
+IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+PROPERTIES = CaseProperties(original_geometry=Geometry((1.0, 1.0, 1.0), (0.0, 0.0, 0.0), IDENTITY, (37, 41, 29)),
+                            nonzero_bbox=((0, 37), (0, 41), (0, 29)), shape_after_crop=(37, 41, 29),
+                            shape_after_resampling=(37, 41, 29), spacing=(1.0, 1.0, 1.0), preprocessing_key="test")
 
 
 def _case(shape=(2, 37, 41, 29), seg_dtype=np.int8, max_label=2, seed=0):
@@ -19,7 +26,7 @@ def _case(shape=(2, 37, 41, 29), seg_dtype=np.int8, max_label=2, seed=0):
 @pytest.mark.parametrize("seg_dtype, max_label", [(np.int8, 2), (np.int16, 300)])
 def test_round_trip_keeps_values_and_dtypes_including_minus_one(tmp_path, seg_dtype, max_label):
     image, seg = _case(seg_dtype=seg_dtype, max_label=max_label)
-    store.save_case(tmp_path, "c0", image, seg, {"spacing": [1.0, 1.0, 1.0]})
+    store.save_case(tmp_path, "c0", image, seg, PROPERTIES)
     assert store.is_complete(tmp_path, "c0") and store.list_cases(tmp_path) == ["c0"]
     assert {p.name for p in tmp_path.iterdir()} == {"c0.b2nd", "c0_seg.b2nd", "c0.json"}
     loaded = store.load_case_image(tmp_path, "c0")
@@ -29,13 +36,14 @@ def test_round_trip_keeps_values_and_dtypes_including_minus_one(tmp_path, seg_dt
     assert labels.dtype == seg_dtype and np.array_equal(labels, seg) and labels.min() == -1
     assert opened_image.shape == image.shape and opened_image.dtype == np.float32
     properties = store.load_properties(tmp_path, "c0")
-    assert properties["format_version"] == store.FORMAT_VERSION and properties["spacing"] == [1.0, 1.0, 1.0]
+    assert properties == PROPERTIES and properties.spacing == (1.0, 1.0, 1.0)
+    assert json.loads((tmp_path / "c0.json").read_text())["format_version"] == store.FORMAT_VERSION
 
 
 @pytest.mark.parametrize("patch_size", [None, (40, 40)])
 def test_partial_reads_equal_the_same_slice_of_the_full_array(tmp_path, patch_size):
     image, seg = _case(shape=(2, 70, 90, 75))
-    store.save_case(tmp_path, "c0", image, seg, {}, patch_size=patch_size)
+    store.save_case(tmp_path, "c0", image, seg, PROPERTIES, patch_size=patch_size)
     opened_image, opened_seg = store.open_case_arrays(tmp_path, "c0")
     rng = np.random.default_rng(1)
     boxes = [((0, 0, 0), (70, 90, 75)), ((31, 63, 60), (33, 65, 75)), ((5, 0, 17), (6, 90, 18))]
@@ -61,7 +69,7 @@ def test_chunk_layout_keeps_all_channels_and_one_slice_for_2d_data():
 def test_the_array_on_disk_is_compressed_in_the_chosen_layout(tmp_path):
     image = np.zeros((1, 64, 64, 64), np.float32)
     image[:, 20:40, 20:40, 20:40] = np.random.default_rng(0).normal(size=(1, 20, 20, 20))
-    store.save_case(tmp_path, "c0", image, np.zeros((1, 64, 64, 64), np.int8), {})
+    store.save_case(tmp_path, "c0", image, np.zeros((1, 64, 64, 64), np.int8), PROPERTIES)
     opened, _ = store.open_case_arrays(tmp_path, "c0")
     assert isinstance(opened, blosc2.NDArray)
     assert opened.chunks == (1, 32, 64, 64) and opened.blocks == (1, 8, 16, 16)
@@ -78,14 +86,14 @@ def test_interrupted_write_leaves_no_file_under_the_final_name_and_no_complete_c
 
     monkeypatch.setattr(blosc2, "asarray", write_half_then_fail)
     with pytest.raises(OSError, match="disk full"):
-        store.save_case(tmp_path, "c0", image, seg, {})
+        store.save_case(tmp_path, "c0", image, seg, PROPERTIES)
     assert list(tmp_path.iterdir()) == []  # neither the final name nor the temporary file
     assert not store.is_complete(tmp_path, "c0") and store.list_cases(tmp_path) == []
 
 
 def test_interrupted_overwrite_makes_the_old_case_incomplete(tmp_path, monkeypatch):
     image, seg = _case()
-    store.save_case(tmp_path, "c0", image, seg, {})
+    store.save_case(tmp_path, "c0", image, seg, PROPERTIES)
     real_asarray, calls = blosc2.asarray, []
 
     def fail_on_seg(array, urlpath=None, **kwargs):
@@ -96,7 +104,7 @@ def test_interrupted_overwrite_makes_the_old_case_incomplete(tmp_path, monkeypat
 
     monkeypatch.setattr(blosc2, "asarray", fail_on_seg)
     with pytest.raises(KeyboardInterrupt):
-        store.save_case(tmp_path, "c0", image + 1, seg, {})
+        store.save_case(tmp_path, "c0", image + 1, seg, PROPERTIES)
     # The new image is in place beside the old seg: the case must not count as complete.
     assert np.array_equal(store.load_case_image(tmp_path, "c0"), image + 1)
     assert not store.is_complete(tmp_path, "c0") and store.list_cases(tmp_path) == []
@@ -111,22 +119,22 @@ def test_properties_written_last_mark_completeness(tmp_path, monkeypatch):
 
     monkeypatch.setattr(store, "write_json", fail)
     with pytest.raises(OSError):
-        store.save_case(tmp_path, "c0", image, seg, {})
+        store.save_case(tmp_path, "c0", image, seg, PROPERTIES)
     assert (tmp_path / "c0.b2nd").is_file() and not store.is_complete(tmp_path, "c0")
 
 
 def test_missing_arrays_and_newer_formats_are_named(tmp_path):
     image, seg = _case()
-    store.save_case(tmp_path, "c0", image, seg, {})
+    store.save_case(tmp_path, "c0", image, seg, PROPERTIES)
     (tmp_path / "c0_seg.b2nd").unlink()
     assert not store.is_complete(tmp_path, "c0")
     with pytest.raises(FileNotFoundError, match=r"c0_seg\.b2nd.*--steps preprocess"):
         store.open_case_arrays(tmp_path, "c0")
     (tmp_path / "c0.json").write_text(json.dumps({"format_version": store.FORMAT_VERSION + 1}))
-    with pytest.raises(store.PreprocessedDataError, match="c0.json.*newer"):
+    with pytest.raises(store.PreprocessedDataError, match=rf"c0.json.*format_version {store.FORMAT_VERSION + 1}.*upgrade autoseg"):
         store.load_properties(tmp_path, "c0")
     with pytest.raises(TypeError, match="signed integer"):
-        store.save_case(tmp_path, "c1", image, seg.astype(np.float32), {})
+        store.save_case(tmp_path, "c1", image, seg.astype(np.float32), PROPERTIES)
 
 
 def test_atomic_writes_get_ordinary_file_permissions(tmp_path):

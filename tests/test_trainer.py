@@ -8,15 +8,15 @@ import pytest
 import torch
 
 import autoseg.training.trainer as trainer_module
-from autoseg import workspace
+from autoseg import model_files, workspace
 from autoseg.cli import main
 from autoseg.device import autocast_context, configure_cudnn, gradient_scaler, pin_memory_for
 from autoseg.network import UNetTopology, build_unet
-from autoseg.training import checkpoint as checkpoint_module
-from autoseg.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from autoseg.model_files import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from autoseg.training.loss import DeepSupervisionLoss, DiceCELoss
 from autoseg.training.splits import make_splits
-from autoseg.training.trainer import TrainingSettings, _to_device, backward_and_step, poly_lr, train_fold
+from autoseg.training.trainer import (TrainingError, TrainingSettings, _to_device, backward_and_step, poly_lr,
+                                      train_fold)
 
 
 def plans_format_2(configuration: str, config: dict) -> dict:
@@ -67,7 +67,7 @@ def dice_modes(monkeypatch) -> list[bool]:
     return modes
 
 
-SETTINGS = dict(epochs=2, iters_per_epoch=2, val_iters=1, num_workers=0, seed=3)
+SETTINGS = dict(epochs=2, iters_per_epoch=2, val_iters=1, workers=0, seed=3)
 
 
 def test_short_run_writes_every_artifact_and_validation_summary(tiny_workspace, dice_modes):
@@ -94,7 +94,8 @@ def test_validation_keeps_probabilities_only_when_asked_and_gives_the_same_label
     import numpy as np
 
     from autoseg.dataset.image_io import read_image
-    from autoseg.planning.planner import load_plans
+    from autoseg.inference.settings import ComputeSettings
+    from autoseg.planning.plans import Plans
     from autoseg.training.validation import validate_fold
 
     train_fold(tiny_workspace, "3d_fullres", 0, TrainingSettings(**SETTINGS), progress=False)
@@ -102,12 +103,12 @@ def test_validation_keeps_probabilities_only_when_asked_and_gives_the_same_label
     streamed = json.loads((out / "validation" / "summary.json").read_text())
     assert streamed["probabilities_saved"] is False and not list((out / "validation").glob("*.npz"))
 
-    plans = load_plans(workspace.plans_json(tiny_workspace))
-    network = build_unet(UNetTopology.from_plan(plans["configurations"]["3d_fullres"], 1, 3), deep_supervision=False)
-    network.load_state_dict(load_checkpoint(out / "checkpoint_final.pt")["network_state"])
+    plans = Plans.load(workspace.plans_json(tiny_workspace))
+    network = build_unet(UNetTopology.from_plan(plans.configurations["3d_fullres"], 1, 3), deep_supervision=False)
+    network.load_state_dict(load_checkpoint(out / "checkpoint_final.pt").network_state)
     val_ids = sorted(streamed["cases"])
     kept = validate_fold(network, tiny_workspace, plans, "3d_fullres", val_ids, tmp := out / "with_npz",
-                         torch.device("cpu"), progress=False, save_probabilities=True)
+                         ComputeSettings(torch.device("cpu")), progress=False, save_probabilities=True)
     assert kept["probabilities_saved"] is True
     for case_id in val_ids:
         probabilities = np.load(tmp / f"{case_id}.npz")["probabilities"]
@@ -125,7 +126,7 @@ def test_resumed_run_ends_in_the_same_state_as_an_uninterrupted_one(tiny_workspa
     # Stop after one epoch (as if interrupted), then resume the same 3-epoch schedule.
     first = TrainingSettings(**{**SETTINGS, "epochs": 3, "validate_at_end": False})
     calls = {"n": 0}
-    original_save = checkpoint_module.save_checkpoint
+    original_save = model_files.save_checkpoint
 
     def interrupt_after_first_latest(path, state):
         original_save(path, state)
@@ -141,21 +142,21 @@ def test_resumed_run_ends_in_the_same_state_as_an_uninterrupted_one(tiny_workspa
     finally:
         trainer_module.save_checkpoint = original_save
     fold2 = workspace.fold_dir(tiny_workspace, "3d_fullres", 2)
-    assert load_checkpoint(fold2 / "checkpoint_latest.pt")["epoch"] == 1
+    assert load_checkpoint(fold2 / "checkpoint_latest.pt").epoch == 1
     train_fold(tiny_workspace, "3d_fullres", 2, first, resume=True, progress=False)
     resumed = load_checkpoint(fold2 / "checkpoint_final.pt")
 
-    assert resumed["epoch"] == uninterrupted["epoch"] == 3
-    assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
-    assert [h["lr"] for h in resumed["history"]] == pytest.approx([h["lr"] for h in uninterrupted["history"]])
+    assert resumed.epoch == uninterrupted.epoch == 3
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
+    assert [h["lr"] for h in resumed.history] == pytest.approx([h["lr"] for h in uninterrupted.history])
     # The optimizer carried its momentum buffers and step over the interruption.
-    assert resumed["optimizer_state"]["state"], "optimizer state lost on resume"
+    assert resumed.optimizer_state["state"], "optimizer state lost on resume"
     assert "resumed from epoch 1" in (fold2 / "training_log.txt").read_text()
 
 
 def test_a_checkpoint_write_that_crashes_midway_never_replaces_a_good_one(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint_latest.pt"
-    save_checkpoint(path, {"epoch": 1, "network_state": {"w": torch.ones(3)}})
+    save_checkpoint(path, Checkpoint(epoch=1, network_state={"w": torch.ones(3)}))
 
     def crash_midway(obj, f, *args, **kwargs):
         with open(f, "wb") as handle:
@@ -164,15 +165,15 @@ def test_a_checkpoint_write_that_crashes_midway_never_replaces_a_good_one(tmp_pa
 
     monkeypatch.setattr(torch, "save", crash_midway)
     with pytest.raises(OSError):
-        save_checkpoint(path, {"epoch": 2, "network_state": {"w": torch.zeros(3)}})
+        save_checkpoint(path, Checkpoint(epoch=2, network_state={"w": torch.zeros(3)}))
     state = load_checkpoint(path)
-    assert state["epoch"] == 1 and torch.equal(state["network_state"]["w"], torch.ones(3))
+    assert state.epoch == 1 and torch.equal(state.network_state["w"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint_latest.pt"]
 
 
 def test_truncated_checkpoint_gives_a_clear_error(tmp_path):
     path = tmp_path / "checkpoint_latest.pt"
-    save_checkpoint(path, {"epoch": 1, "network_state": {"w": torch.ones(1000)}})
+    save_checkpoint(path, Checkpoint(epoch=1, network_state={"w": torch.ones(1000)}))
     path.write_bytes(path.read_bytes()[:200])
     with pytest.raises(CheckpointError, match="checkpoint_latest.pt"):
         load_checkpoint(path)
@@ -215,7 +216,7 @@ def test_2d_configuration_trains_and_validates_with_per_sample_dice(make_decathl
 
 @pytest.mark.parametrize("field", ["epochs", "iters_per_epoch", "val_iters", "checkpoint_every"])
 def test_a_schedule_of_zero_is_refused_with_its_option_name(field):
-    with pytest.raises(ValueError, match=field.replace("_", "-")):
+    with pytest.raises(TrainingError, match=field.replace("_", "-")):
         TrainingSettings(**{field: 0})
 
 
@@ -293,12 +294,12 @@ def test_an_epoch_of_only_nan_steps_stops_training_and_checkpoints_the_last_good
             return loss * float("nan") if calls["n"] > settings.iters_per_epoch else loss
 
     monkeypatch.setattr(trainer_module, "DeepSupervisionLoss", NaNFromEpochTwo)
-    with pytest.raises(ValueError, match="diverged: every step of epoch 2 had inf or NaN gradients.*after epoch 1"):
+    with pytest.raises(TrainingError, match="diverged: every step of epoch 2 had inf or NaN gradients.*after epoch 1"):
         train_fold(tiny_workspace, "3d_fullres", 0, settings, progress=False)
     out = workspace.fold_dir(tiny_workspace, "3d_fullres", 0)
     kept = load_checkpoint(out / "checkpoint_latest.pt")
-    assert kept["epoch"] == 1 and not (out / "checkpoint_final.pt").exists()
-    assert all(torch.isfinite(v).all() for v in kept["network_state"].values() if v.is_floating_point())
+    assert kept.epoch == 1 and not (out / "checkpoint_final.pt").exists()
+    assert all(torch.isfinite(v).all() for v in kept.network_state.values() if v.is_floating_point())
 
 
 def test_batches_go_to_the_device_through_pinned_memory_when_pinning(monkeypatch):
@@ -352,5 +353,5 @@ def test_batch_size_option_replaces_the_plans_batch_and_the_log_says_so(tiny_wor
     assert sizes and set(sizes) == {3}  # training and validation patches, not the plan's 2
     log = (workspace.fold_dir(tiny_workspace, "3d_fullres", 0) / "training_log.txt").read_text()
     assert "batch 3 (plan: 2)" in log
-    with pytest.raises(ValueError, match="batch-size"):
+    with pytest.raises(TrainingError, match="batch-size"):
         TrainingSettings(batch_size=0)

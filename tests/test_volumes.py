@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from autoseg.dataset.image_io import PSEUDO_SPACING_2D, Geometry
-from autoseg.inference.volumes import COLUMNS, VolumeTable, VolumeTableError, structure_rows
+from autoseg.inference.volumes import COLUMNS, VolumeTable, VolumeTableError, read_volume_rows, structure_rows
 
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 LABELS = {0: "background", 1: "liver", 2: "tumour", 3: "spleen"}
@@ -159,6 +159,46 @@ def test_a_foreign_csv_is_refused_before_any_case_runs(tmp_path):
     path.write_text("case,volume\nx,1\n")
     with pytest.raises(VolumeTableError, match="volumes.csv.*move it away"):
         VolumeTable(path, model="m")
+
+
+FORMULA_CASES = ("=HYPERLINK(1)", "-1case", "+sum", "@cmd", "\tx", "'quoted")
+
+
+def test_text_cells_that_a_spreadsheet_would_run_as_formulas_are_written_with_a_quote(tmp_path):
+    path = tmp_path / "volumes.csv"
+    table = VolumeTable(path, model="=model.zip:3d_fullres:folds 0")
+    for case in FORMULA_CASES:
+        table.add_case(case, [Path(f"{case}.nii.gz")], case_rows(1))
+    raw = read_table(path)
+    assert [r["case"] for r in raw[::2]] == ["'" + c for c in FORMULA_CASES]
+    assert raw[0]["input_files"] == "'=HYPERLINK(1).nii.gz" and raw[0]["model"] == "'=model.zip:3d_fullres:folds 0"
+    assert not any(r[k].startswith(("=", "+", "-", "@", "\t", "\r")) for r in raw for k in ("case", "name",
+                                                                                           "input_files", "model"))
+    # the HTML report's reader (and the table itself) see the real ids
+    assert [r["case"] for r in read_volume_rows(path)[::2]] == list(FORMULA_CASES)
+    assert read_volume_rows(path)[0]["input_files"] == "=HYPERLINK(1).nii.gz"
+
+
+def test_a_case_named_like_a_formula_counts_as_recorded_when_continuing(tmp_path):
+    path = tmp_path / "volumes.csv"
+    VolumeTable(path, model="m").add_case("=HYPERLINK(1)", [Path("=HYPERLINK(1).nii.gz")], case_rows(1))
+    continued = VolumeTable(path, model="m")
+    continued.add_case("-1case", [Path("-1case.nii.gz")], case_rows(2))
+    assert continued.cases(labels=[1, 2]) == {"=HYPERLINK(1)", "-1case"}
+    continued.add_case("=HYPERLINK(1)", [Path("=HYPERLINK(1).nii.gz")], case_rows(3))  # predicted again: replaced
+    rows = read_table(path)
+    assert [(r["case"], r["label"], r["voxels"]) for r in rows] == [
+        ("'-1case", "1", "2"), ("'-1case", "2", "0"), ("'=HYPERLINK(1)", "1", "3"), ("'=HYPERLINK(1)", "2", "0")]
+
+
+def test_negative_world_coordinates_stay_numbers_not_escaped_text(tmp_path):
+    seg, geometry = anisotropic_case()  # origin x = -10 mm: the liver's world box starts at x = -9.3
+    path = tmp_path / "volumes.csv"
+    VolumeTable(path, model="m").add_case("case_a", [Path("case_a.nii.gz")], structure_rows(seg, geometry, LABELS))
+    liver = read_table(path)[0]
+    assert liver["bbox_world_mm"].startswith("-9.3 ")
+    assert [float(v) for v in liver["bbox_world_mm"].split()] == pytest.approx([-9.3, 21.0, 8.0, -7.2, 22.0, 11.0])
+    assert float(liver["volume_ml"]) == pytest.approx(24 * 3.0 * 0.5 * 0.7 / 1000.0) and liver["voxels"] == "24"
 
 
 def _add_part(path: Path, part: int) -> None:

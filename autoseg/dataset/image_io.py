@@ -28,6 +28,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from autoseg.atomic import atomic_path, write_json
+from autoseg.errors import AutosegError
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ WRITE_SUFFIXES = tuple(s for s in SUPPORTED_SUFFIXES if s not in (".jpg", ".jpeg
 PSEUDO_SPACING_2D = 999.0  # spacing of the axis a 2D image lacks (nnU-Net uses the same value)
 
 
-class ImageReadError(Exception):
+class ImageReadError(AutosegError):
     """A file that cannot be read as an image; the message names the file and the reason."""
 
     def __init__(self, path: Path | str, reason: str):

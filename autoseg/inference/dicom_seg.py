@@ -18,6 +18,7 @@ import numpy as np
 from autoseg import __version__
 from autoseg.atomic import atomic_path
 from autoseg.dataset.image_io import Geometry
+from autoseg.errors import AutosegError
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ SERIES_NUMBER_OFFSET = 1000  # the SEG's series number: the source's plus this
 INSTALL_HINT = "pip install autoseg[dicom] (or: pip install highdicom)"
 
 
-class DicomSegError(Exception):
+class DicomSegError(AutosegError):
     """A DICOM-SEG that cannot be written; the message names the file and the fix."""
 
 

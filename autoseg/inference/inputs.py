@@ -34,11 +34,12 @@ from autoseg.dataset.dicom import find_dicom_series, is_dicom_file, read_dicom_s
 from autoseg.dataset.image_io import (NATURAL_IMAGE_SUFFIXES, SUPPORTED_SUFFIXES, Geometry, ImageReadError,
                                       image_suffix, read_image, strip_suffix)
 from autoseg.dataset.layout import Case, DatasetError, one_file_holds_all_channels, read_case_image
+from autoseg.errors import AutosegError
 
 _CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
-class InputError(Exception):
+class InputError(AutosegError):
     """An input case that cannot be used; `path` is the offending file, the message says why."""
 
     def __init__(self, path: Path | str, message: str):

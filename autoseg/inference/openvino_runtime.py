@@ -1,8 +1,8 @@
 """float32 CPU inference of a trained U-Net through OpenVINO (the optional extra `autoseg[openvino]`).
 
 On CPUs without native bfloat16 every torch convolution runs in float32 through oneDNN; OpenVINO's
-CPU plugin runs the same network in float32 faster (docs/prediction.md has the figures: 1.6x for the
-Hippocampus 3D U-Net, 2.3x for its 2D one, on a 2-core AVX2 CPU), with the same labels. The network
+CPU plugin runs the same network in float32 faster, with the same labels (docs/prediction.md has
+the figures). The network
 is converted once per fold, from the torch module itself, for one patch of the plan's size.
 """
 
@@ -14,10 +14,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-RUNTIMES = ("torch", "openvino")
+from autoseg.errors import AutosegError
 
 
-class OpenVINOUnavailable(RuntimeError):
+class OpenVINOUnavailable(AutosegError):
     """openvino is not installed."""
 
 

@@ -257,7 +257,7 @@ def write_html_report(output_dir: Path, volumes_csv: Path, overlays_dir: Path, p
     """Write `path`: one HTML file viewable offline, linking the overlays in `overlays_dir` relatively.
 
     Keep it beside the folder it links (the batch's output folder) when moving the results. The
-    failures listed come from `output_dir`'s prediction_report*.json files.
+    failures listed come from `output_dir`'s prediction_summary*.json files.
     """
     output_dir, volumes_csv, overlays_dir, path = map(Path, (output_dir, volumes_csv, overlays_dir, path))
     rows = []
@@ -323,7 +323,7 @@ def write_html_report(output_dir: Path, volumes_csv: Path, overlays_dir: Path, p
 
 def _failed_inputs(output_dir: Path) -> list[tuple[str, str]]:
     failed = []
-    for report in sorted(output_dir.glob("prediction_report*.json")):
+    for report in sorted(output_dir.glob("prediction_summary*.json")):
         try:
             failed += [(str(f["input"]), str(f["error"])) for f in json.loads(report.read_text()).get("failed", [])]
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:

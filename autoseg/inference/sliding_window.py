@@ -6,6 +6,7 @@ import functools
 import itertools
 import logging
 import math
+from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -124,90 +125,97 @@ def window_starts(image_size: Sequence[int], patch_size: Sequence[int], step_siz
     return starts
 
 
-def sliding_window_predict(
-    network: Callable[[torch.Tensor], torch.Tensor],
-    image: torch.Tensor,
-    patch_size: Sequence[int],
-    num_classes: int,
-    step_size: float = 0.5,
-    mirror_axes: Sequence[int] | None = None,
-    tiles_per_batch: int = 4,
-    device: torch.device | str = "cpu",
-    use_amp: bool | None = None,
-    accumulate_on: str = "auto",
-    progress: bool = False,
-    accumulator_dtype: torch.dtype = DEFAULT_ACCUMULATOR_DTYPE,
-) -> torch.Tensor:
+@dataclass(frozen=True)
+class SlidingWindow:
+    """How one network is slid over a volume: the one set of settings `sliding_window_predict`,
+    `sliding_window_slabs`, the predictor and validation share."""
+
+    patch_size: tuple[int, ...]  # 3 entries: a 3D network; 2: a 2D network on every z-slice
+    num_classes: int
+    step_size: float = 0.5  # window step as a fraction of the patch
+    mirror_axes: tuple[int, ...] = ()  # axes of the patch; all 2**n flip combinations are averaged
+    tiles_per_batch: int = 4
+    device: torch.device = HOST
+    mixed_precision: bool | None = None  # None: on CUDA only
+    # The running mean's dtype: float16 as nnU-Net (docs/prediction.md), float32 to keep float32 rounding.
+    accumulator_dtype: torch.dtype = DEFAULT_ACCUMULATOR_DTYPE
+    accumulate_on: str = "auto"  # "auto": the device when the band fits half its free memory, else the host
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        patch = tuple(int(p) for p in self.patch_size)
+        object.__setattr__(self, "patch_size", patch)
+        object.__setattr__(self, "mirror_axes", tuple(sorted(set(int(a) for a in self.mirror_axes or ()))))
+        object.__setattr__(self, "device", torch.device(self.device))
+        if len(patch) not in (2, 3):
+            raise ValueError(f"patch_size must have 3 entries (3D network) or 2 (2D network on z-slices), "
+                             f"got {list(patch)}")
+        if min(patch) < 1:
+            raise ValueError(f"patch_size entries must be positive, got {list(patch)}")
+        if self.num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
+        if not 0 < self.step_size <= 1:
+            raise ValueError(f"step_size must be in (0, 1], got {self.step_size}")
+        bad_axes = [a for a in self.mirror_axes if not 0 <= a < len(patch)]
+        if bad_axes:
+            raise ValueError(f"mirror_axes {list(self.mirror_axes)} must be axes of the {len(patch)}D patch "
+                             f"(0..{len(patch) - 1}), not of the channel-first image")
+        if self.tiles_per_batch < 1:
+            raise ValueError(f"tiles_per_batch must be >= 1, got {self.tiles_per_batch}")
+        if self.accumulate_on not in ("auto", "device", "host"):
+            raise ValueError(f"accumulate_on must be 'auto', 'device' or 'host', got {self.accumulate_on!r}")
+        if self.accumulator_dtype not in (torch.float16, torch.float32):
+            raise ValueError(f"accumulator_dtype must be torch.float16 or torch.float32, got {self.accumulator_dtype}")
+
+
+def sliding_window_predict(network: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor | np.ndarray,
+                           window: SlidingWindow) -> torch.Tensor:
     """Logits (num_classes, Z, Y, X), float32 on the CPU, for a (C, Z, Y, X) image (no softmax: export takes it).
 
-    A 3-entry patch_size runs a 3D network; a 2-entry one runs a 2D network on every z-slice.
-    mirror_axes are axes of the patch; all 2**n flip combinations are averaged. The caller owns the
-    network: put it on `device` and in eval mode before calling. Holds the whole result; for large
-    volumes consume `sliding_window_slabs` instead. `accumulator_dtype`: see `sliding_window_slabs`.
+    The caller owns the network: put it on `window.device` and in eval mode before calling. Holds the
+    whole result; for large volumes consume `sliding_window_slabs` instead.
     """
-    if isinstance(image, np.ndarray):
-        image = torch.from_numpy(np.array(image, dtype=np.float32))
+    image = _as_image(image)
     # Created outside inference mode so the returned tensor is an ordinary one the caller may modify.
     logits = None
-    for z0, slab in sliding_window_slabs(network, image, patch_size, num_classes, step_size, mirror_axes,
-                                         tiles_per_batch, device, use_amp, accumulate_on, progress,
-                                         accumulator_dtype):
+    for z0, slab in sliding_window_slabs(network, image, window):
         if logits is None:
-            logits = torch.empty((num_classes, *image.shape[1:]), dtype=torch.float32)
+            logits = torch.empty((window.num_classes, *image.shape[1:]), dtype=torch.float32)
         logits[:, z0:z0 + slab.shape[1]] = slab
     return logits
 
 
-def sliding_window_slabs(
-    network: Callable[[torch.Tensor], torch.Tensor],
-    image: torch.Tensor,
-    patch_size: Sequence[int],
-    num_classes: int,
-    step_size: float = 0.5,
-    mirror_axes: Sequence[int] | None = None,
-    tiles_per_batch: int = 4,
-    device: torch.device | str = "cpu",
-    use_amp: bool | None = None,
-    accumulate_on: str = "auto",
-    progress: bool = False,
-    accumulator_dtype: torch.dtype = DEFAULT_ACCUMULATOR_DTYPE,
-) -> Iterator[tuple[int, torch.Tensor]]:
+def sliding_window_slabs(network: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor | np.ndarray,
+                         window: SlidingWindow) -> Iterator[tuple[int, torch.Tensor]]:
     """`sliding_window_predict`'s logits as consecutive z-slabs `(z0, logits[:, z0:z0 + n])`, each yielded
     as soon as no later window touches it, so only one patch-deep band of the volume is accumulated
     (the values are the same, bit for bit). Slabs are float32 CPU tensors the caller may keep.
 
     Each voxel's value is the Gaussian-weighted mean of the windows covering it, kept as a running mean
-    in `accumulator_dtype` (float16 by default, as nnU-Net; float32 to keep float32 rounding); the
-    weights themselves are never summed in that dtype, so a window's small border weights cannot
-    underflow, and need no volume of their own (`_EarlierWeights`).
+    in `window.accumulator_dtype`; the weights themselves are never summed in that dtype, so a window's
+    small border weights cannot underflow, and need no volume of their own (`_EarlierWeights`).
 
     On CUDA an out-of-memory error while accumulating on the device restarts the accumulation in host
     memory (slabs already yielded are not yielded again).
     """
-    device = torch.device(device)
-    if isinstance(image, np.ndarray):
-        image = torch.from_numpy(np.array(image, dtype=np.float32))
-    patch = tuple(int(p) for p in patch_size)
-    _check_arguments(image, patch, num_classes, step_size, mirror_axes, tiles_per_batch, accumulate_on,
-                     accumulator_dtype)
-    if use_amp is None:
-        use_amp = device.type == "cuda"
-    flip_dims = _flip_combinations(sorted(set(mirror_axes or ())))
+    image = _as_image(image)
+    patch, device, num_classes = window.patch_size, window.device, window.num_classes
+    mixed_precision = device.type == "cuda" if window.mixed_precision is None else window.mixed_precision
+    flip_dims = _flip_combinations(list(window.mirror_axes))
 
     padded, crop = _pad_to_patch(image.float(), patch)
     spatial = tuple(padded.shape[1:])
-    tiles = _tile_slices(spatial, patch, step_size)
+    tiles = _tile_slices(spatial, patch, window.step_size)
     band_depth = patch[0] if len(patch) == 3 else 1
-    band_bytes = num_classes * accumulator_dtype.itemsize * band_depth * math.prod(spatial[1:])
-    target = _accumulator_device(accumulate_on, device, band_bytes)
+    band_bytes = num_classes * window.accumulator_dtype.itemsize * band_depth * math.prod(spatial[1:])
+    target = _accumulator_device(window.accumulate_on, device, band_bytes)
     logger.debug("sliding window: %d tiles of %s over %s, %d mirror passes, accumulating on %s",
                  len(tiles), list(patch), list(spatial), len(flip_dims), target)
     done = 0  # image rows already yielded
     while True:
         try:
-            for z0, slab in _accumulate_slabs(network, padded, crop, tiles, patch, band_depth, num_classes, flip_dims,
-                                              tiles_per_batch, device, target, use_amp, done, progress,
-                                              accumulator_dtype):
+            for z0, slab in _accumulate_slabs(network, padded, crop, tiles, window, band_depth, flip_dims,
+                                              target, mixed_precision, done):
                 done = z0 + slab.shape[1]
                 yield z0, slab
             return
@@ -220,6 +228,17 @@ def sliding_window_slabs(
         if target.type == "cuda":
             torch.cuda.empty_cache()
         target = HOST
+
+
+def _as_image(image: torch.Tensor | np.ndarray) -> torch.Tensor:
+    if isinstance(image, np.ndarray):
+        image = torch.from_numpy(np.array(image, dtype=np.float32))
+    if not isinstance(image, torch.Tensor):
+        raise TypeError(f"image must be a torch.Tensor or numpy array, got {type(image).__name__}")
+    if image.ndim != 4:
+        raise ValueError(f"image must be channel-first 3D (C, Z, Y, X), got shape {list(image.shape)}; "
+                         "add a channel axis or a singleton Z axis")
+    return image
 
 
 def _new_band(num_classes: int, depth: int, plane: tuple[int, ...], target: torch.device,
@@ -244,18 +263,18 @@ def _add_to_mean(means: torch.Tensor, region: tuple[slice, ...], prediction: tor
 
 
 def _accumulate_slabs(network: Callable[[torch.Tensor], torch.Tensor], padded: torch.Tensor, crop: tuple[slice, ...],
-                      tiles: list[tuple[slice, ...]], patch: tuple[int, ...], depth: int, num_classes: int,
-                      flip_dims: list[tuple[int, ...]], tiles_per_batch: int, device: torch.device,
-                      target: torch.device, use_amp: bool, skip_rows: int,
-                      progress: bool, dtype: torch.dtype) -> Iterator[tuple[int, torch.Tensor]]:
+                      tiles: list[tuple[slice, ...]], window: SlidingWindow, depth: int,
+                      flip_dims: list[tuple[int, ...]], target: torch.device, mixed_precision: bool,
+                      skip_rows: int) -> Iterator[tuple[int, torch.Tensor]]:
     """Tiles in order (z-start outermost), averaged into a band of `depth` rows starting at padded row `top`;
     rows above the next tile's start are final: cropped and yielded as float32."""
+    patch, num_classes, device = window.patch_size, window.num_classes, window.device
     is_2d = len(patch) == 2
     spatial = tuple(padded.shape[1:])
     gaussian = gaussian_importance_map(patch, device=target)
     if is_2d:
         gaussian = gaussian[None]
-    logits = _new_band(num_classes, depth, spatial[1:], target, dtype)
+    logits = _new_band(num_classes, depth, spatial[1:], target, window.accumulator_dtype)
     top = 0
     skip_padded = skip_rows + crop[0].start  # windows that end above this only touch rows already yielded
     tiles = [t for t in tiles if t[0].stop > skip_padded]
@@ -275,9 +294,9 @@ def _accumulate_slabs(network: Callable[[torch.Tensor], torch.Tensor], padded: t
             logits[:, depth - rows:] = 0
         top += rows
 
-    autocast = autocast_for(device, use_amp)
-    with tqdm(total=len(tiles), desc="sliding window", unit="tile", disable=not progress) as bar:
-        for batch_tiles in _chunks(tiles, tiles_per_batch):
+    autocast = autocast_for(device, mixed_precision)
+    with tqdm(total=len(tiles), desc="sliding window", unit="tile", disable=not window.progress) as bar:
+        for batch_tiles in _chunks(tiles, window.tiles_per_batch):
             batch = torch.stack([padded[(slice(None), *tile)] for tile in batch_tiles])
             if is_2d:
                 batch = batch.squeeze(2)
@@ -300,35 +319,6 @@ def _accumulate_slabs(network: Callable[[torch.Tensor], torch.Tensor], padded: t
             bar.update(len(batch_tiles))
     while top < spatial[0]:
         yield from finish(min(spatial[0] - top, depth))
-
-
-def _check_arguments(image: torch.Tensor, patch: tuple[int, ...], num_classes: int, step_size: float,
-                     mirror_axes: Sequence[int] | None, tiles_per_batch: int, accumulate_on: str,
-                     accumulator_dtype: torch.dtype) -> None:
-    if not isinstance(image, torch.Tensor):
-        raise TypeError(f"image must be a torch.Tensor or numpy array, got {type(image).__name__}")
-    if image.ndim != 4:
-        raise ValueError(f"image must be channel-first 3D (C, Z, Y, X), got shape {list(image.shape)}; "
-                         "add a channel axis or a singleton Z axis")
-    if len(patch) not in (2, 3):
-        raise ValueError(f"patch_size must have 3 entries (3D network) or 2 (2D network on z-slices), "
-                         f"got {list(patch)}")
-    if min(patch) < 1:
-        raise ValueError(f"patch_size entries must be positive, got {list(patch)}")
-    if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    if not 0 < step_size <= 1:
-        raise ValueError(f"step_size must be in (0, 1], got {step_size}")
-    bad_axes = [a for a in (mirror_axes or ()) if not 0 <= a < len(patch)]
-    if bad_axes:
-        raise ValueError(f"mirror_axes {list(mirror_axes)} must be axes of the {len(patch)}D patch "
-                         f"(0..{len(patch) - 1}), not of the channel-first image")
-    if tiles_per_batch < 1:
-        raise ValueError(f"tiles_per_batch must be >= 1, got {tiles_per_batch}")
-    if accumulate_on not in ("auto", "device", "host"):
-        raise ValueError(f"accumulate_on must be 'auto', 'device' or 'host', got {accumulate_on!r}")
-    if accumulator_dtype not in (torch.float16, torch.float32):
-        raise ValueError(f"accumulator_dtype must be torch.float16 or torch.float32, got {accumulator_dtype}")
 
 
 def _flip_combinations(axes: list[int]) -> list[tuple[int, ...]]:

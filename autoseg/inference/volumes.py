@@ -21,6 +21,7 @@ from scipy import ndimage
 
 from autoseg.atomic import atomic_path
 from autoseg.dataset.image_io import Geometry
+from autoseg.errors import AutosegError
 
 try:  # parallel parts of one batch (--num-parts) write the same table from several processes
     import fcntl
@@ -33,10 +34,34 @@ VOLUMES_FORMAT_VERSION = 1
 COLUMNS = ("case", "label", "name", "voxels", "volume_ml", "area_mm2", "components", "bbox_mm", "bbox_world_mm",
            "input_files", "model", "uncertainty", "flagged", "format_version")
 INPUT_FILE_SEPARATOR = "; "
+# Free-text columns (case ids and file names come from users): escaped so a spreadsheet shows them, never runs them.
+TEXT_COLUMNS = ("case", "name", "input_files", "model")
+# A cell starting with one of these is a formula to a spreadsheet (OWASP, CSV injection); "'" marks an escaped cell.
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "'")
 
 
-class VolumeTableError(Exception):
+class VolumeTableError(AutosegError):
     """An existing volumes.csv that this version cannot continue; the message names the file and the fix."""
+
+
+def escape_cell(text: str) -> str:
+    """`text` behind a `'` when a spreadsheet would run it as a formula (or it starts with `'`, to stay reversible)."""
+    return "'" + text if text.startswith(_FORMULA_STARTS) else text
+
+
+def unescape_cell(text: str) -> str:
+    """The text `escape_cell` was given: what a text column of volumes.csv holds, e.g. the real case id."""
+    return text[1:] if text.startswith("'") else text
+
+
+def read_volume_rows(path: Path) -> list[dict[str, str]]:
+    """volumes.csv's rows with their text columns unescaped; for readers other than `VolumeTable` (the HTML report)."""
+    with open(path, newline="", encoding="utf-8") as f:
+        return [_unescaped(row) for row in csv.DictReader(f)]
+
+
+def _unescaped(row: dict[str, str]) -> dict[str, str]:
+    return {**row, **{k: unescape_cell(row[k]) for k in TEXT_COLUMNS if isinstance(row.get(k), str)}}
 
 
 def structure_rows(segmentation: np.ndarray, geometry: Geometry, labels: dict[int, str]) -> list[dict]:
@@ -200,7 +225,7 @@ class VolumeTable:
         try:
             reader = csv.DictReader(io.StringIO(text[:complete], newline=""))
             header = tuple(reader.fieldnames or ())
-            rows = list(reader)
+            rows = [_unescaped(row) for row in reader]
         except csv.Error as exc:
             raise VolumeTableError(f"{self.path}: cannot be read ({exc}); move it away to start a new table") from None
         versions = {r.get("format_version") for r in rows}
@@ -229,7 +254,7 @@ def _csv_text(rows: list[dict], header: bool) -> str:
     writer = csv.DictWriter(text, fieldnames=COLUMNS, lineterminator="\n")
     if header:
         writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows({**row, **{k: escape_cell(str(row[k])) for k in TEXT_COLUMNS}} for row in rows)
     return text.getvalue()
 
 

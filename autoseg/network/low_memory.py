@@ -2,9 +2,8 @@
 
 A plain forward pass of a large window keeps, besides the feature maps themselves, a copy of every
 convolution's input (oneDNN reorders it into its own layout), the skip concatenation, and the
-out-of-place InstanceNorm output. For a 112 x 160 x 128 window with 32 features each full-resolution
-map is 0.27 GiB, and the pass peaked at 2 GiB above the process. `low_memory_forward` computes the
-same function with:
+out-of-place InstanceNorm output: several copies of each full-resolution map of a large window
+(docs/prediction.md has the measurements). `low_memory_forward` computes the same function with:
 
 - every convolution run over chunks of rows of the first spatial axis, so the library's copies are
   one chunk, not one map;
@@ -32,12 +31,11 @@ from torch import nn
 from autoseg.network.unet import UNet, float32_under_cpu_bf16
 
 # Bytes of input one convolution call reads on the CPU: small beside a full-resolution map, large enough
-# that oneDNN still runs each call at full speed (2 AVX2 cores, 112 x 160 x 128 window, 32 features:
-# 14.8 s and 1.33 GiB peak with 32 MiB, 15.1 s and 1.24 GiB with 8 MiB, 36.6 s with 2 MiB).
+# that oneDNN still runs each call at full speed (measured in docs/prediction.md).
 CHUNK_BYTES = 8 * 2**20
 # Windows whose full-resolution feature map (float32) is smaller run the plain forward: there its
-# activations are small anyway (about 7 such maps at the peak), and it was 1.29x faster than
-# low_memory_forward on a 40 x 56 x 40 window (Hippocampus, 2 AVX2 cores; docs/prediction.md).
+# activations are small anyway (about 7 such maps at the peak), and it was the faster of the two
+# (docs/prediction.md).
 LARGE_MAP_BYTES = 64 * 2**20
 
 

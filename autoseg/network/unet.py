@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -37,20 +37,15 @@ class UNetTopology:
         _validate_topology(self)
 
     @classmethod
-    def from_plan(cls, configuration: dict, in_channels: int, num_classes: int) -> "UNetTopology":
-        """Read `features_per_stage`, `kernel_sizes`, `strides`, `n_conv_per_stage` of one plans.json configuration."""
-        missing = [k for k in ("features_per_stage", "kernel_sizes", "strides") if k not in configuration]
-        if missing:
-            raise ValueError(
-                f"plan configuration lacks {missing}; rerun planning so plans.json has a complete configuration"
-            )
+    def from_plan(cls, configuration: Any, in_channels: int, num_classes: int) -> "UNetTopology":
+        """From a plan's `ConfigurationPlan` (its features_per_stage, kernel_sizes, strides, n_conv_per_stage)."""
         return cls(
             in_channels=in_channels,
             num_classes=num_classes,
-            features_per_stage=configuration["features_per_stage"],
-            kernel_sizes=configuration["kernel_sizes"],
-            strides=configuration["strides"],
-            n_conv_per_stage=int(configuration.get("n_conv_per_stage", 2)),
+            features_per_stage=configuration.features_per_stage,
+            kernel_sizes=configuration.kernel_sizes,
+            strides=configuration.strides,
+            n_conv_per_stage=configuration.n_conv_per_stage,
         )
 
     @property

@@ -1,5 +1,5 @@
 """What to do about the data: target spacing, patch, topology, batch size, normalization."""
 
+from autoseg.planning.plans import PlanError
 
-class PlanError(Exception):
-    """Plans that cannot be made or read; the message says why and what to do."""
+__all__ = ["PlanError"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from autoseg.fingerprint import Fingerprint
-from autoseg.planning import PlanError
+from autoseg.planning.plans import ChannelNormalization, PlanError
 
 NONZERO_MASK_FRACTION = 0.75  # crop keeps less than this of the volume: z-score inside the non-zero region only
 
@@ -16,7 +16,7 @@ _REASONS = {
 }
 
 
-def plan_normalization(fingerprint: Fingerprint) -> list[dict]:
+def plan_normalization(fingerprint: Fingerprint) -> tuple[ChannelNormalization, ...]:
     """One scheme per channel: the kind the fingerprint read from the channel name (fingerprint.channel_kind).
 
     CT: clip to the foreground 0.5/99.5 percentiles, standardize with the dataset-wide foreground
@@ -34,21 +34,21 @@ def plan_normalization(fingerprint: Fingerprint) -> list[dict]:
             if not math.isfinite(s.mean):
                 raise PlanError(f"channel {name}: no case has labelled foreground, so CT normalization has no "
                                 "intensities to learn from; check the label files")
-            schemes.append({
-                "channel": c, "name": name, "scheme": "ct", "use_nonzero_mask": False,
-                "clip": [s.percentile_00_5, s.percentile_99_5], "mean": s.mean, "std": max(s.std, 1e-8),
-                "reason": "CT channel: Hounsfield units are absolute, so clip to the foreground 0.5/99.5 "
-                          "percentiles and standardize with the dataset's foreground mean and std"})
+            schemes.append(ChannelNormalization(
+                channel=c, name=name, scheme="ct", use_nonzero_mask=False,
+                clip=(s.percentile_00_5, s.percentile_99_5), mean=s.mean, std=max(s.std, 1e-8),
+                reason="CT channel: Hounsfield units are absolute, so clip to the foreground 0.5/99.5 "
+                       "percentiles and standardize with the dataset's foreground mean and std"))
         elif kind == "zscore":
-            schemes.append({
-                "channel": c, "name": name, "scheme": "zscore", "use_nonzero_mask": use_mask,
-                "reason": f"channel '{name}': intensities have no absolute scale, so z-score each case"
-                          + (f"; inside the non-zero region, as cropping keeps only {cropped:.0%} of the median volume"
-                             if use_mask else "")})
+            schemes.append(ChannelNormalization(
+                channel=c, name=name, scheme="zscore", use_nonzero_mask=use_mask,
+                reason=f"channel '{name}': intensities have no absolute scale, so z-score each case"
+                       + (f"; inside the non-zero region, as cropping keeps only {cropped:.0%} of the median volume"
+                          if use_mask else "")))
         elif kind in _REASONS:
-            schemes.append({"channel": c, "name": name, "scheme": kind, "use_nonzero_mask": False,
-                            "reason": _REASONS[kind]})
+            schemes.append(ChannelNormalization(channel=c, name=name, scheme=kind, use_nonzero_mask=False,
+                                                reason=_REASONS[kind]))
         else:
             raise PlanError(f"channel {name}: unknown intensity kind '{kind}' in the fingerprint; rerun "
                             "`autoseg plan --steps fingerprint plan`")
-    return schemes
+    return tuple(schemes)

@@ -8,21 +8,19 @@ places where autoseg deliberately differs, with the measurement behind each.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 
-from autoseg.atomic import read_json, write_json
+from dataclasses import replace
+
 from autoseg.fingerprint import Fingerprint
 from autoseg.network.unet import feature_map_elements
-from autoseg.planning import PlanError  # noqa: F401  (raised here; imported from here by callers)
 from autoseg.planning.normalization import plan_normalization
+from autoseg.planning.plans import CONFIGURATIONS, ConfigurationPlan, Plans, PlanError, ResamplingPlan
 from autoseg.planning.spacing import (ANISOTROPY_RATIO, choose_target_spacing, planning_spacings,
                                       transpose_thick_axis_first)
 from autoseg.planning.topology import Topology, plan_topology
 
-FORMAT_VERSION = 2
-CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres")
 DEFAULT_MEMORY_BUDGET_GB = 8.0
 # The memory model: a network's conv-output elements per sample (feature_map_elements) times the
 # batch size, against reference points known to fit the reference budget. These are nnU-Net v2's
@@ -82,7 +80,7 @@ def _shrink_once(topology: Topology, spacing: list[float], median_shape: list[fl
 
 
 def plan_configuration(spacing: list[float], median_shape: list[float], approximate_dataset_voxels: float,
-                       num_classes: int, budget_gb: float, data_identifier: str) -> dict:
+                       num_classes: int, budget_gb: float, data_identifier: str) -> ConfigurationPlan:
     """Patch, topology and batch for one configuration under the memory budget (nnU-Net v2's search)."""
     ndim = len(spacing)
     spacing = [float(s) for s in spacing]
@@ -114,24 +112,25 @@ def plan_configuration(spacing: list[float], median_shape: list[float], approxim
         "batch_size": f"{batch}: memory allows {batch_by_memory}, 5% of the dataset's voxels allows {batch_by_data}"
                       f" (minimum {MIN_BATCH_SIZE})",
     }
-    return {
-        "data_identifier": data_identifier,
-        "spacing": spacing,
-        "median_shape": [int(round(m)) for m in median_shape],
-        "patch_size": list(topology.patch_size),
-        "batch_size": int(batch),
-        "batch_dice": True,  # set by plan_experiment
-        "features_per_stage": list(topology.features_per_stage),
-        "kernel_sizes": [list(k) for k in topology.kernel_sizes],
-        "strides": [list(st) for st in topology.strides],
-        "n_conv_per_stage": 2,
-        "estimated_memory_gb": round(estimate_memory_gb(topology, batch, num_classes), 2),
-        "reasons": reasons,
-    }
+    return ConfigurationPlan(
+        name=data_identifier,
+        data_identifier=data_identifier,
+        spacing=tuple(spacing),
+        median_shape=tuple(int(round(m)) for m in median_shape),
+        patch_size=tuple(int(p) for p in topology.patch_size),
+        batch_size=int(batch),
+        batch_dice=True,  # set by plan_experiment
+        features_per_stage=tuple(topology.features_per_stage),
+        kernel_sizes=tuple(tuple(k) for k in topology.kernel_sizes),
+        strides=tuple(tuple(st) for st in topology.strides),
+        n_conv_per_stage=2,
+        estimated_memory_gb=round(estimate_memory_gb(topology, batch, num_classes), 2),
+        reasons=reasons,
+    )
 
 
 def plan_experiment(fingerprint: Fingerprint, budget_gb: float = DEFAULT_MEMORY_BUDGET_GB,
-                    configurations: list[str] | None = None) -> dict:
+                    configurations: list[str] | None = None) -> Plans:
     """All configurations for a dataset: 2d always, 3d_fullres for 3D data, 3d_lowres where volumes are large."""
     if not fingerprint.cases:
         raise PlanError("the fingerprint holds no cases")
@@ -153,69 +152,66 @@ def plan_experiment(fingerprint: Fingerprint, budget_gb: float = DEFAULT_MEMORY_
     median_shape = np.median(new_shapes, axis=0)[transpose]
     dataset_voxels = float(np.prod(median_shape) * num_cases)
     is_3d = median_shape[0] != 1
-    plans: dict = {
-        "format_version": FORMAT_VERSION,
-        "dataset_name": fingerprint.dataset_name,
-        "channel_names": list(fingerprint.channel_names),
-        "labels": {str(k): v for k, v in fingerprint.labels.items()},
-        "default_configuration": None,
-        "transpose_forward": transpose,
-        "transpose_backward": [int(i) for i in np.argsort(transpose)],
-        "memory_budget_gb": budget_gb,
-        "normalization": plan_normalization(fingerprint),
-        "resampling": {
-            "image_order": 3, "label_order": 1, "thick_axis_order": 0, "anisotropy_threshold": ANISOTROPY_RATIO,
-            "reason": f"decided per case: where the case's spacing (else the target's) is over {ANISOTROPY_RATIO:g}x "
-                      "coarser along one axis, images are resampled cubic in-plane and nearest-neighbour along it, "
-                      "so distant slices are not blended; otherwise cubic in 3D. Labels: one label at a time, "
-                      "linear (nearest along a thick axis), the most likely label kept",
-        },
-        "reasons": {
-            "transpose_forward": "coarsest axis first, so 2D slices are taken across it" if transpose != sorted(transpose)
-            else "axes kept in file order (axis 0 is the coarsest, or all are equal)",
-        },
-        "not_planned": {},
-        "configurations": {},
-    }
-    configs = plans["configurations"]
+    not_planned: dict[str, str] = {}
+    configs: dict[str, ConfigurationPlan] = {}
     if not is_3d:
         for name in ("3d_fullres", "3d_lowres"):
-            plans["not_planned"][name] = "2D data: the median case has a single slice"
+            not_planned[name] = "2D data: the median case has a single slice"
     elif wanted & {"3d_fullres", "3d_lowres"}:
         full = plan_configuration(list(sp), list(median_shape), dataset_voxels, num_classes, budget_gb, "3d_fullres")
-        full["reasons"]["spacing"] = spacing_reason
         lowres = _plan_lowres(sp, median_shape, full, num_cases, num_classes, budget_gb)
-        full["batch_dice"] = lowres is not None
-        full["reasons"]["batch_dice"] = ("batch Dice: with a 3d_lowres stage, a fullres patch is a small part of "
-                                         "the case" if lowres is not None else
-                                         "per-sample Dice: a patch covers much of a case")
+        full = replace(full, batch_dice=lowres is not None, reasons={
+            **full.reasons, "spacing": spacing_reason,
+            "batch_dice": "batch Dice: with a 3d_lowres stage, a fullres patch is a small part of the case"
+            if lowres is not None else "per-sample Dice: a patch covers much of a case"})
         if "3d_fullres" in wanted:
             configs["3d_fullres"] = full
         if lowres is None:
-            plans["not_planned"]["3d_lowres"] = (f"a 3d_fullres patch covers {np.prod(full['patch_size']) / np.prod(median_shape):.0%} "
-                                                 f"of the median volume (planned when under {LOWRES_PATCH_FRACTION:.0%}, "
-                                                 f"kept when it shrinks the volume at least {LOWRES_MIN_SHRINK:g}x)")
+            not_planned["3d_lowres"] = (f"a 3d_fullres patch covers {np.prod(full.patch_size) / np.prod(median_shape):.0%} "
+                                        f"of the median volume (planned when under {LOWRES_PATCH_FRACTION:.0%}, "
+                                        f"kept when it shrinks the volume at least {LOWRES_MIN_SHRINK:g}x)")
         elif "3d_lowres" in wanted:
             configs["3d_lowres"] = lowres
     if "2d" in wanted:
         c2 = plan_configuration(list(sp[1:]), list(median_shape[1:]), dataset_voxels, num_classes, budget_gb, "2d")
-        c2["reasons"]["spacing"] = "in-plane target spacing; each case keeps its own spacing across slices"
-        c2["reasons"]["batch_dice"] = "batch Dice: a slice is a small part of a case"
-        configs["2d"] = c2
-    plans["default_configuration"] = next((c for c in ("3d_fullres", "2d", "3d_lowres") if c in configs), None)
-    plans["reasons"]["default_configuration"] = (
-        "3D data: the full-resolution 3D U-Net" if plans["default_configuration"] == "3d_fullres"
-        else "2D data: only the 2D U-Net applies" if not is_3d else "the only configuration planned")
-    return plans
+        configs["2d"] = replace(c2, reasons={
+            **c2.reasons, "spacing": "in-plane target spacing; each case keeps its own spacing across slices",
+            "batch_dice": "batch Dice: a slice is a small part of a case"})
+    default = next((c for c in ("3d_fullres", "2d", "3d_lowres") if c in configs), None)
+    reasons = {
+        "transpose_forward": "coarsest axis first, so 2D slices are taken across it" if transpose != sorted(transpose)
+        else "axes kept in file order (axis 0 is the coarsest, or all are equal)",
+        "default_configuration": "3D data: the full-resolution 3D U-Net" if default == "3d_fullres"
+        else "2D data: only the 2D U-Net applies" if not is_3d else "the only configuration planned",
+    }
+    return Plans(
+        dataset_name=fingerprint.dataset_name,
+        channel_names=tuple(fingerprint.channel_names),
+        labels={int(k): v for k, v in sorted(fingerprint.labels.items(), key=lambda kv: int(kv[0]))},
+        default_configuration=default,
+        transpose_forward=tuple(int(a) for a in transpose),
+        transpose_backward=tuple(int(i) for i in np.argsort(transpose)),
+        memory_budget_gb=budget_gb,
+        normalization=plan_normalization(fingerprint),
+        resampling=ResamplingPlan(
+            image_order=3, label_order=1, thick_axis_order=0, anisotropy_threshold=ANISOTROPY_RATIO,
+            reason=f"decided per case: where the case's spacing (else the target's) is over {ANISOTROPY_RATIO:g}x "
+                   "coarser along one axis, images are resampled cubic in-plane and nearest-neighbour along it, "
+                   "so distant slices are not blended; otherwise cubic in 3D. Labels: one label at a time, "
+                   "linear (nearest along a thick axis), the most likely label kept"),
+        configurations=configs,
+        reasons=reasons,
+        not_planned=not_planned,
+    )
 
 
-def _plan_lowres(sp: np.ndarray, median_shape: np.ndarray, full: dict, num_cases: int, num_classes: int,
-                 budget_gb: float) -> dict | None:
+def _plan_lowres(sp: np.ndarray, median_shape: np.ndarray, full: ConfigurationPlan, num_cases: int,
+                 num_classes: int, budget_gb: float) -> ConfigurationPlan | None:
     """Coarsen the spacing (the axes over 2x finer than the coarsest first) until a patch covers
     LOWRES_PATCH_FRACTION of the median volume; None when not needed or not worth it."""
     fullres_voxels = float(np.prod(median_shape))
     median_voxels = fullres_voxels
-    patch_voxels = float(np.prod(full["patch_size"]))
+    patch_voxels = float(np.prod(full.patch_size))
     spacing = sp.astype(float).copy()
     lowres = None
     while patch_voxels / median_voxels < LOWRES_PATCH_FRACTION:
@@ -228,56 +224,47 @@ def _plan_lowres(sp: np.ndarray, median_shape: np.ndarray, full: dict, num_cases
         median_voxels = float(np.prod(scaled))
         lowres = plan_configuration(list(spacing), [round(x) for x in scaled], median_voxels * num_cases,
                                     num_classes, budget_gb, "3d_lowres")
-        patch_voxels = float(np.prod(lowres["patch_size"]))
+        patch_voxels = float(np.prod(lowres.patch_size))
     if lowres is None or fullres_voxels / median_voxels < LOWRES_MIN_SHRINK:
         return None
-    lowres["batch_dice"] = False
-    lowres["reasons"]["batch_dice"] = "per-sample Dice: a lowres patch covers much of a case"
-    lowres["reasons"]["spacing"] = (f"a 3d_fullres patch covers {np.prod(full['patch_size']) / fullres_voxels:.0%} of "
-                                    f"the median volume; spacing coarsened {LOWRES_SPACING_STEP:g}x a step (axes over 2x "
-                                    f"finer than the coarsest first) until a patch covers {LOWRES_PATCH_FRACTION:.0%}")
-    return lowres
+    return replace(lowres, batch_dice=False, reasons={
+        **lowres.reasons, "batch_dice": "per-sample Dice: a lowres patch covers much of a case",
+        "spacing": f"a 3d_fullres patch covers {np.prod(full.patch_size) / fullres_voxels:.0%} of the median volume; "
+                   f"spacing coarsened {LOWRES_SPACING_STEP:g}x a step (axes over 2x finer than the coarsest first) "
+                   f"until a patch covers {LOWRES_PATCH_FRACTION:.0%}"})
 
 
-def save_plans(plans: dict, path: Path) -> None:
-    write_json(path, plans)
-
-
-def load_plans(path: Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise PlanError(f"{path}: not found; run `autoseg plan` first")
-    plans = read_json(path)
-    if plans.get("format_version") != FORMAT_VERSION:
-        raise PlanError(f"{path}: format_version {plans.get('format_version')} is not {FORMAT_VERSION}; rerun `autoseg plan`")
-    return plans
-
-
-def explain_plans(plans: dict) -> str:
+def explain_plans(plans: Plans) -> str:
     """The decisions as a plain-text table (what `autoseg plan --explain` prints)."""
-    rows = [("all", "default_configuration", str(plans["default_configuration"]), plans["reasons"]["default_configuration"]),
-            ("all", "transpose_forward", str(plans["transpose_forward"]), plans["reasons"]["transpose_forward"]),
-            ("all", "resampling", f"image order {plans['resampling']['image_order']}", plans["resampling"]["reason"])]
-    for n in plans["normalization"]:
-        rows.append(("all", f"normalization[{n['name']}]", n["scheme"] + (" (non-zero mask)" if n["use_nonzero_mask"] else ""), n["reason"]))
-    for name, why in plans.get("not_planned", {}).items():
+    reasons = plans.reasons
+    rows = [("all", "default_configuration", str(plans.default_configuration), reasons.get("default_configuration", "")),
+            ("all", "transpose_forward", str(list(plans.transpose_forward)), reasons.get("transpose_forward", "")),
+            ("all", "resampling", f"image order {plans.resampling.image_order}", plans.resampling.reason)]
+    for n in plans.normalization:
+        rows.append(("all", f"normalization[{n.name}]", n.scheme + (" (non-zero mask)" if n.use_nonzero_mask else ""),
+                     n.reason))
+    for name, why in plans.not_planned.items():
         rows.append((name, "not planned", "-", why))
-    for name, c in plans["configurations"].items():
+    for name, c in plans.configurations.items():
+        why = c.reasons.get
         rows += [
-            (name, "spacing", _fmt(c["spacing"]), c["reasons"]["spacing"]),
-            (name, "median_shape", _fmt(c["median_shape"]), "median cropped shape at this spacing"),
-            (name, "patch_size", _fmt(c["patch_size"]), c["reasons"]["patch_size"]),
-            (name, "features_per_stage", _fmt(c["features_per_stage"]), "doubling from 32 per stage, capped"),
-            (name, "strides", " ".join(_fmt(s) for s in c["strides"]), c["reasons"]["topology"]),
-            (name, "kernel_sizes", " ".join(_fmt(k) for k in c["kernel_sizes"]), c["reasons"]["kernel_sizes"]),
-            (name, "batch_size", str(c["batch_size"]), c["reasons"]["batch_size"]),
-            (name, "batch_dice", str(c["batch_dice"]), c["reasons"]["batch_dice"]),
-            (name, "estimated_memory_gb", str(c["estimated_memory_gb"]), f"of a {plans['memory_budget_gb']:g} GB budget"),
+            (name, "spacing", _fmt(c.spacing), why("spacing", "")),
+            (name, "median_shape", _fmt(c.median_shape), "median cropped shape at this spacing"),
+            (name, "patch_size", _fmt(c.patch_size), why("patch_size", "")),
+            (name, "features_per_stage", _fmt(c.features_per_stage), "doubling from 32 per stage, capped"),
+            (name, "strides", " ".join(_fmt(s) for s in c.strides), why("topology", "")),
+            (name, "kernel_sizes", " ".join(_fmt(k) for k in c.kernel_sizes), why("kernel_sizes", "")),
+            (name, "batch_size", str(c.batch_size), why("batch_size", "")),
+            (name, "batch_dice", str(c.batch_dice), why("batch_dice", "")),
+            (name, "estimated_memory_gb", str(c.estimated_memory_gb), f"of a {plans.memory_budget_gb:g} GB budget"),
         ]
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     header = ("config", "decision", "value", "reason")
     widths = [max(w, len(h)) for w, h in zip(widths, header)]
-    fmt = lambda r: "  ".join(x.ljust(w) for x, w in zip(r[:3], widths)) + "  " + r[3]
+
+    def fmt(r: tuple) -> str:
+        return "  ".join(x.ljust(w) for x, w in zip(r[:3], widths)) + "  " + r[3]
+
     return "\n".join([fmt(header), fmt(tuple("-" * w for w in widths) + ("-" * 6,))] + [fmt(r) for r in rows])
 
 

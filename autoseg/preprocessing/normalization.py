@@ -1,6 +1,6 @@
 """Apply the plan's per-channel intensity normalization.
 
-Schemes (`plans["normalization"][c]["scheme"]`):
+Schemes (`ChannelNormalization.scheme` in plans.json's `normalization`):
 - "ct": clip to the plan's foreground percentiles, then subtract the plan's mean and divide by its std
   (one set of numbers for the whole dataset).
 - "zscore": per case, (x - mean) / std; with `use_nonzero_mask`, mean and std come from inside the
@@ -13,35 +13,40 @@ Schemes (`plans["normalization"][c]["scheme"]`):
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 
-SCHEMES = ("ct", "zscore", "noNorm", "rescale_to_0_1", "rgb_to_0_1")
+from autoseg.errors import AutosegError
+from autoseg.planning.plans import NORMALIZATION_SCHEMES as SCHEMES
+from autoseg.planning.plans import ChannelNormalization
 
 
-class NormalizationError(ValueError):
+
+class NormalizationError(AutosegError):
     """plans.json's normalization does not fit the image."""
 
 
-def normalize(image: np.ndarray, nonzero_mask: np.ndarray, schemes: list[dict]) -> np.ndarray:
-    """Normalize float32 (C, Z, Y, X) in place, channel c as `schemes[...]["channel"] == c` says.
+def normalize(image: np.ndarray, nonzero_mask: np.ndarray, schemes: Sequence[ChannelNormalization]) -> np.ndarray:
+    """Normalize float32 (C, Z, Y, X) in place, channel c as the scheme whose `channel` is c says.
 
     `nonzero_mask` (Z, Y, X) is the hole-filled mask of voxels holding data; only "zscore" with
     `use_nonzero_mask` reads it.
     """
-    planned = sorted(s["channel"] for s in schemes)
+    planned = sorted(s.channel for s in schemes)
     if planned != list(range(image.shape[0])):
         raise NormalizationError(f"plans.json normalizes channels {planned} but the image has {image.shape[0]} "
                                  f"channel(s); plan the dataset again")
     for s in schemes:
-        c, scheme = s["channel"], s["scheme"]
+        c, scheme = s.channel, s.scheme
         channel = image[c]
         if scheme == "ct":
-            lo, hi = s["clip"]
+            lo, hi = s.clip
             np.clip(channel, lo, hi, out=channel)
-            channel -= s["mean"]
-            channel /= max(s["std"], 1e-8)
+            channel -= s.mean
+            channel /= max(s.std, 1e-8)
         elif scheme == "zscore":
-            if s["use_nonzero_mask"]:
+            if s.use_nonzero_mask:
                 inside = channel[nonzero_mask]
                 mean = float(inside.mean()) if inside.size else 0.0
                 std = float(inside.std()) if inside.size else 1.0
@@ -61,7 +66,7 @@ def normalize(image: np.ndarray, nonzero_mask: np.ndarray, schemes: list[dict]) 
         elif scheme == "rgb_to_0_1":
             lo, hi = float(channel.min()), float(channel.max())
             if lo < 0 or hi > 255:
-                raise NormalizationError(f"channel {c} ({s.get('name', '?')}) has values in [{lo:g}, {hi:g}], outside "
+                raise NormalizationError(f"channel {c} ({s.name or '?'}) has values in [{lo:g}, {hi:g}], outside "
                                          f"the [0, 255] of 8-bit colour; set its scheme in plans.json to "
                                          f"'rescale_to_0_1' or 'zscore'")
             channel /= 255.0

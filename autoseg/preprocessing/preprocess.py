@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,10 +13,12 @@ import numpy as np
 from autoseg.dataset.image_io import Geometry
 from autoseg.dataset.layout import Case, Dataset, read_case_image, read_case_label
 from autoseg.parallel import map_cases
-from autoseg.planning.planner import PlanError
+from autoseg.errors import AutosegError
+from autoseg.planning.plans import Plans
 from autoseg.preprocessing import store
 from autoseg.preprocessing.cropping import crop, mark_outside_mask, nonzero_bounding_box, nonzero_mask
 from autoseg.preprocessing.normalization import NormalizationError, normalize
+from autoseg.preprocessing.properties import CaseProperties
 from autoseg.preprocessing.resampling import new_shape_for, resample_image, resample_label, separate_axis_for
 from autoseg.workspace import preprocessed_dir
 
@@ -26,29 +29,32 @@ PREPROCESSING_VERSION = 3  # 2: -1 outside the non-zero mask, per-case separate 
 # 3: cubic resampling clipped to the input range, label ties to the nearest neighbour (both as nnU-Net v2)
 
 
-class PreprocessingError(ValueError):
+class PreprocessingError(AutosegError):
     """A case or plans.json that preprocessing cannot follow."""
 
 
-def preprocessing_key(plans: dict, configuration: str) -> str:
+def preprocessing_key(plans: Plans, configuration: str) -> str:
     """Short hash of every plan setting that shapes the preprocessed arrays (reasons left out), so data
     made under other plans, or by an older version of these rules, is never taken for complete."""
-    strip = lambda d: {k: v for k, v in d.items() if k != "reason"}  # noqa: E731
-    config = plans["configurations"][configuration]
-    relevant = {"version": PREPROCESSING_VERSION, "transpose_forward": plans["transpose_forward"],
-                "data_identifier": config["data_identifier"], "spacing": config["spacing"],
-                "normalization": [strip(n) for n in plans["normalization"]], "resampling": strip(plans["resampling"]),
-                "seg_dtype": np.dtype(seg_dtype(plans["labels"])).name}
+    def strip(d: dict) -> dict:
+        return {k: v for k, v in d.items() if k != "reason"}
+
+    config = plans.configuration(configuration)
+    relevant = {"version": PREPROCESSING_VERSION, "transpose_forward": list(plans.transpose_forward),
+                "data_identifier": config.data_identifier, "spacing": list(config.spacing),
+                "normalization": [strip(n.to_json()) for n in plans.normalization],
+                "resampling": strip(plans.resampling.to_json()),
+                "seg_dtype": np.dtype(seg_dtype(plans.labels)).name}
     return hashlib.sha1(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def is_current(folder: Path, case_id: str, key: str) -> bool:
     """Complete and made with the current plans."""
-    return store.is_complete(folder, case_id) and store.load_properties(folder, case_id).get("preprocessing_key") == key
+    return store.is_complete(folder, case_id) and store.load_properties(folder, case_id).preprocessing_key == key
 
 
 def seg_dtype(labels: dict) -> type[np.integer]:
-    """int8 when every label id of plans["labels"] fits it, else int16 (-1 marks outside the data)."""
+    """int8 when every label id of the plans' labels fits it, else int16 (-1 marks outside the data)."""
     largest = max(int(k) for k in labels)
     if largest > np.iinfo(np.int16).max:
         raise PreprocessingError(f"label id {largest} in plans.json does not fit int16 (at most 32767); "
@@ -56,7 +62,7 @@ def seg_dtype(labels: dict) -> type[np.integer]:
     return np.int8 if largest <= np.iinfo(np.int8).max else np.int16
 
 
-def target_spacing_for(config_spacing: list[float], case_spacing: tuple[float, ...]) -> tuple[float, ...]:
+def target_spacing_for(config_spacing: tuple[float, ...], case_spacing: tuple[float, ...]) -> tuple[float, ...]:
     """A 3D configuration's spacing, or for "2d" (in-plane spacing only) the case's own axis-0 spacing
     followed by the plan's in-plane spacing: slices are never resampled across."""
     if len(config_spacing) == len(case_spacing):
@@ -67,18 +73,8 @@ def target_spacing_for(config_spacing: list[float], case_spacing: tuple[float, .
                              f"{len(case_spacing)}D case needs {len(case_spacing)} (or {len(case_spacing) - 1} for 2d)")
 
 
-def _resampling_settings(plans: dict) -> dict:
-    r = plans["resampling"]
-    needed = ("image_order", "label_order", "thick_axis_order", "anisotropy_threshold")
-    missing = [k for k in needed if r.get(k) is None]
-    if missing:
-        raise PreprocessingError(f"plans.json resampling lacks {', '.join(missing)} (plans format 2); "
-                                 f"run `autoseg plan` again")
-    return r
-
-
-def preprocess_case(image: np.ndarray, label: np.ndarray | None, geometry: Geometry, plans: dict,
-                    configuration: str) -> tuple[np.ndarray, np.ndarray | None, dict]:
+def preprocess_case(image: np.ndarray, label: np.ndarray | None, geometry: Geometry, plans: Plans,
+                    configuration: str) -> tuple[np.ndarray, np.ndarray | None, CaseProperties]:
     """One case (C, Z, Y, X) in file orientation -> network-ready arrays and the properties to go back.
 
     Crop to the non-zero region, normalize (inside the hole-filled non-zero mask where planned),
@@ -86,39 +82,39 @@ def preprocess_case(image: np.ndarray, label: np.ndarray | None, geometry: Geome
     where the case is background outside the mask. Used by both `autoseg plan` and `autoseg predict`,
     so prediction sees exactly the training preprocessing.
     """
-    config = plans["configurations"][configuration]
-    transpose = plans["transpose_forward"]
-    r = _resampling_settings(plans)
+    config = plans.configuration(configuration)
+    transpose = plans.transpose_forward
+    r = plans.resampling
     bbox = nonzero_bounding_box(image)
     image = crop(image, bbox).astype(np.float32, copy=True)
     mask = nonzero_mask(image)
-    normalize(image, mask, plans["normalization"])
+    normalize(image, mask, plans.normalization)
     image = image.transpose(0, *(a + 1 for a in transpose))
     spacing = tuple(float(geometry.spacing[a]) for a in transpose)
-    target_spacing = target_spacing_for(config["spacing"], spacing)
+    target_spacing = target_spacing_for(config.spacing, spacing)
     shape = new_shape_for(image.shape[1:], spacing, target_spacing)
-    axis = separate_axis_for(spacing, target_spacing, r["anisotropy_threshold"])
-    image = np.ascontiguousarray(resample_image(image, shape, r["image_order"], axis, r["thick_axis_order"]))
-    properties = {
-        "original_geometry": geometry.to_json(),
-        "nonzero_bbox": [list(b) for b in bbox],
-        "shape_after_crop": [hi - lo for lo, hi in bbox],
-        "shape_after_resampling": list(shape),
-        "spacing": list(target_spacing),
-        "preprocessing_key": preprocessing_key(plans, configuration),
-    }
+    axis = separate_axis_for(spacing, target_spacing, r.anisotropy_threshold)
+    image = np.ascontiguousarray(resample_image(image, shape, r.image_order, axis, r.thick_axis_order))
+    properties = CaseProperties(
+        original_geometry=geometry,
+        nonzero_bbox=tuple((int(lo), int(hi)) for lo, hi in bbox),
+        shape_after_crop=tuple(int(hi - lo) for lo, hi in bbox),
+        shape_after_resampling=tuple(int(s) for s in shape),
+        spacing=tuple(float(s) for s in target_spacing),
+        preprocessing_key=preprocessing_key(plans, configuration),
+    )
     seg = None
     if label is not None:
-        dtype = seg_dtype(plans["labels"])
+        dtype = seg_dtype(plans.labels)
         seg = crop(label, bbox)
         if seg.size and (seg.min() < 0 or seg.max() > np.iinfo(dtype).max):
             raise PreprocessingError(f"label values [{seg.min()}, {seg.max()}] do not fit {np.dtype(dtype).name} "
-                                     f"(plans.json's largest label id is {max(int(k) for k in plans['labels'])}); "
+                                     f"(plans.json's largest label id is {max(plans.labels)}); "
                                      f"check the label file against dataset.json")
         seg = mark_outside_mask(seg, mask).transpose(*transpose)
-        seg = resample_label(seg, shape, r["label_order"], axis, r["thick_axis_order"])
+        seg = resample_label(seg, shape, r.label_order, axis, r.thick_axis_order)
         seg = np.ascontiguousarray(seg)[None].astype(dtype)
-        properties["class_locations"] = _sample_class_locations(seg[0], seed=int(np.prod(shape)) % (2 ** 31))
+        properties = replace(properties, class_locations=_sample_class_locations(seg[0], seed=int(np.prod(shape)) % (2 ** 31)))
     return image, seg, properties
 
 
@@ -135,7 +131,7 @@ def _sample_class_locations(seg: np.ndarray, seed: int) -> dict[str, list[list[i
     return locations
 
 
-def _preprocess_job(args: tuple[Case, int, dict, str, Path]) -> str:
+def _preprocess_job(args: tuple[Case, int, Plans, str, Path]) -> str:
     case, num_channels, plans, configuration, folder = args
     image, geometry = read_case_image(case, num_channels)
     label = read_case_label(case) if case.label_file is not None else None
@@ -143,22 +139,20 @@ def _preprocess_job(args: tuple[Case, int, dict, str, Path]) -> str:
         data, seg, properties = preprocess_case(image, label, geometry, plans, configuration)
     except (NormalizationError, PreprocessingError) as exc:
         raise PreprocessingError(f"case {case.case_id}: {exc}") from exc
-    store.save_case(folder, case.case_id, data, seg, {"case_id": case.case_id, **properties},
-                    patch_size=plans["configurations"][configuration]["patch_size"])
+    store.save_case(folder, case.case_id, data, seg, replace(properties, case_id=case.case_id),
+                    patch_size=plans.configuration(configuration).patch_size)
     return case.case_id
 
 
-def preprocess_dataset(dataset: Dataset, plans: dict, workdir: Path, configurations: list[str] | None = None,
+def preprocess_dataset(dataset: Dataset, plans: Plans, workdir: Path, configurations: list[str] | None = None,
                        workers: int = 1, progress: bool = True) -> dict[str, int]:
     """Preprocess every case for each configuration's data (shared between configurations that use the
     same data). Cases already complete are skipped, so an interrupted run resumes. Returns the number
     of cases written per data folder."""
-    configs = list(plans["configurations"]) if configurations is None else configurations
+    configs = list(plans.configurations) if configurations is None else configurations
     done_ids: dict[str, str] = {}
     for name in configs:
-        if name not in plans["configurations"]:
-            raise PlanError(f"configuration '{name}' is not in plans.json (has {', '.join(plans['configurations'])})")
-        done_ids.setdefault(plans["configurations"][name]["data_identifier"], name)
+        done_ids.setdefault(plans.configuration(name).data_identifier, name)
     written = {}
     for identifier, name in done_ids.items():
         folder = preprocessed_dir(workdir, identifier)

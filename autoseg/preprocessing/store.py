@@ -28,18 +28,20 @@ import blosc2
 import numpy as np
 
 from autoseg.atomic import atomic_path, read_json, write_json
+from autoseg.errors import AutosegError
+from autoseg.preprocessing.properties import CaseProperties
 
 CaseArray = Union[blosc2.NDArray, np.ndarray]  # slicing returns numpy and reads only the box sliced
 
 FORMAT_VERSION = 2
 
 CODEC = blosc2.Codec.ZSTD
-CLEVEL = 3  # level 8 (nnU-Net's) wrote ~10x slower on BraTS and was no smaller (benchmarks/README.md)
+CLEVEL = 3  # nnU-Net's level 8 wrote much slower and no smaller (benchmarks/README.md)
 BLOCKS_3D, CHUNKS_3D = (8, 16, 16), (32, 64, 64)
 BLOCKS_2D, CHUNKS_2D = (1, 64, 64), (1, 256, 256)
 
 
-class PreprocessedDataError(ValueError):
+class PreprocessedDataError(AutosegError):
     """A preprocessed folder that cannot be read as it is; the message names the file and the fix."""
 
 
@@ -81,7 +83,7 @@ def open_array(path: Path) -> blosc2.NDArray:
     return blosc2.open(str(path), mode="r", mmap_mode="r", dparams=blosc2.DParams(nthreads=1))
 
 
-def save_case(folder: Path, case_id: str, data: np.ndarray, seg: np.ndarray | None, properties: dict,
+def save_case(folder: Path, case_id: str, data: np.ndarray, seg: np.ndarray | None, properties: CaseProperties,
               patch_size: Sequence[int] | None = None) -> None:
     """Store a preprocessed case: image as float32, seg in its own integer type, properties last.
 
@@ -99,7 +101,7 @@ def save_case(folder: Path, case_id: str, data: np.ndarray, seg: np.ndarray | No
         save_array(seg_path, seg, patch_size)
     else:
         seg_path.unlink(missing_ok=True)
-    write_json(props_path, {"format_version": FORMAT_VERSION, **properties})
+    write_json(props_path, {"format_version": FORMAT_VERSION, **properties.to_json()})
 
 
 def open_case_arrays(folder: Path, case_id: str) -> tuple[CaseArray, CaseArray]:
@@ -125,15 +127,21 @@ def load_case_image(folder: Path, case_id: str) -> np.ndarray:
                             "(`autoseg plan DATASET -o WORKDIR --steps preprocess`)")
 
 
-def load_properties(folder: Path, case_id: str) -> dict:
+def load_properties(folder: Path, case_id: str) -> CaseProperties:
     path = case_paths(folder, case_id)[2]
-    properties = read_json(path)
-    version = properties.get("format_version", 1)
-    if version > FORMAT_VERSION:
-        raise PreprocessedDataError(f"{path} has format_version {version}, newer than this autoseg reads "
-                                    f"({FORMAT_VERSION}); upgrade autoseg or rerun `autoseg plan DATASET -o WORKDIR "
-                                    "--steps preprocess`")
-    return properties
+    rerun = "rerun `autoseg plan DATASET -o WORKDIR --steps preprocess`"
+    try:
+        properties = read_json(path)
+    except ValueError as exc:
+        raise PreprocessedDataError(f"{path} is not valid JSON ({exc}); {rerun}") from None
+    version = properties.get("format_version", 1) if isinstance(properties, dict) else None
+    if version is None or version > FORMAT_VERSION:
+        raise PreprocessedDataError(f"{path} has format_version {version}, not one this autoseg reads "
+                                    f"({FORMAT_VERSION}); upgrade autoseg or {rerun}")
+    try:
+        return CaseProperties.from_json(properties)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PreprocessedDataError(f"{path}: malformed case properties ({type(exc).__name__}: {exc}); {rerun}") from None
 
 
 def list_cases(folder: Path) -> list[str]:

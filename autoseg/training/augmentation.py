@@ -263,7 +263,7 @@ def validation_transforms(deep_supervision_scales: list[list[float]] | None) -> 
     return Compose([RoundSegToLabels(), DownsampleSegForDeepSupervision(deep_supervision_scales)] + _to_tensors())
 
 
-def default_num_workers() -> int:
+def default_workers() -> int:
     """Background augmentation workers: one core left for the training process, at most 12."""
     try:
         cores = len(os.sched_getaffinity(0))
@@ -308,9 +308,9 @@ def _pinned(value):
     return value
 
 
-def make_loader(loader, transforms: Compose, num_workers: int, seed: int, pin_memory: bool = False
+def make_loader(loader, transforms: Compose, workers: int, seed: int, pin_memory: bool = False
                 ) -> AugmentedBatches:
-    """Iterator of augmented batches; `num_workers` background processes, or in-process when 0.
+    """Iterator of augmented batches; `workers` background processes, or in-process when 0.
 
     Each worker seeds numpy's global generator (used by the transforms) from `seed`; the loader's
     own sampling is seeded by the loader. With 0 workers this process's numpy and `random` global
@@ -319,27 +319,27 @@ def make_loader(loader, transforms: Compose, num_workers: int, seed: int, pin_me
     non-deterministic order across workers (whichever batch is ready first); a finite loader keeps
     the round-robin order. `pin_memory` pins the tensors when CUDA is available.
     """
-    if num_workers < 0:
-        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0, got {workers}")
     steps = list(transforms.transforms)
     n_numpy = len(steps)
     while n_numpy > 0 and isinstance(steps[n_numpy - 1], NumpyToTensor):
         n_numpy -= 1
     numpy_transforms, to_tensors = Compose(steps[:n_numpy]), steps[n_numpy:]
-    if num_workers == 0:
+    if workers == 0:
         state = int(np.random.SeedSequence(seed).generate_state(1)[0])
         np.random.seed(state)
         random.seed(state)
         return AugmentedBatches(SingleThreadedAugmenter(loader, numpy_transforms), to_tensors, pin_memory)
-    seeds = [int(s) for s in np.random.SeedSequence(seed).generate_state(num_workers)]
+    seeds = [int(s) for s in np.random.SeedSequence(seed).generate_state(workers)]
     if getattr(loader, "infinite", True):
-        augmenter = NonDetMultiThreadedAugmenter(loader, numpy_transforms, num_workers,
-                                                 num_cached=max(3, num_workers), seeds=seeds)
+        augmenter = NonDetMultiThreadedAugmenter(loader, numpy_transforms, workers,
+                                                 num_cached=max(3, workers), seeds=seeds)
     else:
-        if getattr(loader, "number_of_threads_in_multithreaded", num_workers) != num_workers:
+        if getattr(loader, "number_of_threads_in_multithreaded", workers) != workers:
             logger.warning("finite loader was built for %s workers but runs with %s; cases may repeat or be "
-                           "skipped", loader.number_of_threads_in_multithreaded, num_workers)
-        augmenter = MultiThreadedAugmenter(loader, numpy_transforms, num_workers, num_cached_per_queue=2,
+                           "skipped", loader.number_of_threads_in_multithreaded, workers)
+        augmenter = MultiThreadedAugmenter(loader, numpy_transforms, workers, num_cached_per_queue=2,
                                            seeds=seeds)
     return AugmentedBatches(augmenter, to_tensors, pin_memory)
 

@@ -25,12 +25,14 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_autograd
 from torch.nn.parallel import DistributedDataParallel
 
+from autoseg.errors import AutosegError
+
 log = logging.getLogger(__name__)
 
 TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
-class DistributedError(RuntimeError):
+class DistributedError(AutosegError):
     """A distributed launch that cannot work (too few devices, a batch smaller than the ranks, a rank that failed)."""
 
 

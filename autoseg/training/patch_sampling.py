@@ -55,7 +55,7 @@ def open_case(folder: Path, case_id: str) -> PreprocessedCase:
     properties = store.load_properties(folder, case_id)
     class_locations = {
         int(label): np.asarray(coords, dtype=np.int64).reshape(-1, 3)
-        for label, coords in properties.get("class_locations", {}).items()
+        for label, coords in properties.class_locations.items()
     }
     return PreprocessedCase(case_id, image, seg, class_locations)
 

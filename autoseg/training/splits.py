@@ -7,11 +7,12 @@ from pathlib import Path
 import numpy as np
 
 from autoseg.atomic import read_json, write_json
+from autoseg.errors import AutosegError
 
 NUM_FOLDS = 5
 
 
-class SplitError(Exception):
+class SplitError(AutosegError):
     """A splits.json that does not fit the preprocessed cases; the message names the fix."""
 
 

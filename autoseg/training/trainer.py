@@ -19,20 +19,25 @@ import torch
 from autoseg import workspace
 from autoseg.device import (autocast_context, choose_device, configure_cudnn, gradient_scaler,
                             mixed_precision_dtype, pin_memory_for)
-from autoseg.network.unet import UNetTopology, build_unet, deep_supervision_scales
-from autoseg.planning.planner import load_plans
+from autoseg.errors import AutosegError
+from autoseg.model_files import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from autoseg.network.unet import build_unet, deep_supervision_scales
+from autoseg.planning.plans import Plans
 from autoseg.preprocessing import store
 from autoseg.preprocessing.preprocess import is_current, preprocessing_key
 from autoseg.training import distributed
-from autoseg.training.augmentation import (default_num_workers, make_loader, rotation_for_patch, shutdown_loader,
+from autoseg.training.augmentation import (default_workers, make_loader, rotation_for_patch, shutdown_loader,
                                            training_patch_size, training_transforms, validation_transforms)
-from autoseg.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from autoseg.training.loss import DeepSupervisionLoss, DiceCELoss, deep_supervision_weights
 from autoseg.training.patch_sampling import PatchLoader
 from autoseg.training.progress_plot import plot_progress
 from autoseg.training.splits import fold_cases, load_or_create_splits
 
 log = logging.getLogger(__name__)
+
+
+class TrainingError(AutosegError):
+    """A fold that cannot be trained as asked; the message names the file or setting and the fix."""
 
 
 @dataclass(frozen=True)
@@ -49,10 +54,10 @@ class TrainingSettings:
     oversample_foreground: float = 0.33
     ema_momentum: float = 0.9  # weight of the previous EMA of the validation pseudo-Dice
     checkpoint_every: int = 1  # epochs between checkpoint_latest writes (and always at the end)
-    num_workers: int = field(default_factory=default_num_workers)
+    workers: int = field(default_factory=default_workers)
     seed: int = 0
     device: str | None = None  # None: CUDA if available, else CPU
-    mixed_precision: bool = True  # float16 autocast on CUDA; bfloat16 on a CPU with native bf16 (about 2x faster)
+    mixed_precision: bool = True  # float16 autocast on CUDA; bfloat16 on a CPU with native bf16
     validate_at_end: bool = True
     # Validation probabilities (<case>.npz) for `autoseg crossval`'s ensembles; None: when the plans have
     # more than one configuration.
@@ -61,11 +66,11 @@ class TrainingSettings:
     def __post_init__(self) -> None:
         for name in ("epochs", "iters_per_epoch", "val_iters", "checkpoint_every"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+                raise TrainingError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.batch_size is not None and self.batch_size < 1:
-            raise ValueError(f"batch-size must be at least 1, got {self.batch_size}")
-        if self.num_workers < 0:
-            raise ValueError(f"workers must be 0 or more, got {self.num_workers}")
+            raise TrainingError(f"batch-size must be at least 1, got {self.batch_size}")
+        if self.workers < 0:
+            raise TrainingError(f"workers must be 0 or more, got {self.workers}")
 
 
 def poly_lr(initial_lr: float, epoch: int, epochs: int, exponent: float = 0.9) -> float:
@@ -112,18 +117,18 @@ def train_fold(workdir: Path, configuration: str, fold: int | str, settings: Tra
                resume: bool = False, progress: bool = True) -> dict:
     """Train one fold; returns the final record (history, and the validation summary when run)."""
     workdir = Path(workdir)
-    plans = load_plans(workspace.plans_json(workdir))
-    if configuration not in plans["configurations"]:
-        raise ValueError(f"configuration '{configuration}' is not in {workspace.plans_json(workdir)} "
-                         f"(planned: {', '.join(plans['configurations'])})")
-    config = plans["configurations"][configuration]
-    data_dir = workspace.preprocessed_dir(workdir, config["data_identifier"])
+    plans = Plans.load(workspace.plans_json(workdir))
+    if configuration not in plans.configurations:
+        raise TrainingError(f"configuration '{configuration}' is not in {workspace.plans_json(workdir)} "
+                            f"(planned: {', '.join(plans.configurations)})")
+    config = plans.configuration(configuration)
+    data_dir = workspace.preprocessed_dir(workdir, config.data_identifier)
     case_ids = store.list_cases(data_dir)
     if not case_ids:
-        raise ValueError(f"{data_dir}: no preprocessed cases; run `autoseg plan` (preprocess step) first")
+        raise TrainingError(f"{data_dir}: no preprocessed cases; run `autoseg plan` (preprocess step) first")
     stale = [c for c in case_ids if not is_current(data_dir, c, preprocessing_key(plans, configuration))]
     if stale:
-        raise ValueError(f"{data_dir}: {len(stale)} case(s) (e.g. {stale[0]}) were preprocessed with other plans; "
+        raise TrainingError(f"{data_dir}: {len(stale)} case(s) (e.g. {stale[0]}) were preprocessed with other plans; "
                          "run `autoseg plan DATASET_DIR -o WORKDIR --steps preprocess` first")
     splits = distributed.main_first(load_or_create_splits, workspace.splits_json(workdir), case_ids)
     train_ids, val_ids = fold_cases(splits, fold, case_ids)
@@ -142,20 +147,20 @@ def train_fold(workdir: Path, configuration: str, fold: int | str, settings: Tra
     torch.manual_seed(settings.seed)
     np.random.seed(settings.seed)
     configure_cudnn(device)
-    global_batch = settings.batch_size or config["batch_size"]
-    batch_note = "" if global_batch == config["batch_size"] else f" (plan: {config['batch_size']})"
+    global_batch = settings.batch_size or config.batch_size
+    batch_note = "" if global_batch == config.batch_size else f" (plan: {config.batch_size})"
     batch_size, oversample = distributed.batch_share(global_batch, settings.oversample_foreground,
                                                      distributed.rank(), distributed.world_size())
 
     # --- network, loss, optimizer -------------------------------------------------------------
-    num_classes = len(plans["labels"])
-    topology = UNetTopology.from_plan(config, len(plans["channel_names"]), num_classes)
+    num_classes = plans.num_classes
+    topology = plans.network_topology(configuration)
     network = build_unet(topology, deep_supervision=True).to(device)
     memory_format = _memory_format(topology.ndim, device)
     if memory_format is not None:
         network = network.to(memory_format=memory_format)
-    scales = deep_supervision_scales(config["strides"])
-    batch_dice = bool(config["batch_dice"])
+    scales = deep_supervision_scales(config.strides)
+    batch_dice = config.batch_dice
     loss_weights = deep_supervision_weights(len(scales))
     sum_dice_terms = distributed.sum_with_gradient if distributed.is_distributed() and batch_dice else None
     loss_fn = DeepSupervisionLoss(DiceCELoss(batch_dice=batch_dice, sum_terms=sum_dice_terms), loss_weights)
@@ -172,17 +177,18 @@ def train_fold(workdir: Path, configuration: str, fold: int | str, settings: Tra
         try:
             state = load_checkpoint(out / "checkpoint_latest.pt", map_location=device)
         except CheckpointError as exc:
-            raise ValueError(f"cannot resume: {exc}") from None
-        if state["configuration"] != configuration:
-            raise ValueError(f"{out / 'checkpoint_latest.pt'} is for configuration {state['configuration']}")
-        network.load_state_dict(state["network_state"])
-        optimizer.load_state_dict(state["optimizer_state"])
-        if state["grad_scaler_state"]:  # empty when the run was not in float16
-            scaler.load_state_dict(state["grad_scaler_state"])
-        start_epoch, best_ema, ema = state["epoch"], state["best_ema_dice"], state["ema_dice"]
-        history = list(state["history"])
-        if state["epochs"] != settings.epochs:
-            say(f"note: resuming a {state['epochs']}-epoch schedule with --epochs {settings.epochs}; "
+            raise TrainingError(f"cannot resume: {exc}") from None
+        if state.configuration != configuration or state.optimizer_state is None or state.epoch is None:
+            raise TrainingError(f"{out / 'checkpoint_latest.pt'} is not a training state of configuration "
+                                f"{configuration} (it holds {state.configuration}); train afresh without --resume")
+        network.load_state_dict(state.network_state)
+        optimizer.load_state_dict(state.optimizer_state)
+        if state.grad_scaler_state:  # empty when the run was not in float16
+            scaler.load_state_dict(state.grad_scaler_state)
+        start_epoch, best_ema, ema = state.epoch, state.best_ema_dice, state.ema_dice
+        history = list(state.history)
+        if state.epochs != settings.epochs:
+            say(f"note: resuming a {state.epochs}-epoch schedule with --epochs {settings.epochs}; "
                 "the learning-rate schedule follows the new length")
         say(f"resumed from epoch {start_epoch} (best EMA pseudo-Dice {best_ema:.4f})")
     elif main_process:
@@ -193,8 +199,8 @@ def train_fold(workdir: Path, configuration: str, fold: int | str, settings: Tra
         say(f"training {configuration} fold {fold}: {len(train_ids)} training and {len(val_ids)} validation cases, "
             f"{settings.epochs} epochs x {settings.iters_per_epoch} iterations, batch {global_batch}"
             f"{batch_note}, "
-            f"patch {config['patch_size']}, device {device}, "
-            f"{'mixed precision' if autocast is not nullcontext else 'float32'}, {settings.num_workers} augmentation worker(s), "
+            f"patch {list(config.patch_size)}, device {device}, "
+            f"{'mixed precision' if autocast is not nullcontext else 'float32'}, {settings.workers} augmentation worker(s), "
             f"{torch.get_num_threads()} torch thread(s)")
     if distributed.is_distributed():
         shares = [distributed.batch_share(global_batch, settings.oversample_foreground, r,
@@ -207,34 +213,34 @@ def train_fold(workdir: Path, configuration: str, fold: int | str, settings: Tra
         head.requires_grad_(weight > 0)  # the coarsest head gets no loss; DDP must not wait for its gradient
     model = distributed.wrap(network, device)
 
-    def checkpoint_state(epoch: int) -> dict:
-        return {"configuration": configuration, "fold": str(fold), "epoch": epoch, "epochs": settings.epochs,
-                "network_state": network.state_dict(), "optimizer_state": optimizer.state_dict(),
-                "grad_scaler_state": scaler.state_dict(), "best_ema_dice": best_ema,
-                "ema_dice": ema, "history": history, "plans_configuration": config,
-                "labels": plans["labels"], "channel_names": plans["channel_names"]}
+    def checkpoint_state(epoch: int) -> Checkpoint:
+        return Checkpoint(configuration=configuration, fold=str(fold), epoch=epoch, epochs=settings.epochs,
+                          network_state=network.state_dict(), optimizer_state=optimizer.state_dict(),
+                          grad_scaler_state=scaler.state_dict(), best_ema_dice=best_ema, ema_dice=ema,
+                          history=history, plans_configuration=config.to_json(),
+                          labels=plans.to_json()["labels"], channel_names=list(plans.channel_names))
 
     # --- data -----------------------------------------------------------------------------------
-    patch = config["patch_size"]
+    patch = list(config.patch_size)
     read_patch = training_patch_size(patch)  # enlarged so rotation and scaling find data to fill the patch
     rotation, in_plane_only = rotation_for_patch(patch)
-    mirror_axes = tuple(range(len(patch)))
-    masked_channels = [n["channel"] for n in plans["normalization"] if n["use_nonzero_mask"]]
+    mirror_axes = config.mirror_axes
+    masked_channels = [n.channel for n in plans.normalization if n.use_nonzero_mask]
     say(f"augmentation: patch {patch} read as {read_patch}, rotation up to +-{np.degrees(rotation[1]):.0f} degrees"
         f"{' (slab: in-plane only)' if in_plane_only else ''}, image 0 outside the non-zero mask in channels "
         f"{masked_channels}; loss: {'batch' if batch_dice else 'per-sample'} Dice + cross-entropy")
     data_seed = distributed.rank_seed(settings.seed + start_epoch)
     train_loader = PatchLoader(data_dir, train_ids, read_patch, batch_size, oversample,
-                               max(1, settings.num_workers), seed=data_seed, final_patch_size=patch)
+                               max(1, settings.workers), seed=data_seed, final_patch_size=patch)
     train_batches = make_loader(train_loader, training_transforms(patch, mirror_axes=mirror_axes,
                                                                   deep_supervision_scales=scales,
                                                                   nonzero_mask_channels=masked_channels),
-                                settings.num_workers, seed=data_seed)
+                                settings.workers, seed=data_seed)
     val_batches = None
     if val_ids:
         val_loader = PatchLoader(data_dir, val_ids, patch, batch_size, oversample,
-                                 max(1, settings.num_workers // 2), seed=data_seed + 1)
-        val_batches = make_loader(val_loader, validation_transforms(scales), max(0, settings.num_workers // 2),
+                                 max(1, settings.workers // 2), seed=data_seed + 1)
+        val_batches = make_loader(val_loader, validation_transforms(scales), max(0, settings.workers // 2),
                                   seed=data_seed + 1)
 
     # --- the loop ---------------------------------------------------------------------------------
@@ -267,7 +273,7 @@ def train_fold(workdir: Path, configuration: str, fold: int | str, settings: Tra
                 # Skipped steps changed nothing: the state in memory is still the end of the previous epoch.
                 if main_process:
                     save_checkpoint(out / "checkpoint_latest.pt", checkpoint_state(epoch))
-                raise ValueError(
+                raise TrainingError(
                     f"training {configuration} fold {fold} diverged: every step of epoch {epoch + 1} had inf or NaN "
                     f"gradients and was skipped; {out / 'checkpoint_latest.pt'} holds the state after epoch {epoch}"
                     + ("; try --resume --fp32" if amp_dtype is not None else ""))
@@ -293,7 +299,7 @@ def train_fold(workdir: Path, configuration: str, fold: int | str, settings: Tra
                 save_checkpoint(out / "checkpoint_latest.pt", checkpoint_state(epoch + 1))
             if main_process:
                 plot_progress(history, out / "progress.png",
-                              [plans["labels"][str(k)] for k in range(1, len(plans["labels"]))])
+                              [plans.labels[k] for k in plans.foreground_labels])
     finally:
         shutdown_loader(train_batches)
         if val_batches is not None:
@@ -304,15 +310,16 @@ def train_fold(workdir: Path, configuration: str, fold: int | str, settings: Tra
         return result
     save_checkpoint(out / "checkpoint_final.pt", checkpoint_state(settings.epochs))
     if val_ids and settings.validate_at_end:
+        from autoseg.inference.settings import ComputeSettings
         from autoseg.training.validation import validate_fold
 
         network.deep_supervision = False
         result["validation"] = validate_fold(network, workdir, plans, configuration, val_ids, out / "validation",
-                                             device, progress=progress,
-                                             mixed_precision=settings.mixed_precision,
-                                             save_probabilities=settings.save_probabilities)
+                                             ComputeSettings(device, mixed_precision=settings.mixed_precision),
+                                             save_probabilities=settings.save_probabilities, progress=progress)
         say("validation Dice per label: " + ", ".join(
-            f"{plans['labels'][k]} {v['dice']:.4f}" for k, v in result["validation"]["mean"].items() if v["dice"] is not None))
+            f"{plans.labels[int(k)]} {v['dice']:.4f}" for k, v in result["validation"]["mean"].items()
+            if v["dice"] is not None))
     return result
 
 

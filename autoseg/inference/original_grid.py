@@ -24,7 +24,9 @@ import numpy as np
 
 from autoseg.atomic import atomic_path
 from autoseg.dataset.image_io import WRITE_SUFFIXES, Geometry, write_image
+from autoseg.planning.plans import Plans
 from autoseg.postprocessing import apply_postprocessing
+from autoseg.preprocessing.properties import CaseProperties
 from autoseg.preprocessing.resampling import resample_probabilities, separate_axis_for
 
 PROBABILITIES_KEY = "probabilities"
@@ -40,7 +42,7 @@ def segmentation_suffix(input_suffix: str) -> str:
     return suffix
 
 
-def logits_to_original(logits: np.ndarray, properties: dict, plans: dict) -> np.ndarray:
+def logits_to_original(logits: np.ndarray, properties: CaseProperties, plans: Plans) -> np.ndarray:
     """(K, *resampled) logits in network space -> (K, Z, Y, X) float32 probabilities in the original file's
     orientation and shape (`properties` as returned by `preprocess_case`): the logits are resampled and
     the softmax is taken on the input's grid, as nnU-Net v2 exports. Holds K volumes of the input's
@@ -64,17 +66,17 @@ def logits_to_original(logits: np.ndarray, properties: dict, plans: dict) -> np.
 class _BackToCrop:
     """How one configuration's network grid maps back onto the cropped input grid (network axis order)."""
 
-    def __init__(self, properties: dict, plans: dict):
-        forward = plans["transpose_forward"]
+    def __init__(self, properties: CaseProperties, plans: Plans):
+        forward = plans.transpose_forward
         self.forward = tuple(forward)
-        self.network_shape = tuple(properties["shape_after_resampling"])
-        self.shape = tuple(properties["shape_after_crop"][a] for a in forward)  # cropping comes before the transpose
-        original_spacing = [properties["original_geometry"]["spacing"][a] for a in forward]
-        self.separate_axis = separate_axis_for(properties["spacing"], original_spacing,
-                                               plans["resampling"]["anisotropy_threshold"])
-        self.thick_axis_order = plans["resampling"]["thick_axis_order"]
-        self.bbox = tuple(slice(lo, hi) for lo, hi in properties["nonzero_bbox"])
-        self.full_shape = tuple(properties["original_geometry"]["shape"])
+        self.network_shape = tuple(properties.shape_after_resampling)
+        self.shape = tuple(properties.shape_after_crop[a] for a in forward)  # cropping comes before the transpose
+        original_spacing = [properties.original_geometry.spacing[a] for a in forward]
+        self.separate_axis = separate_axis_for(properties.spacing, original_spacing,
+                                               plans.resampling.anisotropy_threshold)
+        self.thick_axis_order = plans.resampling.thick_axis_order
+        self.bbox = tuple(slice(lo, hi) for lo, hi in properties.nonzero_bbox)
+        self.full_shape = tuple(properties.original_geometry.shape)
         n_in, n_out = self.network_shape[0], self.shape[0]
         # Slabs along the first network axis can be resampled on their own, with the very values of the
         # whole volume, when that axis is not resampled or is resampled apart by copying nearest slices.
@@ -137,7 +139,7 @@ class LabelMapBuilder:
     running log-sum-exp); several take two (each one's log-sum-exp, then the averaged probabilities).
     """
 
-    def __init__(self, properties: Sequence[dict], plans: dict, num_classes: int, uncertainty: bool = False,
+    def __init__(self, properties: Sequence[CaseProperties], plans: Plans, num_classes: int, uncertainty: bool = False,
                  entropy_map: bool = False):
         if num_classes > 65536:
             raise ValueError(f"{num_classes} classes do not fit a uint16 label map")

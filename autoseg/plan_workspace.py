@@ -1,0 +1,99 @@
+"""`autoseg plan` as one library function: verify, fingerprint, plan and preprocess a dataset into a workspace.
+
+The CLI and the benchmarks call `plan_workspace`; each step reads what the previous one wrote
+(docs/workspace.md), so a step can also run alone (`steps`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from autoseg import workspace
+from autoseg.atomic import write_json
+from autoseg.dataset.layout import Dataset, load_dataset
+from autoseg.dataset.verify import VerifyReport, verify_dataset
+from autoseg.errors import AutosegError
+from autoseg.fingerprint import compute_fingerprint, load_fingerprint, save_fingerprint
+from autoseg.planning.planner import DEFAULT_MEMORY_BUDGET_GB, plan_experiment
+from autoseg.planning.plans import Plans
+from autoseg.preprocessing.preprocess import preprocess_dataset
+
+log = logging.getLogger(__name__)
+
+PLAN_STEPS = ("verify", "fingerprint", "plan", "preprocess")
+
+
+class PlanWorkspaceError(AutosegError):
+    """A dataset or workspace the plan steps cannot go on with; the message says what to fix."""
+
+    def __init__(self, message: str, verification: VerifyReport | None = None):
+        super().__init__(message)
+        self.verification = verification  # the dataset's problems, when verification stopped the run
+
+
+@dataclass
+class PlanOutcome:
+    """What `plan_workspace` did: the plans (when the plan or preprocess step ran), the verification
+    report (when verify ran) and seconds per step."""
+
+    dataset: Dataset
+    plans: Plans | None = None
+    verification: VerifyReport | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def plan_workspace(dataset_dir: Path, workdir: Path, steps: Sequence[str] = PLAN_STEPS,
+                   configurations: Sequence[str] | None = None, memory_gb: float = DEFAULT_MEMORY_BUDGET_GB,
+                   workers: int = 1, progress: bool = True) -> PlanOutcome:
+    """Run `steps` in order into `workdir` (created if missing). `configurations=None`: plan every
+    configuration that applies and preprocess all planned ones. Raises PlanWorkspaceError when the
+    dataset has errors (listed in the outcome's verification and in `verify_report.json`)."""
+    unknown = [s for s in steps if s not in PLAN_STEPS]
+    if unknown:
+        raise PlanWorkspaceError(f"unknown step(s) {', '.join(unknown)}; choose from {', '.join(PLAN_STEPS)}")
+    workdir = Path(workdir)
+    dataset = load_dataset(dataset_dir)
+    if workdir.resolve() == dataset.root:
+        raise PlanWorkspaceError(f"{workdir}: the workspace must not be the dataset folder; choose a folder of its own")
+    workdir.mkdir(parents=True, exist_ok=True)
+    write_json(workspace.dataset_json(workdir), {"format_version": 1, **dataset.to_json()})
+    outcome = PlanOutcome(dataset)
+    if "verify" in steps:
+        started = time.perf_counter()
+        report = verify_dataset(dataset, workers=workers)
+        write_json(workspace.verify_report(workdir), report.to_json())
+        outcome.verification, outcome.seconds["verify"] = report, time.perf_counter() - started
+        if not report.ok:
+            raise PlanWorkspaceError(f"the dataset has {len(report.errors)} error(s) (listed in "
+                                     f"{workspace.verify_report(workdir)}); fix them and run again", report)
+    if "fingerprint" in steps:
+        started = time.perf_counter()
+        save_fingerprint(compute_fingerprint(dataset, workers=workers), workspace.fingerprint_json(workdir))
+        outcome.seconds["fingerprint"] = time.perf_counter() - started
+    if "plan" in steps:
+        fingerprint_path = workspace.fingerprint_json(workdir)
+        if not fingerprint_path.is_file():
+            raise PlanWorkspaceError(f"{fingerprint_path} not found; run the fingerprint step first")
+        plans = plan_experiment(load_fingerprint(fingerprint_path), budget_gb=memory_gb,
+                                configurations=list(configurations) if configurations else None)
+        for name in configurations or ():
+            if name not in plans.configurations:
+                log.warning("not planned: %s (%s)", name, plans.not_planned.get(name, "not requested"))
+        if not plans.configurations:
+            raise PlanWorkspaceError("no configuration was planned: " + "; ".join(
+                f"{c}: {plans.not_planned.get(c, '')}" for c in configurations or ()) + "; choose another with --configs")
+        plans.save(workspace.plans_json(workdir))
+        log.info("wrote %s (configurations: %s; default %s)", workspace.plans_json(workdir),
+                 ", ".join(plans.configurations), plans.default_configuration)
+        outcome.plans = plans
+    if "preprocess" in steps:
+        plans = Plans.load(workspace.plans_json(workdir))
+        chosen = [c for c in (configurations or plans.configurations) if c in plans.configurations]
+        started = time.perf_counter()
+        preprocess_dataset(dataset, plans, workdir, chosen, workers=workers, progress=progress)
+        outcome.plans, outcome.seconds["preprocess"] = plans, time.perf_counter() - started
+    return outcome
