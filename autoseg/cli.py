@@ -7,7 +7,6 @@ import importlib.util
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 
 from autoseg import __version__
@@ -109,8 +108,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from autoseg.inference.batch import predict_folder
-    from autoseg.inference.settings import (DEFAULT_UNCERTAINTY_THRESHOLD, BatchOptions, ComputeSettings, ModelChoice,
-                                            OutputOptions, WindowSettings)
+    from autoseg.inference.settings import (
+        DEFAULT_UNCERTAINTY_THRESHOLD,
+        BatchOptions,
+        ComputeSettings,
+        ModelChoice,
+        OutputOptions,
+        WindowSettings,
+    )
 
     if (args.num_parts is None) != (args.part_id is None):
         raise CommandError("--num-parts and --part-id go together")

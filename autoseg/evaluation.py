@@ -28,10 +28,17 @@ from tqdm import tqdm
 
 from autoseg import workspace
 from autoseg.atomic import atomic_path, read_json, write_json
-from autoseg.dataset.image_io import (PSEUDO_SPACING_2D, SUPPORTED_SUFFIXES, Geometry, ImageReadError,
-                                      image_suffix, read_image, strip_suffix)
-from autoseg.fingerprint import nonzero_bounding_box
+from autoseg.dataset.image_io import (
+    PSEUDO_SPACING_2D,
+    SUPPORTED_SUFFIXES,
+    Geometry,
+    ImageReadError,
+    image_suffix,
+    read_image,
+    strip_suffix,
+)
 from autoseg.errors import AutosegError
+from autoseg.fingerprint import nonzero_bounding_box
 
 logger = logging.getLogger(__name__)
 

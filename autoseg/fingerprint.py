@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from autoseg.atomic import read_json, write_json
-from autoseg.parallel import map_cases
 from autoseg.dataset.layout import Case, Dataset, DatasetError, read_case_image, read_case_label
+from autoseg.parallel import map_cases
 
 log = logging.getLogger(__name__)
 

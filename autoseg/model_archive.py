@@ -31,7 +31,7 @@ from autoseg import __version__, workspace
 from autoseg.atomic import atomic_path, read_json
 from autoseg.errors import AutosegError
 from autoseg.model_files import PREDICTION_KEYS, CheckpointError, checkpoint_path, fold_names, load_checkpoint
-from autoseg.planning.plans import Plans, PlanError
+from autoseg.planning.plans import PlanError, Plans
 
 log = logging.getLogger(__name__)
 
@@ -268,9 +268,13 @@ def import_model(path: Path | str, target_dir: Path | str) -> dict:
                 _extract_verified(path, archive, name, expected, scratch)
             (scratch / MANIFEST).write_bytes(archive.read(MANIFEST))
         _check_weights(path, scratch, manifest)
-        if target.exists():
-            target.rmdir()
-        os.rename(scratch, target)
+        try:
+            if target.exists():
+                target.rmdir()
+            os.rename(scratch, target)
+        except OSError as exc:  # e.g. another process filled the folder meanwhile
+            raise ModelArchiveError(f"{target}: the verified model could not be moved into place ({exc}); "
+                                    "choose a new, empty folder") from None
     finally:
         if scratch.exists():
             shutil.rmtree(scratch, ignore_errors=True)

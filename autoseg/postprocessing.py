@@ -28,8 +28,8 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from autoseg.atomic import read_json, write_json
-from autoseg.evaluation import EvaluationError, dice_from_counts, read_label_map, segmentation_files
 from autoseg.errors import AutosegError
+from autoseg.evaluation import EvaluationError, dice_from_counts, read_label_map, segmentation_files
 
 logger = logging.getLogger(__name__)
 

@@ -60,8 +60,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _machine  # noqa: E402
-from bench_plan import (BenchError, _dataset_meta, find_autoseg, nnunet_env, require_nnunet_bin,  # noqa: E402
-                        stage_nnunet_raw)
+from bench_plan import BenchError, _dataset_meta, find_autoseg, nnunet_env, require_nnunet_bin, stage_nnunet_raw  # noqa: E402
 from bench_plans import CONFIGURATIONS, differences, side_by_side, summarize_autoseg, summarize_nnunet  # noqa: E402
 
 DEFAULT_NNUNET_VENV = "/work/bench/nnunet_venv/bin"

@@ -570,6 +570,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     import torch
+
     from autoseg.planning.planner import plan_experiment
 
     print(f"machine: {machine()}")

@@ -46,12 +46,20 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from bench_train import (
+    DEFAULT_NNUNET_CACHE,
+    BenchError,
+    autoseg_precisions,
+    machine,
+    nnunet_env,
+    prepare_nnunet,
+    run_nnunet_driver,
+    workspace_dataset,
+)
+
 from autoseg.inference.batch import predict_folder
 from autoseg.inference.inputs import discover_inputs
 from autoseg.inference.settings import BatchOptions, ComputeSettings, ModelChoice, WindowSettings
-
-from bench_train import (DEFAULT_NNUNET_CACHE, BenchError, autoseg_precisions, machine, nnunet_env, prepare_nnunet,
-                         run_nnunet_driver, workspace_dataset)
 
 if TYPE_CHECKING:
     from autoseg.planning.plans import ConfigurationPlan

@@ -111,12 +111,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace, nnunet_bin: Path, tmp: Path) -> dict:
+    from bench_predict import link_inputs
+
     from autoseg.dataset.image_io import image_suffix
     from autoseg.inference.batch import predict_folder
     from autoseg.inference.original_grid import segmentation_suffix
     from autoseg.inference.settings import BatchOptions, ComputeSettings, ModelChoice, OutputOptions, WindowSettings
     from autoseg.planning.plans import Plans
-    from bench_predict import link_inputs
 
     workdir = args.workdir.resolve()
     plans = Plans.load(workdir / "plans.json")

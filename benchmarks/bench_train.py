@@ -58,7 +58,8 @@ def prepare_nnunet(dataset: Path, cache: Path, nnunet_venv: str, configuration: 
     Uses bench_plan.py's conversion (links to the cases dataset.json lists, nnUNetv2_convert_MSD_dataset),
     then nnUNetv2_plan_and_preprocess -c CONFIGURATION -np 2 -npfp 2. cache/prepared.json marks it done.
     """
-    from bench_plan import BenchError as PlanError, _dataset_meta, find_nnunet_bin, stage_nnunet_raw
+    from bench_plan import BenchError as PlanError
+    from bench_plan import _dataset_meta, find_nnunet_bin, stage_nnunet_raw
 
     try:
         nnunet_bin = find_nnunet_bin(nnunet_venv)
@@ -188,8 +189,13 @@ def augmentation_rate(workdir: Path, configuration: str, batches: int, warmup: i
     from autoseg.network.unet import deep_supervision_scales
     from autoseg.planning.plans import Plans
     from autoseg.preprocessing import store
-    from autoseg.training.augmentation import (make_loader, rotation_for_patch, shutdown_loader, training_patch_size,
-                                               training_transforms)
+    from autoseg.training.augmentation import (
+        make_loader,
+        rotation_for_patch,
+        shutdown_loader,
+        training_patch_size,
+        training_transforms,
+    )
     from autoseg.training.patch_sampling import PatchLoader
 
     plans = Plans.load(workspace.plans_json(workdir))

@@ -10,9 +10,16 @@ from scipy.ndimage import binary_erosion
 from autoseg.dataset.image_io import Geometry
 from autoseg.preprocessing import store
 from autoseg.preprocessing.properties import CaseProperties
-from autoseg.training.augmentation import (DownsampleSegForDeepSupervision, MaskImageOutsideNonzero, make_loader,
-                                           rotation_for_patch, shutdown_loader, training_patch_size,
-                                           training_transforms, validation_transforms)
+from autoseg.training.augmentation import (
+    DownsampleSegForDeepSupervision,
+    MaskImageOutsideNonzero,
+    make_loader,
+    rotation_for_patch,
+    shutdown_loader,
+    training_patch_size,
+    training_transforms,
+    validation_transforms,
+)
 from autoseg.training.patch_sampling import PatchLoader
 
 SCALES_3D = [[1.0, 1.0, 1.0], [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]]

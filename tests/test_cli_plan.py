@@ -3,12 +3,11 @@
 import json
 
 import numpy as np
+from conftest import write_sitk
 
 from autoseg.atomic import read_json
-from autoseg.preprocessing import store
 from autoseg.cli import main
-
-from conftest import write_sitk
+from autoseg.preprocessing import store
 
 
 def _plan(dataset, workdir, *extra):

@@ -5,13 +5,12 @@ import json
 
 import numpy as np
 import pytest
+from conftest import BRATS, LABELS, SHARED_DATASETS, synthetic_case, write_sitk
 from PIL import Image
 
 from autoseg.dataset.image_io import Geometry, ImageReadError, read_header, read_image, write_image
 from autoseg.dataset.layout import DatasetError, load_dataset, read_case_image, read_case_label
 from autoseg.dataset.verify import verify_dataset
-
-from conftest import BRATS, LABELS, SHARED_DATASETS, synthetic_case, write_sitk
 
 
 def test_both_layouts_load_into_the_same_dataset_and_the_same_arrays(make_decathlon, make_nnunetv2):

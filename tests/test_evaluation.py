@@ -7,8 +7,16 @@ import pytest
 import SimpleITK as sitk
 from scipy.spatial.distance import cdist
 
-from autoseg.evaluation import (EvaluationError, dice, evaluate_case, evaluate_folders, format_summary_table,
-                                hausdorff95, iou, volume_ml)
+from autoseg.evaluation import (
+    EvaluationError,
+    dice,
+    evaluate_case,
+    evaluate_folders,
+    format_summary_table,
+    hausdorff95,
+    iou,
+    volume_ml,
+)
 
 
 def cube(shape=(12, 12, 12), start=(2, 2, 2), size=4):

@@ -4,8 +4,12 @@ from PIL import Image
 
 from autoseg.dataset.image_io import Geometry, read_image
 from autoseg.fingerprint import CaseFingerprint, Fingerprint, IntensityStats
-from autoseg.inference.original_grid import (export_segmentation, logits_to_original, save_probabilities,
-                                      segmentation_suffix)
+from autoseg.inference.original_grid import (
+    export_segmentation,
+    logits_to_original,
+    save_probabilities,
+    segmentation_suffix,
+)
 from autoseg.planning.planner import plan_experiment
 from autoseg.planning.plans import Plans
 from autoseg.preprocessing.preprocess import preprocess_case

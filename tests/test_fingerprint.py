@@ -2,13 +2,19 @@
 
 import numpy as np
 import pytest
+from conftest import synthetic_case, write_sitk
 
 from autoseg import fingerprint as fp_module
 from autoseg.dataset.layout import load_dataset
-from autoseg.fingerprint import (IntensityStats, channel_kind, compute_fingerprint, fingerprint_case,
-                                 load_fingerprint, nonzero_bounding_box, save_fingerprint)
-
-from conftest import synthetic_case, write_sitk
+from autoseg.fingerprint import (
+    IntensityStats,
+    channel_kind,
+    compute_fingerprint,
+    fingerprint_case,
+    load_fingerprint,
+    nonzero_bounding_box,
+    save_fingerprint,
+)
 
 SHAPES = [(12, 16, 14), (10, 20, 18), (14, 12, 16)]
 SPACINGS = [(3.0, 0.75, 0.75), (2.5, 0.5, 0.5), (4.0, 1.0, 1.0)]

@@ -6,12 +6,18 @@ Pictures are made with Pillow, not with autoseg or SimpleITK, as users' tools wo
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from conftest import write_sitk
 from PIL import Image
 
-from autoseg.dataset.image_io import (PSEUDO_SPACING_2D, Geometry, ImageReadError, read_header, read_image, read_label,
-                                      write_image)
-
-from conftest import write_sitk
+from autoseg.dataset.image_io import (
+    PSEUDO_SPACING_2D,
+    Geometry,
+    ImageReadError,
+    read_header,
+    read_image,
+    read_label,
+    write_image,
+)
 
 
 def _rgb(shape=(6, 9), seed=0) -> np.ndarray:

@@ -1,3 +1,4 @@
+import dataclasses
 import hashlib
 import json
 import logging
@@ -13,11 +14,13 @@ from autoseg.atomic import write_json
 from autoseg.cli import main
 from autoseg.dataset.image_io import Geometry, read_image, write_image
 from autoseg.fingerprint import CaseFingerprint, Fingerprint, IntensityStats, save_fingerprint
-from autoseg.inference.predictor import predict_folder
+from autoseg.inference.batch import predict_folder
+from autoseg.inference.settings import BatchOptions, WindowSettings
 from autoseg.model_archive import ModelArchiveError, export_model, import_model, model_workspace, read_manifest
+from autoseg.model_files import Checkpoint, save_checkpoint
 from autoseg.network.unet import UNetTopology, build_unet
-from autoseg.planning.planner import load_plans, plan_experiment, save_plans
-from autoseg.training.checkpoint import save_checkpoint
+from autoseg.planning.planner import plan_experiment
+from autoseg.planning.plans import Plans
 
 SPACING = (3.0, 0.8, 0.8)
 SHAPE = (8, 20, 20)
@@ -32,19 +35,22 @@ def _workspace(root):
     fingerprint = Fingerprint("tiny", ("MRI",), ("zscore",), {0: "background", 1: "liver", 2: "tumour"}, cases, (stats,))
     save_fingerprint(fingerprint, workspace.fingerprint_json(root))
     plans = plan_experiment(fingerprint, configurations=["3d_fullres"])
-    config = plans["configurations"]["3d_fullres"]
-    config["features_per_stage"] = [4 * 2 ** i for i in range(len(config["features_per_stage"]))]
-    save_plans(plans, workspace.plans_json(root))
+    config = plans.configurations["3d_fullres"]
+    config = dataclasses.replace(config, features_per_stage=tuple(4 * 2 ** i
+                                                                  for i in range(len(config.features_per_stage))))
+    plans = dataclasses.replace(plans, configurations={"3d_fullres": config})
+    plans.save(workspace.plans_json(root))
     for fold in (0, 1):
         torch.manual_seed(fold)
         network = build_unet(UNetTopology.from_plan(config, 1, 3), deep_supervision=True)
         optimizer = torch.optim.SGD(network.parameters(), lr=0.01, momentum=0.9)
-        network(torch.zeros(1, 1, *config["patch_size"]))[0].sum().backward()
+        network(torch.zeros(1, 1, *config.patch_size))[0].sum().backward()
         optimizer.step()
         save_checkpoint(workspace.fold_dir(root, "3d_fullres", fold) / "checkpoint_final.pt",
-                        {"configuration": "3d_fullres", "fold": str(fold), "epoch": 10,
-                         "network_state": network.state_dict(), "optimizer_state": optimizer.state_dict(),
-                         "labels": plans["labels"], "channel_names": plans["channel_names"]})
+                        Checkpoint(configuration="3d_fullres", fold=str(fold), epoch=10,
+                                   network_state=network.state_dict(), optimizer_state=optimizer.state_dict(),
+                                   labels={str(k): v for k, v in plans.labels.items()},
+                                   channel_names=list(plans.channel_names)))
         write_json(workspace.fold_dir(root, "3d_fullres", fold) / "validation" / "summary.json",
                    {"format_version": 1, "num_cases": 2, "foreground_mean_dice": 0.8,
                     "mean": {"1": {"dice": 0.9, "name": "liver"}, "2": {"dice": 0.7, "name": "tumour"}}})
@@ -119,13 +125,14 @@ def test_archive_holds_plans_weights_card_and_checksums_and_no_training_state(ar
 def test_exported_model_predicts_the_same_labels_as_its_workspace(work, archive, inputs, tmp_path):
     imported = tmp_path / "imported"
     import_model(archive, imported)
-    predict_folder(work, [inputs], tmp_path / "from_workspace", mirroring=False, workers=0, progress=False)
-    predict_folder(imported, [inputs], tmp_path / "from_archive", mirroring=False, workers=0, progress=False)
+    settings = {"window": WindowSettings(mirroring=False), "batch": BatchOptions(workers=0, progress=False)}
+    predict_folder(work, [inputs], tmp_path / "from_workspace", **settings)
+    predict_folder(imported, [inputs], tmp_path / "from_archive", **settings)
     for i in range(2):
         a, ga = read_image(tmp_path / "from_workspace" / f"case{i}.nii.gz")
         b, gb = read_image(tmp_path / "from_archive" / f"case{i}.nii.gz")
         assert ga.matches(gb) and np.array_equal(a, b)
-    assert load_plans(workspace.plans_json(imported))["labels"]["2"] == "tumour"
+    assert Plans.load(workspace.plans_json(imported)).labels[2] == "tumour"
 
 
 def test_a_modified_member_is_refused_and_nothing_is_left_behind(archive, tmp_path):
@@ -186,7 +193,7 @@ def test_import_refuses_a_non_empty_target_and_a_file_that_is_no_zip(archive, tm
 
 def _tamper_plans(ws):
     plans = json.loads((ws / "plans.json").read_text())
-    plans["normalization"][0]["scheme"] = "ct"  # still valid plans, silently different intensities
+    plans["normalization"][0]["use_nonzero_mask"] ^= True  # still valid plans, silently different intensities
     (ws / "plans.json").write_text(json.dumps(plans))
 
 
@@ -279,7 +286,7 @@ def test_cli_export_import_and_predict_with_model(work, inputs, tmp_path, capsys
     capsys.readouterr()
     assert main(["predict", "--model", str(path), "-i", str(inputs), "-o", str(tmp_path / "b"), "--no-mirroring",
                  "--workers", "0", "--continue"]) == 0
-    assert "plans.json: changed" in caplog.text and load_plans(cache[0] / "plans.json")["labels"]["2"] == "tumour"
+    assert "plans.json: changed" in caplog.text and Plans.load(cache[0] / "plans.json").labels[2] == "tumour"
     assert main(["predict", str(work), "--model", str(path), "-i", str(inputs), "-o", str(tmp_path / "d")]) == 2
     assert "exactly one" in capsys.readouterr().err
 

@@ -12,8 +12,15 @@ from autoseg.dataset.image_io import Geometry, write_image
 from autoseg.inference.batch import predict_folder
 from autoseg.inference.predictor import Predictor, PredictorError
 from autoseg.inference.settings import BatchOptions, ComputeSettings, ModelChoice, OutputOptions, WindowSettings
-from autoseg.model_files import (FORMAT_VERSION, Checkpoint, CheckpointError, fold_names, load_checkpoint, load_fold,
-                                 save_checkpoint)
+from autoseg.model_files import (
+    FORMAT_VERSION,
+    Checkpoint,
+    CheckpointError,
+    fold_names,
+    load_checkpoint,
+    load_fold,
+    save_checkpoint,
+)
 
 CPU = ComputeSettings("cpu", mixed_precision=False)
 

@@ -7,8 +7,15 @@ import numpy as np
 import pytest
 
 from autoseg.fingerprint import CaseFingerprint, Fingerprint, IntensityStats, channel_kind
-from autoseg.planning.planner import (MAX_DATASET_FRACTION_PER_BATCH, MIN_BATCH_SIZE, PlanError, estimate_memory_gb,
-                                      explain_plans, plan_configuration, plan_experiment)
+from autoseg.planning.planner import (
+    MAX_DATASET_FRACTION_PER_BATCH,
+    MIN_BATCH_SIZE,
+    PlanError,
+    estimate_memory_gb,
+    explain_plans,
+    plan_configuration,
+    plan_experiment,
+)
 from autoseg.planning.plans import Plans
 from autoseg.planning.spacing import choose_target_spacing, transpose_thick_axis_first
 from autoseg.planning.topology import plan_topology
@@ -291,12 +298,11 @@ def test_tiff_stacks_plan_with_the_spacing_of_their_json_files(tmp_path):
     """nnU-Net v2 keeps a 3D TIFF's spacing in `<file>.json`; an anisotropic EM stack must plan anisotropic
     (thick axis kept coarse, 1x3x3 kernels first), not as the 1x1x1 the TIFF alone would say."""
     import SimpleITK as sitk
+    from conftest import synthetic_case
 
     from autoseg.dataset.layout import load_dataset
     from autoseg.fingerprint import compute_fingerprint
     from autoseg.planning.planner import plan_experiment
-
-    from conftest import synthetic_case
 
     def dataset(root, spacing):
         for i in range(3):

@@ -2,9 +2,16 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from autoseg.postprocessing import (PostprocessingError, apply_postprocessing, decide_postprocessing,
-                                    decide_postprocessing_from_folders, keep_largest_component,
-                                    load_postprocessing_rules, no_postprocessing, save_postprocessing_rules)
+from autoseg.postprocessing import (
+    PostprocessingError,
+    apply_postprocessing,
+    decide_postprocessing,
+    decide_postprocessing_from_folders,
+    keep_largest_component,
+    load_postprocessing_rules,
+    no_postprocessing,
+    save_postprocessing_rules,
+)
 
 
 def test_keep_largest_component_removes_a_small_island():

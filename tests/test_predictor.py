@@ -12,11 +12,17 @@ from PIL import Image
 from autoseg import workspace
 from autoseg.dataset.image_io import Geometry, read_image, write_image
 from autoseg.fingerprint import CaseFingerprint, Fingerprint, IntensityStats
-from autoseg.inference.inputs import InputError, discover_inputs, read_input_case
 from autoseg.inference.batch import predict_folder
+from autoseg.inference.inputs import InputError, discover_inputs, read_input_case
 from autoseg.inference.predictor import Predictor, PredictorError
-from autoseg.inference.settings import (BatchOptions, ComputeSettings, ModelChoice, OutputOptions,
-                                        PredictionSettingsError, WindowSettings)
+from autoseg.inference.settings import (
+    BatchOptions,
+    ComputeSettings,
+    ModelChoice,
+    OutputOptions,
+    PredictionSettingsError,
+    WindowSettings,
+)
 from autoseg.model_files import Checkpoint, save_checkpoint
 from autoseg.network.unet import UNetTopology, build_unet
 from autoseg.planning.planner import plan_experiment

@@ -17,10 +17,14 @@ from autoseg.preprocessing import preprocess as preprocess_module
 from autoseg.preprocessing import store
 from autoseg.preprocessing.cropping import crop, nonzero_mask, uncrop
 from autoseg.preprocessing.normalization import NormalizationError, normalize
-from autoseg.preprocessing.preprocess import (PreprocessingError, preprocess_case, preprocess_dataset,
-                                              preprocessing_key)
-from autoseg.preprocessing.resampling import (new_shape_for, resample_image, resample_label, resample_probabilities,
-                                              separate_axis_for)
+from autoseg.preprocessing.preprocess import PreprocessingError, preprocess_case, preprocess_dataset, preprocessing_key
+from autoseg.preprocessing.resampling import (
+    new_shape_for,
+    resample_image,
+    resample_label,
+    resample_probabilities,
+    separate_axis_for,
+)
 from autoseg.workspace import preprocessed_dir
 
 ANISO_SPACINGS = [(0.875, 0.875, 4.0), (1.0, 1.0, 5.0), (1.125, 1.125, 6.0)]  # thick axis stored last

@@ -6,8 +6,12 @@ import torch
 from torch import nn
 
 from autoseg.inference import sliding_window
-from autoseg.inference.sliding_window import (SlidingWindow, gaussian_importance_map, sliding_window_predict,
-                                              window_starts)
+from autoseg.inference.sliding_window import (
+    SlidingWindow,
+    gaussian_importance_map,
+    sliding_window_predict,
+    window_starts,
+)
 
 
 def _net(conv: type[nn.Module], in_ch: int, classes: int, kernel: int) -> nn.Module:

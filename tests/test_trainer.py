@@ -11,12 +11,11 @@ import autoseg.training.trainer as trainer_module
 from autoseg import model_files, workspace
 from autoseg.cli import main
 from autoseg.device import autocast_context, configure_cudnn, gradient_scaler, pin_memory_for
-from autoseg.network import UNetTopology, build_unet
 from autoseg.model_files import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from autoseg.network import UNetTopology, build_unet
 from autoseg.training.loss import DeepSupervisionLoss, DiceCELoss
 from autoseg.training.splits import make_splits
-from autoseg.training.trainer import (TrainingError, TrainingSettings, _to_device, backward_and_step, poly_lr,
-                                      train_fold)
+from autoseg.training.trainer import TrainingError, TrainingSettings, _to_device, backward_and_step, poly_lr, train_fold
 
 
 def plans_format_2(configuration: str, config: dict) -> dict:

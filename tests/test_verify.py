@@ -6,13 +6,12 @@ import shutil
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from conftest import synthetic_case, write_sitk
 from PIL import Image
 
 from autoseg.cli import main
 from autoseg.dataset.layout import load_dataset, read_case_image
 from autoseg.dataset.verify import verify_dataset
-
-from conftest import synthetic_case, write_sitk
 
 CASE = "case_001"
 

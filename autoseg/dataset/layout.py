@@ -20,7 +20,6 @@ from pathlib import Path
 from autoseg.dataset.image_io import NATURAL_IMAGE_SUFFIXES, SUPPORTED_SUFFIXES, image_suffix, strip_suffix
 from autoseg.errors import AutosegError
 
-
 GEOMETRY_TOLERANCE = 1e-3  # relative; grids closer than this count as the same (verification uses it too)
 MAX_LABEL_ID = 32767  # label maps are held as int16
 

@@ -9,10 +9,16 @@ from pathlib import Path
 
 import numpy as np
 
-from autoseg.parallel import map_cases
-from autoseg.dataset.image_io import (NATURAL_IMAGE_SUFFIXES, Geometry, ImageReadError, image_suffix, read_image,
-                                      read_label)
+from autoseg.dataset.image_io import (
+    NATURAL_IMAGE_SUFFIXES,
+    Geometry,
+    ImageReadError,
+    image_suffix,
+    read_image,
+    read_label,
+)
 from autoseg.dataset.layout import GEOMETRY_TOLERANCE, Case, Dataset
+from autoseg.parallel import map_cases
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from autoseg.atomic import write_json
 from autoseg.dataset.image_io import write_image
 from autoseg.inference.inputs import InputCase, InputError, discover_inputs, read_input_case
 from autoseg.inference.original_grid import save_probabilities, segmentation_suffix, write_segmentation
-from autoseg.inference.predictor import CaseSegmentation, PreparedCase, Predictor
+from autoseg.inference.predictor import CaseSegmentation, Predictor, PreparedCase
 from autoseg.inference.settings import BatchOptions, ComputeSettings, ModelChoice, OutputOptions, WindowSettings
 from autoseg.inference.volumes import VolumeTable, structure_rows
 from autoseg.postprocessing import apply_postprocessing, load_postprocessing_rules

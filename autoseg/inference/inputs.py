@@ -31,8 +31,15 @@ import numpy as np
 import SimpleITK as sitk
 
 from autoseg.dataset.dicom import find_dicom_series, is_dicom_file, read_dicom_series, series_of_file
-from autoseg.dataset.image_io import (NATURAL_IMAGE_SUFFIXES, SUPPORTED_SUFFIXES, Geometry, ImageReadError,
-                                      image_suffix, read_image, strip_suffix)
+from autoseg.dataset.image_io import (
+    NATURAL_IMAGE_SUFFIXES,
+    SUPPORTED_SUFFIXES,
+    Geometry,
+    ImageReadError,
+    image_suffix,
+    read_image,
+    strip_suffix,
+)
 from autoseg.dataset.layout import Case, DatasetError, one_file_holds_all_channels, read_case_image
 from autoseg.errors import AutosegError
 

@@ -24,11 +24,15 @@ from autoseg import workspace
 from autoseg.dataset.image_io import Geometry
 from autoseg.device import choose_device, mixed_precision_available
 from autoseg.errors import AutosegError
-from autoseg.inference.original_grid import LabelMapBuilder, logits_to_original
 from autoseg.inference.openvino_runtime import OpenVINONetwork, OpenVINOUnavailable
+from autoseg.inference.original_grid import LabelMapBuilder, logits_to_original
 from autoseg.inference.settings import ComputeSettings, ModelChoice, WindowSettings
-from autoseg.inference.sliding_window import (SlidingWindow, accumulator_dtype_for, sliding_window_predict,
-                                              sliding_window_slabs)
+from autoseg.inference.sliding_window import (
+    SlidingWindow,
+    accumulator_dtype_for,
+    sliding_window_predict,
+    sliding_window_slabs,
+)
 from autoseg.model_files import CheckpointError, fold_names, load_fold
 from autoseg.network.low_memory import inference_forward
 from autoseg.network.unet import UNet, build_unet

@@ -9,7 +9,6 @@ flagged rows highlighted, failed inputs, and every case's overlay linked from `q
 
 from __future__ import annotations
 
-import csv
 import html
 import json
 import logging
@@ -25,6 +24,7 @@ from matplotlib.patches import Patch
 
 from autoseg.atomic import atomic_path
 from autoseg.dataset.image_io import Geometry
+from autoseg.inference.volumes import read_volume_rows
 
 log = logging.getLogger(__name__)
 
@@ -262,8 +262,7 @@ def write_html_report(output_dir: Path, volumes_csv: Path, overlays_dir: Path, p
     output_dir, volumes_csv, overlays_dir, path = map(Path, (output_dir, volumes_csv, overlays_dir, path))
     rows = []
     if volumes_csv.is_file():
-        with open(volumes_csv, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
+        rows = read_volume_rows(volumes_csv)  # text cells unescaped: real case ids and names
         rows.sort(key=lambda r: (r["case"], int(r["label"]) if r["label"].isdigit() else 0))  # the file keeps the order cases finished
     cases = list(dict.fromkeys(r["case"] for r in rows))
     overlays = {p.name.removesuffix(".png"): p for p in sorted(overlays_dir.glob("*.png"))} \

@@ -8,17 +8,20 @@ places where autoseg deliberately differs, with the measurement behind each.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
-
-from dataclasses import replace
 
 from autoseg.fingerprint import Fingerprint
 from autoseg.network.unet import feature_map_elements
 from autoseg.planning.normalization import plan_normalization
-from autoseg.planning.plans import CONFIGURATIONS, ConfigurationPlan, Plans, PlanError, ResamplingPlan
-from autoseg.planning.spacing import (ANISOTROPY_RATIO, choose_target_spacing, planning_spacings,
-                                      transpose_thick_axis_first)
+from autoseg.planning.plans import CONFIGURATIONS, ConfigurationPlan, PlanError, Plans, ResamplingPlan
+from autoseg.planning.spacing import (
+    ANISOTROPY_RATIO,
+    choose_target_spacing,
+    planning_spacings,
+    transpose_thick_axis_first,
+)
 from autoseg.planning.topology import Topology, plan_topology
 
 DEFAULT_MEMORY_BUDGET_GB = 8.0

@@ -22,7 +22,6 @@ from autoseg.planning.plans import NORMALIZATION_SCHEMES as SCHEMES
 from autoseg.planning.plans import ChannelNormalization
 
 
-
 class NormalizationError(AutosegError):
     """plans.json's normalization does not fit the image."""
 

@@ -12,8 +12,8 @@ import numpy as np
 
 from autoseg.dataset.image_io import Geometry
 from autoseg.dataset.layout import Case, Dataset, read_case_image, read_case_label
-from autoseg.parallel import map_cases
 from autoseg.errors import AutosegError
+from autoseg.parallel import map_cases
 from autoseg.planning.plans import Plans
 from autoseg.preprocessing import store
 from autoseg.preprocessing.cropping import crop, mark_outside_mask, nonzero_bounding_box, nonzero_mask

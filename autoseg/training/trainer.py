@@ -17,8 +17,14 @@ import numpy as np
 import torch
 
 from autoseg import workspace
-from autoseg.device import (autocast_context, choose_device, configure_cudnn, gradient_scaler,
-                            mixed_precision_dtype, pin_memory_for)
+from autoseg.device import (
+    autocast_context,
+    choose_device,
+    configure_cudnn,
+    gradient_scaler,
+    mixed_precision_dtype,
+    pin_memory_for,
+)
 from autoseg.errors import AutosegError
 from autoseg.model_files import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from autoseg.network.unet import build_unet, deep_supervision_scales
@@ -26,8 +32,15 @@ from autoseg.planning.plans import Plans
 from autoseg.preprocessing import store
 from autoseg.preprocessing.preprocess import is_current, preprocessing_key
 from autoseg.training import distributed
-from autoseg.training.augmentation import (default_workers, make_loader, rotation_for_patch, shutdown_loader,
-                                           training_patch_size, training_transforms, validation_transforms)
+from autoseg.training.augmentation import (
+    default_workers,
+    make_loader,
+    rotation_for_patch,
+    shutdown_loader,
+    training_patch_size,
+    training_transforms,
+    validation_transforms,
+)
 from autoseg.training.loss import DeepSupervisionLoss, DiceCELoss, deep_supervision_weights
 from autoseg.training.patch_sampling import PatchLoader
 from autoseg.training.progress_plot import plot_progress

@@ -17,7 +17,7 @@ from autoseg.dataset.layout import load_dataset, read_case_label
 from autoseg.evaluation import evaluate_case, mean_per_label, nan_to_none
 from autoseg.inference.original_grid import export_segmentation, segmentation_suffix, write_segmentation
 from autoseg.inference.original_grid import save_probabilities as save_npz
-from autoseg.inference.predictor import PreparedCase, Predictor
+from autoseg.inference.predictor import Predictor, PreparedCase
 from autoseg.inference.settings import ComputeSettings, WindowSettings
 from autoseg.planning.plans import Plans
 from autoseg.preprocessing import store

@@ -1,0 +1,16 @@
+"""docs/cli.md is what `autoseg <command> --help` prints: a changed option must reach the reference."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_docs_cli_md_matches_the_parser():
+    spec = importlib.util.spec_from_file_location("cli_reference", REPO / "scripts" / "cli_reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert (REPO / "docs" / "cli.md").read_text() == module.cli_reference(), (
+        "docs/cli.md is out of date: run `python scripts/cli_reference.py`")
