@@ -44,10 +44,13 @@ class PredictionSummary:
     skipped: list[str]  # case ids whose output already existed (--continue)
     failed: list[tuple[str, str]]  # (case id or input file, what went wrong)
     settings: dict = field(default_factory=dict)
+    # (case id, what looks wrong) for cases predicted all the same (input_checks.py)
+    warnings: list[tuple[str, str]] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return {"format_version": SUMMARY_FORMAT_VERSION, "written": self.written, "skipped": self.skipped,
-                "failed": [{"input": k, "error": m} for k, m in self.failed], "settings": self.settings}
+                "failed": [{"input": k, "error": m} for k, m in self.failed],
+                "warnings": [{"case": k, "warning": m} for k, m in self.warnings], "settings": self.settings}
 
 
 def predict_folder(workdir: Path, inputs: Path | Sequence[Path], output_dir: Path,
@@ -80,7 +83,7 @@ def predict_folder(workdir: Path, inputs: Path | Sequence[Path], output_dir: Pat
     labels = dict(predictor.plans.labels)
     model_name = _model_name(predictor, outputs.model_name)
     volumes = VolumeTable(output_dir / "volumes.csv", model_name) if outputs.report_files else None
-    cases, problems = discover_inputs(inputs, predictor.num_channels)
+    cases, problems = discover_inputs(inputs, predictor.num_channels, predictor.plans.channel_names)
     failed: list[tuple[str, str]] = list(problems)
     input_files = {f.resolve() for c in cases for f in c.files}
     # A case whose label map was written but not its rows (interrupted in between) is predicted again.
@@ -106,7 +109,8 @@ def predict_folder(workdir: Path, inputs: Path | Sequence[Path], output_dir: Pat
 
     writing = _Writing(output_dir, rules, outputs, labels, volumes)
     # Torch keeps every core: the background threads mostly wait on files (benchmarks/README.md).
-    written = _run_pipeline(predictor, todo, writing, batch.workers, batch.progress, failed)
+    warnings: list[tuple[str, str]] = []
+    written = _run_pipeline(predictor, todo, writing, batch.workers, batch.progress, failed, warnings)
 
     settings = {**predictor.settings(), "model": model_name, "inputs": [str(p) for p in inputs],
                 "output_dir": str(output_dir),
@@ -116,7 +120,7 @@ def predict_folder(workdir: Path, inputs: Path | Sequence[Path], output_dir: Pat
                 "output_format": outputs.output_format, "continue": batch.skip_existing,
                 "num_parts": batch.num_parts, "part_id": batch.part_id, "workers": batch.workers,
                 "autoseg_version": __version__, "seconds": round(time.perf_counter() - started, 2)}
-    result = PredictionSummary(sorted(written), skipped, failed, settings)
+    result = PredictionSummary(sorted(written), skipped, failed, settings, warnings)
     summary_path = output_dir / summary_name(batch.num_parts, batch.part_id)
     write_json(summary_path, result.to_json())
     if volumes is not None:
@@ -127,6 +131,8 @@ def predict_folder(workdir: Path, inputs: Path | Sequence[Path], output_dir: Pat
              summary_path)
     for key, message in failed:
         log.warning("failed: %s: %s", key, message)
+    for key, message in warnings:
+        log.warning("warning: %s: %s", key, message)
     return result
 
 
@@ -164,9 +170,10 @@ class _Writing:
     volumes: VolumeTable | None  # None: no volumes.csv, overlays or report.html
 
 
-def _read_and_prepare(predictor: Predictor, case: InputCase) -> PreparedCase:
+def _read_and_prepare(predictor: Predictor, case: InputCase, keep_probabilities: bool) -> PreparedCase:
     image, geometry = read_input_case(case, predictor.num_channels)
-    return predictor.prepare(image, geometry)
+    source = case.files[0].parent if case.series_uid else case.files[0]
+    return predictor.prepare(image, geometry, source, keep_probabilities)
 
 
 def _predict(predictor: Predictor, prepared: PreparedCase, outputs: _Writing) -> CaseSegmentation | list[np.ndarray]:
@@ -216,8 +223,9 @@ def _write_case(predictor: Predictor, case: InputCase, prepared: PreparedCase,
 
 
 def _run_pipeline(predictor: Predictor, cases: list[InputCase], outputs: _Writing, workers: int, progress: bool,
-                  failed: list[tuple[str, str]]) -> list[str]:
-    """Network in this thread; reading/preprocessing ahead and writing behind in worker threads.
+                  failed: list[tuple[str, str]], warnings: list[tuple[str, str]]) -> list[str]:
+    """Network in this thread; reading/preprocessing ahead and writing behind in worker threads. Failed cases
+    are added to `failed`, the input checks' warnings to `warnings`.
 
     At most `workers + 1` cases wait preprocessed and `workers + 1` wait to be written, so
     memory stays bounded however many cases there are.
@@ -229,6 +237,7 @@ def _run_pipeline(predictor: Predictor, cases: list[InputCase], outputs: _Writin
     reads: deque[tuple[InputCase, Future]] = deque()
     writes: deque[tuple[InputCase, Future]] = deque()
     pending = iter(cases)
+    said_slice_by_slice = False
     bar = tqdm(total=len(cases), desc="predict", unit="case", disable=not progress)
 
     def finish_oldest_write() -> None:
@@ -245,7 +254,8 @@ def _run_pipeline(predictor: Predictor, cases: list[InputCase], outputs: _Writin
     try:
         while True:
             while len(reads) < ahead and (case := next(pending, None)) is not None:
-                reads.append((case, readers.submit(_read_and_prepare, predictor, case)))
+                reads.append((case, readers.submit(_read_and_prepare, predictor, case,
+                                                   outputs.options.save_probabilities)))
             if not reads:
                 break
             case, future = reads.popleft()
@@ -260,6 +270,11 @@ def _run_pipeline(predictor: Predictor, cases: list[InputCase], outputs: _Writin
                 log.debug("preprocessing %s failed", case.case_id, exc_info=True)
                 bar.update()
                 continue
+            warnings += [(case.case_id, w) for w in prepared.check.warnings]
+            if prepared.check.slice_by_slice and not said_slice_by_slice:
+                log.info("%s: a 3D volume given to a model trained on 2D images: segmented slice by slice, each "
+                         "slice as an image (said once for the run)", case.case_id)
+                said_slice_by_slice = True
             try:
                 predicted = _predict(predictor, prepared, outputs)
             except Exception as exc:  # e.g. out of memory on a very large case: the others may still fit

@@ -69,8 +69,10 @@ class InputCase:
         return ".nii.gz" if self.series_uid else image_suffix(self.files[0]) or ".nii.gz"
 
 
-def discover_inputs(paths: Sequence[Path | str], num_channels: int) -> tuple[list[InputCase], list[tuple[str, str]]]:
-    """Cases sorted by id, and (path, problem) for every input that cannot be used."""
+def discover_inputs(paths: Sequence[Path | str], num_channels: int, channel_names: Sequence[str] | None = None,
+                    ) -> tuple[list[InputCase], list[tuple[str, str]]]:
+    """Cases sorted by id, and (path, problem) for every input that cannot be used (`channel_names`, the
+    model's, only name the channels in those messages)."""
     if num_channels < 1:
         raise ValueError(f"num_channels must be >= 1, got {num_channels}")
     paths = [paths] if isinstance(paths, (str, Path)) else paths
@@ -78,7 +80,7 @@ def discover_inputs(paths: Sequence[Path | str], num_channels: int) -> tuple[lis
     problems: list[tuple[str, str]] = []
     for path in map(Path, paths):
         if path.is_dir():
-            found, bad = _discover_folder(path, num_channels)
+            found, bad = _discover_folder(path, num_channels, channel_names)
             cases += found
             problems += bad
             series, bad = find_dicom_series(path)
@@ -107,19 +109,20 @@ def discover_inputs(paths: Sequence[Path | str], num_channels: int) -> tuple[lis
     return [unique[k] for k in sorted(unique)], problems
 
 
-def _discover_folder(folder: Path, num_channels: int) -> tuple[list[InputCase], list[tuple[str, str]]]:
+def _discover_folder(folder: Path, num_channels: int, channel_names: Sequence[str] | None = None,
+                     ) -> tuple[list[InputCase], list[tuple[str, str]]]:
     images = sorted(f for f in folder.iterdir() if f.is_file() and not f.name.startswith(".") and image_suffix(f))
-    channel_files: dict[str, dict[int, Path]] = {}
-    others = []
+    numbered: dict[str, dict[int, Path]] = {}
     for f in images:
         m = _CHANNEL_FILE.match(strip_suffix(f))
-        if m and int(m["channel"]) < num_channels:
-            channel_files.setdefault(m["case"], {})[int(m["channel"])] = f
-        else:
-            others.append(f)
-    named_by_channel = sum(len(v) for v in channel_files.values())
+        if m:
+            numbered.setdefault(m["case"], {})[int(m["channel"])] = f
+    # Channel sets number their files from 0000 up; `img_0001`, `img_0002` are cases numbered from 1.
+    channel_files = {case: files for case, files in numbered.items() if 0 in files}
+    grouped = {f for files in channel_files.values() for f in files.values()}
+    others = [f for f in images if f not in grouped]
     first = next((f for files in channel_files.values() for f in files.values()), None)
-    if named_by_channel <= len(others) or (num_channels > 1 and _is_4d(first)):  # one file per case
+    if len(grouped) <= len(others) or (num_channels > 1 and _is_4d(first)):  # one file per case
         return [InputCase(strip_suffix(f), (f,)) for f in images], []
     one_file = one_file_holds_all_channels(image_suffix(first), num_channels, channel_files)
     cases, problems = [], []
@@ -127,15 +130,27 @@ def _discover_folder(folder: Path, num_channels: int) -> tuple[list[InputCase], 
         problems.append((str(f), f"not named <case>_<cccc>{image_suffix(f)} like the other files in {folder} "
                                  f"(cccc = channel 0000..{num_channels - 1:04d}); rename it or move it out"))
     for case_id, files in sorted(channel_files.items()):
-        missing = [c for c in range(1 if one_file else num_channels) if c not in files]
-        if missing:
-            ending = image_suffix(next(iter(files.values())))
+        ending = image_suffix(files[0])
+        wanted = 1 if one_file else num_channels
+        extra = sorted(c for c in files if c >= wanted)
+        missing = [c for c in range(wanted) if c not in files]
+        if extra:
+            names = ", ".join(files[c].name for c in sorted(files))
+            problems.append((str(files[extra[0]]),
+                             f"case {case_id}: {len(files)} channel files ({names}), but the model takes "
+                             f"{_channels(num_channels, channel_names)}; pass only the channel(s) it was trained on, or use a model "
+                             f"trained on {len(files)} channels"))
+        elif missing:
             names = ", ".join(f"{case_id}_{c:04d}{ending}" for c in missing)
             problems.append((str(folder / f"{case_id}_{missing[0]:04d}{ending}"),
                              f"case {case_id}: channel file(s) {names} missing; the model needs {num_channels} channel(s)"))
         else:
-            cases.append(InputCase(case_id, tuple(files[c] for c in range(1 if one_file else num_channels))))
+            cases.append(InputCase(case_id, tuple(files[c] for c in range(wanted))))
     return cases, problems
+
+
+def _channels(num_channels: int, names: Sequence[str] | None = None) -> str:
+    return f"{num_channels} channel{'s' if num_channels > 1 else ''}" + (f" ({', '.join(names)})" if names else "")
 
 
 def _is_4d(path: Path) -> bool:

@@ -24,6 +24,7 @@ from autoseg import workspace
 from autoseg.dataset.image_io import Geometry
 from autoseg.device import choose_device, mixed_precision_available
 from autoseg.errors import AutosegError
+from autoseg.inference.input_checks import InputCheck, check_input
 from autoseg.inference.openvino_runtime import OpenVINONetwork, OpenVINOUnavailable
 from autoseg.inference.original_grid import LabelMapBuilder, logits_to_original
 from autoseg.inference.settings import ComputeSettings, ModelChoice, WindowSettings
@@ -33,7 +34,7 @@ from autoseg.inference.sliding_window import (
     sliding_window_predict,
     sliding_window_slabs,
 )
-from autoseg.model_files import CheckpointError, fold_names, load_fold
+from autoseg.model_files import Checkpoint, CheckpointError, fold_names, load_fold
 from autoseg.network.low_memory import inference_forward
 from autoseg.network.unet import UNet, build_unet
 from autoseg.planning.plans import Plans
@@ -55,6 +56,7 @@ class PreparedCase:
     configurations: tuple[str, ...]
     data: tuple[np.ndarray, ...]  # (C, *resampled) per configuration
     properties: tuple[CaseProperties, ...]
+    check: InputCheck = InputCheck()  # what input_checks found (warnings, slice by slice)
 
 
 @dataclass(frozen=True)
@@ -155,6 +157,7 @@ class Predictor:
             path, state = load_fold(self.workdir, configuration, fold, self.checkpoint)
         except CheckpointError as exc:
             raise PredictorError(str(exc)) from None
+        _check_trained_with_these_plans(path, state, self.plans, configuration)
         network = build_unet(self.plans.network_topology(configuration), deep_supervision=False)
         try:
             network.load_state_dict(state.network_state)
@@ -174,13 +177,18 @@ class Predictor:
         # Large windows: the same logits with a fraction of the activation memory (network/low_memory.py).
         return LoadedFold(configuration, fold, path, state.epoch, inference_forward(network, patch, self.device))
 
-    def prepare(self, image: np.ndarray, geometry: Geometry) -> PreparedCase:
-        """Preprocess (C, Z, Y, X) for every configuration (CPU only; safe to run in a worker thread)."""
+    def prepare(self, image: np.ndarray, geometry: Geometry, source: Path | str = "<image>",
+                keep_probabilities: bool = False) -> PreparedCase:
+        """Check that the model can take (C, Z, Y, X) read from `source` (input_checks.py: InputError naming it
+        if not), then preprocess it for every configuration (CPU only; safe to run in a worker thread)."""
         image = np.asarray(image)
         if image.ndim != 4 or image.shape[0] != self.num_channels:
-            raise PredictorError(f"image must be (C, Z, Y, X) with C = {self.num_channels}, got shape {list(image.shape)}")
+            raise PredictorError(f"image must be (C, Z, Y, X) with C = {self.num_channels}, "
+                                 f"got shape {list(image.shape)}")
         if tuple(image.shape[1:]) != tuple(geometry.shape):
-            raise PredictorError(f"image shape {list(image.shape[1:])} differs from its geometry's shape {list(geometry.shape)}")
+            raise PredictorError(f"image shape {list(image.shape[1:])} differs from its geometry's shape "
+                                 f"{list(geometry.shape)}")
+        check = check_input(image, geometry, self.plans, self.configurations, source, keep_probabilities)
         data, properties, done = [], [], {}
         for name in self.configurations:
             identifier = self.plans.configuration(name).data_identifier
@@ -189,7 +197,7 @@ class Predictor:
             d, _, p = done[identifier]
             data.append(d)
             properties.append(p)
-        return PreparedCase(geometry, self.configurations, tuple(data), tuple(properties))
+        return PreparedCase(geometry, self.configurations, tuple(data), tuple(properties), check)
 
     def run_networks(self, prepared: PreparedCase) -> list[np.ndarray]:
         """Per configuration, the logits in network space averaged over its folds (nnU-Net v2's fold ensemble)."""
@@ -261,6 +269,26 @@ class Predictor:
                         "checkpoint": None if f.checkpoint is None else str(f.checkpoint), "epoch": f.epoch}
                        for f in self.folds],
         }
+
+
+# What must be as it was at training for a fold's weights to mean what they meant (preprocessing and network).
+_TRAINED_WITH = ("data_identifier", "spacing", "patch_size", "features_per_stage", "kernel_sizes", "strides",
+                 "n_conv_per_stage")
+
+
+def _check_trained_with_these_plans(path: Path, state: Checkpoint, plans: Plans, configuration: str) -> None:
+    """Refuse a fold whose checkpoint records other plans than plans.json now holds (planned again after
+    training, or a checkpoint copied from another workspace)."""
+    now = plans.configuration(configuration).to_json()
+    then = state.plans_configuration or {}
+    changed = [f"{key} was {then[key]}, now {now[key]}" for key in _TRAINED_WITH if key in then and then[key] != now[key]]
+    if state.labels is not None and {int(k): v for k, v in state.labels.items()} != plans.labels:
+        changed.append(f"labels were {state.labels}, now {plans.to_json()['labels']}")
+    if state.channel_names is not None and tuple(state.channel_names) != plans.channel_names:
+        changed.append(f"channels were {list(state.channel_names)}, now {list(plans.channel_names)}")
+    if changed:
+        raise PredictorError(f"{path}: trained with other plans than plans.json holds ({'; '.join(changed)}); "
+                             "train the fold again, or restore the plans.json it was trained with")
 
 
 def add_slabs(builder: LabelMapBuilder, streams: Sequence[Iterator[tuple[int, torch.Tensor]]]) -> None:

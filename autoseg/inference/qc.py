@@ -272,7 +272,8 @@ def write_html_report(output_dir: Path, volumes_csv: Path, overlays_dir: Path, p
     columns = [(key, heading) for key, heading in _REPORT_COLUMNS
                if key in ("case", "label", "name") or any(r.get(key) for r in rows)]
     models = sorted({r["model"] for r in rows if r.get("model")})
-    failed = _failed_inputs(output_dir)
+    failed = _summary_entries(output_dir, "failed", "input", "error")
+    warned = _summary_entries(output_dir, "warnings", "case", "warning")
     link_base = os.path.relpath(overlays_dir, path.parent)
 
     out = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
@@ -286,6 +287,10 @@ def write_html_report(output_dir: Path, volumes_csv: Path, overlays_dir: Path, p
     if failed:
         out.append(f'<h2 class="failed">Failed inputs ({len(failed)})</h2><ul>')
         out += [f"<li>{_e(key)}: {_e(message)}</li>" for key, message in failed]
+        out.append("</ul>")
+    if warned:
+        out.append(f'<h2 class="failed">Predicted with a warning ({len(warned)})</h2><ul>')
+        out += [f'<li><a href="#{_anchor(key)}">{_e(key)}</a>: {_e(message)}</li>' for key, message in warned]
         out.append("</ul>")
     out.append("<h2>Structures</h2>")
     out.append("<p>Click a column heading to sort. Volumes, components and boxes are defined in volumes.csv "
@@ -320,14 +325,15 @@ def write_html_report(output_dir: Path, volumes_csv: Path, overlays_dir: Path, p
         tmp.write_text("\n".join(out) + "\n", encoding="utf-8")
 
 
-def _failed_inputs(output_dir: Path) -> list[tuple[str, str]]:
-    failed = []
-    for report in sorted(output_dir.glob("prediction_summary*.json")):
+def _summary_entries(output_dir: Path, section: str, key: str, message: str) -> list[tuple[str, str]]:
+    """(key, message) of one list ("failed", "warnings") of every prediction_summary*.json in `output_dir`."""
+    entries = []
+    for summary in sorted(output_dir.glob("prediction_summary*.json")):
         try:
-            failed += [(str(f["input"]), str(f["error"])) for f in json.loads(report.read_text()).get("failed", [])]
+            entries += [(str(e[key]), str(e[message])) for e in json.loads(summary.read_text()).get(section, [])]
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            log.warning("%s: not listed in the report (%s)", report, exc)
-    return failed
+            log.warning("%s: not listed in the report (%s)", summary, exc)
+    return entries
 
 
 def _e(text: str) -> str:

@@ -15,7 +15,14 @@ import numpy as np
 from autoseg.fingerprint import Fingerprint
 from autoseg.network.unet import feature_map_elements
 from autoseg.planning.normalization import plan_normalization
-from autoseg.planning.plans import CONFIGURATIONS, ConfigurationPlan, PlanError, Plans, ResamplingPlan
+from autoseg.planning.plans import (
+    CONFIGURATIONS,
+    NOT_PLANNED_FOR_2D_DATA,
+    ConfigurationPlan,
+    PlanError,
+    Plans,
+    ResamplingPlan,
+)
 from autoseg.planning.spacing import (
     ANISOTROPY_RATIO,
     choose_target_spacing,
@@ -159,7 +166,7 @@ def plan_experiment(fingerprint: Fingerprint, budget_gb: float = DEFAULT_MEMORY_
     configs: dict[str, ConfigurationPlan] = {}
     if not is_3d:
         for name in ("3d_fullres", "3d_lowres"):
-            not_planned[name] = "2D data: the median case has a single slice"
+            not_planned[name] = NOT_PLANNED_FOR_2D_DATA
     elif wanted & {"3d_fullres", "3d_lowres"}:
         full = plan_configuration(list(sp), list(median_shape), dataset_voxels, num_classes, budget_gb, "3d_fullres")
         lowres = _plan_lowres(sp, median_shape, full, num_cases, num_classes, budget_gb)

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 FORMAT_VERSION = 2
 CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres")
 NORMALIZATION_SCHEMES = ("ct", "zscore", "noNorm", "rescale_to_0_1", "rgb_to_0_1")
+# The planner's reason for planning no 3D configuration: the dataset is made of 2D images.
+NOT_PLANNED_FOR_2D_DATA = "2D data: the median case has a single slice"
 
 
 class PlanError(AutosegError):
@@ -132,6 +134,11 @@ class Plans:
     def num_classes(self) -> int:
         """Network outputs: one per label, background included."""
         return len(self.labels)
+
+    @property
+    def trained_on_2d_images(self) -> bool:
+        """Planned from 2D images (PNG, TIFF, ...), so a 3D volume is something it can only take slice by slice."""
+        return self.not_planned.get("3d_fullres") == NOT_PLANNED_FOR_2D_DATA
 
     @property
     def foreground_labels(self) -> list[int]:

@@ -1,0 +1,164 @@
+"""Whether a model can take an input: checked in one place, where a case meets the model, before any
+resampling or network work.
+
+`check_input` refuses (InputError naming the file, what it has and what the model needs) what would
+give a meaningless result or exhaust the machine: a 2D picture given to a 3D model, a case whose
+prediction would need more memory than is available. It warns, without stopping the batch, about
+what is probably a mistake but may be right: spacing far from the training spacing, a CT channel
+whose intensities fall outside everything the model saw, a label map given as the image. The
+warnings land in `prediction_summary.json` and `report.html` (docs/prediction.md).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from autoseg.dataset.image_io import Geometry
+from autoseg.inference.inputs import InputError
+from autoseg.planning.plans import ConfigurationPlan, Plans
+from autoseg.preprocessing.resampling import new_shape_for
+
+SPACING_FACTOR_WARNING = 10.0  # an axis this many times finer or coarser than the training spacing
+CT_RANGE_MIN_SHARE = 0.01  # a CT channel with less than this share of voxels in the training foreground range
+SAMPLE_VOXELS = 1_000_000  # voxels sampled per channel for the intensity and label-map checks
+MEMORY_HEADROOM = 0.9  # refuse when the estimate exceeds this share of the available memory
+
+
+@dataclass(frozen=True)
+class InputCheck:
+    """What `check_input` found for a case that the model can take."""
+
+    warnings: tuple[str, ...] = ()
+    slice_by_slice: bool = False  # a 3D volume given to a model trained on 2D images
+    estimated_bytes: int = 0
+
+
+def check_input(image: np.ndarray, geometry: Geometry, plans: Plans, configurations: tuple[str, ...],
+                source: Path | str, keep_probabilities: bool = False,
+                available_bytes: int | None = None) -> InputCheck:
+    """Refuse (InputError) or warn about `image` (C, Z, Y, X) on `geometry`, read from `source`, for the
+    networks of `configurations`. `available_bytes`: the memory prediction may use (default: what the
+    system reports as available)."""
+    source = Path(source)
+    configs = [plans.configuration(name) for name in configurations]
+    _check_dimensionality(geometry, plans, configs, source)
+    estimated = estimate_prediction_bytes(image.shape, geometry, plans, configs, keep_probabilities)
+    available = available_memory_bytes() if available_bytes is None else available_bytes
+    if available is not None and estimated > MEMORY_HEADROOM * available:
+        raise InputError(source, f"{source}: predicting it would need about {estimated / 2**30:.1f} GiB of memory "
+                                 f"({_fmt(image.shape[1:])} voxels, {image.shape[0]} channel(s)), but "
+                                 f"{available / 2**30:.1f} GiB are available; predict it on a machine with more "
+                                 "memory, or crop it to the region of interest")
+    warnings = [w for config in configs for w in _spacing_warnings(geometry, plans, config, source)]
+    warnings += _intensity_warnings(image, plans, source)
+    warnings += _label_map_warnings(image, plans, source)
+    slice_by_slice = plans.trained_on_2d_images and not geometry.is_2d and geometry.shape[0] > 1
+    return InputCheck(tuple(dict.fromkeys(warnings)), slice_by_slice, estimated)
+
+
+def _check_dimensionality(geometry: Geometry, plans: Plans, configs: list[ConfigurationPlan], source: Path) -> None:
+    three_d = [c.name for c in configs if c.ndim == 3]
+    if geometry.is_2d and three_d:
+        advice = ("; predict it with --config 2d, which this model also has" if "2d" in plans.configurations
+                  else "; use a model trained on 2D images")
+        raise InputError(source, f"{source}: a 2D image ({_fmt(geometry.shape[1:])} pixels), but this model segments "
+                                 f"3D volumes ({', '.join(three_d)}){advice}")
+
+
+def estimate_prediction_bytes(shape: tuple[int, ...], geometry: Geometry, plans: Plans,
+                              configs: list[ConfigurationPlan], keep_probabilities: bool = False) -> int:
+    """Peak host memory of predicting a (C, Z, Y, X) input, upper-bounded by assuming cropping keeps all of it:
+    the input, each configuration's resampled image, the label map's running maximum and argmax on the input
+    grid, and the network-space logits where they are held whole (several configurations, or probabilities
+    kept, which also hold the probabilities on the input grid)."""
+    channels, voxels = shape[0], math.prod(shape[1:])
+    spacing = [geometry.spacing[a] for a in plans.transpose_forward]
+    network_shape = [geometry.shape[a] for a in plans.transpose_forward]
+    resampled = [math.prod(new_shape_for(network_shape, spacing, _target_spacing(c, spacing))) for c in configs]
+    total = 4 * channels * voxels + 4 * channels * sum(resampled) + 9 * voxels
+    if len(configs) > 1 or keep_probabilities:
+        total += 4 * plans.num_classes * max(resampled)
+    if keep_probabilities:
+        total += 4 * plans.num_classes * voxels
+    return int(total)
+
+
+def _target_spacing(config: ConfigurationPlan, spacing: list[float]) -> tuple[float, ...]:
+    """The configuration's spacing on a case of `spacing` (a 2d configuration keeps the case's axis 0)."""
+    return tuple(config.spacing) if len(config.spacing) == len(spacing) else (spacing[0], *config.spacing)
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo (Linux), else the free physical pages; None where neither is known."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _spacing_warnings(geometry: Geometry, plans: Plans, config: ConfigurationPlan, source: Path) -> list[str]:
+    spacing = [geometry.spacing[a] for a in plans.transpose_forward]
+    target = _target_spacing(config, spacing)
+    axes = range(len(spacing)) if config.ndim == 3 else range(1, len(spacing))  # 2d: slices are not resampled
+    ratios = {a: spacing[a] / target[a] for a in axes}
+    far = {a: r for a, r in ratios.items() if max(r, 1 / r) >= SPACING_FACTOR_WARNING}
+    if not far:
+        return []
+    axis, ratio = max(far.items(), key=lambda item: max(item[1], 1 / item[1]))
+    how = f"{ratio:.0f}x coarser" if ratio > 1 else f"{1 / ratio:.0f}x finer"
+    network_shape = [geometry.shape[a] for a in plans.transpose_forward]
+    resampled = new_shape_for(network_shape, spacing, target)
+    return [f"{source.name}: spacing {_fmt(spacing)} mm is {how} than the {config.name} model's {_fmt(target)} mm "
+            f"along axis {axis}; resampled to {_fmt(resampled)} voxels, far from the training data: check the "
+            "header's spacing"]
+
+
+def _sample(channel: np.ndarray) -> np.ndarray:
+    flat = channel.reshape(-1)
+    return flat[:: max(1, flat.size // SAMPLE_VOXELS)]
+
+
+def _intensity_warnings(image: np.ndarray, plans: Plans, source: Path) -> list[str]:
+    """CT channels only: Hounsfield units are absolute, so an input outside the training range is suspicious."""
+    warnings = []
+    for scheme in plans.normalization:
+        if scheme.scheme != "ct" or scheme.clip is None or scheme.channel >= image.shape[0]:
+            continue
+        lo, hi = scheme.clip
+        values = _sample(image[scheme.channel])
+        share = float(np.mean((values >= lo) & (values <= hi))) if values.size else 0.0
+        if share < CT_RANGE_MIN_SHARE:
+            low, high = np.percentile(values, [1, 99]) if values.size else (math.nan, math.nan)
+            warnings.append(f"{source.name}: channel {scheme.channel} ({scheme.name}) has {share:.1%} of its voxels in "
+                            f"the CT range the model saw in its foreground ({lo:g} to {hi:g}); its intensities run "
+                            f"{low:g} to {high:g}: is it a CT in Hounsfield units, and the right channel?")
+    return warnings
+
+
+def _label_map_warnings(image: np.ndarray, plans: Plans, source: Path) -> list[str]:
+    """A few distinct whole numbers in every channel: most likely a label map passed as the image."""
+    limit = max(plans.num_classes, 3)
+    for channel in image:
+        values = _sample(channel)
+        if values.size == 0 or not np.array_equal(values, np.round(values)):
+            return []
+        if np.unique(values).size > limit:
+            return []
+    return [f"{source.name}: holds only a few distinct whole numbers (at most {limit}), like a label map; is it the "
+            "image to segment?"]
+
+
+def _fmt(values) -> str:
+    return " x ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
