@@ -120,7 +120,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if (args.num_parts is None) != (args.part_id is None):
         raise CommandError("--num-parts and --part-id go together")
     if args.output_format == "dicom-seg" and importlib.util.find_spec("highdicom") is None:
-        raise CommandError("--output-format dicom-seg needs highdicom, which is not installed: pip install autoseg[dicom]")
+        raise CommandError("--output-format dicom-seg needs highdicom, which is not installed: pip install "
+                           "autoseg[dicom]")
     workdir, configurations = _predict_workspace(args)
     threshold = DEFAULT_UNCERTAINTY_THRESHOLD if args.uncertainty_threshold is None else args.uncertainty_threshold
     summary = predict_folder(
@@ -229,8 +230,8 @@ def cmd_import_model(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="autoseg",
-        description="Self-configuring medical image segmentation (3D volumes and 2D images): plan, train and "
-                    "predict a U-Net from a labelled dataset. Run the commands in order: plan, train (per fold), predict.",
+        description="Self-configuring medical image segmentation (3D volumes and 2D images): plan, train and predict a "
+                    "U-Net from a labelled dataset. Run the commands in order: plan, train (per fold), predict.",
         epilog="Documentation: docs/ in the source tree (user guide, dataset layouts, workspace layout).")
     parser.add_argument("--version", action="version", version=f"autoseg {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debugging details")
@@ -248,28 +249,34 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Verify the dataset, extract its fingerprint, plan each configuration "
                                    "(WORKDIR/plans.json) and preprocess every case for training. "
                                    "Each step can be run alone with --steps; an interrupted preprocessing resumes.")
-    p.add_argument("dataset", type=Path, metavar="DATASET_DIR", help="folder holding dataset.json (Decathlon or nnU-Net v2 layout)")
-    p.add_argument("-o", "--output", type=Path, required=True, metavar="WORKDIR", help="workspace folder (created if missing)")
+    p.add_argument("dataset", type=Path, metavar="DATASET_DIR",
+                   help="folder holding dataset.json (Decathlon or nnU-Net v2 layout)")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="WORKDIR",
+                   help="workspace folder (created if missing)")
     p.add_argument("--workers", type=int, default=_default_workers(), help="parallel processes (default: %(default)s)")
     p.add_argument("--configs", nargs="+", choices=CONFIGURATIONS, metavar="CONFIG",
-                   help="configurations to plan and preprocess (default: all that apply; choices: 2d 3d_fullres 3d_lowres)")
+                   help="configurations to plan and preprocess (default: all that apply; choices: 2d 3d_fullres "
+                        "3d_lowres)")
     p.add_argument("--steps", nargs="+", choices=PLAN_STEPS, metavar="STEP",
                    help="run only these steps (default: verify fingerprint plan preprocess)")
     p.add_argument("--memory-gb", type=float, default=8.0,
-                   help="accelerator memory budget per training step used to size patch and batch (default: %(default)s)")
+                   help="accelerator memory budget per training step used to size patch and batch (default: "
+                        "%(default)s)")
     p.add_argument("--explain", action="store_true", help="print every planning decision with its reason")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("train", help="train one fold of one configuration",
-                       description="Train one cross-validation fold (0-4, from WORKDIR/splits.json, created on first use) "
-                                   "or 'all' (every case, no validation). Writes checkpoints, a log and progress.png to "
-                                   "WORKDIR/models/<config>/fold_<K>/, then predicts the fold's validation cases and "
-                                   "writes validation/summary.json. The default schedule is 1000 epochs x 250 iterations; "
-                                   "shorten it with --epochs/--iters-per-epoch (the learning rate follows).")
+                       description="Train one cross-validation fold (0-4, from WORKDIR/splits.json, created on first "
+                                   "use) or 'all' (every case, no validation). Writes checkpoints, a log and "
+                                   "progress.png to WORKDIR/models/<config>/fold_<K>/, then predicts the fold's "
+                                   "validation cases and writes validation/summary.json. The default schedule is 1000 "
+                                   "epochs x 250 iterations; shorten it with --epochs/--iters-per-epoch (the learning "
+                                   "rate follows).")
     p.add_argument("workdir", type=Path, metavar="WORKDIR", help="workspace written by `autoseg plan`")
     p.add_argument("--fold", required=True, help="fold 0-4, or 'all'")
     p.add_argument("--config", choices=CONFIGURATIONS,
-                   help="configuration (default: the plan's default_configuration: 3d_fullres for 3D data, 2d for 2D images)")
+                   help="configuration (default: the plan's default_configuration: 3d_fullres for 3D data, 2d for 2D "
+                        "images)")
     p.add_argument("--epochs", type=int, help="number of epochs (default: 1000)")
     p.add_argument("--iters-per-epoch", type=int, help="training iterations per epoch (default: 250)")
     p.add_argument("--val-iters", type=int, help="validation batches per epoch for the pseudo-Dice (default: 50)")
@@ -282,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice, all cores)")
     p.add_argument("--seed", type=int, help="random seed (default: 0)")
     p.add_argument("--checkpoint-every", type=int, help="epochs between checkpoint_latest writes (default: 1)")
-    p.add_argument("--resume", action="store_true", help="continue from checkpoint_latest.pt exactly where training stopped")
+    p.add_argument("--resume", action="store_true", help="continue from checkpoint_latest.pt exactly where training "
+                                                         "stopped")
     p.add_argument("--no-validation", action="store_true", help="skip predicting the validation cases at the end")
     p.add_argument("--save-probabilities", action=argparse.BooleanOptionalAction, default=None,
                    help="keep each validation case's probabilities (validation/<case>.npz, float16), which "
@@ -290,24 +298,25 @@ def build_parser() -> argparse.ArgumentParser:
                         "builds label maps slab by slab in bounded memory (default: saved when the plans have "
                         "more than one configuration)")
     p.add_argument("--fp32", action="store_true",
-                   help="train and validate in float32 (default: mixed precision, float16 on CUDA, bfloat16 on CPUs with "
-                        "native bf16; validation averages the windows in float16)")
+                   help="train and validate in float32 (default: mixed precision, float16 on CUDA, bfloat16 on CPUs "
+                        "with native bf16; validation averages the windows in float16)")
     p.add_argument("--gpus", type=int, default=1, metavar="N",
-                   help="data-parallel processes on this machine, one per GPU (with --device cpu: CPU processes); "
-                        "the batch (the plan's, or --batch-size) is split over them (default: 1). For several machines use torchrun, "
-                        "see docs/distributed.md")
+                   help="data-parallel processes on this machine, one per GPU (with --device cpu: CPU processes); the "
+                        "batch (the plan's, or --batch-size) is split over them (default: 1). For several machines use "
+                        "torchrun, see docs/distributed.md")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("predict", help="segment new volumes with the trained folds",
-                       description="Segment every case of INPUT (a folder of Decathlon-style 3D/4D files, an nnU-Net-style "
-                                   "folder of <case>_<cccc> channel files, folders of DICOM series, or a list of files) "
-                                   "with the ensemble of the trained folds (of WORKDIR or of --model): the training "
-                                   "preprocessing, sliding-window inference with Gaussian weighting and mirroring, "
-                                   "logits averaged over a configuration's folds, resampled to each input's exact "
-                                   "original geometry before the softmax, configurations averaged as probabilities "
-                                   "(nnU-Net v2's rules), written as OUTPUT/<case><ending>; unless --no-report also "
-                                   "OUTPUT/volumes.csv, qc/<case>.png and report.html (docs/reports.md). Exit status 1 "
-                                   "if any case failed (the others are still written).")
+                       description="Segment every case of INPUT (a folder of Decathlon-style 3D/4D files, an "
+                                   "nnU-Net-style folder of <case>_<cccc> channel files, folders of DICOM series, or a "
+                                   "list of files) with the ensemble of the trained folds (of WORKDIR or of --model): "
+                                   "the training preprocessing, sliding-window inference with Gaussian weighting and "
+                                   "mirroring, logits averaged over a configuration's folds, resampled to each input's "
+                                   "exact original geometry before the softmax, configurations averaged as "
+                                   "probabilities (nnU-Net v2's rules), written as OUTPUT/<case><ending>; unless "
+                                   "--no-report also OUTPUT/volumes.csv, qc/<case>.png and report.html "
+                                   "(docs/reports.md). Exit status 1 if any case failed (the others are still "
+                                   "written).")
     p.add_argument("workdir", type=Path, nargs="?", metavar="WORKDIR",
                    help="workspace with trained models (leave it out with --model)")
     p.add_argument("--model", type=Path, metavar="MODEL_ZIP",
@@ -323,7 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which checkpoint of each fold (default: final, falling back to latest; not with --model)")
     p.add_argument("--no-mirroring", action="store_true",
                    help="switch off mirroring test-time augmentation (8x fewer forward passes in 3D)")
-    p.add_argument("--step-size", type=float, default=0.5, help="window step as a fraction of the patch (default: %(default)s)")
+    p.add_argument("--step-size", type=float, default=0.5,
+                   help="window step as a fraction of the patch (default: %(default)s)")
     p.add_argument("--save-probabilities", action="store_true",
                    help="also write OUTPUT/<case>.npz with per-label probabilities (holds them for the whole input "
                         "grid: much more memory on large volumes)")
@@ -361,12 +371,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("evaluate", help="Dice, IoU, HD95 and volumes of predictions against references",
-                       description="Compare every prediction in PRED_DIR with the reference of the same name in REF_DIR: "
-                                   "per case and label Dice, IoU, 95th-percentile Hausdorff distance (mm) and volumes (ml). "
-                                   "Writes summary.json and summary.csv and prints the mean per label, by name where "
-                                   "known: from --labels, else the plans.json of the workspace that `autoseg predict` "
-                                   "recorded in PRED_DIR/prediction_summary.json, else a dataset.json in REF_DIR or its "
-                                   "parent.")
+                       description="Compare every prediction in PRED_DIR with the reference of the same name in "
+                                   "REF_DIR: per case and label Dice, IoU, 95th-percentile Hausdorff distance (mm) and "
+                                   "volumes (ml). Writes summary.json and summary.csv and prints the mean per label, "
+                                   "by name where known: from --labels, else the plans.json of the workspace that "
+                                   "`autoseg predict` recorded in PRED_DIR/prediction_summary.json, else a "
+                                   "dataset.json in REF_DIR or its parent.")
     p.add_argument("predictions", type=Path, metavar="PRED_DIR")
     p.add_argument("references", type=Path, metavar="REF_DIR")
     p.add_argument("--labels", type=_label_arg, nargs="+", metavar="ID[=NAME]",
@@ -376,13 +386,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=_default_workers(), help="parallel processes (default: %(default)s)")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("crossval", help="cross-validation Dice per configuration; choose the best and the postprocessing",
-                       description="Gather the five folds' validation results of each trained configuration, report the "
-                                   "cross-validation Dice per label, pick the best configuration and decide whether keeping "
-                                   "only the largest connected component (per label, and of the foreground) improves Dice; "
-                                   "the rules go to WORKDIR/postprocessing.json, which `autoseg predict` applies.")
+    p = sub.add_parser("crossval", help="cross-validation Dice per configuration; choose the best and the "
+                                        "postprocessing",
+                       description="Gather the five folds' validation results of each trained configuration, report "
+                                   "the cross-validation Dice per label, pick the best configuration and decide "
+                                   "whether keeping only the largest connected component (per label, and of the "
+                                   "foreground) improves Dice; the rules go to WORKDIR/postprocessing.json, which "
+                                   "`autoseg predict` applies.")
     p.add_argument("workdir", type=Path, metavar="WORKDIR")
-    p.add_argument("--configs", nargs="+", choices=CONFIGURATIONS, help="configurations to compare (default: all trained)")
+    p.add_argument("--configs", nargs="+", choices=CONFIGURATIONS,
+                   help="configurations to compare (default: all trained)")
     p.add_argument("--no-postprocessing", action="store_true", help="do not decide postprocessing")
     p.set_defaults(func=cmd_crossval)
 

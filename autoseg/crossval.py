@@ -65,7 +65,8 @@ def run_crossval(workdir: Path, configurations: list[str] | None = None, num_fol
     results = {c: collect_validation(workdir, c, num_folds) for c in configs}
     complete = [c for c, r in results.items() if r["num_cases"] and not r["missing_folds"]]
     if not complete:
-        detail = "; ".join(f"{c}: folds {r['missing_folds']} missing" for c, r in results.items()) or "no trained configuration"
+        detail = ("; ".join(f"{c}: folds {r['missing_folds']} missing" for c, r in results.items())
+                  or "no trained configuration")
         raise CrossValidationError(f"{workdir}: no configuration has all {num_folds} folds validated ({detail}); "
                                    "train them with `autoseg train WORKDIR --fold K`")
     cases, ending = _references(workdir)
@@ -123,14 +124,15 @@ def _score_ensemble(workdir: Path, members: list[str], results: dict, labels: li
     case_ids = sorted(set.intersection(*(set(results[c]["case_folds"]) for c in members)))
     dice = {label: [] for label in labels}
     for case_id in tqdm(case_ids, desc=f"ensemble {'+'.join(members)}", unit="case", disable=not progress):
-        prediction = _ensemble_prediction(workdir, members, case_id, {c: results[c]["case_folds"][case_id] for c in members})
+        prediction = _ensemble_prediction(workdir, members, case_id,
+                                          {c: results[c]["case_folds"][case_id] for c in members})
         reference = read_case_label(cases[case_id])
         for label in labels:
             p, r = prediction == label, reference == label
             d = dice_from_counts(int(np.logical_and(p, r).sum()), int(p.sum()), int(r.sum()))
             if not np.isnan(d):
                 dice[label].append(d)
-    mean = {str(l): (float(np.mean(v)) if v else None) for l, v in dice.items()}
+    mean = {str(label): (float(np.mean(v)) if v else None) for label, v in dice.items()}
     defined = [v for v in mean.values() if v is not None]
     return {"members": members, "num_cases": len(case_ids), "mean_dice": mean,
             "foreground_mean_dice": float(np.mean(defined)) if defined else None}
@@ -143,7 +145,8 @@ def _validation_pairs(workdir: Path, members: list[str], results: dict, cases: d
     for case_id in case_ids:
         folds = {c: results[c]["case_folds"][case_id] for c in members}
         if len(members) == 1:
-            prediction, _ = read_image(workspace.fold_dir(workdir, members[0], folds[members[0]]) / "validation" / f"{case_id}{segmentation_suffix(ending)}")
+            fold_dir = workspace.fold_dir(workdir, members[0], folds[members[0]])
+            prediction, _ = read_image(fold_dir / "validation" / f"{case_id}{segmentation_suffix(ending)}")
         else:
             prediction = _ensemble_prediction(workdir, members, case_id, folds)
         yield prediction, read_case_label(cases[case_id])

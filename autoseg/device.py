@@ -42,7 +42,8 @@ def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX on x86, BF16 on Arm) through oneDNN.
 
     oneDNN also takes bf16 on AVX-512 CPUs without BF16 (Skylake to Ice Lake servers) and emulates
-    it there, slower than float32 (benchmarks/README.md), so such CPUs compute in float32. Without /proc/cpuinfo, oneDNN decides.
+    it there, slower than float32 (benchmarks/README.md), so such CPUs compute in float32. Without /proc/cpuinfo,
+    oneDNN decides.
     """
     if not _onednn_takes_bf16():
         return False

@@ -241,8 +241,9 @@ def find_label_names(pred_dir: Path | str, ref_dir: Path | str) -> tuple[dict[st
     """Label names {"1": "liver", ...} for a pair of folders, and the file they came from.
 
     The first source found wins: the plans.json of the workspace that `autoseg predict` recorded in
-    `pred_dir/prediction_summary*.json` (`prediction_report*.json` before autoseg 0.2), then a dataset.json in `ref_dir` or its parent (Decathlon
-    {id: name} or nnU-Net v2 {name: id}). Nothing found: ({}, None), and ids are shown.
+    `pred_dir/prediction_summary*.json` (`prediction_report*.json` before autoseg 0.2), then a dataset.json
+    in `ref_dir` or its parent (Decathlon {id: name} or nnU-Net v2 {name: id}). Nothing found: ({}, None), and
+    ids are shown.
     """
     pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
     for report in sorted(pred_dir.glob("prediction_summary*.json")) + sorted(pred_dir.glob("prediction_report*.json")):
@@ -326,12 +327,12 @@ def evaluate_folders(pred_dir: Path | str, ref_dir: Path | str, labels: Sequence
     given = {str(int(k)): str(v) for k, v in (label_names or {}).items()}
     names = {**found, **given}
     names_from = []  # where the names came from: "given" (label_names) and/or the file found
-    if any(str(l) in given for l in labels):
+    if any(str(label) in given for label in labels):
         names_from.append("given")
-    if any(str(l) in found and str(l) not in given for l in labels):
+    if any(str(label) in found and str(label) not in given for label in labels):
         names_from.append(str(found_in))
     summary = _summarize(cases, labels, missing, pred_dir, ref_dir,
-                         {str(l): names[str(l)] for l in labels if str(l) in names}, names_from)
+                         {str(label): names[str(label)] for label in labels if str(label) in names}, names_from)
     output_dir = Path(output_dir) if output_dir is not None else pred_dir
     write_json(output_dir / "summary.json", summary)
     _write_csv(output_dir / "summary.csv", summary)
@@ -370,7 +371,7 @@ def _summarize(cases: dict[str, dict[str, dict]], labels: Sequence[int], missing
     for metric in FOREGROUND_METRICS:
         per_label = np.array([mean[str(label)][metric] for label in labels], dtype=float)
         foreground[metric] = _nanmean(per_label)
-    foreground["labels_used"] = {m: int(np.count_nonzero(~np.isnan([mean[str(l)][m] for l in labels])))
+    foreground["labels_used"] = {m: int(np.count_nonzero(~np.isnan([mean[str(label)][m] for label in labels])))
                                  for m in FOREGROUND_METRICS}
     summary = {
         "format_version": SUMMARY_FORMAT_VERSION,

@@ -99,7 +99,8 @@ class Fingerprint:
     @classmethod
     def from_json(cls, d: dict) -> "Fingerprint":
         if d.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"fingerprint format_version {d.get('format_version')} is not {FORMAT_VERSION}; rerun `autoseg plan --steps fingerprint plan`")
+            raise ValueError(f"fingerprint format_version {d.get('format_version')} is not {FORMAT_VERSION}; rerun "
+                             f"`autoseg plan --steps fingerprint plan`")
         cases = tuple(
             CaseFingerprint(c["case_id"], tuple(c["spacing"]), tuple(c["shape"]),
                             tuple(tuple(b) for b in c["nonzero_bbox"]), c["foreground_voxels"],

@@ -174,11 +174,12 @@ def _cross_validation(workdir: Path, folds: dict[str, list[str]]) -> dict | None
     result: dict = {}
     pooled = _read_optional(workspace.crossval_dir(workdir) / "summary.json")
     if pooled:
-        result["pooled"] = {c: {k: r.get(k) for k in ("num_cases", "mean_dice", "foreground_mean_dice", "missing_folds")}
+        keys = ("num_cases", "mean_dice", "foreground_mean_dice", "missing_folds")
+        result["pooled"] = {c: {k: r.get(k) for k in keys}
                             for c, r in pooled.get("configurations", {}).items() if c in folds}
         ensemble = pooled.get("ensembles", {}).get("+".join(folds))
         if ensemble:
-            result["pooled"]["+".join(folds)] = {k: ensemble.get(k) for k in ("num_cases", "mean_dice", "foreground_mean_dice")}
+            result["pooled"]["+".join(folds)] = {k: ensemble.get(k) for k in keys[:3]}
         result["best"] = pooled.get("best")
     per_fold = {}
     for c, names in folds.items():
@@ -258,7 +259,8 @@ def import_model(path: Path | str, target_dir: Path | str) -> dict:
     accepts; returns the manifest. Nothing is left at `target_dir` when a check fails."""
     path, target = Path(path), Path(target_dir)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise ModelArchiveError(f"{target}: already exists and is not an empty folder; choose a new folder for the model")
+        raise ModelArchiveError(f"{target}: already exists and is not an empty folder; choose a new folder for the "
+                                f"model")
     target.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:

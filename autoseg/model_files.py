@@ -86,7 +86,8 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> Che
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises several types for truncated or foreign files
-        raise CheckpointError(f"{path}: cannot be loaded ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+        raise CheckpointError(f"{path}: cannot be loaded ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:200]})") from None
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: not an autoseg checkpoint of format_version {FORMAT_VERSION}")
     if not isinstance(state.get("network_state"), dict):

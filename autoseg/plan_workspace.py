@@ -85,7 +85,8 @@ def plan_workspace(dataset_dir: Path, workdir: Path, steps: Sequence[str] = PLAN
                 log.warning("not planned: %s (%s)", name, plans.not_planned.get(name, "not requested"))
         if not plans.configurations:
             raise PlanWorkspaceError("no configuration was planned: " + "; ".join(
-                f"{c}: {plans.not_planned.get(c, '')}" for c in configurations or ()) + "; choose another with --configs")
+                f"{c}: "
+                f"{plans.not_planned.get(c, '')}" for c in configurations or ()) + "; choose another with --configs")
         plans.save(workspace.plans_json(workdir))
         log.info("wrote %s (configurations: %s; default %s)", workspace.plans_json(workdir),
                  ", ".join(plans.configurations), plans.default_configuration)

@@ -67,7 +67,8 @@ def _check_rules(rules: dict, source: str = "postprocessing rules") -> None:
     if not isinstance(rules.get("foreground_largest_component"), bool):
         raise PostprocessingError(f"{source}: 'foreground_largest_component' must be true or false")
     labels = rules.get("largest_component_labels")
-    if not isinstance(labels, list) or not all(isinstance(l, int) and not isinstance(l, bool) and l > 0 for l in labels):
+    if not isinstance(labels, list) or not all(
+            isinstance(label, int) and not isinstance(label, bool) and label > 0 for label in labels):
         raise PostprocessingError(f"{source}: 'largest_component_labels' must be a list of positive label ids")
 
 
@@ -149,8 +150,8 @@ def _fg_dice(cases: list[dict], start: str, label_rules: Sequence[int] = ()) -> 
     scores = []
     for c in cases:
         s = c[start]
-        tp = s["fg_tp"] - sum(s["labels"][l]["removed_in_ref_fg"] for l in label_rules)
-        n_pred = s["fg_pred"] - sum(s["labels"][l]["removed"] for l in label_rules)
+        tp = s["fg_tp"] - sum(s["labels"][label]["removed_in_ref_fg"] for label in label_rules)
+        n_pred = s["fg_pred"] - sum(s["labels"][label]["removed"] for label in label_rules)
         scores.append(dice_from_counts(tp, n_pred, c["ref_fg"]))
     return _mean(scores)
 
@@ -196,9 +197,9 @@ def decide_postprocessing(cases: Iterable[tuple[np.ndarray, np.ndarray]], labels
 
     reasons = {}
     fg_before, fg_with_rule = _fg_dice(counts, "raw"), _fg_dice(counts, "fg")
-    label_before = {l: _label_dice(counts, "raw", l, rule=False) for l in labels}
-    label_with_fg = {l: _label_dice(counts, "fg", l, rule=False) for l in labels}
-    harmed = [l for l in labels if _decreases(label_with_fg[l], label_before[l])]
+    label_before = {label: _label_dice(counts, "raw", label, rule=False) for label in labels}
+    label_with_fg = {label: _label_dice(counts, "fg", label, rule=False) for label in labels}
+    harmed = [label for label in labels if _decreases(label_with_fg[label], label_before[label])]
     use_fg = _improves(fg_with_rule, fg_before) and not harmed
     if use_fg:
         reasons["foreground"] = (f"enabled: keeping the largest foreground component raises the mean foreground "
@@ -206,7 +207,8 @@ def decide_postprocessing(cases: Iterable[tuple[np.ndarray, np.ndarray]], labels
     elif harmed:
         reasons["foreground"] = (f"disabled: keeping the largest foreground component changes the foreground Dice "
                                  f"from {fg_before:.4f} to {fg_with_rule:.4f} but lowers the Dice of label(s) "
-                                 + ", ".join(f"{l} ({label_before[l]:.4f} -> {label_with_fg[l]:.4f})" for l in harmed))
+                                 + ", ".join(f"{label} ({label_before[label]:.4f} -> {label_with_fg[label]:.4f})"
+                                             for label in harmed))
     else:
         reasons["foreground"] = (f"disabled: keeping the largest foreground component does not raise the mean "
                                  f"foreground Dice ({fg_before:.4f} -> {fg_with_rule:.4f})")
@@ -231,9 +233,9 @@ def decide_postprocessing(cases: Iterable[tuple[np.ndarray, np.ndarray]], labels
     rules["largest_component_labels"] = chosen
     rules["num_cases"] = len(counts)
     rules["reasons"] = reasons
-    rules["dice_before"] = {"foreground": _r(fg_before), **{str(l): _r(label_before[l]) for l in labels}}
+    rules["dice_before"] = {"foreground": _r(fg_before), **{str(label): _r(label_before[label]) for label in labels}}
     rules["dice_after"] = {"foreground": _r(_fg_dice(counts, start, chosen)),
-                           **{str(l): _r(label_after[l]) for l in labels}}
+                           **{str(label): _r(label_after[label]) for label in labels}}
     for key, reason in reasons.items():
         logger.info("postprocessing %s: %s", key, reason)
     return rules

@@ -23,7 +23,8 @@ def cpu_model_and_flags() -> tuple[str, set[str]]:
 
 
 def machine() -> str:
-    """e.g. 'AMD EPYC 9B14, 2 logical cores, avx2 yes, avx512f no, avx512_bf16 no, amx_bf16 no, no GPU, torch 2.13.0+cpu (2 threads)'."""
+    """e.g. 'AMD EPYC 9B14, 2 logical cores, avx2 yes, avx512f no, avx512_bf16 no, amx_bf16 no, no GPU,
+    torch 2.13.0+cpu (2 threads)'."""
     model, flags = cpu_model_and_flags()
     simd = ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in SIMD_FLAGS)
     text = f"{model}, {os.cpu_count()} logical cores, {simd}"
@@ -32,4 +33,5 @@ def machine() -> str:
     except ImportError:
         return f"{text}, Python {platform.python_version()}"
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{text}, {gpu}, torch {torch.__version__} ({torch.get_num_threads()} threads), Python {platform.python_version()}"
+    return (f"{text}, {gpu}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+            f"Python {platform.python_version()}")

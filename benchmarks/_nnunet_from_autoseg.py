@@ -33,9 +33,10 @@ def nnunet_plans(ours: dict, fingerprint: dict, configuration: str) -> dict:
     ndim = len(config["patch_size"])
     stages = len(config["features_per_stage"])
     r = ours["resampling"]
-    data_kwargs = {"is_seg": False, "order": r["image_order"], "order_z": r["thick_axis_order"], "force_separate_z": None}
-    conv = "torch.nn.modules.conv.Conv2d" if ndim == 2 else "torch.nn.modules.conv.Conv3d"
-    norm = "torch.nn.modules.instancenorm.InstanceNorm2d" if ndim == 2 else "torch.nn.modules.instancenorm.InstanceNorm3d"
+    data_kwargs = {"is_seg": False, "order": r["image_order"], "order_z": r["thick_axis_order"],
+                   "force_separate_z": None}
+    conv = f"torch.nn.modules.conv.Conv{ndim}d"
+    norm = f"torch.nn.modules.instancenorm.InstanceNorm{ndim}d"
     return {
         "dataset_name": "Dataset991_AutosegModel", "plans_name": "nnUNetPlans",
         "original_median_spacing_after_transp": config["spacing"],
@@ -94,7 +95,8 @@ def copy_weights(network: torch.nn.Module, state: dict[str, torch.Tensor], n_con
 
 
 def main() -> None:
-    workdir, configuration, fold, folder, check = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), Path(sys.argv[4]), Path(sys.argv[5])
+    workdir, configuration, fold = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+    folder, check = Path(sys.argv[4]), Path(sys.argv[5])
     ours = json.loads((workdir / "plans.json").read_text())
     fingerprint = json.loads((workdir / "fingerprint.json").read_text())
     plans = nnunet_plans(ours, fingerprint, configuration)

@@ -111,7 +111,8 @@ def plan_autoseg(dataset: Path, workdir: Path, workers: int, configuration: str 
 def dice_per_label(pred_dir: Path, labels_dir: Path, labels: list[int]) -> dict[int, float | None]:
     from autoseg.evaluation import evaluate_folders
 
-    summary = evaluate_folders(pred_dir, labels_dir, labels=labels, output_dir=pred_dir.parent / f"{pred_dir.name}_eval")
+    summary = evaluate_folders(pred_dir, labels_dir, labels=labels,
+                               output_dir=pred_dir.parent / f"{pred_dir.name}_eval")
     if summary["missing_predictions"]:
         raise BenchError(f"{pred_dir}: no prediction for {summary['missing_predictions'][:5]}")
     return {label: summary["mean"][str(label)]["dice"] for label in labels}
@@ -148,7 +149,8 @@ def run_nnunet(dataset: Path, workdir: Path, configuration: str, venv: str, fold
 
     cache = folder / "nnunet"
     nnunet_bin, name, dataset_id = prepare_nnunet(dataset, cache, venv, configuration)
-    differ = compare_plans(autoseg_plan_summary(workdir, configuration), nnunet_plan_summary(cache, name, configuration))
+    differ = compare_plans(autoseg_plan_summary(workdir, configuration),
+                           nnunet_plan_summary(cache, name, configuration))
     if "patch_size" in differ or ("batch_size" in differ and batch_size is None):
         print("WARNING: batch or patch differ, so the budgets are not equal", flush=True)
     splits = json.loads((workdir / "splits.json").read_text())
@@ -202,7 +204,8 @@ def main() -> None:
                         help="validation batches per epoch, both tools (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=None, help="augmentation workers for both (default: autoseg's)")
     parser.add_argument("--configuration", choices=("2d", "3d_fullres", "3d_lowres"),
-                        help="configuration both train (default: autoseg's default configuration, 3d_fullres for 3D data)")
+                        help="configuration both train (default: autoseg's default configuration, 3d_fullres for 3D "
+                             "data)")
     parser.add_argument("--batch-size", type=int,
                         help="batch size for both instead of the plan's (nnU-Net gets it written into its plans)")
     parser.add_argument("--autoseg-precision", choices=("float32", "auto"), default="float32",
@@ -276,13 +279,15 @@ def main() -> None:
         means = {t: _mean([figures[t]["dice"][label] for label in labels]) for t in tools}
         print(f"{'mean':<24}" + "".join(f"{_fmt(means[t]):>12}" for t in tools))
         print(f"{'training s':<24}" + "".join(f"{figures[t]['train_s']:>12.1f}" for t in tools))
-        print(f"{'training s/iteration':<24}" + "".join(f"{figures[t]['train_s'] / args.iterations:>12.2f}" for t in tools))
+        print(f"{'training s/iteration':<24}"
+              + "".join(f"{figures[t]['train_s'] / args.iterations:>12.2f}" for t in tools))
         print(f"{'prediction s':<24}" + "".join(f"{figures[t]['predict_s']:>12.1f}" for t in tools))
         print("training s: autoseg's train_fold and nnU-Net's run_training (both with per-epoch validation batches, "
               "without imports); prediction s: autoseg's predict_folder in this process, nnUNetv2_predict from launch "
               "to exit")
         if args.json:
-            args.json.write_text(json.dumps({"iterations": args.iterations, "epochs": epochs, "val_iters": args.val_iters,
+            args.json.write_text(json.dumps({"iterations": args.iterations, "epochs": epochs,
+                                             "val_iters": args.val_iters,
                                              "workers": workers, "configuration": configuration,
                                              "autoseg_precision": args.autoseg_precision,
                                              "batch_size": batch_size, "patch_size": patch_size,

@@ -136,7 +136,8 @@ def inference_paths(config: dict, channels: int, classes: int, batch: int, args)
             session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
             inputs = {"x": x.numpy()}
             results["onnxruntime CPU"] = median_seconds(lambda: session.run(None, inputs), args.iters, args.warmup)
-            print(f"onnxruntime: largest difference from torch {np.abs(session.run(None, inputs)[0] - reference).max():.1e}")
+            print(f"onnxruntime: largest difference from torch "
+                  f"{np.abs(session.run(None, inputs)[0] - reference).max():.1e}")
     try:
         from autoseg.inference.openvino_runtime import OpenVINONetwork, OpenVINOUnavailable
         openvino = OpenVINONetwork(network, channels, patch)
@@ -169,7 +170,8 @@ def main() -> None:
     print(f"machine: {machine()}")
     print(f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average before: {os.getloadavg()[0]:.1f}")
     print(f"{args.step}: {args.config}, batch {batch}, patch {config['patch_size']}, features "
-          f"{config['features_per_stage']}, float32 unless a line says bfloat16; median of {args.iters} after {args.warmup} warm-up")
+          f"{config['features_per_stage']}, float32 unless a line says bfloat16; median of {args.iters} after "
+          f"{args.warmup} warm-up")
     paths = train_paths if args.step == "train" else inference_paths
     results = paths(config, channels, classes, batch, args)
     fastest = min(results.values())

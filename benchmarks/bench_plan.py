@@ -323,7 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="worker processes for both tools: autoseg --workers N, nnU-Net -np N -npfp N "
                              "(default: %(default)s)")
     parser.add_argument("--repeat", type=int, default=1,
-                        help="runs per tool, alternating autoseg and nnU-Net; the median is reported (default: %(default)s)")
+                        help="runs per tool, alternating autoseg and nnU-Net; the median is reported (default: "
+                             "%(default)s)")
     parser.add_argument("--nnunet-venv", metavar="PATH",
                         help="nnunetv2 virtual environment or its bin folder (default: look on PATH)")
     parser.add_argument("--no-nnunet", action="store_true", help="time autoseg only")

@@ -40,7 +40,8 @@ non-zero region and z-scoring inside the non-zero mask then apply. `--as-tiff` r
 (after any of the above) as TIFF stacks in nnU-Net v2's layout with each case's spacing in
 `<case>.json` files, nnU-Net's convention for TIFF, which has no slice spacing; `--as-decathlon-4d`
 rewrites them in the Decathlon layout with every channel of a case in one 4D NIfTI (nnU-Net
-converts that with nnUNetv2_convert_MSD_dataset, autoseg reads it as it is). `--memory-gb 2` shrinks the patches of both planners, so large volumes plan 3d_lowres.
+converts that with nnUNetv2_convert_MSD_dataset, autoseg reads it as it is). `--memory-gb 2` shrinks the patches of
+both planners, so large volumes plan 3d_lowres.
 
 Needs nnunetv2 in its own venv (benchmarks/README.md says how); without it the script stops.
 """
@@ -87,7 +88,8 @@ def dataset_variant(dataset: Path, out: Path, factors: list[float] | None, chann
     if channel_names:
         key = "channel_names" if "channel_names" in meta else "modality"
         if len(channel_names) != len(meta[key]):
-            raise BenchError(f"--channel-names gives {len(channel_names)} name(s), the dataset has {len(meta[key])} channel(s)")
+            raise BenchError(f"--channel-names gives {len(channel_names)} name(s), the dataset has {len(meta[key])} "
+                             f"channel(s)")
         meta[key] = {str(i): n for i, n in enumerate(channel_names)}
     (target / "dataset.json").write_text(json.dumps(meta, indent=1))
     for i, case in enumerate(sorted(ds.cases, key=lambda c: c.case_id)):
@@ -416,15 +418,16 @@ def run(dataset: Path, tmp: Path, nnunet_bin: Path, args: argparse.Namespace, co
         dataset = as_tiff_stacks(dataset, tmp / "tiff")
         print(f"rewritten as TIFF stacks with JSON spacing files (nnU-Net v2 layout): {dataset.name}")
     if factors:
-        print(f"dataset respaced: file axis {args.respace_axis} spacing times {', '.join(f'{f:g}' for f in factors)} in turn")
+        print(f"dataset respaced: file axis {args.respace_axis} spacing times {', '.join(f'{f:g}' for f in factors)} "
+              f"in turn")
     if names:
         print(f"channels renamed: {', '.join(names)}")
     ours_ws = tmp / "autoseg"
     t_ours = run_autoseg(dataset, ours_ws, args.workers, configs, args.memory_gb, tmp / "autoseg.log")
     theirs_pre, t_theirs = run_nnunet(dataset, tmp / "nnunet", nnunet_bin, args.workers, configs, args.memory_gb,
                                       tmp / "nnunet.log")
-    print(f"dataset: {dataset}; autoseg plan {t_ours:.1f} s, nnUNetv2_plan_and_preprocess {t_theirs:.1f} s "
-          f"(both with {args.workers} workers, configurations {', '.join(configs)}, memory target {args.memory_gb:g} GB)\n")
+    print(f"dataset: {dataset}; autoseg plan {t_ours:.1f} s, nnUNetv2_plan_and_preprocess {t_theirs:.1f} s (both with "
+          f"{args.workers} workers, configurations {', '.join(configs)}, memory target {args.memory_gb:g} GB)\n")
 
     ours_fp = json.loads((ours_ws / "fingerprint.json").read_text())
     theirs_fp = json.loads((theirs_pre / "dataset_fingerprint.json").read_text())

@@ -104,7 +104,8 @@ DATASETS: tuple[DatasetSpec, ...] = (
                 extent_spread=(0.08, 0.0, 0.06), crop_fraction=(1.0, 1.0, 232 / 320), foreground_fraction=0.01),
     DatasetSpec("Task03_Liver", "MSD Task03 (LiTS)", ("CT",), ("background", "liver", "cancer"), 131,
                 (1.0, 0.77, 0.77), (432, 512, 512), (ct_stats(99.4, 39.4, -17.0, 201.0),),
-                slice_thicknesses=((0.7, 0.15), (0.8, 0.15), (1.0, 0.25), (1.5, 0.05), (2.0, 0.1), (2.5, 0.1), (5.0, 0.2)),
+                slice_thicknesses=((0.7, 0.15), (0.8, 0.15), (1.0, 0.25), (1.5, 0.05), (2.0, 0.1), (2.5, 0.1),
+                                   (5.0, 0.2)),
                 spacing_spread=(0.0, 0.12), extent_spread=(0.3, 0.0, 0.0), fixed_matrix=True, foreground_fraction=0.03),
     DatasetSpec("Task04_Hippocampus", "MSD Task04", ("MRI",), ("background", "Anterior", "Posterior"), 260,
                 (1.0, 1.0, 1.0), (36, 50, 35), (mri_stats(300, 100),),
@@ -116,7 +117,8 @@ DATASETS: tuple[DatasetSpec, ...] = (
     DatasetSpec("Task06_Lung", "MSD Task06 (NSCLC)", ("CT",), ("background", "cancer"), 63,
                 (1.24, 0.79, 0.79), (252, 512, 512), (ct_stats(-160.0, 320.0, -1000.0, 330.0),),
                 slice_thicknesses=((0.625, 0.2), (1.0, 0.1), (1.24, 0.3), (2.5, 0.4)),
-                spacing_spread=(0.0, 0.1), extent_spread=(0.25, 0.0, 0.0), fixed_matrix=True, foreground_fraction=0.002),
+                spacing_spread=(0.0, 0.1), extent_spread=(0.25, 0.0, 0.0), fixed_matrix=True,
+                foreground_fraction=0.002),
     DatasetSpec("Task07_Pancreas", "MSD Task07", ("CT",), ("background", "pancreas", "cancer"), 281,
                 (2.5, 0.8, 0.8), (93, 512, 512), (ct_stats(78.0, 75.4, -96.0, 215.0),),
                 slice_thicknesses=((0.7, 0.03), (1.0, 0.03), (1.25, 0.02), (2.5, 0.62), (5.0, 0.25), (7.5, 0.05)),
@@ -133,7 +135,8 @@ DATASETS: tuple[DatasetSpec, ...] = (
                 (5.0, 0.78, 0.78), (95, 512, 512), (ct_stats(65.0, 33.0, -30.0, 165.0),),
                 slice_thicknesses=((1.25, 0.05), (1.5, 0.05), (2.5, 0.1), (3.0, 0.1), (5.0, 0.65), (7.5, 0.05)),
                 spacing_spread=(0.0, 0.1), extent_spread=(0.3, 0.0, 0.0), fixed_matrix=True, foreground_fraction=0.001),
-    DatasetSpec("KiTS_like", "KiTS19 (kidney CT, thin and thick slices mixed)", ("CT",), ("background", "kidney", "tumor"),
+    DatasetSpec("KiTS_like", "KiTS19 (kidney CT, thin and thick slices mixed)", ("CT",),
+                ("background", "kidney", "tumor"),
                 210, (3.0, 0.78, 0.78), (107, 512, 512), (ct_stats(101.0, 76.9, -79.0, 304.0),),
                 slice_thicknesses=((0.5, 0.1), (0.625, 0.05), (0.7, 0.05), (0.8, 0.1), (1.0, 0.05), (1.25, 0.05),
                                    (2.5, 0.05), (3.0, 0.25), (5.0, 0.3)),
@@ -264,7 +267,8 @@ def nnunet_python(venv_bin: str) -> tuple[Path | None, str]:
     python = Path(venv_bin) / "python"
     if not python.exists():
         return None, f"{python} not found"
-    probe = subprocess.run([str(python), "-c", "import importlib.util, sys; sys.exit(importlib.util.find_spec('nnunetv2') is None)"],
+    probe = subprocess.run([str(python), "-c", "import importlib.util, sys; "
+                                               "sys.exit(importlib.util.find_spec('nnunetv2') is None)"],
                            capture_output=True, text=True)
     if probe.returncode != 0:
         return None, f"nnunetv2 is not installed in {venv_bin}"
@@ -299,7 +303,8 @@ def plan_with_nnunet(python: Path, fingerprints: list[tuple[DatasetSpec, Fingerp
            *(["--real-weights"] if real_weights else []), *names]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if done.returncode != 0 or not out.is_file():
-        raise BenchError(f"{' '.join(cmd[:3])} ... failed (exit {done.returncode}):\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
+        raise BenchError(f"{' '.join(cmd[:3])} ... failed (exit "
+                         f"{done.returncode}):\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
     result = json.loads(out.read_text())
     datasets = {}
     for name, r in result["datasets"].items():
@@ -348,7 +353,8 @@ def summarize_nnunet(plans: dict) -> dict:
             continue
         arch = c["architecture"]["arch_kwargs"]
         configs[name] = _configuration(c["spacing"], c["median_image_size_in_voxels"], c["patch_size"], c["batch_size"],
-                                       arch["strides"], arch["kernel_sizes"], arch["features_per_stage"], c["batch_dice"])
+                                       arch["strides"], arch["kernel_sizes"], arch["features_per_stage"],
+                                       c["batch_dice"])
     first = plans["configurations"]["3d_fullres" if "3d_fullres" in configs else "2d"]
     norm = []
     for i, (scheme, mask) in enumerate(zip(first["normalization_schemes"], first["use_mask_for_norm"])):
@@ -380,7 +386,8 @@ def differences(ours: dict, theirs: dict, intensity_rtol: float = 1e-3) -> list[
     out = []
     a_set, b_set = set(ours["configurations"]), set(theirs["configurations"])
     if a_set != b_set:
-        out.append(f"configurations: autoseg {' '.join(sorted(a_set)) or '-'}, nnU-Net {' '.join(sorted(b_set)) or '-'}")
+        out.append(f"configurations: autoseg {' '.join(sorted(a_set)) or '-'}, nnU-Net "
+                   f"{' '.join(sorted(b_set)) or '-'}")
     if ours["transpose_forward"] != theirs["transpose_forward"]:
         out.append(f"transpose_forward: autoseg {ours['transpose_forward']}, nnU-Net {theirs['transpose_forward']}")
     for i, (a, b) in enumerate(zip(ours["normalization"], theirs["normalization"])):

@@ -184,7 +184,8 @@ def _tree_pss(root: int) -> int:
     return total
 
 
-def run_with_peak_memory(cmd: list[str], log_path: Path, env: dict[str, str] | None = None) -> tuple[float, float, float]:
+def run_with_peak_memory(cmd: list[str], log_path: Path, env: dict[str, str] | None = None
+                         ) -> tuple[float, float, float]:
     """Run `cmd`; (wall seconds, peak PSS of its process tree sampled every 0.2 s, the main process's
     own RSS high-water mark from wait4), memory in GiB. Raises BenchError with the log's tail if it fails."""
     import subprocess
@@ -202,7 +203,8 @@ def run_with_peak_memory(cmd: list[str], log_path: Path, env: dict[str, str] | N
     proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
-        raise BenchError(f"{' '.join(cmd)} failed (exit {proc.returncode}):\n{log_path.read_text(errors='replace')[-3000:]}")
+        raise BenchError(f"{' '.join(cmd)} failed (exit "
+                         f"{proc.returncode}):\n{log_path.read_text(errors='replace')[-3000:]}")
     return wall, peak / 2**30, usage.ru_maxrss / 2**20
 
 
@@ -258,7 +260,8 @@ def main() -> None:
     parser.add_argument("-i", "--input", type=Path, nargs="+")
     parser.add_argument("--large", type=_size, metavar="ZxYxX",
                         help="large-volume mode: a synthetic volume of this size (no WORKDIR or INPUT)")
-    parser.add_argument("--labels", type=int, default=14, help="--large: labels including background (default: %(default)s)")
+    parser.add_argument("--labels", type=int, default=14,
+                        help="--large: labels including background (default: %(default)s)")
     parser.add_argument("--spacing", type=lambda t: _size(t, float), default=(1.5, 0.8, 0.8), metavar="ZxYxX",
                         help="--large: voxel spacing in mm (default: 1.5x0.8x0.8)")
     parser.add_argument("--step-size", type=float, default=0.5, help="--large: window step (default: %(default)s)")
@@ -267,17 +270,20 @@ def main() -> None:
     parser.add_argument("--mirroring", choices=("on", "off", "both"), default="both")
     parser.add_argument("--workers", type=int, default=1, help="autoseg's background threads (default: %(default)s)")
     parser.add_argument("--cases", type=int, help="predict only the first N cases (by id), with both tools")
-    parser.add_argument("--nnunet-venv", metavar="PATH", help="nnunetv2 venv or its bin folder: also time nnUNetv2_predict")
+    parser.add_argument("--nnunet-venv", metavar="PATH",
+                        help="nnunetv2 venv or its bin folder: also time nnUNetv2_predict")
     parser.add_argument("--nnunet-cache", type=Path, default=DEFAULT_NNUNET_CACHE,
                         help="nnU-Net's raw, preprocessed and model folders, kept between runs (default: %(default)s)")
     parser.add_argument("--nnunet-processes", type=int, default=2,
                         help="nnUNetv2_predict -npp N -nps N (default: %(default)s; nnU-Net's own default is 3)")
-    parser.add_argument("--dataset", type=Path, help="raw dataset for nnU-Net (default: the workspace's dataset.json root)")
+    parser.add_argument("--dataset", type=Path, help="raw dataset for nnU-Net (default: the workspace's dataset.json "
+                                                     "root)")
     parser.add_argument("--autoseg-precision", choices=("auto", "float32", "both"), default="auto",
                         help="autoseg's own default (bfloat16 autocast on a CPU with native bf16), float32 "
                              "(as nnU-Net computes on the CPU), or both (default: %(default)s)")
     parser.add_argument("--runtime", choices=("torch", "openvino", "both"), default="torch",
-                        help="what runs autoseg's networks: torch, openvino (float32 only), or both (default: %(default)s)")
+                        help="what runs autoseg's networks: torch, openvino (float32 only), or both (default: "
+                             "%(default)s)")
     args = parser.parse_args()
     if args.large:
         if args.runtime == "both":
@@ -313,7 +319,8 @@ def main() -> None:
             if runtime == "openvino":
                 precisions.append((False, "openvino float32", runtime))
             else:
-                precisions += [(mixed, label, runtime) for mixed, label in autoseg_precisions(args.autoseg_precision, None)]
+                precisions += [(mixed, label, runtime)
+                               for mixed, label in autoseg_precisions(args.autoseg_precision, None)]
         for mixed, label, runtime in precisions:
             for folds in fold_sets:
                 for m in mirror:
@@ -326,9 +333,9 @@ def main() -> None:
                         wall = time.perf_counter() - t
                     n = len(report.written)
                     timings[(label, tuple(folds), m)] = wall / max(n, 1)
-                    print(f"autoseg ({label}): {len(folds)} fold(s) {','.join(folds)}, mirroring {'on' if m else 'off'}: "
-                          f"{n} cases in {wall:.1f} s = {wall / max(n, 1):.2f} s/case ({len(report.failed)} failed; "
-                          f"{args.workers} background threads)", flush=True)
+                    print(f"autoseg ({label}): {len(folds)} fold(s) {','.join(folds)}, mirroring "
+                          f"{'on' if m else 'off'}: {n} cases in {wall:.1f} s = {wall / max(n, 1):.2f} s/case "
+                          f"({len(report.failed)} failed; {args.workers} background threads)", flush=True)
 
         if nnunet is None:
             return

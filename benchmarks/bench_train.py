@@ -52,7 +52,8 @@ class BenchError(Exception):
 
 # --- nnU-Net v2 side (also used by bench_predict.py) ------------------------------------------------
 
-def prepare_nnunet(dataset: Path, cache: Path, nnunet_venv: str, configuration: str = "3d_fullres") -> tuple[Path, str, int]:
+def prepare_nnunet(dataset: Path, cache: Path, nnunet_venv: str, configuration: str = "3d_fullres"
+                   ) -> tuple[Path, str, int]:
     """Convert and preprocess `dataset` for nnU-Net into `cache` unless done; return (bin, dataset name, id).
 
     Uses bench_plan.py's conversion (links to the cases dataset.json lists, nnUNetv2_convert_MSD_dataset),
@@ -76,7 +77,8 @@ def prepare_nnunet(dataset: Path, cache: Path, nnunet_venv: str, configuration: 
     (cache / "nnUNet_raw").mkdir(parents=True)
     env = nnunet_env(nnunet_bin, cache)
     try:
-        dataset_id, name, _ = stage_nnunet_raw(dataset, _dataset_meta(dataset), cache / "nnUNet_raw", None, nnunet_bin, env)
+        dataset_id, name, _ = stage_nnunet_raw(dataset, _dataset_meta(dataset), cache / "nnUNet_raw", None,
+                                               nnunet_bin, env)
     except PlanError as exc:
         raise BenchError(str(exc)) from exc
     cmd = [str(nnunet_bin / "nnUNetv2_plan_and_preprocess"), "-d", str(dataset_id), "-c", configuration,
@@ -106,7 +108,8 @@ def run_nnunet_driver(nnunet_bin: Path, cache: Path, name: str, configuration: s
 
 def nnunet_plan_summary(cache: Path, name: str, configuration: str) -> dict:
     """The fields of nnU-Net's plan that autoseg's plan also has, for printing and comparing."""
-    conf = json.loads((cache / "nnUNet_preprocessed" / name / "nnUNetPlans.json").read_text())["configurations"][configuration]
+    plans = json.loads((cache / "nnUNet_preprocessed" / name / "nnUNetPlans.json").read_text())
+    conf = plans["configurations"][configuration]
     arch = conf["architecture"]["arch_kwargs"]
     return {"batch_size": conf["batch_size"], "patch_size": list(conf["patch_size"]), "spacing": list(conf["spacing"]),
             "n_stages": arch["n_stages"], "features_per_stage": list(arch["features_per_stage"]),
@@ -133,7 +136,8 @@ def compare_plans(ours: dict, theirs: dict) -> list[str]:
     for key in ours:
         a, b = ours[key], theirs[key]
         if key == "normalization":
-            a, b = [s.lower().replace("normalization", "") for s in a], [s.lower().replace("normalization", "") for s in b]
+            a = [s.lower().replace("normalization", "") for s in a]
+            b = [s.lower().replace("normalization", "") for s in b]
         elif key == "spacing":
             a, b = [round(x, 3) for x in a], [round(x, 3) for x in b]
         if a != b:
@@ -255,8 +259,10 @@ def main() -> None:
     parser.add_argument("--nnunet-venv", metavar="PATH",
                         help="nnunetv2 venv or its bin folder: also time nnU-Net's nnUNetTrainer.train_step")
     parser.add_argument("--nnunet-cache", type=Path, default=DEFAULT_NNUNET_CACHE,
-                        help="where nnU-Net's raw and preprocessed dataset are kept between runs (default: %(default)s)")
-    parser.add_argument("--dataset", type=Path, help="raw dataset for nnU-Net (default: the workspace's dataset.json root)")
+                        help="where nnU-Net's raw and preprocessed dataset are kept between runs (default: "
+                             "%(default)s)")
+    parser.add_argument("--dataset", type=Path, help="raw dataset for nnU-Net (default: the workspace's dataset.json "
+                                                     "root)")
     parser.add_argument("--skip-autoseg", action="store_true", help="time nnU-Net only")
     parser.add_argument("--augmentation-batches", type=int, default=10,
                         help="batches drawn in-process to measure augmentation batches/s per worker (0: skip; "
@@ -312,11 +318,11 @@ def main() -> None:
         wait = sum(figures["wait_s"]) / args.iters
         step = sum(figures["step_s"]) / args.iters
         per_it = wait + step
-        print(f"nnunetv2: {per_it:.2f} s/iteration over {args.iters} iterations "
-              f"(train_step {step:.2f} s, waiting for data {wait:.2f} s; median train_step "
-              f"{statistics.median(figures['step_s']):.2f} s); nnUNetTrainer fold 0, batch {figures['batch_size']}, "
-              f"{figures['augmenter']} with {figures['n_proc_DA']} worker(s), float32, {figures['torch_threads']} torch threads, "
-              f"torch {figures['torch']}; setup (not timed) {figures['setup_s']:.1f} s")
+        print(f"nnunetv2: {per_it:.2f} s/iteration over {args.iters} iterations (train_step {step:.2f} s, waiting for "
+              f"data {wait:.2f} s; median train_step {statistics.median(figures['step_s']):.2f} s); nnUNetTrainer fold "
+              f"0, batch {figures['batch_size']}, {figures['augmenter']} with {figures['n_proc_DA']} worker(s), "
+              f"float32, {figures['torch_threads']} torch threads, torch {figures['torch']}; setup (not timed) "
+              f"{figures['setup_s']:.1f} s")
         print("nnunetv2 trainer ended with on_train_end: " +
               ("all augmentation workers stopped" if not figures["children_left"]
                else f"WARNING: child processes still alive: {figures['children_left']}"))

@@ -8,4 +8,6 @@ python -m pip install --quiet --upgrade pip
 # Pin the CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build.
 python -m pip install --quiet "torch==2.13.0"
 python -m pip install --quiet -e ".[test]"
+# Lint first (pyproject.toml's [tool.ruff]): a few seconds, and it names the line to fix.
+python -m ruff check .
 python -m pytest -q "$@"

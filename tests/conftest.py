@@ -22,7 +22,8 @@ LABELS = {0: "background", 1: "liver", 2: "tumour"}
 
 def write_sitk(path: Path, array: np.ndarray, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0),
                direction=None) -> Path:
-    """Write (Z, Y, X) or (C, Z, Y, X) with spacing in array-axis order (z, y, x); origin/direction in sitk's (x, y, z)."""
+    """Write (Z, Y, X) or (C, Z, Y, X) with spacing in array-axis order (z, y, x); origin/direction in sitk's
+    (x, y, z)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     image = sitk.GetImageFromArray(np.ascontiguousarray(array), isVector=False)

@@ -38,7 +38,8 @@ def _as_nnunet(ws: Path, out: Path) -> tuple[dict, Path]:
         "spacings": [c["spacing"] for c in cases], "shapes_after_crop": [c["cropped_shape"] for c in cases],
         "median_relative_size_after_cropping": float(np.median([np.prod(c["cropped_shape"]) / np.prod(c["shape"])
                                                                 for c in cases])),
-        "foreground_intensity_properties_per_channel": {str(i): s for i, s in enumerate(fp["foreground_intensities"])}}))
+        "foreground_intensity_properties_per_channel":
+            {str(i): s for i, s in enumerate(fp["foreground_intensities"])}}))
     configurations = {}
     for name, c in plans["configurations"].items():
         configurations[name] = {

@@ -56,7 +56,8 @@ def test_read_case_image_rejects_a_wrong_channel_count_naming_the_file(make_deca
     ({"channel_names": {"0": "CT"}, "labels": {"background": 0, "tumour": [1, 2]}}, "region"),
     ({"channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": 1, "ignore": 2}}, "ignore.*unannotated"),
     ({"channel_names": {"0": "CT"}, "labels": {"background": 0}, "file_ending": ".bmp"}, "file_ending"),
-    ({"modality": {"0": "CT"}, "labels": {"0": "background", "1": "a", "40000": "b"}, "training": [{"image": "a.nii.gz"}]},
+    ({"modality": {"0": "CT"}, "labels": {"0": "background", "1": "a", "40000": "b"},
+      "training": [{"image": "a.nii.gz"}]},
      "0..32767"),
 ])
 def test_malformed_dataset_json_names_the_file_and_the_problem(tmp_path, meta, fragment):
@@ -123,7 +124,8 @@ def test_real_hippocampus_cases_load_with_names_and_1mm_grid(hippocampus_subset)
     dataset = load_dataset(hippocampus_subset)
     assert dataset.layout == "decathlon" and dataset.channel_names == ("MRI",)
     assert dataset.labels == {0: "background", 1: "Anterior", 2: "Posterior"}
-    assert [c.case_id for c in dataset.cases] == ["hippocampus_001", "hippocampus_003", "hippocampus_004", "hippocampus_006"]
+    assert [c.case_id for c in dataset.cases] == ["hippocampus_001", "hippocampus_003", "hippocampus_004",
+                                                  "hippocampus_006"]
     for case in dataset.cases:
         image, geometry = read_case_image(case, 1)
         label = read_case_label(case)

@@ -6,7 +6,8 @@ import torch
 from autoseg import device
 from autoseg.device import cpu_flags, cpu_has_native_bf16, mixed_precision_dtype
 
-X86_CPUINFO = "processor\t: 0\nmodel name\t: Some Xeon\nflags\t\t: fpu sse2 avx2 avx512f avx512bw {extra}\n\nprocessor\t: 1\n"
+X86_CPUINFO = ("processor\t: 0\nmodel name\t: Some Xeon\nflags\t\t: fpu sse2 avx2 avx512f avx512bw {extra}\n\n"
+               "processor\t: 1\n")
 ARM_CPUINFO = "processor\t: 0\nFeatures\t: fp asimd {extra}\nCPU implementer\t: 0x41\n"
 
 

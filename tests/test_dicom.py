@@ -114,9 +114,9 @@ def test_non_image_series_are_skipped_and_multichannel_models_refuse_a_series(tm
     cases, problems = discover_inputs([tmp_path], num_channels=1)
     assert [c.case_id for c in cases] == ["1.2.3.1"] and problems == []
     (tmp_path / "notes.dcm").write_text("not dicom")
-    assert discover_inputs([tmp_path], num_channels=1)[1] == [(str(tmp_path / "notes.dcm"), f"{tmp_path / 'notes.dcm'}: "
-                                                               "not a DICOM file (no DICM preamble); move it out of "
-                                                               "the input folder")]
+    notes = tmp_path / "notes.dcm"
+    assert discover_inputs([tmp_path], num_channels=1)[1] == [
+        (str(notes), f"{notes}: not a DICOM file (no DICM preamble); move it out of the input folder")]
     cases, _ = discover_inputs([tmp_path], num_channels=2)
     with pytest.raises(InputError, match="needs 2"):
         read_input_case(cases[0], 2)

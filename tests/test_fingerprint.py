@@ -27,7 +27,8 @@ def dataset(make_decathlon):
 
 def _numpy_stats(values):
     v = values.astype(np.float64)
-    return IntensityStats(v.mean(), v.std(), v.min(), v.max(), np.median(v), np.percentile(v, 0.5), np.percentile(v, 99.5))
+    return IntensityStats(v.mean(), v.std(), v.min(), v.max(), np.median(v), np.percentile(v, 0.5),
+                          np.percentile(v, 99.5))
 
 
 def _assert_stats_equal(actual, expected):
@@ -67,7 +68,8 @@ def test_foreground_intensity_stats_equal_numpy_on_the_foreground(dataset):
 
 
 def test_every_case_contributes_the_same_number_of_samples_whatever_its_foreground(make_decathlon, monkeypatch):
-    """A case with a tiny structure counts as much in the dataset statistics as one with a large one (nnU-Net's rule)."""
+    """A case with a tiny structure counts as much in the dataset statistics as one with a large one
+    (nnU-Net's rule)."""
     dataset = load_dataset(make_decathlon(n_cases=2, shapes=[(32, 32, 32), (12, 12, 12)], margin=1))
     big, big_samples = fingerprint_case(dataset.cases[0], 1, seed=0, num_samples=500)
     small, small_samples = fingerprint_case(dataset.cases[1], 1, seed=1, num_samples=500)

@@ -18,7 +18,7 @@ from autoseg.dataset.image_io import read_image
 from autoseg.fingerprint import CaseFingerprint, Fingerprint, IntensityStats
 from autoseg.inference.batch import predict_folder
 from autoseg.inference.input_checks import check_input
-from autoseg.inference.settings import BatchOptions, ModelChoice, OutputOptions, WindowSettings
+from autoseg.inference.settings import BatchOptions, OutputOptions, WindowSettings
 from autoseg.model_files import Checkpoint, save_checkpoint
 from autoseg.network.unet import build_unet
 from autoseg.planning.planner import plan_experiment
@@ -32,7 +32,8 @@ FAST = dict(window=WindowSettings(mirroring=False, step_size=1.0),
             outputs=OutputOptions(report_files=False), batch=BatchOptions(workers=0, progress=False))
 
 
-def _model(root: Path, channel: str = "MRI", spacing=(1.0, 1.0, 1.0), shape=(36, 50, 35), configurations=("3d_fullres",),
+def _model(root: Path, channel: str = "MRI", spacing=(1.0, 1.0, 1.0), shape=(36, 50, 35),
+           configurations=("3d_fullres",),
            ct_clip=None, two_d=False) -> None:
     """A workspace planned like a Hippocampus model (or a 2D picture model), with tiny random-weight folds."""
     stats = IntensityStats(0.0, 1.0, -1.0, 1.0, 0.0, -1.0, 1.0)

@@ -32,7 +32,8 @@ def _workspace(root):
     stats = IntensityStats(0.0, 1.0, -1.0, 1.0, 0.0, -1.0, 1.0)
     cases = tuple(CaseFingerprint(f"patient{i}", SPACING, SHAPE, tuple((0, n) for n in SHAPE), 100, (stats,))
                   for i in range(3))
-    fingerprint = Fingerprint("tiny", ("MRI",), ("zscore",), {0: "background", 1: "liver", 2: "tumour"}, cases, (stats,))
+    labels = {0: "background", 1: "liver", 2: "tumour"}
+    fingerprint = Fingerprint("tiny", ("MRI",), ("zscore",), labels, cases, (stats,))
     save_fingerprint(fingerprint, workspace.fingerprint_json(root))
     plans = plan_experiment(fingerprint, configurations=["3d_fullres"])
     config = plans.configurations["3d_fullres"]
@@ -84,7 +85,8 @@ def inputs(tmp_path_factory):
     for i in range(2):
         image = np.zeros(SHAPE, np.float32)
         image[2:6, 4:16, 3:15] = rng.uniform(1, 3, (4, 12, 12))
-        write_image(folder / f"case{i}.nii.gz", image, Geometry(SPACING, (5.0, -3.0, 1.0), tuple(np.eye(3).ravel()), SHAPE))
+        geometry = Geometry(SPACING, (5.0, -3.0, 1.0), tuple(np.eye(3).ravel()), SHAPE)
+        write_image(folder / f"case{i}.nii.gz", image, geometry)
     return folder
 
 
@@ -142,7 +144,8 @@ def test_a_modified_member_is_refused_and_nothing_is_left_behind(archive, tmp_pa
         return [(name, data)]
 
     tampered = _rewrite(archive, tmp_path / "tampered.zip", flip)
-    with pytest.raises(ModelArchiveError, match=r"tampered\.zip: member models/3d_fullres/fold_1/checkpoint_final\.pt: SHA-256"):
+    with pytest.raises(ModelArchiveError, match=r"tampered\.zip: member models/3d_fullres/fold_1/checkpoint_final\.pt: "
+                                                r"SHA-256"):
         import_model(tampered, tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tampered.zip"]
 

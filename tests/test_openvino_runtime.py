@@ -39,7 +39,8 @@ def test_predictor_on_openvino_gives_the_labels_of_torch(tmp_path, configuration
     shape = (8, 20, 20)
     image = _volume(shape, ((0, 8), (2, 18), (3, 17)), seed=5, channels=1)
     geometry = Geometry((3.0, 0.8, 0.8), (0.0, 0.0, 0.0), IDENTITY, shape)
-    reference = Predictor(tmp_path, ModelChoice((configuration,)), compute=ComputeSettings("cpu", mixed_precision=False))
+    reference = Predictor(tmp_path, ModelChoice((configuration,)),
+                          compute=ComputeSettings("cpu", mixed_precision=False))
     openvino = Predictor(tmp_path, ModelChoice((configuration,)),
                          compute=ComputeSettings("cpu", mixed_precision=False, runtime="openvino"))
     assert openvino.settings()["runtime"] == "openvino" and not openvino.mixed_precision

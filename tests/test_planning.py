@@ -160,7 +160,8 @@ def test_smaller_memory_budget_gives_a_smaller_or_equal_patch():
     fingerprint = make_fingerprint((20, 256, 256), (5.0, 0.8, 0.8), 40)
     previous = None
     for budget in (16.0, 8.0, 4.0, 2.0, 1.0):
-        config = plan_experiment(fingerprint, budget_gb=budget, configurations=["3d_fullres"]).configurations["3d_fullres"]
+        config = plan_experiment(fingerprint, budget_gb=budget,
+                                 configurations=["3d_fullres"]).configurations["3d_fullres"]
         assert config.estimated_memory_gb <= budget
         voxels = math.prod(config.patch_size)
         if previous is not None:
@@ -313,7 +314,8 @@ def test_tiff_stacks_plan_with_the_spacing_of_their_json_files(tmp_path):
                 sitk.WriteImage(sitk.GetImageFromArray(array), str(path))
                 if spacing:  # nnU-Net's naming: imagesTr/em_000.json for em_000_0000.tif, labelsTr/em_000.json
                     (path.parent / f"em_{i:03d}.json").write_text(json.dumps({"spacing": spacing}))
-        (root / "dataset.json").write_text(json.dumps({"channel_names": {"0": "EM"}, "labels": {"background": 0, "a": 1, "b": 2},
+        (root / "dataset.json").write_text(json.dumps({"channel_names": {"0": "EM"},
+                                                       "labels": {"background": 0, "a": 1, "b": 2},
                                                        "numTraining": 3, "file_ending": ".tif"}))
         fp = compute_fingerprint(load_dataset(root), workers=0, progress=False, total_samples=3000)
         return plan_experiment(fp).configurations["3d_fullres"]

@@ -366,7 +366,8 @@ def _nnunet_rules(predictor, image, geometry):
     # two configurations averaged on the input's grid
     (("3d_fullres", "2d"), (2.5, 0.7, 0.9), (9, 17, 15), ((1, 8), (1, 16), (0, 15)), False),
 ])
-def test_label_by_label_export_follows_nnunets_ensemble_rules(work, configs, spacing, shape, bbox, streams, monkeypatch):
+def test_label_by_label_export_follows_nnunets_ensemble_rules(work, configs, spacing, shape, bbox, streams,
+                                                              monkeypatch):
     from autoseg.inference.original_grid import LabelMapBuilder
 
     geometry = Geometry(spacing, (1.0, 2.0, 3.0), IDENTITY, shape)
@@ -421,7 +422,8 @@ def test_ensembles_flag_uncertain_labels_and_write_the_uncertainty_map(work, tmp
 
     assert report.written == ["case_a"]
     entropy, written_geometry = read_image(out / "case_a_uncertainty.nii.gz")
-    assert entropy.dtype == np.float32 and written_geometry.matches(geometry) and 0 <= entropy.min() <= entropy.max() <= 1
+    assert entropy.dtype == np.float32 and written_geometry.matches(geometry)
+    assert 0 <= entropy.min() <= entropy.max() <= 1
     with open(out / "volumes.csv", newline="") as f:
         present = [r for r in csv.DictReader(f) if int(r["voxels"]) > 0]
     assert present and all(r["flagged"] == "yes" and 0 < float(r["uncertainty"]) <= 1 for r in present), present
@@ -429,7 +431,8 @@ def test_ensembles_flag_uncertain_labels_and_write_the_uncertainty_map(work, tmp
 
     # One fold: nothing to disagree about, so no score and no map; --no-report writes no table.
     single = predict_folder(work, [inputs], tmp_path / "single", ModelChoice(["3d_fullres"], folds=[0]),
-                            WindowSettings(mirroring=False), outputs=OutputOptions(save_uncertainty=True, report_files=False),
+                            WindowSettings(mirroring=False),
+                            outputs=OutputOptions(save_uncertainty=True, report_files=False),
                             batch=BatchOptions(progress=False))
     assert single.written == ["case_a"]
     assert sorted(p.name for p in (tmp_path / "single").iterdir()) == ["case_a.nii.gz", "prediction_summary.json"]

@@ -48,7 +48,8 @@ def test_mirroring_runs_every_flip_combination_in_full_batches():
         calls.append(x.shape[0])
         return torch.zeros(x.shape[0], 2, *x.shape[2:])
 
-    sliding_window_predict(net, torch.zeros(1, 8, 24, 8), SlidingWindow((8, 8, 8), 2, mirror_axes=(1, 2), tiles_per_batch=3))
+    sliding_window_predict(net, torch.zeros(1, 8, 24, 8),
+                           SlidingWindow((8, 8, 8), 2, mirror_axes=(1, 2), tiles_per_batch=3))
     tiles = 5  # starts 0, 4, 8, 12, 16 along Y
     assert len(calls) == math.ceil(tiles / 3) * 4 and max(calls) == 3
 
@@ -257,7 +258,8 @@ def test_slabs_are_final_before_the_last_window_runs():
 
     image = torch.randn(1, 40, 10, 10)
     seen = []
-    for z0, slab in sliding_window.sliding_window_slabs(counting, image, SlidingWindow((8, 10, 10), 2, tiles_per_batch=1)):
+    window = SlidingWindow((8, 10, 10), 2, tiles_per_batch=1)
+    for z0, slab in sliding_window.sliding_window_slabs(counting, image, window):
         seen.append((z0, slab.shape[1], len(calls)))
     assert seen[0][0] == 0 and seen[0][2] < 9  # the first slab came out after a few of the 9 windows
     assert sum(n for _, n, _ in seen) == 40 and [z for z, _, _ in seen] == sorted(z for z, _, _ in seen)

@@ -131,7 +131,8 @@ def test_missing_arrays_and_newer_formats_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"c0_seg\.b2nd.*--steps preprocess"):
         store.open_case_arrays(tmp_path, "c0")
     (tmp_path / "c0.json").write_text(json.dumps({"format_version": store.FORMAT_VERSION + 1}))
-    with pytest.raises(store.PreprocessedDataError, match=rf"c0.json.*format_version {store.FORMAT_VERSION + 1}.*upgrade autoseg"):
+    with pytest.raises(store.PreprocessedDataError, match=rf"c0.json.*format_version "
+                                                          rf"{store.FORMAT_VERSION + 1}.*upgrade autoseg"):
         store.load_properties(tmp_path, "c0")
     with pytest.raises(TypeError, match="signed integer"):
         store.save_case(tmp_path, "c1", image, seg.astype(np.float32), PROPERTIES)

@@ -73,7 +73,8 @@ def test_short_run_writes_every_artifact_and_validation_summary(tiny_workspace, 
     result = train_fold(tiny_workspace, "3d_fullres", 0, TrainingSettings(**SETTINGS), progress=False)
     assert dice_modes == [True]
     out = workspace.fold_dir(tiny_workspace, "3d_fullres", 0)
-    for name in ("checkpoint_latest.pt", "checkpoint_best.pt", "checkpoint_final.pt", "training_log.txt", "progress.png"):
+    for name in ("checkpoint_latest.pt", "checkpoint_best.pt", "checkpoint_final.pt", "training_log.txt",
+                 "progress.png"):
         assert (out / name).is_file(), name
     assert len(result["history"]) == 2
     summary = json.loads((out / "validation" / "summary.json").read_text())

@@ -33,7 +33,8 @@ NON_IMAGE_MODALITIES = frozenset({"SEG", "RTSTRUCT", "RTPLAN", "RTRECORD", "SR",
                                   "FID", "PLAN", "AU", "ECG"})
 SLICE_TOLERANCE = 0.01  # relative to the slice distance: how uneven slice positions may be
 # (7FE0,0010) Pixel Data, (7FE0,0008) Float and (7FE0,0009) Double Float Pixel Data, little and big endian
-_PIXEL_DATA_TAGS = tuple(bytes.fromhex(h) for h in ("e07f1000", "e07f0800", "e07f0900", "7fe00010", "7fe00008", "7fe00009"))
+_PIXEL_DATA_TAGS = tuple(bytes.fromhex(h) for h in ("e07f1000", "e07f0800", "e07f0900", "7fe00010", "7fe00008",
+                                                    "7fe00009"))
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 _TAGS = {"modality": "0008|0060", "series_uid": "0020|000e", "series_description": "0008|103e",
          "series_number": "0020|0011", "study_description": "0008|1030", "patient_id": "0010|0020"}
@@ -98,9 +99,12 @@ def _folders(root: Path, recursive: bool) -> list[Path]:
     return folders
 
 
-def series_in_folder(folder: Path, candidates: Sequence[Path] | None = None) -> tuple[list[DicomSeries], list[tuple[str, str]]]:
+def series_in_folder(folder: Path, candidates: Sequence[Path] | None = None
+                     ) -> tuple[list[DicomSeries], list[tuple[str, str]]]:
     """The image series GDCM finds in one folder (not its subfolders), each with its files in slice order."""
-    candidates = sorted(candidates if candidates is not None else (f for f in folder.iterdir() if f.is_file() and is_dicom_file(f)))
+    if candidates is None:
+        candidates = (f for f in folder.iterdir() if f.is_file() and is_dicom_file(f))
+    candidates = sorted(candidates)
     found, problems, used = [], [], set()
     for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)):
         files = tuple(Path(f) for f in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid))
@@ -152,7 +156,8 @@ def _header_tags(path: Path) -> dict[str, str] | None:
 def _describe(tags: dict[str, str]) -> str:
     parts = [f"patient {tags['patient_id']}" if tags["patient_id"] else "",
              f"study '{tags['study_description']}'" if tags["study_description"] else "",
-             f"series {tags['series_number']}" + (f" '{tags['series_description']}'" if tags["series_description"] else "")]
+             f"series {tags['series_number']}"
+             + (f" '{tags['series_description']}'" if tags["series_description"] else "")]
     return ", ".join(p for p in parts if p)
 
 

@@ -83,7 +83,8 @@ class Geometry:
             a, b = np.asarray(getattr(self, name)), np.asarray(getattr(other, name))
             atol = tolerance * scale[name]
             if a.shape != b.shape or not np.allclose(a, b, rtol=0.0 if name == "origin" else tolerance, atol=atol):
-                problems.append(f"{name} {tuple(float(x) for x in np.round(a, 5))} vs {tuple(float(x) for x in np.round(b, 5))}")
+                problems.append(f"{name} {tuple(float(x) for x in np.round(a, 5))} vs "
+                                f"{tuple(float(x) for x in np.round(b, 5))}")
         return problems
 
     def to_json(self) -> dict:
@@ -218,7 +219,8 @@ def read_image(path: Path | str) -> tuple[np.ndarray, Geometry]:
         raise ImageReadError(path, f"unreadable or truncated image ({_first_line(exc)})") from None
     components = image.GetNumberOfComponentsPerPixel()
     if components != 1 and not natural:
-        raise ImageReadError(path, "vector/RGB pixels are not supported; store channels as separate files or a 4D image")
+        raise ImageReadError(path, "vector/RGB pixels are not supported; store channels as separate files or a 4D "
+                                   "image")
     if image.GetDimension() not in (2, 3, 4) or (image.GetDimension() == 4 and components != 1):
         raise ImageReadError(path, f"{image.GetDimension()}D images{' with vector pixels' if components != 1 else ''} "
                                    "are not supported")

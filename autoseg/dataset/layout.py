@@ -16,9 +16,15 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from autoseg.dataset.image_io import NATURAL_IMAGE_SUFFIXES, SUPPORTED_SUFFIXES, image_suffix, strip_suffix
 from autoseg.errors import AutosegError
+
+if TYPE_CHECKING:  # numpy and image reading are imported where a case is read, not when a dataset is listed
+    import numpy as np
+
+    from autoseg.dataset.image_io import Geometry
 
 GEOMETRY_TOLERANCE = 1e-3  # relative; grids closer than this count as the same (verification uses it too)
 MAX_LABEL_ID = 32767  # label maps are held as int16
@@ -123,7 +129,8 @@ def _load_decathlon(root: Path, meta_path: Path, meta: dict) -> Dataset:
     try:
         labels = {int(k): str(v) for k, v in raw_labels.items()}
     except ValueError:
-        raise DatasetError(f"{meta_path}: Decathlon 'labels' keys must be integer ids, e.g. {{\"0\": \"background\"}}") from None
+        raise DatasetError(f"{meta_path}: Decathlon 'labels' keys must be integer ids, e.g. "
+                           f"{{\"0\": \"background\"}}") from None
     training = meta.get("training")
     if not isinstance(training, list) or not training:
         raise DatasetError(f"{meta_path}: 'training' must be a non-empty list of {{image, label}} entries")
@@ -147,7 +154,8 @@ def _load_nnunetv2(root: Path, meta_path: Path, meta: dict) -> Dataset:
     labels: dict[int, str] = {}
     for name, value in raw_labels.items():
         if isinstance(value, list):
-            raise DatasetError(f"{meta_path}: label '{name}' is a region (list of ids); region-based training is not supported")
+            raise DatasetError(f"{meta_path}: label '{name}' is a region (list of ids); region-based training is not "
+                               f"supported")
         if name == "ignore":
             # nnU-Net v2 reads this name as "not annotated" (sparse labels); training it as a class would
             # teach the network to predict unannotated voxels, so refuse rather than do that silently.
@@ -159,7 +167,8 @@ def _load_nnunetv2(root: Path, meta_path: Path, meta: dict) -> Dataset:
             raise DatasetError(f"{meta_path}: label '{name}' must map to an integer id") from None
     ending = meta.get("file_ending", ".nii.gz")
     if ending not in SUPPORTED_SUFFIXES:
-        raise DatasetError(f"{meta_path}: file_ending '{ending}' is not supported; use one of {', '.join(SUPPORTED_SUFFIXES)}")
+        raise DatasetError(f"{meta_path}: file_ending '{ending}' is not supported; use one of "
+                           f"{', '.join(SUPPORTED_SUFFIXES)}")
     if "dataset" in meta:
         cases = _listed_cases(root, meta_path, meta["dataset"], len(channels), ending)
         return Dataset(root, str(meta.get("name", root.name)), "nnunetv2", channels,
@@ -193,7 +202,8 @@ def _listed_cases(root: Path, meta_path: Path, listing: object, num_channels: in
     """Cases named in dataset.json's `dataset` object (nnU-Net v2's way to point at files kept elsewhere):
     {case: {"images": [one path per channel], "label": path}}, paths absolute or relative to the dataset."""
     if not isinstance(listing, dict) or not listing:
-        raise DatasetError(f"{meta_path}: 'dataset' must be a non-empty object {{case: {{\"images\": [...], \"label\": ...}}}}")
+        raise DatasetError(f"{meta_path}: 'dataset' must be a non-empty object "
+                           f"{{case: {{\"images\": [...], \"label\": ...}}}}")
     cases = []
     for case_id, entry in sorted(listing.items()):
         images = entry.get("images") if isinstance(entry, dict) else None

@@ -151,7 +151,8 @@ def verify_dataset(dataset: Dataset, workers: int = 1, progress: bool = True) ->
     for case_id, count in Counter(c.case_id for c in dataset.cases).items():
         if count > 1:
             files = [str(c.image_files[0]) for c in dataset.cases if c.case_id == case_id]
-            report.problems.append(Problem("error", files[0], f"case id '{case_id}' appears {count} times ({', '.join(files[1:])})"))
+            report.problems.append(Problem("error", files[0], f"case id '{case_id}' appears {count} times "
+                                                              f"({', '.join(files[1:])})"))
     declared = frozenset(dataset.labels)
     jobs = [(c, dataset.num_channels, declared) for c in dataset.cases]
     for problems in map_cases(_check_case_args, jobs, workers, "verify", progress):

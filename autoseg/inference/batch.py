@@ -92,7 +92,8 @@ def predict_folder(workdir: Path, inputs: Path | Sequence[Path], output_dir: Pat
     for case in cases[batch.part_id::batch.num_parts]:
         out = _output_path(output_dir, case, outputs.output_format)
         if out.resolve() in input_files:
-            failed.append((case.case_id, f"{out}: the output would overwrite an input file; choose another output folder"))
+            failed.append((case.case_id, f"{out}: the output would overwrite an input file; choose another output "
+                                         f"folder"))
         elif (batch.skip_existing and out.is_file()
               and (not outputs.save_probabilities or out.with_name(f"{case.case_id}.npz").is_file())):
             if recorded is None or case.case_id in recorded:
@@ -201,14 +202,16 @@ def _write_case(predictor: Predictor, case: InputCase, prepared: PreparedCase,
             write_dicom_seg,  # needs the optional highdicom
         )
 
-        segmentation = predicted.labels if outputs.rules is None else apply_postprocessing(predicted.labels, outputs.rules)
+        segmentation = (predicted.labels if outputs.rules is None
+                        else apply_postprocessing(predicted.labels, outputs.rules))
         write_dicom_seg(segmentation, geometry, case.files, outputs.labels, path)
     else:
         segmentation = write_segmentation(predicted.labels, geometry, path, outputs.rules)
     if outputs.volumes is None:
         return
     uncertainty = predicted.uncertainty
-    flagged = None if uncertainty is None else {k for k, u in uncertainty.items() if u > outputs.options.uncertainty_threshold}
+    threshold = outputs.options.uncertainty_threshold
+    flagged = None if uncertainty is None else {k for k, u in uncertainty.items() if u > threshold}
     outputs.volumes.add_case(case.case_id, case.files, structure_rows(segmentation, geometry, outputs.labels),
                              uncertainty, flagged)
     from autoseg.inference.qc import (

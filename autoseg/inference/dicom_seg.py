@@ -38,11 +38,13 @@ def write_dicom_seg(segmentation: np.ndarray, geometry: Geometry, source_files: 
         import pydicom
         from pydicom.sr.codedict import codes
     except ImportError:
-        raise DicomSegError(f"{path}: writing DICOM-SEG needs highdicom, which is not installed; {INSTALL_HINT}") from None
+        raise DicomSegError(f"{path}: writing DICOM-SEG needs highdicom, which is not installed; "
+                            f"{INSTALL_HINT}") from None
     path = Path(path)
     segmentation = np.asarray(segmentation)
     if tuple(segmentation.shape) != tuple(geometry.shape):
-        raise DicomSegError(f"{path}: segmentation shape {segmentation.shape} differs from its geometry's {geometry.shape}")
+        raise DicomSegError(f"{path}: segmentation shape {segmentation.shape} differs from its geometry's "
+                            f"{geometry.shape}")
     labels = {int(k): str(v) for k, v in labels.items()}
     present = {int(v) for v in np.unique(segmentation)} - {0}
     unnamed = sorted(present - set(labels))
@@ -89,14 +91,16 @@ def write_dicom_seg(segmentation: np.ndarray, geometry: Geometry, source_files: 
 def _slice_indices(sources: list, files: Sequence[Path], geometry: Geometry, path: Path) -> list[int]:
     """The label map's slice index of each source image, from its Image Position (Patient)."""
     if len(sources) == 1:
-        return [0] if geometry.shape[0] == 1 else _mismatch(path, files[0], f"one source image for {geometry.shape[0]} slices")
+        return [0] if geometry.shape[0] == 1 else _mismatch(path, files[0], f"one source image for {geometry.shape[0]} "
+                                                                            f"slices")
     direction = np.reshape(geometry.direction, (3, 3))
     origin = np.asarray(geometry.origin)
     spacing = geometry.spacing[0]
     indices = []
     for ds, f in zip(sources, files, strict=True):
         if (int(ds.Rows), int(ds.Columns)) != tuple(geometry.shape[1:]):
-            _mismatch(path, f, f"{ds.Rows} x {ds.Columns} pixels, the segmentation {geometry.shape[1]} x {geometry.shape[2]}")
+            _mismatch(path, f, f"{ds.Rows} x {ds.Columns} pixels, the segmentation {geometry.shape[1]} x "
+                               f"{geometry.shape[2]}")
         position = np.array([float(v) for v in ds.ImagePositionPatient])
         offset = np.linalg.solve(direction, position - origin)  # in mm along the grid's x, y, z axes
         k = int(round(offset[2] / spacing))
@@ -104,7 +108,8 @@ def _slice_indices(sources: list, files: Sequence[Path], geometry: Geometry, pat
             _mismatch(path, f, f"its position {position.round(3).tolist()} is not a slice of the segmentation's grid")
         indices.append(k)
     if sorted(indices) != list(range(geometry.shape[0])):
-        _mismatch(path, files[0], f"the {len(files)} source images do not cover the {geometry.shape[0]} slices once each")
+        _mismatch(path, files[0], f"the {len(files)} source images do not cover the {geometry.shape[0]} slices once "
+                                  f"each")
     return indices
 
 

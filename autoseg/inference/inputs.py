@@ -102,7 +102,8 @@ def discover_inputs(paths: Sequence[Path | str], num_channels: int, channel_name
     unique: dict[str, InputCase] = {}
     for case in cases:
         if case.case_id in unique:
-            problems.append((str(case.files[0]), f"case id '{case.case_id}' also comes from {unique[case.case_id].files[0]}; "
+            problems.append((str(case.files[0]), f"case id '{case.case_id}' also comes from "
+                                                 f"{unique[case.case_id].files[0]}; "
                                                  "rename one of them (outputs are named by case id)"))
         else:
             unique[case.case_id] = case
@@ -138,12 +139,13 @@ def _discover_folder(folder: Path, num_channels: int, channel_names: Sequence[st
             names = ", ".join(files[c].name for c in sorted(files))
             problems.append((str(files[extra[0]]),
                              f"case {case_id}: {len(files)} channel files ({names}), but the model takes "
-                             f"{_channels(num_channels, channel_names)}; pass only the channel(s) it was trained on, or use a model "
-                             f"trained on {len(files)} channels"))
+                             f"{_channels(num_channels, channel_names)}; pass only the channel(s) it was trained on, "
+                             f"or use a model trained on {len(files)} channels"))
         elif missing:
             names = ", ".join(f"{case_id}_{c:04d}{ending}" for c in missing)
             problems.append((str(folder / f"{case_id}_{missing[0]:04d}{ending}"),
-                             f"case {case_id}: channel file(s) {names} missing; the model needs {num_channels} channel(s)"))
+                             f"case {case_id}: channel file(s) {names} missing; the model needs {num_channels} "
+                             f"channel(s)"))
         else:
             cases.append(InputCase(case_id, tuple(files[c] for c in range(wanted))))
     return cases, problems

@@ -281,7 +281,8 @@ def _check_trained_with_these_plans(path: Path, state: Checkpoint, plans: Plans,
     training, or a checkpoint copied from another workspace)."""
     now = plans.configuration(configuration).to_json()
     then = state.plans_configuration or {}
-    changed = [f"{key} was {then[key]}, now {now[key]}" for key in _TRAINED_WITH if key in then and then[key] != now[key]]
+    changed = [f"{key} was {then[key]}, now "
+               f"{now[key]}" for key in _TRAINED_WITH if key in then and then[key] != now[key]]
     if state.labels is not None and {int(k): v for k, v in state.labels.items()} != plans.labels:
         changed.append(f"labels were {state.labels}, now {plans.to_json()['labels']}")
     if state.channel_names is not None and tuple(state.channel_names) != plans.channel_names:

@@ -263,7 +263,8 @@ def write_html_report(output_dir: Path, volumes_csv: Path, overlays_dir: Path, p
     rows = []
     if volumes_csv.is_file():
         rows = read_volume_rows(volumes_csv)  # text cells unescaped: real case ids and names
-        rows.sort(key=lambda r: (r["case"], int(r["label"]) if r["label"].isdigit() else 0))  # the file keeps the order cases finished
+        # the file keeps the order cases finished
+        rows.sort(key=lambda r: (r["case"], int(r["label"]) if r["label"].isdigit() else 0))
     cases = list(dict.fromkeys(r["case"] for r in rows))
     overlays = {p.name.removesuffix(".png"): p for p in sorted(overlays_dir.glob("*.png"))} \
         if overlays_dir.is_dir() else {}

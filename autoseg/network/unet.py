@@ -264,7 +264,8 @@ def feature_map_elements(
     voxels_per_stage = []
     for stride in strides:
         if any(n % s for n, s in zip(shape, stride)):
-            raise ValueError(f"patch size {list(patch_size)} is not divisible by the strides {[list(s) for s in strides]}")
+            raise ValueError(f"patch size {list(patch_size)} is not divisible by the strides "
+                             f"{[list(s) for s in strides]}")
         shape = [n // s for n, s in zip(shape, stride)]
         voxels_per_stage.append(math.prod(shape))
 

@@ -177,9 +177,10 @@ def plan_experiment(fingerprint: Fingerprint, budget_gb: float = DEFAULT_MEMORY_
         if "3d_fullres" in wanted:
             configs["3d_fullres"] = full
         if lowres is None:
-            not_planned["3d_lowres"] = (f"a 3d_fullres patch covers {np.prod(full.patch_size) / np.prod(median_shape):.0%} "
-                                        f"of the median volume (planned when under {LOWRES_PATCH_FRACTION:.0%}, "
-                                        f"kept when it shrinks the volume at least {LOWRES_MIN_SHRINK:g}x)")
+            not_planned["3d_lowres"] = (f"a 3d_fullres patch covers "
+                                        f"{np.prod(full.patch_size) / np.prod(median_shape):.0%} of the median volume "
+                                        f"(planned when under {LOWRES_PATCH_FRACTION:.0%}, kept when it shrinks the "
+                                        f"volume at least {LOWRES_MIN_SHRINK:g}x)")
         elif "3d_lowres" in wanted:
             configs["3d_lowres"] = lowres
     if "2d" in wanted:
@@ -247,7 +248,8 @@ def _plan_lowres(sp: np.ndarray, median_shape: np.ndarray, full: ConfigurationPl
 def explain_plans(plans: Plans) -> str:
     """The decisions as a plain-text table (what `autoseg plan --explain` prints)."""
     reasons = plans.reasons
-    rows = [("all", "default_configuration", str(plans.default_configuration), reasons.get("default_configuration", "")),
+    rows = [("all", "default_configuration", str(plans.default_configuration),
+             reasons.get("default_configuration", "")),
             ("all", "transpose_forward", str(list(plans.transpose_forward)), reasons.get("transpose_forward", "")),
             ("all", "resampling", f"image order {plans.resampling.image_order}", plans.resampling.reason)]
     for n in plans.normalization:

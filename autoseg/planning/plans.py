@@ -152,7 +152,8 @@ class Plans:
 
     def configuration(self, name: str) -> ConfigurationPlan:
         if name not in self.configurations:
-            raise PlanError(f"plans.json has no configuration {name} (it has {', '.join(self.configurations) or 'none'})")
+            raise PlanError(f"plans.json has no configuration {name} (it has "
+                            f"{', '.join(self.configurations) or 'none'})")
         return self.configurations[name]
 
     def resolve_configurations(self, names: Sequence[str] | None) -> tuple[str, ...]:
@@ -318,7 +319,8 @@ def _read_plans(keys: _Keys) -> Plans:
     labels = _read_labels(keys)
     transpose = keys.numbers("transpose_forward", int)
     if sorted(transpose) != list(range(len(transpose))):
-        raise keys.error("transpose_forward", f"must be a permutation of 0..{len(transpose) - 1}, got {list(transpose)}")
+        raise keys.error("transpose_forward", f"must be a permutation of 0..{len(transpose) - 1}, got "
+                                              f"{list(transpose)}")
     backward = keys.numbers("transpose_backward", int, length=len(transpose))
     if [transpose[b] for b in backward] != list(range(len(transpose))):
         raise keys.error("transpose_backward", f"{list(backward)} does not undo transpose_forward {list(transpose)}")
@@ -380,7 +382,8 @@ def _read_normalization(keys: _Keys, num_channels: int) -> tuple[ChannelNormaliz
 
 
 def _read_resampling(r: _Keys) -> ResamplingPlan:
-    return ResamplingPlan(image_order=r.integer("image_order", minimum=0), label_order=r.integer("label_order", minimum=0),
+    return ResamplingPlan(image_order=r.integer("image_order", minimum=0),
+                          label_order=r.integer("label_order", minimum=0),
                           thick_axis_order=r.integer("thick_axis_order", minimum=0),
                           anisotropy_threshold=r.number("anisotropy_threshold", positive=True),
                           reason=r.text("reason", ""))
@@ -400,7 +403,8 @@ def _read_configuration(c: _Keys, name: str) -> ConfigurationPlan:
         median_shape=c.numbers("median_shape", int, length=ndim) if "median_shape" in c.data else (),
         patch_size=patch, batch_size=c.integer("batch_size", minimum=1), batch_dice=c.flag("batch_dice"),
         features_per_stage=features, kernel_sizes=c.number_rows("kernel_sizes", ndim, len(features)),
-        strides=c.number_rows("strides", ndim, len(features)), n_conv_per_stage=c.integer("n_conv_per_stage", 2, minimum=1),
+        strides=c.number_rows("strides", ndim, len(features)),
+        n_conv_per_stage=c.integer("n_conv_per_stage", 2, minimum=1),
         estimated_memory_gb=c.number("estimated_memory_gb", None), reasons=c.texts("reasons"))
     total = [1] * ndim
     for stride in config.strides:

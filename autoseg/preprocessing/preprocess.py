@@ -114,7 +114,8 @@ def preprocess_case(image: np.ndarray, label: np.ndarray | None, geometry: Geome
         seg = mark_outside_mask(seg, mask).transpose(*transpose)
         seg = resample_label(seg, shape, r.label_order, axis, r.thick_axis_order)
         seg = np.ascontiguousarray(seg)[None].astype(dtype)
-        properties = replace(properties, class_locations=_sample_class_locations(seg[0], seed=int(np.prod(shape)) % (2 ** 31)))
+        locations = _sample_class_locations(seg[0], seed=int(np.prod(shape)) % (2 ** 31))
+        properties = replace(properties, class_locations=locations)
     return image, seg, properties
 
 

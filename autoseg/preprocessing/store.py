@@ -141,7 +141,8 @@ def load_properties(folder: Path, case_id: str) -> CaseProperties:
     try:
         return CaseProperties.from_json(properties)
     except (KeyError, TypeError, ValueError) as exc:
-        raise PreprocessedDataError(f"{path}: malformed case properties ({type(exc).__name__}: {exc}); {rerun}") from None
+        raise PreprocessedDataError(f"{path}: malformed case properties ({type(exc).__name__}: {exc}); "
+                                    f"{rerun}") from None
 
 
 def list_cases(folder: Path) -> list[str]:

@@ -20,7 +20,8 @@ def make_splits(case_ids: list[str], num_folds: int = NUM_FOLDS, seed: int = 123
     """Deterministic k-fold split of the sorted case ids for a given seed."""
     ids = sorted(case_ids)
     if len(ids) < num_folds:
-        raise SplitError(f"{len(ids)} cases cannot be split into {num_folds} folds; use --fold all to train on every case")
+        raise SplitError(f"{len(ids)} cases cannot be split into {num_folds} folds; use --fold all to train on every "
+                         f"case")
     order = np.random.default_rng(seed).permutation(len(ids))
     folds = np.array_split(order, num_folds)
     return [{"train": sorted(ids[i] for k, f in enumerate(folds) if k != fold for i in f),

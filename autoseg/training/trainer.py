@@ -210,11 +210,10 @@ def train_fold(workdir: Path, configuration: str, fold: int | str, settings: Tra
         if log_file.exists():
             log_file.unlink()
         say(f"training {configuration} fold {fold}: {len(train_ids)} training and {len(val_ids)} validation cases, "
-            f"{settings.epochs} epochs x {settings.iters_per_epoch} iterations, batch {global_batch}"
-            f"{batch_note}, "
+            f"{settings.epochs} epochs x {settings.iters_per_epoch} iterations, batch {global_batch}{batch_note}, "
             f"patch {list(config.patch_size)}, device {device}, "
-            f"{'mixed precision' if autocast is not nullcontext else 'float32'}, {settings.workers} augmentation worker(s), "
-            f"{torch.get_num_threads()} torch thread(s)")
+            f"{'mixed precision' if autocast is not nullcontext else 'float32'}, {settings.workers} augmentation "
+            f"worker(s), {torch.get_num_threads()} torch thread(s)")
     if distributed.is_distributed():
         shares = [distributed.batch_share(global_batch, settings.oversample_foreground, r,
                                           distributed.world_size()) for r in range(distributed.world_size())]
@@ -298,7 +297,8 @@ def train_fold(workdir: Path, configuration: str, fold: int | str, settings: Tra
             if val_batches is not None:
                 record.update(_validate_patches(network, val_batches, settings.val_iters, loss_fn, num_classes,
                                                 device, memory_format, autocast))
-                ema = record["mean_dice"] if ema is None else settings.ema_momentum * ema + (1 - settings.ema_momentum) * record["mean_dice"]
+                momentum = settings.ema_momentum
+                ema = record["mean_dice"] if ema is None else momentum * ema + (1 - momentum) * record["mean_dice"]
                 record["ema_dice"] = ema
             record["epoch_s"] = time.perf_counter() - t_epoch
             history.append(record)
