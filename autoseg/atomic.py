@@ -43,11 +43,11 @@ def atomic_path(final: Path | str) -> Iterator[Path]:
 
 def write_json(path: Path | str, data: Any) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
 
 
 def read_json(path: Path | str) -> Any:
-    return json.loads(Path(path).read_text())
+    return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
 def save_npy(path: Path | str, array: np.ndarray) -> None:

@@ -415,7 +415,7 @@ def nan_to_none(value):
 def _write_csv(path: Path, summary: dict) -> None:
     names = summary.get("label_names") or {}
     with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="") as f:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
             writer.writerow(["case_id", "label", *CASE_METRICS, "label_name"])  # name last: column positions stay
             for case_id, per_label in summary["cases"].items():

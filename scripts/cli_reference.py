@@ -36,5 +36,5 @@ def cli_reference() -> str:
 
 
 if __name__ == "__main__":
-    (REPO / "docs" / "cli.md").write_text(cli_reference())
+    (REPO / "docs" / "cli.md").write_text(cli_reference(), encoding="utf-8")
     print(f"wrote {REPO / 'docs' / 'cli.md'}")

@@ -77,7 +77,8 @@ def imports_of(tree: ast.AST, module: str, is_package: bool, known: set[str]) ->
 
 def import_graph(root: Path = ROOT) -> Graph:
     files = source_files(root)
-    return {m: imports_of(ast.parse(p.read_text(), str(p)), m, p.name == "__init__.py", set(files))
+    return {m: imports_of(ast.parse(p.read_text(encoding="utf-8"), str(p)), m, p.name == "__init__.py",
+                          set(files))
             for m, p in files.items()}
 
 
@@ -122,14 +123,15 @@ def functions(root: Path = ROOT) -> list[dict]:
                 visit(child, f"{prefix}{child.name}.", rel)
 
     for path in source_files(root).values():
-        visit(ast.parse(path.read_text()), "", path.relative_to(root).as_posix())
+        visit(ast.parse(path.read_text(encoding="utf-8")), "", path.relative_to(root).as_posix())
     return out
 
 
 def code_map(root: Path = ROOT, top: int = 15) -> dict:
     graph = import_graph(root)
     funcs = functions(root)
-    sizes = {p.relative_to(root).as_posix(): len(p.read_text().splitlines()) for p in source_files(root).values()}
+    sizes = {p.relative_to(root).as_posix(): len(p.read_text(encoding="utf-8").splitlines())
+             for p in source_files(root).values()}
     return {
         "graph": {m: sorted(t) for m, t in sorted(graph.items())},
         "upward_imports": [{"importer": a, "imported": b, "layers": [layer_name(a), layer_name(b)]}

@@ -12,5 +12,5 @@ def test_docs_cli_md_matches_the_parser():
     spec = importlib.util.spec_from_file_location("cli_reference", REPO / "scripts" / "cli_reference.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    assert (REPO / "docs" / "cli.md").read_text() == module.cli_reference(), (
+    assert (REPO / "docs" / "cli.md").read_text(encoding="utf-8") == module.cli_reference(), (
         "docs/cli.md is out of date: run `python scripts/cli_reference.py`")

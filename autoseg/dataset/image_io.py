@@ -178,7 +178,7 @@ def _with_tiff_spacing(path: Path, geometry: Geometry) -> Geometry:
     if not aux.is_file():
         return geometry
     try:
-        spacing = json.loads(aux.read_text())["spacing"]
+        spacing = json.loads(aux.read_text(encoding="utf-8"))["spacing"]
         spacing = tuple(float(s) for s in spacing)
     except (ValueError, KeyError, TypeError) as exc:
         raise ImageReadError(aux, f"not a spacing file for {path.name}: expected {{\"spacing\": [z, y, x]}} "

@@ -84,7 +84,7 @@ def load_dataset(root: Path | str) -> Dataset:
         raise DatasetError(f"{meta_path}: missing; a dataset folder needs a dataset.json "
                            "(Decathlon or nnU-Net v2 layout, see docs/datasets.md)")
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise DatasetError(f"{meta_path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
     if not isinstance(meta, dict):

@@ -331,7 +331,8 @@ def _summary_entries(output_dir: Path, section: str, key: str, message: str) -> 
     entries = []
     for summary in sorted(output_dir.glob("prediction_summary*.json")):
         try:
-            entries += [(str(e[key]), str(e[message])) for e in json.loads(summary.read_text()).get(section, [])]
+            listed = json.loads(summary.read_text(encoding="utf-8")).get(section, [])
+            entries += [(str(e[key]), str(e[message])) for e in listed]
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             log.warning("%s: not listed in the report (%s)", summary, exc)
     return entries
