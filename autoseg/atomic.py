@@ -11,6 +11,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from autoseg.errors import AutosegError
+
 
 def _process_umask() -> int:
     mask = os.umask(0o022)  # reading the umask means setting it: done once, at import, before any threads
@@ -46,8 +48,16 @@ def write_json(path: Path | str, data: Any) -> None:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
 
 
+class ArtifactError(AutosegError, ValueError):
+    """A JSON file that cannot be parsed; the message names it (a ValueError too, for callers that skip such files)."""
+
+
 def read_json(path: Path | str) -> Any:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{path}: not valid JSON ({exc}); restore it, or delete it and rerun the step that "
+                            "writes it") from None
 
 
 def save_npy(path: Path | str, array: np.ndarray) -> None:

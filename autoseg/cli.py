@@ -68,7 +68,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from autoseg.training.trainer import TrainingSettings, train_fold
 
-    fold = args.fold if args.fold == "all" else int(args.fold)
+    fold = args.fold
     overrides = {k: v for k, v in {"epochs": args.epochs, "iters_per_epoch": args.iters_per_epoch,
                                    "val_iters": args.val_iters, "device": args.device, "workers": args.workers,
                                    "seed": args.seed, "checkpoint_every": args.checkpoint_every,
@@ -155,6 +155,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"label names from {' and '.join(sources)}")
     print(f"written: {(args.output or args.predictions) / 'summary.json'} and summary.csv")
     return 0
+
+
+def _fold_arg(text: str) -> int | str:
+    """`--fold`: a fold number or 'all'."""
+    if text == "all":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a fold number (0-4) or 'all'") from None
 
 
 def _label_arg(text: str) -> tuple[int, str | None]:
@@ -273,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "epochs x 250 iterations; shorten it with --epochs/--iters-per-epoch (the learning "
                                    "rate follows).")
     p.add_argument("workdir", type=Path, metavar="WORKDIR", help="workspace written by `autoseg plan`")
-    p.add_argument("--fold", required=True, help="fold 0-4, or 'all'")
+    p.add_argument("--fold", required=True, type=_fold_arg, help="fold 0-4, or 'all'")
     p.add_argument("--config", choices=CONFIGURATIONS,
                    help="configuration (default: the plan's default_configuration: 3d_fullres for 3D data, 2d for 2D "
                         "images)")

@@ -241,7 +241,7 @@ def find_label_names(pred_dir: Path | str, ref_dir: Path | str) -> tuple[dict[st
     """Label names {"1": "liver", ...} for a pair of folders, and the file they came from.
 
     The first source found wins: the plans.json of the workspace that `autoseg predict` recorded in
-    `pred_dir/prediction_summary*.json` (`prediction_report*.json` before autoseg 0.2), then a dataset.json
+    `pred_dir/prediction_summary*.json` (`prediction_report*.json` from earlier versions), then a dataset.json
     in `ref_dir` or its parent (Decathlon {id: name} or nnU-Net v2 {name: id}). Nothing found: ({}, None), and
     ids are shown.
     """

@@ -13,9 +13,14 @@ import numpy as np
 
 from autoseg.atomic import read_json, write_json
 from autoseg.dataset.layout import Case, Dataset, DatasetError, read_case_image, read_case_label
+from autoseg.errors import AutosegError
 from autoseg.parallel import map_cases
 
 log = logging.getLogger(__name__)
+
+
+class FingerprintError(AutosegError):
+    """A fingerprint.json this version cannot read; the message names the file and the step to rerun."""
 
 FORMAT_VERSION = 2
 # Foreground intensities sampled per channel over the whole dataset, spread evenly over the cases and
@@ -99,8 +104,8 @@ class Fingerprint:
     @classmethod
     def from_json(cls, d: dict) -> "Fingerprint":
         if d.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"fingerprint format_version {d.get('format_version')} is not {FORMAT_VERSION}; rerun "
-                             f"`autoseg plan --steps fingerprint plan`")
+            raise FingerprintError(f"fingerprint format_version {d.get('format_version')} is not {FORMAT_VERSION}; "
+                                   "rerun `autoseg plan --steps fingerprint plan`")
         cases = tuple(
             CaseFingerprint(c["case_id"], tuple(c["spacing"]), tuple(c["shape"]),
                             tuple(tuple(b) for b in c["nonzero_bbox"]), c["foreground_voxels"],
@@ -116,7 +121,13 @@ def save_fingerprint(fingerprint: Fingerprint, path: Path) -> None:
 
 
 def load_fingerprint(path: Path) -> Fingerprint:
-    return Fingerprint.from_json(read_json(path))
+    try:
+        return Fingerprint.from_json(read_json(path))
+    except FingerprintError as exc:
+        raise FingerprintError(f"{path}: {exc}") from None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise FingerprintError(f"{path}: malformed fingerprint ({type(exc).__name__}: {exc}); rerun "
+                               "`autoseg plan --steps fingerprint plan`") from None
 
 
 NORMALIZATION_BY_CHANNEL_NAME = {"ct": "ct", "nonorm": "noNorm", "zscore": "zscore",

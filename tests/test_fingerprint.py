@@ -1,5 +1,7 @@
 """Dataset fingerprint: spacings, shapes, crop boxes and foreground intensities."""
 
+import json
+
 import numpy as np
 import pytest
 from conftest import synthetic_case, write_sitk
@@ -115,8 +117,25 @@ def test_fingerprint_json_round_trip(dataset, tmp_path):
 def test_fingerprint_of_another_format_version_is_refused(dataset, tmp_path):
     data = compute_fingerprint(dataset, progress=False).to_json()
     data["format_version"] = 99
-    with pytest.raises(ValueError, match="rerun"):
+    with pytest.raises(fp_module.FingerprintError, match="rerun"):
         fp_module.Fingerprint.from_json(data)
+    path = tmp_path / "fingerprint.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(fp_module.FingerprintError, match=rf"{path}: fingerprint format_version 99.*rerun"):
+        fp_module.load_fingerprint(path)
+
+
+def test_cli_errors_a_user_can_fix_are_one_line_not_a_traceback(tmp_path, capsys):
+    """A damaged JSON artifact and a mistyped --fold print one line naming the file or value, exit status 2."""
+    from autoseg.cli import main
+
+    (tmp_path / "plans.json").write_text('{"format_version": 2, "labels": ')
+    assert main(["train", str(tmp_path), "--fold", "0"]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'plans.json'}: not valid JSON" in err and "Traceback" not in err
+    with pytest.raises(SystemExit) as stop:
+        main(["train", str(tmp_path), "--fold", "abc"])
+    assert stop.value.code == 2 and "'abc' is not a fold number (0-4) or 'all'" in capsys.readouterr().err
 
 
 def test_nonzero_bounding_box_uses_any_channel_and_keeps_empty_images_whole():

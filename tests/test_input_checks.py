@@ -158,16 +158,20 @@ def test_an_mri_given_to_a_lung_ct_model_is_a_warning(tmp_path):
     assert "0.0% of its voxels in the CT range the model saw" in summary.warnings[0][1]
 
 
-def test_a_case_too_large_for_the_memory_is_refused_before_any_work(hippocampus_model):
+def test_a_case_too_large_for_the_machine_is_refused_and_one_too_large_for_now_is_a_warning(hippocampus_model):
+    from autoseg.inference.inputs import InputError
     from autoseg.planning.plans import Plans
 
     plans = Plans.load(workspace.plans_json(hippocampus_model))
     image, geometry = read_image(_hippocampus_case())
-    with pytest.raises(Exception, match=r"hippocampus_003.nii.gz: predicting it would need about 0\.0 GiB.*"
-                                        r"0\.0 GiB are available"):
-        check_input(image[None], geometry, plans, ("3d_fullres",), _hippocampus_case(), available_bytes=1000)
-    assert check_input(image[None], geometry, plans, ("3d_fullres",), _hippocampus_case(),
-                       available_bytes=2**34).warnings == ()
+    image = image[None].astype(np.float32)
+    args = (image, geometry, plans, ("3d_fullres",), _hippocampus_case())
+    with pytest.raises(InputError, match=r"hippocampus_003.nii.gz: predicting it would need about 0\.0 GiB.*"
+                                         r"this machine has 0\.0 GiB"):
+        check_input(*args, memory_bytes=(100_000, 100_000))
+    busy = check_input(*args, memory_bytes=(2**34, 1000))
+    assert len(busy.warnings) == 1 and "GiB are free now" in busy.warnings[0]
+    assert check_input(*args, memory_bytes=(2**34, 2**33)).warnings == ()
 
 
 def test_plans_changed_after_training_are_refused_naming_the_checkpoint(tmp_path, capsys):
@@ -182,3 +186,13 @@ def test_plans_changed_after_training_are_refused_naming_the_checkpoint(tmp_path
     assert code == 2 and "fold_0/checkpoint_final.pt: trained with other plans" in err
     assert f"patch_size was {trained}" in err and "Traceback" not in err
     assert _outputs(tmp_path / "out") == []
+
+
+def test_a_run_of_numbered_frames_from_0000_are_separate_cases(hippocampus_model, tmp_path):
+    """`frame_0000` ... `frame_0004` exported from a stack are five images, not one case of five channels."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for i in range(5):
+        shutil.copy(_hippocampus_case(), inputs / f"frame_{i:04d}.nii.gz")
+    summary = predict_folder(hippocampus_model, [inputs], tmp_path / "out", **FAST)
+    assert summary.written == [f"frame_{i:04d}" for i in range(5)] and summary.failed == []

@@ -135,10 +135,10 @@ def test_open_case_is_lazy_and_names_the_missing_file(tmp_path, cases):
     case = open_case(tmp_path, cases[0])
     assert not isinstance(case.image, np.ndarray) and case.image.shape == (2, 20, 24, 22)
     assert case.class_locations[1].shape[1] == 3
-    with pytest.raises(FileNotFoundError, match="nope.json"):
+    with pytest.raises(store.PreprocessedDataError, match="nope.json"):
         open_case(tmp_path, "nope")
     (tmp_path / f"{cases[1]}_seg.b2nd").unlink()
-    with pytest.raises(FileNotFoundError, match=f"{cases[1]}_seg.b2nd"):
+    with pytest.raises(store.PreprocessedDataError, match=f"{cases[1]}_seg.b2nd"):
         open_case(tmp_path, cases[1])
 
 

@@ -128,7 +128,7 @@ def test_missing_arrays_and_newer_formats_are_named(tmp_path):
     store.save_case(tmp_path, "c0", image, seg, PROPERTIES)
     (tmp_path / "c0_seg.b2nd").unlink()
     assert not store.is_complete(tmp_path, "c0")
-    with pytest.raises(FileNotFoundError, match=r"c0_seg\.b2nd.*--steps preprocess"):
+    with pytest.raises(store.PreprocessedDataError, match=r"c0_seg\.b2nd.*--steps preprocess"):
         store.open_case_arrays(tmp_path, "c0")
     (tmp_path / "c0.json").write_text(json.dumps({"format_version": store.FORMAT_VERSION + 1}))
     with pytest.raises(store.PreprocessedDataError, match=rf"c0.json.*format_version "

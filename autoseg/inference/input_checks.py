@@ -2,10 +2,11 @@
 resampling or network work.
 
 `check_input` refuses (InputError naming the file, what it has and what the model needs) what would
-give a meaningless result or exhaust the machine: a 2D picture given to a 3D model, a case whose
-prediction would need more memory than is available. It warns, without stopping the batch, about
-what is probably a mistake but may be right: spacing far from the training spacing, a CT channel
-whose intensities fall outside everything the model saw, a label map given as the image. The
+give a meaningless result or cannot fit the machine: a 2D picture given to a 3D model, a case whose
+prediction would need more memory than the machine has. It warns, without stopping the batch, about
+what is probably a mistake but may be right: a case that may not fit the memory available now,
+spacing far from the training spacing, a CT channel whose intensities fall outside everything the
+model saw, a label map given as the image. The
 warnings land in `prediction_summary.json` and `report.html` (docs/prediction.md).
 """
 
@@ -26,7 +27,7 @@ from autoseg.preprocessing.resampling import new_shape_for
 SPACING_FACTOR_WARNING = 10.0  # an axis this many times finer or coarser than the training spacing
 CT_RANGE_MIN_SHARE = 0.01  # a CT channel with less than this share of voxels in the training foreground range
 SAMPLE_VOXELS = 1_000_000  # voxels sampled per channel for the intensity and label-map checks
-MEMORY_HEADROOM = 0.9  # refuse when the estimate exceeds this share of the available memory
+MEMORY_HEADROOM = 0.9  # refuse when the estimate exceeds this share of the machine's memory
 
 
 @dataclass(frozen=True)
@@ -40,21 +41,26 @@ class InputCheck:
 
 def check_input(image: np.ndarray, geometry: Geometry, plans: Plans, configurations: tuple[str, ...],
                 source: Path | str, keep_probabilities: bool = False,
-                available_bytes: int | None = None) -> InputCheck:
+                memory_bytes: tuple[int | None, int | None] | None = None) -> InputCheck:
     """Refuse (InputError) or warn about `image` (C, Z, Y, X) on `geometry`, read from `source`, for the
-    networks of `configurations`. `available_bytes`: the memory prediction may use (default: what the
-    system reports as available)."""
+    networks of `configurations`. `memory_bytes`: (the machine's, available now); default: what the
+    system reports (`memory_limits`)."""
     source = Path(source)
     configs = [plans.configuration(name) for name in configurations]
     _check_dimensionality(geometry, plans, configs, source)
     estimated = estimate_prediction_bytes(image.shape, geometry, plans, configs, keep_probabilities)
-    available = available_memory_bytes() if available_bytes is None else available_bytes
-    if available is not None and estimated > MEMORY_HEADROOM * available:
+    total, available = memory_limits() if memory_bytes is None else memory_bytes
+    size = f"{_fmt(image.shape[1:])} voxels, {image.shape[0]} channel(s)"
+    if total is not None and estimated > MEMORY_HEADROOM * total:
         raise InputError(source, f"{source}: predicting it would need about {estimated / 2**30:.1f} GiB of memory "
-                                 f"({_fmt(image.shape[1:])} voxels, {image.shape[0]} channel(s)), but "
-                                 f"{available / 2**30:.1f} GiB are available; predict it on a machine with more "
-                                 "memory, or crop it to the region of interest")
-    warnings = [w for config in configs for w in _spacing_warnings(geometry, plans, config, source)]
+                                 f"({size}), but this machine has {total / 2**30:.1f} GiB; predict it on a machine "
+                                 "with more memory, or crop it to the region of interest")
+    warnings = []
+    if available is not None and estimated - image.nbytes > available:  # the input itself is already in memory
+        warnings.append(f"{source.name}: predicting it needs about {estimated / 2**30:.1f} GiB of memory ({size}); "
+                        f"{available / 2**30:.1f} GiB are free now: other work on this machine may have to finish "
+                        "first, or the case may fail for lack of memory")
+    warnings += [w for config in configs for w in _spacing_warnings(geometry, plans, config, source)]
     warnings += _intensity_warnings(image, plans, source)
     warnings += _label_map_warnings(image, plans, source)
     slice_by_slice = plans.trained_on_2d_images and not geometry.is_2d and geometry.shape[0] > 1
@@ -72,10 +78,11 @@ def _check_dimensionality(geometry: Geometry, plans: Plans, configs: list[Config
 
 def estimate_prediction_bytes(shape: tuple[int, ...], geometry: Geometry, plans: Plans,
                               configs: list[ConfigurationPlan], keep_probabilities: bool = False) -> int:
-    """Peak host memory of predicting a (C, Z, Y, X) input, upper-bounded by assuming cropping keeps all of it:
+    """An estimate of the host memory of predicting a (C, Z, Y, X) input, assuming cropping keeps all of it:
     the input, each configuration's resampled image, the label map's running maximum and argmax on the input
     grid, and the network-space logits where they are held whole (several configurations, or probabilities
-    kept, which also hold the probabilities on the input grid)."""
+    kept, which also hold the probabilities on the input grid). Temporaries of resampling and of the
+    network come on top, so it is a floor, not a bound."""
     channels, voxels = shape[0], math.prod(shape[1:])
     spacing = [geometry.spacing[a] for a in plans.transpose_forward]
     network_shape = [geometry.shape[a] for a in plans.transpose_forward]
@@ -93,19 +100,40 @@ def _target_spacing(config: ConfigurationPlan, spacing: list[float]) -> tuple[fl
     return tuple(config.spacing) if len(config.spacing) == len(spacing) else (spacing[0], *config.spacing)
 
 
-def available_memory_bytes() -> int | None:
-    """MemAvailable of /proc/meminfo (Linux), else the free physical pages; None where neither is known."""
+def memory_limits() -> tuple[int | None, int | None]:
+    """(The machine's memory, what is available now) in bytes: /proc/meminfo's MemTotal and MemAvailable, each
+    capped by a cgroup (container) limit where one is set; the physical pages elsewhere; None where unknown."""
+    meminfo = {}
     try:
         with open("/proc/meminfo") as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
+                key, _, value = line.partition(":")
+                meminfo[key] = int(value.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
         pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
+    total, available = meminfo.get("MemTotal"), meminfo.get("MemAvailable")
+    if total is None:
+        try:
+            pages = os.sysconf("SC_PAGE_SIZE")
+            total, available = os.sysconf("SC_PHYS_PAGES") * pages, os.sysconf("SC_AVPHYS_PAGES") * pages
+        except (ValueError, OSError, AttributeError):
+            return None, None
+    limit = _cgroup_limit()
+    if limit is not None:
+        total = min(total, limit)
+        available = None if available is None else min(available, limit)
+    return total, available
+
+
+def _cgroup_limit() -> int | None:
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 2**60:  # "max" or a huge number: no limit
+            return int(text)
+    return None
 
 
 def _spacing_warnings(geometry: Geometry, plans: Plans, config: ConfigurationPlan, source: Path) -> list[str]:

@@ -44,6 +44,7 @@ from autoseg.dataset.layout import Case, DatasetError, one_file_holds_all_channe
 from autoseg.errors import AutosegError
 
 _CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+MAX_CHANNELS_GUESSED = 4  # one lone `<case>_0000..` group this small is channels, a longer one numbered images
 
 
 class InputError(AutosegError):
@@ -118,8 +119,7 @@ def _discover_folder(folder: Path, num_channels: int, channel_names: Sequence[st
         m = _CHANNEL_FILE.match(strip_suffix(f))
         if m:
             numbered.setdefault(m["case"], {})[int(m["channel"])] = f
-    # Channel sets number their files from 0000 up; `img_0001`, `img_0002` are cases numbered from 1.
-    channel_files = {case: files for case, files in numbered.items() if 0 in files}
+    channel_files = _channel_sets(numbered, num_channels)
     grouped = {f for files in channel_files.values() for f in files.values()}
     others = [f for f in images if f not in grouped]
     first = next((f for files in channel_files.values() for f in files.values()), None)
@@ -140,7 +140,8 @@ def _discover_folder(folder: Path, num_channels: int, channel_names: Sequence[st
             problems.append((str(files[extra[0]]),
                              f"case {case_id}: {len(files)} channel files ({names}), but the model takes "
                              f"{_channels(num_channels, channel_names)}; pass only the channel(s) it was trained on, "
-                             f"or use a model trained on {len(files)} channels"))
+                             f"use a model trained on {len(files)} channels, or, if they are separate images, name "
+                             "them without the 4-digit suffix"))
         elif missing:
             names = ", ".join(f"{case_id}_{c:04d}{ending}" for c in missing)
             problems.append((str(folder / f"{case_id}_{missing[0]:04d}{ending}"),
@@ -149,6 +150,21 @@ def _discover_folder(folder: Path, num_channels: int, channel_names: Sequence[st
         else:
             cases.append(InputCase(case_id, tuple(files[c] for c in range(wanted))))
     return cases, problems
+
+
+def _channel_sets(numbered: dict[str, dict[int, Path]], num_channels: int) -> dict[str, dict[int, Path]]:
+    """The `<case>_<cccc>` groups that are one case's channel files rather than numbered images.
+
+    A channel set starts at 0000 (`img_0001`, `img_0002` are images numbered from 1). It is taken for
+    one case's channels when it fits the model, when several cases have that many files, or when it
+    is small (at most MAX_CHANNELS_GUESSED): `scan_0000`, `scan_0001` given to a one-channel model is
+    most likely one case of two channels. One long run (`frame_0000` ... `frame_0099`) is numbered
+    images, each a case.
+    """
+    sets = {case: files for case, files in numbered.items() if 0 in files}
+    sizes = [len(files) for files in sets.values()]
+    return {case: files for case, files in sets.items()
+            if len(files) <= max(num_channels, MAX_CHANNELS_GUESSED) or sizes.count(len(files)) > 1}
 
 
 def _channels(num_channels: int, names: Sequence[str] | None = None) -> str:

@@ -329,7 +329,9 @@ def write_html_report(output_dir: Path, volumes_csv: Path, overlays_dir: Path, p
 def _summary_entries(output_dir: Path, section: str, key: str, message: str) -> list[tuple[str, str]]:
     """(key, message) of one list ("failed", "warnings") of every prediction_summary*.json in `output_dir`."""
     entries = []
-    for summary in sorted(output_dir.glob("prediction_summary*.json")):
+    # prediction_report*.json: the same record from earlier versions, in a batch continued across versions
+    found = sorted(output_dir.glob("prediction_summary*.json")) + sorted(output_dir.glob("prediction_report*.json"))
+    for summary in found:
         try:
             listed = json.loads(summary.read_text(encoding="utf-8")).get(section, [])
             entries += [(str(e[key]), str(e[message])) for e in listed]

@@ -282,7 +282,7 @@ class _Keys:
             raise self.error(key, f"must have {length} entries, got {len(value)}")
         if positive and not all(v > 0 for v in value):
             raise self.error(key, f"must hold positive values, got {value}")
-        return tuple(kind(v) for v in value)
+        return tuple(int(v) if kind is int else v for v in value)  # numbers as written: the plans' hash sees them
 
     def number_rows(self, key: str, width: int, rows: int) -> tuple[tuple[int, ...], ...]:
         value = self.raw(key)
@@ -370,7 +370,7 @@ def _read_normalization(keys: _Keys, num_channels: int) -> tuple[ChannelNormaliz
         clip = mean = std = None
         if scheme == "ct":
             clip = n.numbers("clip", float, length=2)
-            mean, std = float(n.number("mean")), float(n.number("std"))
+            mean, std = n.number("mean"), n.number("std")
         schemes.append(ChannelNormalization(channel=n.integer("channel", minimum=0), name=n.text("name", ""),
                                             scheme=scheme, use_nonzero_mask=n.flag("use_nonzero_mask"),
                                             reason=n.text("reason", ""), clip=clip, mean=mean, std=std))

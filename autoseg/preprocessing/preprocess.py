@@ -50,7 +50,12 @@ def preprocessing_key(plans: Plans, configuration: str) -> str:
 
 def is_current(folder: Path, case_id: str, key: str) -> bool:
     """Complete and made with the current plans."""
-    return store.is_complete(folder, case_id) and store.load_properties(folder, case_id).preprocessing_key == key
+    if not store.is_complete(folder, case_id):
+        return False
+    try:
+        return store.load_properties(folder, case_id).preprocessing_key == key
+    except store.PreprocessedDataError:  # damaged or foreign properties: the case is done again
+        return False
 
 
 def seg_dtype(labels: dict) -> type[np.integer]:

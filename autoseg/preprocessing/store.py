@@ -112,7 +112,7 @@ def open_case_arrays(folder: Path, case_id: str) -> tuple[CaseArray, CaseArray]:
     image_path, seg_path, _ = case_paths(folder, case_id)
     for path in (image_path, seg_path):
         if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing; run preprocessing for this configuration first "
+            raise PreprocessedDataError(f"{path} is missing; run preprocessing for this configuration first "
                                     f"(`autoseg plan DATASET -o WORKDIR --steps preprocess`) or remove case "
                                     f"'{case_id}' from the split")
     return open_array(image_path), open_array(seg_path)
@@ -123,7 +123,7 @@ def load_case_image(folder: Path, case_id: str) -> np.ndarray:
     image_path, _, _ = case_paths(folder, case_id)
     if image_path.is_file():
         return open_array(image_path)[...]
-    raise FileNotFoundError(f"{image_path} is missing; run preprocessing for this configuration first "
+    raise PreprocessedDataError(f"{image_path} is missing; run preprocessing for this configuration first "
                             "(`autoseg plan DATASET -o WORKDIR --steps preprocess`)")
 
 

@@ -46,12 +46,13 @@ def open_case(folder: Path, case_id: str) -> PreprocessedCase:
     folder = Path(folder)
     properties_path = store.case_paths(folder, case_id)[2]
     if not properties_path.is_file():
-        raise FileNotFoundError(f"{properties_path} is missing; run preprocessing for this configuration first "
-                                f"(or remove case '{case_id}' from the split)")
+        raise store.PreprocessedDataError(f"{properties_path} is missing; run preprocessing for this configuration "
+                                          f"first (or remove case '{case_id}' from the split)")
     image, seg = store.open_case_arrays(folder, case_id)
     if len(image.shape) != 4 or len(seg.shape) != 4 or seg.shape[0] != 1 or image.shape[1:] != seg.shape[1:]:
-        raise ValueError(f"case '{case_id}' in {folder} has image shape {image.shape} and seg shape {seg.shape}; "
-                         "expected (C, Z, Y, X) and (1, Z, Y, X) with equal spatial shape; rerun preprocessing")
+        raise store.PreprocessedDataError(f"case '{case_id}' in {folder} has image shape {image.shape} and seg shape "
+                                          f"{seg.shape}; expected (C, Z, Y, X) and (1, Z, Y, X) with equal spatial "
+                                          "shape; rerun preprocessing")
     properties = store.load_properties(folder, case_id)
     class_locations = {
         int(label): np.asarray(coords, dtype=np.int64).reshape(-1, 3)

@@ -24,9 +24,12 @@ from autoseg.preprocessing import store
 
 log = logging.getLogger(__name__)
 
+# Windows per forward pass in validation on any device, as validation has always run (prediction: 1 on the CPU).
+VALIDATION_TILES_PER_BATCH = 4
+
 
 def validate_fold(network: torch.nn.Module, workdir: Path, plans: Plans, configuration: str, val_ids: list[str],
-                  out_dir: Path, compute: ComputeSettings, window: WindowSettings = WindowSettings(),
+                  out_dir: Path, compute: ComputeSettings, window: WindowSettings | None = None,
                   save_probabilities: bool | None = None, progress: bool = True) -> dict:
     """Dice (and the other metrics) per validation case and label, and their means.
 
@@ -37,6 +40,7 @@ def validate_fold(network: torch.nn.Module, workdir: Path, plans: Plans, configu
     predict` builds it, so a large case needs no per-label probabilities of its full size (docs/prediction.md).
     """
     keep_probabilities = len(plans.configurations) > 1 if save_probabilities is None else save_probabilities
+    window = window or WindowSettings(tiles_per_batch=VALIDATION_TILES_PER_BATCH)
     predictor = Predictor.from_networks(plans, configuration, [network], window, compute, workdir)
     data_dir = workspace.preprocessed_dir(workdir, plans.configuration(configuration).data_identifier)
     raw = read_json(workspace.dataset_json(workdir))
