@@ -189,6 +189,27 @@ def test_splits_are_deterministic_disjoint_and_cover_every_case():
         assert not set(f["train"]) & set(f["val"])
 
 
+@pytest.mark.parametrize("n", [5, 23, 208])
+def test_folds_are_nnunets_so_fold_k_holds_out_the_same_cases_in_both_tools(n):
+    """nnU-Net v2 splits with scikit-learn's KFold(5, shuffle=True, random_state=12345) over the sorted ids."""
+    model_selection = pytest.importorskip("sklearn.model_selection")
+    ids = sorted(f"hippocampus_{i:03d}" for i in range(1, 2 * n, 2))
+    kfold = model_selection.KFold(n_splits=5, shuffle=True, random_state=12345)
+    expected = [{"train": [ids[i] for i in train], "val": [ids[i] for i in val]} for train, val in kfold.split(ids)]
+    assert make_splits(list(reversed(ids))) == expected
+
+
+def test_nnunets_splits_final_json_is_read_as_splits_json(tmp_path):
+    """A user comparing with nnU-Net can copy its splits_final.json (a list of folds) to WORKDIR/splits.json."""
+    from autoseg.training.splits import fold_cases, load_or_create_splits
+
+    ids = [f"c{i}" for i in range(6)]
+    nnunet = [{"train": ids[2:], "val": ids[:2]}, {"train": ids[:2] + ids[4:], "val": ids[2:4]}]
+    (tmp_path / "splits.json").write_text(json.dumps(nnunet))
+    splits = load_or_create_splits(tmp_path / "splits.json", ids)
+    assert fold_cases(splits, 1, ids) == (ids[:2] + ids[4:], ids[2:4])
+
+
 def test_learning_rate_follows_a_shortened_schedule():
     assert poly_lr(0.01, 0, 10) == pytest.approx(0.01)
     assert poly_lr(0.01, 5, 10) == pytest.approx(0.01 * 0.5 ** 0.9)

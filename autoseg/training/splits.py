@@ -17,12 +17,15 @@ class SplitError(AutosegError):
 
 
 def make_splits(case_ids: list[str], num_folds: int = NUM_FOLDS, seed: int = 12345) -> list[dict]:
-    """Deterministic k-fold split of the sorted case ids for a given seed."""
+    """nnU-Net v2's folds: the sorted case ids shuffled by numpy's legacy RandomState(seed), cut into `num_folds`
+    consecutive parts (the first `n % num_folds` one larger), as scikit-learn's `KFold(num_folds, shuffle=True,
+    random_state=seed)` does; so fold K holds out the same cases in both tools."""
     ids = sorted(case_ids)
     if len(ids) < num_folds:
         raise SplitError(f"{len(ids)} cases cannot be split into {num_folds} folds; use --fold all to train on every "
                          f"case")
-    order = np.random.default_rng(seed).permutation(len(ids))
+    order = np.arange(len(ids))
+    np.random.RandomState(seed).shuffle(order)
     folds = np.array_split(order, num_folds)
     return [{"train": sorted(ids[i] for k, f in enumerate(folds) if k != fold for i in f),
              "val": sorted(ids[i] for i in folds[fold])} for fold in range(num_folds)]
