@@ -1,6 +1,7 @@
 import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -55,14 +56,29 @@ def test_mirroring_runs_every_flip_combination_in_full_batches():
 
 
 @pytest.mark.parametrize("patch", [(8, 8, 8), (7, 10), (64, 5, 6)])
-def test_gaussian_is_symmetric_positive_with_max_one(patch):
+def test_gaussian_is_positive_with_max_one_at_nnunets_centre(patch):
     g = gaussian_importance_map(patch, sigma_scale=0.02)  # narrow enough to underflow far from the centre
     assert g.shape == patch
     assert (g > 0).all()
-    assert g.max().item() == 1.0
-    torch.testing.assert_close(g, torch.flip(g, tuple(range(len(patch)))), rtol=0, atol=0)
-    for axis in range(len(patch)):
-        torch.testing.assert_close(g, torch.flip(g, (axis,)), rtol=0, atol=0)
+    centre = tuple(p // 2 for p in patch)  # nnU-Net v2's: voxel size // 2, half a voxel past an even patch's middle
+    assert g.max().item() == 1.0 and g[centre].item() == 1.0
+    for axis, size in enumerate(patch):  # symmetric about the centre voxel along every axis
+        c = size // 2
+        for d in range(1, min(c, size - 1 - c) + 1):
+            torch.testing.assert_close(g.select(axis, c - d), g.select(axis, c + d), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("patch", [(40, 56, 40), (7, 10), (5, 64, 6)])
+def test_gaussian_is_nnunets_filtered_impulse(patch):
+    """nnU-Net v2 filters a one-voxel impulse at size // 2 with sigma = size / 8 (scipy, mode constant) and
+    scales it to a maximum of 1."""
+    ndimage = pytest.importorskip("scipy.ndimage")
+    impulse = np.zeros(patch)
+    impulse[tuple(p // 2 for p in patch)] = 1
+    expected = ndimage.gaussian_filter(impulse, [p / 8 for p in patch], 0, mode="constant", cval=0)
+    expected /= expected.max()
+    expected[expected == 0] = expected[expected > 0].min()
+    np.testing.assert_allclose(gaussian_importance_map(patch).numpy(), expected, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("image, patch, step", [
@@ -72,11 +88,23 @@ def test_window_starts_cover_the_image(image, patch, step):
     (starts,) = window_starts([image], [patch], step)
     assert starts[0] == 0 and starts[-1] == image - patch
     gaps = [b - a for a, b in zip(starts, starts[1:])]
-    assert all(0 < gap <= step * patch for gap in gaps)
+    assert all(0 < gap <= math.ceil(step * patch) for gap in gaps)
     covered = set().union(*(range(s, s + patch) for s in starts))
     assert covered == set(range(image))
     if float(step * patch).is_integer():
         assert len(starts) == math.ceil((image - patch) / (patch * step)) + 1
+
+
+def test_window_starts_are_nnunets_on_every_image_and_patch_pair():
+    """nnU-Net v2: n = ceil((image - patch) / (patch * step)) + 1 starts, the i-th at
+    round(i * (image - patch) / (n - 1)) with numpy's half-to-even rounding."""
+    for patch in range(1, 65):
+        for image in range(patch, patch + 70):
+            for step in (0.5, 0.33, 1.0):
+                span = image - patch
+                n = int(np.ceil(span / (patch * step))) + 1
+                expected = [0] if n == 1 else [int(np.round(span / (n - 1) * i)) for i in range(n)]
+                assert window_starts([image], [patch], step) == [expected], (image, patch, step)
 
 
 def test_window_starts_single_window_and_errors():

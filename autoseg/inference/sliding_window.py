@@ -62,11 +62,15 @@ def _cached_gaussian(patch: tuple[int, ...], sigma_scale: float, device: torch.d
 
 
 def _gaussian_profiles(patch: Sequence[int], sigma_scale: float = 1 / 8) -> list[torch.Tensor]:
-    """Per axis the 1D Gaussian (float64, max 1) whose outer product is the importance map."""
+    """Per axis the 1D Gaussian (float64, max 1) whose outer product is the importance map: nnU-Net v2's,
+    centred on voxel size // 2 (half a voxel past the middle of an even patch) and cut to 0 beyond
+    4 sigma, as a Gaussian filter of a one-voxel impulse there gives it."""
     profiles = []
     for size in patch:
-        offset = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-        profile = torch.exp(-0.5 * (offset / (size * sigma_scale)) ** 2)
+        sigma = size * sigma_scale
+        offset = torch.arange(size, dtype=torch.float64) - size // 2
+        profile = torch.exp(-0.5 * (offset / sigma) ** 2)
+        profile[offset.abs() > int(4.0 * sigma + 0.5)] = 0
         profiles.append(profile / profile.max())
     return profiles
 
@@ -106,7 +110,8 @@ class _EarlierWeights:
 
 
 def window_starts(image_size: Sequence[int], patch_size: Sequence[int], step_size: float = 0.5) -> list[list[int]]:
-    """Per axis, evenly spaced window starts from 0 to image - patch, at most step_size * patch apart."""
+    """Per axis, evenly spaced window starts from 0 to image - patch, nnU-Net v2's: as few as keep them at most
+    step_size * patch apart, each rounded to the nearest voxel (a gap may be that distance rounded up)."""
     if len(image_size) != len(patch_size):
         raise ValueError(f"image_size {list(image_size)} and patch_size {list(patch_size)} "
                          "must have the same number of axes")
@@ -118,10 +123,8 @@ def window_starts(image_size: Sequence[int], patch_size: Sequence[int], step_siz
             raise ValueError(f"image_size {list(image_size)} is smaller than patch_size {list(patch_size)}; "
                              "pad the image to at least the patch size first")
         span = image - patch
-        # Starts are whole voxels, so the largest allowed step is rounded down to a whole voxel.
-        max_step = max(1, math.floor(patch * step_size))
-        n = math.ceil(span / max_step) + 1
-        starts.append([0] if n == 1 else [i * span // (n - 1) for i in range(n)])
+        n = math.ceil(span / (patch * step_size)) + 1
+        starts.append([0] if n == 1 else [round(span / (n - 1) * i) for i in range(n)])  # half to even, as np.round
     return starts
 
 
