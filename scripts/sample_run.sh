@@ -2,14 +2,15 @@
 # Install autoseg and run the whole pipeline on the bundled 20-case Hippocampus sample:
 # plan the 2d configuration, train fold 0 (500 iterations of 8 slices), predict fold 0's 4 held-out
 # cases (with mirroring, volumes.csv, overlays and report.html), and evaluate them against their
-# labels: the Dice printed at the end is on cases the network never saw (about 0.75 to 0.78 per label).
+# labels: the Dice printed at the end is on cases the network never saw (about 0.75 to 0.80 per label).
 #
 # Measured on 2026-12-01 on a 2-core AMD EPYC with AVX2 and no native bfloat16 (float32 throughout),
 # from a fresh clone with an empty pip cache: 4 min 40 s in all (installing 113 s, plan 10 s,
 # training 143 s, predict 11 s, evaluate 3 s); held-out Dice 0.74 to 0.77 per label over three runs (two seeds).
 # With a warm pip cache installing takes about 58 s. docs/user_guide.md ("A first run") says why 2d
 # and a batch of 8. Measured again on 2026-12-02 on the same kind of CPU: 3 min 53 s (PIP_NO_CACHE_DIR=1).
-# Since 2026-12-03 fold 0 is nnU-Net's fold 0: held-out Dice 0.783 / 0.767 (venv installed: 2 min 32 s).
+# Since 2026-12-03 fold 0 is nnU-Net's fold 0: held-out Dice 0.78 to 0.80 per label over two runs (venv
+# installed: 2 min 32 s and 2 min 49 s).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=${1:-sample_run}
