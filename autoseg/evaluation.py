@@ -8,7 +8,7 @@ Empty cases follow the usual convention of segmentation challenges:
 - Means over cases skip NaN values (nanmean) and report how many cases they used.
 
 In `summary.json` (and the dict `evaluate_folders` returns) an undefined value is written as
-null. Labels are keyed by their id as a string ("1", "2", ...), as in `plans["labels"]`; their
+null. Labels are keyed by their id as a string ("1", "2", ...), as in plans.json's labels; their
 names, where known, are in `label_names` and in each label's `mean` entry. The printed table says
 in words why a value is undefined ("absent in both", "missing in prediction", "not in reference").
 """
