@@ -246,7 +246,7 @@ def find_label_names(pred_dir: Path | str, ref_dir: Path | str) -> tuple[dict[st
     ids are shown.
     """
     pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
-    for report in sorted(pred_dir.glob("prediction_summary*.json")) + sorted(pred_dir.glob("prediction_report*.json")):
+    for report in workspace.prediction_summaries(pred_dir):
         content = _read_json_or_none(report)
         settings = content.get("settings") if isinstance(content, dict) else None
         workdir = settings.get("workdir") if isinstance(settings, dict) else None

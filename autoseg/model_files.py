@@ -64,13 +64,9 @@ class Checkpoint:
 
     def to_dict(self, keys: Sequence[str] | None = None) -> dict[str, Any]:
         """Plain values for `torch.save` (weights_only loading takes no dataclasses); `keys` keeps only those."""
-        data = {k: v for k, v in asdict_shallow(self).items() if keys is None or k in keys}
+        # getattr, not dataclasses.asdict: that would deep-copy every tensor
+        data = {k: getattr(self, k) for k in Checkpoint.__dataclass_fields__ if keys is None or k in keys}
         return {"format_version": FORMAT_VERSION, **data}
-
-
-def asdict_shallow(record: Checkpoint) -> dict[str, Any]:
-    """Fields without the deep copy `dataclasses.asdict` makes of every tensor."""
-    return {name: getattr(record, name) for name in Checkpoint.__dataclass_fields__}
 
 
 def save_checkpoint(path: Path, checkpoint: Checkpoint) -> None:

@@ -232,7 +232,7 @@ def test_evaluate_rejects_a_labels_item_that_is_neither_id_nor_id_equals_name(fo
     assert "ID=NAME" in capsys.readouterr().err
 
 
-# prediction_summary.json is what `autoseg predict` writes; prediction_report.json what it wrote before 0.2.
+# prediction_summary.json is what `autoseg predict` writes; prediction_report.json what earlier versions wrote.
 @pytest.mark.parametrize("summary_file", ["prediction_summary.json", "prediction_report.json"])
 def test_names_come_from_the_plans_of_the_workspace_that_predicted(folders, tmp_path, summary_file):
     pred_dir, ref_dir = folders

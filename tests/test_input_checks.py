@@ -71,6 +71,15 @@ def _hippocampus_case(name: str = "hippocampus_003") -> Path:
     return HIPPOCAMPUS / "imagesTr" / f"{name}.nii.gz"
 
 
+def _input_folder(tmp_path: Path, files: dict[str, Path]) -> Path:
+    """tmp_path/in holding a copy of each source under its new name."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name, source in files.items():
+        shutil.copy(source, folder / name)
+    return folder
+
+
 def _outputs(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.suffix in (".gz", ".png", ".tif")) if folder.is_dir() else []
 
@@ -92,10 +101,7 @@ def test_a_2d_picture_given_to_a_3d_model_is_refused_at_once(hippocampus_model, 
 
 
 def test_two_channel_files_for_a_one_channel_model_are_one_refused_case(hippocampus_model, tmp_path):
-    inputs = tmp_path / "in"
-    inputs.mkdir()
-    for channel in (0, 1):
-        shutil.copy(_hippocampus_case(), inputs / f"caseA_{channel:04d}.nii.gz")
+    inputs = _input_folder(tmp_path, {f"caseA_{channel:04d}.nii.gz": _hippocampus_case() for channel in (0, 1)})
     summary = predict_folder(hippocampus_model, [inputs], tmp_path / "out", **FAST)
     assert summary.written == []
     assert len(summary.failed) == 1 and "case caseA: 2 channel files" in summary.failed[0][1]
@@ -105,10 +111,7 @@ def test_two_channel_files_for_a_one_channel_model_are_one_refused_case(hippocam
 
 def test_numbered_single_channel_cases_are_still_cases(hippocampus_model, tmp_path):
     """`img_0001`, `img_0002` are cases numbered from 1, not channels of one case `img`."""
-    inputs = tmp_path / "in"
-    inputs.mkdir()
-    for i in (1, 2):
-        shutil.copy(_hippocampus_case(), inputs / f"img_{i:04d}.nii.gz")
+    inputs = _input_folder(tmp_path, {f"img_{i:04d}.nii.gz": _hippocampus_case() for i in (1, 2)})
     summary = predict_folder(hippocampus_model, [inputs], tmp_path / "out", **FAST)
     assert summary.written == ["img_0001", "img_0002"] and summary.failed == []
 
@@ -116,10 +119,8 @@ def test_numbered_single_channel_cases_are_still_cases(hippocampus_model, tmp_pa
 def test_a_3d_volume_given_to_a_2d_picture_model_is_segmented_slice_by_slice(tmp_path, caplog):
     model = tmp_path / "model"
     _model(model, channel="nuclei", configurations=("2d",), two_d=True)
-    inputs = tmp_path / "in"
-    inputs.mkdir()
-    shutil.copy(_hippocampus_case(), inputs / "volume.nii.gz")
-    shutil.copy(_hippocampus_case("hippocampus_004"), inputs / "other.nii.gz")
+    inputs = _input_folder(tmp_path, {"volume.nii.gz": _hippocampus_case(),
+                                      "other.nii.gz": _hippocampus_case("hippocampus_004")})
     with caplog.at_level("INFO"):
         summary = predict_folder(model, [inputs], tmp_path / "out", **FAST)
     assert summary.written == ["other", "volume"] and summary.failed == []
@@ -143,9 +144,7 @@ def test_spacing_far_from_the_training_spacing_is_a_warning_in_the_summary(hippo
 
 
 def test_a_label_map_given_as_the_image_is_a_warning(hippocampus_model, tmp_path):
-    inputs = tmp_path / "in"
-    inputs.mkdir()
-    shutil.copy(HIPPOCAMPUS / "labelsTr" / "hippocampus_003.nii.gz", inputs / "mask.nii.gz")
+    inputs = _input_folder(tmp_path, {"mask.nii.gz": HIPPOCAMPUS / "labelsTr" / "hippocampus_003.nii.gz"})
     summary = predict_folder(hippocampus_model, [inputs], tmp_path / "out", **FAST)
     assert summary.written == ["mask"] and "like a label map" in summary.warnings[0][1]
 
@@ -190,9 +189,6 @@ def test_plans_changed_after_training_are_refused_naming_the_checkpoint(tmp_path
 
 def test_a_run_of_numbered_frames_from_0000_are_separate_cases(hippocampus_model, tmp_path):
     """`frame_0000` ... `frame_0004` exported from a stack are five images, not one case of five channels."""
-    inputs = tmp_path / "in"
-    inputs.mkdir()
-    for i in range(5):
-        shutil.copy(_hippocampus_case(), inputs / f"frame_{i:04d}.nii.gz")
+    inputs = _input_folder(tmp_path, {f"frame_{i:04d}.nii.gz": _hippocampus_case() for i in range(5)})
     summary = predict_folder(hippocampus_model, [inputs], tmp_path / "out", **FAST)
     assert summary.written == [f"frame_{i:04d}" for i in range(5)] and summary.failed == []

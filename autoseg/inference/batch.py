@@ -122,7 +122,7 @@ def predict_folder(workdir: Path, inputs: Path | Sequence[Path], output_dir: Pat
                 "num_parts": batch.num_parts, "part_id": batch.part_id, "workers": batch.workers,
                 "autoseg_version": __version__, "seconds": round(time.perf_counter() - started, 2)}
     result = PredictionSummary(sorted(written), skipped, failed, settings, warnings)
-    summary_path = output_dir / summary_name(batch.num_parts, batch.part_id)
+    summary_path = workspace.prediction_summary_json(output_dir, batch.num_parts, batch.part_id)
     write_json(summary_path, result.to_json())
     if volumes is not None:
         from autoseg.inference.qc import write_html_report
@@ -135,11 +135,6 @@ def predict_folder(workdir: Path, inputs: Path | Sequence[Path], output_dir: Pat
     for key, message in warnings:
         log.warning("warning: %s: %s", key, message)
     return result
-
-
-def summary_name(num_parts: int = 1, part_id: int = 0) -> str:
-    """`prediction_summary.json`, or one per part so parallel parts do not overwrite each other's."""
-    return "prediction_summary.json" if num_parts == 1 else f"prediction_summary_part{part_id}of{num_parts}.json"
 
 
 def _output_path(output_dir: Path, case: InputCase, output_format: str = "default") -> Path:

@@ -22,6 +22,7 @@ import numpy as np
 from autoseg.dataset.image_io import Geometry
 from autoseg.inference.inputs import InputError
 from autoseg.planning.plans import ConfigurationPlan, Plans
+from autoseg.preprocessing.preprocess import target_spacing_for
 from autoseg.preprocessing.resampling import new_shape_for
 
 SPACING_FACTOR_WARNING = 10.0  # an axis this many times finer or coarser than the training spacing
@@ -36,7 +37,6 @@ class InputCheck:
 
     warnings: tuple[str, ...] = ()
     slice_by_slice: bool = False  # a 3D volume given to a model trained on 2D images
-    estimated_bytes: int = 0
 
 
 def check_input(image: np.ndarray, geometry: Geometry, plans: Plans, configurations: tuple[str, ...],
@@ -64,7 +64,7 @@ def check_input(image: np.ndarray, geometry: Geometry, plans: Plans, configurati
     warnings += _intensity_warnings(image, plans, source)
     warnings += _label_map_warnings(image, plans, source)
     slice_by_slice = plans.trained_on_2d_images and not geometry.is_2d and geometry.shape[0] > 1
-    return InputCheck(tuple(dict.fromkeys(warnings)), slice_by_slice, estimated)
+    return InputCheck(tuple(dict.fromkeys(warnings)), slice_by_slice)
 
 
 def _check_dimensionality(geometry: Geometry, plans: Plans, configs: list[ConfigurationPlan], source: Path) -> None:
@@ -84,9 +84,9 @@ def estimate_prediction_bytes(shape: tuple[int, ...], geometry: Geometry, plans:
     kept, which also hold the probabilities on the input grid). Temporaries of resampling and of the
     network come on top, so it is a floor, not a bound."""
     channels, voxels = shape[0], math.prod(shape[1:])
-    spacing = [geometry.spacing[a] for a in plans.transpose_forward]
-    network_shape = [geometry.shape[a] for a in plans.transpose_forward]
-    resampled = [math.prod(new_shape_for(network_shape, spacing, _target_spacing(c, spacing))) for c in configs]
+    spacing, network_shape = _network_grid(geometry, plans)
+    resampled = [math.prod(new_shape_for(network_shape, spacing, target_spacing_for(c.spacing, spacing)))
+                 for c in configs]
     total = 4 * channels * voxels + 4 * channels * sum(resampled) + 9 * voxels
     if len(configs) > 1 or keep_probabilities:
         total += 4 * plans.num_classes * max(resampled)
@@ -95,9 +95,10 @@ def estimate_prediction_bytes(shape: tuple[int, ...], geometry: Geometry, plans:
     return int(total)
 
 
-def _target_spacing(config: ConfigurationPlan, spacing: list[float]) -> tuple[float, ...]:
-    """The configuration's spacing on a case of `spacing` (a 2d configuration keeps the case's axis 0)."""
-    return tuple(config.spacing) if len(config.spacing) == len(spacing) else (spacing[0], *config.spacing)
+def _network_grid(geometry: Geometry, plans: Plans) -> tuple[tuple[float, ...], tuple[int, ...]]:
+    """The input's spacing and shape in the network's axis order (after transpose_forward)."""
+    forward = plans.transpose_forward
+    return tuple(geometry.spacing[a] for a in forward), tuple(geometry.shape[a] for a in forward)
 
 
 def memory_limits() -> tuple[int | None, int | None]:
@@ -137,8 +138,8 @@ def _cgroup_limit() -> int | None:
 
 
 def _spacing_warnings(geometry: Geometry, plans: Plans, config: ConfigurationPlan, source: Path) -> list[str]:
-    spacing = [geometry.spacing[a] for a in plans.transpose_forward]
-    target = _target_spacing(config, spacing)
+    spacing, network_shape = _network_grid(geometry, plans)
+    target = target_spacing_for(config.spacing, spacing)
     axes = range(len(spacing)) if config.ndim == 3 else range(1, len(spacing))  # 2d: slices are not resampled
     ratios = {a: spacing[a] / target[a] for a in axes}
     far = {a: r for a, r in ratios.items() if max(r, 1 / r) >= SPACING_FACTOR_WARNING}
@@ -146,7 +147,6 @@ def _spacing_warnings(geometry: Geometry, plans: Plans, config: ConfigurationPla
         return []
     axis, ratio = max(far.items(), key=lambda item: max(item[1], 1 / item[1]))
     how = f"{ratio:.0f}x coarser" if ratio > 1 else f"{1 / ratio:.0f}x finer"
-    network_shape = [geometry.shape[a] for a in plans.transpose_forward]
     resampled = new_shape_for(network_shape, spacing, target)
     return [f"{source.name}: spacing {_fmt(spacing)} mm is {how} than the {config.name} model's {_fmt(target)} mm "
             f"along axis {axis}; resampled to {_fmt(resampled)} voxels, far from the training data: check the "

@@ -22,6 +22,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
+from autoseg import workspace
 from autoseg.atomic import atomic_path
 from autoseg.dataset.image_io import Geometry
 from autoseg.inference.volumes import read_volume_rows
@@ -273,8 +274,7 @@ def write_html_report(output_dir: Path, volumes_csv: Path, overlays_dir: Path, p
     columns = [(key, heading) for key, heading in _REPORT_COLUMNS
                if key in ("case", "label", "name") or any(r.get(key) for r in rows)]
     models = sorted({r["model"] for r in rows if r.get("model")})
-    failed = _summary_entries(output_dir, "failed", "input", "error")
-    warned = _summary_entries(output_dir, "warnings", "case", "warning")
+    failed, warned = _summary_entries(output_dir)
     link_base = os.path.relpath(overlays_dir, path.parent)
 
     out = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
@@ -326,18 +326,18 @@ def write_html_report(output_dir: Path, volumes_csv: Path, overlays_dir: Path, p
         tmp.write_text("\n".join(out) + "\n", encoding="utf-8")
 
 
-def _summary_entries(output_dir: Path, section: str, key: str, message: str) -> list[tuple[str, str]]:
-    """(key, message) of one list ("failed", "warnings") of every prediction_summary*.json in `output_dir`."""
-    entries = []
-    # prediction_report*.json: the same record from earlier versions, in a batch continued across versions
-    found = sorted(output_dir.glob("prediction_summary*.json")) + sorted(output_dir.glob("prediction_report*.json"))
-    for summary in found:
+def _summary_entries(output_dir: Path) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(failed inputs, cases with a warning) as (key, message) from every run record in `output_dir`; a batch
+    continued across versions also has records of the earlier name (`workspace.prediction_summaries`)."""
+    failed, warned = [], []
+    for summary in workspace.prediction_summaries(output_dir):
         try:
-            listed = json.loads(summary.read_text(encoding="utf-8")).get(section, [])
-            entries += [(str(e[key]), str(e[message])) for e in listed]
+            content = json.loads(summary.read_text(encoding="utf-8"))
+            failed += [(str(e["input"]), str(e["error"])) for e in content.get("failed", [])]
+            warned += [(str(e["case"]), str(e["warning"])) for e in content.get("warnings", [])]
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             log.warning("%s: not listed in the report (%s)", summary, exc)
-    return entries
+    return failed, warned
 
 
 def _e(text: str) -> str:
