@@ -43,9 +43,11 @@ def atomic_path(final: Path | str) -> Iterator[Path]:
             tmp.unlink()
 
 
-def write_json(path: Path | str, data: Any) -> None:
+def write_json(path: Path | str, data: Any, *, compact: bool = False) -> None:
+    """Write JSON atomically; indented for people, or `compact` (one line) for large machine-read files."""
+    text = json.dumps(data, separators=(",", ":")) if compact else json.dumps(data, indent=2, sort_keys=False)
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+        tmp.write_text(text + "\n", encoding="utf-8")
 
 
 class ArtifactError(AutosegError, ValueError):

@@ -399,7 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("crossval", help="cross-validation Dice per configuration; choose the best and the "
                                         "postprocessing",
                        description="Gather the five folds' validation results of each trained configuration, report "
-                                   "the cross-validation Dice per label, pick the best configuration and decide "
+                                   "the cross-validation Dice per label of each configuration and each pair of "
+                                   "configurations (averaged), pick the best and decide "
                                    "whether keeping only the largest connected component (per label, and of the "
                                    "foreground) improves Dice; the rules go to WORKDIR/postprocessing.json, which "
                                    "`autoseg predict` applies.")

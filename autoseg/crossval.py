@@ -54,9 +54,15 @@ def collect_validation(workdir: Path, configuration: str, num_folds: int = 5) ->
             "case_folds": {cid: c["fold"] for cid, c in cases.items()}}
 
 
+def ensemble_candidates(configurations: list[str]) -> list[tuple[str, str]]:
+    """The ensembles scored: every pair of configurations, as nnU-Net v2's find_best_configuration does
+    (three configurations give three pairs; an ensemble of all three is not tried)."""
+    return list(itertools.combinations(configurations, 2))
+
+
 def run_crossval(workdir: Path, configurations: list[str] | None = None, num_folds: int = 5,
                  postprocessing: bool = True, progress: bool = True) -> dict:
-    """Cross-validation Dice of each configuration and of every ensemble of them; the best one;
+    """Cross-validation Dice of each configuration and of every pair of them averaged; the best one;
     postprocessing rules decided on the best one's validation predictions."""
     workdir = Path(workdir)
     plans = Plans.load(workspace.plans_json(workdir))
@@ -73,16 +79,15 @@ def run_crossval(workdir: Path, configurations: list[str] | None = None, num_fol
     candidates = {c: results[c]["foreground_mean_dice"] or 0.0 for c in complete}
     ensembles = {}
     skipped = {}
-    for size in range(2, len(complete) + 1):
-        for members in itertools.combinations(complete, size):
-            name = "+".join(members)
-            try:
-                ensembles[name] = _score_ensemble(workdir, list(members), results, labels, cases, progress)
-            except MissingProbabilities as exc:
-                log.warning("ensemble %s not scored: %s", name, exc)
-                skipped[name] = str(exc)
-                continue
-            candidates[name] = ensembles[name]["foreground_mean_dice"] or 0.0
+    for members in ensemble_candidates(complete):
+        name = "+".join(members)
+        try:
+            ensembles[name] = _score_ensemble(workdir, list(members), results, labels, cases, progress)
+        except MissingProbabilities as exc:
+            log.warning("ensemble %s not scored: %s", name, exc)
+            skipped[name] = str(exc)
+            continue
+        candidates[name] = ensembles[name]["foreground_mean_dice"] or 0.0
     best = max(candidates, key=candidates.get)
     summary = {"format_version": 1,
                "configurations": {c: {k: v for k, v in r.items() if k != "case_folds"} for c, r in results.items()},

@@ -12,8 +12,9 @@ The rules are stored as `WORKDIR/postprocessing.json`:
 Applying them: if `foreground_largest_component`, every foreground voxel (label > 0) outside the
 largest connected foreground component becomes background; then, for each label listed in
 `largest_component_labels`, the voxels of that label outside its largest component become
-background. Components use full connectivity (26 neighbours in 3D, 8 in 2D). Only the three
-keys above affect the result; the others explain the decision.
+background. Components use full connectivity (26 neighbours in 3D, 8 in 2D), and components tied
+for the largest size are all kept, as in nnU-Net v2. Only the three keys above affect the result;
+the others explain the decision.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ class PostprocessingError(AutosegError):
 
 
 def keep_largest_component(mask: np.ndarray) -> np.ndarray:
-    """Boolean mask of the largest fully connected component of `mask` (all False if empty)."""
+    """Boolean mask of the largest fully connected component(s) of `mask`: every component of the
+    largest size is kept, as nnU-Net v2 does, so a tie never depends on scan order (all False if empty)."""
     mask = np.asarray(mask).astype(bool, copy=False)
     structure = ndimage.generate_binary_structure(mask.ndim, mask.ndim)
     components, n = ndimage.label(mask, structure=structure)
@@ -50,7 +52,8 @@ def keep_largest_component(mask: np.ndarray) -> np.ndarray:
         return mask.copy()
     sizes = np.bincount(components.ravel())
     sizes[0] = 0
-    return components == int(np.argmax(sizes))
+    largest = np.flatnonzero(sizes == sizes.max())
+    return components == int(largest[0]) if len(largest) == 1 else np.isin(components, largest)
 
 
 def no_postprocessing() -> dict:
@@ -109,33 +112,22 @@ def _case_counts(pred: np.ndarray, ref: np.ndarray, labels: Sequence[int]) -> di
     """Voxel counts of one case before/after each candidate rule, enough to score any rule set.
 
     For each starting point (raw prediction, or after the foreground rule) and label: overlap and
-    size of the label without and with its own largest-component rule, and how many voxels that
-    rule removes (and how many of those lie in the reference foreground). Label rules touch
-    disjoint voxels, so the foreground Dice after any set of them follows by subtraction.
+    size of the label without and with its own largest-component rule. Label rules touch disjoint
+    voxels, so each label's Dice depends on its own rule only.
     """
     pred, ref = np.asarray(pred), np.asarray(ref)
     if pred.shape != ref.shape:
         raise PostprocessingError(f"prediction shape {pred.shape} differs from reference shape {ref.shape}")
-    ref_foreground = ref > 0
-    starts = {"raw": pred}
-    foreground = pred > 0
-    starts["fg"] = np.where(keep_largest_component(foreground), pred, 0)
-    counts = {"ref_fg": int(np.count_nonzero(ref_foreground)), "ref": {}}
-    for label in labels:
-        counts["ref"][label] = int(np.count_nonzero(ref == label))
+    starts = {"raw": pred, "fg": np.where(keep_largest_component(pred > 0), pred, 0)}
+    counts = {"ref": {label: int(np.count_nonzero(ref == label)) for label in labels}}
     for name, seg in starts.items():
-        seg_fg = seg > 0
-        entry = {"fg_tp": int(np.count_nonzero(seg_fg & ref_foreground)), "fg_pred": int(np.count_nonzero(seg_fg)),
-                 "labels": {}}
+        entry = {"labels": {}}
         for label in labels:
             mask, ref_mask = seg == label, ref == label
             kept = keep_largest_component(mask)
-            removed = mask & ~kept
             entry["labels"][label] = {
                 "tp": int(np.count_nonzero(mask & ref_mask)), "pred": int(np.count_nonzero(mask)),
                 "tp_kept": int(np.count_nonzero(kept & ref_mask)), "pred_kept": int(np.count_nonzero(kept)),
-                "removed": int(np.count_nonzero(removed)),
-                "removed_in_ref_fg": int(np.count_nonzero(removed & ref_foreground)),
             }
         counts[name] = entry
     return counts
@@ -146,20 +138,15 @@ def _mean(values: list[float]) -> float:
     return float(np.mean(values)) if values else math.nan
 
 
-def _fg_dice(cases: list[dict], start: str, label_rules: Sequence[int] = ()) -> float:
-    scores = []
-    for c in cases:
-        s = c[start]
-        tp = s["fg_tp"] - sum(s["labels"][label]["removed_in_ref_fg"] for label in label_rules)
-        n_pred = s["fg_pred"] - sum(s["labels"][label]["removed"] for label in label_rules)
-        scores.append(dice_from_counts(tp, n_pred, c["ref_fg"]))
-    return _mean(scores)
-
-
 def _label_dice(cases: list[dict], start: str, label: int, rule: bool) -> float:
     tp_key, pred_key = ("tp_kept", "pred_kept") if rule else ("tp", "pred")
     return _mean([dice_from_counts(c[start]["labels"][label][tp_key], c[start]["labels"][label][pred_key],
                                    c["ref"][label]) for c in cases])
+
+
+def _foreground_mean(label_means: dict[int, float]) -> float:
+    """nnU-Net's "foreground_mean": the mean over labels of each label's mean Dice (NaN if any is NaN)."""
+    return float(np.mean(list(label_means.values())))
 
 
 def _improves(after: float, before: float) -> bool:
@@ -179,14 +166,14 @@ def _r(value: float) -> float | None:
 
 
 def decide_postprocessing(cases: Iterable[tuple[np.ndarray, np.ndarray]], labels: Sequence[int]) -> dict:
-    """Choose connected-component rules that raise the mean Dice on (prediction, reference) pairs.
+    """Choose connected-component rules that raise the mean Dice on (prediction, reference) pairs, as nnU-Net v2.
 
-    First, keeping only the largest foreground component is adopted if it raises the mean
-    foreground Dice (pred > 0 vs ref > 0) and lowers no label's mean Dice. Then, on top of that
-    choice, each label's largest-component rule is adopted if it raises that label's mean Dice.
-    Means skip cases where a Dice is undefined (both empty), as in `autoseg.evaluation`. `cases`
-    may be a generator; each pair is read once. Returns the rules plus `reasons`, `dice_before`
-    (raw predictions) and `dice_after` (with the chosen rules).
+    First, keeping only the largest foreground component is adopted if it raises the mean over
+    labels of each label's mean Dice (nnU-Net's "foreground_mean") and lowers no label's mean Dice.
+    Then, on top of that choice, each label's largest-component rule is adopted if it raises that
+    label's mean Dice. Means over cases skip cases where a Dice is undefined (both empty), as in
+    `autoseg.evaluation`. `cases` may be a generator; each pair is read once. Returns the rules plus
+    `reasons`, `dice_before` (raw predictions) and `dice_after` (with the chosen rules).
     """
     labels = [int(label) for label in labels]
     if any(label <= 0 for label in labels):
@@ -196,22 +183,22 @@ def decide_postprocessing(cases: Iterable[tuple[np.ndarray, np.ndarray]], labels
         raise PostprocessingError("no (prediction, reference) pairs given; run cross-validation predictions first")
 
     reasons = {}
-    fg_before, fg_with_rule = _fg_dice(counts, "raw"), _fg_dice(counts, "fg")
     label_before = {label: _label_dice(counts, "raw", label, rule=False) for label in labels}
     label_with_fg = {label: _label_dice(counts, "fg", label, rule=False) for label in labels}
+    fg_before, fg_with_rule = _foreground_mean(label_before), _foreground_mean(label_with_fg)
     harmed = [label for label in labels if _decreases(label_with_fg[label], label_before[label])]
     use_fg = _improves(fg_with_rule, fg_before) and not harmed
     if use_fg:
-        reasons["foreground"] = (f"enabled: keeping the largest foreground component raises the mean foreground "
+        reasons["foreground"] = (f"enabled: keeping the largest foreground component raises the mean of the labels' "
                                  f"Dice from {fg_before:.4f} to {fg_with_rule:.4f} and lowers no label's Dice")
     elif harmed:
-        reasons["foreground"] = (f"disabled: keeping the largest foreground component changes the foreground Dice "
-                                 f"from {fg_before:.4f} to {fg_with_rule:.4f} but lowers the Dice of label(s) "
-                                 + ", ".join(f"{label} ({label_before[label]:.4f} -> {label_with_fg[label]:.4f})"
-                                             for label in harmed))
+        reasons["foreground"] = (f"disabled: keeping the largest foreground component changes the mean of the "
+                                 f"labels' Dice from {fg_before:.4f} to {fg_with_rule:.4f} but lowers the Dice of "
+                                 "label(s) " + ", ".join(f"{label} ({label_before[label]:.4f} -> "
+                                                         f"{label_with_fg[label]:.4f})" for label in harmed))
     else:
-        reasons["foreground"] = (f"disabled: keeping the largest foreground component does not raise the mean "
-                                 f"foreground Dice ({fg_before:.4f} -> {fg_with_rule:.4f})")
+        reasons["foreground"] = (f"disabled: keeping the largest foreground component does not raise the mean of "
+                                 f"the labels' Dice ({fg_before:.4f} -> {fg_with_rule:.4f})")
     start = "fg" if use_fg else "raw"
 
     chosen = []
@@ -233,8 +220,9 @@ def decide_postprocessing(cases: Iterable[tuple[np.ndarray, np.ndarray]], labels
     rules["largest_component_labels"] = chosen
     rules["num_cases"] = len(counts)
     rules["reasons"] = reasons
-    rules["dice_before"] = {"foreground": _r(fg_before), **{str(label): _r(label_before[label]) for label in labels}}
-    rules["dice_after"] = {"foreground": _r(_fg_dice(counts, start, chosen)),
+    rules["dice_before"] = {"foreground_mean": _r(fg_before),
+                            **{str(label): _r(label_before[label]) for label in labels}}
+    rules["dice_after"] = {"foreground_mean": _r(_foreground_mean(label_after)),
                            **{str(label): _r(label_after[label]) for label in labels}}
     for key, reason in reasons.items():
         logger.info("postprocessing %s: %s", key, reason)

@@ -224,3 +224,39 @@ def test_background_workers_yield_batches_and_shut_down(folder):
     finally:
         shutdown_loader(batches)
     assert multiprocessing.active_children() == []
+
+
+def _transform(final, kind):
+    return next(t for t in training_transforms(final, mirror_axes=None, deep_supervision_scales=None).transforms
+                if type(t).__name__ == kind)
+
+
+def test_blur_draws_a_sigma_per_axis_as_nnunet():
+    """A blurred point spreads differently along the axes (nnU-Net 2.8.1 draws one sigma per axis)."""
+    blur = _transform([16, 16, 16], "GaussianBlurTransform")
+    blur.p_per_sample, blur.p_per_channel = 1.0, 1.0
+    np.random.seed(0)
+    spreads = []
+    for _ in range(10):
+        data = np.zeros((1, 1, 17, 17, 17), np.float32)
+        data[0, 0, 8, 8, 8] = 1.0
+        out = blur(data=data)["data"][0, 0]
+        spreads.append([float(np.sum(out.sum(axis=tuple(a for a in range(3) if a != axis)) *
+                                     (np.arange(17) - 8) ** 2)) for axis in range(3)])
+    spreads = np.array(spreads)
+    assert (spreads.max(axis=1) - spreads.min(axis=1) > 0.05).mean() > 0.5
+    assert spreads.min() > 0.2 and spreads.max() < 1.1  # variances of sigmas in [0.5, 1], minus the sampling
+
+
+def test_simulated_low_resolution_upsamples_linearly_without_overshoot():
+    """Linear upsampling (nnU-Net 2.8.1) keeps each voxel within the range of the voxels around it; cubic
+    upsampling of a noisy patch rings beyond it."""
+    from scipy.ndimage import maximum_filter, minimum_filter
+
+    low_res = _transform([32, 32], "SimulateLowResolutionTransform")
+    low_res.p_per_sample, low_res.p_per_channel, low_res.zoom_range = 1.0, 1.0, (0.5, 0.5)
+    data = np.random.default_rng(0).normal(size=(4, 1, 32, 32)).astype(np.float32)
+    out = low_res(data=data.copy())["data"]
+    assert not np.array_equal(out, data)
+    window = (1, 1, 7, 7)
+    assert (out >= minimum_filter(data, window) - 1e-5).all() and (out <= maximum_filter(data, window) + 1e-5).all()

@@ -9,7 +9,7 @@ import pytest
 
 from autoseg import workspace
 from autoseg.cli import main
-from autoseg.crossval import CrossValidationError, run_crossval
+from autoseg.crossval import CrossValidationError, ensemble_candidates, run_crossval
 from autoseg.postprocessing import load_postprocessing_rules
 from autoseg.training.trainer import TrainingSettings, train_fold
 
@@ -58,6 +58,12 @@ def test_crossval_scores_configurations_and_their_ensemble_and_writes_rules(trai
     rules = load_postprocessing_rules(workspace.postprocessing_json(trained_workspace))
     assert rules["configuration"] == summary["best"]
     assert (workspace.crossval_dir(trained_workspace) / "summary.json").is_file()
+
+
+def test_ensembles_are_the_pairs_of_configurations_as_in_nnunet():
+    assert ensemble_candidates(["2d", "3d_fullres", "3d_lowres"]) == [
+        ("2d", "3d_fullres"), ("2d", "3d_lowres"), ("3d_fullres", "3d_lowres")]
+    assert ensemble_candidates(["2d"]) == []
 
 
 def test_ensemble_dice_is_that_of_the_averaged_probabilities(trained_workspace):

@@ -70,6 +70,36 @@ def test_forced_voxel_stays_inside_the_centre_crop_of_an_enlarged_patch():
         assert all(c <= v < c + f for c, v, f in zip(crop_lower, voxel, final))
 
 
+def test_case_smaller_than_the_patch_is_centred_as_nnunet_does():
+    """A 30 x 50 x 35 Hippocampus-like case in a 40 x 56 x 40 patch: one position per even axis, two per odd."""
+    rng = np.random.default_rng(0)
+    corners = {tuple(sample_patch_box([30, 50, 35], [40, 56, 40], rng, None, {})[0]) for _ in range(300)}
+    assert corners == {(-5, -3, -3), (-5, -3, -2)}
+    # with an enlarged read patch, the padding is split the same way around the case
+    corners = {tuple(sample_patch_box([30, 50, 35], [52, 64, 50], rng, None, {}, final_patch_size=[40, 56, 40])[0])
+               for _ in range(300)}
+    assert corners == {(-11, -7, -8), (-11, -7, -7)}
+
+
+def test_random_corner_range_follows_nnunet_get_bbox():
+    """Volume at least the final patch: lower corner uniform in [-ceil(n/2), s - p + ceil(n/2)], n = p - f."""
+    rng = np.random.default_rng(1)
+    shape, read, final = [30, 25, 40], [24, 27, 40], [20, 20, 40]
+    corners = np.array([sample_patch_box(shape, read, rng, None, {}, final_patch_size=final)[0] for _ in range(3000)])
+    assert corners.min(axis=0).tolist() == [-2, -4, 0] and corners.max(axis=0).tolist() == [8, 2, 0]
+
+
+def test_forced_patch_is_centred_on_the_voxel_even_at_the_upper_border():
+    rng = np.random.default_rng(2)
+    shape, read = [30, 30, 30], [12, 16, 10]
+    lower, upper = sample_patch_box(shape, read, rng, 1, {1: np.array([[29, 28, 15]])})
+    assert lower == [23, 20, 10] and upper == [35, 36, 20]  # beyond the volume: padding, not a shifted patch
+    lower, _ = sample_patch_box(shape, read, rng, 1, {1: np.array([[0, 3, 1]])})
+    assert lower == [0, 0, 0]  # below the lowest allowed corner it is raised to that corner
+    lower, _ = sample_patch_box(shape, read, rng, 1, {1: np.array([[0, 3, 1]])}, final_patch_size=[8, 10, 10])
+    assert lower == [-2, -3, 0]
+
+
 def test_case_without_foreground_falls_back_to_random_patches(tmp_path):
     write_case(tmp_path, "empty", np.ones((1, 10, 10, 10)), np.zeros((1, 10, 10, 10)))
     batch = next(PatchLoader(tmp_path, ["empty"], [4, 4, 4], batch_size=2, oversample_foreground=1.0, seed=0))
@@ -79,7 +109,9 @@ def test_case_without_foreground_falls_back_to_random_patches(tmp_path):
 def test_volume_smaller_than_patch_is_padded_and_fully_inside(tmp_path):
     seg = np.ones((1, 5, 6, 4), np.int8)
     write_case(tmp_path, "small", np.full((1, 5, 6, 4), 7.0), seg)
-    for batch in (next(PatchLoader(tmp_path, ["small"], [8, 9, 10], batch_size=3, seed=s)) for s in range(5)):
+    loaders = (PatchLoader(tmp_path, ["small"], [8, 9, 10], batch_size=3, oversample_foreground=0.0, seed=s)
+               for s in range(5))
+    for batch in (next(loader) for loader in loaders):
         data, labels = batch["data"], batch["seg"]
         assert set(np.unique(data)) == {0.0, 7.0} and set(np.unique(labels)) == {-1, 1}
         assert np.all((data == 7) == (labels == 1))  # padding is image 0 and label -1 at the same voxels
@@ -104,7 +136,7 @@ def test_int16_labels_and_minus_one_survive_the_loader(tmp_path):
     seg[0, 4:8, 4:8, 4:8] = 300
     seg[0, :2] = -1
     write_case(tmp_path, "big_ids", np.random.default_rng(0).normal(size=(1, 12, 12, 12)), seg, seg_dtype=np.int16)
-    batch = next(PatchLoader(tmp_path, ["big_ids"], [12, 12, 12], batch_size=2, oversample_foreground=1.0, seed=0))
+    batch = next(PatchLoader(tmp_path, ["big_ids"], [12, 12, 12], batch_size=2, oversample_foreground=0.0, seed=0))
     assert batch["seg"].dtype == np.int16
     np.testing.assert_array_equal(batch["seg"][0], seg)  # the patch covers the volume exactly
 

@@ -29,6 +29,15 @@ def test_diagonal_neighbours_belong_to_the_same_component():
     assert keep_largest_component(mask).sum() == 3
 
 
+def test_components_tied_for_the_largest_size_are_all_kept():
+    mask = np.zeros((9, 9, 9), bool)
+    mask[0:2, 0:2, 0:2] = True
+    mask[6:8, 6:8, 6:8] = True  # as large as the first: nnU-Net keeps both
+    mask[4, 0, 8] = True
+    kept = keep_largest_component(mask)
+    assert kept.sum() == 16 and not kept[4, 0, 8]
+
+
 def test_apply_postprocessing_foreground_then_label_rules():
     seg = np.zeros((12, 12, 12), np.uint8)
     seg[1:6, 1:6, 1:6] = 1
@@ -71,8 +80,8 @@ def spurious_island_cases(n=4):
 def test_decision_enables_largest_component_when_predictions_have_spurious_islands():
     rules = decide_postprocessing(spurious_island_cases(), labels=[1, 2])
     assert rules["foreground_largest_component"] is True
-    assert rules["dice_after"]["foreground"] == pytest.approx(1.0)
-    assert rules["dice_before"]["foreground"] < 1.0
+    assert rules["dice_after"]["foreground_mean"] == pytest.approx(1.0)
+    assert rules["dice_before"]["foreground_mean"] < 1.0
     assert "enabled" in rules["reasons"]["foreground"]
     # after the foreground rule, no label has islands left: no label rule adds anything
     assert rules["largest_component_labels"] == []
@@ -109,6 +118,25 @@ def test_label_rule_is_chosen_on_its_own_when_the_foreground_rule_would_hurt():
     assert rules["foreground_largest_component"] is False
     assert rules["largest_component_labels"] == [2]
     assert rules["dice_after"]["2"] == pytest.approx(1.0)
+
+
+def test_foreground_rule_is_judged_on_the_mean_of_the_labels_dice_as_nnunet():
+    """A detached true structure predicted with the wrong label: removing it lowers the binary foreground
+    Dice but raises label 2's Dice and lowers no label's, so nnU-Net's criterion adopts the rule."""
+    cases = []
+    for _ in range(3):
+        ref = np.zeros((16, 16, 16), np.uint8)
+        ref[2:8, 2:8, 2:8] = 1
+        ref[3:6, 3:6, 8:10] = 2
+        ref[11:14, 11:14, 11:14] = 1
+        pred = ref.copy()
+        pred[11:14, 11:14, 11:14] = 2  # the second part of label 1, predicted as label 2
+        cases.append((pred, ref))
+    rules = decide_postprocessing(cases, labels=[1, 2])
+    assert rules["foreground_largest_component"] is True
+    assert rules["dice_after"]["1"] == rules["dice_before"]["1"]
+    assert rules["dice_after"]["2"] == pytest.approx(1.0) and rules["dice_before"]["2"] < 1.0
+    assert rules["dice_after"]["foreground_mean"] == pytest.approx((rules["dice_after"]["1"] + 1.0) / 2)
 
 
 def test_rules_round_trip_through_postprocessing_json(tmp_path):

@@ -530,7 +530,7 @@ def test_an_empty_configuration_list_preprocesses_nothing(make_decathlon, tmp_pa
 def test_failed_write_leaves_neither_temp_file_nor_a_complete_looking_case(make_decathlon, tmp_path, monkeypatch):
     dataset = load_dataset(make_decathlon(n_cases=1))
 
-    def fail(path, data):
+    def fail(path, data, **kwargs):
         raise OSError("disk full")
 
     monkeypatch.setattr(store, "write_json", fail)
@@ -552,3 +552,28 @@ def test_real_hippocampus_preprocessing_round_trip_is_exact(hippocampus_subset, 
         assert np.isfinite(data).all() and abs(float(data.mean())) < 0.5
         properties = store.load_properties(folder, case.case_id)
         np.testing.assert_array_equal(_back_to_original(seg, properties, plans, 3), read_case_label(case))
+
+
+def test_foreground_locations_follow_nnunets_count_rule_and_are_reproducible():
+    """Up to 10,000 voxels per label but at least 1% of them, from RandomState(1234) over the labels in order."""
+    seg = np.zeros((40, 250, 250), np.int8)
+    seg[:, :, :200] = 1           # 2,000,000 voxels: 1% = 20,000 kept
+    seg[:10, :, 200:] = 2         # 125,000 voxels: 10,000 kept
+    seg[-1, -1, -30:] = 3         # 30 voxels: all kept
+    seg[20:, :5, 200:] = -1       # outside the non-zero mask: never a location
+    locations = preprocess_module.sample_class_locations(seg)
+    assert {k: len(v) for k, v in locations.items()} == {"1": 20_000, "2": 10_000, "3": 30}
+    for label, coords in locations.items():
+        coords = np.asarray(coords)
+        assert len(np.unique(coords, axis=0)) == len(coords)  # drawn without replacement
+        assert (seg[tuple(coords.T)] == int(label)).all()
+    assert preprocess_module.sample_class_locations(seg) == locations
+
+    # the draw written out as nnU-Net's preprocessor makes it (coordinates in C order, one generator)
+    rng = np.random.RandomState(1234)
+    expected = {}
+    for label in (1, 2, 3):
+        coords = np.argwhere(seg == label)
+        count = max(min(10_000, len(coords)), int(np.ceil(len(coords) * 0.01)))
+        expected[str(label)] = coords[rng.choice(len(coords), count, replace=False)].tolist()
+    assert locations == expected

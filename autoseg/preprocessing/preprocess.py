@@ -24,9 +24,15 @@ from autoseg.workspace import preprocessed_dir
 
 log = logging.getLogger(__name__)
 
-LOCATIONS_PER_LABEL = 2000  # voxel coordinates kept per label for foreground oversampling
-PREPROCESSING_VERSION = 3  # 2: -1 outside the non-zero mask, per-case separate axis, int16 seg for large label ids;
-# 3: cubic resampling clipped to the input range, label ties to the nearest neighbour (both as nnU-Net v2)
+# Voxel coordinates kept per label for foreground oversampling, as nnU-Net v2: up to 10,000, and at
+# least 1% of the label's voxels, drawn with its seed from at most ~1e7 non-zero voxels.
+LOCATIONS_PER_LABEL = 10_000
+LOCATIONS_MIN_FRACTION = 0.01
+LOCATIONS_SEED = 1234
+LOCATIONS_MAX_CANDIDATES = 10_000_000
+PREPROCESSING_VERSION = 4  # 2: -1 outside the non-zero mask, per-case separate axis, int16 seg for large label ids;
+# 3: cubic resampling clipped to the input range, label ties to the nearest neighbour (both as nnU-Net v2);
+# 4: foreground locations sampled as nnU-Net v2 (count, seed)
 
 
 class PreprocessingError(AutosegError):
@@ -119,21 +125,33 @@ def preprocess_case(image: np.ndarray, label: np.ndarray | None, geometry: Geome
         seg = mark_outside_mask(seg, mask).transpose(*transpose)
         seg = resample_label(seg, shape, r.label_order, axis, r.thick_axis_order)
         seg = np.ascontiguousarray(seg)[None].astype(dtype)
-        locations = _sample_class_locations(seg[0], seed=int(np.prod(shape)) % (2 ** 31))
+        locations = sample_class_locations(seg[0])
         properties = replace(properties, class_locations=locations)
     return image, seg, properties
 
 
-def _sample_class_locations(seg: np.ndarray, seed: int) -> dict[str, list[list[int]]]:
-    rng = np.random.default_rng(seed)
+def sample_class_locations(seg: np.ndarray) -> dict[str, list[list[int]]]:
+    """Stored voxels per foreground label of a (Z, Y, X) seg, the same voxels in the same order as nnU-Net v2.
+
+    Labels are visited in ascending order, all drawing from one `RandomState(1234)`; each keeps
+    min(10,000, its voxel count) but at least 1% of its voxels. Like nnU-Net, above 1e7 non-zero
+    voxels (-1 included) every k-th of them is a candidate. Labels absent from the seg are left out.
+    """
+    rng = np.random.RandomState(LOCATIONS_SEED)
+    nonzero = int(np.count_nonzero(seg))
+    if nonzero > LOCATIONS_MAX_CANDIDATES:
+        coords = np.argwhere(seg != 0)[::nonzero // LOCATIONS_MAX_CANDIDATES]
+    else:
+        coords = np.argwhere(seg > 0)  # the same order as nnU-Net's seg != 0 list, without the -1 voxels
+    values = seg[tuple(coords.T)]
     locations = {}
-    for value in np.unique(seg):
+    for value in np.unique(values):
         if value <= 0:
             continue
-        coords = np.argwhere(seg == value)
-        if len(coords) > LOCATIONS_PER_LABEL:
-            coords = coords[rng.choice(len(coords), LOCATIONS_PER_LABEL, replace=False)]
-        locations[str(int(value))] = coords.tolist()
+        label_coords = coords[values == value]
+        count = max(min(LOCATIONS_PER_LABEL, len(label_coords)),
+                    int(np.ceil(len(label_coords) * LOCATIONS_MIN_FRACTION)))
+        locations[str(int(value))] = label_coords[rng.choice(len(label_coords), count, replace=False)].tolist()
     return locations
 
 

@@ -101,7 +101,7 @@ def save_case(folder: Path, case_id: str, data: np.ndarray, seg: np.ndarray | No
         save_array(seg_path, seg, patch_size)
     else:
         seg_path.unlink(missing_ok=True)
-    write_json(props_path, {"format_version": FORMAT_VERSION, **properties.to_json()})
+    write_json(props_path, {"format_version": FORMAT_VERSION, **properties.to_json()}, compact=True)
 
 
 def open_case_arrays(folder: Path, case_id: str) -> tuple[CaseArray, CaseArray]:

@@ -16,11 +16,11 @@ Probabilities are per sample unless stated:
    sigma 9-13, p 0.2); cubic interpolation for images with 0 outside, nearest for labels with -1
    outside. Slab patches are transformed slice by slice (axis 0 untouched).
 2. Gaussian noise, variance in [0, 0.1], p 0.1.
-3. Gaussian blur, sigma in [0.5, 1], p 0.2, each channel with p 0.5 and its own sigma.
+3. Gaussian blur, sigma in [0.5, 1] drawn per axis, p 0.2, each channel with p 0.5 and its own sigmas.
 4. Multiplicative brightness in [0.75, 1.25], p 0.15.
 5. Contrast in [0.75, 1.25] (value range preserved), p 0.15.
-6. Simulated low resolution: nearest downsampling by 0.5-1 and cubic upsampling, p 0.25, each
-   channel with p 0.5 (slabs: axis 0 kept).
+6. Simulated low resolution: nearest downsampling by 0.5-1 (one factor for all axes) and linear
+   upsampling, p 0.25, each channel with p 0.5 (slabs: axis 0 kept).
 7. Gamma in [0.7, 1.5] on the inverted image, p 0.1; then gamma in [0.7, 1.5], p 0.3 (mean and
    standard deviation retained).
 8. Mirroring along each of `mirror_axes` with p 0.5.
@@ -239,13 +239,13 @@ def training_transforms(
         [_FoldAxis0IntoChannels(), spatial, _UnfoldAxis0FromChannels()] if in_plane_only else [spatial])
     transforms += [
         GaussianNoiseTransform(noise_variance=(0.0, 0.1), p_per_sample=0.1),
-        GaussianBlurTransform(blur_sigma=(0.5, 1.0), different_sigma_per_channel=True, p_per_channel=0.5,
-                              p_per_sample=0.2),
+        GaussianBlurTransform(blur_sigma=(0.5, 1.0), different_sigma_per_channel=True, different_sigma_per_axis=True,
+                              p_isotropic=0.0, p_per_channel=0.5, p_per_sample=0.2),
         BrightnessMultiplicativeTransform(multiplier_range=(0.75, 1.25), per_channel=True, p_per_sample=0.15),
         ContrastAugmentationTransform(contrast_range=(0.75, 1.25), preserve_range=True, per_channel=True,
                                       p_per_sample=0.15),
         SimulateLowResolutionTransform(zoom_range=(0.5, 1.0), per_channel=True, p_per_channel=0.5,
-                                       order_downsample=0, order_upsample=3, p_per_sample=0.25,
+                                       order_downsample=0, order_upsample=1, p_per_sample=0.25,
                                        ignore_axes=(0,) if in_plane_only else None),
         GammaTransform(gamma_range=(0.7, 1.5), invert_image=True, per_channel=True, retain_stats=True,
                        p_per_sample=0.1),

@@ -1,15 +1,17 @@
 """Where to take training patches: open preprocessed cases lazily and sample patch boxes.
 
-Placement rule (per spatial axis, volume size `s`, read patch `p`, final patch `f` <= `p` that the
-augmentation centre-crops; `f` defaults to `p`): the patch centre `c = lower + p // 2` is drawn
-uniformly from `[min(a, b), max(a, b)]` with `a = f // 2` and `b = s - f + f // 2`. So when the
-volume is at least as large as the final patch, the final patch lies fully inside the volume (only
-the enlargement margin `(p - f) / 2` may be padding); when the volume is smaller, the whole volume
-lies inside the final patch and the rest is padding: image 0 and label -1 (as outside the non-zero
-mask; the augmentation turns -1 into background).
+Placement rule, nnU-Net v2's (its data loader's `get_bbox`), per spatial axis with volume size `s`,
+read patch `p` and final patch `f` <= `p` that the augmentation centre-crops (`f` defaults to `p`):
+the padding allowed is `n = p - f`, raised to `p - s` when the volume is smaller than the final
+patch; the patch's lower corner is drawn uniformly from `[-ceil(n / 2), s - p + ceil(n / 2)]`. So a
+volume at least as large as the final patch keeps the final patch inside it (only the enlargement
+margin may be padding), and a smaller volume is centred in the patch (one position, two when the
+difference is odd). Padding is image 0 and label -1 (as outside the non-zero mask; the
+augmentation turns -1 into background).
 
-Foreground oversampling: the patch is centred on a stored voxel of the chosen label, then the
-centre is clipped to the same range, which keeps that voxel inside the final patch.
+Foreground oversampling: the patch is centred on a stored voxel of the chosen label (lower corner
+`voxel - p // 2`), raised to the lowest allowed corner where that lies below it and never lowered,
+so a voxel at the upper border stays centred and the padding beyond the volume grows instead.
 """
 
 from __future__ import annotations
@@ -69,9 +71,11 @@ def choose_foreground_label(class_locations: Mapping[int, np.ndarray], rng: np.r
     return present[rng.integers(len(present))]
 
 
-def _centre_range(size: int, final: int) -> tuple[int, int]:
-    a, b = final // 2, size - final + final // 2
-    return min(a, b), max(a, b)
+def lower_corner_range(size: int, patch: int, final: int) -> tuple[int, int]:
+    """Lowest and highest lower corner of a read patch on one axis (both inclusive); see the module docstring."""
+    pad = max(patch - final, patch - size)
+    half_up = (pad + 1) // 2
+    return -half_up, size - patch + half_up
 
 
 def sample_patch_box(
@@ -114,10 +118,10 @@ def sample_patch_box(
         in_plane_shape = shape[1:]
         voxel = voxel[1:] if voxel is not None else None
     for axis, (s, p, f) in enumerate(zip(in_plane_shape, patch, final)):
-        lo, hi = _centre_range(s, f)
-        centre = int(np.clip(voxel[axis], lo, hi)) if voxel is not None else int(rng.integers(lo, hi + 1))
-        lower.append(centre - p // 2)
-        upper.append(centre - p // 2 + p)
+        lo, hi = lower_corner_range(s, p, f)
+        corner = max(lo, voxel[axis] - p // 2) if voxel is not None else int(rng.integers(lo, hi + 1))
+        lower.append(corner)
+        upper.append(corner + p)
     return lower, upper
 
 
