@@ -14,6 +14,7 @@ from autoseg import __version__
 log = logging.getLogger("autoseg")
 
 PLAN_STEPS = ("verify", "fingerprint", "plan", "preprocess")  # as autoseg.plan_workspace.PLAN_STEPS
+PLAN_PRESETS = ("default", "resenc-m", "resenc-l", "resenc-xl")  # as autoseg.planning.presets.PRESETS
 CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres")  # as autoseg.planning.plans.CONFIGURATIONS
 
 
@@ -49,7 +50,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     try:
         outcome = plan_workspace(args.dataset, args.output, steps=args.steps or PLAN_STEPS,
-                                 configurations=args.configs, memory_gb=args.memory_gb, workers=args.workers)
+                                 configurations=args.configs, memory_gb=args.memory_gb, workers=args.workers,
+                                 preset=args.preset)
     except PlanWorkspaceError as exc:
         if exc.verification is not None:
             print(exc.verification.summary())  # every problem, then the one-line error
@@ -269,9 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "3d_lowres)")
     p.add_argument("--steps", nargs="+", choices=PLAN_STEPS, metavar="STEP",
                    help="run only these steps (default: verify fingerprint plan preprocess)")
-    p.add_argument("--memory-gb", type=float, default=8.0,
-                   help="accelerator memory budget per training step used to size patch and batch (default: "
-                        "%(default)s)")
+    p.add_argument("--preset", choices=PLAN_PRESETS, default="default",
+                   help="network and memory model: default (nnU-Net's plain U-Net) or the residual-encoder presets "
+                        "resenc-m, resenc-l, resenc-xl (nnU-Net's ResEnc M/L/XL, which it recommends trying first; "
+                        "GPU memory targets 8, 24, 40 GB). Default: %(default)s")
+    p.add_argument("--memory-gb", type=float, default=None,
+                   help="accelerator memory budget per training step used to size patch and batch (default: the "
+                        "preset's target, 8 GB for default)")
     p.add_argument("--explain", action="store_true", help="print every planning decision with its reason")
     p.set_defaults(func=cmd_plan)
 

@@ -18,8 +18,8 @@ from autoseg.dataset.layout import Dataset, load_dataset
 from autoseg.dataset.verify import VerifyReport, verify_dataset
 from autoseg.errors import AutosegError
 from autoseg.fingerprint import compute_fingerprint, load_fingerprint, save_fingerprint
-from autoseg.planning.planner import DEFAULT_MEMORY_BUDGET_GB, plan_experiment
-from autoseg.planning.plans import Plans
+from autoseg.planning.planner import plan_experiment
+from autoseg.planning.plans import PlanError, Plans
 from autoseg.preprocessing.preprocess import preprocess_dataset
 
 log = logging.getLogger(__name__)
@@ -46,12 +46,29 @@ class PlanOutcome:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
+def _refuse_replanning_trained_models(workdir: Path, preset: str) -> None:
+    """Plans of another preset would orphan the models trained under the current ones: each preset has its
+    own workspace (the default and ResEnc networks never share a models/ folder or a plans.json)."""
+    path = workspace.plans_json(workdir)
+    if not path.is_file():
+        return
+    try:
+        current = Plans.load(path).preset
+    except PlanError:
+        return  # unreadable plans are replaced
+    trained = sorted({p.parent.parent.name for p in (workdir / "models").glob("*/fold_*/checkpoint_*.pt")})
+    if current != preset and trained:
+        raise PlanWorkspaceError(f"{workdir} holds models trained under the {current} preset ({', '.join(trained)}); "
+                                 f"plan the {preset} preset into a workspace of its own (-o ANOTHER_FOLDER)")
+
+
 def plan_workspace(dataset_dir: Path, workdir: Path, steps: Sequence[str] = PLAN_STEPS,
-                   configurations: Sequence[str] | None = None, memory_gb: float = DEFAULT_MEMORY_BUDGET_GB,
-                   workers: int = 1, progress: bool = True) -> PlanOutcome:
+                   configurations: Sequence[str] | None = None, memory_gb: float | None = None,
+                   workers: int = 1, progress: bool = True, preset: str = "default") -> PlanOutcome:
     """Run `steps` in order into `workdir` (created if missing). `configurations=None`: plan every
     configuration that applies and preprocess all planned ones. Raises PlanWorkspaceError when the
-    dataset has errors (listed in the outcome's verification and in `verify_report.json`)."""
+    dataset has errors (listed in the outcome's verification and in `verify_report.json`). `preset`
+    (autoseg/planning/presets.py) picks the network family; `memory_gb` defaults to its target."""
     unknown = [s for s in steps if s not in PLAN_STEPS]
     if unknown:
         raise PlanWorkspaceError(f"unknown step(s) {', '.join(unknown)}; choose from {', '.join(PLAN_STEPS)}")
@@ -78,8 +95,9 @@ def plan_workspace(dataset_dir: Path, workdir: Path, steps: Sequence[str] = PLAN
         fingerprint_path = workspace.fingerprint_json(workdir)
         if not fingerprint_path.is_file():
             raise PlanWorkspaceError(f"{fingerprint_path} not found; run the fingerprint step first")
+        _refuse_replanning_trained_models(workdir, preset)
         plans = plan_experiment(load_fingerprint(fingerprint_path), budget_gb=memory_gb,
-                                configurations=list(configurations) if configurations else None)
+                                configurations=list(configurations) if configurations else None, preset=preset)
         for name in configurations or ():
             if name not in plans.configurations:
                 log.warning("not planned: %s (%s)", name, plans.not_planned.get(name, "not requested"))

@@ -24,6 +24,9 @@ def main() -> None:
     parser.add_argument("datasets", nargs="+", help="dataset folder names, e.g. Dataset901_Task01BrainTumour")
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--budget-gb", type=float, default=8.0)
+    parser.add_argument("--planner", default="ExperimentPlanner",
+                        choices=["ExperimentPlanner", "nnUNetPlannerResEncM", "nnUNetPlannerResEncL",
+                                 "nnUNetPlannerResEncXL"])
     parser.add_argument("--real-weights", action="store_true",
                         help="build the networks it sizes with real weights (slow) instead of on torch's meta device")
     args = parser.parse_args()
@@ -34,7 +37,12 @@ def main() -> None:
         # The planner builds a network for every patch it tries, only to count its feature maps from
         # the shapes; on the meta device no weights are allocated or filled, and the counts are the same.
         torch.set_default_device("meta")
-    from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+    if args.planner == "ExperimentPlanner":
+        from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+        planner_class = ExperimentPlanner
+    else:
+        from nnunetv2.experiment_planning.experiment_planners.residual_unets import residual_encoder_unet_planners
+        planner_class = getattr(residual_encoder_unet_planners, args.planner)
     from nnunetv2.paths import nnUNet_preprocessed
     import_s = time.perf_counter() - t
 
@@ -44,7 +52,7 @@ def main() -> None:
         t = time.perf_counter()
         try:
             with contextlib.redirect_stdout(log):
-                planner = ExperimentPlanner(name, gpu_memory_target_in_gb=args.budget_gb)
+                planner = planner_class(name, gpu_memory_target_in_gb=args.budget_gb)
                 planner.plan_experiment()
             results[name] = {"seconds": time.perf_counter() - t,
                              "plans_file": str(Path(nnUNet_preprocessed) / name / f"{planner.plans_identifier}.json")}

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from autoseg.network.unet import Conv2d, Conv3d, kernel_exceeds_map
+from autoseg.network.layers import Conv2d, Conv3d, kernel_exceeds_map
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import machine  # noqa: E402

@@ -1,7 +1,7 @@
 """Plan parity: autoseg's planner against nnU-Net v2's ExperimentPlanner on the same fingerprints.
 
-    python benchmarks/bench_plans.py [--datasets NAME,...] [--json OUT]
-                                     [--nnunet-venv /work/bench/nnunet_venv/bin | --no-nnunet]
+    python benchmarks/bench_plans.py [--datasets NAME,...] [--preset default|resenc-m|resenc-l|resenc-xl]
+                                     [--json OUT] [--nnunet-venv /work/bench/nnunet_venv/bin | --no-nnunet]
 
 Each fingerprint is built in memory, without images, to look like a public dataset people train on
 (the ten Medical Segmentation Decathlon tasks, KiTS, ACDC, BraTS, the left-atrium LGE challenge, a
@@ -12,6 +12,9 @@ cases as a `dataset_fingerprint.json` and a `dataset.json` (with empty image fil
 cases) in a temporary nnUNet_raw/nnUNet_preprocessed, and `_nnunet_plan.py`, run by nnU-Net's own
 Python, plans them all with its default `ExperimentPlanner` at 8 GB. The script prints both plans
 side by side per dataset, the fields that differ, and how many datasets got identical plans.
+`--preset resenc-m` (or -l, -xl) compares autoseg's ResEnc preset with nnU-Net's
+`nnUNetPlannerResEncM` (L, XL), each at the preset's memory target (8, 24, 40 GB), including the
+residual blocks per stage and the decoder's convs.
 Only the planners run: well under a second per dataset for autoseg, a few seconds for nnU-Net
 (which sizes its candidate networks on torch's meta device; --nnunet-real-weights to not).
 """
@@ -39,7 +42,9 @@ from autoseg.fingerprint import CaseFingerprint, Fingerprint, IntensityStats, ch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _machine  # noqa: E402
 
-BUDGET_GB = 8.0
+NNUNET_PLANNERS = {"default": "ExperimentPlanner", "resenc-m": "nnUNetPlannerResEncM",
+                   "resenc-l": "nnUNetPlannerResEncL", "resenc-xl": "nnUNetPlannerResEncXL"}
+BUDGET_GB = 8.0  # the default preset's; the others plan at their own target
 DEFAULT_NNUNET_VENV = "/work/bench/nnunet_venv/bin"
 NNUNET_DRIVER = Path(__file__).resolve().parent / "_nnunet_plan.py"
 REPO = Path(__file__).resolve().parents[1]
@@ -276,7 +281,7 @@ def nnunet_python(venv_bin: str) -> tuple[Path | None, str]:
 
 
 def plan_with_nnunet(python: Path, fingerprints: list[tuple[DatasetSpec, Fingerprint]], workdir: Path,
-                     real_weights: bool = False) -> dict:
+                     real_weights: bool = False, preset: str = "default", budget_gb: float = BUDGET_GB) -> dict:
     """Write nnU-Net's raw/preprocessed folders for every dataset, run its planner on all; return
     {"versions": ..., "import_s": ..., "datasets": {spec name: {"plans": ..., "seconds": ...} or {"error": ...}}}."""
     raw, preprocessed = workdir / "nnUNet_raw", workdir / "nnUNet_preprocessed"
@@ -299,7 +304,8 @@ def plan_with_nnunet(python: Path, fingerprints: list[tuple[DatasetSpec, Fingerp
            "nnUNet_results": str(workdir / "nnUNet_results"), "nnUNet_n_proc_DA": "1"}
     env.pop("VIRTUAL_ENV", None)
     out = workdir / "nnunet_plans.json"
-    cmd = [str(python), str(NNUNET_DRIVER), "--json", str(out), "--budget-gb", str(BUDGET_GB),
+    cmd = [str(python), str(NNUNET_DRIVER), "--json", str(out), "--budget-gb", str(budget_gb),
+           "--planner", NNUNET_PLANNERS[preset],
            *(["--real-weights"] if real_weights else []), *names]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if done.returncode != 0 or not out.is_file():
@@ -321,13 +327,15 @@ NNUNET_SCHEMES = {"CTNormalization": "ct", "ZScoreNormalization": "zscore", "NoN
                   "RescaleTo01Normalization": "rescale_to_0_1", "RGBTo01Normalization": "rgb_to_0_1"}
 
 
-def _configuration(spacing, median_shape, patch, batch, strides, kernels, features, batch_dice) -> dict:
+def _configuration(spacing, median_shape, patch, batch, strides, kernels, features, batch_dice,
+                   network="unet", encoder_blocks=(), decoder_convs=()) -> dict:
     strides = [list(s) for s in strides]
     return {"spacing": [float(s) for s in spacing], "median_shape": [int(round(m)) for m in median_shape],
             "patch_size": list(patch), "batch_size": batch, "n_stages": len(strides),
             "pool_per_axis": [sum(s[a] > 1 for s in strides) for a in range(len(patch))],
             "strides": strides, "kernel_sizes": [list(k) for k in kernels],
-            "features_per_stage": list(features), "batch_dice": batch_dice}
+            "features_per_stage": list(features), "batch_dice": batch_dice, "network": network,
+            "encoder_blocks": [int(n) for n in encoder_blocks], "decoder_convs": [int(n) for n in decoder_convs]}
 
 
 def summarize_autoseg(plans: dict) -> dict:
@@ -338,9 +346,16 @@ def summarize_autoseg(plans: dict) -> dict:
         if n["scheme"] == "ct":
             entry.update(clip=[float(x) for x in n["clip"]], mean=float(n["mean"]), std=float(n["std"]))
         norm.append(entry)
-    configs = {name: _configuration(c["spacing"], c["median_shape"], c["patch_size"], c["batch_size"], c["strides"],
-                                    c["kernel_sizes"], c["features_per_stage"], c.get("batch_dice"))
-               for name, c in plans["configurations"].items()}
+    configs = {}
+    for name, c in plans["configurations"].items():
+        stages = len(c["features_per_stage"])
+        residual = c.get("network") == "residual_encoder_unet"
+        decoder = c.get("n_conv_per_stage_decoder") or c["n_conv_per_stage"]
+        configs[name] = _configuration(c["spacing"], c["median_shape"], c["patch_size"], c["batch_size"], c["strides"],
+                                       c["kernel_sizes"], c["features_per_stage"], c.get("batch_dice"),
+                                       "ResidualEncoderUNet" if residual else "PlainConvUNet",
+                                       c["residual_blocks"] if residual else [c["n_conv_per_stage"]] * stages,
+                                       [decoder] * (stages - 1))
     return {"configurations": configs, "transpose_forward": list(plans["transpose_forward"]), "normalization": norm,
             "default_configuration": plans.get("default_configuration"), "only_nnunet": []}
 
@@ -354,7 +369,9 @@ def summarize_nnunet(plans: dict) -> dict:
         arch = c["architecture"]["arch_kwargs"]
         configs[name] = _configuration(c["spacing"], c["median_image_size_in_voxels"], c["patch_size"], c["batch_size"],
                                        arch["strides"], arch["kernel_sizes"], arch["features_per_stage"],
-                                       c["batch_dice"])
+                                       c["batch_dice"], c["architecture"]["network_class_name"].rsplit(".", 1)[-1],
+                                       arch.get("n_blocks_per_stage") or arch.get("n_conv_per_stage"),
+                                       arch["n_conv_per_stage_decoder"])
     first = plans["configurations"]["3d_fullres" if "3d_fullres" in configs else "2d"]
     norm = []
     for i, (scheme, mask) in enumerate(zip(first["normalization_schemes"], first["use_mask_for_norm"])):
@@ -376,7 +393,7 @@ def _close(a, b, rtol: float = 1e-3) -> bool:
 
 
 CONFIG_FIELDS = ("spacing", "median_shape", "patch_size", "batch_size", "n_stages", "pool_per_axis", "strides",
-                 "kernel_sizes", "features_per_stage", "batch_dice")
+                 "kernel_sizes", "features_per_stage", "batch_dice", "network", "encoder_blocks", "decoder_convs")
 
 
 def differences(ours: dict, theirs: dict, intensity_rtol: float = 1e-3) -> list[str]:
@@ -505,11 +522,12 @@ def _main_config(summary: dict | None) -> str:
     return f"{name} {_show(c['patch_size'])} b{c['batch_size']}"
 
 
-def compare_dataset(spec: DatasetSpec, fp: Fingerprint, nnunet_result: dict | None, plan_experiment) -> dict:
+def compare_dataset(spec: DatasetSpec, fp: Fingerprint, nnunet_result: dict | None, plan_experiment,
+                    preset: str = "default", budget_gb: float = BUDGET_GB) -> dict:
     """Plan `fp` with autoseg (timed) and set it against nnU-Net's result for it (None: not run)."""
     t = time.perf_counter()
     try:
-        plans = plan_experiment(fp, budget_gb=BUDGET_GB).to_json()  # as plans.json holds it
+        plans = plan_experiment(fp, budget_gb=budget_gb, preset=preset).to_json()  # as plans.json holds it
         ours, error = summarize_autoseg(plans), None
     except Exception as exc:  # a planner crash is a result too: show it and go on
         plans, ours, error = None, None, f"{type(exc).__name__}: {exc}"
@@ -568,6 +586,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nnunet-real-weights", action="store_true",
                         help="let nnU-Net build the networks it sizes with real weights (same plans, minutes slower)")
     parser.add_argument("--seed", type=int, default=0, help="changes every case's drawn spacing and shape")
+    parser.add_argument("--preset", default="default", choices=sorted(NNUNET_PLANNERS),
+                        help="autoseg's planning preset, against the nnU-Net planner of the same name (default: "
+                             "default, nnU-Net's ExperimentPlanner)")
     parser.add_argument("--json", type=Path, help="write fingerprints, both plans and the differences here")
     args = parser.parse_args(argv)
     try:
@@ -579,10 +600,12 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from autoseg.planning.planner import plan_experiment
+    from autoseg.planning.presets import PRESETS
 
+    budget_gb = PRESETS[args.preset].memory_gb
     print(f"machine: {machine()}")
     print(f"autoseg {_version('autoseg')} ({autoseg_revision()}), numpy {np.__version__}, torch {torch.__version__}; "
-          f"memory budget {BUDGET_GB:g} GB")
+          f"preset {args.preset}, memory budget {budget_gb:g} GB")
     fingerprints = [(spec, make_fingerprint(spec, args.seed)) for spec in specs]
 
     nnunet, skipped = None, "--no-nnunet"
@@ -592,22 +615,23 @@ def main(argv: list[str] | None = None) -> int:
             with tempfile.TemporaryDirectory(prefix="bench_plans_") as tmp:
                 t = time.perf_counter()
                 try:
-                    nnunet = plan_with_nnunet(python, fingerprints, Path(tmp), args.nnunet_real_weights)
+                    nnunet = plan_with_nnunet(python, fingerprints, Path(tmp), args.nnunet_real_weights,
+                                              args.preset, budget_gb)
                 except BenchError as exc:
                     skipped = str(exc)
                 nnunet_wall = time.perf_counter() - t
     if nnunet is not None:
         v = nnunet["versions"]
         print(f"nnunetv2 {v['nnunetv2']} (torch {v['torch']}, dynamic_network_architectures "
-              f"{v['dynamic_network_architectures']}, Python {v['python']}), default ExperimentPlanner"
+              f"{v['dynamic_network_architectures']}, Python {v['python']}), {NNUNET_PLANNERS[args.preset]}"
               f"{' (real weights)' if nnunet['real_weights'] else ' (networks sized on the meta device)'}; "
               f"{nnunet_wall:.1f} s for all datasets, {nnunet['import_s']:.1f} s of it importing")
     else:
         print(f"nnU-Net side skipped: {skipped}")
     print()
 
-    records = [compare_dataset(spec, fp, nnunet["datasets"].get(spec.name) if nnunet else None, plan_experiment)
-               for spec, fp in fingerprints]
+    records = [compare_dataset(spec, fp, nnunet["datasets"].get(spec.name) if nnunet else None, plan_experiment,
+                               args.preset, budget_gb) for spec, fp in fingerprints]
     for record, (spec, fp) in zip(records, fingerprints):
         print_dataset(record, spec, fp)
     compared = [r for r in records if r["identical"] is not None]
@@ -622,7 +646,8 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps({
             "machine": machine(), "autoseg_version": _version("autoseg"), "autoseg_revision": autoseg_revision(),
             "torch": torch.__version__, "nnunet_versions": nnunet["versions"] if nnunet else None,
-            "nnunet_skipped": None if nnunet else skipped, "budget_gb": BUDGET_GB, "seed": args.seed,
+            "nnunet_skipped": None if nnunet else skipped, "budget_gb": budget_gb, "preset": args.preset,
+            "seed": args.seed,
             "identical": identical if compared else None, "compared": len(compared), "datasets": records,
         }, indent=1, default=float))
         print(f"wrote {args.json}")

@@ -4,7 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from autoseg.network.unet import kernel_exceeds_map
+from autoseg.network.layers import kernel_exceeds_map
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))

@@ -48,8 +48,12 @@ def _as_nnunet(ws: Path, out: Path) -> tuple[dict, Path]:
             "batch_size": c["batch_size"], "batch_dice": c["batch_dice"],
             "normalization_schemes": ["ZScoreNormalization" for _ in plans["normalization"]],
             "use_mask_for_norm": [n["use_nonzero_mask"] for n in plans["normalization"]],
-            "architecture": {"arch_kwargs": {"strides": c["strides"], "kernel_sizes": c["kernel_sizes"],
-                                             "features_per_stage": c["features_per_stage"]}}}
+            "architecture": {
+                "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+                "arch_kwargs": {"strides": c["strides"], "kernel_sizes": c["kernel_sizes"],
+                                "features_per_stage": c["features_per_stage"],
+                                "n_conv_per_stage": [2] * len(c["strides"]),
+                                "n_conv_per_stage_decoder": [2] * (len(c["strides"]) - 1)}}}
         shutil.copytree(ws / "preprocessed" / c["data_identifier"], out / f"nnUNetPlans_{name}",
                         ignore=shutil.ignore_patterns("*.json"))
     nnunet_plans = {"configurations": configurations, "transpose_forward": plans["transpose_forward"],

@@ -136,3 +136,31 @@ def test_preprocessed_data_is_redone_when_the_plan_changes(make_decathlon, tmp_p
     assert main(["plan", str(root), "-o", str(work), "--workers", "1", "--steps", "preprocess"]) == 0
     new_shape = store.load_properties(folder, "case_000").shape_after_resampling
     assert new_shape != old_shape and new_shape[0] == round(old_shape[0] / 2)
+
+
+def test_resenc_preset_plans_a_residual_encoder_and_keeps_default_data_folders(make_decathlon, tmp_path, capsys):
+    root = make_decathlon()
+    assert _plan(root, tmp_path / "default", "--steps", "fingerprint", "plan") == 0
+    assert _plan(root, tmp_path / "resenc", "--steps", "fingerprint", "plan", "--preset", "resenc-l", "--explain") == 0
+    out = capsys.readouterr().out
+    assert "resenc-l" in out and "residual_blocks" in out
+    default, resenc = read_json(tmp_path / "default" / "plans.json"), read_json(tmp_path / "resenc" / "plans.json")
+    assert "preset" not in default and resenc["preset"] == "resenc-l" and resenc["memory_budget_gb"] == 24
+    for name, config in resenc["configurations"].items():
+        stages = len(config["features_per_stage"])
+        assert config["network"] == "residual_encoder_unet" and config["n_conv_per_stage_decoder"] == 1
+        assert config["residual_blocks"] == [1, 3, 4, 6, 6, 6][:stages]
+        assert config["data_identifier"] == default["configurations"][name]["data_identifier"] == name
+        assert "network" not in default["configurations"][name]
+
+
+def test_planning_another_preset_over_trained_models_is_refused(make_decathlon, tmp_path, capsys):
+    root, workdir = make_decathlon(), tmp_path / "ws"
+    assert _plan(root, workdir, "--steps", "fingerprint", "plan") == 0
+    fold = workdir / "models" / "3d_fullres" / "fold_0"
+    fold.mkdir(parents=True)
+    (fold / "checkpoint_final.pt").write_bytes(b"")
+    assert _plan(root, workdir, "--steps", "plan", "--preset", "resenc-m") == 2
+    assert "trained under the default preset (3d_fullres)" in capsys.readouterr().err
+    assert "preset" not in read_json(workdir / "plans.json")
+    assert _plan(root, workdir, "--steps", "plan") == 0  # the same preset again is fine

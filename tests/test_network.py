@@ -265,3 +265,123 @@ def test_prediction_takes_the_low_memory_forward_for_large_windows_only():
     assert large.keywords["chunk_bytes"] == CHUNK_BYTES
     assert inference_forward(network, (112, 160, 128), "cuda").keywords["chunk_bytes"] is None
     assert 32 * 112 * 160 * 128 * 4 > LARGE_MAP_BYTES > 32 * 40 * 56 * 40 * 4
+
+
+# ---------------------------------------------------------------------------------------------
+# The residual encoder U-Net of the ResEnc presets against dynamic-network-architectures' own
+
+
+def _resenc_topology(ndim: int) -> UNetTopology:
+    if ndim == 3:
+        return UNetTopology(in_channels=2, num_classes=3, features_per_stage=(8, 16, 32, 32),
+                            kernel_sizes=((1, 3, 3), (3, 3, 3), (3, 3, 3), (3, 3, 3)),
+                            strides=((1, 1, 1), (1, 2, 2), (2, 2, 2), (2, 2, 2)),
+                            residual_blocks=(1, 3, 4, 2), n_conv_per_stage_decoder=1)
+    return UNetTopology(in_channels=1, num_classes=2, features_per_stage=(8, 16, 32, 64, 64),
+                        kernel_sizes=((3, 3),) * 5, strides=((1, 1),) + ((2, 2),) * 4,
+                        residual_blocks=(1, 3, 4, 6, 6), n_conv_per_stage_decoder=1)
+
+
+def _reference_resenc(t: UNetTopology):
+    """dynamic-network-architectures' ResidualEncoderUNet with the arguments nnunetv2's ResEnc planners write."""
+    dna_unet = pytest.importorskip("dynamic_network_architectures.architectures.unet")
+    conv, norm = (nn.Conv3d, nn.InstanceNorm3d) if t.ndim == 3 else (nn.Conv2d, nn.InstanceNorm2d)
+    n = len(t.features_per_stage)
+    network = dna_unet.ResidualEncoderUNet(
+        t.in_channels, n, list(t.features_per_stage), conv, [list(k) for k in t.kernel_sizes],
+        [list(s) for s in t.strides], list(t.residual_blocks), t.num_classes, [t.decoder_convs] * (n - 1),
+        conv_bias=True, norm_op=norm, norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=nn.LeakyReLU,
+        nonlin_kwargs={"inplace": True}, deep_supervision=True)
+    network.apply(network.initialize)
+    return network
+
+
+def _their_weights_as_ours(state: dict, stages: int, pooled_first_blocks: set[int]) -> dict:
+    """Rename the reference's weights to autoseg's; drop its conv biases, which InstanceNorm cancels."""
+    import re
+
+    ours = {}
+    for key, value in state.items():
+        if "all_modules" in key or key.startswith("decoder.encoder."):  # the same tensors again, other names
+            continue
+        new = key.replace("convs.0.conv.", "0.").replace("convs.0.norm.", "1.")
+        new = re.sub(r"^encoder\.stem\.", "encoder.stem.", new)
+        new = re.sub(r"\.blocks\.(\d+)\.", r".\1.", new)
+        new = re.sub(r"\.(conv1|conv2)\.conv\.", r".\1.0.", new)
+        new = re.sub(r"\.(conv1|conv2)\.norm\.", r".\1.1.", new)
+        match = re.match(r"encoder\.stages\.(\d+)\.0\.skip\.(\d)\.(conv|norm)\.(.*)", new)
+        if match:
+            stage, _, part, name = match.groups()
+            offset = 1 if int(stage) in pooled_first_blocks else 0
+            new = f"encoder.stages.{stage}.0.skip.{offset + (part == 'norm')}.{name}"
+        match = re.match(r"decoder\.(transpconvs|seg_layers)\.(\d+)\.(.*)", new)
+        if match:
+            kind, index, name = match.groups()
+            new = f"decoder.{'upsample' if kind == 'transpconvs' else 'heads'}.{stages - 2 - int(index)}.{name}"
+        match = re.match(r"decoder\.stages\.(\d+)\.convs\.(\d+)\.(conv|norm)\.(.*)", key)
+        if match:
+            index, conv, part, name = match.groups()
+            new = f"decoder.stages.{stages - 2 - int(index)}.{conv}.{0 if part == 'conv' else 1}.{name}"
+        is_conv_bias = new.endswith(".bias") and re.search(r"(stem\.0|conv[12]\.0|stages\.\d+\.\d+\.0)\.bias$", new)
+        if is_conv_bias and not new.startswith("decoder.upsample") and not new.startswith("decoder.heads"):
+            continue
+        ours[new] = value
+    return ours
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_residual_encoder_unet_computes_what_dynamic_network_architectures_computes(ndim):
+    torch.manual_seed(0)
+    t = _resenc_topology(ndim)
+    reference = _reference_resenc(t)
+    with torch.no_grad():  # every weight random, the norms before each sum too (0 at initialization)
+        for name, p in reference.named_parameters():
+            p.copy_(torch.randn_like(p) * (0.1 if name.endswith("bias") else 1.0))
+    ours = build_unet(t, deep_supervision=True)
+    pooled = {s for s, stride in enumerate(t.strides) if any(v != 1 for v in stride)}
+    missing, unexpected = ours.load_state_dict(
+        _their_weights_as_ours(reference.state_dict(), len(t.features_per_stage), pooled), strict=False)
+    assert not missing and not unexpected
+    x = torch.randn(2, t.in_channels, *([8, 32, 32] if ndim == 3 else [48, 32]))
+    reference.eval(), ours.eval()
+    with torch.no_grad():
+        theirs_out, ours_out = reference(x), ours(x)
+    assert len(theirs_out) == len(ours_out) == len(t.features_per_stage) - 1
+    for a, b in zip(theirs_out, ours_out):
+        assert a.shape == b.shape
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4 * float(a.abs().max()))
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+@pytest.mark.parametrize("deep_supervision", [False, True])
+def test_residual_feature_map_elements_is_nnunets_compute_conv_feature_map_size(ndim, deep_supervision):
+    t = _resenc_topology(ndim)
+    reference = _reference_resenc(t)
+    reference.decoder.deep_supervision = deep_supervision
+    patch = [16, 64, 48] if ndim == 3 else [96, 64]
+    ours = feature_map_elements(patch, t.features_per_stage, t.strides, t.num_classes,
+                                deep_supervision=deep_supervision, residual_blocks=t.residual_blocks,
+                                n_conv_per_stage_decoder=1)
+    assert ours == int(reference.compute_conv_feature_map_size(patch))
+
+
+def test_residual_blocks_start_as_their_skip_path():
+    """nnU-Net's initialization: the norm before each block's sum starts at 0, so a block adds nothing at first."""
+    network = build_unet(_resenc_topology(3))
+    blocks = [m for m in network.modules() if type(m).__name__ == "BasicBlock"]
+    assert len(blocks) == 1 + 3 + 4 + 2
+    assert all(b.conv2[1].weight.abs().sum() == 0 and b.conv2[1].bias.abs().sum() == 0 for b in blocks)
+
+
+@pytest.mark.parametrize("chunk_bytes", [2000, None])
+def test_low_memory_forward_of_a_residual_encoder_unet_gives_its_logits(chunk_bytes):
+    from autoseg.network.low_memory import low_memory_forward
+
+    torch.manual_seed(0)
+    network = build_unet(_resenc_topology(3), deep_supervision=False).eval()
+    for p in network.parameters():  # the norms before each sum random too, so the blocks do something
+        torch.nn.init.normal_(p, std=0.5)
+    x = torch.randn(1, 2, 8, 32, 32)
+    with torch.no_grad():
+        expected = network(x)
+    torch.testing.assert_close(low_memory_forward(network, x, chunk_bytes), expected, rtol=1e-4, atol=1e-4)

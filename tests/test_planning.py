@@ -8,7 +8,6 @@ import pytest
 
 from autoseg.fingerprint import CaseFingerprint, Fingerprint, IntensityStats, channel_kind
 from autoseg.planning.planner import (
-    MAX_DATASET_FRACTION_PER_BATCH,
     MIN_BATCH_SIZE,
     PlanError,
     estimate_memory_gb,
@@ -17,6 +16,7 @@ from autoseg.planning.planner import (
     plan_experiment,
 )
 from autoseg.planning.plans import Plans
+from autoseg.planning.presets import DEFAULT, PRESETS
 from autoseg.planning.spacing import choose_target_spacing, transpose_thick_axis_first
 from autoseg.planning.topology import plan_topology
 
@@ -152,7 +152,7 @@ def test_batch_never_covers_more_than_5_percent_of_the_dataset(n_cases):
     for name, config in plan_experiment(fingerprint).configurations.items():
         covered = config.batch_size * math.prod(config.patch_size)
         # nnU-Net rounds the 5% batch to the nearest integer, so allow half a patch over
-        limit = (MAX_DATASET_FRACTION_PER_BATCH * dataset_voxels + 0.5 * math.prod(config.patch_size))
+        limit = (PRESETS[DEFAULT].max_dataset_fraction_per_batch * dataset_voxels + 0.5 * math.prod(config.patch_size))
         assert config.batch_size == MIN_BATCH_SIZE or covered <= limit, name
 
 

@@ -273,14 +273,15 @@ class Predictor:
 
 # What must be as it was at training for a fold's weights to mean what they meant (preprocessing and network).
 _TRAINED_WITH = ("data_identifier", "spacing", "patch_size", "features_per_stage", "kernel_sizes", "strides",
-                 "n_conv_per_stage")
+                 "n_conv_per_stage", "network", "residual_blocks", "n_conv_per_stage_decoder")
+_PLAIN_NETWORK = {"network": "unet", "residual_blocks": [], "n_conv_per_stage_decoder": None}  # keys default plans omit
 
 
 def _check_trained_with_these_plans(path: Path, state: Checkpoint, plans: Plans, configuration: str) -> None:
     """Refuse a fold whose checkpoint records other plans than plans.json now holds (planned again after
     training, or a checkpoint copied from another workspace)."""
-    now = plans.configuration(configuration).to_json()
-    then = state.plans_configuration or {}
+    now = {**_PLAIN_NETWORK, **plans.configuration(configuration).to_json()}
+    then = {**_PLAIN_NETWORK, **state.plans_configuration} if state.plans_configuration else {}
     changed = [f"{key} was {then[key]}, now "
                f"{now[key]}" for key in _TRAINED_WITH if key in then and then[key] != now[key]]
     if state.labels is not None and {int(k): v for k, v in state.labels.items()} != plans.labels:

@@ -13,6 +13,8 @@ out-of-place InstanceNorm output: several copies of each full-resolution map of 
   never for the whole map;
 - InstanceNorm and LeakyReLU applied in place.
 
+A residual encoder (ResEnc presets) runs as in its forward; its decoder takes the path above.
+
 The arithmetic per output voxel is that of `UNet.forward` (same weights, same reduction over
 channels and kernel taps), so the logits agree to float32 rounding. Used by the predictor; training
 keeps `UNet.forward`, whose intermediate maps autograd needs anyway.
@@ -28,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autoseg.network.unet import UNet, float32_under_cpu_bf16
+from autoseg.network.layers import float32_under_cpu_bf16
+from autoseg.network.unet import UNet
 
 # Bytes of input one convolution call reads on the CPU: small beside a full-resolution map, large enough
 # that oneDNN still runs each call at full speed (measured in docs/prediction.md).
@@ -57,12 +60,15 @@ def low_memory_forward(network: UNet, x: torch.Tensor, chunk_bytes: int | None =
     `chunk_bytes=None` runs each convolution in one call (for GPUs, where small calls leave the device
     idle); the decoder still never holds the concatenation or the upsampled map whole."""
     network.check_input(x)
-    skips = []
-    for stage in network.encoder.stages:
-        for n, block in enumerate(stage):
-            # A stage's input is the previous stage's skip, kept for the decoder; later blocks' inputs are not.
-            x = _conv_block(block, [x], chunk_bytes, reuse=x if n else None)
-        skips.append(x)
+    if network.topology.residual:
+        skips = network.encoder(x)  # the residual encoder runs whole; the decoder below still saves its copies
+    else:
+        skips = []
+        for stage in network.encoder.stages:
+            for n, block in enumerate(stage):
+                # A stage's input is the previous stage's skip, kept for the decoder; later blocks' inputs are not.
+                x = _conv_block(block, [x], chunk_bytes, reuse=x if n else None)
+            skips.append(x)
     decoder = network.decoder
     x = skips.pop()
     for i in reversed(range(len(decoder.stages))):

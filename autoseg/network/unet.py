@@ -1,8 +1,8 @@
-"""A plain U-Net whose shape comes entirely from a plan's lists (features, kernel sizes, strides).
+"""The U-Net whose shape comes entirely from a plan's lists (features, kernel sizes, strides, blocks).
 
-The same code builds a 2D or a 3D network: the number of entries in each kernel size picks
-`Conv2d`/`Conv3d` (nn.ConvNd with a float32 rule for CPU bfloat16, below; and the matching
-transposed conv and norm) once, in `_layers_for`.
+The same code builds a 2D or a 3D network (`layers.layers_for` picks the layer types), with the
+plain encoder of nnU-Net's default plans or, when the topology lists `residual_blocks`, the
+residual encoder of its ResEnc presets (`residual_encoder.py`); the decoder is the same for both.
 """
 
 from __future__ import annotations
@@ -14,8 +14,12 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-_NORM_EPS = 1e-5
-_LEAKY_SLOPE = 0.01
+from autoseg.network.layers import LEAKY_SLOPE, ConvBlock, layers_for
+from autoseg.network.residual_encoder import (
+    ResidualEncoder,
+    encoder_feature_map_elements,
+    zero_last_norm_of_each_block,
+)
 
 
 @dataclass(frozen=True)
@@ -27,10 +31,13 @@ class UNetTopology:
     features_per_stage: tuple[int, ...]
     kernel_sizes: tuple[tuple[int, ...], ...]
     strides: tuple[tuple[int, ...], ...]  # first is all ones
-    n_conv_per_stage: int = 2
+    n_conv_per_stage: int = 2  # plain encoder: convs per stage; also the decoder's unless set below
+    residual_blocks: tuple[int, ...] = ()  # residual encoder: basic blocks per stage (empty: plain encoder)
+    n_conv_per_stage_decoder: int | None = None
 
     def __post_init__(self) -> None:
         # Accept lists (as read from JSON) but store tuples so the record stays hashable.
+        object.__setattr__(self, "residual_blocks", tuple(int(n) for n in self.residual_blocks))
         object.__setattr__(self, "features_per_stage", tuple(int(f) for f in self.features_per_stage))
         object.__setattr__(self, "kernel_sizes", tuple(tuple(int(k) for k in ks) for ks in self.kernel_sizes))
         object.__setattr__(self, "strides", tuple(tuple(int(s) for s in st) for st in self.strides))
@@ -38,7 +45,7 @@ class UNetTopology:
 
     @classmethod
     def from_plan(cls, configuration: Any, in_channels: int, num_classes: int) -> "UNetTopology":
-        """From a plan's `ConfigurationPlan` (its features_per_stage, kernel_sizes, strides, n_conv_per_stage)."""
+        """From a plan's `ConfigurationPlan` (features_per_stage, kernel_sizes, strides, convs and blocks)."""
         return cls(
             in_channels=in_channels,
             num_classes=num_classes,
@@ -46,7 +53,17 @@ class UNetTopology:
             kernel_sizes=configuration.kernel_sizes,
             strides=configuration.strides,
             n_conv_per_stage=configuration.n_conv_per_stage,
+            residual_blocks=configuration.residual_blocks,
+            n_conv_per_stage_decoder=configuration.n_conv_per_stage_decoder,
         )
+
+    @property
+    def residual(self) -> bool:
+        return bool(self.residual_blocks)
+
+    @property
+    def decoder_convs(self) -> int:
+        return self.n_conv_per_stage if self.n_conv_per_stage_decoder is None else self.n_conv_per_stage_decoder
 
     @property
     def ndim(self) -> int:
@@ -64,9 +81,13 @@ def _validate_topology(t: UNetTopology) -> None:
         raise ValueError(prefix + f"in_channels must be >= 1, got {t.in_channels}")
     if t.num_classes < 2:
         raise ValueError(prefix + f"num_classes counts background and must be >= 2, got {t.num_classes}")
-    if t.n_conv_per_stage < 1:
-        raise ValueError(prefix + f"n_conv_per_stage must be >= 1, got {t.n_conv_per_stage}")
+    if t.n_conv_per_stage < 1 or t.decoder_convs < 1:
+        raise ValueError(prefix + f"n_conv_per_stage must be >= 1, got {t.n_conv_per_stage} (decoder "
+                         f"{t.decoder_convs})")
     n = len(t.features_per_stage)
+    if t.residual_blocks and (len(t.residual_blocks) != n or min(t.residual_blocks) < 1):
+        raise ValueError(prefix + f"residual_blocks needs a positive count for each of the {n} stages, got "
+                         f"{list(t.residual_blocks)}")
     if n < 2:
         raise ValueError(prefix + f"a U-Net needs at least 2 stages, features_per_stage has {n}")
     if len(t.kernel_sizes) != n or len(t.strides) != n:
@@ -90,60 +111,6 @@ def _validate_topology(t: UNetTopology) -> None:
             raise ValueError(prefix + f"stage {i}: strides must be positive, got {list(st)}")
     if any(s != 1 for s in t.strides[0]):
         raise ValueError(prefix + f"the first stage's stride must be all ones, got {list(t.strides[0])}")
-
-
-def kernel_exceeds_map(spatial_shape: Sequence[int], kernel_size: Sequence[int]) -> bool:
-    """Whether some axis of a feature map is shorter than the kernel along it (a map of 2 under a 3)."""
-    return any(n < k for n, k in zip(spatial_shape, kernel_size))
-
-
-def float32_under_cpu_bf16(conv: nn.Module, x: torch.Tensor) -> bool:
-    """Whether `conv` must leave bfloat16 autocast: oneDNN's bf16 kernels break when the kernel exceeds the map.
-
-    With torch 2.13 and 2.14 on AVX-512 CPUs, a bf16 convolution whose kernel is longer than its input
-    along an axis (3x3x3 over a depth of 2, for one) gives outputs and gradients that change from call
-    to call, may be NaN, and can corrupt the heap or hang; float32 is right on the same shapes
-    (benchmarks/README.md, `bench_conv_bf16.py`). Plans from `autoseg plan` meet such maps only along a
-    thin patch axis (2-slice volumes: every convolution falls back); small hand-written plans also
-    at the bottom of the U-Net.
-    """
-    return (x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
-            and torch.get_autocast_dtype("cpu") == torch.bfloat16 and kernel_exceeds_map(x.shape[2:], conv.kernel_size))
-
-
-class _Float32WhereCpuBf16Fails:
-    """Mixin for nn.ConvNd: float32 for the convolutions that `float32_under_cpu_bf16` names, else as usual."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if float32_under_cpu_bf16(self, x):
-            with torch.autocast("cpu", enabled=False):
-                return super().forward(x.float())
-        return super().forward(x)
-
-
-class Conv2d(_Float32WhereCpuBf16Fails, nn.Conv2d):
-    pass
-
-
-class Conv3d(_Float32WhereCpuBf16Fails, nn.Conv3d):
-    pass
-
-
-def _layers_for(ndim: int) -> tuple[type[nn.Module], type[nn.Module], type[nn.Module]]:
-    if ndim == 2:
-        return Conv2d, nn.ConvTranspose2d, nn.InstanceNorm2d
-    return Conv3d, nn.ConvTranspose3d, nn.InstanceNorm3d
-
-
-class ConvBlock(nn.Sequential):
-    """conv -> InstanceNorm -> LeakyReLU; the conv has no bias since the norm removes it anyway."""
-
-    def __init__(self, conv: type, norm: type, c_in: int, c_out: int, kernel: Sequence[int], stride: Sequence[int]):
-        super().__init__(
-            conv(c_in, c_out, tuple(kernel), stride=tuple(stride), padding=tuple(k // 2 for k in kernel), bias=False),
-            norm(c_out, eps=_NORM_EPS, affine=True),
-            nn.LeakyReLU(_LEAKY_SLOPE, inplace=True),
-        )
 
 
 def _stage(conv: type, norm: type, c_in: int, c_out: int, kernel, stride, n_conv: int) -> nn.Sequential:
@@ -182,7 +149,7 @@ class Decoder(nn.Module):
             transposed(f[i + 1], f[i], t.strides[i + 1], stride=t.strides[i + 1], bias=True) for i in range(len(f) - 1)
         )
         self.stages = nn.ModuleList(
-            _stage(conv, norm, 2 * f[i], f[i], t.kernel_sizes[i], [1] * t.ndim, t.n_conv_per_stage)
+            _stage(conv, norm, 2 * f[i], f[i], t.kernel_sizes[i], [1] * t.ndim, t.decoder_convs)
             for i in range(len(f) - 1)
         )
         self.heads = nn.ModuleList(conv(f[i], t.num_classes, 1, bias=True) for i in range(len(f) - 1))
@@ -205,10 +172,12 @@ class UNet(nn.Module):
         super().__init__()
         self.topology = topology
         self.deep_supervision = deep_supervision
-        conv, transposed, norm = _layers_for(topology.ndim)
-        self.encoder = Encoder(topology, conv, norm)
+        conv, transposed, norm = layers_for(topology.ndim)
+        self.encoder = ResidualEncoder(topology, conv, norm) if topology.residual else Encoder(topology, conv, norm)
         self.decoder = Decoder(topology, conv, transposed, norm)
         self.apply(_init_weights)
+        if topology.residual:
+            self.apply(zero_last_norm_of_each_block)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor] | torch.Tensor:
         self.check_input(x)
@@ -231,7 +200,7 @@ class UNet(nn.Module):
 
 def _init_weights(module: nn.Module) -> None:
     if isinstance(module, (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
-        nn.init.kaiming_normal_(module.weight, a=_LEAKY_SLOPE)
+        nn.init.kaiming_normal_(module.weight, a=LEAKY_SLOPE)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
 
@@ -248,14 +217,18 @@ def feature_map_elements(
     num_classes: int,
     n_conv_per_stage: int = 2,
     deep_supervision: bool = False,
+    *,
+    residual_blocks: Sequence[int] = (),
+    n_conv_per_stage_decoder: int | None = None,
 ) -> int:
     """Output elements of every convolution of one sample: the planner's memory measure.
 
-    Counts what the convolutions write: each encoder and decoder conv, each transposed conv, and
-    the segmentation head (at full resolution only, unless `deep_supervision`), as nnU-Net v2
-    measures its networks when planning, so the planner's budget means the same patch sizes and
-    batches as nnU-Net's. Norm outputs, the skip concatenations and the input are not counted; the
-    calibration constants in the planner absorb them. Pure integer arithmetic, no modules are built.
+    Counts what the convolutions write: each encoder and decoder conv (a residual encoder's as
+    `residual_encoder.encoder_feature_map_elements` says), each transposed conv, and the
+    segmentation head (at full resolution only, unless `deep_supervision`), as nnU-Net v2 measures
+    its networks when planning, so the planner's budget means the same patches and batches as
+    nnU-Net's. Norm outputs, the skip concatenations and the input are not counted; the calibration
+    constants in the planner absorb them. Pure integer arithmetic, no modules are built.
     """
     n_stages = len(features_per_stage)
     if len(strides) != n_stages:
@@ -269,12 +242,14 @@ def feature_map_elements(
         shape = [n // s for n, s in zip(shape, stride)]
         voxels_per_stage.append(math.prod(shape))
 
-    total = 0
-    for f, v in zip(features_per_stage, voxels_per_stage):
-        total += n_conv_per_stage * f * v  # encoder convs
+    if residual_blocks:
+        total = encoder_feature_map_elements(voxels_per_stage, features_per_stage, strides, residual_blocks)
+    else:
+        total = sum(n_conv_per_stage * f * v for f, v in zip(features_per_stage, voxels_per_stage))
+    decoder_convs = n_conv_per_stage if n_conv_per_stage_decoder is None else n_conv_per_stage_decoder
     for level, (f, v) in enumerate(zip(features_per_stage[:-1], voxels_per_stage[:-1])):
         total += f * v  # transposed conv up to this resolution
-        total += n_conv_per_stage * f * v  # decoder convs
+        total += decoder_convs * f * v  # decoder convs
         if deep_supervision or level == 0:
             total += num_classes * v  # segmentation head
     return total

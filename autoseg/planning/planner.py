@@ -1,8 +1,9 @@
 """Turn a fingerprint into `plans.json`: one entry per configuration, each decision with its reason.
 
-The rules are nnU-Net v2's (its default ExperimentPlanner), so the same fingerprint gives the same
-configurations, patches, topologies and batch sizes; docs/planning.md lists every rule and the
-places where autoseg deliberately differs, with the measurement behind each.
+The rules are nnU-Net v2's (its default ExperimentPlanner, and its ResEnc planners under the
+`resenc-*` presets of `presets.py`), so the same fingerprint gives the same configurations, patches,
+topologies and batch sizes; docs/planning.md lists every rule and the places where autoseg
+deliberately differs, with the measurement behind each.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from autoseg.planning.plans import (
     Plans,
     ResamplingPlan,
 )
+from autoseg.planning.presets import DEFAULT, PRESETS, Preset
 from autoseg.planning.spacing import (
     ANISOTROPY_RATIO,
     choose_target_spacing,
@@ -31,14 +33,11 @@ from autoseg.planning.spacing import (
 )
 from autoseg.planning.topology import Topology, plan_topology
 
-DEFAULT_MEMORY_BUDGET_GB = 8.0
+DEFAULT_MEMORY_BUDGET_GB = PRESETS[DEFAULT].memory_gb
 # The memory model: a network's conv-output elements per sample (feature_map_elements) times the
 # batch size, against reference points known to fit the reference budget. These are nnU-Net v2's
-# calibration (a 3D U-Net writing 560 M elements per sample trains at batch 2 in 8 GB, a 2D one
-# writing 85 M at batch 12), so the same budget buys the same patches as there.
-REFERENCE_GB = 8.0
-REFERENCE_ELEMENTS_AND_BATCH = {3: (560e6, 2), 2: (85e6, 12)}
-MAX_DATASET_FRACTION_PER_BATCH = 0.05  # one batch sees at most 5% of the dataset's voxels
+# calibration per preset (default: a 3D U-Net writing 560 M elements per sample trains at batch 2 in
+# 8 GB, a 2D one writing 85 M at batch 12), so the same budget buys the same patches as there.
 MIN_BATCH_SIZE = 2
 BASE_FEATURES = 32
 MAX_FEATURES = {2: 512, 3: 320}
@@ -48,12 +47,16 @@ LOWRES_SPACING_STEP = 1.03    # ...coarsening the spacing 3% a step until a patc
 LOWRES_MIN_SHRINK = 2.0       # ...and drop it when it shrinks the median volume less than this
 
 
-def estimate_memory_gb(topology: Topology, batch_size: int, num_classes: int) -> float:
-    """Accelerator memory of one training step under the calibrated model (see REFERENCE_ELEMENTS_AND_BATCH)."""
+def estimate_memory_gb(topology: Topology, batch_size: int, num_classes: int,
+                       preset: Preset = PRESETS[DEFAULT]) -> float:
+    """Accelerator memory of one training step under the preset's calibrated model (its network, its reference)."""
     ndim = len(topology.patch_size)
-    elements = feature_map_elements(topology.patch_size, topology.features_per_stage, topology.strides, num_classes)
-    reference_elements, reference_batch = REFERENCE_ELEMENTS_AND_BATCH[ndim]
-    return elements * batch_size / (reference_elements * reference_batch) * REFERENCE_GB
+    stages = len(topology.features_per_stage)
+    elements = feature_map_elements(topology.patch_size, topology.features_per_stage, topology.strides, num_classes,
+                                     residual_blocks=preset.residual_blocks[:stages],
+                                     n_conv_per_stage_decoder=preset.n_conv_per_stage_decoder)
+    reference_elements, reference_batch = preset.reference[ndim]
+    return elements * batch_size / (reference_elements * reference_batch) * preset.reference_gb
 
 
 def _initial_patch(spacing: list[float], median_shape: list[float]) -> list[float]:
@@ -90,40 +93,48 @@ def _shrink_once(topology: Topology, spacing: list[float], median_shape: list[fl
 
 
 def plan_configuration(spacing: list[float], median_shape: list[float], approximate_dataset_voxels: float,
-                       num_classes: int, budget_gb: float, data_identifier: str) -> ConfigurationPlan:
+                       num_classes: int, budget_gb: float, data_identifier: str,
+                       preset: Preset = PRESETS[DEFAULT], name: str | None = None) -> ConfigurationPlan:
     """Patch, topology and batch for one configuration under the memory budget (nnU-Net v2's search)."""
     ndim = len(spacing)
     spacing = [float(s) for s in spacing]
     median_shape = [float(m) for m in median_shape]
     topology = _topology(_initial_patch(spacing, median_shape), spacing)
     initial = topology.patch_size
-    while estimate_memory_gb(topology, MIN_BATCH_SIZE, num_classes) > budget_gb:
+    fit_batch = preset.reference[ndim][1] if preset.shrink_until_reference_batch_fits else MIN_BATCH_SIZE
+    while estimate_memory_gb(topology, fit_batch, num_classes, preset) > budget_gb:
         smaller = _shrink_once(topology, spacing, median_shape)
         if smaller is None:
-            raise PlanError(f"even the smallest patch {list(topology.patch_size)} at batch {MIN_BATCH_SIZE} needs "
-                            f"{estimate_memory_gb(topology, MIN_BATCH_SIZE, num_classes):.1f} GB, more than the "
-                            f"{budget_gb:g} GB budget; raise --memory-gb")
+            raise PlanError(f"even the smallest patch {list(topology.patch_size)} at batch {fit_batch} needs "
+                            f"{estimate_memory_gb(topology, fit_batch, num_classes, preset):.1f} GB, more than "
+                            f"the {budget_gb:g} GB budget; raise --memory-gb")
         topology = smaller
-    batch_by_memory = round(budget_gb / estimate_memory_gb(topology, 1, num_classes))
-    batch_by_data = round(approximate_dataset_voxels * MAX_DATASET_FRACTION_PER_BATCH / math.prod(topology.patch_size))
+    batch_by_memory = round(budget_gb / estimate_memory_gb(topology, 1, num_classes, preset))
+    fraction = preset.max_dataset_fraction_per_batch
+    batch_by_data = round(approximate_dataset_voxels * fraction / math.prod(topology.patch_size))
     batch = max(min(batch_by_memory, batch_by_data), MIN_BATCH_SIZE)
+    stages = len(topology.features_per_stage)
     shrunk = topology.patch_size != initial
     clipped = any(p < m - 0.5 for p, m in zip(_initial_patch(spacing, [1e9] * ndim), median_shape))
     reasons = {
         "spacing": "",  # filled by the caller, which knows where the spacing came from
         "patch_size": ("shrunk, the axis covering most of its median extent first, until batch "
-                       f"{MIN_BATCH_SIZE} fits the {budget_gb:g} GB budget" if shrunk
+                       f"{fit_batch} fits the {budget_gb:g} GB budget" if shrunk
                        else "covers the median shape" + (" up to the initial maximum patch" if clipped else ""))
                       + f"; a multiple of the total stride {list(topology.total_stride)}",
         "topology": f"{topology.num_stages} stages: each stage pools every axis whose feature map keeps at least "
                     "8 voxels (12 when it is the only one) and that is under 2x coarser than the finest such axis",
         "kernel_sizes": "3 along an axis under 2x coarser than the finest axis, else 1 until pooling evens them; "
                         "3 everywhere at the bottleneck",
-        "batch_size": f"{batch}: memory allows {batch_by_memory}, 5% of the dataset's voxels allows {batch_by_data}"
-                      f" (minimum {MIN_BATCH_SIZE})",
+        "batch_size": f"{batch}: memory allows {batch_by_memory}, {fraction:.0%} of the dataset's voxels allows "
+                      f"{batch_by_data} (minimum {MIN_BATCH_SIZE})",
     }
+    if preset.residual:
+        reasons["network"] = (f"{preset.description}: residual blocks per encoder stage "
+                              f"{list(preset.residual_blocks[:stages])}, {preset.n_conv_per_stage_decoder} conv per "
+                              "decoder stage")
     return ConfigurationPlan(
-        name=data_identifier,
+        name=name or data_identifier,
         data_identifier=data_identifier,
         spacing=tuple(spacing),
         median_shape=tuple(int(round(m)) for m in median_shape),
@@ -134,14 +145,22 @@ def plan_configuration(spacing: list[float], median_shape: list[float], approxim
         kernel_sizes=tuple(tuple(k) for k in topology.kernel_sizes),
         strides=tuple(tuple(st) for st in topology.strides),
         n_conv_per_stage=2,
-        estimated_memory_gb=round(estimate_memory_gb(topology, batch, num_classes), 2),
+        estimated_memory_gb=round(estimate_memory_gb(topology, batch, num_classes, preset), 2),
         reasons=reasons,
+        residual_blocks=tuple(preset.residual_blocks[:stages]),
+        n_conv_per_stage_decoder=preset.n_conv_per_stage_decoder,
     )
 
 
-def plan_experiment(fingerprint: Fingerprint, budget_gb: float = DEFAULT_MEMORY_BUDGET_GB,
-                    configurations: list[str] | None = None) -> Plans:
-    """All configurations for a dataset: 2d always, 3d_fullres for 3D data, 3d_lowres where volumes are large."""
+def plan_experiment(fingerprint: Fingerprint, budget_gb: float | None = None,
+                    configurations: list[str] | None = None, preset: str = DEFAULT) -> Plans:
+    """All configurations for a dataset: 2d always, 3d_fullres for 3D data, 3d_lowres where volumes are large.
+
+    `preset` (see `presets.PRESETS`) picks the network and memory model; `budget_gb` defaults to its target."""
+    if preset not in PRESETS:
+        raise PlanError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    chosen = PRESETS[preset]
+    budget_gb = chosen.memory_gb if budget_gb is None else budget_gb
     if not fingerprint.cases:
         raise PlanError("the fingerprint holds no cases")
     wanted = set(configurations or CONFIGURATIONS)
@@ -168,8 +187,9 @@ def plan_experiment(fingerprint: Fingerprint, budget_gb: float = DEFAULT_MEMORY_
         for name in ("3d_fullres", "3d_lowres"):
             not_planned[name] = NOT_PLANNED_FOR_2D_DATA
     elif wanted & {"3d_fullres", "3d_lowres"}:
-        full = plan_configuration(list(sp), list(median_shape), dataset_voxels, num_classes, budget_gb, "3d_fullres")
-        lowres = _plan_lowres(sp, median_shape, full, num_cases, num_classes, budget_gb)
+        full = plan_configuration(list(sp), list(median_shape), dataset_voxels, num_classes, budget_gb,
+                                  chosen.data_identifier("3d_fullres"), chosen, "3d_fullres")
+        lowres = _plan_lowres(sp, median_shape, full, num_cases, num_classes, budget_gb, chosen)
         full = replace(full, batch_dice=lowres is not None, reasons={
             **full.reasons, "spacing": spacing_reason,
             "batch_dice": "batch Dice: with a 3d_lowres stage, a fullres patch is a small part of the case"
@@ -184,7 +204,8 @@ def plan_experiment(fingerprint: Fingerprint, budget_gb: float = DEFAULT_MEMORY_
         elif "3d_lowres" in wanted:
             configs["3d_lowres"] = lowres
     if "2d" in wanted:
-        c2 = plan_configuration(list(sp[1:]), list(median_shape[1:]), dataset_voxels, num_classes, budget_gb, "2d")
+        c2 = plan_configuration(list(sp[1:]), list(median_shape[1:]), dataset_voxels, num_classes, budget_gb,
+                                chosen.data_identifier("2d"), chosen, "2d")
         configs["2d"] = replace(c2, reasons={
             **c2.reasons, "spacing": "in-plane target spacing; each case keeps its own spacing across slices",
             "batch_dice": "batch Dice: a slice is a small part of a case"})
@@ -213,11 +234,12 @@ def plan_experiment(fingerprint: Fingerprint, budget_gb: float = DEFAULT_MEMORY_
         configurations=configs,
         reasons=reasons,
         not_planned=not_planned,
+        preset=preset,
     )
 
 
 def _plan_lowres(sp: np.ndarray, median_shape: np.ndarray, full: ConfigurationPlan, num_cases: int,
-                 num_classes: int, budget_gb: float) -> ConfigurationPlan | None:
+                 num_classes: int, budget_gb: float, preset: Preset) -> ConfigurationPlan | None:
     """Coarsen the spacing (the axes over 2x finer than the coarsest first) until a patch covers
     LOWRES_PATCH_FRACTION of the median volume; None when not needed or not worth it."""
     fullres_voxels = float(np.prod(median_shape))
@@ -234,7 +256,7 @@ def _plan_lowres(sp: np.ndarray, median_shape: np.ndarray, full: ConfigurationPl
         scaled = sp / spacing * median_shape
         median_voxels = float(np.prod(scaled))
         lowres = plan_configuration(list(spacing), [round(x) for x in scaled], median_voxels * num_cases,
-                                    num_classes, budget_gb, "3d_lowres")
+                                    num_classes, budget_gb, preset.data_identifier("3d_lowres"), preset, "3d_lowres")
         patch_voxels = float(np.prod(lowres.patch_size))
     if lowres is None or fullres_voxels / median_voxels < LOWRES_MIN_SHRINK:
         return None
@@ -248,7 +270,13 @@ def _plan_lowres(sp: np.ndarray, median_shape: np.ndarray, full: ConfigurationPl
 def explain_plans(plans: Plans) -> str:
     """The decisions as a plain-text table (what `autoseg plan --explain` prints)."""
     reasons = plans.reasons
-    rows = [("all", "default_configuration", str(plans.default_configuration),
+    preset = PRESETS.get(plans.preset)
+    rows = [("all", "preset", plans.preset,
+             (preset.description if preset else "") + ("" if plans.preset == DEFAULT else
+                                                        "; against the default: residual encoder, 1 conv per decoder "
+                                                        "stage, its own memory reference, no 5% cap on the batch, "
+                                                        "the patch sized for the reference batch")),
+            ("all", "default_configuration", str(plans.default_configuration),
              reasons.get("default_configuration", "")),
             ("all", "transpose_forward", str(list(plans.transpose_forward)), reasons.get("transpose_forward", "")),
             ("all", "resampling", f"image order {plans.resampling.image_order}", plans.resampling.reason)]
@@ -264,6 +292,7 @@ def explain_plans(plans: Plans) -> str:
             (name, "median_shape", _fmt(c.median_shape), "median cropped shape at this spacing"),
             (name, "patch_size", _fmt(c.patch_size), why("patch_size", "")),
             (name, "features_per_stage", _fmt(c.features_per_stage), "doubling from 32 per stage, capped"),
+            *([(name, "residual_blocks", _fmt(c.residual_blocks), why("network", ""))] if c.residual_blocks else []),
             (name, "strides", " ".join(_fmt(s) for s in c.strides), why("topology", "")),
             (name, "kernel_sizes", " ".join(_fmt(k) for k in c.kernel_sizes), why("kernel_sizes", "")),
             (name, "batch_size", str(c.batch_size), why("batch_size", "")),

@@ -88,10 +88,18 @@ class ConfigurationPlan:
     n_conv_per_stage: int = 2
     estimated_memory_gb: float | None = None
     reasons: dict[str, str] = field(default_factory=dict, compare=False)
+    # ResEnc presets: basic blocks per encoder stage (empty: the plain U-Net) and the decoder's convs per stage
+    residual_blocks: tuple[int, ...] = ()
+    n_conv_per_stage_decoder: int | None = None
 
     @property
     def ndim(self) -> int:
         return len(self.patch_size)
+
+    @property
+    def network(self) -> str:
+        """"residual_encoder_unet" (a ResEnc preset) or "unet" (nnU-Net's default plain U-Net)."""
+        return "residual_encoder_unet" if self.residual_blocks else "unet"
 
     @property
     def mirror_axes(self) -> tuple[int, ...]:
@@ -104,8 +112,11 @@ class ConfigurationPlan:
                 "batch_size": self.batch_size, "batch_dice": self.batch_dice,
                 "features_per_stage": list(self.features_per_stage),
                 "kernel_sizes": [list(k) for k in self.kernel_sizes], "strides": [list(s) for s in self.strides],
-                "n_conv_per_stage": self.n_conv_per_stage, "estimated_memory_gb": self.estimated_memory_gb,
-                "reasons": dict(self.reasons)}
+                "n_conv_per_stage": self.n_conv_per_stage,
+                # only in ResEnc plans, so default plans.json (and the hashes of its settings) stay as they were
+                **({"network": self.network, "residual_blocks": list(self.residual_blocks),
+                    "n_conv_per_stage_decoder": self.n_conv_per_stage_decoder} if self.residual_blocks else {}),
+                "estimated_memory_gb": self.estimated_memory_gb, "reasons": dict(self.reasons)}
 
 
 @dataclass(frozen=True)
@@ -125,6 +136,7 @@ class Plans:
     reasons: dict[str, str] = field(default_factory=dict, compare=False)
     not_planned: dict[str, str] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    preset: str = "default"  # the planning preset (autoseg/planning/presets.py): default, resenc-m, -l, -xl
 
     @property
     def num_channels(self) -> int:
@@ -194,6 +206,7 @@ class Plans:
             "transpose_forward": list(self.transpose_forward),
             "transpose_backward": list(self.transpose_backward),
             "memory_budget_gb": self.memory_budget_gb,
+            **({"preset": self.preset} if self.preset != "default" else {}),  # default plans.json as before
             "normalization": [n.to_json() for n in self.normalization],
             "resampling": self.resampling.to_json(),
             "reasons": dict(self.reasons),
@@ -336,7 +349,8 @@ def _read_plans(keys: _Keys) -> Plans:
                  default_configuration=default, transpose_forward=transpose, transpose_backward=backward,
                  memory_budget_gb=keys.number("memory_budget_gb", positive=True), normalization=normalization,
                  resampling=resampling, configurations=configurations, reasons=keys.texts("reasons"),
-                 not_planned=keys.texts("not_planned"), format_version=version)
+                 not_planned=keys.texts("not_planned"), format_version=version,
+                 preset=keys.text("preset", "default"))
 
 
 def _read_labels(keys: _Keys) -> dict[int, str]:
@@ -389,6 +403,20 @@ def _read_resampling(r: _Keys) -> ResamplingPlan:
                           reason=r.text("reason", ""))
 
 
+NETWORKS = ("unet", "residual_encoder_unet")
+
+
+def _read_network(c: _Keys, stages: int) -> dict:
+    """The residual encoder's keys of a ResEnc plan; a plan without "network" is the plain U-Net."""
+    network = c.text("network", "unet")
+    if network not in NETWORKS:
+        raise c.error("network", f"must be one of {', '.join(NETWORKS)}, got {network!r}")
+    if network == "unet":
+        return {}
+    return {"residual_blocks": c.numbers("residual_blocks", int, length=stages, positive=True),
+            "n_conv_per_stage_decoder": c.integer("n_conv_per_stage_decoder", minimum=1)}
+
+
 def _read_configuration(c: _Keys, name: str) -> ConfigurationPlan:
     patch = c.numbers("patch_size", int, positive=True)
     ndim = len(patch)
@@ -405,7 +433,8 @@ def _read_configuration(c: _Keys, name: str) -> ConfigurationPlan:
         features_per_stage=features, kernel_sizes=c.number_rows("kernel_sizes", ndim, len(features)),
         strides=c.number_rows("strides", ndim, len(features)),
         n_conv_per_stage=c.integer("n_conv_per_stage", 2, minimum=1),
-        estimated_memory_gb=c.number("estimated_memory_gb", None), reasons=c.texts("reasons"))
+        estimated_memory_gb=c.number("estimated_memory_gb", None), reasons=c.texts("reasons"),
+        **_read_network(c, len(features)))
     total = [1] * ndim
     for stride in config.strides:
         total = [t * s for t, s in zip(total, stride)]
