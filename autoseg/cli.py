@@ -48,10 +48,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from autoseg.plan_workspace import PlanWorkspaceError, plan_workspace
     from autoseg.planning.planner import explain_plans
 
+    if args.plans_from is not None and (args.preset != "default" or args.memory_gb is not None):
+        raise CommandError("--plans-from takes the source's plans as they are; leave out --preset and --memory-gb")
+    if args.plans_from is not None and not args.plans_from.exists():
+        raise CommandError(f"--plans-from {args.plans_from}: no such workspace or plans.json")
     try:
         outcome = plan_workspace(args.dataset, args.output, steps=args.steps or PLAN_STEPS,
                                  configurations=args.configs, memory_gb=args.memory_gb, workers=args.workers,
-                                 preset=args.preset)
+                                 preset=args.preset, plans_from=args.plans_from)
     except PlanWorkspaceError as exc:
         if exc.verification is not None:
             print(exc.verification.summary())  # every problem, then the one-line error
@@ -74,7 +78,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in {"epochs": args.epochs, "iters_per_epoch": args.iters_per_epoch,
                                    "val_iters": args.val_iters, "device": args.device, "workers": args.workers,
                                    "seed": args.seed, "checkpoint_every": args.checkpoint_every,
-                                   "batch_size": args.batch_size}.items() if v is not None}
+                                   "batch_size": args.batch_size,
+                                   "pretrained": None if args.pretrained is None else str(args.pretrained),
+                                   }.items() if v is not None}
     if args.no_validation:
         overrides["validate_at_end"] = False
     if args.save_probabilities is not None:
@@ -278,6 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-gb", type=float, default=None,
                    help="accelerator memory budget per training step used to size patch and batch (default: the "
                         "preset's target, 8 GB for default)")
+    p.add_argument("--plans-from", type=Path, metavar="SOURCE",
+                   help="instead of planning, take the plans of another workspace (its folder or plans.json), so "
+                        "its trained models can be fine-tuned here with `autoseg train --pretrained`; this "
+                        "dataset keeps its own labels and must have as many channels")
     p.add_argument("--explain", action="store_true", help="print every planning decision with its reason")
     p.set_defaults(func=cmd_plan)
 
@@ -307,6 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, help="epochs between checkpoint_latest writes (default: 1)")
     p.add_argument("--resume", action="store_true", help="continue from checkpoint_latest.pt exactly where training "
                                                          "stopped")
+    p.add_argument("--pretrained", type=Path, metavar="CHECKPOINT",
+                   help="start from another model's weights (e.g. SOURCE/models/3d_fullres/fold_0/checkpoint_final.pt) "
+                        "to fine-tune it; plan this workspace with --plans-from SOURCE first. The segmentation heads "
+                        "are re-initialised when the labels differ")
     p.add_argument("--no-validation", action="store_true", help="skip predicting the validation cases at the end")
     p.add_argument("--save-probabilities", action=argparse.BooleanOptionalAction, default=None,
                    help="keep each validation case's probabilities (validation/<case>.npz, float16), which "

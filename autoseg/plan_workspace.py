@@ -20,6 +20,7 @@ from autoseg.errors import AutosegError
 from autoseg.fingerprint import compute_fingerprint, load_fingerprint, save_fingerprint
 from autoseg.planning.planner import plan_experiment
 from autoseg.planning.plans import PlanError, Plans
+from autoseg.planning.transfer import source_plans_path, transfer_plans
 from autoseg.preprocessing.preprocess import preprocess_dataset
 
 log = logging.getLogger(__name__)
@@ -64,11 +65,14 @@ def _refuse_replanning_trained_models(workdir: Path, preset: str) -> None:
 
 def plan_workspace(dataset_dir: Path, workdir: Path, steps: Sequence[str] = PLAN_STEPS,
                    configurations: Sequence[str] | None = None, memory_gb: float | None = None,
-                   workers: int = 1, progress: bool = True, preset: str = "default") -> PlanOutcome:
+                   workers: int = 1, progress: bool = True, preset: str = "default",
+                   plans_from: Path | None = None) -> PlanOutcome:
     """Run `steps` in order into `workdir` (created if missing). `configurations=None`: plan every
     configuration that applies and preprocess all planned ones. Raises PlanWorkspaceError when the
     dataset has errors (listed in the outcome's verification and in `verify_report.json`). `preset`
-    (autoseg/planning/presets.py) picks the network family; `memory_gb` defaults to its target."""
+    (autoseg/planning/presets.py) picks the network family; `memory_gb` defaults to its target.
+    `plans_from` (a workspace or its plans.json) replaces planning by those plans carried over to this
+    dataset (`planning/transfer.py`), for fine-tuning that workspace's models."""
     unknown = [s for s in steps if s not in PLAN_STEPS]
     if unknown:
         raise PlanWorkspaceError(f"unknown step(s) {', '.join(unknown)}; choose from {', '.join(PLAN_STEPS)}")
@@ -95,9 +99,17 @@ def plan_workspace(dataset_dir: Path, workdir: Path, steps: Sequence[str] = PLAN
         fingerprint_path = workspace.fingerprint_json(workdir)
         if not fingerprint_path.is_file():
             raise PlanWorkspaceError(f"{fingerprint_path} not found; run the fingerprint step first")
-        _refuse_replanning_trained_models(workdir, preset)
-        plans = plan_experiment(load_fingerprint(fingerprint_path), budget_gb=memory_gb,
-                                configurations=list(configurations) if configurations else None, preset=preset)
+        if plans_from is not None:
+            source_path = source_plans_path(plans_from)
+            source = Plans.load(source_path)
+            _refuse_replanning_trained_models(workdir, source.preset)
+            plans = transfer_plans(source, load_fingerprint(fingerprint_path), str(source_path))
+            if configurations:
+                plans = plans.with_configurations([c for c in configurations if c in plans.configurations])
+        else:
+            _refuse_replanning_trained_models(workdir, preset)
+            plans = plan_experiment(load_fingerprint(fingerprint_path), budget_gb=memory_gb,
+                                    configurations=list(configurations) if configurations else None, preset=preset)
         for name in configurations or ():
             if name not in plans.configurations:
                 log.warning("not planned: %s (%s)", name, plans.not_planned.get(name, "not requested"))

@@ -276,6 +276,8 @@ def explain_plans(plans: Plans) -> str:
                                                         "; against the default: residual encoder, 1 conv per decoder "
                                                         "stage, its own memory reference, no 5% cap on the batch, "
                                                         "the patch sized for the reference batch")),
+            *([("all", "plans_transferred_from", "yes", reasons["plans_transferred_from"])]
+              if "plans_transferred_from" in reasons else []),
             ("all", "default_configuration", str(plans.default_configuration),
              reasons.get("default_configuration", "")),
             ("all", "transpose_forward", str(list(plans.transpose_forward)), reasons.get("transpose_forward", "")),

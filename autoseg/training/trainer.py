@@ -43,6 +43,7 @@ from autoseg.training.augmentation import (
 )
 from autoseg.training.loss import DeepSupervisionLoss, DiceCELoss, deep_supervision_weights
 from autoseg.training.patch_sampling import PatchLoader
+from autoseg.training.pretrained import load_pretrained_weights
 from autoseg.training.progress_plot import plot_progress
 from autoseg.training.splits import fold_cases, load_or_create_splits
 
@@ -75,6 +76,7 @@ class TrainingSettings:
     # Validation probabilities (<case>.npz) for `autoseg crossval`'s ensembles; None: when the plans have
     # more than one configuration.
     save_probabilities: bool | None = None
+    pretrained: str | None = None  # a checkpoint to start from (fine-tuning; training/pretrained.py)
 
     def __post_init__(self) -> None:
         for name in ("epochs", "iters_per_epoch", "val_iters", "checkpoint_every"):
@@ -143,7 +145,9 @@ def train_fold(workdir: Path, configuration: str, fold: int | str, settings: Tra
     if stale:
         raise TrainingError(f"{data_dir}: {len(stale)} case(s) (e.g. {stale[0]}) were preprocessed with other plans; "
                          "run `autoseg plan DATASET_DIR -o WORKDIR --steps preprocess` first")
-    splits = distributed.main_first(load_or_create_splits, workspace.splits_json(workdir), case_ids)
+    # fold "all" needs no splits (and a dataset of fewer than 5 cases has none)
+    splits = [] if fold == "all" else distributed.main_first(load_or_create_splits, workspace.splits_json(workdir),
+                                                             case_ids)
     train_ids, val_ids = fold_cases(splits, fold, case_ids)
     out = workspace.fold_dir(workdir, configuration, fold)
     out.mkdir(parents=True, exist_ok=True)
@@ -204,7 +208,12 @@ def train_fold(workdir: Path, configuration: str, fold: int | str, settings: Tra
             say(f"note: resuming a {state.epochs}-epoch schedule with --epochs {settings.epochs}; "
                 "the learning-rate schedule follows the new length")
         say(f"resumed from epoch {start_epoch} (best EMA pseudo-Dice {best_ema:.4f})")
-    elif main_process:
+        if settings.pretrained:
+            say("note: --pretrained is not loaded when resuming; the run continues from its own checkpoint")
+    else:
+        pretrained_note = (load_pretrained_weights(network, settings.pretrained, plans.labels)
+                           if settings.pretrained else None)
+    if not resume and main_process:
         if (out / "checkpoint_latest.pt").exists():
             log.warning("%s holds an earlier run; starting afresh overwrites it (use --resume to continue it)", out)
         if log_file.exists():
@@ -214,6 +223,8 @@ def train_fold(workdir: Path, configuration: str, fold: int | str, settings: Tra
             f"patch {list(config.patch_size)}, device {device}, "
             f"{'mixed precision' if autocast is not nullcontext else 'float32'}, {settings.workers} augmentation "
             f"worker(s), {torch.get_num_threads()} torch thread(s)")
+        if pretrained_note:
+            say(pretrained_note)
     if distributed.is_distributed():
         shares = [distributed.batch_share(global_batch, settings.oversample_foreground, r,
                                           distributed.world_size()) for r in range(distributed.world_size())]
