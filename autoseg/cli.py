@@ -15,7 +15,7 @@ log = logging.getLogger("autoseg")
 
 PLAN_STEPS = ("verify", "fingerprint", "plan", "preprocess")  # as autoseg.plan_workspace.PLAN_STEPS
 PLAN_PRESETS = ("default", "resenc-m", "resenc-l", "resenc-xl")  # as autoseg.planning.presets.PRESETS
-CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres")  # as autoseg.planning.plans.CONFIGURATIONS
+CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres")  # as autoseg.planning.plans.CONFIGURATIONS
 
 
 class CommandError(Exception):

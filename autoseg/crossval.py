@@ -82,7 +82,8 @@ def run_crossval(workdir: Path, configurations: list[str] | None = None, num_fol
     for members in ensemble_candidates(complete):
         name = "+".join(members)
         try:
-            ensembles[name] = _score_ensemble(workdir, list(members), results, labels, cases, progress)
+            ensembles[name] = _score_ensemble(workdir, list(members), results, labels, cases, progress,
+                                              plans.ignore_label)
         except MissingProbabilities as exc:
             log.warning("ensemble %s not scored: %s", name, exc)
             skipped[name] = str(exc)
@@ -96,7 +97,7 @@ def run_crossval(workdir: Path, configurations: list[str] | None = None, num_fol
                          f"of all {num_folds} folds, among {', '.join(candidates)}"}
     if postprocessing:
         pairs = _validation_pairs(workdir, best.split("+"), results, cases, ending)
-        rules = decide_postprocessing(pairs, labels)
+        rules = decide_postprocessing(pairs, labels, plans.ignore_label)
         rules["configuration"] = best.split("+")
         save_postprocessing_rules(workspace.postprocessing_json(workdir), rules)
         summary["postprocessing"] = rules
@@ -125,13 +126,15 @@ def _ensemble_prediction(workdir: Path, members: list[str], case_id: str, folds:
 
 
 def _score_ensemble(workdir: Path, members: list[str], results: dict, labels: list[int], cases: dict,
-                    progress: bool) -> dict:
+                    progress: bool, ignore_label: int | None = None) -> dict:
     case_ids = sorted(set.intersection(*(set(results[c]["case_folds"]) for c in members)))
     dice = {label: [] for label in labels}
     for case_id in tqdm(case_ids, desc=f"ensemble {'+'.join(members)}", unit="case", disable=not progress):
         prediction = _ensemble_prediction(workdir, members, case_id,
                                           {c: results[c]["case_folds"][case_id] for c in members})
         reference = read_case_label(cases[case_id])
+        if ignore_label is not None:  # unannotated voxels count for no label
+            prediction = np.where(reference == ignore_label, 0, prediction)
         for label in labels:
             p, r = prediction == label, reference == label
             d = dice_from_counts(int(np.logical_and(p, r).sum()), int(p.sum()), int(r.sum()))

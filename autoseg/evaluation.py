@@ -142,11 +142,17 @@ def _drop_missing_axes(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[floa
 
 
 def evaluate_case(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float],
-                  labels: Sequence[int]) -> dict[str, dict[str, float | int]]:
-    """Per-label metrics of one case, keyed by label id as a string; NaN marks an undefined value."""
+                  labels: Sequence[int], ignore_label: int | None = None) -> dict[str, dict[str, float | int]]:
+    """Per-label metrics of one case, keyed by label id as a string; NaN marks an undefined value.
+
+    Voxels whose reference is `ignore_label` (unannotated) count for no label, as nnU-Net v2 scores them."""
     pred, ref = np.asarray(pred), np.asarray(ref)
     if pred.shape != ref.shape:
         raise ValueError(f"prediction shape {pred.shape} differs from reference shape {ref.shape}")
+    if ignore_label is not None:
+        unannotated = ref == ignore_label
+        if unannotated.any():
+            pred, ref = np.where(unannotated, 0, pred), np.where(unannotated, 0, ref)
     _check_spacing(ref, spacing)
     pred, ref, spacing = _drop_missing_axes(pred, ref, spacing)
     voxel_mm3 = float(np.prod(spacing))
@@ -222,8 +228,8 @@ def read_label_map(path: Path) -> tuple[np.ndarray, Geometry]:
     return array, geometry
 
 
-def _evaluate_pair(case_id: str, pred_path: Path, ref_path: Path,
-                   labels: Sequence[int] | None) -> tuple[str, dict, list[int]]:
+def _evaluate_pair(case_id: str, pred_path: Path, ref_path: Path, labels: Sequence[int] | None,
+                   ignore_label: int | None = None) -> tuple[str, dict, list[int]]:
     """Worker: metrics of one case, plus the labels present in its reference."""
     ref, ref_geometry = read_label_map(ref_path)
     pred, pred_geometry = read_label_map(pred_path)
@@ -231,10 +237,10 @@ def _evaluate_pair(case_id: str, pred_path: Path, ref_path: Path,
         problems = "; ".join(pred_geometry.differences(ref_geometry))
         raise EvaluationError(f"{pred_path}: geometry differs from its reference {ref_path} ({problems}); "
                               "export the prediction on the reference image grid")
-    ref_labels = [int(v) for v in np.unique(ref) if v != 0]
+    ref_labels = [int(v) for v in np.unique(ref) if v != 0 and v != ignore_label]
     if labels is None:  # every label seen in either image; labels absent from all references are dropped later
-        labels = sorted(set(ref_labels) | {int(v) for v in np.unique(pred) if v != 0})
-    return case_id, evaluate_case(pred, ref, ref_geometry.spacing, labels), ref_labels
+        labels = sorted(set(ref_labels) | {int(v) for v in np.unique(pred) if v != 0 and v != ignore_label})
+    return case_id, evaluate_case(pred, ref, ref_geometry.spacing, labels, ignore_label), ref_labels
 
 
 def find_label_names(pred_dir: Path | str, ref_dir: Path | str) -> tuple[dict[str, str], Path | None]:
@@ -294,7 +300,8 @@ def evaluate_folders(pred_dir: Path | str, ref_dir: Path | str, labels: Sequence
     """Evaluate every prediction against the reference with the same case id.
 
     Labels default to the union of the non-zero values in the references. Label names given in
-    `label_names` win over those `find_label_names` finds. Writes `summary.json` and `summary.csv`
+    `label_names` win over those `find_label_names` finds. A label named "ignore" (nnU-Net v2's
+    unannotated voxels) is not scored, and its voxels count for no label. Writes `summary.json` and `summary.csv`
     into `output_dir` (default: `pred_dir`) and returns the summary (the same content as
     `summary.json`, with null for undefined values).
     """
@@ -312,7 +319,13 @@ def evaluate_folders(pred_dir: Path | str, ref_dir: Path | str, labels: Sequence
         logger.warning("%d reference case(s) in %s have no prediction in %s: %s", len(missing), ref_dir,
                        pred_dir, ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))
 
-    jobs = [(case_id, predictions[case_id], references[case_id], labels) for case_id in predictions]
+    found, found_in = find_label_names(pred_dir, ref_dir)
+    given = {str(int(k)): str(v) for k, v in (label_names or {}).items()}
+    names = {**found, **given}
+    ignore_label = next((int(k) for k, name in names.items() if name == "ignore"), None)
+    if labels is not None:
+        labels = [label for label in labels if int(label) != ignore_label]
+    jobs = [(case_id, predictions[case_id], references[case_id], labels, ignore_label) for case_id in predictions]
     results = _run_jobs(jobs, workers)
 
     if labels is None:
@@ -323,9 +336,6 @@ def evaluate_folders(pred_dir: Path | str, ref_dir: Path | str, labels: Sequence
         metrics = results[case_id][1]
         cases[case_id] = {str(label): metrics.get(str(label), _absent_label_metrics()) for label in labels}
 
-    found, found_in = find_label_names(pred_dir, ref_dir)
-    given = {str(int(k)): str(v) for k, v in (label_names or {}).items()}
-    names = {**found, **given}
     names_from = []  # where the names came from: "given" (label_names) and/or the file found
     if any(str(label) in given for label in labels):
         names_from.append("given")

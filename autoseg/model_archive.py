@@ -63,7 +63,10 @@ def export_model(workdir: Path | str, path: Path | str, configurations: Sequence
     rules = read_json(rules_path) if rules_path.is_file() else None
     try:
         configurations = list(plans.resolve_configurations(configurations or (rules or {}).get("configuration")))
-        chosen = {name: fold_names(workdir, name, folds, checkpoint) for name in configurations}
+        # a cascade's first stage travels with it (its folds as chosen), without becoming an ensemble member
+        stages = [p for p in dict.fromkeys(plans.configuration(c).previous_stage for c in configurations)
+                  if p and p not in configurations]
+        chosen = {name: fold_names(workdir, name, folds, checkpoint) for name in configurations + stages}
     except (PlanError, CheckpointError) as exc:
         raise ModelArchiveError(f"{workdir}: {exc}; choose with --config and --folds") from None
     entries: dict[str, dict] = {}
@@ -91,7 +94,7 @@ def export_model(workdir: Path | str, path: Path | str, configurations: Sequence
                 add(f"models/{name}/fold_{fold}/{CHECKPOINT_NAME}", buffer.getvalue())
 
         # The exported configurations only; an imported workspace predicts without --config.
-        add("plans.json", _json_bytes(plans.with_configurations(configurations).to_json()))
+        add("plans.json", _json_bytes(plans.with_configurations(configurations + stages).to_json()))
         if rules is not None:
             add("postprocessing.json", rules_path.read_bytes())
         card = model_card(workdir, plans, chosen, checkpoint, sources)

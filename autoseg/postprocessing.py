@@ -108,23 +108,27 @@ def load_postprocessing_rules(path: Path | str) -> dict:
 # Deciding the rules from cross-validation predictions
 
 
-def _case_counts(pred: np.ndarray, ref: np.ndarray, labels: Sequence[int]) -> dict:
+def _case_counts(pred: np.ndarray, ref: np.ndarray, labels: Sequence[int], ignore_label: int | None = None) -> dict:
     """Voxel counts of one case before/after each candidate rule, enough to score any rule set.
 
     For each starting point (raw prediction, or after the foreground rule) and label: overlap and
     size of the label without and with its own largest-component rule. Label rules touch disjoint
-    voxels, so each label's Dice depends on its own rule only.
+    voxels, so each label's Dice depends on its own rule only. The rules act on the whole prediction;
+    only the counting leaves out voxels whose reference is `ignore_label` (unannotated).
     """
     pred, ref = np.asarray(pred), np.asarray(ref)
     if pred.shape != ref.shape:
         raise PostprocessingError(f"prediction shape {pred.shape} differs from reference shape {ref.shape}")
     starts = {"raw": pred, "fg": np.where(keep_largest_component(pred > 0), pred, 0)}
     counts = {"ref": {label: int(np.count_nonzero(ref == label)) for label in labels}}
+    annotated = None if ignore_label is None else ref != ignore_label
     for name, seg in starts.items():
         entry = {"labels": {}}
         for label in labels:
             mask, ref_mask = seg == label, ref == label
             kept = keep_largest_component(mask)
+            if annotated is not None:
+                mask, kept = mask & annotated, kept & annotated
             entry["labels"][label] = {
                 "tp": int(np.count_nonzero(mask & ref_mask)), "pred": int(np.count_nonzero(mask)),
                 "tp_kept": int(np.count_nonzero(kept & ref_mask)), "pred_kept": int(np.count_nonzero(kept)),
@@ -165,20 +169,22 @@ def _r(value: float) -> float | None:
     return None if math.isnan(value) else round(value, 6)
 
 
-def decide_postprocessing(cases: Iterable[tuple[np.ndarray, np.ndarray]], labels: Sequence[int]) -> dict:
+def decide_postprocessing(cases: Iterable[tuple[np.ndarray, np.ndarray]], labels: Sequence[int],
+                          ignore_label: int | None = None) -> dict:
     """Choose connected-component rules that raise the mean Dice on (prediction, reference) pairs, as nnU-Net v2.
 
     First, keeping only the largest foreground component is adopted if it raises the mean over
     labels of each label's mean Dice (nnU-Net's "foreground_mean") and lowers no label's mean Dice.
     Then, on top of that choice, each label's largest-component rule is adopted if it raises that
     label's mean Dice. Means over cases skip cases where a Dice is undefined (both empty), as in
-    `autoseg.evaluation`. `cases` may be a generator; each pair is read once. Returns the rules plus
-    `reasons`, `dice_before` (raw predictions) and `dice_after` (with the chosen rules).
+    `autoseg.evaluation`. Reference voxels of `ignore_label` count for no label. `cases` may be a
+    generator; each pair is read once. Returns the rules plus `reasons`, `dice_before` (raw
+    predictions) and `dice_after` (with the chosen rules).
     """
     labels = [int(label) for label in labels]
     if any(label <= 0 for label in labels):
         raise PostprocessingError(f"labels {labels}: list foreground label ids only (background 0 is implicit)")
-    counts = [_case_counts(pred, ref, labels) for pred, ref in cases]
+    counts = [_case_counts(pred, ref, labels, ignore_label) for pred, ref in cases]
     if not counts:
         raise PostprocessingError("no (prediction, reference) pairs given; run cross-validation predictions first")
 

@@ -56,10 +56,12 @@ def foreground_locations(inputs: np.lib.npyio.NpzFile) -> list:
     results = []
     for key in sorted(k for k in inputs.files if k.startswith("seg_")):
         seg = inputs[key]
-        labels = sorted(int(v) for v in np.unique(seg) if v > 0)
-        locations = DefaultPreprocessor._sample_foreground_locations(seg[None], labels, seed=1234)
-        results.append({str(label): np.asarray(coords)[:, 1:].tolist() for label, coords in locations.items()
-                        if len(coords)})
+        ignore = int(inputs[f"ignore_{key}"]) if f"ignore_{key}" in inputs.files else None
+        labels = sorted(int(v) for v in np.unique(seg) if v > 0 and v != ignore)
+        classes = labels if ignore is None else labels + [[-1] + list(range(ignore))]  # as its preprocessor asks
+        locations = DefaultPreprocessor._sample_foreground_locations(seg[None], classes, seed=1234)
+        results.append({("annotated" if isinstance(label, tuple) else str(label)): np.asarray(coords)[:, 1:].tolist()
+                        for label, coords in locations.items() if len(coords)})
     return results
 
 

@@ -48,7 +48,7 @@ BUDGET_GB = 8.0  # the default preset's; the others plan at their own target
 DEFAULT_NNUNET_VENV = "/work/bench/nnunet_venv/bin"
 NNUNET_DRIVER = Path(__file__).resolve().parent / "_nnunet_plan.py"
 REPO = Path(__file__).resolve().parents[1]
-CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres")
+CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres")
 
 
 class BenchError(Exception):
@@ -328,14 +328,15 @@ NNUNET_SCHEMES = {"CTNormalization": "ct", "ZScoreNormalization": "zscore", "NoN
 
 
 def _configuration(spacing, median_shape, patch, batch, strides, kernels, features, batch_dice,
-                   network="unet", encoder_blocks=(), decoder_convs=()) -> dict:
+                   network="unet", encoder_blocks=(), decoder_convs=(), previous_stage=None) -> dict:
     strides = [list(s) for s in strides]
     return {"spacing": [float(s) for s in spacing], "median_shape": [int(round(m)) for m in median_shape],
             "patch_size": list(patch), "batch_size": batch, "n_stages": len(strides),
             "pool_per_axis": [sum(s[a] > 1 for s in strides) for a in range(len(patch))],
             "strides": strides, "kernel_sizes": [list(k) for k in kernels],
             "features_per_stage": list(features), "batch_dice": batch_dice, "network": network,
-            "encoder_blocks": [int(n) for n in encoder_blocks], "decoder_convs": [int(n) for n in decoder_convs]}
+            "encoder_blocks": [int(n) for n in encoder_blocks], "decoder_convs": [int(n) for n in decoder_convs],
+            "previous_stage": previous_stage}
 
 
 def summarize_autoseg(plans: dict) -> dict:
@@ -355,7 +356,7 @@ def summarize_autoseg(plans: dict) -> dict:
                                        c["kernel_sizes"], c["features_per_stage"], c.get("batch_dice"),
                                        "ResidualEncoderUNet" if residual else "PlainConvUNet",
                                        c["residual_blocks"] if residual else [c["n_conv_per_stage"]] * stages,
-                                       [decoder] * (stages - 1))
+                                       [decoder] * (stages - 1), c.get("previous_stage"))
     return {"configurations": configs, "transpose_forward": list(plans["transpose_forward"]), "normalization": norm,
             "default_configuration": plans.get("default_configuration"), "only_nnunet": []}
 
@@ -363,8 +364,8 @@ def summarize_autoseg(plans: dict) -> dict:
 def summarize_nnunet(plans: dict) -> dict:
     configs, derived = {}, []
     for name, c in plans["configurations"].items():
-        if "inherits_from" in c:
-            derived.append(name)
+        if "inherits_from" in c:  # the cascade: its parent's plan, with a previous stage
+            derived.append((name, c))
             continue
         arch = c["architecture"]["arch_kwargs"]
         configs[name] = _configuration(c["spacing"], c["median_image_size_in_voxels"], c["patch_size"], c["batch_size"],
@@ -372,6 +373,12 @@ def summarize_nnunet(plans: dict) -> dict:
                                        c["batch_dice"], c["architecture"]["network_class_name"].rsplit(".", 1)[-1],
                                        arch.get("n_blocks_per_stage") or arch.get("n_conv_per_stage"),
                                        arch["n_conv_per_stage_decoder"])
+    only_nnunet = []
+    for name, c in derived:
+        if c["inherits_from"] in configs and set(c) <= {"inherits_from", "previous_stage"}:
+            configs[name] = {**configs[c["inherits_from"]], "previous_stage": c.get("previous_stage")}
+        else:
+            only_nnunet.append(name)
     first = plans["configurations"]["3d_fullres" if "3d_fullres" in configs else "2d"]
     norm = []
     for i, (scheme, mask) in enumerate(zip(first["normalization_schemes"], first["use_mask_for_norm"])):
@@ -381,7 +388,7 @@ def summarize_nnunet(plans: dict) -> dict:
             entry.update(clip=[s["percentile_00_5"], s["percentile_99_5"]], mean=s["mean"], std=s["std"])
         norm.append(entry)
     return {"configurations": configs, "transpose_forward": list(plans["transpose_forward"]), "normalization": norm,
-            "default_configuration": None, "only_nnunet": derived}
+            "default_configuration": None, "only_nnunet": only_nnunet}
 
 
 def _close(a, b, rtol: float = 1e-3) -> bool:
@@ -393,7 +400,8 @@ def _close(a, b, rtol: float = 1e-3) -> bool:
 
 
 CONFIG_FIELDS = ("spacing", "median_shape", "patch_size", "batch_size", "n_stages", "pool_per_axis", "strides",
-                 "kernel_sizes", "features_per_stage", "batch_dice", "network", "encoder_blocks", "decoder_convs")
+                 "kernel_sizes", "features_per_stage", "batch_dice", "network", "encoder_blocks", "decoder_convs",
+                 "previous_stage")
 
 
 def differences(ours: dict, theirs: dict, intensity_rtol: float = 1e-3) -> list[str]:

@@ -13,7 +13,8 @@ venv (benchmarks/_nnunet_rules.py), and prints how many of them agree exactly:
   cases smaller than the patch included;
 - foreground locations (`autoseg.preprocessing.preprocess.sample_class_locations` against
   `DefaultPreprocessor._sample_foreground_locations`): the same coordinates in the same order for
-  label maps of 30 to 2.5 million voxels per label, with -1 outside the mask;
+  label maps of 30 to 2 million voxels per label, with -1 outside the mask, and one with an ignore
+  label, whose annotated voxels both sample for random patches;
 - largest component (`autoseg.postprocessing.keep_largest_component` against acvl_utils'
   `remove_all_but_largest_component`), ties included;
 - the postprocessing decision (`autoseg.postprocessing.decide_postprocessing` against
@@ -58,7 +59,11 @@ def make_inputs(boxes: int, trials: int, seed: int) -> dict[str, np.ndarray]:
     big[-1, -1, -30:] = 3                    # 30 voxels: all of them
     big[20:, :5, 200:] = -1
     small = rng.integers(-1, 4, size=(12, 30, 31)).astype(np.int8)
-    inputs.update({"seg_0": big, "seg_1": small, "seg_2": (rng.random((1, 120, 90)) > 0.4).astype(np.int8) * 2})
+    sparse = rng.integers(0, 3, size=(8, 40, 44)).astype(np.int8)  # labels 0-2, 3 = ignore (unannotated)
+    sparse[:, 10:30] = 3
+    sparse[:2] = -1
+    inputs.update({"seg_0": big, "seg_1": small, "seg_2": (rng.random((1, 120, 90)) > 0.4).astype(np.int8) * 2,
+                   "seg_3": sparse, "ignore_seg_3": np.array(3)})
 
     for i in range(12):
         mask = rng.random((14, 15, 16) if i % 2 else (40, 41)) > 0.8
@@ -106,7 +111,8 @@ def autoseg_results(inputs: dict[str, np.ndarray]) -> dict:
             lower, _ = sample_patch_box(shape, read, np.random.default_rng(0), 1, {1: voxel[None]},
                                         final_patch_size=final)
             boxes.append({"forced": lower})
-    locations = [sample_class_locations(inputs[k]) for k in sorted(k for k in inputs if k.startswith("seg_"))]
+    locations = [sample_class_locations(inputs[k], int(inputs[f"ignore_{k}"]) if f"ignore_{k}" in inputs else None)
+                 for k in sorted(k for k in inputs if k.startswith("seg_"))]
     components = [np.flatnonzero(keep_largest_component(inputs[k])).tolist()
                   for k in sorted(k for k in inputs if k.startswith("mask_"))]
     decisions = []

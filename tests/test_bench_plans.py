@@ -80,16 +80,17 @@ def test_script_prints_a_row_per_dataset_and_2d_sets_plan_only_2d(bench, capsys)
 
 
 # nnunetv2 2.8.1's nnUNetPlannerResEncM / L / XL on these fingerprints (bench_plans.py --preset ..., 2026-12-03):
-# (patch, batch) per configuration. Hippocampus shows the batch without the 5% cap, Liver the lowres stage.
+# (patch, batch) per configuration. Hippocampus shows the batch without the 5% cap, Liver the lowres stage
+# (and the cascade, nnU-Net's 3d_fullres plan with 3d_lowres as its previous stage).
 NNUNET_RESENC = {
     "resenc-m": {"Task03_Liver": {"2d": ([512, 512], 12), "3d_lowres": ([128, 128, 128], 2),
-                                  "3d_fullres": ([128, 128, 128], 2)},
+                                  "3d_fullres": ([128, 128, 128], 2), "3d_cascade_fullres": ([128, 128, 128], 2)},
                  "Task04_Hippocampus": {"2d": ([56, 40], 1618), "3d_fullres": ([40, 56, 40], 58)}},
     "resenc-l": {"Task03_Liver": {"2d": ([512, 512], 35), "3d_lowres": ([192, 192, 192], 2),
-                                  "3d_fullres": ([192, 192, 192], 2)},
+                                  "3d_fullres": ([192, 192, 192], 2), "3d_cascade_fullres": ([192, 192, 192], 2)},
                  "EM_2D": {"2d": ([512, 512], 30)}},
     "resenc-xl": {"Task03_Liver": {"2d": ([512, 512], 52), "3d_lowres": ([224, 256, 224], 2),
-                                   "3d_fullres": ([224, 256, 224], 2)},
+                                   "3d_fullres": ([224, 256, 224], 2), "3d_cascade_fullres": ([224, 256, 224], 2)},
                   "Task04_Hippocampus": {"2d": ([56, 40], 6711), "3d_fullres": ([40, 56, 40], 183)}},
 }
 

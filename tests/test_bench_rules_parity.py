@@ -24,7 +24,7 @@ def parity():
 def test_autoseg_half_and_comparison(parity):
     inputs = parity.make_inputs(boxes=40, trials=2, seed=3)
     ours = parity.autoseg_results(inputs)
-    assert len(ours["boxes"]) == 40 and len(ours["postprocessing"]) == 2 and len(ours["locations"]) == 3
+    assert len(ours["boxes"]) == 40 and len(ours["postprocessing"]) == 2 and len(ours["locations"]) == 4
     assert {"range", "forced"} == {key for box in ours["boxes"] for key in box}
     assert all(r["agree"] == r["total"] for r in parity.compare(ours, copy.deepcopy(ours)).values())
 
@@ -34,7 +34,8 @@ def test_autoseg_half_and_comparison(parity):
     theirs["locations"][2]["2"] = theirs["locations"][2]["2"][::-1]  # same voxels, another order
     report = parity.compare(ours, theirs)
     assert report["boxes"]["agree"] == 39 and report["boxes"]["first_differences"][0]["index"] == box
-    assert report["locations"]["agree"] == 2
+    assert report["locations"]["agree"] == 3
+    assert "annotated" in ours["locations"][3] and "3" not in ours["locations"][3]  # the ignore label's own voxels
     assert report["postprocessing"]["agree"] == 2
 
 

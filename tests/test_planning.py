@@ -233,7 +233,7 @@ def test_2d_images_plan_only_2d_and_make_it_the_default():
     microscopy = make_fingerprint((1, 360, 360), (999.0, 1.0, 1.0), 40, channels=("R", "G", "B"), labels=2)
     plans = plan_experiment(microscopy)
     assert list(plans.configurations) == ["2d"] and plans.default_configuration == "2d"
-    assert set(plans.not_planned) == {"3d_fullres", "3d_lowres"}
+    assert set(plans.not_planned) == {"3d_fullres", "3d_lowres", "3d_cascade_fullres"}
     assert plans.configurations["2d"].spacing == (1.0, 1.0)
 
 
@@ -324,3 +324,25 @@ def test_tiff_stacks_plan_with_the_spacing_of_their_json_files(tmp_path):
     assert aniso.spacing == (4.0, 1.0, 1.0) and aniso.kernel_sizes[0] == (1, 3, 3)
     plain = dataset(tmp_path / "without_json", None)
     assert plain.spacing == (1.0, 1.0, 1.0) and plain.kernel_sizes[0] == (3, 3, 3)
+
+
+def test_cascade_is_planned_with_lowres_as_fullres_reading_the_first_stage():
+    plans = plan_experiment(LARGE, budget_gb=8.0)
+    full, cascade = plans.configurations["3d_fullres"], plans.configurations["3d_cascade_fullres"]
+    assert cascade.previous_stage == "3d_lowres" and full.previous_stage is None
+    assert cascade.to_json() == {**full.to_json(), "previous_stage": "3d_lowres",
+                                 "reasons": cascade.to_json()["reasons"]}
+    assert plans.input_channels("3d_cascade_fullres") == plans.num_channels + len(plans.foreground_labels)
+    assert plans.network_topology("3d_cascade_fullres").in_channels == plans.input_channels("3d_cascade_fullres")
+    assert Plans.from_json(plans.to_json()).configurations["3d_cascade_fullres"] == cascade
+    only = plan_experiment(LARGE, budget_gb=8.0, configurations=["3d_cascade_fullres"])
+    assert set(only.configurations) == {"3d_lowres", "3d_cascade_fullres"}  # its first stage comes along
+    small = plan_experiment(make_fingerprint((224, 224, 224), (1.0, 1.0, 1.0), 20))
+    assert "3d_cascade_fullres" not in small.configurations and "3d_cascade_fullres" in small.not_planned
+
+
+def test_plans_naming_a_missing_previous_stage_are_refused():
+    data = plan_experiment(LARGE, budget_gb=8.0).to_json()
+    del data["configurations"]["3d_lowres"]
+    with pytest.raises(PlanError, match="3d_cascade_fullres.previous_stage names 3d_lowres"):
+        Plans.from_json(data)

@@ -109,6 +109,9 @@ def _channel_names(meta_path: Path, mapping: object, key: str) -> tuple[str, ...
     return tuple(name for _, name in indexed)
 
 
+IGNORE_LABEL_NAME = "ignore"  # nnU-Net v2's name for voxels nobody annotated (sparse or partial labels)
+
+
 def _check_labels(meta_path: Path, labels: dict[int, str]) -> dict[int, str]:
     if 0 not in labels:
         raise DatasetError(f"{meta_path}: 'labels' must declare the background as label 0")
@@ -118,6 +121,12 @@ def _check_labels(meta_path: Path, labels: dict[int, str]) -> dict[int, str]:
         # The network's output channel k predicts label k, so the ids must be 0..K-1.
         raise DatasetError(f"{meta_path}: label ids must be consecutive 0..{len(labels) - 1}, found {sorted(labels)}; "
                            "renumber the labels in dataset.json and the label files")
+    ignore = [k for k, name in labels.items() if name == IGNORE_LABEL_NAME]
+    if ignore and (ignore[0] != max(labels) or len(labels) < 3):
+        # As nnU-Net v2: the network predicts labels 0..K-2, so the unannotated mark must come last.
+        raise DatasetError(f"{meta_path}: the label named 'ignore' (unannotated voxels) must have the highest id and "
+                           f"follow background and at least one structure; it has {ignore[0]}, the labels are "
+                           f"{sorted(labels)}")
     return dict(sorted(labels.items()))
 
 
@@ -156,11 +165,6 @@ def _load_nnunetv2(root: Path, meta_path: Path, meta: dict) -> Dataset:
         if isinstance(value, list):
             raise DatasetError(f"{meta_path}: label '{name}' is a region (list of ids); region-based training is not "
                                f"supported")
-        if name == "ignore":
-            # nnU-Net v2 reads this name as "not annotated" (sparse labels); training it as a class would
-            # teach the network to predict unannotated voxels, so refuse rather than do that silently.
-            raise DatasetError(f"{meta_path}: label 'ignore' ({value}) marks unannotated voxels in nnU-Net v2; "
-                               "autoseg does not support sparse annotations, so every voxel needs a real label")
         try:
             labels[int(value)] = str(name)
         except (TypeError, ValueError):

@@ -80,7 +80,7 @@ def predict_folder(workdir: Path, inputs: Path | Sequence[Path], output_dir: Pat
                     "+".join(rules["configuration"]), "+".join(configurations))
         rules = None
 
-    labels = dict(predictor.plans.labels)
+    labels = {k: v for k, v in predictor.plans.labels.items() if k != predictor.plans.ignore_label}  # never predicted
     model_name = _model_name(predictor, outputs.model_name)
     volumes = VolumeTable(output_dir / "volumes.csv", model_name) if outputs.report_files else None
     cases, problems = discover_inputs(inputs, predictor.num_channels, predictor.plans.channel_names)

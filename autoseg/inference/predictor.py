@@ -13,7 +13,7 @@ instead, for `--save-probabilities`. Training's validation predicts through `Pre
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -38,7 +38,7 @@ from autoseg.model_files import Checkpoint, CheckpointError, fold_names, load_fo
 from autoseg.network.low_memory import inference_forward
 from autoseg.network.unet import UNet, build_unet
 from autoseg.planning.plans import Plans
-from autoseg.preprocessing.preprocess import preprocess_case
+from autoseg.preprocessing.preprocess import label_to_network_grid, one_hot_labels, preprocess_case
 from autoseg.preprocessing.properties import CaseProperties
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,9 @@ class PreparedCase:
     data: tuple[np.ndarray, ...]  # (C, *resampled) per configuration
     properties: tuple[CaseProperties, ...]
     check: InputCheck = InputCheck()  # what input_checks found (warnings, slice by slice)
+    # per configuration: a cascade's first stage prepared for its own predictor (None elsewhere, and once the
+    # first stage's labels have joined `data`)
+    previous: tuple["PreparedCase | None", ...] = ()
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,11 @@ class Predictor:
             self.folds.append(self._load_fold(name, fold))
         log.info("predictor: %s on %s", ", ".join(f"{f.configuration}/fold_{f.fold} ({f.checkpoint.name})"
                                                    for f in self.folds), self.device)
+        for name in self.configurations:  # a cascade's second stage predicts from its first stage's labels
+            previous = self.plans.configuration(name).previous_stage
+            if previous is not None:
+                self.previous_stages[name] = Predictor(self.workdir, ModelChoice((previous,), model.folds,
+                                                                                 model.checkpoint), window, compute)
 
     @classmethod
     def from_networks(cls, plans: Plans, configuration: str, networks: Sequence[torch.nn.Module],
@@ -117,7 +125,7 @@ class Predictor:
 
     def _setup(self, plans: Plans, configurations: Sequence[str], window: WindowSettings,
                compute: ComputeSettings) -> None:
-        if sorted(plans.labels) != list(range(plans.num_classes)):
+        if sorted(k for k in plans.labels if k != plans.ignore_label) != list(range(plans.num_classes)):
             raise PredictorError(f"plans.json: label ids {sorted(plans.labels)} are not consecutive from 0; the "
                                  "network's class index is the label id, so relabel the dataset to 0..K-1 and plan "
                                  "again")
@@ -135,6 +143,7 @@ class Predictor:
         # The windows' running mean in float16 (nnU-Net's choice, half the largest array), unless --fp32.
         self.accumulator_dtype = accumulator_dtype_for(compute.mixed_precision)
         self.folds: list[LoadedFold] = []
+        self.previous_stages: dict[str, Predictor] = {}
 
     @property
     def num_channels(self) -> int:
@@ -171,7 +180,7 @@ class Predictor:
         if self.runtime == "openvino":
             try:
                 return LoadedFold(configuration, fold, path, state.epoch,
-                                  OpenVINONetwork(network, self.num_channels, patch))
+                                  OpenVINONetwork(network, self.plans.input_channels(configuration), patch))
             except OpenVINOUnavailable as exc:
                 raise PredictorError(str(exc)) from None
         # Large windows: the same logits with a fraction of the activation memory (network/low_memory.py).
@@ -197,10 +206,28 @@ class Predictor:
             d, _, p = done[identifier]
             data.append(d)
             properties.append(p)
-        return PreparedCase(geometry, self.configurations, tuple(data), tuple(properties), check)
+        previous = tuple(self.previous_stages[name].prepare(image, geometry, source)
+                         if name in self.previous_stages else None for name in self.configurations)
+        return PreparedCase(geometry, self.configurations, tuple(data), tuple(properties), check, previous)
+
+    def with_previous_stages(self, prepared: PreparedCase) -> PreparedCase:
+        """`prepared` with each cascade configuration's input completed: its first stage segments the case, and
+        that label map, taken onto this configuration's grid as training labels are, joins the image as one
+        channel per foreground label (nnU-Net's cascade). A no-op for the other configurations."""
+        if not any(prepared.previous):
+            return prepared
+        data = list(prepared.data)
+        for i, (name, first) in enumerate(zip(prepared.configurations, prepared.previous)):
+            if first is None:
+                continue
+            labels = self.previous_stages[name].segment(first).labels
+            grid = label_to_network_grid(labels, prepared.properties[i], self.plans)
+            data[i] = np.concatenate([data[i], one_hot_labels(grid, self.plans.foreground_labels)])
+        return replace(prepared, data=tuple(data), previous=(None,) * len(data))
 
     def run_networks(self, prepared: PreparedCase) -> list[np.ndarray]:
         """Per configuration, the logits in network space averaged over its folds (nnU-Net v2's fold ensemble)."""
+        prepared = self.with_previous_stages(prepared)
         outputs = []
         for name, data in zip(prepared.configurations, prepared.data):
             image = torch.from_numpy(data)
@@ -221,6 +248,7 @@ class Predictor:
         are held in network space, and only one label at a time goes back to the input's grid.
         With >= 2 members, also the per-label uncertainty (and with `entropy_map` the voxel map).
         """
+        prepared = self.with_previous_stages(prepared)
         members = len(self.folds)
         builder = LabelMapBuilder(prepared.properties, self.plans, self.num_classes, uncertainty=members > 1,
                                   entropy_map=entropy_map and members > 1)
@@ -267,7 +295,7 @@ class Predictor:
             "accumulator_dtype": str(self.accumulator_dtype).removeprefix("torch."),
             "models": [{"configuration": f.configuration, "fold": f.fold,
                         "checkpoint": None if f.checkpoint is None else str(f.checkpoint), "epoch": f.epoch}
-                       for f in self.folds],
+                       for predictor in (self, *self.previous_stages.values()) for f in predictor.folds],
         }
 
 

@@ -17,6 +17,7 @@ from autoseg.fingerprint import Fingerprint
 from autoseg.network.unet import feature_map_elements
 from autoseg.planning.normalization import plan_normalization
 from autoseg.planning.plans import (
+    CASCADE,
     CONFIGURATIONS,
     NOT_PLANNED_FOR_2D_DATA,
     ConfigurationPlan,
@@ -184,9 +185,9 @@ def plan_experiment(fingerprint: Fingerprint, budget_gb: float | None = None,
     not_planned: dict[str, str] = {}
     configs: dict[str, ConfigurationPlan] = {}
     if not is_3d:
-        for name in ("3d_fullres", "3d_lowres"):
+        for name in ("3d_fullres", "3d_lowres", CASCADE):
             not_planned[name] = NOT_PLANNED_FOR_2D_DATA
-    elif wanted & {"3d_fullres", "3d_lowres"}:
+    elif wanted & {"3d_fullres", "3d_lowres", CASCADE}:
         full = plan_configuration(list(sp), list(median_shape), dataset_voxels, num_classes, budget_gb,
                                   chosen.data_identifier("3d_fullres"), chosen, "3d_fullres")
         lowres = _plan_lowres(sp, median_shape, full, num_cases, num_classes, budget_gb, chosen)
@@ -201,8 +202,14 @@ def plan_experiment(fingerprint: Fingerprint, budget_gb: float | None = None,
                                         f"{np.prod(full.patch_size) / np.prod(median_shape):.0%} of the median volume "
                                         f"(planned when under {LOWRES_PATCH_FRACTION:.0%}, kept when it shrinks the "
                                         f"volume at least {LOWRES_MIN_SHRINK:g}x)")
-        elif "3d_lowres" in wanted:
-            configs["3d_lowres"] = lowres
+            not_planned[CASCADE] = "no 3d_lowres stage to start from"
+        else:
+            if "3d_lowres" in wanted or CASCADE in wanted:  # the cascade's first stage
+                configs["3d_lowres"] = lowres
+            if CASCADE in wanted:
+                configs[CASCADE] = replace(full, name=CASCADE, previous_stage="3d_lowres", reasons={
+                    **full.reasons, "previous_stage": "3d_fullres's plan, with 3d_lowres's prediction (one channel "
+                    "per foreground label) as extra input, as nnU-Net plans it whenever it plans 3d_lowres"})
     if "2d" in wanted:
         c2 = plan_configuration(list(sp[1:]), list(median_shape[1:]), dataset_voxels, num_classes, budget_gb,
                                 chosen.data_identifier("2d"), chosen, "2d")
@@ -299,6 +306,7 @@ def explain_plans(plans: Plans) -> str:
             (name, "kernel_sizes", " ".join(_fmt(k) for k in c.kernel_sizes), why("kernel_sizes", "")),
             (name, "batch_size", str(c.batch_size), why("batch_size", "")),
             (name, "batch_dice", str(c.batch_dice), why("batch_dice", "")),
+            *([(name, "previous_stage", c.previous_stage, why("previous_stage", ""))] if c.previous_stage else []),
             (name, "estimated_memory_gb", str(c.estimated_memory_gb), f"of a {plans.memory_budget_gb:g} GB budget"),
         ]
     widths = [max(len(r[i]) for r in rows) for i in range(3)]

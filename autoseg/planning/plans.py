@@ -19,7 +19,8 @@ if TYPE_CHECKING:
     from autoseg.network.unet import UNetTopology
 
 FORMAT_VERSION = 2
-CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres")
+CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres")
+CASCADE = "3d_cascade_fullres"  # 3d_fullres fed with 3d_lowres's prediction as extra input channels
 NORMALIZATION_SCHEMES = ("ct", "zscore", "noNorm", "rescale_to_0_1", "rgb_to_0_1")
 # The planner's reason for planning no 3D configuration: the dataset is made of 2D images.
 NOT_PLANNED_FOR_2D_DATA = "2D data: the median case has a single slice"
@@ -91,6 +92,8 @@ class ConfigurationPlan:
     # ResEnc presets: basic blocks per encoder stage (empty: the plain U-Net) and the decoder's convs per stage
     residual_blocks: tuple[int, ...] = ()
     n_conv_per_stage_decoder: int | None = None
+    # The cascade: the configuration whose prediction (one channel per foreground label) joins the input
+    previous_stage: str | None = None
 
     @property
     def ndim(self) -> int:
@@ -116,6 +119,7 @@ class ConfigurationPlan:
                 # only in ResEnc plans, so default plans.json (and the hashes of its settings) stay as they were
                 **({"network": self.network, "residual_blocks": list(self.residual_blocks),
                     "n_conv_per_stage_decoder": self.n_conv_per_stage_decoder} if self.residual_blocks else {}),
+                **({"previous_stage": self.previous_stage} if self.previous_stage else {}),
                 "estimated_memory_gb": self.estimated_memory_gb, "reasons": dict(self.reasons)}
 
 
@@ -143,9 +147,15 @@ class Plans:
         return len(self.channel_names)
 
     @property
+    def ignore_label(self) -> int | None:
+        """The id of the label named "ignore" (unannotated voxels, nnU-Net v2's rule): the highest id, never
+        predicted, left out of the loss and of every score."""
+        return next((k for k, name in self.labels.items() if name == "ignore"), None)
+
+    @property
     def num_classes(self) -> int:
-        """Network outputs: one per label, background included."""
-        return len(self.labels)
+        """Network outputs: one per label, background included, the ignore label not."""
+        return len(self.labels) - (self.ignore_label is not None)
 
     @property
     def trained_on_2d_images(self) -> bool:
@@ -154,13 +164,20 @@ class Plans:
 
     @property
     def foreground_labels(self) -> list[int]:
-        return sorted(k for k in self.labels if k > 0)
+        """The labels the network predicts, background and the ignore label left out."""
+        return sorted(k for k in self.labels if k > 0 and k != self.ignore_label)
+
+    def input_channels(self, configuration: str) -> int:
+        """The network's input channels: the image's, plus one per foreground label in a cascade's second stage."""
+        previous = self.configuration(configuration).previous_stage
+        return self.num_channels + (len(self.foreground_labels) if previous else 0)
 
     def network_topology(self, configuration: str) -> "UNetTopology":
         """The U-Net of one configuration, for this dataset's channels and labels."""
         from autoseg.network.unet import UNetTopology  # torch: only where a network is built
 
-        return UNetTopology.from_plan(self.configuration(configuration), self.num_channels, self.num_classes)
+        return UNetTopology.from_plan(self.configuration(configuration), self.input_channels(configuration),
+                                      self.num_classes)
 
     def configuration(self, name: str) -> ConfigurationPlan:
         if name not in self.configurations:
@@ -341,6 +358,10 @@ def _read_plans(keys: _Keys) -> Plans:
     resampling = _read_resampling(keys.sub("resampling"))
     configs = keys.sub("configurations")
     configurations = {name: _read_configuration(configs.sub(name), name) for name in configs.data}
+    for name, config in configurations.items():
+        if config.previous_stage is not None and config.previous_stage not in configurations:
+            raise configs.error(f"{name}.previous_stage", f"names {config.previous_stage}, which is not among the "
+                                                          f"configurations ({', '.join(configurations)})")
     default = keys.text("default_configuration", optional=True)
     if default is not None and default not in configurations:
         raise keys.error("default_configuration", f"names {default}, which is not among the configurations "
@@ -434,7 +455,7 @@ def _read_configuration(c: _Keys, name: str) -> ConfigurationPlan:
         strides=c.number_rows("strides", ndim, len(features)),
         n_conv_per_stage=c.integer("n_conv_per_stage", 2, minimum=1),
         estimated_memory_gb=c.number("estimated_memory_gb", None), reasons=c.texts("reasons"),
-        **_read_network(c, len(features)))
+        previous_stage=c.text("previous_stage", None), **_read_network(c, len(features)))
     total = [1] * ndim
     for stride in config.strides:
         total = [t * s for t, s in zip(total, stride)]

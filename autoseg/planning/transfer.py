@@ -35,7 +35,7 @@ def transfer_plans(source: Plans, fingerprint: Fingerprint, source_name: str) ->
     configurations = dict(source.configurations)
     not_planned = dict(source.not_planned)
     if target_is_2d:
-        for name in ("3d_fullres", "3d_lowres"):
+        for name in ("3d_fullres", "3d_lowres", "3d_cascade_fullres"):
             if configurations.pop(name, None) is not None:
                 not_planned[name] = NOT_PLANNED_FOR_2D_DATA
     elif source.trained_on_2d_images:

@@ -7,6 +7,7 @@ import json
 import logging
 from dataclasses import replace
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -24,15 +25,15 @@ from autoseg.workspace import preprocessed_dir
 
 log = logging.getLogger(__name__)
 
-# Voxel coordinates kept per label for foreground oversampling, as nnU-Net v2: up to 10,000, and at
-# least 1% of the label's voxels, drawn with its seed from at most ~1e7 non-zero voxels.
+# Voxel coordinates kept per label for foreground oversampling, as nnU-Net v2.8.1: up to 10,000, and
+# at least 1% of the label's voxels, drawn with its seed.
 LOCATIONS_PER_LABEL = 10_000
 LOCATIONS_MIN_FRACTION = 0.01
 LOCATIONS_SEED = 1234
-LOCATIONS_MAX_CANDIDATES = 10_000_000
+ANNOTATED = "annotated"  # with an ignore label: where random patches may start (every annotated voxel)
 PREPROCESSING_VERSION = 4  # 2: -1 outside the non-zero mask, per-case separate axis, int16 seg for large label ids;
 # 3: cubic resampling clipped to the input range, label ties to the nearest neighbour (both as nnU-Net v2);
-# 4: foreground locations sampled as nnU-Net v2 (count, seed)
+# 4: foreground locations sampled as nnU-Net v2 (count, seed, the annotated voxels with an ignore label)
 
 
 class PreprocessingError(AutosegError):
@@ -125,33 +126,52 @@ def preprocess_case(image: np.ndarray, label: np.ndarray | None, geometry: Geome
         seg = mark_outside_mask(seg, mask).transpose(*transpose)
         seg = resample_label(seg, shape, r.label_order, axis, r.thick_axis_order)
         seg = np.ascontiguousarray(seg)[None].astype(dtype)
-        locations = sample_class_locations(seg[0])
+        locations = sample_class_locations(seg[0], plans.ignore_label)
         properties = replace(properties, class_locations=locations)
     return image, seg, properties
 
 
-def sample_class_locations(seg: np.ndarray) -> dict[str, list[list[int]]]:
-    """Stored voxels per foreground label of a (Z, Y, X) seg, the same voxels in the same order as nnU-Net v2.
+def label_to_network_grid(label: np.ndarray, properties: CaseProperties, plans: Plans) -> np.ndarray:
+    """A label map on the case's original grid (Z, Y, X) -> the grid of its preprocessed data, as `preprocess_case`
+    takes the training labels there (crop, transpose, label resampling): how a cascade's second stage gets the
+    first stage's prediction, in training and in prediction alike."""
+    r = plans.resampling
+    transpose = plans.transpose_forward
+    seg = crop(np.asarray(label)[None], properties.nonzero_bbox)[0].transpose(*transpose)
+    spacing = tuple(float(properties.original_geometry.spacing[a]) for a in transpose)
+    axis = separate_axis_for(spacing, tuple(properties.spacing), r.anisotropy_threshold)
+    return np.ascontiguousarray(resample_label(seg, properties.shape_after_resampling, r.label_order, axis,
+                                               r.thick_axis_order))
+
+
+def one_hot_labels(labels: np.ndarray, foreground: Sequence[int]) -> np.ndarray:
+    """(n_foreground, *spatial) float32, 1 where the voxel has that label (-1 and 0 are all zeros): a cascade's
+    first-stage labels as its second stage's extra input channels."""
+    return np.stack([labels == label for label in foreground]).astype(np.float32)
+
+
+def sample_class_locations(seg: np.ndarray, ignore_label: int | None = None) -> dict[str, list[list[int]]]:
+    """Stored voxels per foreground label of a (Z, Y, X) seg, the same voxels in the same order as nnU-Net v2.8.1.
 
     Labels are visited in ascending order, all drawing from one `RandomState(1234)`; each keeps
-    min(10,000, its voxel count) but at least 1% of its voxels. Like nnU-Net, above 1e7 non-zero
-    voxels (-1 included) every k-th of them is a candidate. Labels absent from the seg are left out.
+    min(10,000, its voxel count) but at least 1% of its voxels. With an ignore label, it is not a
+    foreground label, and a last entry `"annotated"` samples every annotated voxel (labels -1, 0, 1, ...
+    in that order, as nnU-Net's region `[-1] + all_labels`), where random patches are centred so they
+    hold something to learn from. Labels absent from the seg are left out.
     """
     rng = np.random.RandomState(LOCATIONS_SEED)
-    nonzero = int(np.count_nonzero(seg))
-    if nonzero > LOCATIONS_MAX_CANDIDATES:
-        coords = np.argwhere(seg != 0)[::nonzero // LOCATIONS_MAX_CANDIDATES]
-    else:
-        coords = np.argwhere(seg > 0)  # the same order as nnU-Net's seg != 0 list, without the -1 voxels
-    values = seg[tuple(coords.T)]
-    locations = {}
-    for value in np.unique(values):
-        if value <= 0:
-            continue
-        label_coords = coords[values == value]
-        count = max(min(LOCATIONS_PER_LABEL, len(label_coords)),
-                    int(np.ceil(len(label_coords) * LOCATIONS_MIN_FRACTION)))
-        locations[str(int(value))] = label_coords[rng.choice(len(label_coords), count, replace=False)].tolist()
+    present = [int(v) for v in np.unique(seg)]
+    foreground = [v for v in present if v > 0 and v != ignore_label]
+    wanted = foreground if ignore_label is None else [v for v in present if v != ignore_label]
+    coords_by_label = {v: np.argwhere(seg == v) for v in wanted}
+
+    def draw(coords: np.ndarray) -> list[list[int]]:
+        count = max(min(LOCATIONS_PER_LABEL, len(coords)), int(np.ceil(len(coords) * LOCATIONS_MIN_FRACTION)))
+        return coords[rng.choice(len(coords), count, replace=False)].tolist()
+
+    locations = {str(v): draw(coords_by_label[v]) for v in foreground}
+    if ignore_label is not None and wanted:
+        locations[ANNOTATED] = draw(np.concatenate([coords_by_label[v] for v in sorted(wanted)]))
     return locations
 
 

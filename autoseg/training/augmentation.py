@@ -57,6 +57,8 @@ from batchgenerators.transforms.resample_transforms import SimulateLowResolution
 from batchgenerators.transforms.spatial_transforms import MirrorTransform, SpatialTransform
 from batchgenerators.transforms.utility_transforms import NumpyToTensor
 
+from autoseg.training.cascade import MoveSegAsOneHotToData, RandomBinaryOperator, RemoveRandomComponent
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_SCALE_RANGE = (0.7, 1.4)
@@ -216,11 +218,14 @@ def training_transforms(
     nonzero_mask_channels: Sequence[int] = (),
     scale_range: Sequence[float] = DEFAULT_SCALE_RANGE,
     elastic: bool = False,
+    previous_stage_labels: Sequence[int] = (),
 ) -> Compose:
     """The training augmentation (see the module docstring) for patches read at `training_patch_size`.
 
     `nonzero_mask_channels` lists the channels normalized within the non-zero mask (plans.json
-    "use_nonzero_mask"); they are set to 0 where the label is -1.
+    "use_nonzero_mask"); they are set to 0 where the label is -1. `previous_stage_labels` (a cascade's
+    second stage) turns seg channel 1 into one input channel per label and perturbs them
+    (training/cascade.py).
     """
     patch = [int(p) for p in patch_size]
     ndim = len(patch)
@@ -256,14 +261,21 @@ def training_transforms(
         if max(mirror_axes) >= ndim:
             raise ValueError(f"mirror_axes {list(mirror_axes)} refer to spatial axes of a {ndim}D patch {patch}")
         transforms.append(MirrorTransform(tuple(mirror_axes)))
-    transforms += [MaskImageOutsideNonzero(nonzero_mask_channels), RoundSegToLabels(),
-                   DownsampleSegForDeepSupervision(deep_supervision_scales)]
+    transforms += [MaskImageOutsideNonzero(nonzero_mask_channels), RoundSegToLabels()]
+    if previous_stage_labels:
+        n = len(previous_stage_labels)
+        transforms += [MoveSegAsOneHotToData(previous_stage_labels), RandomBinaryOperator(n), RemoveRandomComponent(n)]
+    transforms.append(DownsampleSegForDeepSupervision(deep_supervision_scales))
     return Compose(transforms + _to_tensors())
 
 
-def validation_transforms(deep_supervision_scales: list[list[float]] | None) -> Compose:
-    """No augmentation: labels (-1 becomes 0), deep-supervision targets and tensors (loader reads the final patch)."""
-    return Compose([RoundSegToLabels(), DownsampleSegForDeepSupervision(deep_supervision_scales)] + _to_tensors())
+def validation_transforms(deep_supervision_scales: list[list[float]] | None,
+                          previous_stage_labels: Sequence[int] = ()) -> Compose:
+    """No augmentation: labels (-1 becomes 0), a cascade's first-stage channels, deep-supervision targets and
+    tensors (loader reads the final patch)."""
+    previous = [MoveSegAsOneHotToData(previous_stage_labels)] if previous_stage_labels else []
+    return Compose([RoundSegToLabels(), *previous, DownsampleSegForDeepSupervision(deep_supervision_scales)]
+                   + _to_tensors())
 
 
 def default_workers() -> int:

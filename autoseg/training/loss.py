@@ -12,6 +12,7 @@ from torch import nn
 def soft_dice_loss(
     logits: torch.Tensor, target: torch.Tensor, ignore_background: bool = True, smooth: float = 1e-5,
     batch_dice: bool = True, sum_terms: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Negative mean soft Dice over classes (about -1 when perfect); float32 even under autocast.
 
@@ -23,7 +24,8 @@ def soft_dice_loss(
     MemoryEfficientSoftDiceLoss, with the background left out by default.
 
     With batch Dice, `sum_terms` (e.g. `distributed.sum_with_gradient`) sums the per-class terms
-    over the processes of a data-parallel run, so the Dice covers the global batch.
+    over the processes of a data-parallel run, so the Dice covers the global batch. `mask` (B, 1,
+    *spatial), true where a voxel counts, leaves the others out of every term (the ignore label).
     """
     if target.shape[0] != logits.shape[0] or target.shape[2:] != logits.shape[2:] or target.shape[1] != 1:
         raise ValueError(
@@ -32,6 +34,8 @@ def soft_dice_loss(
     with torch.autocast(device_type=logits.device.type, enabled=False):
         probs = torch.softmax(logits.float(), dim=1)
         one_hot = torch.zeros_like(probs).scatter_(1, target.long(), 1.0)
+        if mask is not None:
+            probs, one_hot = probs * mask, one_hot * mask
         axes = ([0] if batch_dice else []) + list(range(2, logits.dim()))
         intersection = (probs * one_hot).sum(axes)
         denominator = probs.sum(axes) + one_hot.sum(axes)
@@ -47,21 +51,35 @@ class DiceCELoss(nn.Module):
     """Soft Dice plus cross-entropy, weight 1 each: Dice handles class imbalance, CE gives smooth gradients.
 
     `batch_dice` comes from the configuration in plans.json; `sum_terms` (see `soft_dice_loss`) is
-    set in a data-parallel run.
+    set in a data-parallel run. With `ignore_label` (plans.json's label named "ignore"), voxels of that
+    label count in neither term, as in nnU-Net v2; a batch without an annotated voxel adds no
+    cross-entropy.
     """
 
     def __init__(self, ignore_background: bool = True, smooth: float = 1e-5, batch_dice: bool = True,
-                 sum_terms: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                 sum_terms: Callable[[torch.Tensor], torch.Tensor] | None = None, ignore_label: int | None = None):
         super().__init__()
         self.ignore_background = ignore_background
         self.smooth = smooth
         self.batch_dice = batch_dice
         self.sum_terms = sum_terms
+        self.ignore_label = ignore_label
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        dice = soft_dice_loss(logits, target, self.ignore_background, self.smooth, self.batch_dice, self.sum_terms)
+        mask = None
+        if self.ignore_label is not None:
+            mask = target != self.ignore_label
+            target = torch.where(mask, target, 0)  # any valid class: masked out of both terms below
+        dice = soft_dice_loss(logits, target, self.ignore_background, self.smooth, self.batch_dice, self.sum_terms,
+                              mask)
         with torch.autocast(device_type=logits.device.type, enabled=False):
-            ce = F.cross_entropy(logits.float(), target[:, 0].long())
+            if mask is None:
+                ce = F.cross_entropy(logits.float(), target[:, 0].long())
+            elif mask.any():
+                per_voxel = F.cross_entropy(logits.float(), target[:, 0].long(), reduction="none")
+                ce = per_voxel[mask[:, 0]].mean()
+            else:
+                ce = logits.sum() * 0.0  # nothing annotated here: no gradient from this term
         return dice + ce
 
 

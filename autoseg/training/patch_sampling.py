@@ -12,6 +12,9 @@ augmentation turns -1 into background).
 Foreground oversampling: the patch is centred on a stored voxel of the chosen label (lower corner
 `voxel - p // 2`), raised to the lowest allowed corner where that lies below it and never lowered,
 so a voxel at the upper border stays centred and the padding beyond the volume grows instead.
+
+With an ignore label (sparse annotation), the other patches are centred the same way on a random
+annotated voxel (preprocessing stores them under "annotated"), so no patch is all unannotated.
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ import numpy as np
 from batchgenerators.dataloading.data_loader import DataLoader
 
 from autoseg.preprocessing import store
+from autoseg.preprocessing.preprocess import ANNOTATED
+
+ANNOTATED_KEY = -1  # `class_locations` key of the annotated voxels (datasets with an ignore label only)
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +46,8 @@ class PreprocessedCase:
     case_id: str
     image: store.CaseArray  # (C, Z, Y, X) float32
     seg: store.CaseArray  # (1, Z, Y, X) int8 or int16; -1 outside the image's non-zero mask
-    class_locations: dict[int, np.ndarray]  # label -> (N, 3) int64 voxel coordinates, N may be 0
+    class_locations: dict[int, np.ndarray]  # label (or ANNOTATED_KEY) -> (N, 3) int64 voxel coordinates, N may be 0
+    previous: store.CaseArray | None = None  # (1, Z, Y, X) a cascade's first-stage labels on this grid
 
 
 def open_case(folder: Path, case_id: str) -> PreprocessedCase:
@@ -57,7 +64,7 @@ def open_case(folder: Path, case_id: str) -> PreprocessedCase:
                                           "shape; rerun preprocessing")
     properties = store.load_properties(folder, case_id)
     class_locations = {
-        int(label): np.asarray(coords, dtype=np.int64).reshape(-1, 3)
+        ANNOTATED_KEY if label == ANNOTATED else int(label): np.asarray(coords, dtype=np.int64).reshape(-1, 3)
         for label, coords in properties.class_locations.items()
     }
     return PreprocessedCase(case_id, image, seg, class_locations)
@@ -91,7 +98,8 @@ def sample_patch_box(
 
     `shape` is the spatial shape (Z, Y, X). With a 2-entry `patch_size` (2D configuration) the box
     spans a single slice along axis 0. With `force_label`, the box contains a stored voxel of that
-    label (falls back to random placement when the case has none).
+    label (falls back to random placement when the case has none); without, it is centred on an
+    annotated voxel where `class_locations` has them (ANNOTATED_KEY), else placed at random.
     """
     shape = [int(s) for s in shape]
     patch = [int(p) for p in patch_size]
@@ -102,12 +110,12 @@ def sample_patch_box(
         raise ValueError(f"final_patch_size {final} must not exceed the read patch_size {patch}")
 
     voxel = None
-    if force_label is not None:
-        coords = class_locations.get(force_label)
-        if coords is not None and len(coords) > 0:
-            voxel = [int(v) for v in coords[rng.integers(len(coords))]]
-        else:
-            logger.debug("label %s has no stored voxels; sampling a random patch", force_label)
+    centre_on = force_label if force_label is not None else ANNOTATED_KEY
+    coords = class_locations.get(centre_on)
+    if coords is not None and len(coords) > 0:
+        voxel = [int(v) for v in coords[rng.integers(len(coords))]]
+    elif force_label is not None:
+        logger.debug("label %s has no stored voxels; sampling a random patch", force_label)
 
     lower, upper = [], []
     in_plane_shape = shape
@@ -149,7 +157,8 @@ class PatchLoader(DataLoader):
     (seed, thread_id), so a given seed reproduces each worker's stream. `final_patch_size` is the
     patch after the augmentation's centre crop (see the module docstring); leave None for validation.
     With `infinite=False` the loader goes over `case_ids` once, split across
-    `num_threads_in_multithreaded` workers.
+    `num_threads_in_multithreaded` workers. With `previous_stage` (a cascade's second stage: the folder of
+    the first stage's predictions, training/cascade.py), "seg" has a second channel holding them.
     """
 
     def __init__(
@@ -164,6 +173,7 @@ class PatchLoader(DataLoader):
         infinite: bool = True,
         *,
         final_patch_size: Sequence[int] | None = None,
+        previous_stage: Path | None = None,
     ):
         if not case_ids:
             raise ValueError(f"PatchLoader for {folder} got no case ids; check the split file")
@@ -176,6 +186,7 @@ class PatchLoader(DataLoader):
         self.patch_size = [int(p) for p in patch_size]
         self.final_patch_size = None if final_patch_size is None else [int(f) for f in final_patch_size]
         self.oversample_foreground = oversample_foreground
+        self.previous_stage = None if previous_stage is None else Path(previous_stage)
         self.seed = seed
         self.indices = list(range(len(self.case_ids)))
         self._cases: dict[str, PreprocessedCase] = {}
@@ -198,7 +209,15 @@ class PatchLoader(DataLoader):
         if self._cases_pid != os.getpid():  # a forked worker: do not share the parent's open files
             self._cases, self._cases_pid = {}, os.getpid()
         if case_id not in self._cases:
-            self._cases[case_id] = open_case(self.folder, case_id)
+            case = open_case(self.folder, case_id)
+            if self.previous_stage is not None:
+                path = self.previous_stage / f"{case_id}.b2nd"
+                if not path.is_file():
+                    raise store.PreprocessedDataError(f"{path} is missing: the first stage's prediction of case "
+                                                      f"'{case_id}'; validate every fold of the first stage first")
+                case = PreprocessedCase(case.case_id, case.image, case.seg, case.class_locations,
+                                        store.open_array(path))
+            self._cases[case_id] = case
         return self._cases[case_id]
 
     def is_forced(self, sample_index: int) -> bool:
@@ -218,6 +237,9 @@ class PatchLoader(DataLoader):
             lower, upper = sample_patch_box(case.image.shape[1:], self.patch_size, self._rng, label,
                                             case.class_locations, final_patch_size=self.final_patch_size)
             image, labels = read_box(case.image, lower, upper), read_box(case.seg, lower, upper, pad_value=-1)
+            if case.previous is not None:
+                previous = read_box(case.previous, lower, upper, pad_value=-1).astype(labels.dtype)
+                labels = np.concatenate([labels, previous])
             if len(self.patch_size) == 2:
                 image, labels = image[:, 0], labels[:, 0]
             data.append(image)

@@ -41,6 +41,7 @@ from autoseg.training.augmentation import (
     training_transforms,
     validation_transforms,
 )
+from autoseg.training.cascade import next_stage_dir
 from autoseg.training.loss import DeepSupervisionLoss, DiceCELoss, deep_supervision_weights
 from autoseg.training.patch_sampling import PatchLoader
 from autoseg.training.pretrained import load_pretrained_weights
@@ -180,7 +181,8 @@ def train_fold(workdir: Path, configuration: str, fold: int | str, settings: Tra
     batch_dice = config.batch_dice
     loss_weights = deep_supervision_weights(len(scales))
     sum_dice_terms = distributed.sum_with_gradient if distributed.is_distributed() and batch_dice else None
-    loss_fn = DeepSupervisionLoss(DiceCELoss(batch_dice=batch_dice, sum_terms=sum_dice_terms), loss_weights)
+    loss_fn = DeepSupervisionLoss(DiceCELoss(batch_dice=batch_dice, sum_terms=sum_dice_terms,
+                                             ignore_label=plans.ignore_label), loss_weights)
     optimizer = torch.optim.SGD(network.parameters(), lr=settings.initial_lr, momentum=settings.momentum,
                                 nesterov=True, weight_decay=settings.weight_decay)
     amp_dtype = mixed_precision_dtype(device, settings.mixed_precision)
@@ -253,18 +255,32 @@ def train_fold(workdir: Path, configuration: str, fold: int | str, settings: Tra
         f"{' (slab: in-plane only)' if in_plane_only else ''}, image 0 outside the non-zero mask in channels "
         f"{masked_channels}; loss: {'batch' if batch_dice else 'per-sample'} Dice + cross-entropy")
     data_seed = distributed.rank_seed(settings.seed + start_epoch)
+    previous_dir, previous_labels = None, ()
+    if config.previous_stage is not None:  # the cascade: the first stage's cross-validation predictions
+        previous_dir = next_stage_dir(workdir, config.previous_stage, configuration)
+        lacking = [c for c in train_ids + val_ids if not (previous_dir / f"{c}.b2nd").is_file()]
+        if lacking:
+            raise TrainingError(f"{previous_dir}: no {config.previous_stage} prediction of {len(lacking)} case(s) "
+                                f"(e.g. {lacking[0]}); {configuration} trains on {config.previous_stage}'s "
+                                f"cross-validation predictions: train every fold of it first (`autoseg train "
+                                f"WORKDIR --config {config.previous_stage} --fold K`, K = 0..4, with validation)")
+        previous_labels = plans.foreground_labels
+        say(f"cascade: input {plans.num_channels} image channel(s) + {len(previous_labels)} from "
+            f"{config.previous_stage}'s predictions in {previous_dir}")
     train_loader = PatchLoader(data_dir, train_ids, read_patch, batch_size, oversample,
-                               max(1, settings.workers), seed=data_seed, final_patch_size=patch)
+                               max(1, settings.workers), seed=data_seed, final_patch_size=patch,
+                               previous_stage=previous_dir)
     train_batches = make_loader(train_loader, training_transforms(patch, mirror_axes=mirror_axes,
                                                                   deep_supervision_scales=scales,
-                                                                  nonzero_mask_channels=masked_channels),
+                                                                  nonzero_mask_channels=masked_channels,
+                                                                  previous_stage_labels=previous_labels),
                                 settings.workers, seed=data_seed)
     val_batches = None
     if val_ids:
         val_loader = PatchLoader(data_dir, val_ids, patch, batch_size, oversample,
-                                 max(1, settings.workers // 2), seed=data_seed + 1)
-        val_batches = make_loader(val_loader, validation_transforms(scales), max(0, settings.workers // 2),
-                                  seed=data_seed + 1)
+                                 max(1, settings.workers // 2), seed=data_seed + 1, previous_stage=previous_dir)
+        val_batches = make_loader(val_loader, validation_transforms(scales, previous_labels),
+                                  max(0, settings.workers // 2), seed=data_seed + 1)
 
     # --- the loop ---------------------------------------------------------------------------------
     try:
@@ -307,7 +323,7 @@ def train_fold(workdir: Path, configuration: str, fold: int | str, settings: Tra
                       "skipped_steps": skipped}
             if val_batches is not None:
                 record.update(_validate_patches(network, val_batches, settings.val_iters, loss_fn, num_classes,
-                                                device, memory_format, autocast))
+                                                device, memory_format, autocast, plans.ignore_label))
                 momentum = settings.ema_momentum
                 ema = record["mean_dice"] if ema is None else momentum * ema + (1 - momentum) * record["mean_dice"]
                 record["ema_dice"] = ema
@@ -348,8 +364,10 @@ def train_fold(workdir: Path, configuration: str, fold: int | str, settings: Tra
 
 
 @torch.inference_mode()
-def _validate_patches(network, batches, iters: int, loss_fn, num_classes: int, device, memory_format, autocast) -> dict:
-    """Validation loss and pseudo-Dice per label (TP/FP/FN pooled over all validation patches of all ranks)."""
+def _validate_patches(network, batches, iters: int, loss_fn, num_classes: int, device, memory_format, autocast,
+                      ignore_label: int | None = None) -> dict:
+    """Validation loss and pseudo-Dice per label (TP/FP/FN pooled over all validation patches of all ranks;
+    voxels of the ignore label count nowhere)."""
     network.eval()
     losses = []
     tp = np.zeros(num_classes - 1)
@@ -364,6 +382,8 @@ def _validate_patches(network, batches, iters: int, loss_fn, num_classes: int, d
             losses.append(loss_fn(outputs, target).item())
         pred = outputs[0].argmax(1)
         ref = target[0][:, 0]
+        if ignore_label is not None:
+            pred = torch.where(ref == ignore_label, 0, pred)
         for c in range(1, num_classes):
             p, r = pred == c, ref == c
             tp[c - 1] += (p & r).sum().item()

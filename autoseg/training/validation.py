@@ -1,6 +1,8 @@
 """End-of-training validation: predict each validation case at full size through the same `Predictor`
 `autoseg predict` uses, export it to the original geometry and score it against the original label
-file (`validation/summary.json`)."""
+file (`validation/summary.json`). In a cascade, the first stage's validation also writes its label
+maps for the second stage's training (training/cascade.py), and the second stage's validation reads
+them as its extra input."""
 
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ from autoseg.inference.predictor import Predictor, PreparedCase
 from autoseg.inference.settings import ComputeSettings, WindowSettings
 from autoseg.planning.plans import Plans
 from autoseg.preprocessing import store
+from autoseg.preprocessing.preprocess import label_to_network_grid, one_hot_labels
+from autoseg.training.cascade import load_next_stage, next_stage_path, save_next_stage
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +51,17 @@ def validate_fold(network: torch.nn.Module, workdir: Path, plans: Plans, configu
     cases = {c.case_id: c for c in load_dataset(raw["root"]).cases}
     labels = plans.foreground_labels
     ending = raw.get("file_ending", ".nii.gz")
+    config = plans.configuration(configuration)
+    next_stages = [name for name, c in plans.configurations.items() if c.previous_stage == configuration]
     per_case = {}
     for case_id in tqdm(val_ids, desc="validation", unit="case", disable=not progress):
         properties = store.load_properties(data_dir, case_id)
         geometry = properties.original_geometry
-        prepared = PreparedCase(geometry, (configuration,), (store.load_case_image(data_dir, case_id),), (properties,))
+        image = store.load_case_image(data_dir, case_id)
+        if config.previous_stage is not None:
+            previous = load_next_stage(next_stage_path(workdir, config.previous_stage, configuration, case_id))
+            image = np.concatenate([image, one_hot_labels(previous, labels)])
+        prepared = PreparedCase(geometry, (configuration,), (image,), (properties,))
         path = out_dir / f"{case_id}{segmentation_suffix(ending)}"
         if keep_probabilities:
             probabilities = predictor.to_original(prepared, predictor.run_networks(prepared))
@@ -60,8 +70,10 @@ def validate_fold(network: torch.nn.Module, workdir: Path, plans: Plans, configu
             del probabilities
         else:
             segmentation = write_segmentation(predictor.segment(prepared).labels, geometry, path)
+        for name in next_stages:
+            _write_for_next_stage(segmentation, workdir, plans, configuration, name, case_id)
         reference = read_case_label(cases[case_id])
-        per_case[case_id] = evaluate_case(segmentation, reference, geometry.spacing, labels)
+        per_case[case_id] = evaluate_case(segmentation, reference, geometry.spacing, labels, plans.ignore_label)
     mean = nan_to_none(mean_per_label(per_case, labels))
     for key in mean:
         mean[key]["name"] = plans.labels[int(key)]
@@ -73,3 +85,18 @@ def validate_fold(network: torch.nn.Module, workdir: Path, plans: Plans, configu
                "cases": nan_to_none(per_case)}
     write_json(out_dir / "summary.json", summary)
     return summary
+
+
+def _write_for_next_stage(segmentation: np.ndarray, workdir: Path, plans: Plans, configuration: str, next_stage: str,
+                          case_id: str) -> None:
+    """This stage's label map of a validation case, on the next stage's grid, for the next stage's training."""
+    next_data = workspace.preprocessed_dir(workdir, plans.configuration(next_stage).data_identifier)
+    try:
+        properties = store.load_properties(next_data, case_id)
+    except store.PreprocessedDataError:
+        log.warning("%s: %s is not preprocessed, so this prediction is not kept for %s's training; run `autoseg "
+                    "plan DATASET -o WORKDIR --steps preprocess` and validate this fold again", case_id, next_stage,
+                    next_stage)
+        return
+    grid = label_to_network_grid(segmentation, properties, plans)
+    save_next_stage(next_stage_path(workdir, configuration, next_stage, case_id), grid.astype(np.int16))
