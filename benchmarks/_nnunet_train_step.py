@@ -53,6 +53,8 @@ def main() -> None:
     parser.add_argument("--val-iters", type=int, default=50, help="validation batches per epoch with --epochs")
     parser.add_argument("--batch-size", type=int, default=0,
                         help="train with this batch size instead of the plans' (written into the plans it reads)")
+    parser.add_argument("--plans-name", default="nnUNetPlans",
+                        help="the plans file to train with (default: %(default)s)")
     args = parser.parse_args()
 
     t_start = time.perf_counter()
@@ -62,7 +64,7 @@ def main() -> None:
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
     folder = Path(nnUNet_preprocessed) / args.dataset_name
-    plans = load_json(str(folder / "nnUNetPlans.json"))
+    plans = load_json(str(folder / f"{args.plans_name}.json"))
     if args.batch_size:
         plans["configurations"][args.configuration]["batch_size"] = args.batch_size
     plans["continue_training"] = False  # what run_training's get_trainer_from_args sets for a new run

@@ -5,6 +5,7 @@ label of both is printed side by side with their training and prediction seconds
     python benchmarks/bench_accuracy.py DATASET --test-images DIR --test-labels DIR --iterations N
                                         [--epochs E] [--val-iters V] [--workers W]
                                         [--configuration 2d|3d_fullres|3d_lowres] [--batch-size B]
+                                        [--preset default|resenc-m|resenc-l|resenc-xl]
                                         [--autoseg-precision float32|auto]
                                         [--nnunet-venv /work/bench/nnunet_venv | --no-nnunet]
     python benchmarks/bench_accuracy.py DATASET --hold-out 20 --iterations N      # makes the split itself
@@ -49,7 +50,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_train import BenchError, machine, nnunet_env, prepare_nnunet  # noqa: E402
+from bench_train import NNUNET_PLANS, BenchError, machine, nnunet_env, prepare_nnunet  # noqa: E402
 
 if TYPE_CHECKING:
     from autoseg.planning.plans import Plans
@@ -86,7 +87,8 @@ def hold_out(dataset: Path, count: int, seed: int, folder: Path) -> tuple[Path, 
     return train_root, images, labels
 
 
-def plan_autoseg(dataset: Path, workdir: Path, workers: int, configuration: str | None = None) -> tuple[Plans, str]:
+def plan_autoseg(dataset: Path, workdir: Path, workers: int, configuration: str | None = None,
+                 preset: str = "default") -> tuple[Plans, str]:
     """What `autoseg plan DATASET -o WORKDIR` does, preprocessing one configuration (default: the plan's
     default); (plans, configuration)."""
     from autoseg.plan_workspace import PlanWorkspaceError, plan_workspace
@@ -95,7 +97,8 @@ def plan_autoseg(dataset: Path, workdir: Path, workers: int, configuration: str 
     try:
         # Every configuration is planned (the default and the table need them all); only the one trained
         # is preprocessed.
-        plans = plan_workspace(dataset, workdir, steps=("verify", "fingerprint", "plan"), workers=workers).plans
+        plans = plan_workspace(dataset, workdir, steps=("verify", "fingerprint", "plan"), workers=workers,
+                               preset=preset).plans
         configuration = configuration or plans.default_configuration
         if configuration not in plans.configurations:
             raise BenchError(f"configuration {configuration} is not planned for {dataset.name} "
@@ -143,14 +146,15 @@ def run_autoseg(workdir: Path, configuration: str, epochs: int, iters_per_epoch:
 
 def run_nnunet(dataset: Path, workdir: Path, configuration: str, venv: str, folder: Path, epochs: int,
                iters_per_epoch: int, val_iters: int, workers: int, test_images: Path, out: Path,
-               batch_size: int | None = None) -> dict:
+               batch_size: int | None = None, preset: str = "default") -> dict:
     from bench_predict import link_inputs
     from bench_train import autoseg_plan_summary, compare_plans, nnunet_plan_summary
 
     cache = folder / "nnunet"
-    nnunet_bin, name, dataset_id = prepare_nnunet(dataset, cache, venv, configuration)
+    nnunet_bin, name, dataset_id = prepare_nnunet(dataset, cache, venv, configuration, preset)
+    plans_name = NNUNET_PLANS[preset][1]
     differ = compare_plans(autoseg_plan_summary(workdir, configuration),
-                           nnunet_plan_summary(cache, name, configuration))
+                           nnunet_plan_summary(cache, name, configuration, plans_name))
     if "patch_size" in differ or ("batch_size" in differ and batch_size is None):
         print("WARNING: batch or patch differ, so the budgets are not equal", flush=True)
     splits = json.loads((workdir / "splits.json").read_text())
@@ -163,7 +167,8 @@ def run_nnunet(dataset: Path, workdir: Path, configuration: str, venv: str, fold
     record = folder / "nnunet_train.json"
     cmd = [str(nnunet_bin / "python"), str(NNUNET_DRIVER), "--dataset-name", name, "--configuration", configuration,
            "--fold", "0", "--epochs", str(epochs), "--iters", str(iters_per_epoch), "--val-iters", str(val_iters),
-           "--json", str(record)] + (["--batch-size", str(batch_size)] if batch_size else [])
+           "--json", str(record), "--plans-name", plans_name]
+    cmd += ["--batch-size", str(batch_size)] if batch_size else []
     log = folder / "nnunet_train.log"
     t = time.perf_counter()
     with open(log, "w") as log_file:
@@ -178,7 +183,8 @@ def run_nnunet(dataset: Path, workdir: Path, configuration: str, venv: str, fold
     channels = len(json.loads((workdir / "plans.json").read_text())["channel_names"])
     cases = link_inputs([test_images], channels, inputs, None)
     cmd = [str(nnunet_bin / "nnUNetv2_predict"), "-i", str(inputs), "-o", str(out), "-d", str(dataset_id),
-           "-c", configuration, "-f", "0", "-chk", "checkpoint_final.pth", "-device", "cpu", "-npp", "2", "-nps", "2"]
+           "-c", configuration, "-f", "0", "-chk", "checkpoint_final.pth", "-device", "cpu", "-npp", "2", "-nps", "2",
+           "-p", plans_name]
     t = time.perf_counter()
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     predict_s = time.perf_counter() - t
@@ -203,6 +209,9 @@ def main() -> None:
     parser.add_argument("--val-iters", type=int, default=10,
                         help="validation batches per epoch, both tools (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=None, help="augmentation workers for both (default: autoseg's)")
+    parser.add_argument("--preset", choices=sorted(NNUNET_PLANS), default="default",
+                        help="planning preset for autoseg, and nnU-Net's planner of the same name (resenc-m: "
+                             "nnUNetPlannerResEncM, trained and predicted with nnUNetResEncUNetMPlans)")
     parser.add_argument("--configuration", choices=("2d", "3d_fullres", "3d_lowres"),
                         help="configuration both train (default: autoseg's default configuration, 3d_fullres for 3D "
                              "data)")
@@ -244,7 +253,8 @@ def main() -> None:
             test_images, test_labels = args.test_images.resolve(), args.test_labels.resolve()
         workdir = folder / "autoseg_ws"
         t = time.perf_counter()
-        plans, configuration = plan_autoseg(dataset, workdir, workers=2, configuration=args.configuration)
+        plans, configuration = plan_autoseg(dataset, workdir, workers=2, configuration=args.configuration,
+                                            preset=args.preset)
         plan_s = time.perf_counter() - t
         planned = plans.configuration(configuration)
         batch_size = args.batch_size or planned.batch_size
@@ -266,7 +276,7 @@ def main() -> None:
         if use_nnunet:
             figures["nnunetv2"] = run_nnunet(dataset, workdir, configuration, args.nnunet_venv, folder, epochs,
                                              iters_per_epoch, args.val_iters, workers, test_images,
-                                             folder / "pred_nnunet", args.batch_size)
+                                             folder / "pred_nnunet", args.batch_size, args.preset)
             figures["nnunetv2"]["dice"] = dice_per_label(folder / "pred_nnunet", test_labels, labels)
 
         tools = list(figures)

@@ -52,8 +52,14 @@ class BenchError(Exception):
 
 # --- nnU-Net v2 side (also used by bench_predict.py) ------------------------------------------------
 
-def prepare_nnunet(dataset: Path, cache: Path, nnunet_venv: str, configuration: str = "3d_fullres"
-                   ) -> tuple[Path, str, int]:
+NNUNET_PLANS = {"default": ("ExperimentPlanner", "nnUNetPlans"),  # autoseg preset -> nnU-Net planner, plans
+                "resenc-m": ("nnUNetPlannerResEncM", "nnUNetResEncUNetMPlans"),
+                "resenc-l": ("nnUNetPlannerResEncL", "nnUNetResEncUNetLPlans"),
+                "resenc-xl": ("nnUNetPlannerResEncXL", "nnUNetResEncUNetXLPlans")}
+
+
+def prepare_nnunet(dataset: Path, cache: Path, nnunet_venv: str, configuration: str = "3d_fullres",
+                   preset: str = "default") -> tuple[Path, str, int]:
     """Convert and preprocess `dataset` for nnU-Net into `cache` unless done; return (bin, dataset name, id).
 
     Uses bench_plan.py's conversion (links to the cases dataset.json lists, nnUNetv2_convert_MSD_dataset),
@@ -69,7 +75,8 @@ def prepare_nnunet(dataset: Path, cache: Path, nnunet_venv: str, configuration: 
     marker = cache / "prepared.json"
     if marker.is_file():
         done = json.loads(marker.read_text())
-        if done["dataset"] == str(dataset) and configuration in done["configurations"]:
+        if (done["dataset"] == str(dataset) and configuration in done["configurations"]
+                and done.get("preset", "default") == preset):
             return nnunet_bin, done["name"], done["id"]
     print(f"nnunetv2: preparing {dataset.name} in {cache} (once; not timed) ...", flush=True)
     for sub in ("nnUNet_raw", "nnUNet_preprocessed", "msd_source", "nnUNet_results"):  # a model of an old plan goes too
@@ -82,12 +89,13 @@ def prepare_nnunet(dataset: Path, cache: Path, nnunet_venv: str, configuration: 
     except PlanError as exc:
         raise BenchError(str(exc)) from exc
     cmd = [str(nnunet_bin / "nnUNetv2_plan_and_preprocess"), "-d", str(dataset_id), "-c", configuration,
-           "-np", "2", "-npfp", "2"]
+           "-np", "2", "-npfp", "2", "-pl", NNUNET_PLANS[preset][0]]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise BenchError(f"{' '.join(cmd)} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
     marker.write_text(json.dumps({"dataset": str(dataset), "name": name, "id": dataset_id,
-                                  "configurations": [configuration], "command": " ".join(cmd)}, indent=1))
+                                  "configurations": [configuration], "preset": preset,
+                                  "command": " ".join(cmd)}, indent=1))
     return nnunet_bin, name, dataset_id
 
 
@@ -106,15 +114,15 @@ def run_nnunet_driver(nnunet_bin: Path, cache: Path, name: str, configuration: s
     return json.loads(out.read_text())
 
 
-def nnunet_plan_summary(cache: Path, name: str, configuration: str) -> dict:
+def nnunet_plan_summary(cache: Path, name: str, configuration: str, plans_name: str = "nnUNetPlans") -> dict:
     """The fields of nnU-Net's plan that autoseg's plan also has, for printing and comparing."""
-    plans = json.loads((cache / "nnUNet_preprocessed" / name / "nnUNetPlans.json").read_text())
+    plans = json.loads((cache / "nnUNet_preprocessed" / name / f"{plans_name}.json").read_text())
     conf = plans["configurations"][configuration]
     arch = conf["architecture"]["arch_kwargs"]
     return {"batch_size": conf["batch_size"], "patch_size": list(conf["patch_size"]), "spacing": list(conf["spacing"]),
             "n_stages": arch["n_stages"], "features_per_stage": list(arch["features_per_stage"]),
             "strides": [list(s) for s in arch["strides"]], "kernel_sizes": [list(k) for k in arch["kernel_sizes"]],
-            "n_conv_per_stage": list(arch["n_conv_per_stage"]),
+            "n_conv_per_stage": list(arch.get("n_blocks_per_stage") or arch["n_conv_per_stage"]),
             "normalization": conf["normalization_schemes"]}
 
 
@@ -124,7 +132,8 @@ def autoseg_plan_summary(workdir: Path, configuration: str) -> dict:
     return {"batch_size": conf["batch_size"], "patch_size": list(conf["patch_size"]), "spacing": list(conf["spacing"]),
             "n_stages": len(conf["features_per_stage"]), "features_per_stage": list(conf["features_per_stage"]),
             "strides": [list(s) for s in conf["strides"]], "kernel_sizes": [list(k) for k in conf["kernel_sizes"]],
-            "n_conv_per_stage": [conf["n_conv_per_stage"]] * len(conf["features_per_stage"]),
+            "n_conv_per_stage": (list(conf["residual_blocks"]) if conf.get("residual_blocks")
+                                 else [conf["n_conv_per_stage"]] * len(conf["features_per_stage"])),
             "normalization": [n["scheme"] for n in plans["normalization"]]}
 
 

@@ -96,24 +96,17 @@ class RandomBinaryOperator(AbstractTransform):
         self.p_per_label, self.p_per_sample = p_per_label, p_per_sample
 
     def __call__(self, **data_dict):
-        data = data_dict["data"]
-        channels = list(range(data.shape[1] - self.n_channels, data.shape[1]))
-        for sample in data:
-            if np.random.uniform() >= self.p_per_sample:
-                continue
-            np.random.shuffle(channels)
-            for c in channels:
-                if np.random.uniform() >= self.p_per_label:
-                    continue
-                radius = int(round(np.random.uniform(*self.radius)))
-                structure = ball(radius) if sample.ndim == 4 else disk(radius)
-                before = sample[c] > 0
-                after = _OPERATORS[np.random.randint(len(_OPERATORS))](before, structure)
-                added = after & ~before
-                for other in channels:
-                    if other != c:
-                        sample[other][added] = 0
-                sample[c] = after
+        for sample, c, channels in _chosen_label_channels(data_dict["data"], self.n_channels, self.p_per_sample,
+                                                          self.p_per_label):
+            radius = int(round(np.random.uniform(*self.radius)))
+            structure = ball(radius) if sample.ndim == 4 else disk(radius)
+            before = sample[c] > 0
+            after = _OPERATORS[np.random.randint(len(_OPERATORS))](before, structure)
+            added = after & ~before
+            for other in channels:
+                if other != c:
+                    sample[other][added] = 0
+            sample[c] = after
         return data_dict
 
 
@@ -127,19 +120,27 @@ class RemoveRandomComponent(AbstractTransform):
         self.p_per_label, self.p_per_sample = p_per_label, p_per_sample
 
     def __call__(self, **data_dict):
-        data = data_dict["data"]
-        channels = list(range(data.shape[1] - self.n_channels, data.shape[1]))
-        for sample in data:
-            if np.random.uniform() >= self.p_per_sample:
+        for sample, c, _ in _chosen_label_channels(data_dict["data"], self.n_channels, self.p_per_sample,
+                                                   self.p_per_label):
+            mask = sample[c] > 0
+            if not mask.any():
                 continue
-            np.random.shuffle(channels)
-            for c in channels:
-                if np.random.uniform() >= self.p_per_label or not np.any(sample[c] > 0):
-                    continue
-                mask = sample[c] > 0
-                components, n = ndimage.label(mask, ndimage.generate_binary_structure(mask.ndim, mask.ndim))
-                sizes = np.bincount(components.ravel())[1:]
-                small = np.flatnonzero(sizes < mask.size * self.max_fraction) + 1
-                if len(small):
-                    sample[c][components == np.random.choice(small)] = 0
+            components, _ = ndimage.label(mask, ndimage.generate_binary_structure(mask.ndim, mask.ndim))
+            sizes = np.bincount(components.ravel())[1:]
+            small = np.flatnonzero(sizes < mask.size * self.max_fraction) + 1
+            if len(small):
+                sample[c][components == np.random.choice(small)] = 0
         return data_dict
+
+
+def _chosen_label_channels(data: np.ndarray, n_channels: int, p_per_sample: float, p_per_label: float):
+    """(sample, channel, all label channels) for each sample chosen with `p_per_sample` and each of its last
+    `n_channels` channels, in random order, chosen with `p_per_label`, as nnU-Net draws them."""
+    channels = list(range(data.shape[1] - n_channels, data.shape[1]))
+    for sample in data:
+        if np.random.uniform() >= p_per_sample:
+            continue
+        np.random.shuffle(channels)
+        for c in list(channels):
+            if np.random.uniform() < p_per_label:
+                yield sample, c, channels
