@@ -5,7 +5,7 @@ label of both is printed side by side with their training and prediction seconds
     python benchmarks/bench_accuracy.py DATASET --test-images DIR --test-labels DIR --iterations N
                                         [--epochs E] [--val-iters V] [--workers W]
                                         [--configuration 2d|3d_fullres|3d_lowres] [--batch-size B]
-                                        [--preset default|resenc-m|resenc-l|resenc-xl]
+                                        [--preset default|resenc-m|resenc-l|resenc-xl] [--seeds N]
                                         [--autoseg-precision float32|auto]
                                         [--nnunet-venv /work/bench/nnunet_venv | --no-nnunet]
     python benchmarks/bench_accuracy.py DATASET --hold-out 20 --iterations N      # makes the split itself
@@ -123,14 +123,14 @@ def dice_per_label(pred_dir: Path, labels_dir: Path, labels: list[int]) -> dict[
 
 def run_autoseg(workdir: Path, configuration: str, epochs: int, iters_per_epoch: int, val_iters: int,
                 workers: int, test_images: Path, out: Path, batch_size: int | None = None,
-                mixed_precision: bool = False) -> dict:
+                mixed_precision: bool = False, seed: int = 0) -> dict:
     from autoseg.inference.batch import predict_folder
     from autoseg.inference.settings import BatchOptions, ComputeSettings, ModelChoice
     from autoseg.training.trainer import TrainingSettings, train_fold
 
     settings = TrainingSettings(epochs=epochs, iters_per_epoch=iters_per_epoch, val_iters=val_iters,
                                 workers=workers, validate_at_end=False, batch_size=batch_size,
-                                mixed_precision=mixed_precision)
+                                mixed_precision=mixed_precision, seed=seed)
     t = time.perf_counter()
     train_fold(workdir, configuration, 0, settings, progress=False)
     train_s = time.perf_counter() - t
@@ -146,7 +146,7 @@ def run_autoseg(workdir: Path, configuration: str, epochs: int, iters_per_epoch:
 
 def run_nnunet(dataset: Path, workdir: Path, configuration: str, venv: str, folder: Path, epochs: int,
                iters_per_epoch: int, val_iters: int, workers: int, test_images: Path, out: Path,
-               batch_size: int | None = None, preset: str = "default") -> dict:
+               batch_size: int | None = None, preset: str = "default", run: int = 0) -> dict:
     from bench_predict import link_inputs
     from bench_train import autoseg_plan_summary, compare_plans, nnunet_plan_summary
 
@@ -162,14 +162,15 @@ def run_nnunet(dataset: Path, workdir: Path, configuration: str, venv: str, fold
     preprocessed = cache / "nnUNet_preprocessed" / name
     (preprocessed / "splits_final.json").write_text(json.dumps(splits, indent=1))
 
-    results = folder / "nnunet_results"
+    suffix = f"_{run}" if run else ""  # each repeated run trains a model of its own
+    results = folder / f"nnunet_results{suffix}"
     env = {**nnunet_env(nnunet_bin, cache, results), "nnUNet_n_proc_DA": str(workers)}
-    record = folder / "nnunet_train.json"
+    record = folder / f"nnunet_train{suffix}.json"
     cmd = [str(nnunet_bin / "python"), str(NNUNET_DRIVER), "--dataset-name", name, "--configuration", configuration,
            "--fold", "0", "--epochs", str(epochs), "--iters", str(iters_per_epoch), "--val-iters", str(val_iters),
            "--json", str(record), "--plans-name", plans_name]
     cmd += ["--batch-size", str(batch_size)] if batch_size else []
-    log = folder / "nnunet_train.log"
+    log = folder / f"nnunet_train{suffix}.log"
     t = time.perf_counter()
     with open(log, "w") as log_file:
         done = subprocess.run(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT)
@@ -179,7 +180,7 @@ def run_nnunet(dataset: Path, workdir: Path, configuration: str, venv: str, fold
         raise BenchError(f"{' '.join(cmd)} failed (exit {done.returncode}):\n{tail}")
     figures = json.loads(record.read_text())
 
-    inputs = folder / "nnunet_inputs"
+    inputs = folder / f"nnunet_inputs{suffix}"
     channels = len(json.loads((workdir / "plans.json").read_text())["channel_names"])
     cases = link_inputs([test_images], channels, inputs, None)
     cmd = [str(nnunet_bin / "nnUNetv2_predict"), "-i", str(inputs), "-o", str(out), "-d", str(dataset_id),
@@ -223,6 +224,9 @@ def main() -> None:
     parser.add_argument("--nnunet-venv", default=str(DEFAULT_NNUNET_VENV) if DEFAULT_NNUNET_VENV.is_dir() else None,
                         metavar="PATH", help="nnunetv2 venv or its bin folder (default: %(default)s)")
     parser.add_argument("--no-nnunet", action="store_true", help="run autoseg only")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="train and predict N times (autoseg with training seeds 0..N-1; nnU-Net, which takes no "
+                             "seed, N fresh runs) and print the mean and range of each Dice (default: 1)")
     parser.add_argument("--keep", type=Path, metavar="DIR", help="work in DIR (kept) instead of a temporary folder")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args()
@@ -231,6 +235,8 @@ def main() -> None:
         raise BenchError("--iterations must be at least 1")
     if args.batch_size is not None and args.batch_size < 1:
         raise BenchError("--batch-size must be at least 1")
+    if args.seeds < 1:
+        raise BenchError("--seeds must be at least 1")
     epochs = args.epochs or max(1, round(args.iterations / 250))
     if epochs < 1 or args.iterations % epochs:
         raise BenchError(f"--iterations {args.iterations} must split into --epochs {epochs} equal epochs")
@@ -266,43 +272,59 @@ def main() -> None:
               f"batches per epoch, {workers} augmentation worker(s), autoseg precision {args.autoseg_precision}; "
               f"test cases in {test_images}", flush=True)
 
-        figures = {"autoseg": run_autoseg(workdir, configuration, epochs, iters_per_epoch, args.val_iters, workers,
-                                          test_images, folder / "pred_autoseg", args.batch_size,
-                                          mixed_precision=args.autoseg_precision == "auto")}
-        figures["autoseg"]["plan_s"] = plan_s
-        figures["autoseg"]["dice"] = dice_per_label(folder / "pred_autoseg", test_labels, labels)
-        print(f"autoseg done: train {figures['autoseg']['train_s']:.1f} s, predict "
-              f"{figures['autoseg']['predict_s']:.1f} s", flush=True)
-        if use_nnunet:
-            figures["nnunetv2"] = run_nnunet(dataset, workdir, configuration, args.nnunet_venv, folder, epochs,
-                                             iters_per_epoch, args.val_iters, workers, test_images,
-                                             folder / "pred_nnunet", args.batch_size, args.preset)
-            figures["nnunetv2"]["dice"] = dice_per_label(folder / "pred_nnunet", test_labels, labels)
-
-        tools = list(figures)
-        print(f"\nDice on {figures['autoseg']['cases']} test cases, fold 0 after {args.iterations} iterations "
-              f"(batch {batch_size}, patch {patch_size}):")
-        print(f"{'label':<24}" + "".join(f"{t:>12}" for t in tools))
-        for label in labels:
-            name = f"{label} {plans.labels[label]}"
-            print(f"{name:<24}" + "".join(f"{_fmt(figures[t]['dice'][label]):>12}" for t in tools))
-        means = {t: _mean([figures[t]["dice"][label] for label in labels]) for t in tools}
-        print(f"{'mean':<24}" + "".join(f"{_fmt(means[t]):>12}" for t in tools))
-        print(f"{'training s':<24}" + "".join(f"{figures[t]['train_s']:>12.1f}" for t in tools))
-        print(f"{'training s/iteration':<24}"
-              + "".join(f"{figures[t]['train_s'] / args.iterations:>12.2f}" for t in tools))
-        print(f"{'prediction s':<24}" + "".join(f"{figures[t]['predict_s']:>12.1f}" for t in tools))
-        print("training s: autoseg's train_fold and nnU-Net's run_training (both with per-epoch validation batches, "
-              "without imports); prediction s: autoseg's predict_folder in this process, nnUNetv2_predict from launch "
-              "to exit")
+        runs = []
+        for run in range(args.seeds):
+            suffix = f"_{run}" if run else ""
+            figures = {"autoseg": run_autoseg(workdir, configuration, epochs, iters_per_epoch, args.val_iters,
+                                              workers, test_images, folder / f"pred_autoseg{suffix}", args.batch_size,
+                                              mixed_precision=args.autoseg_precision == "auto", seed=run)}
+            figures["autoseg"]["plan_s"] = plan_s
+            figures["autoseg"]["dice"] = dice_per_label(folder / f"pred_autoseg{suffix}", test_labels, labels)
+            print(f"run {run + 1}/{args.seeds}: autoseg done (seed {run}): train "
+                  f"{figures['autoseg']['train_s']:.1f} s, predict {figures['autoseg']['predict_s']:.1f} s", flush=True)
+            if use_nnunet:
+                figures["nnunetv2"] = run_nnunet(dataset, workdir, configuration, args.nnunet_venv, folder, epochs,
+                                                 iters_per_epoch, args.val_iters, workers, test_images,
+                                                 folder / f"pred_nnunet{suffix}", args.batch_size, args.preset, run)
+                figures["nnunetv2"]["dice"] = dice_per_label(folder / f"pred_nnunet{suffix}", test_labels, labels)
+            runs.append(figures)
+        print_table(runs, plans, labels, args.iterations, batch_size, patch_size)
         if args.json:
             args.json.write_text(json.dumps({"iterations": args.iterations, "epochs": epochs,
                                              "val_iters": args.val_iters,
                                              "workers": workers, "configuration": configuration,
                                              "autoseg_precision": args.autoseg_precision,
                                              "batch_size": batch_size, "patch_size": patch_size,
-                                             **figures}, indent=1,
-                                            default=str))
+                                             "runs": runs, **runs[0]}, indent=1, default=str))
+
+
+def print_table(runs: list[dict], plans: "Plans", labels: list[int], iterations: int, batch_size: int,
+                patch_size: list[int]) -> None:
+    """Dice per label and tool: the mean over the runs, and with several runs their range [min, max]."""
+    tools = list(runs[0])
+
+    def cell(values: list[float | None]) -> str:
+        known = [v for v in values if v is not None]
+        if len(runs) == 1 or not known:
+            return _fmt(_mean(values))
+        return f"{_fmt(_mean(values))} [{min(known):.3f}, {max(known):.3f}]"
+
+    width = 12 if len(runs) == 1 else 26
+    print(f"\nDice on {runs[0]['autoseg']['cases']} test cases, fold 0 after {iterations} iterations "
+          f"(batch {batch_size}, patch {patch_size})" + (f", mean [min, max] of {len(runs)} runs:" if len(runs) > 1
+                                                         else ":"))
+    print(f"{'label':<24}" + "".join(f"{t:>{width}}" for t in tools))
+    for label in labels:
+        name = f"{label} {plans.labels[label]}"
+        print(f"{name:<24}" + "".join(f"{cell([r[t]['dice'][label] for r in runs]):>{width}}" for t in tools))
+    means = {t: [_mean([r[t]["dice"][label] for label in labels]) for r in runs] for t in tools}
+    print(f"{'mean':<24}" + "".join(f"{cell(means[t]):>{width}}" for t in tools))
+    for key, title, scale in (("train_s", "training s", 1), ("train_s", "training s/iteration", iterations),
+                              ("predict_s", "prediction s", 1)):
+        print(f"{title:<24}" + "".join(f"{_mean([r[t][key] / scale for r in runs]):>{width}.2f}" for t in tools))
+    print("training s: autoseg's train_fold and nnU-Net's run_training (both with per-epoch validation batches, "
+          "without imports); prediction s: autoseg's predict_folder in this process, nnUNetv2_predict from launch "
+          "to exit")
 
 
 def _mean(values: list[float | None]) -> float | None:

@@ -70,6 +70,9 @@ NNUNET_TRAINER_FOLDER = "nnUNetTrainer__nnUNetPlans__{configuration}"
 NNUNET_MARKERS = (("ready", "There are"), ("first_case", "Predicting "))
 
 
+NNUNET_MULTICHANNEL_ENDINGS = (".png", ".bmp")  # nnunetv2's NaturalImage2DIO reads an RGB file as 3 channels
+
+
 def link_inputs(inputs: list[Path], num_channels: int, folder: Path, max_cases: int | None) -> list[str]:
     """Link the input cases into `folder` as <case>_<cccc><ending>; return their ids."""
     cases, problems = discover_inputs(inputs, num_channels)
@@ -80,9 +83,12 @@ def link_inputs(inputs: list[Path], num_channels: int, folder: Path, max_cases: 
         raise BenchError(f"no input cases found in {', '.join(map(str, inputs))}")
     folder.mkdir(parents=True)
     for case in cases:
-        if len(case.files) != num_channels:
-            raise BenchError(f"{case.files[0]}: one file holding {num_channels} channels; nnU-Net needs one file "
-                             "per channel (<case>_<cccc>), so pass those")
+        # nnU-Net's natural-image reader takes a colour PNG as all its channels, as the training images are stored
+        colour_png = len(case.files) == 1 and case.ending in NNUNET_MULTICHANNEL_ENDINGS
+        if len(case.files) != num_channels and not colour_png:
+            raise BenchError(f"{case.files[0]}: one file holding {num_channels} channels; nnU-Net takes that only as "
+                             f"a {' or '.join(NNUNET_MULTICHANNEL_ENDINGS)} (its natural-image reader), so pass one "
+                             "file per channel (<case>_<cccc>)")
         for channel, path in enumerate(case.files):
             (folder / f"{case.case_id}_{channel:04d}{case.ending}").symlink_to(path.resolve())
     return [case.case_id for case in cases]

@@ -36,6 +36,19 @@ def test_configuration_and_batch_size_are_the_ones_trained(make_decathlon, tmp_p
     assert record["configuration"] == "2d" and record["batch_size"] == 3 and len(record["patch_size"]) == 2
 
 
+def test_seeds_repeat_the_runs_and_print_their_range(make_decathlon, tmp_path):
+    root = make_decathlon(tmp_path / "Task99_Tiny", n_cases=9, shape=(12, 16, 14))
+    figures = tmp_path / "figures.json"
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "bench_accuracy.py"), str(root), "--hold-out", "2",
+                             "--iterations", "2", "--val-iters", "1", "--workers", "0", "--no-nnunet",
+                             "--configuration", "2d", "--seeds", "2", "--json", str(figures)],
+                            cwd=BENCHMARKS, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "mean [min, max] of 2 runs" in result.stdout and "run 2/2: autoseg done (seed 1)" in result.stdout
+    runs = json.loads(figures.read_text())["runs"]
+    assert len(runs) == 2 and all(set(r["autoseg"]["dice"]) == {"1", "2"} for r in runs)
+
+
 def test_iterations_that_do_not_split_into_the_epochs_are_refused(tmp_path):
     result = subprocess.run([sys.executable, str(BENCHMARKS / "bench_accuracy.py"), str(tmp_path), "--hold-out", "2",
                              "--iterations", "5", "--epochs", "2", "--no-nnunet"], cwd=BENCHMARKS,

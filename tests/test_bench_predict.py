@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -20,3 +22,30 @@ def test_large_volume_mode_predicts_a_synthetic_volume_and_prints_memory_and_sec
                         result.stdout)
     assert figures, result.stdout
     assert 0 < float(figures.group(1)) and 0.05 < float(figures.group(2)) < 8
+
+
+def test_colour_pictures_in_one_file_are_linked_as_nnunet_reads_them(tmp_path):
+    """An RGB PNG holds its three channels in one file, which nnU-Net's natural-image reader takes as
+    `<case>_0000.png`; a 4D NIfTI holding two channels is refused with the fix."""
+    import numpy as np
+    from PIL import Image
+
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from bench_predict import BenchError, link_inputs
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+    pictures = tmp_path / "pictures"
+    pictures.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 20, 3), dtype=np.uint8)).save(pictures / "a.png")
+    assert link_inputs([pictures], 3, tmp_path / "linked", None) == ["a"]
+    assert [p.name for p in (tmp_path / "linked").iterdir()] == ["a_0000.png"]
+
+    import SimpleITK as sitk
+
+    volumes = tmp_path / "volumes"
+    volumes.mkdir()
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((2, 4, 5, 6), np.float32)), str(volumes / "b.nii.gz"))
+    with pytest.raises(BenchError, match="one file per channel"):
+        link_inputs([volumes], 2, tmp_path / "linked2", None)
