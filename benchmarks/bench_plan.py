@@ -190,11 +190,11 @@ def stage_nnunet_raw(dataset: Path, meta: dict, raw_dir: Path, dataset_id: int |
     """
     start = time.perf_counter()
     if "channel_names" in meta:
+        # nnU-Net finds a dataset by a DatasetNNN_Name folder; the link gets one when the folder is named otherwise
         match = re.match(r"Dataset(\d{3})_(.+)$", dataset.name)
-        if not match:
-            raise BenchError(f"{dataset}: an nnU-Net v2 dataset folder must be named DatasetNNN_Name")
-        dataset_id = dataset_id or int(match.group(1))
-        name = f"Dataset{dataset_id:03d}_{match.group(2)}"
+        dataset_id = dataset_id or (int(match.group(1)) if match else 999)
+        short_name = match.group(2) if match else (re.sub(r"[^A-Za-z0-9]", "", dataset.name) or "Dataset")
+        name = f"Dataset{dataset_id:03d}_{short_name}"
         (raw_dir / name).symlink_to(dataset.resolve(), target_is_directory=True)
         return dataset_id, name, time.perf_counter() - start
     if "modality" not in meta:

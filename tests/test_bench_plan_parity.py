@@ -181,3 +181,21 @@ def test_as_decathlon_4d_puts_every_channel_in_one_file_with_the_geometry(parity
         np.testing.assert_array_equal(image_a, image_b)
         np.testing.assert_array_equal(read_case_label(a), read_case_label(b))
         assert geometry_b.spacing == pytest.approx(geometry_a.spacing)
+
+
+def test_nnunet_v2_folder_of_any_name_is_linked_under_a_dataset_name_nnunet_finds(make_nnunetv2, tmp_path):
+    """bench_plan.py's staging (used by bench_train, bench_predict and bench_accuracy): a split made into a plain
+    folder gets a DatasetNNN_Name link; a folder named that way keeps its id."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from bench_plan import stage_nnunet_raw
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    plain = make_nnunetv2(tmp_path / "train")
+    meta = json.loads((plain / "dataset.json").read_text())
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw2").mkdir()
+    dataset_id, name, _ = stage_nnunet_raw(plain, meta, tmp_path / "raw", None, tmp_path, {})
+    assert (dataset_id, name) == (999, "Dataset999_train") and (tmp_path / "raw" / name / "dataset.json").is_file()
+    named = make_nnunetv2(tmp_path / "Dataset042_Liver")
+    assert stage_nnunet_raw(named, meta, tmp_path / "raw2", None, tmp_path, {})[:2] == (42, "Dataset042_Liver")
