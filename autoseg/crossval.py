@@ -16,7 +16,7 @@ from autoseg.atomic import read_json, write_json
 from autoseg.dataset.image_io import read_image
 from autoseg.dataset.layout import load_dataset, read_case_label
 from autoseg.errors import AutosegError
-from autoseg.evaluation import dice_from_counts
+from autoseg.evaluation import dice_from_counts, without_unannotated
 from autoseg.inference.original_grid import segmentation_suffix
 from autoseg.planning.plans import Plans
 from autoseg.postprocessing import decide_postprocessing, save_postprocessing_rules
@@ -132,9 +132,7 @@ def _score_ensemble(workdir: Path, members: list[str], results: dict, labels: li
     for case_id in tqdm(case_ids, desc=f"ensemble {'+'.join(members)}", unit="case", disable=not progress):
         prediction = _ensemble_prediction(workdir, members, case_id,
                                           {c: results[c]["case_folds"][case_id] for c in members})
-        reference = read_case_label(cases[case_id])
-        if ignore_label is not None:  # unannotated voxels count for no label
-            prediction = np.where(reference == ignore_label, 0, prediction)
+        prediction, reference = without_unannotated(prediction, read_case_label(cases[case_id]), ignore_label)
         for label in labels:
             p, r = prediction == label, reference == label
             d = dice_from_counts(int(np.logical_and(p, r).sum()), int(p.sum()), int(r.sum()))

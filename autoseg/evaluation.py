@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from autoseg import workspace
 from autoseg.atomic import atomic_path, read_json, write_json
+from autoseg.dataset import ignore_label_id
 from autoseg.dataset.image_io import (
     PSEUDO_SPACING_2D,
     SUPPORTED_SUFFIXES,
@@ -141,6 +142,18 @@ def _drop_missing_axes(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[floa
     return pred.squeeze(squeeze), ref.squeeze(squeeze), [float(spacing[a]) for a in keep]
 
 
+def without_unannotated(pred: np.ndarray, ref: np.ndarray,
+                        ignore_label: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """(pred, ref) with the voxels whose reference is `ignore_label` set to background in both, so they count for
+    no label, as nnU-Net v2 scores sparse annotations; unchanged without an ignore label."""
+    if ignore_label is None:
+        return pred, ref
+    unannotated = ref == ignore_label
+    if not unannotated.any():
+        return pred, ref
+    return np.where(unannotated, 0, pred), np.where(unannotated, 0, ref)
+
+
 def evaluate_case(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float],
                   labels: Sequence[int], ignore_label: int | None = None) -> dict[str, dict[str, float | int]]:
     """Per-label metrics of one case, keyed by label id as a string; NaN marks an undefined value.
@@ -149,10 +162,7 @@ def evaluate_case(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float],
     pred, ref = np.asarray(pred), np.asarray(ref)
     if pred.shape != ref.shape:
         raise ValueError(f"prediction shape {pred.shape} differs from reference shape {ref.shape}")
-    if ignore_label is not None:
-        unannotated = ref == ignore_label
-        if unannotated.any():
-            pred, ref = np.where(unannotated, 0, pred), np.where(unannotated, 0, ref)
+    pred, ref = without_unannotated(pred, ref, ignore_label)
     _check_spacing(ref, spacing)
     pred, ref, spacing = _drop_missing_axes(pred, ref, spacing)
     voxel_mm3 = float(np.prod(spacing))
@@ -322,7 +332,7 @@ def evaluate_folders(pred_dir: Path | str, ref_dir: Path | str, labels: Sequence
     found, found_in = find_label_names(pred_dir, ref_dir)
     given = {str(int(k)): str(v) for k, v in (label_names or {}).items()}
     names = {**found, **given}
-    ignore_label = next((int(k) for k, name in names.items() if name == "ignore"), None)
+    ignore_label = ignore_label_id(names)
     if labels is not None:
         labels = [label for label in labels if int(label) != ignore_label]
     jobs = [(case_id, predictions[case_id], references[case_id], labels, ignore_label) for case_id in predictions]

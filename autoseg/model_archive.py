@@ -64,8 +64,7 @@ def export_model(workdir: Path | str, path: Path | str, configurations: Sequence
     try:
         configurations = list(plans.resolve_configurations(configurations or (rules or {}).get("configuration")))
         # a cascade's first stage travels with it (its folds as chosen), without becoming an ensemble member
-        stages = [p for p in dict.fromkeys(plans.configuration(c).previous_stage for c in configurations)
-                  if p and p not in configurations]
+        stages = plans.previous_stages(configurations)
         chosen = {name: fold_names(workdir, name, folds, checkpoint) for name in configurations + stages}
     except (PlanError, CheckpointError) as exc:
         raise ModelArchiveError(f"{workdir}: {exc}; choose with --config and --folds") from None

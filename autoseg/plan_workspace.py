@@ -124,7 +124,7 @@ def plan_workspace(dataset_dir: Path, workdir: Path, steps: Sequence[str] = PLAN
     if "preprocess" in steps:
         plans = Plans.load(workspace.plans_json(workdir))
         chosen = [c for c in (configurations or plans.configurations) if c in plans.configurations]
-        chosen += [p for p in (plans.configuration(c).previous_stage for c in chosen) if p and p not in chosen]
+        chosen += plans.previous_stages(chosen)
         started = time.perf_counter()
         preprocess_dataset(dataset, plans, workdir, chosen, workers=workers, progress=progress)
         outcome.plans, outcome.seconds["preprocess"] = plans, time.perf_counter() - started

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from autoseg.dataset import ignore_label_id
 from autoseg.dataset.image_io import NATURAL_IMAGE_SUFFIXES, SUPPORTED_SUFFIXES, image_suffix, strip_suffix
 from autoseg.errors import AutosegError
 
@@ -109,9 +110,6 @@ def _channel_names(meta_path: Path, mapping: object, key: str) -> tuple[str, ...
     return tuple(name for _, name in indexed)
 
 
-IGNORE_LABEL_NAME = "ignore"  # nnU-Net v2's name for voxels nobody annotated (sparse or partial labels)
-
-
 def _check_labels(meta_path: Path, labels: dict[int, str]) -> dict[int, str]:
     if 0 not in labels:
         raise DatasetError(f"{meta_path}: 'labels' must declare the background as label 0")
@@ -121,11 +119,11 @@ def _check_labels(meta_path: Path, labels: dict[int, str]) -> dict[int, str]:
         # The network's output channel k predicts label k, so the ids must be 0..K-1.
         raise DatasetError(f"{meta_path}: label ids must be consecutive 0..{len(labels) - 1}, found {sorted(labels)}; "
                            "renumber the labels in dataset.json and the label files")
-    ignore = [k for k, name in labels.items() if name == IGNORE_LABEL_NAME]
-    if ignore and (ignore[0] != max(labels) or len(labels) < 3):
+    ignore = ignore_label_id(labels)
+    if ignore is not None and (ignore != max(labels) or len(labels) < 3):
         # As nnU-Net v2: the network predicts labels 0..K-2, so the unannotated mark must come last.
         raise DatasetError(f"{meta_path}: the label named 'ignore' (unannotated voxels) must have the highest id and "
-                           f"follow background and at least one structure; it has {ignore[0]}, the labels are "
+                           f"follow background and at least one structure; it has {ignore}, the labels are "
                            f"{sorted(labels)}")
     return dict(sorted(labels.items()))
 

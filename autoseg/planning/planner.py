@@ -19,6 +19,7 @@ from autoseg.planning.normalization import plan_normalization
 from autoseg.planning.plans import (
     CASCADE,
     CONFIGURATIONS,
+    CONFIGURATIONS_3D,
     NOT_PLANNED_FOR_2D_DATA,
     ConfigurationPlan,
     PlanError,
@@ -185,9 +186,9 @@ def plan_experiment(fingerprint: Fingerprint, budget_gb: float | None = None,
     not_planned: dict[str, str] = {}
     configs: dict[str, ConfigurationPlan] = {}
     if not is_3d:
-        for name in ("3d_fullres", "3d_lowres", CASCADE):
+        for name in CONFIGURATIONS_3D:
             not_planned[name] = NOT_PLANNED_FOR_2D_DATA
-    elif wanted & {"3d_fullres", "3d_lowres", CASCADE}:
+    elif wanted & set(CONFIGURATIONS_3D):
         full = plan_configuration(list(sp), list(median_shape), dataset_voxels, num_classes, budget_gb,
                                   chosen.data_identifier("3d_fullres"), chosen, "3d_fullres")
         lowres = _plan_lowres(sp, median_shape, full, num_cases, num_classes, budget_gb, chosen)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from autoseg.atomic import read_json, write_json
+from autoseg.dataset import ignore_label_id
 from autoseg.errors import AutosegError
 
 if TYPE_CHECKING:
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
 FORMAT_VERSION = 2
 CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres")
 CASCADE = "3d_cascade_fullres"  # 3d_fullres fed with 3d_lowres's prediction as extra input channels
+CONFIGURATIONS_3D = ("3d_fullres", "3d_lowres", CASCADE)  # never planned for 2D images
 NORMALIZATION_SCHEMES = ("ct", "zscore", "noNorm", "rescale_to_0_1", "rgb_to_0_1")
 # The planner's reason for planning no 3D configuration: the dataset is made of 2D images.
 NOT_PLANNED_FOR_2D_DATA = "2D data: the median case has a single slice"
@@ -150,7 +152,7 @@ class Plans:
     def ignore_label(self) -> int | None:
         """The id of the label named "ignore" (unannotated voxels, nnU-Net v2's rule): the highest id, never
         predicted, left out of the loss and of every score."""
-        return next((k for k, name in self.labels.items() if name == "ignore"), None)
+        return ignore_label_id(self.labels)
 
     @property
     def num_classes(self) -> int:
@@ -171,6 +173,12 @@ class Plans:
         """The network's input channels: the image's, plus one per foreground label in a cascade's second stage."""
         previous = self.configuration(configuration).previous_stage
         return self.num_channels + (len(self.foreground_labels) if previous else 0)
+
+    def previous_stages(self, names: Sequence[str]) -> list[str]:
+        """The first stages the cascades among `names` need that `names` leave out (what must be preprocessed,
+        or exported, with them)."""
+        stages = dict.fromkeys(self.configuration(n).previous_stage for n in names)
+        return [s for s in stages if s is not None and s not in names]
 
     def network_topology(self, configuration: str) -> "UNetTopology":
         """The U-Net of one configuration, for this dataset's channels and labels."""

@@ -16,7 +16,7 @@ import numpy as np
 
 from autoseg import workspace
 from autoseg.fingerprint import Fingerprint
-from autoseg.planning.plans import NOT_PLANNED_FOR_2D_DATA, PlanError, Plans
+from autoseg.planning.plans import CONFIGURATIONS_3D, NOT_PLANNED_FOR_2D_DATA, PlanError, Plans
 
 
 def source_plans_path(source: Path) -> Path:
@@ -35,7 +35,7 @@ def transfer_plans(source: Plans, fingerprint: Fingerprint, source_name: str) ->
     configurations = dict(source.configurations)
     not_planned = dict(source.not_planned)
     if target_is_2d:
-        for name in ("3d_fullres", "3d_lowres", "3d_cascade_fullres"):
+        for name in CONFIGURATIONS_3D:
             if configurations.pop(name, None) is not None:
                 not_planned[name] = NOT_PLANNED_FOR_2D_DATA
     elif source.trained_on_2d_images:

@@ -37,8 +37,13 @@ def next_stage_dir(workdir: Path, previous: str, configuration: str) -> Path:
     return Path(workdir) / "models" / previous / NEXT_STAGE_FOLDER / configuration
 
 
+def next_stage_file(folder: Path, case_id: str) -> Path:
+    """One case's first-stage prediction in a `next_stage_dir` folder."""
+    return Path(folder) / f"{case_id}.b2nd"
+
+
 def next_stage_path(workdir: Path, previous: str, configuration: str, case_id: str) -> Path:
-    return next_stage_dir(workdir, previous, configuration) / f"{case_id}.b2nd"
+    return next_stage_file(next_stage_dir(workdir, previous, configuration), case_id)
 
 
 def save_next_stage(path: Path, labels: np.ndarray) -> None:
@@ -47,12 +52,18 @@ def save_next_stage(path: Path, labels: np.ndarray) -> None:
     store.save_array(path, np.ascontiguousarray(labels)[None])
 
 
-def load_next_stage(path: Path) -> np.ndarray:
+def open_next_stage(path: Path) -> store.CaseArray:
+    """The stored (1, Z, Y, X) first-stage prediction, opened lazily; an error naming the fix when it is missing."""
     if not path.is_file():
         raise store.PreprocessedDataError(f"{path} is missing: the cascade's second stage trains on the first "
                                           "stage's cross-validation predictions; train and validate every fold of "
                                           "it first (`autoseg train WORKDIR --config 3d_lowres --fold K`, K = 0..4)")
-    return np.asarray(store.open_array(path)[...])[0]
+    return store.open_array(path)
+
+
+def load_next_stage(path: Path) -> np.ndarray:
+    """The stored first-stage prediction as a (Z, Y, X) array."""
+    return np.asarray(open_next_stage(path)[...])[0]
 
 
 class MoveSegAsOneHotToData(AbstractTransform):

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -30,6 +30,7 @@ from batchgenerators.dataloading.data_loader import DataLoader
 
 from autoseg.preprocessing import store
 from autoseg.preprocessing.preprocess import ANNOTATED
+from autoseg.training.cascade import next_stage_file, open_next_stage
 
 ANNOTATED_KEY = -1  # `class_locations` key of the annotated voxels (datasets with an ignore label only)
 
@@ -211,12 +212,7 @@ class PatchLoader(DataLoader):
         if case_id not in self._cases:
             case = open_case(self.folder, case_id)
             if self.previous_stage is not None:
-                path = self.previous_stage / f"{case_id}.b2nd"
-                if not path.is_file():
-                    raise store.PreprocessedDataError(f"{path} is missing: the first stage's prediction of case "
-                                                      f"'{case_id}'; validate every fold of the first stage first")
-                case = PreprocessedCase(case.case_id, case.image, case.seg, case.class_locations,
-                                        store.open_array(path))
+                case = replace(case, previous=open_next_stage(next_stage_file(self.previous_stage, case_id)))
             self._cases[case_id] = case
         return self._cases[case_id]
 

@@ -41,7 +41,7 @@ from autoseg.training.augmentation import (
     training_transforms,
     validation_transforms,
 )
-from autoseg.training.cascade import next_stage_dir
+from autoseg.training.cascade import next_stage_dir, next_stage_file
 from autoseg.training.loss import DeepSupervisionLoss, DiceCELoss, deep_supervision_weights
 from autoseg.training.patch_sampling import PatchLoader
 from autoseg.training.pretrained import load_pretrained_weights
@@ -192,6 +192,7 @@ def train_fold(workdir: Path, configuration: str, fold: int | str, settings: Tra
 
     # --- state: fresh or resumed ---------------------------------------------------------------
     start_epoch, best_ema, ema, history = 0, -1.0, None, []
+    pretrained_note = None
     if resume:
         try:
             state = load_checkpoint(out / "checkpoint_latest.pt", map_location=device)
@@ -212,9 +213,8 @@ def train_fold(workdir: Path, configuration: str, fold: int | str, settings: Tra
         say(f"resumed from epoch {start_epoch} (best EMA pseudo-Dice {best_ema:.4f})")
         if settings.pretrained:
             say("note: --pretrained is not loaded when resuming; the run continues from its own checkpoint")
-    else:
-        pretrained_note = (load_pretrained_weights(network, settings.pretrained, plans.labels)
-                           if settings.pretrained else None)
+    elif settings.pretrained:
+        pretrained_note = load_pretrained_weights(network, settings.pretrained, plans.labels)
     if not resume and main_process:
         if (out / "checkpoint_latest.pt").exists():
             log.warning("%s holds an earlier run; starting afresh overwrites it (use --resume to continue it)", out)
@@ -258,7 +258,7 @@ def train_fold(workdir: Path, configuration: str, fold: int | str, settings: Tra
     previous_dir, previous_labels = None, ()
     if config.previous_stage is not None:  # the cascade: the first stage's cross-validation predictions
         previous_dir = next_stage_dir(workdir, config.previous_stage, configuration)
-        lacking = [c for c in train_ids + val_ids if not (previous_dir / f"{c}.b2nd").is_file()]
+        lacking = [c for c in train_ids + val_ids if not next_stage_file(previous_dir, c).is_file()]
         if lacking:
             raise TrainingError(f"{previous_dir}: no {config.previous_stage} prediction of {len(lacking)} case(s) "
                                 f"(e.g. {lacking[0]}); {configuration} trains on {config.previous_stage}'s "
