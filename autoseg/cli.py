@@ -55,7 +55,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     try:
         outcome = plan_workspace(args.dataset, args.output, steps=args.steps or PLAN_STEPS,
                                  configurations=args.configs, memory_gb=args.memory_gb, workers=args.workers,
-                                 preset=args.preset, plans_from=args.plans_from)
+                                 preset=args.preset, plans_from=args.plans_from, instances=args.instances)
     except PlanWorkspaceError as exc:
         if exc.verification is not None:
             print(exc.verification.summary())  # every problem, then the one-line error
@@ -87,6 +87,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides["save_probabilities"] = args.save_probabilities
     if args.fp32:
         overrides["mixed_precision"] = False
+    if args.elastic is not None:
+        overrides["elastic"] = args.elastic
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
@@ -156,8 +158,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     labels = [label for label, _ in args.labels] if args.labels else None
     names = {label: name for label, name in args.labels or [] if name}
     summary = evaluate_folders(args.predictions, args.references, labels=labels, output_dir=args.output,
-                               workers=args.workers, label_names=names)
+                               workers=args.workers, label_names=names, object_metrics=args.object_metrics,
+                               instances_dir=args.instances)
     print(format_summary_table(summary))
+    if summary.get("object_metrics"):
+        from autoseg.evaluation.objects import format_block
+
+        print(format_block(summary["object_metrics"]))
     sources = ["--labels" if s == "given" else s for s in summary["label_names_from"]]
     if sources:
         print(f"label names from {' and '.join(sources)}")
@@ -277,6 +284,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "3d_lowres)")
     p.add_argument("--steps", nargs="+", choices=PLAN_STEPS, metavar="STEP",
                    help="run only these steps (default: verify fingerprint plan preprocess)")
+    p.add_argument("--instances", choices=("auto", "on", "off"), default="auto",
+                   help="instance segmentation: learn each object's rim as one more label so touching objects (cells, "
+                        "nuclei) come out as separate objects, and predict an instance map <case>_instances beside "
+                        "each label map; auto: when the dataset has instance maps in instancesTr/ (docs/instances.md) "
+                        "(default: auto)")
     p.add_argument("--preset", choices=PLAN_PRESETS, default="default",
                    help="network and memory model: default (nnU-Net's plain U-Net) or the residual-encoder presets "
                         "resenc-m, resenc-l, resenc-xl (nnU-Net's ResEnc M/L/XL, which it recommends trying first; "
@@ -321,6 +333,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start from another model's weights (e.g. SOURCE/models/3d_fullres/fold_0/checkpoint_final.pt) "
                         "to fine-tune it; plan this workspace with --plans-from SOURCE first. The segmentation heads "
                         "are re-initialised when the labels differ")
+    p.add_argument("--elastic", action=argparse.BooleanOptionalAction, default=None,
+                   help="the U-Net paper's elastic deformation of training patches: displacements on a 3 x 3 grid, "
+                        "standard deviation 10 pixels, cubic interpolation (settings from the plan's "
+                        "elastic_deformation where it has one). Helps small 2D datasets such as EM slices; see "
+                        "docs/planning.md (default: as the plan says; off in nnU-Net's default plans)")
     p.add_argument("--no-validation", action="store_true", help="skip predicting the validation cases at the end")
     p.add_argument("--save-probabilities", action=argparse.BooleanOptionalAction, default=None,
                    help="keep each validation case's probabilities (validation/<case>.npz, float16), which "
@@ -400,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(needs highdicom: pip install autoseg[dicom]), other inputs still get the default")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("evaluate", help="Dice, IoU, HD95 and volumes of predictions against references",
+    p = sub.add_parser("evaluate", help="Dice, IoU, HD95, volumes and object metrics of predictions against references",
                        description="Compare every prediction in PRED_DIR with the reference of the same name in "
                                    "REF_DIR: per case and label Dice, IoU, 95th-percentile Hausdorff distance (mm) and "
                                    "volumes (ml). Writes summary.json and summary.csv and prints the mean per label, "
@@ -412,6 +429,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", type=_label_arg, nargs="+", metavar="ID[=NAME]",
                    help="labels to score, each an id or id=name, e.g. 1=liver 2=tumour (default: every label in "
                         "the references)")
+    p.add_argument("--instances", type=Path, metavar="DIR",
+                   help="folder of reference instance maps (one id per object, named as the references) for mAP, "
+                        "F1 and AJI of the objects; the predicted objects are autoseg's <case>_instances maps, else "
+                        "the connected components of the label maps (default: an instancesTr/ beside REF_DIR, if any)")
+    p.add_argument("--object-metrics", choices=("auto", "membrane", "instances", "all", "none"), default="auto",
+                   help="object metrics to add (docs/object_metrics.md): membrane = Rand, warping and pixel error of "
+                        "the ISBI 2012 challenge; instances = mAP@0.5:0.95, F1@0.5, AJI, splits and merges; auto: "
+                        "membrane ones when a label is named membrane or boundary, instance ones when reference "
+                        "instance maps are found (default: auto)")
     p.add_argument("-o", "--output", type=Path, help="where to write the summaries (default: PRED_DIR)")
     p.add_argument("--workers", type=int, default=_default_workers(), help="parallel processes (default: %(default)s)")
     p.set_defaults(func=cmd_evaluate)

@@ -17,6 +17,7 @@ from autoseg.dataset.image_io import read_image
 from autoseg.dataset.layout import load_dataset, read_case_label
 from autoseg.errors import AutosegError
 from autoseg.evaluation import dice_from_counts, without_unannotated
+from autoseg.inference.instance_maps import without_rims
 from autoseg.inference.original_grid import segmentation_suffix
 from autoseg.planning.plans import Plans
 from autoseg.postprocessing import decide_postprocessing, save_postprocessing_rules
@@ -66,7 +67,7 @@ def run_crossval(workdir: Path, configurations: list[str] | None = None, num_fol
     postprocessing rules decided on the best one's validation predictions."""
     workdir = Path(workdir)
     plans = Plans.load(workspace.plans_json(workdir))
-    labels = plans.foreground_labels
+    labels = [k for k in plans.output_labels if k > 0]
     configs = configurations or [c for c in plans.configurations if (workdir / "models" / c).is_dir()]
     results = {c: collect_validation(workdir, c, num_folds) for c in configs}
     complete = [c for c, r in results.items() if r["num_cases"] and not r["missing_folds"]]
@@ -83,7 +84,7 @@ def run_crossval(workdir: Path, configurations: list[str] | None = None, num_fol
         name = "+".join(members)
         try:
             ensembles[name] = _score_ensemble(workdir, list(members), results, labels, cases, progress,
-                                              plans.ignore_label)
+                                              plans.ignore_label, plans.boundary_label)
         except MissingProbabilities as exc:
             log.warning("ensemble %s not scored: %s", name, exc)
             skipped[name] = str(exc)
@@ -96,7 +97,7 @@ def run_crossval(workdir: Path, configurations: list[str] | None = None, num_fol
                "reason": f"highest mean foreground Dice ({candidates[best]:.4f}) over the pooled validation cases "
                          f"of all {num_folds} folds, among {', '.join(candidates)}"}
     if postprocessing:
-        pairs = _validation_pairs(workdir, best.split("+"), results, cases, ending)
+        pairs = _validation_pairs(workdir, best.split("+"), results, cases, ending, plans.boundary_label)
         rules = decide_postprocessing(pairs, labels, plans.ignore_label)
         rules["configuration"] = best.split("+")
         save_postprocessing_rules(workspace.postprocessing_json(workdir), rules)
@@ -111,8 +112,10 @@ def _references(workdir: Path) -> tuple[dict, str]:
     return {c.case_id: c for c in load_dataset(raw["root"]).cases}, raw.get("file_ending", ".nii.gz")
 
 
-def _ensemble_prediction(workdir: Path, members: list[str], case_id: str, folds: dict[str, int]) -> np.ndarray:
-    """Label map of the averaged validation probabilities of several configurations."""
+def _ensemble_prediction(workdir: Path, members: list[str], case_id: str, folds: dict[str, int],
+                         boundary_label: int | None = None) -> np.ndarray:
+    """Label map of the averaged validation probabilities of several configurations (object rims, where the plans
+    train them, given to their objects)."""
     total = None
     for c in members:
         path = workspace.fold_dir(workdir, c, folds[c]) / "validation" / f"{case_id}.npz"
@@ -122,16 +125,16 @@ def _ensemble_prediction(workdir: Path, members: list[str], case_id: str, folds:
                                        "--resume --save-probabilities`)")
         p = np.load(path)["probabilities"].astype(np.float32)
         total = p if total is None else total + p
-    return np.argmax(total, axis=0)
+    return without_rims(np.argmax(total, axis=0), boundary_label)
 
 
 def _score_ensemble(workdir: Path, members: list[str], results: dict, labels: list[int], cases: dict,
-                    progress: bool, ignore_label: int | None = None) -> dict:
+                    progress: bool, ignore_label: int | None = None, boundary_label: int | None = None) -> dict:
     case_ids = sorted(set.intersection(*(set(results[c]["case_folds"]) for c in members)))
     dice = {label: [] for label in labels}
     for case_id in tqdm(case_ids, desc=f"ensemble {'+'.join(members)}", unit="case", disable=not progress):
         prediction = _ensemble_prediction(workdir, members, case_id,
-                                          {c: results[c]["case_folds"][case_id] for c in members})
+                                          {c: results[c]["case_folds"][case_id] for c in members}, boundary_label)
         prediction, reference = without_unannotated(prediction, read_case_label(cases[case_id]), ignore_label)
         for label in labels:
             p, r = prediction == label, reference == label
@@ -145,7 +148,7 @@ def _score_ensemble(workdir: Path, members: list[str], results: dict, labels: li
 
 
 def _validation_pairs(workdir: Path, members: list[str], results: dict, cases: dict,
-                      ending: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+                      ending: str, boundary_label: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(prediction, reference) label maps of every validation case of the chosen model, one at a time."""
     case_ids = sorted(set.intersection(*(set(results[c]["case_folds"]) for c in members)))
     for case_id in case_ids:
@@ -154,5 +157,5 @@ def _validation_pairs(workdir: Path, members: list[str], results: dict, cases: d
             fold_dir = workspace.fold_dir(workdir, members[0], folds[members[0]])
             prediction, _ = read_image(fold_dir / "validation" / f"{case_id}{segmentation_suffix(ending)}")
         else:
-            prediction = _ensemble_prediction(workdir, members, case_id, folds)
+            prediction = _ensemble_prediction(workdir, members, case_id, folds, boundary_label)
         yield prediction, read_case_label(cases[case_id])

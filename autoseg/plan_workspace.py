@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
 from autoseg import workspace
 from autoseg.atomic import write_json
-from autoseg.dataset.layout import Dataset, load_dataset
+from autoseg.dataset.layout import INSTANCES_DIR, Dataset, load_dataset
 from autoseg.dataset.verify import VerifyReport, verify_dataset
 from autoseg.errors import AutosegError
 from autoseg.fingerprint import compute_fingerprint, load_fingerprint, save_fingerprint
@@ -63,16 +63,45 @@ def _refuse_replanning_trained_models(workdir: Path, preset: str) -> None:
                                  f"plan the {preset} preset into a workspace of its own (-o ANOTHER_FOLDER)")
 
 
+INSTANCE_CHOICES = ("auto", "on", "off")
+
+
+def _instance_choice(plans: Plans, dataset: Dataset, choice: str) -> Plans:
+    """Plans with object boundaries as an extra label where the dataset's instance maps ask for it."""
+    if choice == "off":
+        if plans.instances is None:
+            return plans
+        semantic = {k: v for k, v in plans.labels.items() if k != plans.boundary_label}
+        return replace(plans, instances=None, labels=semantic)
+    if not dataset.has_instances:
+        if choice == "on":
+            with_maps = sum(c.instance_file is not None for c in dataset.cases)
+            raise PlanWorkspaceError(f"--instances on: {dataset.root / INSTANCES_DIR} holds an instance map for "
+                                     f"{with_maps} of {len(dataset.cases)} cases; every case needs one "
+                                     f"(<case>{dataset.file_ending}, one id per object)")
+        return plans
+    try:
+        return plans.with_instance_boundaries(
+            f"the dataset has instance maps ({INSTANCES_DIR}/): each object's rim is learnt as label "
+            f"{max(plans.labels) + 1}, so touching objects come out apart")
+    except PlanError as exc:
+        raise PlanWorkspaceError(str(exc)) from None
+
+
 def plan_workspace(dataset_dir: Path, workdir: Path, steps: Sequence[str] = PLAN_STEPS,
                    configurations: Sequence[str] | None = None, memory_gb: float | None = None,
                    workers: int = 1, progress: bool = True, preset: str = "default",
-                   plans_from: Path | None = None) -> PlanOutcome:
+                   plans_from: Path | None = None, instances: str = "auto") -> PlanOutcome:
     """Run `steps` in order into `workdir` (created if missing). `configurations=None`: plan every
     configuration that applies and preprocess all planned ones. Raises PlanWorkspaceError when the
     dataset has errors (listed in the outcome's verification and in `verify_report.json`). `preset`
     (autoseg/planning/presets.py) picks the network family; `memory_gb` defaults to its target.
     `plans_from` (a workspace or its plans.json) replaces planning by those plans carried over to this
-    dataset (`planning/transfer.py`), for fine-tuning that workspace's models."""
+    dataset (`planning/transfer.py`), for fine-tuning that workspace's models. `instances` ("auto": when
+    the dataset has instance maps in instancesTr/, "on", "off") plans instance segmentation
+    (docs/instances.md)."""
+    if instances not in INSTANCE_CHOICES:
+        raise PlanWorkspaceError(f"instances must be one of {', '.join(INSTANCE_CHOICES)}, got {instances!r}")
     unknown = [s for s in steps if s not in PLAN_STEPS]
     if unknown:
         raise PlanWorkspaceError(f"unknown step(s) {', '.join(unknown)}; choose from {', '.join(PLAN_STEPS)}")
@@ -110,6 +139,7 @@ def plan_workspace(dataset_dir: Path, workdir: Path, steps: Sequence[str] = PLAN
             _refuse_replanning_trained_models(workdir, preset)
             plans = plan_experiment(load_fingerprint(fingerprint_path), budget_gb=memory_gb,
                                     configurations=list(configurations) if configurations else None, preset=preset)
+        plans = _instance_choice(plans, dataset, instances)
         for name in configurations or ():
             if name not in plans.configurations:
                 log.warning("not planned: %s (%s)", name, plans.not_planned.get(name, "not requested"))

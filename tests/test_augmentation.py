@@ -260,3 +260,80 @@ def test_simulated_low_resolution_upsamples_linearly_without_overshoot():
     assert not np.array_equal(out, data)
     window = (1, 1, 7, 7)
     assert (out >= minimum_filter(data, window) - 1e-5).all() and (out <= maximum_filter(data, window) + 1e-5).all()
+
+
+# --- the U-Net paper's elastic deformation --------------------------------------------------------
+
+
+def test_elastic_field_is_smooth_with_the_papers_spread_and_varies_per_draw():
+    from autoseg.training.augmentation import GridElasticDeformation
+
+    np.random.seed(0)
+    deform = GridElasticDeformation(grid_points=3, sigma=10.0)
+    fields = np.stack([deform.field((64, 80)) for _ in range(200)])  # (draws, axes, 64, 80)
+    assert fields.shape == (200, 2, 64, 80)
+    # at the grid nodes the displacement is the drawn vector: standard deviation 10 voxels
+    assert fields[:, :, 0, 0].std() == pytest.approx(10.0, rel=0.15)
+    assert fields[:, :, 32, 40].std() == pytest.approx(10.0, rel=0.15)  # the centre node (64-1)/2 ~ 31.5
+    # smooth: neighbouring voxels move by nearly the same amount (a 3 x 3 grid over 64 voxels)
+    assert np.abs(np.diff(fields, axis=-1)).max() < 3.0
+    assert not np.allclose(fields[0], fields[1])
+
+
+def test_elastic_deformation_moves_image_and_labels_together_and_fills_outside_as_the_spatial_transform():
+    from autoseg.training.augmentation import GridElasticDeformation
+
+    np.random.seed(3)
+    seg = np.zeros((2, 1, 60, 60), np.float32)
+    seg[:, :, 20:40, 15:45] = 1
+    data = 10.0 * seg
+    out = GridElasticDeformation(sigma=6.0)(data=data.copy(), seg=seg.copy())
+    inside = out["seg"] >= 0
+    assert not np.array_equal(out["seg"], seg)  # deformed
+    assert np.all(np.isin(np.unique(out["seg"]), [-1, 0, 1]))  # labels by nearest neighbour, -1 outside
+    # where the label says object the image is the object's intensity (cubic: approximately, away from edges)
+    from scipy.ndimage import binary_erosion
+    core = binary_erosion(out["seg"][0, 0] == 1, iterations=2)
+    assert np.mean(out["data"][0, 0][core]) == pytest.approx(10.0, abs=0.2)
+    assert np.abs(out["data"][0, 0][core] - 10.0).max() < 1.5  # cubic overshoot near the edge only
+    assert np.all(out["data"][~inside] == 0)
+    # probability 0 leaves the batch as it was
+    untouched = GridElasticDeformation(p_per_sample=0.0)(data=data.copy(), seg=seg.copy())
+    assert np.array_equal(untouched["seg"], seg)
+
+
+def test_elastic_deformation_is_off_unless_asked_and_comes_first_when_asked():
+    from autoseg.planning.plans import ElasticDeformation
+    from autoseg.training.augmentation import GridElasticDeformation
+
+    plain = training_transforms([48, 40], mirror_axes=None, deep_supervision_scales=None)
+    assert not any(isinstance(t, GridElasticDeformation) for t in plain.transforms)
+    assert plain.transforms[0].do_elastic_deform is False
+    asked = training_transforms([48, 40], mirror_axes=None, deep_supervision_scales=None,
+                                elastic=ElasticDeformation(grid_points=4, sigma=5.0, probability=0.5))
+    first = asked.transforms[0]
+    assert isinstance(first, GridElasticDeformation)
+    assert (first.grid_points, first.sigma, first.p_per_sample) == (4, 5.0, 0.5)
+
+
+def test_the_train_flag_overrides_the_plans_elastic_setting():
+    from dataclasses import replace
+
+    from test_planning import HIPPOCAMPUS
+
+    from autoseg.planning.planner import plan_experiment
+    from autoseg.planning.plans import ElasticDeformation, Plans
+    from autoseg.training.trainer import elastic_for
+
+    plans = plan_experiment(HIPPOCAMPUS)
+    config = plans.configuration("2d")
+    assert elastic_for(config, None) is None and elastic_for(config, True) == ElasticDeformation()
+    planned = replace(config, elastic_deformation=ElasticDeformation(sigma=4.0))
+    assert elastic_for(planned, None).sigma == 4.0 and elastic_for(planned, True).sigma == 4.0
+    assert elastic_for(planned, False) is None
+    # the plans' record survives plans.json, and a bad value is named
+    data = replace(plans, configurations={**plans.configurations, "2d": planned}).to_json()
+    assert Plans.from_json(data).configuration("2d").elastic_deformation == ElasticDeformation(sigma=4.0)
+    data["configurations"]["2d"]["elastic_deformation"]["probability"] = 2
+    with pytest.raises(Exception, match="elastic_deformation.probability"):
+        Plans.from_json(data)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -40,6 +40,8 @@ class Case:
     case_id: str
     image_files: tuple[Path, ...]  # one file per channel, or a single file holding all channels (4D or RGB)
     label_file: Path | None
+    # One id per object (0 background) beside the label map, for instance segmentation: instancesTr/<case><ending>
+    instance_file: Path | None = None
 
     @property
     def channels_in_one_file(self) -> bool:
@@ -65,6 +67,11 @@ class Dataset:
     def foreground_labels(self) -> list[int]:
         return sorted(k for k in self.labels if k != 0)
 
+    @property
+    def has_instances(self) -> bool:
+        """Every case has an instance map (instancesTr/), so touching objects can be taught apart."""
+        return bool(self.cases) and all(c.instance_file is not None for c in self.cases)
+
     def to_json(self) -> dict:
         """Summary stored in the workspace so later stages know the dataset without re-reading it."""
         return {
@@ -72,7 +79,21 @@ class Dataset:
             "channel_names": list(self.channel_names),
             "labels": {str(k): v for k, v in sorted(self.labels.items())},
             "file_ending": self.file_ending, "num_cases": len(self.cases),
+            **({"instance_maps": INSTANCES_DIR} if self.has_instances else {}),
         }
+
+
+INSTANCES_DIR = "instancesTr"  # beside labelsTr: <label file name>, one id per object (not listed in dataset.json)
+
+
+def _with_instance_files(dataset: Dataset) -> Dataset:
+    """Attach `instancesTr/<label file name>` to each case whose file exists (no folder: the dataset as it was)."""
+    folder = dataset.root / INSTANCES_DIR
+    if not folder.is_dir():
+        return dataset
+    cases = tuple(replace(c, instance_file=folder / c.label_file.name)
+                  if c.label_file is not None and (folder / c.label_file.name).is_file() else c for c in dataset.cases)
+    return replace(dataset, cases=cases)
 
 
 def load_dataset(root: Path | str) -> Dataset:
@@ -91,9 +112,9 @@ def load_dataset(root: Path | str) -> Dataset:
     if not isinstance(meta, dict):
         raise DatasetError(f"{meta_path}: expected a JSON object at the top level")
     if "channel_names" in meta:
-        return _load_nnunetv2(root, meta_path, meta)
+        return _with_instance_files(_load_nnunetv2(root, meta_path, meta))
     if "modality" in meta:
-        return _load_decathlon(root, meta_path, meta)
+        return _with_instance_files(_load_decathlon(root, meta_path, meta))
     raise DatasetError(f"{meta_path}: has neither 'modality' (Decathlon) nor 'channel_names' (nnU-Net v2); "
                        "add one that lists the image channels")
 
@@ -266,6 +287,29 @@ def read_case_image(case: Case, num_channels: int) -> tuple["np.ndarray", "Geome
         geometry = geometry or g
         channels.append(array.astype(np.float32, copy=False))
     return np.stack(channels), geometry
+
+
+def read_case_instances(case: Case, label: "np.ndarray") -> "np.ndarray":
+    """A case's instance map as int32 (Z, Y, X), checked against its label map (same grid, objects only
+    where the label is foreground)."""
+    import numpy as np
+
+    from autoseg.dataset.image_io import read_label
+
+    if case.instance_file is None:
+        raise DatasetError(f"case {case.case_id}: no instance map in {INSTANCES_DIR}/")
+    array, _ = read_label(case.instance_file)
+    if array.shape != label.shape:
+        raise DatasetError(f"{case.instance_file}: shape {list(array.shape)} differs from its label map's "
+                           f"{list(label.shape)} ({case.label_file})")
+    if array.size and (array.min() < 0 or not np.array_equal(np.rint(array), array)):
+        raise DatasetError(f"{case.instance_file}: an instance map holds whole numbers >= 0 (one id per object)")
+    instances = array.astype(np.int32)
+    stray = int(np.count_nonzero((instances > 0) & (label == 0)))
+    if stray:
+        raise DatasetError(f"{case.instance_file}: {stray} pixel(s) belong to an object but are background in "
+                           f"{case.label_file}; the instance map and the label map must agree on the foreground")
+    return instances
 
 
 def read_case_label(case: Case) -> "np.ndarray":

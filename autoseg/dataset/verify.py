@@ -17,7 +17,7 @@ from autoseg.dataset.image_io import (
     read_image,
     read_label,
 )
-from autoseg.dataset.layout import GEOMETRY_TOLERANCE, Case, Dataset
+from autoseg.dataset.layout import GEOMETRY_TOLERANCE, INSTANCES_DIR, Case, Dataset, DatasetError, read_case_instances
 from autoseg.parallel import map_cases
 
 log = logging.getLogger(__name__)
@@ -123,6 +123,12 @@ def check_case(case: Case, num_channels: int, declared_labels: frozenset[int]) -
         error(case.label_file, f"label values {undeclared} are not declared in dataset.json 'labels'")
     if values <= {0}:
         problems.append(Problem("warning", str(case.label_file), "label map is empty (background only)"))
+    if case.instance_file is not None:
+        try:
+            read_case_instances(case, np.rint(label))
+        except (DatasetError, ImageReadError) as exc:
+            text = exc.reason if isinstance(exc, ImageReadError) else str(exc)
+            error(case.instance_file, text.removeprefix(f"{case.instance_file}: "))
     return problems
 
 
@@ -153,6 +159,13 @@ def verify_dataset(dataset: Dataset, workers: int = 1, progress: bool = True) ->
             files = [str(c.image_files[0]) for c in dataset.cases if c.case_id == case_id]
             report.problems.append(Problem("error", files[0], f"case id '{case_id}' appears {count} times "
                                                               f"({', '.join(files[1:])})"))
+    with_maps = [c for c in dataset.cases if c.instance_file is not None]
+    if (dataset.root / INSTANCES_DIR).is_dir() and not dataset.has_instances:
+        lacking = [c.case_id for c in dataset.cases if c.instance_file is None]
+        report.problems.append(Problem("warning", str(dataset.root / INSTANCES_DIR),
+                                       f"holds instance maps for {len(with_maps)} of {len(dataset.cases)} cases "
+                                       f"(none for {', '.join(lacking[:3])}{' ...' if len(lacking) > 3 else ''}); "
+                                       "instance segmentation needs one per case, so the plan will be semantic only"))
     declared = frozenset(dataset.labels)
     jobs = [(c, dataset.num_channels, declared) for c in dataset.cases]
     for problems in map_cases(_check_case_args, jobs, workers, "verify", progress):

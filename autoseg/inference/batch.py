@@ -25,6 +25,7 @@ from autoseg import __version__, workspace
 from autoseg.atomic import write_json
 from autoseg.dataset.image_io import write_image
 from autoseg.inference.inputs import InputCase, InputError, discover_inputs, read_input_case
+from autoseg.inference.instance_maps import gather_object_tables, write_instances
 from autoseg.inference.original_grid import save_probabilities, segmentation_suffix, write_segmentation
 from autoseg.inference.predictor import CaseSegmentation, Predictor, PreparedCase
 from autoseg.inference.settings import BatchOptions, ComputeSettings, ModelChoice, OutputOptions, WindowSettings
@@ -80,7 +81,7 @@ def predict_folder(workdir: Path, inputs: Path | Sequence[Path], output_dir: Pat
                     "+".join(rules["configuration"]), "+".join(configurations))
         rules = None
 
-    labels = {k: v for k, v in predictor.plans.labels.items() if k != predictor.plans.ignore_label}  # never predicted
+    labels = predictor.plans.output_labels  # never the ignore label nor object rims
     model_name = _model_name(predictor, outputs.model_name)
     volumes = VolumeTable(output_dir / "volumes.csv", model_name) if outputs.report_files else None
     cases, problems = discover_inputs(inputs, predictor.num_channels, predictor.plans.channel_names)
@@ -124,6 +125,8 @@ def predict_folder(workdir: Path, inputs: Path | Sequence[Path], output_dir: Pat
     result = PredictionSummary(sorted(written), skipped, failed, settings, warnings)
     summary_path = workspace.prediction_summary_json(output_dir, batch.num_parts, batch.part_id)
     write_json(summary_path, result.to_json())
+    if predictor.plans.instances is not None:
+        gather_object_tables(output_dir)
     if volumes is not None:
         from autoseg.inference.qc import write_html_report
 
@@ -202,6 +205,8 @@ def _write_case(predictor: Predictor, case: InputCase, prepared: PreparedCase,
         write_dicom_seg(segmentation, geometry, case.files, outputs.labels, path)
     else:
         segmentation = write_segmentation(predicted.labels, geometry, path, outputs.rules)
+        if predicted.instances is not None:
+            write_instances(predicted.instances, segmentation, geometry, case.case_id, path, outputs.labels)
     if outputs.volumes is None:
         return
     uncertainty = predicted.uncertainty
@@ -214,8 +219,10 @@ def _write_case(predictor: Predictor, case: InputCase, prepared: PreparedCase,
     )
 
     overlay = outputs.folder / "qc" / f"{case.case_id}.png"
+    objects = None if predicted.instances is None else np.where(segmentation > 0, predicted.instances, 0)
     try:  # the input is read again: holding it through the prediction would cost memory
-        write_overlay(read_input_case(case, predictor.num_channels)[0], segmentation, geometry, outputs.labels, overlay)
+        write_overlay(read_input_case(case, predictor.num_channels)[0], segmentation, geometry, outputs.labels, overlay,
+                      instances=objects)
     except Exception as exc:  # the label map and its row are written; a missing picture must not fail the case
         log.warning("%s: no overlay written: %s", overlay, _describe(exc))
 

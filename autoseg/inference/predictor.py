@@ -25,6 +25,7 @@ from autoseg.dataset.image_io import Geometry
 from autoseg.device import choose_device, mixed_precision_available
 from autoseg.errors import AutosegError
 from autoseg.inference.input_checks import InputCheck, check_input
+from autoseg.inference.instance_maps import instances_from_rims
 from autoseg.inference.openvino_runtime import OpenVINONetwork, OpenVINOUnavailable
 from autoseg.inference.original_grid import LabelMapBuilder, logits_to_original
 from autoseg.inference.settings import ComputeSettings, ModelChoice, WindowSettings
@@ -72,6 +73,9 @@ class CaseSegmentation:
     # None with a single member.
     uncertainty: dict[int, float] | None = None
     entropy: np.ndarray | None = None  # (Z, Y, X) float32 voxel entropy / log(K), when asked for
+    # With the plans' instance segmentation: one id per object (int32, 0 background); `labels` then holds the
+    # dataset's labels only, the object rims given to the objects they part (inference/instance_maps.py)
+    instances: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -257,7 +261,7 @@ class Predictor:
         data = torch.from_numpy(prepared.data[0])
         window = self.sliding_window(prepared.configurations[0])
         add_slabs(builder, [sliding_window_slabs(fold.network, data, window) for fold in self.folds])
-        return _segmentation(builder, members)
+        return _segmentation(builder, members, self.plans)
 
     def segment_logits(self, prepared: PreparedCase, logits: Sequence[np.ndarray],
                        entropy_map: bool = False) -> CaseSegmentation:
@@ -266,7 +270,7 @@ class Predictor:
         builder = LabelMapBuilder(prepared.properties, self.plans, self.num_classes, uncertainty=members > 1,
                                   entropy_map=entropy_map and members > 1)
         builder.add(0, logits)
-        return _segmentation(builder, members)
+        return _segmentation(builder, members, self.plans)
 
     def to_original(self, prepared: PreparedCase, logits: Sequence[np.ndarray]) -> np.ndarray:
         """Average of the configurations' probabilities on the input's grid, (K, Z, Y, X) float32, from
@@ -334,8 +338,14 @@ def add_slabs(builder: LabelMapBuilder, streams: Sequence[Iterator[tuple[int, to
         builder.add(z0, [total.div_(len(pieces)).numpy()])
 
 
-def _segmentation(builder: LabelMapBuilder, members: int) -> CaseSegmentation:
+def _segmentation(builder: LabelMapBuilder, members: int, plans: Plans) -> CaseSegmentation:
     entropy = builder.entropy
     if entropy is not None:
         entropy /= np.log(builder.num_classes)
-    return CaseSegmentation(builder.labels, members, builder.uncertainty() if members > 1 else None, entropy)
+    uncertainty = builder.uncertainty() if members > 1 else None
+    if plans.instances is None:
+        return CaseSegmentation(builder.labels, members, uncertainty, entropy)
+    instances, labels = instances_from_rims(builder.labels, plans.instances.boundary_label)
+    if uncertainty is not None:
+        uncertainty.pop(plans.instances.boundary_label, None)
+    return CaseSegmentation(labels, members, uncertainty, entropy, instances)

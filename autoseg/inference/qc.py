@@ -9,6 +9,7 @@ flagged rows highlighted, failed inputs, and every case's overlay linked from `q
 
 from __future__ import annotations
 
+import csv
 import html
 import json
 import logging
@@ -25,7 +26,7 @@ from matplotlib.patches import Patch
 from autoseg import workspace
 from autoseg.atomic import atomic_path
 from autoseg.dataset.image_io import Geometry
-from autoseg.inference.volumes import read_volume_rows
+from autoseg.inference.volumes import read_volume_rows, unescape_cell
 
 log = logging.getLogger(__name__)
 
@@ -44,18 +45,21 @@ class _Panel:
 
 
 def write_overlay(image: np.ndarray, segmentation: np.ndarray, geometry: Geometry, labels: dict[int, str],
-                  path: Path) -> None:
-    """Write `path` (PNG): `segmentation` (Z, Y, X) over `image` (C, Z, Y, X) on the same grid."""
-    figure = overlay_figure(image, segmentation, geometry, labels, title=Path(path).name.removesuffix(".png"))
+                  path: Path, instances: np.ndarray | None = None) -> None:
+    """Write `path` (PNG): `segmentation` (Z, Y, X) over `image` (C, Z, Y, X) on the same grid, with each object's
+    outline where an instance map is given."""
+    figure = overlay_figure(image, segmentation, geometry, labels, title=Path(path).name.removesuffix(".png"),
+                            instances=instances)
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=100)
 
 
 def overlay_figure(image: np.ndarray, segmentation: np.ndarray, geometry: Geometry, labels: dict[int, str],
-                   title: str = "") -> Figure:
+                   title: str = "", instances: np.ndarray | None = None) -> Figure:
     """The overlay as a matplotlib Figure (no pyplot state); its legend names the labels shown.
 
-    Channel 0 is shown in grey (a colour picture in colour); 2D images as one panel.
+    Channel 0 is shown in grey (a colour picture in colour); 2D images as one panel. `instances` (an
+    instance map on the same grid) adds each object's outline in white, so merged objects show.
     """
     image = np.asarray(image)
     segmentation = np.asarray(segmentation)
@@ -72,17 +76,27 @@ def overlay_figure(image: np.ndarray, segmentation: np.ndarray, geometry: Geomet
         panels = [_Panel("", shown, segmentation[0], geometry.spacing[1] / geometry.spacing[2], "upper")]
     else:
         panels = _orthogonal_panels(image[0], segmentation, geometry)
+    outlines = None
+    if instances is not None:
+        instances = np.asarray(instances)
+        if instances.shape != segmentation.shape:
+            raise ValueError(f"instance map {instances.shape} and segmentation {segmentation.shape} differ in shape")
+        # the same slices as the label panels: the instance map's foreground is the segmentation's
+        outlines = ([instances[0]] if geometry.is_2d else
+                    [p.labels for p in _orthogonal_panels(image[0], instances, geometry)])
 
     # Panels of equal height, each as wide as its slice is in mm.
     ratios = [float(np.clip(p.labels.shape[1] / (p.labels.shape[0] * p.aspect), 0.2, 5.0)) for p in panels]
     figure = Figure(figsize=(float(np.clip(4.6 * sum(ratios), 6.0, 16.0)), 5.6))
     axes = figure.subplots(1, len(panels), squeeze=False, gridspec_kw={"width_ratios": ratios})[0]
     visible = set()
-    for ax, panel in zip(axes, panels):
+    for i, (ax, panel) in enumerate(zip(axes, panels)):
         ax.imshow(panel.image, cmap=None if panel.image.ndim == 3 else "gray", vmin=0.0, vmax=1.0,
                   aspect=panel.aspect, origin=panel.origin, interpolation="nearest")
         ax.imshow(_overlay_rgba(panel.labels, colours), aspect=panel.aspect, origin=panel.origin,
                   interpolation="nearest")
+        if outlines is not None:
+            ax.imshow(_outline_rgba(outlines[i]), aspect=panel.aspect, origin=panel.origin, interpolation="nearest")
         visible |= set(np.unique(panel.labels).tolist()) - {0}
         ax.set_title(panel.title, fontsize="medium")
         ax.set_axis_off()
@@ -95,6 +109,8 @@ def overlay_figure(image: np.ndarray, segmentation: np.ndarray, geometry: Geomet
         summary += f"; {len(visible) - len(entries)} more on these slices not listed"
     if image.shape[0] > 1 and not colour_picture:
         summary += f"; channel 0 of {image.shape[0]} shown"
+    if instances is not None:
+        summary += f"; {int(np.count_nonzero(np.unique(instances)))} objects outlined"
     figure.suptitle(f"{title}  ({summary})" if title else summary, fontsize="medium")
     if handles:
         figure.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize="small",
@@ -205,6 +221,15 @@ def _label_name(label: int, labels: dict[int, str]) -> str:
     return f"{label} {name}" if name else f"label {label}"
 
 
+def _outline_rgba(instances: np.ndarray) -> np.ndarray:
+    """White, opaque where an object meets another object or the background (its inner rim)."""
+    from autoseg.preprocessing.instance_targets import inner_boundaries
+
+    rgba = np.zeros((*instances.shape, 4), dtype=np.float32)
+    rgba[inner_boundaries(instances)] = (1.0, 1.0, 1.0, 0.9)
+    return rgba
+
+
 def _overlay_rgba(segmentation: np.ndarray, colours: dict[int, tuple]) -> np.ndarray:
     rgba = np.zeros((*segmentation.shape, 4), dtype=np.float32)
     for label in set(np.unique(segmentation).tolist()) - {0}:
@@ -311,6 +336,7 @@ def write_html_report(output_dir: Path, volumes_csv: Path, overlays_dir: Path, p
         css = ' class="flagged"' if row.get("flagged") == "yes" else ""
         out.append(f"<tr{css}>" + "".join(cells) + "</tr>")
     out.append("</tbody></table>")
+    out += _objects_section(output_dir / "objects.csv")
     out.append("<h2>Overlays</h2>")
     for case in cases:
         css = "case flagged" if case in flagged_cases else "case"
@@ -324,6 +350,30 @@ def write_html_report(output_dir: Path, volumes_csv: Path, overlays_dir: Path, p
     out += [f"<script>{_SORT_SCRIPT}</script>", "</body>", "</html>"]
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(out) + "\n", encoding="utf-8")
+
+
+def _objects_section(objects_csv: Path) -> list[str]:
+    """Object counts per case and label from the instance segmentation's objects.csv (nothing without one)."""
+    if not objects_csv.is_file():
+        return []
+    with open(objects_csv, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    size_key = "volume_ml" if rows and "volume_ml" in rows[0] else "area_mm2"
+    groups: dict[tuple[str, str], list[float]] = {}
+    for row in rows:
+        groups.setdefault((unescape_cell(row["case"]), unescape_cell(row["label_name"])), []).append(
+            float(row[size_key]))
+    heading = "volume (mL)" if size_key == "volume_ml" else "area (mm²)"
+    out = ["<h2>Objects</h2>",
+           f"<p>{len(rows)} object(s) in {len({c for c, _ in groups})} case(s), one row each in "
+           f"{_e(objects_csv.name)} (id, size, centroid); outlined in white on the overlays.</p>",
+           '<table class="sortable"><thead><tr><th>case</th><th>structure</th><th>objects</th>'
+           f"<th>median {heading}</th><th>total {heading}</th></tr></thead><tbody>"]
+    for (case, name), sizes in sorted(groups.items()):
+        out.append(f'<tr><td class="text"><a href="#{_anchor(case)}">{_e(case)}</a></td><td class="text">{_e(name)}'
+                   f"</td><td>{len(sizes)}</td><td>{float(np.median(sizes)):.4g}</td><td>{sum(sizes):.4g}</td></tr>")
+    out.append("</tbody></table>")
+    return out
 
 
 def _summary_entries(output_dir: Path) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:

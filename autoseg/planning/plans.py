@@ -75,6 +75,42 @@ class ResamplingPlan:
 
 
 @dataclass(frozen=True)
+class ElasticDeformation:
+    """The U-Net paper's elastic deformation (training/augmentation.py): displacements drawn on a coarse
+    grid of `grid_points` nodes per axis with standard deviation `sigma` voxels, applied to a training
+    patch with `probability`."""
+
+    grid_points: int = 3
+    sigma: float = 10.0
+    probability: float = 1.0
+
+    def to_json(self) -> dict:
+        return {"grid_points": self.grid_points, "sigma": self.sigma, "probability": self.probability}
+
+    def describe(self) -> str:
+        return (f"elastic deformation on a {self.grid_points}-node grid per axis, sigma {self.sigma:g} voxels, "
+                f"p {self.probability:g}")
+
+
+INSTANCE_METHODS = ("boundary_class",)
+BOUNDARY_LABEL_NAME = "object_boundary"
+
+
+@dataclass(frozen=True)
+class InstanceSegmentation:
+    """How objects are taught apart (docs/instances.md): "boundary_class" trains one more class, each object's
+    one-voxel inner rim (`boundary_label`), so touching objects are separated by two rims; prediction grows
+    the connected interiors back over the rims (inference/instance_maps.py)."""
+
+    boundary_label: int
+    method: str = "boundary_class"
+    reason: str = ""
+
+    def to_json(self) -> dict:
+        return {"method": self.method, "boundary_label": self.boundary_label, "reason": self.reason}
+
+
+@dataclass(frozen=True)
 class ConfigurationPlan:
     """One configuration (2d, 3d_fullres, 3d_lowres): its spacing, patch, U-Net topology and batch."""
 
@@ -96,6 +132,8 @@ class ConfigurationPlan:
     n_conv_per_stage_decoder: int | None = None
     # The cascade: the configuration whose prediction (one channel per foreground label) joins the input
     previous_stage: str | None = None
+    # Training only: the U-Net paper's elastic deformation (None: off, nnU-Net's default)
+    elastic_deformation: ElasticDeformation | None = None
 
     @property
     def ndim(self) -> int:
@@ -122,6 +160,7 @@ class ConfigurationPlan:
                 **({"network": self.network, "residual_blocks": list(self.residual_blocks),
                     "n_conv_per_stage_decoder": self.n_conv_per_stage_decoder} if self.residual_blocks else {}),
                 **({"previous_stage": self.previous_stage} if self.previous_stage else {}),
+                **({"elastic_deformation": self.elastic_deformation.to_json()} if self.elastic_deformation else {}),
                 "estimated_memory_gb": self.estimated_memory_gb, "reasons": dict(self.reasons)}
 
 
@@ -143,6 +182,8 @@ class Plans:
     not_planned: dict[str, str] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     preset: str = "default"  # the planning preset (autoseg/planning/presets.py): default, resenc-m, -l, -xl
+    # Instance maps in the dataset: the network learns object boundaries as an extra label (None: semantic only)
+    instances: InstanceSegmentation | None = None
 
     @property
     def num_channels(self) -> int:
@@ -168,6 +209,27 @@ class Plans:
     def foreground_labels(self) -> list[int]:
         """The labels the network predicts, background and the ignore label left out."""
         return sorted(k for k in self.labels if k > 0 and k != self.ignore_label)
+
+    @property
+    def boundary_label(self) -> int | None:
+        """The extra label of object boundaries that instance segmentation trains (never written out)."""
+        return None if self.instances is None else self.instances.boundary_label
+
+    @property
+    def output_labels(self) -> dict[int, str]:
+        """The dataset's labels as prediction writes them: the ignore label and object boundaries left out."""
+        return {k: v for k, v in self.labels.items() if k not in (self.ignore_label, self.boundary_label)}
+
+    def with_instance_boundaries(self, reason: str) -> "Plans":
+        """These plans learning object boundaries as one more label (the dataset has instance maps)."""
+        if self.instances is not None:
+            return self
+        if self.ignore_label is not None:
+            raise PlanError("instance segmentation with an ignore label is not supported: the object boundaries "
+                            "would have to come after the ignore label; plan with --instances off")
+        boundary = max(self.labels) + 1
+        return replace(self, labels={**self.labels, boundary: BOUNDARY_LABEL_NAME},
+                       instances=InstanceSegmentation(boundary_label=boundary, reason=reason))
 
     def input_channels(self, configuration: str) -> int:
         """The network's input channels: the image's, plus one per foreground label in a cascade's second stage."""
@@ -232,6 +294,7 @@ class Plans:
             "transpose_backward": list(self.transpose_backward),
             "memory_budget_gb": self.memory_budget_gb,
             **({"preset": self.preset} if self.preset != "default" else {}),  # default plans.json as before
+            **({"instance_segmentation": self.instances.to_json()} if self.instances else {}),
             "normalization": [n.to_json() for n in self.normalization],
             "resampling": self.resampling.to_json(),
             "reasons": dict(self.reasons),
@@ -379,7 +442,20 @@ def _read_plans(keys: _Keys) -> Plans:
                  memory_budget_gb=keys.number("memory_budget_gb", positive=True), normalization=normalization,
                  resampling=resampling, configurations=configurations, reasons=keys.texts("reasons"),
                  not_planned=keys.texts("not_planned"), format_version=version,
-                 preset=keys.text("preset", "default"))
+                 preset=keys.text("preset", "default"), instances=_read_instances(keys, labels))
+
+
+def _read_instances(keys: _Keys, labels: dict[int, str]) -> InstanceSegmentation | None:
+    if keys.raw("instance_segmentation", None) is None:
+        return None
+    i = keys.sub("instance_segmentation")
+    method = i.text("method")
+    if method not in INSTANCE_METHODS:
+        raise i.error("method", f"is {method!r}; choose one of {', '.join(INSTANCE_METHODS)}")
+    boundary = i.integer("boundary_label", minimum=1)
+    if boundary != max(labels):
+        raise i.error("boundary_label", f"is {boundary}; it must be the highest id in labels ({max(labels)})")
+    return InstanceSegmentation(boundary_label=boundary, method=method, reason=i.text("reason", ""))
 
 
 def _read_labels(keys: _Keys) -> dict[int, str]:
@@ -446,6 +522,19 @@ def _read_network(c: _Keys, stages: int) -> dict:
             "n_conv_per_stage_decoder": c.integer("n_conv_per_stage_decoder", minimum=1)}
 
 
+def _read_elastic(c: _Keys) -> ElasticDeformation | None:
+    if c.raw("elastic_deformation", None) is None:
+        return None
+    e = c.sub("elastic_deformation")
+    defaults = ElasticDeformation()
+    probability = e.number("probability", defaults.probability)
+    if not 0 <= probability <= 1:
+        raise e.error("probability", f"must lie in [0, 1], got {probability}")
+    return ElasticDeformation(grid_points=e.integer("grid_points", defaults.grid_points, minimum=2),
+                              sigma=float(e.number("sigma", defaults.sigma, positive=True)),
+                              probability=float(probability))
+
+
 def _read_configuration(c: _Keys, name: str) -> ConfigurationPlan:
     patch = c.numbers("patch_size", int, positive=True)
     ndim = len(patch)
@@ -463,7 +552,8 @@ def _read_configuration(c: _Keys, name: str) -> ConfigurationPlan:
         strides=c.number_rows("strides", ndim, len(features)),
         n_conv_per_stage=c.integer("n_conv_per_stage", 2, minimum=1),
         estimated_memory_gb=c.number("estimated_memory_gb", None), reasons=c.texts("reasons"),
-        previous_stage=c.text("previous_stage", None), **_read_network(c, len(features)))
+        previous_stage=c.text("previous_stage", None), elastic_deformation=_read_elastic(c),
+        **_read_network(c, len(features)))
     total = [1] * ndim
     for stride in config.strides:
         total = [t * s for t, s in zip(total, stride)]

@@ -51,7 +51,9 @@ def transfer_plans(source: Plans, fingerprint: Fingerprint, source_name: str) ->
         f"{source_name} (dataset {source.dataset_name}): spacing, axis order, normalization and networks as "
         "planned there, so its checkpoints fit (autoseg train --pretrained)"
         + (f"; channels renamed {', '.join(renamed)}, normalized as the source's" if renamed else ""))}
-    return replace(source, dataset_name=fingerprint.dataset_name, channel_names=tuple(fingerprint.channel_names),
+    # instance segmentation is the target's own choice (plan_workspace decides it from its instance maps)
+    return replace(source, instances=None, dataset_name=fingerprint.dataset_name,
+                   channel_names=tuple(fingerprint.channel_names),
                    labels={int(k): v for k, v in sorted(fingerprint.labels.items(), key=lambda kv: int(kv[0]))},
                    configurations=configurations, not_planned=not_planned, default_configuration=default,
                    reasons=reasons)

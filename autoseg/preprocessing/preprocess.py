@@ -12,12 +12,13 @@ from typing import Sequence
 import numpy as np
 
 from autoseg.dataset.image_io import Geometry
-from autoseg.dataset.layout import Case, Dataset, read_case_image, read_case_label
+from autoseg.dataset.layout import Case, Dataset, read_case_image, read_case_instances, read_case_label
 from autoseg.errors import AutosegError
 from autoseg.parallel import map_cases
 from autoseg.planning.plans import Plans
 from autoseg.preprocessing import store
 from autoseg.preprocessing.cropping import crop, mark_outside_mask, nonzero_bounding_box, nonzero_mask
+from autoseg.preprocessing.instance_targets import boundary_target
 from autoseg.preprocessing.normalization import NormalizationError, normalize
 from autoseg.preprocessing.properties import CaseProperties
 from autoseg.preprocessing.resampling import new_shape_for, resample_image, resample_label, separate_axis_for
@@ -51,7 +52,9 @@ def preprocessing_key(plans: Plans, configuration: str) -> str:
                 "data_identifier": config.data_identifier, "spacing": list(config.spacing),
                 "normalization": [strip(n.to_json()) for n in plans.normalization],
                 "resampling": strip(plans.resampling.to_json()),
-                "seg_dtype": np.dtype(seg_dtype(plans.labels)).name}
+                "seg_dtype": np.dtype(seg_dtype(plans.labels)).name,
+                # instance segmentation changes the stored labels (object rims); plans without it keep their hash
+                **({"instances": plans.instances.to_json() | {"reason": None}} if plans.instances else {})}
     return hashlib.sha1(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -86,13 +89,15 @@ def target_spacing_for(config_spacing: tuple[float, ...], case_spacing: tuple[fl
 
 
 def preprocess_case(image: np.ndarray, label: np.ndarray | None, geometry: Geometry, plans: Plans,
-                    configuration: str) -> tuple[np.ndarray, np.ndarray | None, CaseProperties]:
+                    configuration: str, instances: np.ndarray | None = None
+                    ) -> tuple[np.ndarray, np.ndarray | None, CaseProperties]:
     """One case (C, Z, Y, X) in file orientation -> network-ready arrays and the properties to go back.
 
     Crop to the non-zero region, normalize (inside the hole-filled non-zero mask where planned),
     transpose, resample (the thick axis apart, decided for this case). The seg (1, Z, Y, X) holds -1
     where the case is background outside the mask. Used by both `autoseg plan` and `autoseg predict`,
-    so prediction sees exactly the training preprocessing.
+    so prediction sees exactly the training preprocessing. With the plans' instance segmentation,
+    `instances` (the case's instance map) draws the object rims into the labels (instance_targets.py).
     """
     config = plans.configuration(configuration)
     transpose = plans.transpose_forward
@@ -124,6 +129,12 @@ def preprocess_case(image: np.ndarray, label: np.ndarray | None, geometry: Geome
                                      f"(plans.json's largest label id is {max(plans.labels)}); "
                                      f"check the label file against dataset.json")
         seg = mark_outside_mask(seg, mask).transpose(*transpose)
+        if plans.instances is not None:
+            if instances is None:
+                raise PreprocessingError("the plans train object boundaries (instance_segmentation) but no "
+                                         "instance map was given")
+            rims = crop(np.asarray(instances)[None], bbox)[0].transpose(*transpose)
+            seg = boundary_target(seg, rims, plans.instances.boundary_label, in_plane=config.ndim == 2)
         seg = resample_label(seg, shape, r.label_order, axis, r.thick_axis_order)
         seg = np.ascontiguousarray(seg)[None].astype(dtype)
         locations = sample_class_locations(seg[0], plans.ignore_label)
@@ -179,8 +190,9 @@ def _preprocess_job(args: tuple[Case, int, Plans, str, Path]) -> str:
     case, num_channels, plans, configuration, folder = args
     image, geometry = read_case_image(case, num_channels)
     label = read_case_label(case) if case.label_file is not None else None
+    instances = read_case_instances(case, label) if label is not None and plans.instances is not None else None
     try:
-        data, seg, properties = preprocess_case(image, label, geometry, plans, configuration)
+        data, seg, properties = preprocess_case(image, label, geometry, plans, configuration, instances)
     except (NormalizationError, PreprocessingError) as exc:
         raise PreprocessingError(f"case {case.case_id}: {exc}") from exc
     store.save_case(folder, case.case_id, data, seg, replace(properties, case_id=case.case_id),

@@ -12,9 +12,11 @@ Probabilities are per sample unless stated:
 
 1. Spatial: rotation with p 0.2 (2D: +-15 degrees for elongated patches, else +-180; 3D: about
    each axis by +-30 degrees, slabs in-plane only by +-180), isotropic scaling in [0.7, 1.4]
-   (above 1 zooms out) with p 0.2, optional elastic deformation (off by default; alpha 0-200,
-   sigma 9-13, p 0.2); cubic interpolation for images with 0 outside, nearest for labels with -1
-   outside. Slab patches are transformed slice by slice (axis 0 untouched).
+   (above 1 zooms out) with p 0.2; cubic interpolation for images with 0 outside, nearest for
+   labels with -1 outside. Slab patches are transformed slice by slice (axis 0 untouched). Before
+   it, where the plan or `autoseg train --elastic` asks, the U-Net paper's elastic deformation
+   (`GridElasticDeformation`: a 3 x 3 grid of displacements with a standard deviation of 10 voxels,
+   cubic interpolation; off by default, as in nnU-Net).
 2. Gaussian noise, variance in [0, 0.1], p 0.1.
 3. Gaussian blur, sigma in [0.5, 1] drawn per axis, p 0.2, each channel with p 0.5 and its own sigmas.
 4. Multiplicative brightness in [0.75, 1.25], p 0.15.
@@ -56,7 +58,9 @@ from batchgenerators.transforms.noise_transforms import GaussianBlurTransform, G
 from batchgenerators.transforms.resample_transforms import SimulateLowResolutionTransform
 from batchgenerators.transforms.spatial_transforms import MirrorTransform, SpatialTransform
 from batchgenerators.transforms.utility_transforms import NumpyToTensor
+from scipy import ndimage
 
+from autoseg.planning.plans import ElasticDeformation
 from autoseg.training.cascade import MoveSegAsOneHotToData, RandomBinaryOperator, RemoveRandomComponent
 
 logger = logging.getLogger(__name__)
@@ -156,6 +160,65 @@ class MaskImageOutsideNonzero(AbstractTransform):
         return data_dict
 
 
+class GridElasticDeformation(AbstractTransform):
+    """The U-Net paper's elastic deformation: random displacements on a coarse grid, smoothly interpolated.
+
+    Ronneberger et al. (2015) draw one displacement vector per node of a 3 x 3 grid over the tile from
+    a normal distribution with a standard deviation of 10 pixels and interpolate the per-pixel
+    displacements bicubically. Here the grid has `grid_points` nodes per deformed axis, the field is
+    upsampled by cubic spline (scipy's `zoom`, order 3, corners on corners), and the image is sampled
+    cubically (0 outside), the labels by nearest neighbour (-1 outside, as the spatial transform fills).
+    It runs on the read patch, before rotation and scaling, so the margins that the field pulls in
+    from outside mostly fall outside the final, centre-cropped patch. `in_plane_only` (3D slabs)
+    deforms axes 1 and 2 with one field for every slice.
+    """
+
+    def __init__(self, grid_points: int = 3, sigma: float = 10.0, p_per_sample: float = 1.0,
+                 in_plane_only: bool = False):
+        if grid_points < 2:
+            raise ValueError(f"grid_points must be at least 2, got {grid_points}")
+        self.grid_points, self.sigma, self.p_per_sample = int(grid_points), float(sigma), float(p_per_sample)
+        self.in_plane_only = in_plane_only
+
+    def field(self, shape: Sequence[int]) -> np.ndarray:
+        """Per-voxel displacements (len(shape), *shape) in voxels, from one draw of the coarse grid."""
+        ndim = len(shape)
+        coarse = np.random.normal(0.0, self.sigma, (ndim,) + (self.grid_points,) * ndim)
+        factors = [n / self.grid_points for n in shape]  # output n voxels, the first and last on the end nodes
+        out = np.empty((ndim, *shape), dtype=np.float32)
+        for axis in range(ndim):
+            fine = ndimage.zoom(coarse[axis], factors, order=3, mode="nearest", grid_mode=False)
+            out[axis] = _fit(fine, shape)
+        return out
+
+    def __call__(self, **data_dict):
+        data, seg = data_dict["data"], data_dict.get("seg")
+        for b in range(data.shape[0]):
+            if np.random.uniform() >= self.p_per_sample:
+                continue
+            spatial = data.shape[2:]
+            deformed_axes = spatial[1:] if self.in_plane_only else spatial
+            displacement = self.field(deformed_axes)
+            coords = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in deformed_axes], indexing="ij")
+            coords = np.stack([c + d for c, d in zip(coords, displacement)])
+            slices = range(spatial[0]) if self.in_plane_only else [None]
+            for z in slices:
+                index = (b, slice(None)) if z is None else (b, slice(None), z)
+                data[index] = [ndimage.map_coordinates(channel, coords, order=3, mode="constant", cval=0.0)
+                               for channel in data[index]]
+                if seg is not None:
+                    seg[index] = [ndimage.map_coordinates(channel, coords, order=0, mode="constant", cval=-1)
+                                  for channel in seg[index]]
+        return data_dict
+
+
+def _fit(array: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Crop or edge-pad `array` to `shape` (zoom's output can be one voxel off by rounding)."""
+    array = array[tuple(slice(0, n) for n in shape)]
+    pad = [(0, n - s) for n, s in zip(shape, array.shape)]
+    return np.pad(array, pad, mode="edge") if any(p for _, p in pad) else array
+
+
 class RoundSegToLabels(AbstractTransform):
     """Turn the labels left by the transforms into integer ids; -1 (outside) becomes background 0.
 
@@ -217,13 +280,14 @@ def training_transforms(
     deep_supervision_scales: list[list[float]] | None,
     nonzero_mask_channels: Sequence[int] = (),
     scale_range: Sequence[float] = DEFAULT_SCALE_RANGE,
-    elastic: bool = False,
+    elastic: ElasticDeformation | None = None,
     previous_stage_labels: Sequence[int] = (),
 ) -> Compose:
     """The training augmentation (see the module docstring) for patches read at `training_patch_size`.
 
     `nonzero_mask_channels` lists the channels normalized within the non-zero mask (plans.json
-    "use_nonzero_mask"); they are set to 0 where the label is -1. `previous_stage_labels` (a cascade's
+    "use_nonzero_mask"); they are set to 0 where the label is -1. `elastic` adds the U-Net paper's
+    elastic deformation with those settings. `previous_stage_labels` (a cascade's
     second stage) turns seg channel 1 into one input channel per label and perturbs them
     (training/cascade.py).
     """
@@ -234,14 +298,17 @@ def training_transforms(
     other_axes = rotation if len(spatial_patch) == 3 else (0.0, 0.0)  # a 2D transform turns about one axis
     spatial = SpatialTransform(
         spatial_patch, patch_center_dist_from_border=None,
-        do_elastic_deform=elastic, alpha=(0.0, 200.0), sigma=(9.0, 13.0), p_el_per_sample=0.2,
+        do_elastic_deform=False,
         do_rotation=True, angle_x=rotation, angle_y=other_axes, angle_z=other_axes,
         p_rot_per_sample=0.2, do_scale=True, scale=tuple(scale_range), p_scale_per_sample=0.2,
         border_mode_data="constant", border_cval_data=0, order_data=3,
         border_mode_seg="constant", border_cval_seg=-1, order_seg=0, random_crop=False,
     )
-    transforms: list[AbstractTransform] = (
-        [_FoldAxis0IntoChannels(), spatial, _UnfoldAxis0FromChannels()] if in_plane_only else [spatial])
+    transforms: list[AbstractTransform] = []
+    if elastic is not None:
+        transforms.append(GridElasticDeformation(elastic.grid_points, elastic.sigma, elastic.probability,
+                                                 in_plane_only=in_plane_only))
+    transforms += [_FoldAxis0IntoChannels(), spatial, _UnfoldAxis0FromChannels()] if in_plane_only else [spatial]
     transforms += [
         GaussianNoiseTransform(noise_variance=(0.0, 0.1), p_per_sample=0.1),
         GaussianBlurTransform(blur_sigma=(0.5, 1.0), different_sigma_per_channel=True, different_sigma_per_axis=True,

@@ -28,7 +28,7 @@ from autoseg.device import (
 from autoseg.errors import AutosegError
 from autoseg.model_files import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from autoseg.network.unet import build_unet, deep_supervision_scales
-from autoseg.planning.plans import Plans
+from autoseg.planning.plans import ConfigurationPlan, ElasticDeformation, Plans
 from autoseg.preprocessing import store
 from autoseg.preprocessing.preprocess import is_current, preprocessing_key
 from autoseg.training import distributed
@@ -78,6 +78,9 @@ class TrainingSettings:
     # more than one configuration.
     save_probabilities: bool | None = None
     pretrained: str | None = None  # a checkpoint to start from (fine-tuning; training/pretrained.py)
+    # The U-Net paper's elastic deformation: None follows the plan ("elastic_deformation"), True turns it on
+    # (the plan's settings, or the paper's), False off
+    elastic: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("epochs", "iters_per_epoch", "val_iters", "checkpoint_every"):
@@ -87,6 +90,13 @@ class TrainingSettings:
             raise TrainingError(f"batch-size must be at least 1, got {self.batch_size}")
         if self.workers < 0:
             raise TrainingError(f"workers must be 0 or more, got {self.workers}")
+
+
+def elastic_for(config: ConfigurationPlan, choice: bool | None) -> ElasticDeformation | None:
+    """The elastic deformation a run uses: the plan's, unless `autoseg train --elastic/--no-elastic` says."""
+    if choice is None:
+        return config.elastic_deformation
+    return (config.elastic_deformation or ElasticDeformation()) if choice else None
 
 
 def poly_lr(initial_lr: float, epoch: int, epochs: int, exponent: float = 0.9) -> float:
@@ -251,9 +261,11 @@ def train_fold(workdir: Path, configuration: str, fold: int | str, settings: Tra
     rotation, in_plane_only = rotation_for_patch(patch)
     mirror_axes = config.mirror_axes
     masked_channels = [n.channel for n in plans.normalization if n.use_nonzero_mask]
+    elastic = elastic_for(config, settings.elastic)
     say(f"augmentation: patch {patch} read as {read_patch}, rotation up to +-{np.degrees(rotation[1]):.0f} degrees"
-        f"{' (slab: in-plane only)' if in_plane_only else ''}, image 0 outside the non-zero mask in channels "
-        f"{masked_channels}; loss: {'batch' if batch_dice else 'per-sample'} Dice + cross-entropy")
+        f"{' (slab: in-plane only)' if in_plane_only else ''}, "
+        f"{elastic.describe() if elastic else 'no elastic deformation'}, image 0 outside the non-zero mask in "
+        f"channels {masked_channels}; loss: {'batch' if batch_dice else 'per-sample'} Dice + cross-entropy")
     data_seed = distributed.rank_seed(settings.seed + start_epoch)
     previous_dir, previous_labels = None, ()
     if config.previous_stage is not None:  # the cascade: the first stage's cross-validation predictions
@@ -273,6 +285,7 @@ def train_fold(workdir: Path, configuration: str, fold: int | str, settings: Tra
     train_batches = make_loader(train_loader, training_transforms(patch, mirror_axes=mirror_axes,
                                                                   deep_supervision_scales=scales,
                                                                   nonzero_mask_channels=masked_channels,
+                                                                  elastic=elastic,
                                                                   previous_stage_labels=previous_labels),
                                 settings.workers, seed=data_seed)
     val_batches = None

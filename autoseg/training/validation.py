@@ -17,8 +17,9 @@ from autoseg import workspace
 from autoseg.atomic import read_json, write_json
 from autoseg.dataset.layout import load_dataset, read_case_label
 from autoseg.evaluation import evaluate_case, mean_per_label, nan_to_none
-from autoseg.inference.original_grid import export_segmentation, segmentation_suffix, write_segmentation
+from autoseg.inference.instance_maps import write_instances
 from autoseg.inference.original_grid import save_probabilities as save_npz
+from autoseg.inference.original_grid import segmentation_suffix, write_segmentation
 from autoseg.inference.predictor import Predictor, PreparedCase
 from autoseg.inference.settings import ComputeSettings, WindowSettings
 from autoseg.planning.plans import Plans
@@ -49,7 +50,7 @@ def validate_fold(network: torch.nn.Module, workdir: Path, plans: Plans, configu
     data_dir = workspace.preprocessed_dir(workdir, plans.configuration(configuration).data_identifier)
     raw = read_json(workspace.dataset_json(workdir))
     cases = {c.case_id: c for c in load_dataset(raw["root"]).cases}
-    labels = plans.foreground_labels
+    labels = [k for k in plans.output_labels if k > 0]  # object rims (instance segmentation) are never scored
     ending = raw.get("file_ending", ".nii.gz")
     config = plans.configuration(configuration)
     next_stages = [name for name, c in plans.configurations.items() if c.previous_stage == configuration]
@@ -64,12 +65,15 @@ def validate_fold(network: torch.nn.Module, workdir: Path, plans: Plans, configu
         prepared = PreparedCase(geometry, (configuration,), (image,), (properties,))
         path = out_dir / f"{case_id}{segmentation_suffix(ending)}"
         if keep_probabilities:
-            probabilities = predictor.to_original(prepared, predictor.run_networks(prepared))
-            save_npz(out_dir / f"{case_id}.npz", probabilities)
-            segmentation = export_segmentation(probabilities, geometry, path)
-            del probabilities
+            logits = predictor.run_networks(prepared)
+            save_npz(out_dir / f"{case_id}.npz", predictor.to_original(prepared, logits))
+            predicted = predictor.segment_logits(prepared, logits)
+            del logits
         else:
-            segmentation = write_segmentation(predictor.segment(prepared).labels, geometry, path)
+            predicted = predictor.segment(prepared)
+        segmentation = write_segmentation(predicted.labels, geometry, path)
+        if predicted.instances is not None:
+            write_instances(predicted.instances, segmentation, geometry, case_id, path, plans.output_labels)
         for name in next_stages:
             _write_for_next_stage(segmentation, workdir, plans, configuration, name, case_id)
         reference = read_case_label(cases[case_id])

@@ -38,7 +38,9 @@ from autoseg.dataset.image_io import (
     read_image,
     strip_suffix,
 )
+from autoseg.dataset.layout import INSTANCES_DIR as INSTANCE_MAPS_DIR
 from autoseg.errors import AutosegError
+from autoseg.evaluation import objects
 from autoseg.fingerprint import nonzero_bounding_box
 
 logger = logging.getLogger(__name__)
@@ -239,8 +241,10 @@ def read_label_map(path: Path) -> tuple[np.ndarray, Geometry]:
 
 
 def _evaluate_pair(case_id: str, pred_path: Path, ref_path: Path, labels: Sequence[int] | None,
-                   ignore_label: int | None = None) -> tuple[str, dict, list[int]]:
-    """Worker: metrics of one case, plus the labels present in its reference."""
+                   ignore_label: int | None = None, membrane: int | None = None, ref_instances: Path | None = None,
+                   pred_instances: Path | None = None) -> tuple[str, dict, list[int], dict]:
+    """Worker: metrics of one case, the labels present in its reference, and its object metrics (membrane ones
+    for the label `membrane`, instance ones against `ref_instances`; see objects.py)."""
     ref, ref_geometry = read_label_map(ref_path)
     pred, pred_geometry = read_label_map(pred_path)
     if not pred_geometry.matches(ref_geometry):
@@ -250,7 +254,18 @@ def _evaluate_pair(case_id: str, pred_path: Path, ref_path: Path, labels: Sequen
     ref_labels = [int(v) for v in np.unique(ref) if v != 0 and v != ignore_label]
     if labels is None:  # every label seen in either image; labels absent from all references are dropped later
         labels = sorted(set(ref_labels) | {int(v) for v in np.unique(pred) if v != 0 and v != ignore_label})
-    return case_id, evaluate_case(pred, ref, ref_geometry.spacing, labels, ignore_label), ref_labels
+    scores = {}
+    if membrane is not None:
+        scores.update(objects.membrane_scores(pred, ref, membrane))
+    if ref_instances is not None:
+        reference_objects, _ = read_label_map(ref_instances)
+        if reference_objects.shape != ref.shape:
+            raise EvaluationError(f"{ref_instances}: shape {list(reference_objects.shape)} differs from the "
+                                  f"reference label map {ref_path} ({list(ref.shape)})")
+        predicted_objects = (read_label_map(pred_instances)[0] if pred_instances is not None
+                             else objects.connected_objects(pred))
+        scores.update(objects.instance_scores(predicted_objects, reference_objects))
+    return case_id, evaluate_case(pred, ref, ref_geometry.spacing, labels, ignore_label), ref_labels, scores
 
 
 def find_label_names(pred_dir: Path | str, ref_dir: Path | str) -> tuple[dict[str, str], Path | None]:
@@ -306,7 +321,8 @@ def _is_label_id(value) -> bool:
 
 def evaluate_folders(pred_dir: Path | str, ref_dir: Path | str, labels: Sequence[int] | None = None,
                      output_dir: Path | str | None = None, workers: int = 1,
-                     label_names: Mapping[int | str, str] | None = None) -> dict:
+                     label_names: Mapping[int | str, str] | None = None, object_metrics: str = "auto",
+                     instances_dir: Path | str | None = None) -> dict:
     """Evaluate every prediction against the reference with the same case id.
 
     Labels default to the union of the non-zero values in the references. Label names given in
@@ -314,9 +330,21 @@ def evaluate_folders(pred_dir: Path | str, ref_dir: Path | str, labels: Sequence
     unannotated voxels) is not scored, and its voxels count for no label. Writes `summary.json` and `summary.csv`
     into `output_dir` (default: `pred_dir`) and returns the summary (the same content as
     `summary.json`, with null for undefined values).
+
+    `object_metrics` (auto, membrane, instances, all, none) adds the object metrics of objects.py under
+    "object_metrics": auto computes the membrane errors when a label is named membrane or boundary, and
+    the instance metrics when reference instance maps are found (`instances_dir`, else an instancesTr/
+    beside `ref_dir`). Predicted objects are the `<case>_instances` maps in `pred_dir`, else the connected
+    components of each predicted label map.
     """
+    if object_metrics not in objects.CHOICES:
+        raise EvaluationError(f"object metrics must be one of {', '.join(objects.CHOICES)}, got {object_metrics!r}")
     pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
     predictions, references = segmentation_files(pred_dir), segmentation_files(ref_dir)
+    # autoseg's instance maps lie beside the label maps: they are objects to score, not cases
+    pred_instance_files = {c: predictions.pop(f"{c}{objects.INSTANCES_SUFFIX}") for c in list(predictions)
+                           if f"{c}{objects.INSTANCES_SUFFIX}" in predictions and f"{c}{objects.INSTANCES_SUFFIX}"
+                           not in references}
     if not predictions:
         raise EvaluationError(f"{pred_dir}: no prediction files found (expected {', '.join(SUPPORTED_SUFFIXES)})")
     orphans = [predictions[c] for c in predictions if c not in references]
@@ -335,11 +363,15 @@ def evaluate_folders(pred_dir: Path | str, ref_dir: Path | str, labels: Sequence
     ignore_label = ignore_label_id(names)
     if labels is not None:
         labels = [label for label in labels if int(label) != ignore_label]
-    jobs = [(case_id, predictions[case_id], references[case_id], labels, ignore_label) for case_id in predictions]
+    membrane, ref_instances, reasons = _object_plan(object_metrics, names, ref_dir, instances_dir, predictions,
+                                                    bool(pred_instance_files))
+    jobs = [(case_id, predictions[case_id], references[case_id], labels, ignore_label, membrane,
+             ref_instances.get(case_id) if ref_instances is not None else None, pred_instance_files.get(case_id))
+            for case_id in predictions]
     results = _run_jobs(jobs, workers)
 
     if labels is None:
-        labels = sorted({label for _, _, ref_labels in results.values() for label in ref_labels})
+        labels = sorted({label for result in results.values() for label in result[2]})
     labels = [int(label) for label in labels]
     cases = {}
     for case_id in predictions:
@@ -353,10 +385,51 @@ def evaluate_folders(pred_dir: Path | str, ref_dir: Path | str, labels: Sequence
         names_from.append(str(found_in))
     summary = _summarize(cases, labels, missing, pred_dir, ref_dir,
                          {str(label): names[str(label)] for label in labels if str(label) in names}, names_from)
+    if reasons:
+        per_case = {case_id: results[case_id][3] for case_id in predictions}
+        summary["object_metrics"] = nan_to_none({"reasons": reasons, "mean": objects.summarize(per_case),
+                                                 "cases": per_case})
     output_dir = Path(output_dir) if output_dir is not None else pred_dir
     write_json(output_dir / "summary.json", summary)
     _write_csv(output_dir / "summary.csv", summary)
     return summary
+
+
+def _object_plan(choice: str, names: Mapping[str, str], ref_dir: Path, instances_dir: Path | str | None,
+                 predictions: Mapping[str, Path], have_instance_maps: bool
+                 ) -> tuple[int | None, dict[str, Path] | None, list[str]]:
+    """Which object metrics apply: the membrane label, the reference instance map of each case, and the reasons
+    in words (for the table and summary.json)."""
+    reasons: list[str] = []
+    membrane = None
+    if choice in ("auto", "membrane", "all"):
+        membrane = objects.membrane_label(names)
+        if membrane is not None:
+            reasons.append(f"Rand, warping and pixel error (ISBI 2012) of label {membrane} "
+                           f"'{names[str(membrane)]}', the cells being the connected regions of the rest")
+        elif choice != "auto":
+            raise EvaluationError("membrane metrics need one label named membrane or boundary (give names with "
+                                  "--labels, e.g. --labels 1=membrane)")
+    ref_instances = None
+    if choice in ("auto", "instances", "all"):
+        folder = Path(instances_dir) if instances_dir is not None else ref_dir.parent / INSTANCE_MAPS_DIR
+        if instances_dir is not None and not folder.is_dir():
+            raise EvaluationError(f"{folder}: folder of reference instance maps not found")
+        if folder.is_dir():
+            found = segmentation_files(folder)
+            lacking = [c for c in predictions if c not in found]
+            if lacking:
+                raise EvaluationError(f"{folder}: no instance map of {len(lacking)} case(s) (e.g. {lacking[0]}); "
+                                      "give one per reference, named as the label maps")
+            ref_instances = {c: found[c] for c in predictions}
+            source = ("autoseg's <case>_instances maps" if have_instance_maps
+                      else "connected components of the label maps (no <case>_instances maps)")
+            reasons.append(f"mAP, F1 and AJI of the objects against the instance maps in {folder}; predicted objects: "
+                           f"{source}")
+        elif choice != "auto":
+            raise EvaluationError(f"instance metrics need reference instance maps: give their folder with --instances "
+                                  f"DIR (none at {folder})")
+    return membrane, ref_instances, reasons
 
 
 def _run_jobs(jobs: list[tuple], workers: int) -> dict[str, tuple]:
