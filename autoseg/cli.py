@@ -16,6 +16,9 @@ log = logging.getLogger("autoseg")
 PLAN_STEPS = ("verify", "fingerprint", "plan", "preprocess")  # as autoseg.plan_workspace.PLAN_STEPS
 PLAN_PRESETS = ("default", "resenc-m", "resenc-l", "resenc-xl")  # as autoseg.planning.presets.PRESETS
 CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres")  # as autoseg.planning.plans.CONFIGURATIONS
+INSTANCE_CHOICES = ("auto", "on", "off")  # as autoseg.plan_workspace.INSTANCE_CHOICES
+OBJECT_METRICS = ("auto", "membrane", "instances", "all", "none")  # as autoseg.evaluation.objects.CHOICES
+# (copies, so `autoseg --help` starts without importing numpy and torch; tests/test_cli_plan.py keeps them equal)
 
 
 class CommandError(Exception):
@@ -284,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "3d_lowres)")
     p.add_argument("--steps", nargs="+", choices=PLAN_STEPS, metavar="STEP",
                    help="run only these steps (default: verify fingerprint plan preprocess)")
-    p.add_argument("--instances", choices=("auto", "on", "off"), default="auto",
+    p.add_argument("--instances", choices=INSTANCE_CHOICES, default="auto",
                    help="instance segmentation: learn each object's rim as one more label so touching objects (cells, "
                         "nuclei) come out as separate objects, and predict an instance map <case>_instances beside "
                         "each label map; auto: when the dataset has instance maps in instancesTr/ (docs/instances.md) "
@@ -433,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder of reference instance maps (one id per object, named as the references) for mAP, "
                         "F1 and AJI of the objects; the predicted objects are autoseg's <case>_instances maps, else "
                         "the connected components of the label maps (default: an instancesTr/ beside REF_DIR, if any)")
-    p.add_argument("--object-metrics", choices=("auto", "membrane", "instances", "all", "none"), default="auto",
+    p.add_argument("--object-metrics", choices=OBJECT_METRICS, default="auto",
                    help="object metrics to add (docs/object_metrics.md): membrane = Rand, warping and pixel error of "
                         "the ISBI 2012 challenge; instances = mAP@0.5:0.95, F1@0.5, AJI, splits and merges; auto: "
                         "membrane ones when a label is named membrane or boundary, instance ones when reference "

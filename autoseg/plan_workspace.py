@@ -21,7 +21,6 @@ from autoseg.fingerprint import compute_fingerprint, load_fingerprint, save_fing
 from autoseg.planning.planner import plan_experiment
 from autoseg.planning.plans import PlanError, Plans
 from autoseg.planning.transfer import source_plans_path, transfer_plans
-from autoseg.preprocessing.preprocess import preprocess_dataset
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +155,8 @@ def plan_workspace(dataset_dir: Path, workdir: Path, steps: Sequence[str] = PLAN
         chosen = [c for c in (configurations or plans.configurations) if c in plans.configurations]
         chosen += plans.previous_stages(chosen)
         started = time.perf_counter()
+        from autoseg.preprocessing.preprocess import preprocess_dataset  # scipy, blosc2: when this step runs
+
         preprocess_dataset(dataset, plans, workdir, chosen, workers=workers, progress=progress)
         outcome.plans, outcome.seconds["preprocess"] = plans, time.perf_counter() - started
     return outcome

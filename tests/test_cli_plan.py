@@ -164,3 +164,18 @@ def test_planning_another_preset_over_trained_models_is_refused(make_decathlon, 
     assert "trained under the default preset (3d_fullres)" in capsys.readouterr().err
     assert "preset" not in read_json(workdir / "plans.json")
     assert _plan(root, workdir, "--steps", "plan") == 0  # the same preset again is fine
+
+
+def test_the_clis_copied_choice_lists_match_the_library():
+    """cli.py keeps copies of a few lists so `--help` needs no heavy import; they must not drift."""
+    from autoseg import cli
+    from autoseg.evaluation.objects import CHOICES
+    from autoseg.plan_workspace import INSTANCE_CHOICES, PLAN_STEPS
+    from autoseg.planning.plans import CONFIGURATIONS
+    from autoseg.planning.presets import PRESETS
+
+    assert cli.PLAN_STEPS == PLAN_STEPS
+    assert cli.PLAN_PRESETS == tuple(PRESETS)
+    assert cli.CONFIGURATIONS == CONFIGURATIONS
+    assert cli.INSTANCE_CHOICES == INSTANCE_CHOICES
+    assert cli.OBJECT_METRICS == CHOICES

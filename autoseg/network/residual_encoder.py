@@ -76,19 +76,3 @@ def zero_last_norm_of_each_block(module: nn.Module) -> None:
     if isinstance(module, BasicBlock):
         nn.init.zeros_(module.conv2[1].weight)
         nn.init.zeros_(module.conv2[1].bias)
-
-
-def encoder_feature_map_elements(voxels_per_stage: Sequence[int], features_per_stage: Sequence[int],
-                                 strides: Sequence[Sequence[int]], residual_blocks: Sequence[int]) -> int:
-    """Conv output elements of the residual encoder for one sample, counted as nnU-Net's
-    `compute_conv_feature_map_size` counts them: the stem, two convs per block, and the skip path of
-    each stage's first block where it strides or changes the channel count (counted even when the skip
-    only pools, as there)."""
-    total = features_per_stage[0] * voxels_per_stage[0]  # stem
-    channels_in = features_per_stage[0]
-    for f, v, stride, n in zip(features_per_stage, voxels_per_stage, strides, residual_blocks):
-        total += 2 * n * f * v
-        if channels_in != f or any(s != 1 for s in stride):
-            total += f * v
-        channels_in = f
-    return total

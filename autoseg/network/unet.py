@@ -14,12 +14,9 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from autoseg.network.cost import feature_map_elements  # noqa: F401  (re-exported: the network knows its cost)
 from autoseg.network.layers import LEAKY_SLOPE, ConvBlock, layers_for
-from autoseg.network.residual_encoder import (
-    ResidualEncoder,
-    encoder_feature_map_elements,
-    zero_last_norm_of_each_block,
-)
+from autoseg.network.residual_encoder import ResidualEncoder, zero_last_norm_of_each_block
 
 
 @dataclass(frozen=True)
@@ -208,51 +205,6 @@ def _init_weights(module: nn.Module) -> None:
 def build_unet(topology: UNetTopology, deep_supervision: bool = True) -> UNet:
     """Build the network for a topology (usually `UNetTopology.from_plan(...)`)."""
     return UNet(topology, deep_supervision=deep_supervision)
-
-
-def feature_map_elements(
-    patch_size: Sequence[int],
-    features_per_stage: Sequence[int],
-    strides: Sequence[Sequence[int]],
-    num_classes: int,
-    n_conv_per_stage: int = 2,
-    deep_supervision: bool = False,
-    *,
-    residual_blocks: Sequence[int] = (),
-    n_conv_per_stage_decoder: int | None = None,
-) -> int:
-    """Output elements of every convolution of one sample: the planner's memory measure.
-
-    Counts what the convolutions write: each encoder and decoder conv (a residual encoder's as
-    `residual_encoder.encoder_feature_map_elements` says), each transposed conv, and the
-    segmentation head (at full resolution only, unless `deep_supervision`), as nnU-Net v2 measures
-    its networks when planning, so the planner's budget means the same patches and batches as
-    nnU-Net's. Norm outputs, the skip concatenations and the input are not counted; the calibration
-    constants in the planner absorb them. Pure integer arithmetic, no modules are built.
-    """
-    n_stages = len(features_per_stage)
-    if len(strides) != n_stages:
-        raise ValueError(f"features_per_stage and strides need one entry per stage, got {n_stages} and {len(strides)}")
-    shape = [int(p) for p in patch_size]
-    voxels_per_stage = []
-    for stride in strides:
-        if any(n % s for n, s in zip(shape, stride)):
-            raise ValueError(f"patch size {list(patch_size)} is not divisible by the strides "
-                             f"{[list(s) for s in strides]}")
-        shape = [n // s for n, s in zip(shape, stride)]
-        voxels_per_stage.append(math.prod(shape))
-
-    if residual_blocks:
-        total = encoder_feature_map_elements(voxels_per_stage, features_per_stage, strides, residual_blocks)
-    else:
-        total = sum(n_conv_per_stage * f * v for f, v in zip(features_per_stage, voxels_per_stage))
-    decoder_convs = n_conv_per_stage if n_conv_per_stage_decoder is None else n_conv_per_stage_decoder
-    for level, (f, v) in enumerate(zip(features_per_stage[:-1], voxels_per_stage[:-1])):
-        total += f * v  # transposed conv up to this resolution
-        total += decoder_convs * f * v  # decoder convs
-        if deep_supervision or level == 0:
-            total += num_classes * v  # segmentation head
-    return total
 
 
 def deep_supervision_scales(strides: Sequence[Sequence[int]]) -> list[list[float]]:

@@ -14,7 +14,7 @@ from dataclasses import replace
 import numpy as np
 
 from autoseg.fingerprint import Fingerprint
-from autoseg.network.unet import feature_map_elements
+from autoseg.network.cost import feature_map_elements
 from autoseg.planning.normalization import plan_normalization
 from autoseg.planning.plans import (
     CASCADE,
