@@ -92,6 +92,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides["mixed_precision"] = False
     if args.elastic is not None:
         overrides["elastic"] = args.elastic
+    if args.compile is not None:
+        overrides["compile"] = args.compile
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
@@ -341,6 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "standard deviation 10 pixels, cubic interpolation (settings from the plan's "
                         "elastic_deformation where it has one). Helps small 2D datasets such as EM slices; see "
                         "docs/planning.md (default: as the plan says; off in nnU-Net's default plans)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the network for training (compiled at the first step; if compiling fails, "
+                        "training goes on uncompiled and the log says why) (default: on with CUDA, off on the CPU, "
+                        "as nnU-Net)")
     p.add_argument("--no-validation", action="store_true", help="skip predicting the validation cases at the end")
     p.add_argument("--save-probabilities", action=argparse.BooleanOptionalAction, default=None,
                    help="keep each validation case's probabilities (validation/<case>.npz, float16), which "

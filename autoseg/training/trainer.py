@@ -42,6 +42,7 @@ from autoseg.training.augmentation import (
     validation_transforms,
 )
 from autoseg.training.cascade import next_stage_dir, next_stage_file
+from autoseg.training.compilation import training_forward
 from autoseg.training.loss import DeepSupervisionLoss, DiceCELoss, deep_supervision_weights
 from autoseg.training.patch_sampling import PatchLoader
 from autoseg.training.pretrained import load_pretrained_weights
@@ -81,6 +82,8 @@ class TrainingSettings:
     # The U-Net paper's elastic deformation: None follows the plan ("elastic_deformation"), True turns it on
     # (the plan's settings, or the paper's), False off
     elastic: bool | None = None
+    # torch.compile of the training network: None = on for CUDA, off elsewhere (nnU-Net's default); True/False
+    compile: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("epochs", "iters_per_epoch", "val_iters", "checkpoint_every"):
@@ -247,6 +250,8 @@ def train_fold(workdir: Path, configuration: str, fold: int | str, settings: Tra
     for head, weight in zip(network.decoder.heads, loss_weights):
         head.requires_grad_(weight > 0)  # the coarsest head gets no loss; DDP must not wait for its gradient
     model = distributed.wrap(network, device)
+    forward, compile_note = training_forward(model, device, settings.compile, say)
+    say(compile_note)
 
     def checkpoint_state(epoch: int) -> Checkpoint:
         return Checkpoint(configuration=configuration, fold=str(fold), epoch=epoch, epochs=settings.epochs,
@@ -316,7 +321,7 @@ def train_fold(workdir: Path, configuration: str, fold: int | str, settings: Tra
                 wait += time.perf_counter() - t_wait
                 optimizer.zero_grad(set_to_none=True)
                 with autocast():
-                    loss = loss_fn(model(data), target)
+                    loss = loss_fn(forward(data), target)
                 if backward_and_step(loss, network, optimizer, scaler, settings.grad_clip):
                     train_losses.append(loss.item())
                 else:
