@@ -262,3 +262,18 @@ def test_verify_names_a_bad_instance_map_and_warns_about_missing_ones(tmp_path):
     warnings = [str(p) for p in report.warnings]
     assert any("c1.png" in e and "background" in e for e in errors)
     assert any("4 of 5 cases" in w and "c2" in w for w in warnings)
+
+
+def test_crossval_ensembles_give_rim_voxels_back_to_their_objects(tmp_path):
+    from autoseg.crossval import _ensemble_prediction
+
+    inst = two_touching_and_one_apart()
+    target = boundary_target((inst > 0).astype(np.int16), inst, 2)[None]  # (1, Y, X)
+    probabilities = np.stack([target == k for k in range(3)]).astype(np.float16)  # one-hot, 3 classes
+    for config in ("2d", "3d_fullres"):
+        folder = workspace.fold_dir(tmp_path, config, 0) / "validation"
+        folder.mkdir(parents=True)
+        np.savez(folder / "c.npz", probabilities=probabilities)
+    merged = _ensemble_prediction(tmp_path, ["2d", "3d_fullres"], "c", {"2d": 0, "3d_fullres": 0}, 2)
+    assert np.array_equal(merged, (inst > 0)[None])
+    assert 2 in _ensemble_prediction(tmp_path, ["2d", "3d_fullres"], "c", {"2d": 0, "3d_fullres": 0})
