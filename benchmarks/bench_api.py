@@ -3,7 +3,7 @@
     python benchmarks/bench_api.py WORKDIR_OR_MODEL_ZIP -i CASE_FILE [CASE_FILE ...] [--repeat 2] [--cli-cases 3]
                                    [--folds 0] [--no-mirroring]
 
-The API side loads the model once (`autoseg.load_model`, timed), segments the first file once as
+The API side loads the model once (`autoseg.api.load_model`, timed), segments the first file once as
 warm-up, then every file `--repeat` times; printed: load seconds, warm-up seconds, median and
 maximum seconds per case after it. The command-line side runs `autoseg predict` as a new process
 for each of the first `--cli-cases` files alone (what a service calling the CLI per request pays:
@@ -39,11 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-mirroring", action="store_true", help="test-time mirroring off on both sides")
     args = parser.parse_args(argv)
 
-    import autoseg
+    import autoseg.api
     from autoseg.dataset.image_io import image_suffix, read_image
 
     started = time.perf_counter()
-    model = autoseg.load_model(args.model, folds=args.folds, mirroring=not args.no_mirroring)
+    model = autoseg.api.load_model(args.model, folds=args.folds, mirroring=not args.no_mirroring)
     load_s = time.perf_counter() - started
     started = time.perf_counter()
     model.segment_file(args.input[0])

@@ -35,6 +35,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("training", ("autoseg.training",)),
     ("crossval", ("autoseg.crossval",)),
     ("model_archive", ("autoseg.model_archive",)),
+    ("python api", ("autoseg.api",)),
     ("cli", ("autoseg.cli",)),
 ]
 

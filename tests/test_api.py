@@ -1,4 +1,4 @@
-"""The Python API (`autoseg.load_model`): one load, many calls, the labels `autoseg predict` writes."""
+"""The Python API (`autoseg.api.load_model`): one load, many calls, the labels `autoseg predict` writes."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-import autoseg
+import autoseg.api
 from autoseg import workspace
 from autoseg.cli import main
 from autoseg.dataset.image_io import read_image
@@ -42,7 +42,7 @@ def trained(tmp_path_factory):
 
 def test_one_loaded_model_segments_files_exactly_as_autoseg_predict(trained):
     root, work, out = trained
-    model = autoseg.load_model(work)
+    model = autoseg.api.load_model(work)
     assert model.channel_names == ("MRI",)
     for i in range(5):
         result = model.segment_file(root / "imagesTr" / f"c{i}.nii.gz")
@@ -53,7 +53,7 @@ def test_one_loaded_model_segments_files_exactly_as_autoseg_predict(trained):
 
 def test_an_array_with_its_spacing_gives_the_same_labels_as_its_file(trained, tmp_path):
     root, work, _ = trained
-    model = autoseg.load_model(work)
+    model = autoseg.api.load_model(work)
     image, geometry = read_image(root / "imagesTr" / "c1.nii.gz")
     from_file = model.segment_file(root / "imagesTr" / "c1.nii.gz")
     from_array = model.segment(image, spacing=geometry.spacing)
@@ -68,11 +68,11 @@ def test_a_model_archive_loads_through_the_same_call(trained, tmp_path):
     root, work, out = trained
     archive = tmp_path / "model.zip"
     assert main(["export-model", str(work), str(archive)]) == 0
-    model = autoseg.load_model(archive, cache_dir=tmp_path / "cache")
+    model = autoseg.api.load_model(archive, cache_dir=tmp_path / "cache")
     result = model.segment_file(root / "imagesTr" / "c2.nii.gz")
     assert np.array_equal(result.labels, read_image(out / "c2.nii.gz")[0])
-    with pytest.raises(autoseg.inference.api.ModelLoadError, match="neither"):
-        autoseg.load_model(tmp_path / "nothing")
+    with pytest.raises(autoseg.api.ModelLoadError, match="neither"):
+        autoseg.api.load_model(tmp_path / "nothing")
 
 
 def test_bench_api_runs_and_finds_the_same_labels(trained, capsys):

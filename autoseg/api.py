@@ -5,7 +5,7 @@ A service or a notebook pays start-up, weight loading and archive verification o
 runs for one case (the same preprocessing, sliding window, ensemble, resampling and
 postprocessing rules), so the labels are those `autoseg predict` writes (tests/test_api.py).
 
-    from autoseg import load_model
+    from autoseg.api import load_model
 
     model = load_model("work")                      # a workspace, or a model archive (.zip)
     result = model.segment_file("case.nii.gz")      # or model.segment(array, spacing=(3.0, 0.8, 0.8))
