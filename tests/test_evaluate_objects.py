@@ -97,3 +97,16 @@ def test_asking_for_instance_metrics_without_reference_maps_is_a_clear_error(tmp
     with pytest.raises(EvaluationError, match="not found"):
         evaluate_folders(tmp_path / "pred", tmp_path / "ref", instances_dir=tmp_path / "nowhere")
     assert "object_metrics" not in evaluate_folders(tmp_path / "pred", tmp_path / "ref", object_metrics="none")
+
+
+def test_saved_probabilities_add_the_challenges_maximal_errors(tmp_path):
+    ref, leaky = membrane_pair()
+    _png(tmp_path / "ref" / "em_0.png", ref)
+    _png(tmp_path / "pred" / "em_0.png", leaky)
+    membrane = np.where(ref == 1, 0.9, 0.05)
+    membrane[leaky != ref] = 0.3  # the gap: below 0.5, so the label map leaks, but a lower threshold closes it
+    probabilities = np.stack([1 - membrane, membrane])[:, None].astype(np.float16)  # (K, Z=1, Y, X)
+    np.savez(tmp_path / "pred" / "em_0.npz", probabilities=probabilities)
+    summary = evaluate_folders(tmp_path / "pred", tmp_path / "ref", label_names={1: "membrane"})
+    mean = summary["object_metrics"]["mean"]
+    assert mean["rand_error"] > 0.1 and mean["rand_error_maximal"] == 0.0 and mean["pixel_error_maximal"] == 0.0

@@ -256,7 +256,13 @@ def _evaluate_pair(case_id: str, pred_path: Path, ref_path: Path, labels: Sequen
         labels = sorted(set(ref_labels) | {int(v) for v in np.unique(pred) if v != 0 and v != ignore_label})
     scores = {}
     if membrane is not None:
-        scores.update(objects.membrane_scores(pred, ref, membrane))
+        saved = pred_path.with_name(f"{case_id}.npz")  # `predict --save-probabilities`
+        probability = None
+        if saved.is_file():
+            with np.load(saved) as npz:
+                if "probabilities" in npz and npz["probabilities"].shape[1:] == ref.shape:
+                    probability = npz["probabilities"][membrane]
+        scores.update(objects.membrane_scores(pred, ref, membrane, probability))
     if ref_instances is not None:
         reference_objects, _ = read_label_map(ref_instances)
         if reference_objects.shape != ref.shape:

@@ -23,6 +23,8 @@ import numpy as np
 
 MEMBRANE_NAMES = ("membrane", "membranes", "boundary", "boundaries", "border", "borders")
 MEMBRANE_KEYS = ("rand_error", "warping_error", "pixel_error")
+# The challenge's leaderboard form, from saved probabilities: the best over membrane thresholds 0, 0.1, ..., 1
+MAXIMAL_KEYS = ("rand_error_maximal", "pixel_error_maximal")
 INSTANCE_KEYS = ("mean_ap", "f1_at_0.5", "aji")
 INSTANCE_COUNTS = ("splits", "merges", "n_pred", "n_ref")
 CHOICES = ("auto", "membrane", "instances", "all", "none")
@@ -35,15 +37,22 @@ def membrane_label(label_names: Mapping[str, str]) -> int | None:
     return found[0] if len(found) == 1 else None
 
 
-def membrane_scores(pred: np.ndarray, ref: np.ndarray, label: int) -> dict[str, float]:
-    """The ISBI 2012 errors of one case (a 2D map, or a 3D map slice by slice, averaged)."""
-    from autoseg.evaluation.membranes import membrane_metrics
+def membrane_scores(pred: np.ndarray, ref: np.ndarray, label: int,
+                    probability: np.ndarray | None = None) -> dict[str, float]:
+    """The ISBI 2012 errors of one case (a 2D map, or a 3D map slice by slice, averaged); with the membrane
+    label's `probability` on the same grid (from `predict --save-probabilities`) also their maximal forms."""
+    from autoseg.evaluation.membranes import maximal_pixel_error, maximal_rand_error, membrane_metrics
 
     pred, ref = np.asarray(pred) == label, np.asarray(ref) == label
     if pred.ndim == 2:
         pred, ref = pred[None], ref[None]
     per_slice = [membrane_metrics(p, r) for p, r in zip(pred, ref)]
-    return {k: _nanmean([s[k] for s in per_slice]) for k in MEMBRANE_KEYS}
+    scores = {k: _nanmean([s[k] for s in per_slice]) for k in MEMBRANE_KEYS}
+    if probability is not None:
+        probability = np.asarray(probability, dtype=np.float32).reshape(ref.shape)
+        scores["rand_error_maximal"] = _nanmean([maximal_rand_error(p, r) for p, r in zip(probability, ref)])
+        scores["pixel_error_maximal"] = _nanmean([maximal_pixel_error(p, r) for p, r in zip(probability, ref)])
+    return scores
 
 
 def instance_scores(pred_instances: np.ndarray, ref_instances: np.ndarray) -> dict[str, float | int]:
@@ -63,7 +72,7 @@ def connected_objects(label_map: np.ndarray) -> np.ndarray:
 def summarize(per_case: Mapping[str, Mapping[str, float | int]]) -> dict[str, float | int | None]:
     """Means over cases of the errors and scores (undefined values skipped); totals of the counts."""
     summary: dict[str, float | int | None] = {}
-    keys = [k for k in (*MEMBRANE_KEYS, *INSTANCE_KEYS) if any(k in c for c in per_case.values())]
+    keys = [k for k in (*MEMBRANE_KEYS, *MAXIMAL_KEYS, *INSTANCE_KEYS) if any(k in c for c in per_case.values())]
     for key in keys:
         value = _nanmean([c[key] for c in per_case.values() if key in c])
         summary[key] = None if math.isnan(value) else value
@@ -82,6 +91,9 @@ def format_block(object_metrics: Mapping) -> str:
     if any(k in means for k in MEMBRANE_KEYS):
         lines.append("  " + ", ".join(f"{k.replace('_', ' ')} {_fmt(means.get(k))}" for k in MEMBRANE_KEYS)
                      + " (lower is better)")
+    if any(k in means for k in MAXIMAL_KEYS):
+        lines.append(f"  best over membrane thresholds 0-1 (the challenge's form, from <case>.npz): Rand error "
+                     f"{_fmt(means.get('rand_error_maximal'))}, pixel error {_fmt(means.get('pixel_error_maximal'))}")
     if any(k in means for k in INSTANCE_KEYS):
         lines.append(f"  mAP@0.5:0.95 {_fmt(means.get('mean_ap'))}, F1@0.5 {_fmt(means.get('f1_at_0.5'))}, "
                      f"AJI {_fmt(means.get('aji'))}; {means.get('n_pred', 0)} predicted and {means.get('n_ref', 0)} "
