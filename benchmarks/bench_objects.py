@@ -18,8 +18,8 @@ Printed per arm: training seconds, Dice of each label, and the object metrics `a
 computes (membrane errors when a label is named membrane; mAP, F1, AJI, splits and merges against
 instancesTr/). For a membrane label also the challenge's "maximal" Rand and pixel errors: the best
 over membrane-probability thresholds 0.0-1.0 (the ISBI 2012 challenge scored submitted probability
-maps so), from `predict --save-probabilities`. With instance maps also the reference's touching
-pairs and how many of them an arm merged into one object.
+maps so), which `evaluate` computes from `predict --save-probabilities`. With instance maps also the
+reference's touching pairs and how many of them an arm merged into one object.
 """
 
 from __future__ import annotations
@@ -108,23 +108,6 @@ def merged_touching_pairs(pred: np.ndarray, ref: np.ndarray) -> tuple[int, int]:
     return len(pairs), merged
 
 
-def maximal_membrane_errors(pred_dir: Path, ref_dir: Path, label: int) -> dict[str, float]:
-    """The ISBI 2012 "maximal" Rand and pixel errors from the saved probabilities, averaged over cases."""
-    from autoseg.dataset.image_io import read_image
-    from autoseg.evaluation.membranes import maximal_pixel_error, maximal_rand_error
-
-    rand, pixel = [], []
-    for npz in sorted(pred_dir.glob("*.npz")):
-        probabilities = np.load(npz)["probabilities"].astype(np.float32)
-        ref_path = next(ref_dir.glob(f"{npz.stem}.*"))
-        ref = read_image(ref_path)[0]
-        for z in range(ref.shape[0]):
-            membrane = probabilities[label, z]
-            rand.append(maximal_rand_error(membrane, ref[z] == label))
-            pixel.append(maximal_pixel_error(membrane, ref[z] == label))
-    return {"maximal_rand_error": float(np.mean(rand)), "maximal_pixel_error": float(np.mean(pixel))}
-
-
 def run_arm(arm: str, train: Path, held: Path, work: Path, args) -> dict:
     from autoseg.cli import main as autoseg
     from autoseg.dataset.image_io import read_image
@@ -156,8 +139,6 @@ def run_arm(arm: str, train: Path, held: Path, work: Path, args) -> dict:
     result = {"seconds": seconds, "iterations": iters * args.epochs,
               "dice": {k: v["dice"] for k, v in summary["mean"].items()},
               "objects": (summary.get("object_metrics") or {}).get("mean", {})}
-    if args.membrane is not None:
-        result["objects"].update(maximal_membrane_errors(pred, held / "labels", args.membrane))
     if (held / "instances").is_dir():
         touching = merged = 0
         for ref_path in sorted((held / "instances").iterdir()):
