@@ -432,7 +432,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "volumes (ml). Writes summary.json and summary.csv and prints the mean per label, "
                                    "by name where known: from --labels, else the plans.json of the workspace that "
                                    "`autoseg predict` recorded in PRED_DIR/prediction_summary.json, else a "
-                                   "dataset.json in REF_DIR or its parent.")
+                                   "dataset.json in REF_DIR or its parent. Adds the object metrics that apply and "
+                                   "says why: the ISBI 2012 Rand, warping and pixel errors for a label named "
+                                   "membrane or boundary, the Data Science Bowl's mAP, F1 and AJI where reference "
+                                   "instance maps are given (--instances).")
     p.add_argument("predictions", type=Path, metavar="PRED_DIR")
     p.add_argument("references", type=Path, metavar="REF_DIR")
     p.add_argument("--labels", type=_label_arg, nargs="+", metavar="ID[=NAME]",
