@@ -103,19 +103,22 @@ OBJECT_COLUMNS_3D = ("case", "object", "label", "label_name", "voxels", "volume_
 OBJECT_COLUMNS_2D = ("case", "object", "label", "label_name", "pixels", "area_mm2", "centroid_y", "centroid_x")
 
 
+def _stem_and_ending(label_map_path: Path) -> tuple[str, str]:
+    name = label_map_path.name
+    ending = ".nii.gz" if name.endswith(".nii.gz") else label_map_path.suffix
+    return name[: len(name) - len(ending)], ending
+
+
 def instances_path(label_map_path: Path) -> Path:
     """`<case>_instances<ending>` beside the label map `<case><ending>`."""
-    name = label_map_path.name
-    for ending in (".nii.gz", *[label_map_path.suffix]):
-        if name.endswith(ending):
-            return label_map_path.with_name(f"{name[: -len(ending)]}_instances{ending}")
-    return label_map_path.with_name(f"{name}_instances")
+    stem, ending = _stem_and_ending(Path(label_map_path))
+    return Path(label_map_path).with_name(f"{stem}_instances{ending}")
 
 
 def objects_table_path(label_map_path: Path) -> Path:
     """The per-case object table `<case>_objects.csv` beside the label map."""
-    return instances_path(label_map_path).with_name(
-        instances_path(label_map_path).name.split("_instances")[0] + "_objects.csv")
+    stem, _ = _stem_and_ending(Path(label_map_path))
+    return Path(label_map_path).with_name(f"{stem}_objects.csv")
 
 
 def write_instances(instances: np.ndarray, segmentation: np.ndarray, geometry: Geometry, case_id: str,
