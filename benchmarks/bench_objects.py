@@ -92,11 +92,9 @@ def shrink_plans(work: Path) -> None:
 def merged_touching_pairs(pred: np.ndarray, ref: np.ndarray) -> tuple[int, int]:
     """(touching pairs of reference objects, how many of them one predicted object holds both of): each reference
     object is assigned the predicted object overlapping most of it."""
-    pairs = set()
-    for axis in range(ref.ndim):
-        a, b = np.moveaxis(ref, axis, 0)[:-1], np.moveaxis(ref, axis, 0)[1:]
-        touch = (a != b) & (a > 0) & (b > 0)
-        pairs |= {(int(min(i, j)), int(max(i, j))) for i, j in zip(a[touch].ravel(), b[touch].ravel())}
+    from autoseg.preprocessing.instance_targets import touching_object_pairs
+
+    pairs = touching_object_pairs(ref)
     inside = ref > 0
     joint, counts = np.unique(np.stack([ref[inside].astype(np.int64), pred[inside].astype(np.int64)]), axis=1,
                               return_counts=True)

@@ -260,8 +260,9 @@ def _evaluate_pair(case_id: str, pred_path: Path, ref_path: Path, labels: Sequen
         probability = None
         if saved.is_file():
             with np.load(saved) as npz:
-                if "probabilities" in npz and npz["probabilities"].shape[1:] == ref.shape:
-                    probability = npz["probabilities"][membrane]
+                saved_probabilities = npz["probabilities"] if "probabilities" in npz else None  # read once
+            if saved_probabilities is not None and saved_probabilities.shape[1:] == ref.shape:
+                probability = saved_probabilities[membrane]
         scores.update(objects.membrane_scores(pred, ref, membrane, probability))
     if ref_instances is not None:
         reference_objects, _ = read_label_map(ref_instances)

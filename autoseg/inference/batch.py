@@ -191,6 +191,7 @@ def _write_case(predictor: Predictor, case: InputCase, prepared: PreparedCase,
         save_probabilities(outputs.folder / f"{case.case_id}.npz", predictor.to_original(prepared, predicted))
         predicted = predictor.segment_logits(prepared, predicted, entropy_map=outputs.options.save_uncertainty)
     path = _output_path(outputs.folder, case, outputs.options.output_format)
+    objects = None  # the instance map as written (with instance segmentation)
     if outputs.options.save_uncertainty and predicted.entropy is not None:
         suffix = segmentation_suffix(case.ending)
         suffix = ".tif" if suffix == ".png" else suffix  # a float map does not fit an 8-bit PNG
@@ -203,10 +204,12 @@ def _write_case(predictor: Predictor, case: InputCase, prepared: PreparedCase,
         segmentation = (predicted.labels if outputs.rules is None
                         else apply_postprocessing(predicted.labels, outputs.rules))
         write_dicom_seg(segmentation, geometry, case.files, outputs.labels, path)
+        if predicted.instances is not None:
+            objects = np.where(segmentation > 0, predicted.instances, 0)
     else:
         segmentation = write_segmentation(predicted.labels, geometry, path, outputs.rules)
         if predicted.instances is not None:
-            write_instances(predicted.instances, segmentation, geometry, case.case_id, path, outputs.labels)
+            objects = write_instances(predicted.instances, segmentation, geometry, case.case_id, path, outputs.labels)
     if outputs.volumes is None:
         return
     uncertainty = predicted.uncertainty
@@ -219,7 +222,6 @@ def _write_case(predictor: Predictor, case: InputCase, prepared: PreparedCase,
     )
 
     overlay = outputs.folder / "qc" / f"{case.case_id}.png"
-    objects = None if predicted.instances is None else np.where(segmentation > 0, predicted.instances, 0)
     try:  # the input is read again: holding it through the prediction would cost memory
         write_overlay(read_input_case(case, predictor.num_channels)[0], segmentation, geometry, outputs.labels, overlay,
                       instances=objects)

@@ -122,9 +122,10 @@ def objects_table_path(label_map_path: Path) -> Path:
 
 
 def write_instances(instances: np.ndarray, segmentation: np.ndarray, geometry: Geometry, case_id: str,
-                    label_map_path: Path, label_names: dict[int, str]) -> Path:
+                    label_map_path: Path, label_names: dict[int, str]) -> np.ndarray:
     """Write the instance map (objects kept only where the written label map is foreground, so postprocessing
-    applies to both; ids 1..N; 16-bit in a PNG) and its object table `<case>_objects.csv`."""
+    applies to both; ids 1..N; 16-bit in a PNG) and its object table `<case>_objects.csv`; returns the map
+    written."""
     kept = np.where(np.asarray(segmentation) > 0, instances, 0)
     compact = relabel_sequential(kept)
     path = instances_path(Path(label_map_path))
@@ -143,7 +144,7 @@ def write_instances(instances: np.ndarray, segmentation: np.ndarray, geometry: G
         lines.append(",".join(str(c) for c in cells))
     with atomic_path(objects_table_path(Path(label_map_path))) as tmp:
         tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
+    return compact
 
 
 def _quoted(text: str) -> str:

@@ -47,15 +47,20 @@ def object_count(instances: np.ndarray) -> int:
     return int(np.count_nonzero(ids > 0))
 
 
-def touching_pairs(instances: np.ndarray) -> int:
-    """Pairs of objects sharing a face (what a semantic label map merges into one)."""
+def touching_object_pairs(instances: np.ndarray) -> set[tuple[int, int]]:
+    """Pairs (lower id, higher id) of objects sharing a face (what a semantic label map merges into one)."""
     pairs = set()
     for axis in range(instances.ndim):
         a = np.moveaxis(instances, axis, 0)
         first, second = a[:-1], a[1:]
         touch = (first != second) & (first > 0) & (second > 0)
         for i, j in zip(first[touch].ravel(), second[touch].ravel()):
-            pairs.add((min(i, j), max(i, j)))
-    return len(pairs)
+            pairs.add((int(min(i, j)), int(max(i, j))))
+    return pairs
+
+
+def touching_pairs(instances: np.ndarray) -> int:
+    """How many pairs of objects share a face."""
+    return len(touching_object_pairs(instances))
 
 
