@@ -18,6 +18,7 @@ PLAN_PRESETS = ("default", "resenc-m", "resenc-l", "resenc-xl")  # as autoseg.pl
 CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres")  # as autoseg.planning.plans.CONFIGURATIONS
 INSTANCE_CHOICES = ("auto", "on", "off")  # as autoseg.plan_workspace.INSTANCE_CHOICES
 OBJECT_METRICS = ("auto", "membrane", "instances", "all", "none")  # as autoseg.evaluation.objects.CHOICES
+AUGMENT_INTERPOLATIONS = ("cubic", "linear")  # as autoseg.training.augmentation.AUGMENT_INTERPOLATIONS
 # (copies, so `autoseg --help` starts without importing numpy and torch; tests/test_cli_plan.py keeps them equal)
 
 
@@ -94,6 +95,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides["elastic"] = args.elastic
     if args.compile is not None:
         overrides["compile"] = args.compile
+    if args.augment_interpolation is not None:
+        overrides["augment_interpolation"] = args.augment_interpolation
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
@@ -343,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "standard deviation 10 pixels, cubic interpolation (settings from the plan's "
                         "elastic_deformation where it has one). Helps small 2D datasets such as EM slices; see "
                         "docs/planning.md (default: as the plan says; off in nnU-Net's default plans)")
+    p.add_argument("--augment-interpolation", choices=AUGMENT_INTERPOLATIONS,
+                   help="image interpolation of the rotation and scaling augmentation: cubic, or linear as nnU-Net "
+                        "2.8.1; labels are always nearest neighbour (default: cubic; see docs/planning.md)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the network for training (compiled at the first step; if compiling fails, "
                         "training goes on uncompiled and the log says why) (default: on with CUDA, off on the CPU, "

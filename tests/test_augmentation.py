@@ -226,8 +226,9 @@ def test_background_workers_yield_batches_and_shut_down(folder):
     assert multiprocessing.active_children() == []
 
 
-def _transform(final, kind):
-    return next(t for t in training_transforms(final, mirror_axes=None, deep_supervision_scales=None).transforms
+def _transform(final, kind, **options):
+    return next(t for t in training_transforms(final, mirror_axes=None, deep_supervision_scales=None,
+                                               **options).transforms
                 if type(t).__name__ == kind)
 
 
@@ -337,3 +338,17 @@ def test_the_train_flag_overrides_the_plans_elastic_setting():
     data["configurations"]["2d"]["elastic_deformation"]["probability"] = 2
     with pytest.raises(Exception, match="elastic_deformation.probability"):
         Plans.from_json(data)
+
+
+@pytest.mark.parametrize("order, overshoots", [(1, False), (3, True)])
+def test_augment_interpolation_linear_stays_within_the_image_range_and_cubic_rings(order, overshoots):
+    """`train --augment-interpolation linear` (nnU-Net 2.8.1's) keeps rotated and scaled voxels within the
+    image's range; cubic (the default) rings past it on a noisy patch."""
+    spatial = _transform([32, 32], "SpatialTransform", image_order=order)
+    spatial.p_rot_per_sample = spatial.p_scale_per_sample = 1.0
+    data = np.random.default_rng(0).uniform(size=(4, 1, 32, 32)).astype(np.float32)
+    seg = np.zeros((4, 1, 32, 32), np.float32)
+    out = spatial(data=data.copy(), seg=seg)["data"]
+    assert out.shape == data.shape
+    beyond = (out < -1e-5) | (out > 1 + 1e-5)
+    assert beyond.any() == overshoots

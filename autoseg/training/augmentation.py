@@ -66,6 +66,8 @@ from autoseg.training.cascade import MoveSegAsOneHotToData, RandomBinaryOperator
 logger = logging.getLogger(__name__)
 
 DEFAULT_SCALE_RANGE = (0.7, 1.4)
+# `autoseg train --augment-interpolation`: the spline order of the spatial transform's image interpolation
+AUGMENT_INTERPOLATIONS = {"cubic": 3, "linear": 1}
 SLAB_RATIO = 3.0  # a 3D patch whose largest side exceeds this times axis 0 is augmented in-plane only
 ELONGATED_2D_RATIO = 1.5  # a 2D patch longer than this times its width rotates by +-15 degrees only
 READ_PATCH_ZOOM_OUT = 0.85  # the read patch covers scaling down to this factor (nnU-Net's value)
@@ -282,6 +284,7 @@ def training_transforms(
     scale_range: Sequence[float] = DEFAULT_SCALE_RANGE,
     elastic: ElasticDeformation | None = None,
     previous_stage_labels: Sequence[int] = (),
+    image_order: int = 3,
 ) -> Compose:
     """The training augmentation (see the module docstring) for patches read at `training_patch_size`.
 
@@ -289,7 +292,8 @@ def training_transforms(
     "use_nonzero_mask"); they are set to 0 where the label is -1. `elastic` adds the U-Net paper's
     elastic deformation with those settings. `previous_stage_labels` (a cascade's
     second stage) turns seg channel 1 into one input channel per label and perturbs them
-    (training/cascade.py).
+    (training/cascade.py). `image_order` is the spline order of the spatial transform's image
+    interpolation (3 cubic, 1 linear as nnU-Net 2.8.1); labels are always taken nearest.
     """
     patch = [int(p) for p in patch_size]
     ndim = len(patch)
@@ -301,7 +305,7 @@ def training_transforms(
         do_elastic_deform=False,
         do_rotation=True, angle_x=rotation, angle_y=other_axes, angle_z=other_axes,
         p_rot_per_sample=0.2, do_scale=True, scale=tuple(scale_range), p_scale_per_sample=0.2,
-        border_mode_data="constant", border_cval_data=0, order_data=3,
+        border_mode_data="constant", border_cval_data=0, order_data=image_order,
         border_mode_seg="constant", border_cval_seg=-1, order_seg=0, random_crop=False,
     )
     transforms: list[AbstractTransform] = []

@@ -33,6 +33,7 @@ from autoseg.preprocessing import store
 from autoseg.preprocessing.preprocess import is_current, preprocessing_key
 from autoseg.training import distributed
 from autoseg.training.augmentation import (
+    AUGMENT_INTERPOLATIONS,
     default_workers,
     make_loader,
     rotation_for_patch,
@@ -84,6 +85,9 @@ class TrainingSettings:
     elastic: bool | None = None
     # torch.compile of the training network: None = on for CUDA, off elsewhere (nnU-Net's default); True/False
     compile: bool | None = None
+    # Image interpolation of the spatial transform (rotation, scaling): "cubic" (autoseg's default so far) or
+    # "linear" (nnU-Net 2.8.1's); labels are always nearest neighbour. docs/planning.md has the ablation.
+    augment_interpolation: str = "cubic"
 
     def __post_init__(self) -> None:
         for name in ("epochs", "iters_per_epoch", "val_iters", "checkpoint_every"):
@@ -93,6 +97,9 @@ class TrainingSettings:
             raise TrainingError(f"batch-size must be at least 1, got {self.batch_size}")
         if self.workers < 0:
             raise TrainingError(f"workers must be 0 or more, got {self.workers}")
+        if self.augment_interpolation not in AUGMENT_INTERPOLATIONS:
+            raise TrainingError(f"augment-interpolation must be one of {', '.join(AUGMENT_INTERPOLATIONS)}, "
+                                f"got {self.augment_interpolation!r}")
 
 
 def elastic_for(config: ConfigurationPlan, choice: bool | None) -> ElasticDeformation | None:
@@ -269,6 +276,7 @@ def train_fold(workdir: Path, configuration: str, fold: int | str, settings: Tra
     elastic = elastic_for(config, settings.elastic)
     say(f"augmentation: patch {patch} read as {read_patch}, rotation up to +-{np.degrees(rotation[1]):.0f} degrees"
         f"{' (slab: in-plane only)' if in_plane_only else ''}, "
+        f"{settings.augment_interpolation} image interpolation, "
         f"{elastic.describe() if elastic else 'no elastic deformation'}, image 0 outside the non-zero mask in "
         f"channels {masked_channels}; loss: {'batch' if batch_dice else 'per-sample'} Dice + cross-entropy")
     data_seed = distributed.rank_seed(settings.seed + start_epoch)
@@ -291,6 +299,8 @@ def train_fold(workdir: Path, configuration: str, fold: int | str, settings: Tra
                                                                   deep_supervision_scales=scales,
                                                                   nonzero_mask_channels=masked_channels,
                                                                   elastic=elastic,
+                                                                  image_order=AUGMENT_INTERPOLATIONS[
+                                                                      settings.augment_interpolation],
                                                                   previous_stage_labels=previous_labels),
                                 settings.workers, seed=data_seed)
     val_batches = None
