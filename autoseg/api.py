@@ -47,11 +47,15 @@ class Segmentation:
     label_names: dict[int, str]
     instances: np.ndarray | None = None  # one id per object, with instance segmentation (docs/instances.md)
     uncertainty: dict[int, float] | None = None  # per label, with an ensemble of >= 2 networks (docs/prediction.md)
+    # Region-based models: label id -> the ids its region unites (docs/datasets.md); None: each label is itself
+    regions: dict[int, tuple[int, ...]] | None = None
 
     def volume_ml(self, label: int) -> float:
-        """The label's volume in millilitres (a 2D image: its area in mm^2 / 1000, as if 1 mm thick)."""
+        """The label's volume in millilitres (a 2D image: its area in mm^2 / 1000, as if 1 mm thick); for a
+        region-based model, the volume of the region written as `label` (the whole tumour, not its outer shell)."""
         spacing = self.geometry.spacing[1:] if self.geometry.is_2d else self.geometry.spacing
-        return float(np.count_nonzero(self.labels == label) * np.prod(spacing) / 1000.0)
+        ids = (self.regions or {}).get(label, (label,))
+        return float(np.count_nonzero(np.isin(self.labels, ids)) * np.prod(spacing) / 1000.0)
 
 
 class SegmentationModel:
@@ -98,7 +102,9 @@ class SegmentationModel:
         instances = None
         if predicted.instances is not None:
             instances = np.where(labels > 0, predicted.instances, 0)
-        return Segmentation(labels, geometry, self.label_names, instances, predicted.uncertainty)
+        plans = self.predictor.plans
+        return Segmentation(labels, geometry, self.label_names, instances, predicted.uncertainty,
+                            plans.scored_structures if plans.regions else None)
 
     def segment_file(self, *files: Path | str) -> Segmentation:
         """Segment an image file: one file holding every channel, or one file per channel in channel order."""

@@ -18,7 +18,7 @@ from autoseg.dataset.layout import load_dataset, read_case_label
 from autoseg.errors import AutosegError
 from autoseg.evaluation import dice_from_counts, without_unannotated
 from autoseg.inference.instance_maps import without_rims
-from autoseg.inference.original_grid import segmentation_suffix
+from autoseg.inference.original_grid import probabilities_to_labels, segmentation_suffix
 from autoseg.planning.plans import Plans
 from autoseg.postprocessing import decide_postprocessing, save_postprocessing_rules
 
@@ -67,7 +67,8 @@ def run_crossval(workdir: Path, configurations: list[str] | None = None, num_fol
     postprocessing rules decided on the best one's validation predictions."""
     workdir = Path(workdir)
     plans = Plans.load(workspace.plans_json(workdir))
-    labels = [k for k in plans.output_labels if k > 0]
+    structures = plans.scored_structures  # labels, or regions by the id they are written as
+    labels = list(structures)
     configs = configurations or [c for c in plans.configurations if (workdir / "models" / c).is_dir()]
     results = {c: collect_validation(workdir, c, num_folds) for c in configs}
     complete = [c for c, r in results.items() if r["num_cases"] and not r["missing_folds"]]
@@ -83,8 +84,7 @@ def run_crossval(workdir: Path, configurations: list[str] | None = None, num_fol
     for members in ensemble_candidates(complete):
         name = "+".join(members)
         try:
-            ensembles[name] = _score_ensemble(workdir, list(members), results, labels, cases, progress,
-                                              plans.ignore_label, plans.boundary_label)
+            ensembles[name] = _score_ensemble(workdir, list(members), results, structures, cases, progress, plans)
         except MissingProbabilities as exc:
             log.warning("ensemble %s not scored: %s", name, exc)
             skipped[name] = str(exc)
@@ -96,8 +96,12 @@ def run_crossval(workdir: Path, configurations: list[str] | None = None, num_fol
                "ensembles": ensembles, "ensembles_not_scored": skipped, "best": best.split("+"),
                "reason": f"highest mean foreground Dice ({candidates[best]:.4f}) over the pooled validation cases "
                          f"of all {num_folds} folds, among {', '.join(candidates)}"}
-    if postprocessing:
-        pairs = _validation_pairs(workdir, best.split("+"), results, cases, ending, plans.boundary_label)
+    if postprocessing and plans.regions:
+        summary["postprocessing_not_decided"] = ("region-based plans: keeping the largest component is decided per "
+                                                 "label, and regions overlap; label maps are written as predicted")
+        log.info("postprocessing not decided: %s", summary["postprocessing_not_decided"])
+    elif postprocessing:
+        pairs = _validation_pairs(workdir, best.split("+"), results, cases, ending, plans)
         rules = decide_postprocessing(pairs, labels, plans.ignore_label)
         rules["configuration"] = best.split("+")
         save_postprocessing_rules(workspace.postprocessing_json(workdir), rules)
@@ -113,9 +117,9 @@ def _references(workdir: Path) -> tuple[dict, str]:
 
 
 def _ensemble_prediction(workdir: Path, members: list[str], case_id: str, folds: dict[str, int],
-                         boundary_label: int | None = None) -> np.ndarray:
+                         plans: Plans) -> np.ndarray:
     """Label map of the averaged validation probabilities of several configurations (object rims, where the plans
-    train them, given to their objects)."""
+    train them, given to their objects; regions over 0.5 written in order)."""
     total = None
     for c in members:
         path = workspace.fold_dir(workdir, c, folds[c]) / "validation" / f"{case_id}.npz"
@@ -125,19 +129,19 @@ def _ensemble_prediction(workdir: Path, members: list[str], case_id: str, folds:
                                        "--resume --save-probabilities`)")
         p = np.load(path)["probabilities"].astype(np.float32)
         total = p if total is None else total + p
-    return without_rims(np.argmax(total, axis=0), boundary_label)
+    return without_rims(probabilities_to_labels(total / len(members), plans), plans.boundary_label)
 
 
-def _score_ensemble(workdir: Path, members: list[str], results: dict, labels: list[int], cases: dict,
-                    progress: bool, ignore_label: int | None = None, boundary_label: int | None = None) -> dict:
+def _score_ensemble(workdir: Path, members: list[str], results: dict, structures: dict[int, tuple[int, ...]],
+                    cases: dict, progress: bool, plans: Plans) -> dict:
     case_ids = sorted(set.intersection(*(set(results[c]["case_folds"]) for c in members)))
-    dice = {label: [] for label in labels}
+    dice = {label: [] for label in structures}
     for case_id in tqdm(case_ids, desc=f"ensemble {'+'.join(members)}", unit="case", disable=not progress):
         prediction = _ensemble_prediction(workdir, members, case_id,
-                                          {c: results[c]["case_folds"][case_id] for c in members}, boundary_label)
-        prediction, reference = without_unannotated(prediction, read_case_label(cases[case_id]), ignore_label)
-        for label in labels:
-            p, r = prediction == label, reference == label
+                                          {c: results[c]["case_folds"][case_id] for c in members}, plans)
+        prediction, reference = without_unannotated(prediction, read_case_label(cases[case_id]), plans.ignore_label)
+        for label, members_of in structures.items():
+            p, r = np.isin(prediction, members_of), np.isin(reference, members_of)
             d = dice_from_counts(int(np.logical_and(p, r).sum()), int(p.sum()), int(r.sum()))
             if not np.isnan(d):
                 dice[label].append(d)
@@ -148,7 +152,7 @@ def _score_ensemble(workdir: Path, members: list[str], results: dict, labels: li
 
 
 def _validation_pairs(workdir: Path, members: list[str], results: dict, cases: dict,
-                      ending: str, boundary_label: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+                      ending: str, plans: Plans) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(prediction, reference) label maps of every validation case of the chosen model, one at a time."""
     case_ids = sorted(set.intersection(*(set(results[c]["case_folds"]) for c in members)))
     for case_id in case_ids:
@@ -157,5 +161,5 @@ def _validation_pairs(workdir: Path, members: list[str], results: dict, cases: d
             fold_dir = workspace.fold_dir(workdir, members[0], folds[members[0]])
             prediction, _ = read_image(fold_dir / "validation" / f"{case_id}{segmentation_suffix(ending)}")
         else:
-            prediction = _ensemble_prediction(workdir, members, case_id, folds, boundary_label)
+            prediction = _ensemble_prediction(workdir, members, case_id, folds, plans)
         yield prediction, read_case_label(cases[case_id])

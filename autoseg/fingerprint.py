@@ -13,6 +13,7 @@ import numpy as np
 
 from autoseg.atomic import read_json, write_json
 from autoseg.dataset.layout import Case, Dataset, DatasetError, read_case_image, read_case_label
+from autoseg.dataset.regions import Region
 from autoseg.errors import AutosegError
 from autoseg.parallel import map_cases
 
@@ -70,6 +71,7 @@ class Fingerprint:
     labels: dict[int, str]
     cases: tuple[CaseFingerprint, ...]
     foreground_intensities: tuple[IntensityStats, ...]  # pooled over all cases, per channel
+    regions: tuple[Region, ...] = ()  # region-based labels (dataset/regions.py); empty: one class per label
 
     @property
     def spacings(self) -> np.ndarray:
@@ -91,6 +93,7 @@ class Fingerprint:
             "channel_names": list(self.channel_names),
             "channel_kinds": list(self.channel_kinds),
             "labels": {str(k): v for k, v in self.labels.items()},
+            **({"regions": [r.to_json() for r in self.regions]} if self.regions else {}),
             "foreground_intensities": [asdict(s) for s in self.foreground_intensities],
             "cases": [
                 {"case_id": c.case_id, "spacing": list(c.spacing), "shape": list(c.shape),
@@ -113,7 +116,8 @@ class Fingerprint:
             for c in d["cases"])
         return cls(d["dataset_name"], tuple(d["channel_names"]), tuple(d["channel_kinds"]),
                    {int(k): v for k, v in d["labels"].items()}, cases,
-                   tuple(IntensityStats(**s) for s in d["foreground_intensities"]))
+                   tuple(IntensityStats(**s) for s in d["foreground_intensities"]),
+                   tuple(Region.from_json(r, "fingerprint.json") for r in d.get("regions", ())))
 
 
 def save_fingerprint(fingerprint: Fingerprint, path: Path) -> None:
@@ -189,4 +193,4 @@ def compute_fingerprint(dataset: Dataset, workers: int = 1, progress: bool = Tru
     return Fingerprint(
         dataset.name, dataset.channel_names, tuple(channel_kind(n) for n in dataset.channel_names),
         dict(dataset.labels), tuple(fp for fp, _ in results),
-        tuple(IntensityStats.of(pooled[c]) for c in range(dataset.num_channels)))
+        tuple(IntensityStats.of(pooled[c]) for c in range(dataset.num_channels)), dataset.regions)

@@ -15,6 +15,7 @@ from typing import Sequence
 from autoseg import workspace
 from autoseg.atomic import write_json
 from autoseg.dataset.layout import INSTANCES_DIR, Dataset, load_dataset
+from autoseg.dataset.regions import order_problems
 from autoseg.dataset.verify import VerifyReport, verify_dataset
 from autoseg.errors import AutosegError
 from autoseg.fingerprint import compute_fingerprint, load_fingerprint, save_fingerprint
@@ -108,6 +109,9 @@ def plan_workspace(dataset_dir: Path, workdir: Path, steps: Sequence[str] = PLAN
     dataset = load_dataset(dataset_dir)
     if workdir.resolve() == dataset.root:
         raise PlanWorkspaceError(f"{workdir}: the workspace must not be the dataset folder; choose a folder of its own")
+    for problem in order_problems(dataset.regions):
+        log.warning("%s: regions_class_order: %s, so that region is not found again in predicted label maps "
+                    "(docs/datasets.md, region-based labels)", dataset.root / "dataset.json", problem)
     workdir.mkdir(parents=True, exist_ok=True)
     write_json(workspace.dataset_json(workdir), {"format_version": 1, **dataset.to_json()})
     outcome = PlanOutcome(dataset)

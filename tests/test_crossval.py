@@ -10,6 +10,7 @@ import pytest
 from autoseg import workspace
 from autoseg.cli import main
 from autoseg.crossval import CrossValidationError, ensemble_candidates, run_crossval
+from autoseg.planning.plans import Plans
 from autoseg.postprocessing import load_postprocessing_rules
 from autoseg.training.trainer import TrainingSettings, train_fold
 
@@ -75,7 +76,8 @@ def test_ensemble_dice_is_that_of_the_averaged_probabilities(trained_workspace):
     p = [np.load(workspace.fold_dir(trained_workspace, c, folds[c]) / "validation" / f"{case_id}.npz")["probabilities"]
          .astype(np.float32) for c in TINY]
     expected = np.argmax(p[0] + p[1], axis=0)
-    assert np.array_equal(_ensemble_prediction(trained_workspace, list(TINY), case_id, folds), expected)
+    plans = Plans.load(workspace.plans_json(trained_workspace))
+    assert np.array_equal(_ensemble_prediction(trained_workspace, list(TINY), case_id, folds, plans), expected)
 
 
 def test_crossval_names_the_missing_folds(trained_workspace, tmp_path):

@@ -274,6 +274,9 @@ def test_crossval_ensembles_give_rim_voxels_back_to_their_objects(tmp_path):
         folder = workspace.fold_dir(tmp_path, config, 0) / "validation"
         folder.mkdir(parents=True)
         np.savez(folder / "c.npz", probabilities=probabilities)
-    merged = _ensemble_prediction(tmp_path, ["2d", "3d_fullres"], "c", {"2d": 0, "3d_fullres": 0}, 2)
+    from types import SimpleNamespace
+
+    with_rims, without = SimpleNamespace(regions=(), boundary_label=2), SimpleNamespace(regions=(), boundary_label=None)
+    merged = _ensemble_prediction(tmp_path, ["2d", "3d_fullres"], "c", {"2d": 0, "3d_fullres": 0}, with_rims)
     assert np.array_equal(merged, (inst > 0)[None])
-    assert 2 in _ensemble_prediction(tmp_path, ["2d", "3d_fullres"], "c", {"2d": 0, "3d_fullres": 0})
+    assert 2 in _ensemble_prediction(tmp_path, ["2d", "3d_fullres"], "c", {"2d": 0, "3d_fullres": 0}, without)

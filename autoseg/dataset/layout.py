@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from autoseg.dataset import ignore_label_id
 from autoseg.dataset.image_io import NATURAL_IMAGE_SUFFIXES, SUPPORTED_SUFFIXES, image_suffix, strip_suffix
+from autoseg.dataset.regions import Region, RegionError, has_regions, parse_regions
 from autoseg.errors import AutosegError
 
 if TYPE_CHECKING:  # numpy and image reading are imported where a case is read, not when a dataset is listed
@@ -58,6 +59,8 @@ class Dataset:
     file_ending: str
     cases: tuple[Case, ...]
     licence: str | None = None
+    # Region-based labels (dataset/regions.py): overlapping structures, each a set of the ids in `labels`
+    regions: tuple[Region, ...] = ()
 
     @property
     def num_channels(self) -> int:
@@ -80,6 +83,7 @@ class Dataset:
             "labels": {str(k): v for k, v in sorted(self.labels.items())},
             "file_ending": self.file_ending, "num_cases": len(self.cases),
             **({"instance_maps": INSTANCES_DIR} if self.has_instances else {}),
+            **({"regions": [r.to_json() for r in self.regions]} if self.regions else {}),
         }
 
 
@@ -179,15 +183,21 @@ def _load_nnunetv2(root: Path, meta_path: Path, meta: dict) -> Dataset:
     raw_labels = meta.get("labels")
     if not isinstance(raw_labels, dict):
         raise DatasetError(f"{meta_path}: 'labels' must be an object {{name: id}}")
-    labels: dict[int, str] = {}
-    for name, value in raw_labels.items():
-        if isinstance(value, list):
-            raise DatasetError(f"{meta_path}: label '{name}' is a region (list of ids); region-based training is not "
-                               f"supported")
+    regions: tuple[Region, ...] = ()
+    if has_regions(raw_labels):
         try:
-            labels[int(value)] = str(name)
-        except (TypeError, ValueError):
-            raise DatasetError(f"{meta_path}: label '{name}' must map to an integer id") from None
+            labels, regions = parse_regions(meta_path, raw_labels, meta.get("regions_class_order"))
+        except RegionError as exc:
+            raise DatasetError(str(exc)) from None
+    else:
+        labels = {}
+        for name, value in raw_labels.items():
+            if isinstance(value, list):  # a one-id list: a plain label, as nnU-Net v2 reads it
+                value = value[0] if len(value) == 1 else value
+            try:
+                labels[int(value)] = str(name)
+            except (TypeError, ValueError):
+                raise DatasetError(f"{meta_path}: label '{name}' must map to an integer id") from None
     ending = meta.get("file_ending", ".nii.gz")
     if ending not in SUPPORTED_SUFFIXES:
         raise DatasetError(f"{meta_path}: file_ending '{ending}' is not supported; use one of "
@@ -195,7 +205,8 @@ def _load_nnunetv2(root: Path, meta_path: Path, meta: dict) -> Dataset:
     if "dataset" in meta:
         cases = _listed_cases(root, meta_path, meta["dataset"], len(channels), ending)
         return Dataset(root, str(meta.get("name", root.name)), "nnunetv2", channels,
-                       _check_labels(meta_path, labels), ending, cases, meta.get("licence") or meta.get("license"))
+                       _check_labels(meta_path, labels), ending, cases, meta.get("licence") or meta.get("license"),
+                       regions)
     images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
     if not images_dir.is_dir():
         raise DatasetError(f"{images_dir}: folder missing (nnU-Net v2 layout keeps training images in imagesTr/)")
@@ -218,7 +229,8 @@ def _load_nnunetv2(root: Path, meta_path: Path, meta: dict) -> Dataset:
         image_files = tuple(files.get(c, images_dir / f"{case_id}_{c:04d}{ending}") for c in expected)
         cases.append(Case(case_id, image_files, label_files.get(case_id, labels_dir / f"{case_id}{ending}")))
     return Dataset(root, str(meta.get("name", root.name)), "nnunetv2", channels,
-                   _check_labels(meta_path, labels), ending, tuple(cases), meta.get("licence") or meta.get("license"))
+                   _check_labels(meta_path, labels), ending, tuple(cases), meta.get("licence") or meta.get("license"),
+                   regions)
 
 
 def _listed_cases(root: Path, meta_path: Path, listing: object, num_channels: int, ending: str) -> tuple[Case, ...]:

@@ -39,6 +39,7 @@ from autoseg.dataset.image_io import (
     strip_suffix,
 )
 from autoseg.dataset.layout import INSTANCES_DIR as INSTANCE_MAPS_DIR
+from autoseg.dataset.regions import Region, RegionError, has_regions, parse_regions
 from autoseg.errors import AutosegError
 from autoseg.evaluation import objects
 from autoseg.fingerprint import nonzero_bounding_box
@@ -157,10 +158,13 @@ def without_unannotated(pred: np.ndarray, ref: np.ndarray,
 
 
 def evaluate_case(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float],
-                  labels: Sequence[int], ignore_label: int | None = None) -> dict[str, dict[str, float | int]]:
+                  labels: Sequence[int] | Mapping[int, Sequence[int]],
+                  ignore_label: int | None = None) -> dict[str, dict[str, float | int]]:
     """Per-label metrics of one case, keyed by label id as a string; NaN marks an undefined value.
 
-    Voxels whose reference is `ignore_label` (unannotated) count for no label, as nnU-Net v2 scores them."""
+    `labels` lists the ids to score, or maps each id to score to the ids its structure unites (regions,
+    dataset/regions.py: a region written as 2 may be labels 1, 2 and 3 in both maps). Voxels whose
+    reference is `ignore_label` (unannotated) count for no label, as nnU-Net v2 scores them."""
     pred, ref = np.asarray(pred), np.asarray(ref)
     if pred.shape != ref.shape:
         raise ValueError(f"prediction shape {pred.shape} differs from reference shape {ref.shape}")
@@ -168,9 +172,13 @@ def evaluate_case(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float],
     _check_spacing(ref, spacing)
     pred, ref, spacing = _drop_missing_axes(pred, ref, spacing)
     voxel_mm3 = float(np.prod(spacing))
+    structures = labels.items() if isinstance(labels, Mapping) else [(label, (label,)) for label in labels]
     result = {}
-    for label in labels:
-        pred_mask, ref_mask = pred == label, ref == label
+    for label, members in structures:
+        if tuple(members) == (label,):
+            pred_mask, ref_mask = pred == label, ref == label
+        else:
+            pred_mask, ref_mask = np.isin(pred, members), np.isin(ref, members)
         tp, n_pred, n_ref = _counts(pred_mask, ref_mask)
         result[str(int(label))] = {
             "dice": dice_from_counts(tp, n_pred, n_ref),
@@ -318,6 +326,22 @@ def _label_names_of(path: Path) -> dict[str, str]:
     return {str(int(v)): str(k) for k, v in labels.items() if _is_label_id(v)}  # nnU-Net v2: {name: id}
 
 
+def regions_of(path: Path | None) -> tuple[Region, ...]:
+    """The regions a plans.json or an nnU-Net v2 dataset.json defines (dataset/regions.py); () when none, or when
+    they cannot be used (logged)."""
+    meta = _read_json_or_none(path) if path is not None else None
+    if not isinstance(meta, dict) or not isinstance(meta.get("labels"), dict):
+        return ()
+    try:
+        if isinstance(meta.get("regions"), list):  # plans.json
+            return tuple(Region.from_json(r, str(path)) for r in meta["regions"])
+        if has_regions(meta["labels"]):  # dataset.json
+            return parse_regions(path, meta["labels"], meta.get("regions_class_order"))[1]
+    except RegionError as exc:  # names may still come from it; the labels are scored one by one
+        logger.warning("%s; scoring labels, not regions", exc)
+    return ()
+
+
 def _is_label_id(value) -> bool:
     if isinstance(value, bool):
         return False
@@ -332,7 +356,9 @@ def evaluate_folders(pred_dir: Path | str, ref_dir: Path | str, labels: Sequence
                      instances_dir: Path | str | None = None) -> dict:
     """Evaluate every prediction against the reference with the same case id.
 
-    Labels default to the union of the non-zero values in the references. Label names given in
+    Labels default to the union of the non-zero values in the references; where the plans.json or dataset.json
+    that names them defines regions, the regions are scored instead, each under the id it is written as. Label
+    names given in
     `label_names` win over those `find_label_names` finds. A label named "ignore" (nnU-Net v2's
     unannotated voxels) is not scored, and its voxels count for no label. Writes `summary.json` and `summary.csv`
     into `output_dir` (default: `pred_dir`) and returns the summary (the same content as
@@ -365,19 +391,25 @@ def evaluate_folders(pred_dir: Path | str, ref_dir: Path | str, labels: Sequence
                        pred_dir, ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))
 
     found, found_in = find_label_names(pred_dir, ref_dir)
+    regions = regions_of(found_in) if found_in is not None and labels is None else ()
+    if regions:  # scored as regions, each under the id it is written as (dataset/regions.py)
+        found = {**found, **{str(r.written_as): r.name for r in regions}}
     given = {str(int(k)): str(v) for k, v in (label_names or {}).items()}
     names = {**found, **given}
-    ignore_label = ignore_label_id(names)
+    ignore_label = ignore_label_id(names) if not regions else ignore_label_id(_label_names_of(found_in))
     if labels is not None:
         labels = [label for label in labels if int(label) != ignore_label]
     membrane, ref_instances, reasons = _object_plan(object_metrics, names, ref_dir, instances_dir, predictions,
                                                     bool(pred_instance_files))
-    jobs = [(case_id, predictions[case_id], references[case_id], labels, ignore_label, membrane,
+    scored = {r.written_as: r.labels for r in regions} if regions else labels
+    jobs = [(case_id, predictions[case_id], references[case_id], scored, ignore_label, membrane,
              ref_instances.get(case_id) if ref_instances is not None else None, pred_instance_files.get(case_id))
             for case_id in predictions]
     results = _run_jobs(jobs, workers)
 
-    if labels is None:
+    if regions:
+        labels = [r.written_as for r in regions]
+    elif labels is None:
         labels = sorted({label for result in results.values() for label in result[2]})
     labels = [int(label) for label in labels]
     cases = {}

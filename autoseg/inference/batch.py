@@ -88,7 +88,7 @@ def predict_folder(workdir: Path, inputs: Path | Sequence[Path], output_dir: Pat
     failed: list[tuple[str, str]] = list(problems)
     input_files = {f.resolve() for c in cases for f in c.files}
     # A case whose label map was written but not its rows (interrupted in between) is predicted again.
-    recorded = volumes.cases(labels=predictor.plans.foreground_labels) if batch.skip_existing and volumes else None
+    recorded = volumes.cases(labels=[k for k in labels if k > 0]) if batch.skip_existing and volumes else None
     todo, skipped, unrecorded = [], [], 0
     for case in cases[batch.part_id::batch.num_parts]:
         out = _output_path(output_dir, case, outputs.output_format)
@@ -215,7 +215,8 @@ def _write_case(predictor: Predictor, case: InputCase, prepared: PreparedCase,
     uncertainty = predicted.uncertainty
     threshold = outputs.options.uncertainty_threshold
     flagged = None if uncertainty is None else {k for k, u in uncertainty.items() if u > threshold}
-    outputs.volumes.add_case(case.case_id, case.files, structure_rows(segmentation, geometry, outputs.labels),
+    outputs.volumes.add_case(case.case_id, case.files, structure_rows(segmentation, geometry, outputs.labels,
+                                                                      predictor.plans.scored_structures),
                              uncertainty, flagged)
     from autoseg.inference.qc import (
         write_overlay,  # matplotlib, only when there is an overlay to draw

@@ -11,6 +11,10 @@ the cropped grid and keeps a running maximum and argmax (and a running log-sum-e
 softmax's entropy), and for a single configuration it takes them in z-slabs as the sliding window
 finishes them (docs/prediction.md).
 
+With region-based plans (dataset/regions.py) each output is one region's logit: the sigmoid replaces
+the softmax (0 outside the crop), and a voxel takes a region's id where its probability exceeds 0.5,
+region by region in `regions_class_order`, as nnU-Net v2 writes regions.
+
 A label map is written in the input's format (`segmentation_suffix`): PNG in, PNG out; TIFF in,
 TIFF out; NIfTI in, NIfTI out. It is uint8 when the label ids fit, else uint16.
 """
@@ -24,6 +28,7 @@ import numpy as np
 
 from autoseg.atomic import atomic_path
 from autoseg.dataset.image_io import WRITE_SUFFIXES, Geometry, write_image
+from autoseg.dataset.regions import label_map_from_regions
 from autoseg.planning.plans import Plans
 from autoseg.postprocessing import apply_postprocessing
 from autoseg.preprocessing.properties import CaseProperties
@@ -51,6 +56,10 @@ def logits_to_original(logits: np.ndarray, properties: CaseProperties, plans: Pl
     grid = _BackToCrop(properties, plans)
     grid.check(logits)
     out = np.zeros((logits.shape[0], *grid.full_shape), dtype=np.float32)
+    if plans.regions:  # one sigmoid per region; outside the crop no region (0)
+        for k in range(logits.shape[0]):
+            grid.crop_view(out[k])[...] = _sigmoid(grid.resample(logits[k], 0)[1])
+        return out
     out[0] = 1.0  # outside the crop there was no data: background
     for k in range(logits.shape[0]):
         grid.crop_view(out[k])[...] = grid.resample(logits[k], 0)[1]
@@ -61,6 +70,22 @@ def logits_to_original(logits: np.ndarray, properties: CaseProperties, plans: Pl
     np.sum(crop, axis=0, out=largest)
     np.divide(crop, largest, out=crop)
     return out
+
+
+def _sigmoid(values: np.ndarray) -> np.ndarray:
+    """1 / (1 + exp(-x)) in place, without overflow for large negative logits."""
+    np.negative(values, out=values)
+    np.clip(values, -88.0, 88.0, out=values)
+    np.exp(values, out=values)
+    values += 1.0
+    return np.reciprocal(values, out=values)
+
+
+def _binary_entropy(p: np.ndarray) -> np.ndarray:
+    """Entropy (nats) of a yes/no probability, 0 at p = 0 or 1."""
+    tiny = np.finfo(np.float32).tiny
+    q = 1.0 - p
+    return -(p * np.log(np.maximum(p, tiny)) + q * np.log(np.maximum(q, tiny)))
 
 
 class _BackToCrop:
@@ -137,6 +162,8 @@ class LabelMapBuilder:
     over the voxels given that label, and with `entropy_map=True` it keeps the entropy map (nats).
     One configuration takes one pass over the labels (the argmax of the logits, the entropy from a
     running log-sum-exp); several take two (each one's log-sum-exp, then the averaged probabilities).
+    With regions, each region's sigmoid (averaged over configurations) over 0.5 writes its id, region by
+    region, and the entropy is the sum of the regions' yes/no entropies.
     """
 
     def __init__(self, properties: Sequence[CaseProperties], plans: Plans, num_classes: int, uncertainty: bool = False,
@@ -147,13 +174,17 @@ class LabelMapBuilder:
         if len({(g.shape, tuple((b.start, b.stop) for b in g.bbox)) for g in self.grids}) != 1:
             raise ValueError("the configurations' cases were cropped differently; they are not one input")
         self.num_classes = num_classes
+        self.regions = plans.regions
+        if self.regions and len(self.regions) != num_classes:
+            raise ValueError(f"{num_classes} network outputs for {len(self.regions)} regions")
+        label_count = max(r.written_as for r in self.regions) + 1 if self.regions else num_classes
         self.full_shape = self.grids[0].full_shape
-        self.labels = np.zeros(self.full_shape, dtype=np.uint8 if num_classes <= 256 else np.uint16)
+        self.labels = np.zeros(self.full_shape, dtype=np.uint8 if label_count <= 256 else np.uint16)
         self.with_entropy = uncertainty or entropy_map
         self.entropy = np.zeros(self.full_shape, dtype=np.float32) if entropy_map else None
         # Per label: voxels assigned to it and the entropy summed over them (before postprocessing).
-        self.label_voxels = np.zeros(num_classes, dtype=np.int64)
-        self.label_entropy = np.zeros(num_classes, dtype=np.float64)
+        self.label_voxels = np.zeros(label_count, dtype=np.int64)
+        self.label_entropy = np.zeros(label_count, dtype=np.float64)
 
     @property
     def streams(self) -> bool:
@@ -167,16 +198,47 @@ class LabelMapBuilder:
             if p.shape[0] != self.num_classes or tuple(p.shape[2:]) != grid.network_shape[1:]:
                 raise ValueError(f"logits of shape {list(p.shape)} do not fit the network grid "
                                  f"{list(grid.network_shape)} with {self.num_classes} classes")
-        if len(logits) == 1:
+        if self.regions:
+            rows, labels, entropy = self._regions(z0, logits)
+        elif len(logits) == 1:
             rows, labels, entropy = self._one(z0, logits[0])
         else:
             rows, labels, entropy = self._ensemble(z0, logits)
         self.grids[0].crop_view(self.labels)[rows] = labels
-        self.label_voxels += np.bincount(labels.ravel(), minlength=self.num_classes)
+        count = len(self.label_voxels)
+        self.label_voxels += np.bincount(labels.ravel(), minlength=count)
         if entropy is not None:
             if self.entropy is not None:
                 self.grids[0].crop_view(self.entropy)[rows] = entropy
-            self.label_entropy += np.bincount(labels.ravel(), weights=entropy.ravel(), minlength=self.num_classes)
+            self.label_entropy += np.bincount(labels.ravel(), weights=entropy.ravel(), minlength=count)
+
+    @property
+    def entropy_scale(self) -> float:
+        """The largest entropy a voxel can have (nats): log(K) over K labels, R log(2) over R regions."""
+        if self.regions:
+            return len(self.regions) * float(np.log(2.0))
+        return float(np.log(self.num_classes)) if self.num_classes > 1 else 1.0
+
+    def _regions(self, z0: int, logits: Sequence[np.ndarray]) -> tuple[slice, np.ndarray, np.ndarray | None]:
+        """Region by region: the sigmoid of the resampled logits (averaged over configurations) over 0.5 writes the
+        region's id, exactly as `logits_to_original` then `probabilities_to_labels`."""
+        labels = entropy = rows = None
+        for k, region in enumerate(self.regions):
+            total = None
+            for p, grid in zip(logits, self.grids):
+                rows, value = grid.resample(p[k], z0)
+                value = _sigmoid(value)
+                total = value if total is None else np.add(total, value, out=total)
+            if len(logits) > 1:
+                total /= len(logits)
+            inside = total > 0.5
+            if self.with_entropy:
+                h = _binary_entropy(total)
+                entropy = h if entropy is None else np.add(entropy, h, out=entropy)
+            if labels is None:
+                labels = np.zeros(inside.shape, dtype=self.labels.dtype)
+            labels[inside] = region.written_as
+        return rows, labels, entropy
 
     def _one(self, z0: int, logits: np.ndarray) -> tuple[slice, np.ndarray, np.ndarray | None]:
         """One configuration: argmax of the resampled logits, and the entropy of their softmax."""
@@ -222,10 +284,10 @@ class LabelMapBuilder:
 
     def uncertainty(self) -> dict[int, float]:
         """Per label present: mean entropy of the ensemble's probabilities over its voxels, divided by log(K): 0
-        when every member agrees with certainty, 1 at uniform probabilities."""
-        scale = np.log(self.num_classes) if self.num_classes > 1 else 1.0
+        when every member agrees with certainty, 1 at uniform probabilities (every region at 0.5)."""
+        scale = self.entropy_scale
         return {k: float(self.label_entropy[k] / self.label_voxels[k] / scale)
-                for k in range(1, self.num_classes) if self.label_voxels[k]}
+                for k in range(1, len(self.label_voxels)) if self.label_voxels[k]}
 
 
 class _RunningLogSumExp:
@@ -272,22 +334,32 @@ def write_segmentation(segmentation: np.ndarray, geometry: Geometry, path: Path 
 
 
 def export_segmentation(probabilities_original: np.ndarray, geometry: Geometry, path: Path | str,
-                        rules: dict | None = None) -> np.ndarray:
+                        rules: dict | None = None, plans: Plans | None = None) -> np.ndarray:
     """Label map (argmax; uint8, or uint16 beyond 256 classes), postprocessed by `rules` if given, written
     atomically on `geometry`'s exact grid (spacing, origin, direction of the input) in the format
     `path` names (a 2D geometry as a 2D file). Returns the label map that was written.
 
-    Label ids are the class indices of the network output (plans' labels are 0..K-1).
+    Label ids are the class indices of the network output (plans' labels are 0..K-1); with region-based
+    `plans`, the probabilities are the regions' and each is written as its id in order (`label_map_from_regions`).
     """
     probabilities_original = np.asarray(probabilities_original)
     if tuple(probabilities_original.shape[1:]) != tuple(geometry.shape):
         raise ValueError(f"{path}: probabilities of spatial shape {list(probabilities_original.shape[1:])} do not "
                          f"match the input grid {list(geometry.shape)}; convert logits with logits_to_original")
-    num_classes = probabilities_original.shape[0]
-    if num_classes > 65536:
-        raise ValueError(f"{path}: {num_classes} classes do not fit a uint16 label map")
-    segmentation = np.argmax(probabilities_original, axis=0).astype(np.uint8 if num_classes <= 256 else np.uint16)
+    segmentation = probabilities_to_labels(probabilities_original, plans)
     return write_segmentation(segmentation, geometry, path, rules)
+
+
+def probabilities_to_labels(probabilities: np.ndarray, plans: Plans | None = None) -> np.ndarray:
+    """(K, *spatial) probabilities -> label map: the argmax (uint8, or uint16 beyond 256 classes), or with
+    region-based `plans` each region over 0.5 written as its id, in order."""
+    if plans is not None and plans.regions:
+        top = max(r.written_as for r in plans.regions)
+        return label_map_from_regions(probabilities, plans.regions, dtype=np.uint8 if top < 256 else np.uint16)
+    num_classes = probabilities.shape[0]
+    if num_classes > 65536:
+        raise ValueError(f"{num_classes} classes do not fit a uint16 label map")
+    return np.argmax(probabilities, axis=0).astype(np.uint8 if num_classes <= 256 else np.uint16)
 
 
 def save_probabilities(path_npz: Path | str, probabilities: np.ndarray) -> None:

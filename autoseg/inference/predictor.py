@@ -129,7 +129,8 @@ class Predictor:
 
     def _setup(self, plans: Plans, configurations: Sequence[str], window: WindowSettings,
                compute: ComputeSettings) -> None:
-        if sorted(k for k in plans.labels if k != plans.ignore_label) != list(range(plans.num_classes)):
+        if not plans.regions and sorted(k for k in plans.labels if k != plans.ignore_label) != list(
+                range(plans.num_classes)):
             raise PredictorError(f"plans.json: label ids {sorted(plans.labels)} are not consecutive from 0; the "
                                  "network's class index is the label id, so relabel the dataset to 0..K-1 and plan "
                                  "again")
@@ -341,7 +342,7 @@ def add_slabs(builder: LabelMapBuilder, streams: Sequence[Iterator[tuple[int, to
 def _segmentation(builder: LabelMapBuilder, members: int, plans: Plans) -> CaseSegmentation:
     entropy = builder.entropy
     if entropy is not None:
-        entropy /= np.log(builder.num_classes)
+        entropy /= builder.entropy_scale
     uncertainty = builder.uncertainty() if members > 1 else None
     if plans.instances is None:
         return CaseSegmentation(builder.labels, members, uncertainty, entropy)

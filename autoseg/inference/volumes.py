@@ -12,7 +12,7 @@ import io
 import logging
 import os
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -64,8 +64,12 @@ def _unescaped(row: dict[str, str]) -> dict[str, str]:
     return {**row, **{k: unescape_cell(row[k]) for k in TEXT_COLUMNS if isinstance(row.get(k), str)}}
 
 
-def structure_rows(segmentation: np.ndarray, geometry: Geometry, labels: dict[int, str]) -> list[dict]:
+def structure_rows(segmentation: np.ndarray, geometry: Geometry, labels: dict[int, str],
+                   members: Mapping[int, Sequence[int]] | None = None) -> list[dict]:
     """One row per label id > 0 of `labels` (absent labels included, with 0 voxels), in label order.
+
+    `members` maps a label id to the ids its structure unites (region-based plans, `Plans.scored_structures`:
+    the whole tumour is every voxel written as one of its labels); a label without an entry is itself.
 
     A 3D image gets `volume_ml`; a 2D image (`geometry.is_2d`) gets `area_mm2` instead, since its
     pseudo-spacing is no slice thickness. Components are 26-connected in 3D (8-connected in 2D).
@@ -85,10 +89,11 @@ def structure_rows(segmentation: np.ndarray, geometry: Geometry, labels: dict[in
     structure = ndimage.generate_binary_structure(3, 3)
     rows = []
     for label in wanted:
-        box = boxes[label - 1] if label <= len(boxes) else None
+        ids = tuple(int(i) for i in (members or {}).get(label, (label,)))
+        box = _union_box([boxes[i - 1] for i in ids if 0 < i <= len(boxes) and boxes[i - 1] is not None])
         voxels, components, first, last = 0, 0, None, None
         if box is not None:
-            mask = segmentation[box] == label
+            mask = segmentation[box] == label if ids == (label,) else np.isin(segmentation[box], ids)
             voxels = int(np.count_nonzero(mask))
             components = int(ndimage.label(mask, structure=structure)[1])
             first = np.array([s.start for s in box])
@@ -102,6 +107,13 @@ def structure_rows(segmentation: np.ndarray, geometry: Geometry, labels: dict[in
                      "bbox_mm": _array_box(first, last, spacing, plane),
                      "bbox_world_mm": _world_box(first, last, geometry, plane)})
     return rows
+
+
+def _union_box(boxes: Sequence[tuple[slice, ...]]) -> tuple[slice, ...] | None:
+    """The smallest box around all of `boxes` (find_objects' slices); None when there are none."""
+    if not boxes:
+        return None
+    return tuple(slice(min(b[a].start for b in boxes), max(b[a].stop for b in boxes)) for a in range(len(boxes[0])))
 
 
 def _array_box(first: np.ndarray | None, last: np.ndarray | None, spacing: np.ndarray, plane: bool) -> tuple:

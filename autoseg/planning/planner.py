@@ -13,6 +13,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from autoseg.dataset import ignore_label_id
 from autoseg.fingerprint import Fingerprint
 from autoseg.network.cost import feature_map_elements
 from autoseg.planning.normalization import plan_normalization
@@ -171,7 +172,9 @@ def plan_experiment(fingerprint: Fingerprint, budget_gb: float | None = None,
         raise PlanError(f"unknown configuration(s) {sorted(unknown)}; choose from {', '.join(CONFIGURATIONS)}")
     if budget_gb <= 0:
         raise PlanError(f"the memory budget must be positive, got {budget_gb:g} GB")
-    num_classes = len(fingerprint.labels)
+    # nnU-Net counts the entries of dataset.json's labels: with regions, the background and one per region
+    num_classes = (1 + len(fingerprint.regions) + (ignore_label_id(fingerprint.labels) is not None)
+                   if fingerprint.regions else len(fingerprint.labels))
     num_cases = len(fingerprint.cases)
     cropped = fingerprint.cropped_shapes
     spacings = planning_spacings(fingerprint.spacings, cropped)
@@ -224,6 +227,10 @@ def plan_experiment(fingerprint: Fingerprint, budget_gb: float | None = None,
         "default_configuration": "3D data: the full-resolution 3D U-Net" if default == "3d_fullres"
         else "2D data: only the 2D U-Net applies" if not is_3d else "the only configuration planned",
     }
+    if fingerprint.regions:
+        reasons["regions"] = (f"dataset.json defines {len(fingerprint.regions)} overlapping regions: one sigmoid "
+                              "output per region, Dice + binary cross-entropy, label maps written region by region "
+                              "in regions_class_order")
     return Plans(
         dataset_name=fingerprint.dataset_name,
         channel_names=tuple(fingerprint.channel_names),
@@ -243,6 +250,7 @@ def plan_experiment(fingerprint: Fingerprint, budget_gb: float | None = None,
         reasons=reasons,
         not_planned=not_planned,
         preset=preset,
+        regions=tuple(fingerprint.regions),
     )
 
 

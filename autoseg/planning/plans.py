@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from autoseg.atomic import read_json, write_json
 from autoseg.dataset import ignore_label_id
+from autoseg.dataset.regions import Region, RegionError
 from autoseg.errors import AutosegError
 
 if TYPE_CHECKING:
@@ -184,6 +185,8 @@ class Plans:
     preset: str = "default"  # the planning preset (autoseg/planning/presets.py): default, resenc-m, -l, -xl
     # Instance maps in the dataset: the network learns object boundaries as an extra label (None: semantic only)
     instances: InstanceSegmentation | None = None
+    # Region-based labels (dataset/regions.py): one sigmoid output per region; empty: one softmax class per label
+    regions: tuple[Region, ...] = ()
 
     @property
     def num_channels(self) -> int:
@@ -197,7 +200,9 @@ class Plans:
 
     @property
     def num_classes(self) -> int:
-        """Network outputs: one per label, background included, the ignore label not."""
+        """Network outputs: one per label, background included, the ignore label not; with regions, one per region."""
+        if self.regions:
+            return len(self.regions)
         return len(self.labels) - (self.ignore_label is not None)
 
     @property
@@ -217,8 +222,19 @@ class Plans:
 
     @property
     def output_labels(self) -> dict[int, str]:
-        """The dataset's labels as prediction writes them: the ignore label and object boundaries left out."""
+        """The dataset's labels as prediction writes them: the ignore label and object boundaries left out; with
+        regions, each region under the id it is written as."""
+        if self.regions:
+            return {0: self.labels[0], **{r.written_as: r.name for r in self.regions}}
         return {k: v for k, v in self.labels.items() if k not in (self.ignore_label, self.boundary_label)}
+
+    @property
+    def scored_structures(self) -> dict[int, tuple[int, ...]]:
+        """What validation and cross-validation score, by output id: each foreground label as itself, or with
+        regions each region (its written id -> the label ids it unites); object rims never."""
+        if self.regions:
+            return {r.written_as: r.labels for r in self.regions}
+        return {k: (k,) for k in self.output_labels if k > 0}
 
     def with_instance_boundaries(self, reason: str) -> "Plans":
         """These plans learning object boundaries as one more label (the dataset has instance maps)."""
@@ -227,6 +243,9 @@ class Plans:
         if self.ignore_label is not None:
             raise PlanError("instance segmentation with an ignore label is not supported: the object boundaries "
                             "would have to come after the ignore label; plan with --instances off")
+        if self.regions:
+            raise PlanError("instance segmentation with region-based labels is not supported; plan with "
+                            "--instances off")
         boundary = max(self.labels) + 1
         return replace(self, labels={**self.labels, boundary: BOUNDARY_LABEL_NAME},
                        instances=InstanceSegmentation(boundary_label=boundary, reason=reason))
@@ -295,6 +314,7 @@ class Plans:
             "memory_budget_gb": self.memory_budget_gb,
             **({"preset": self.preset} if self.preset != "default" else {}),  # default plans.json as before
             **({"instance_segmentation": self.instances.to_json()} if self.instances else {}),
+            **({"regions": [r.to_json() for r in self.regions]} if self.regions else {}),
             "normalization": [n.to_json() for n in self.normalization],
             "resampling": self.resampling.to_json(),
             "reasons": dict(self.reasons),
@@ -442,7 +462,26 @@ def _read_plans(keys: _Keys) -> Plans:
                  memory_budget_gb=keys.number("memory_budget_gb", positive=True), normalization=normalization,
                  resampling=resampling, configurations=configurations, reasons=keys.texts("reasons"),
                  not_planned=keys.texts("not_planned"), format_version=version,
-                 preset=keys.text("preset", "default"), instances=_read_instances(keys, labels))
+                 preset=keys.text("preset", "default"), instances=_read_instances(keys, labels),
+                 regions=_read_regions(keys, labels))
+
+
+def _read_regions(keys: _Keys, labels: dict[int, str]) -> tuple[Region, ...]:
+    raw = keys.raw("regions", None)
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not raw:
+        raise keys.error("regions", "must be a non-empty list of {name, labels, written_as}")
+    try:
+        regions = tuple(Region.from_json(r, f"{keys.source}: regions") for r in raw)
+    except RegionError as exc:
+        raise PlanError(str(exc)) from None
+    for r in regions:
+        unknown = [v for v in (*r.labels, r.written_as) if v not in labels or v == 0]
+        if unknown:
+            raise keys.error("regions", f"region '{r.name}' uses id(s) {unknown} that are no foreground label "
+                                        f"({sorted(labels)})")
+    return regions
 
 
 def _read_instances(keys: _Keys, labels: dict[int, str]) -> InstanceSegmentation | None:

@@ -56,4 +56,4 @@ def transfer_plans(source: Plans, fingerprint: Fingerprint, source_name: str) ->
                    channel_names=tuple(fingerprint.channel_names),
                    labels={int(k): v for k, v in sorted(fingerprint.labels.items(), key=lambda kv: int(kv[0]))},
                    configurations=configurations, not_planned=not_planned, default_configuration=default,
-                   reasons=reasons)
+                   reasons=reasons, regions=tuple(fingerprint.regions))

@@ -13,6 +13,7 @@ import numpy as np
 
 from autoseg.dataset.image_io import Geometry
 from autoseg.dataset.layout import Case, Dataset, read_case_image, read_case_instances, read_case_label
+from autoseg.dataset.regions import Region
 from autoseg.errors import AutosegError
 from autoseg.parallel import map_cases
 from autoseg.planning.plans import Plans
@@ -54,7 +55,9 @@ def preprocessing_key(plans: Plans, configuration: str) -> str:
                 "resampling": strip(plans.resampling.to_json()),
                 "seg_dtype": np.dtype(seg_dtype(plans.labels)).name,
                 # instance segmentation changes the stored labels (object rims); plans without it keep their hash
-                **({"instances": plans.instances.to_json() | {"reason": None}} if plans.instances else {})}
+                **({"instances": plans.instances.to_json() | {"reason": None}} if plans.instances else {}),
+                # regions change the stored foreground locations (one entry per region)
+                **({"regions": [r.to_json() for r in plans.regions]} if plans.regions else {})}
     return hashlib.sha1(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -137,7 +140,7 @@ def preprocess_case(image: np.ndarray, label: np.ndarray | None, geometry: Geome
             seg = boundary_target(seg, rims, plans.instances.boundary_label, in_plane=config.ndim == 2)
         seg = resample_label(seg, shape, r.label_order, axis, r.thick_axis_order)
         seg = np.ascontiguousarray(seg)[None].astype(dtype)
-        locations = sample_class_locations(seg[0], plans.ignore_label)
+        locations = sample_class_locations(seg[0], plans.ignore_label, plans.regions)
         properties = replace(properties, class_locations=locations)
     return image, seg, properties
 
@@ -161,26 +164,34 @@ def one_hot_labels(labels: np.ndarray, foreground: Sequence[int]) -> np.ndarray:
     return np.stack([labels == label for label in foreground]).astype(np.float32)
 
 
-def sample_class_locations(seg: np.ndarray, ignore_label: int | None = None) -> dict[str, list[list[int]]]:
+def sample_class_locations(seg: np.ndarray, ignore_label: int | None = None,
+                           regions: Sequence[Region] = ()) -> dict[str, list[list[int]]]:
     """Stored voxels per foreground label of a (Z, Y, X) seg, the same voxels in the same order as nnU-Net v2.8.1.
 
     Labels are visited in ascending order, all drawing from one `RandomState(1234)`; each keeps
     min(10,000, its voxel count) but at least 1% of its voxels. With an ignore label, it is not a
     foreground label, and a last entry `"annotated"` samples every annotated voxel (labels -1, 0, 1, ...
     in that order, as nnU-Net's region `[-1] + all_labels`), where random patches are centred so they
-    hold something to learn from. Labels absent from the seg are left out.
+    hold something to learn from. Labels absent from the seg are left out. With `regions`, each region
+    takes the place of a label, keyed by the id it is written as, and draws from the voxels of its labels
+    (label by label in the region's order, as nnU-Net's regions).
     """
     rng = np.random.RandomState(LOCATIONS_SEED)
     present = [int(v) for v in np.unique(seg)]
     foreground = [v for v in present if v > 0 and v != ignore_label]
     wanted = foreground if ignore_label is None else [v for v in present if v != ignore_label]
     coords_by_label = {v: np.argwhere(seg == v) for v in wanted}
+    if regions:
+        groups = {str(r.written_as): [v for v in r.labels if v in coords_by_label] for r in regions}
+    else:
+        groups = {str(v): [v] for v in foreground}
 
     def draw(coords: np.ndarray) -> list[list[int]]:
         count = max(min(LOCATIONS_PER_LABEL, len(coords)), int(np.ceil(len(coords) * LOCATIONS_MIN_FRACTION)))
         return coords[rng.choice(len(coords), count, replace=False)].tolist()
 
-    locations = {str(v): draw(coords_by_label[v]) for v in foreground}
+    locations = {key: draw(np.concatenate([coords_by_label[v] for v in members]))
+                 for key, members in groups.items() if members}
     if ignore_label is not None and wanted:
         locations[ANNOTATED] = draw(np.concatenate([coords_by_label[v] for v in sorted(wanted)]))
     return locations

@@ -1,4 +1,5 @@
-"""Segmentation losses: soft Dice (batch or per sample) + cross-entropy, and its deep-supervision weighting."""
+"""Segmentation losses: soft Dice (batch or per sample) + cross-entropy, its region-based form (sigmoid outputs,
+Dice + binary cross-entropy), and the deep-supervision weighting."""
 
 from __future__ import annotations
 
@@ -34,17 +35,28 @@ def soft_dice_loss(
     with torch.autocast(device_type=logits.device.type, enabled=False):
         probs = torch.softmax(logits.float(), dim=1)
         one_hot = torch.zeros_like(probs).scatter_(1, target.long(), 1.0)
-        if mask is not None:
-            probs, one_hot = probs * mask, one_hot * mask
-        axes = ([0] if batch_dice else []) + list(range(2, logits.dim()))
-        intersection = (probs * one_hot).sum(axes)
-        denominator = probs.sum(axes) + one_hot.sum(axes)
-        if batch_dice and sum_terms is not None:
-            intersection, denominator = sum_terms(torch.stack([intersection, denominator])).unbind(0)
-        dice = (2.0 * intersection + smooth) / (denominator + smooth).clamp_min(1e-8)  # (C,) or (B, C)
+        dice = _soft_dice(probs, one_hot, mask, smooth, batch_dice, sum_terms)
         if ignore_background:
             dice = dice[..., 1:]
         return -dice.mean()
+
+
+def _soft_dice(probs: torch.Tensor, one_hot: torch.Tensor, mask: torch.Tensor | None, smooth: float,
+               batch_dice: bool, sum_terms: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
+    """Soft Dice per channel, (C,) with batch Dice or (B, C) per sample, from float32 probabilities and targets."""
+    if mask is not None:
+        probs, one_hot = probs * mask, one_hot * mask
+    axes = ([0] if batch_dice else []) + list(range(2, probs.dim()))
+    intersection = (probs * one_hot).sum(axes)
+    denominator = probs.sum(axes) + one_hot.sum(axes)
+    if batch_dice and sum_terms is not None:
+        intersection, denominator = sum_terms(torch.stack([intersection, denominator])).unbind(0)
+    return (2.0 * intersection + smooth) / (denominator + smooth).clamp_min(1e-8)
+
+
+def region_targets(target: torch.Tensor, regions: Sequence[Sequence[int]]) -> torch.Tensor:
+    """(B, 1, *spatial) label ids -> (B, R, *spatial) bool, true where the voxel's label belongs to region r."""
+    return torch.cat([torch.isin(target, torch.as_tensor(list(r), device=target.device)) for r in regions], dim=1)
 
 
 class DiceCELoss(nn.Module):
@@ -81,6 +93,42 @@ class DiceCELoss(nn.Module):
             else:
                 ce = logits.sum() * 0.0  # nothing annotated here: no gradient from this term
         return dice + ce
+
+
+class RegionDiceBCELoss(nn.Module):
+    """Region-based training (nnU-Net v2's DC_and_BCE_loss): one sigmoid output per region, soft Dice over every
+    region (no background channel) plus binary cross-entropy, weight 1 each. Targets stay label maps and are
+    turned into region masks here, so augmentation and deep-supervision downsampling are those of labels.
+    Voxels of `ignore_label` count in neither term."""
+
+    def __init__(self, regions: Sequence[Sequence[int]], smooth: float = 1e-5, batch_dice: bool = True,
+                 sum_terms: Callable[[torch.Tensor], torch.Tensor] | None = None, ignore_label: int | None = None):
+        super().__init__()
+        if not regions:
+            raise ValueError("region-based loss needs at least one region")
+        self.regions = [tuple(int(v) for v in r) for r in regions]
+        self.smooth = smooth
+        self.batch_dice = batch_dice
+        self.sum_terms = sum_terms
+        self.ignore_label = ignore_label
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if logits.shape[1] != len(self.regions) or target.shape[1] != 1 or target.shape[2:] != logits.shape[2:]:
+            raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} do not fit "
+                             f"{len(self.regions)} regions: expected (B, R, *spatial) and (B, 1, *spatial)")
+        mask = None if self.ignore_label is None else target != self.ignore_label
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            logits = logits.float()
+            regions = region_targets(target, self.regions).float()
+            dice = _soft_dice(torch.sigmoid(logits), regions, mask, self.smooth, self.batch_dice, self.sum_terms)
+            if mask is None:
+                bce = F.binary_cross_entropy_with_logits(logits, regions)
+            else:
+                per_voxel = F.binary_cross_entropy_with_logits(logits, regions, reduction="none") * mask
+                # summed over the regions and averaged over the annotated voxels, as nnU-Net v2.8.1 (so R times
+                # the mean of the unmasked case)
+                bce = per_voxel.sum() / mask.sum().clamp_min(1e-8)
+        return -dice.mean() + bce
 
 
 def deep_supervision_weights(n_outputs: int) -> list[float]:

@@ -12,6 +12,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -44,7 +45,13 @@ from autoseg.training.augmentation import (
 )
 from autoseg.training.cascade import next_stage_dir, next_stage_file
 from autoseg.training.compilation import training_forward
-from autoseg.training.loss import DeepSupervisionLoss, DiceCELoss, deep_supervision_weights
+from autoseg.training.loss import (
+    DeepSupervisionLoss,
+    DiceCELoss,
+    RegionDiceBCELoss,
+    deep_supervision_weights,
+    region_targets,
+)
 from autoseg.training.patch_sampling import PatchLoader
 from autoseg.training.pretrained import load_pretrained_weights
 from autoseg.training.progress_plot import plot_progress
@@ -201,8 +208,13 @@ def train_fold(workdir: Path, configuration: str, fold: int | str, settings: Tra
     batch_dice = config.batch_dice
     loss_weights = deep_supervision_weights(len(scales))
     sum_dice_terms = distributed.sum_with_gradient if distributed.is_distributed() and batch_dice else None
-    loss_fn = DeepSupervisionLoss(DiceCELoss(batch_dice=batch_dice, sum_terms=sum_dice_terms,
-                                             ignore_label=plans.ignore_label), loss_weights)
+    region_labels = [r.labels for r in plans.regions]
+    if region_labels:  # one sigmoid output per region: Dice + binary cross-entropy (nnU-Net v2's regions)
+        loss = RegionDiceBCELoss(region_labels, batch_dice=batch_dice, sum_terms=sum_dice_terms,
+                                 ignore_label=plans.ignore_label)
+    else:
+        loss = DiceCELoss(batch_dice=batch_dice, sum_terms=sum_dice_terms, ignore_label=plans.ignore_label)
+    loss_fn = DeepSupervisionLoss(loss, loss_weights)
     optimizer = torch.optim.SGD(network.parameters(), lr=settings.initial_lr, momentum=settings.momentum,
                                 nesterov=True, weight_decay=settings.weight_decay)
     amp_dtype = mixed_precision_dtype(device, settings.mixed_precision)
@@ -278,7 +290,8 @@ def train_fold(workdir: Path, configuration: str, fold: int | str, settings: Tra
         f"{' (slab: in-plane only)' if in_plane_only else ''}, "
         f"{settings.augment_interpolation} image interpolation, "
         f"{elastic.describe() if elastic else 'no elastic deformation'}, image 0 outside the non-zero mask in "
-        f"channels {masked_channels}; loss: {'batch' if batch_dice else 'per-sample'} Dice + cross-entropy")
+        f"channels {masked_channels}; loss: {'batch' if batch_dice else 'per-sample'} Dice + "
+        + (f"binary cross-entropy over {len(region_labels)} regions" if region_labels else "cross-entropy"))
     data_seed = distributed.rank_seed(settings.seed + start_epoch)
     previous_dir, previous_labels = None, ()
     if config.previous_stage is not None:  # the cascade: the first stage's cross-validation predictions
@@ -351,7 +364,7 @@ def train_fold(workdir: Path, configuration: str, fold: int | str, settings: Tra
                       "skipped_steps": skipped}
             if val_batches is not None:
                 record.update(_validate_patches(network, val_batches, settings.val_iters, loss_fn, num_classes,
-                                                device, memory_format, autocast, plans.ignore_label))
+                                                device, memory_format, autocast, plans.ignore_label, region_labels))
                 momentum = settings.ema_momentum
                 ema = record["mean_dice"] if ema is None else momentum * ema + (1 - momentum) * record["mean_dice"]
                 record["ema_dice"] = ema
@@ -367,7 +380,7 @@ def train_fold(workdir: Path, configuration: str, fold: int | str, settings: Tra
                 save_checkpoint(out / "checkpoint_latest.pt", checkpoint_state(epoch + 1))
             if main_process:
                 plot_progress(history, out / "progress.png",
-                              [plans.labels[k] for k in plans.foreground_labels])
+                              [r.name for r in plans.regions] or [plans.labels[k] for k in plans.foreground_labels])
     finally:
         shutdown_loader(train_batches)
         if val_batches is not None:
@@ -386,21 +399,22 @@ def train_fold(workdir: Path, configuration: str, fold: int | str, settings: Tra
                                              ComputeSettings(device, mixed_precision=settings.mixed_precision),
                                              save_probabilities=settings.save_probabilities, progress=progress)
         say("validation Dice per label: " + ", ".join(
-            f"{plans.labels[int(k)]} {v['dice']:.4f}" for k, v in result["validation"]["mean"].items()
+            f"{plans.output_labels[int(k)]} {v['dice']:.4f}" for k, v in result["validation"]["mean"].items()
             if v["dice"] is not None))
     return result
 
 
 @torch.inference_mode()
 def _validate_patches(network, batches, iters: int, loss_fn, num_classes: int, device, memory_format, autocast,
-                      ignore_label: int | None = None) -> dict:
-    """Validation loss and pseudo-Dice per label (TP/FP/FN pooled over all validation patches of all ranks;
-    voxels of the ignore label count nowhere)."""
+                      ignore_label: int | None = None, regions: Sequence[Sequence[int]] = ()) -> dict:
+    """Validation loss and pseudo-Dice per label, or per region where `regions` are given (sigmoid over 0.5), with
+    TP/FP/FN pooled over all validation patches of all ranks; voxels of the ignore label count nowhere."""
     network.eval()
     losses = []
-    tp = np.zeros(num_classes - 1)
-    fp = np.zeros(num_classes - 1)
-    fn = np.zeros(num_classes - 1)
+    scored = len(regions) if regions else num_classes - 1
+    tp = np.zeros(scored)
+    fp = np.zeros(scored)
+    fn = np.zeros(scored)
     for _ in range(iters):
         batch = next(batches)
         data = _to_device(batch["data"], device, memory_format)
@@ -408,15 +422,21 @@ def _validate_patches(network, batches, iters: int, loss_fn, num_classes: int, d
         with autocast():
             outputs = network(data)
             losses.append(loss_fn(outputs, target).item())
-        pred = outputs[0].argmax(1)
         ref = target[0][:, 0]
-        if ignore_label is not None:
-            pred = torch.where(ref == ignore_label, 0, pred)
-        for c in range(1, num_classes):
-            p, r = pred == c, ref == c
-            tp[c - 1] += (p & r).sum().item()
-            fp[c - 1] += (p & ~r).sum().item()
-            fn[c - 1] += (~p & r).sum().item()
+        if regions:
+            predicted, wanted = outputs[0] > 0, region_targets(target[0], regions)  # sigmoid > 0.5: logit > 0
+            if ignore_label is not None:
+                predicted = predicted & (target[0] != ignore_label)
+            pairs = [(predicted[:, i], wanted[:, i]) for i in range(len(regions))]
+        else:
+            pred = outputs[0].argmax(1)
+            if ignore_label is not None:
+                pred = torch.where(ref == ignore_label, 0, pred)
+            pairs = [(pred == c, ref == c) for c in range(1, num_classes)]
+        for i, (p, r) in enumerate(pairs):
+            tp[i] += (p & r).sum().item()
+            fp[i] += (p & ~r).sum().item()
+            fn[i] += (~p & r).sum().item()
     tp, fp, fn = distributed.sum_over_ranks(np.stack([tp, fp, fn]))
     val_loss = distributed.sum_over_ranks(np.mean(losses)) / distributed.world_size()
     denominator = 2 * tp + fp + fn

@@ -50,7 +50,7 @@ def validate_fold(network: torch.nn.Module, workdir: Path, plans: Plans, configu
     data_dir = workspace.preprocessed_dir(workdir, plans.configuration(configuration).data_identifier)
     raw = read_json(workspace.dataset_json(workdir))
     cases = {c.case_id: c for c in load_dataset(raw["root"]).cases}
-    labels = [k for k in plans.output_labels if k > 0]  # object rims (instance segmentation) are never scored
+    structures = plans.scored_structures  # labels, or regions; object rims (instance segmentation) never
     ending = raw.get("file_ending", ".nii.gz")
     config = plans.configuration(configuration)
     next_stages = [name for name, c in plans.configurations.items() if c.previous_stage == configuration]
@@ -61,7 +61,7 @@ def validate_fold(network: torch.nn.Module, workdir: Path, plans: Plans, configu
         image = store.load_case_image(data_dir, case_id)
         if config.previous_stage is not None:
             previous = load_next_stage(next_stage_path(workdir, config.previous_stage, configuration, case_id))
-            image = np.concatenate([image, one_hot_labels(previous, labels)])
+            image = np.concatenate([image, one_hot_labels(previous, plans.foreground_labels)])
         prepared = PreparedCase(geometry, (configuration,), (image,), (properties,))
         path = out_dir / f"{case_id}{segmentation_suffix(ending)}"
         if keep_probabilities:
@@ -77,10 +77,10 @@ def validate_fold(network: torch.nn.Module, workdir: Path, plans: Plans, configu
         for name in next_stages:
             _write_for_next_stage(segmentation, workdir, plans, configuration, name, case_id)
         reference = read_case_label(cases[case_id])
-        per_case[case_id] = evaluate_case(segmentation, reference, geometry.spacing, labels, plans.ignore_label)
-    mean = nan_to_none(mean_per_label(per_case, labels))
+        per_case[case_id] = evaluate_case(segmentation, reference, geometry.spacing, structures, plans.ignore_label)
+    mean = nan_to_none(mean_per_label(per_case, list(structures)))
     for key in mean:
-        mean[key]["name"] = plans.labels[int(key)]
+        mean[key]["name"] = plans.output_labels[int(key)]
     dices = [m["dice"] for m in mean.values() if m["dice"] is not None]
     summary = {"format_version": 1, "configuration": configuration, "mirroring": window.mirroring,
                "probabilities_saved": bool(keep_probabilities),
