@@ -198,3 +198,19 @@ def test_region_based_plan_train_predict_evaluate(make_nnunetv2, tmp_path, capsy
     assert main(["evaluate", str(out), str(root / "labelsTr")]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["label_names"] == {"1": "whole", "2": "core"}
+
+
+def test_evaluate_folders_scores_the_regions_it_is_given(tmp_path):
+    from autoseg.dataset.image_io import Geometry, write_image
+    from autoseg.evaluation import evaluate_folders
+
+    geometry = Geometry((1.0,) * 3, (0.0,) * 3, (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0), (1, 2, 6))
+    ref = np.array([[[0, 1, 2, 3, 4, 4], [0, 0, 0, 0, 0, 0]]], np.uint8)
+    pred = np.array([[[0, 2, 2, 1, 4, 1], [0, 0, 0, 0, 0, 0]]], np.uint8)
+    for folder, array in (("pred", pred), ("ref", ref)):
+        (tmp_path / folder).mkdir()
+        write_image(tmp_path / folder / "c.nii.gz", array, geometry)
+    summary = evaluate_folders(tmp_path / "pred", tmp_path / "ref", output_dir=tmp_path, regions=load_regions())
+    assert summary["labels"] == [2, 1, 4]
+    assert summary["label_names"] == {"2": "whole_tumour", "1": "tumour_core", "4": "enhancing"}
+    assert summary["mean"]["2"]["dice"] == pytest.approx(1.0) and summary["mean"]["4"]["dice"] == pytest.approx(2 / 3)

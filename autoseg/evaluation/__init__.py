@@ -353,12 +353,12 @@ def _is_label_id(value) -> bool:
 def evaluate_folders(pred_dir: Path | str, ref_dir: Path | str, labels: Sequence[int] | None = None,
                      output_dir: Path | str | None = None, workers: int = 1,
                      label_names: Mapping[int | str, str] | None = None, object_metrics: str = "auto",
-                     instances_dir: Path | str | None = None) -> dict:
+                     instances_dir: Path | str | None = None, regions: Sequence[Region] | None = None) -> dict:
     """Evaluate every prediction against the reference with the same case id.
 
     Labels default to the union of the non-zero values in the references; where the plans.json or dataset.json
-    that names them defines regions, the regions are scored instead, each under the id it is written as. Label
-    names given in
+    that names them defines regions (or `regions` are given), the regions are scored instead, each under the id
+    it is written as. Label names given in
     `label_names` win over those `find_label_names` finds. A label named "ignore" (nnU-Net v2's
     unannotated voxels) is not scored, and its voxels count for no label. Writes `summary.json` and `summary.csv`
     into `output_dir` (default: `pred_dir`) and returns the summary (the same content as
@@ -391,12 +391,14 @@ def evaluate_folders(pred_dir: Path | str, ref_dir: Path | str, labels: Sequence
                        pred_dir, ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))
 
     found, found_in = find_label_names(pred_dir, ref_dir)
-    regions = regions_of(found_in) if found_in is not None and labels is None else ()
+    if regions is None:
+        regions = regions_of(found_in) if found_in is not None and labels is None else ()
     if regions:  # scored as regions, each under the id it is written as (dataset/regions.py)
         found = {**found, **{str(r.written_as): r.name for r in regions}}
     given = {str(int(k)): str(v) for k, v in (label_names or {}).items()}
     names = {**found, **given}
-    ignore_label = ignore_label_id(names) if not regions else ignore_label_id(_label_names_of(found_in))
+    ignore_label = ignore_label_id(names) if not regions or found_in is None else ignore_label_id(
+        _label_names_of(found_in))
     if labels is not None:
         labels = [label for label in labels if int(label) != ignore_label]
     membrane, ref_instances, reasons = _object_plan(object_metrics, names, ref_dir, instances_dir, predictions,
