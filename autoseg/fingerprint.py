@@ -12,8 +12,17 @@ from pathlib import Path
 import numpy as np
 
 from autoseg.atomic import read_json, write_json
-from autoseg.dataset.layout import Case, Dataset, DatasetError, read_case_image, read_case_label
+from autoseg.dataset.layout import (
+    Case,
+    Dataset,
+    DatasetError,
+    case_image_from_arrays,
+    case_label_from_array,
+    read_case_image,
+    read_case_label,
+)
 from autoseg.dataset.regions import Region
+from autoseg.dataset.verify import VerifyReport, check_case, dataset_problems
 from autoseg.errors import AutosegError
 from autoseg.parallel import map_cases
 
@@ -164,13 +173,18 @@ def fingerprint_case(case: Case, num_channels: int, seed: int,
     """Per-case fingerprint and `num_samples` foreground intensities per channel, drawn with replacement
     ((C, num_samples) float32; (C, 0) when the case has no foreground)."""
     image, geometry = read_case_image(case, num_channels)
-    label = read_case_label(case)
+    return fingerprint_arrays(case, image, geometry, read_case_label(case), seed, num_samples)
+
+
+def fingerprint_arrays(case: Case, image: np.ndarray, geometry, label: np.ndarray, seed: int,
+                       num_samples: int = FOREGROUND_SAMPLES_TOTAL) -> tuple[CaseFingerprint, np.ndarray]:
+    """`fingerprint_case` of a case already read: (C, Z, Y, X) float32 image, its geometry, int label map."""
     if label.shape != image.shape[1:]:
         raise DatasetError(f"{case.label_file}: label shape {list(label.shape)} differs from the image's "
                            f"{list(image.shape[1:])}")
     foreground = label > 0
     values = image[:, foreground]
-    stats = tuple(IntensityStats.of(values[c]) for c in range(num_channels))
+    stats = tuple(IntensityStats.of(values[c]) for c in range(image.shape[0]))
     rng = np.random.default_rng(seed)
     if values.shape[1]:
         values = values[:, rng.integers(values.shape[1], size=num_samples)]
@@ -186,9 +200,45 @@ def _fingerprint_job(args: tuple[Case, int, int, int]) -> tuple[CaseFingerprint,
 def compute_fingerprint(dataset: Dataset, workers: int = 1, progress: bool = True,
                         total_samples: int = FOREGROUND_SAMPLES_TOTAL) -> Fingerprint:
     """Fingerprint every case in parallel over `workers` processes."""
-    per_case = max(1, total_samples // max(1, len(dataset.cases)))
+    per_case = _samples_per_case(dataset, total_samples)
     jobs = [(case, dataset.num_channels, i, per_case) for i, case in enumerate(dataset.cases)]
-    results = map_cases(_fingerprint_job, jobs, workers, "fingerprint", progress)
+    return _pooled(dataset, map_cases(_fingerprint_job, jobs, workers, "fingerprint", progress))
+
+
+def verify_and_fingerprint(dataset: Dataset, workers: int = 1, progress: bool = True,
+                           total_samples: int = FOREGROUND_SAMPLES_TOTAL) -> tuple[VerifyReport, Fingerprint | None]:
+    """`verify_dataset` and `compute_fingerprint` in one pass, each file read once (planning's first two steps);
+    the fingerprint is None when verification found an error."""
+    report = dataset_problems(dataset)
+    per_case = _samples_per_case(dataset, total_samples)
+    declared = frozenset(dataset.labels)
+    jobs = [(case, dataset.num_channels, declared, i, per_case) for i, case in enumerate(dataset.cases)]
+    results = map_cases(_verify_and_fingerprint_job, jobs, workers, "verify and fingerprint", progress)
+    for problems, _ in results:
+        report.problems.extend(problems)
+    if not report.ok:
+        return report, None
+    return report, _pooled(dataset, [fingerprinted for _, fingerprinted in results])
+
+
+def _verify_and_fingerprint_job(args: tuple[Case, int, frozenset[int], int, int]
+                                ) -> tuple[list, tuple[CaseFingerprint, np.ndarray] | None]:
+    case, num_channels, declared, seed, per_case = args
+    kept: dict = {}
+    problems = check_case(case, num_channels, declared, keep=kept)
+    if any(p.severity == "error" for p in problems):
+        return problems, None
+    image, geometry = case_image_from_arrays(case, num_channels, kept["images"])
+    return problems, fingerprint_arrays(case, image, geometry, case_label_from_array(case, kept["label"]), seed,
+                                        per_case)
+
+
+def _samples_per_case(dataset: Dataset, total_samples: int) -> int:
+    return max(1, total_samples // max(1, len(dataset.cases)))
+
+
+def _pooled(dataset: Dataset, results: list[tuple[CaseFingerprint, np.ndarray]]) -> Fingerprint:
+    """The dataset's fingerprint from its cases' (fingerprint, foreground samples)."""
     pooled = np.concatenate([samples for _, samples in results], axis=1)
     return Fingerprint(
         dataset.name, dataset.channel_names, tuple(channel_kind(n) for n in dataset.channel_names),

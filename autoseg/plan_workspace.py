@@ -18,7 +18,7 @@ from autoseg.dataset.layout import INSTANCES_DIR, Dataset, load_dataset
 from autoseg.dataset.regions import order_problems
 from autoseg.dataset.verify import VerifyReport, verify_dataset
 from autoseg.errors import AutosegError
-from autoseg.fingerprint import compute_fingerprint, load_fingerprint, save_fingerprint
+from autoseg.fingerprint import compute_fingerprint, load_fingerprint, save_fingerprint, verify_and_fingerprint
 from autoseg.planning.planner import plan_experiment
 from autoseg.planning.plans import PlanError, Plans
 from autoseg.planning.transfer import source_plans_path, transfer_plans
@@ -115,15 +115,23 @@ def plan_workspace(dataset_dir: Path, workdir: Path, steps: Sequence[str] = PLAN
     workdir.mkdir(parents=True, exist_ok=True)
     write_json(workspace.dataset_json(workdir), {"format_version": 1, **dataset.to_json()})
     outcome = PlanOutcome(dataset)
+    fingerprinted = False
     if "verify" in steps:
         started = time.perf_counter()
-        report = verify_dataset(dataset, workers=workers)
+        if "fingerprint" in steps:  # one pass: each file read once for both
+            report, fingerprint = verify_and_fingerprint(dataset, workers=workers)
+        else:
+            report, fingerprint = verify_dataset(dataset, workers=workers), None
         write_json(workspace.verify_report(workdir), report.to_json())
-        outcome.verification, outcome.seconds["verify"] = report, time.perf_counter() - started
+        outcome.verification = report
+        outcome.seconds["verify and fingerprint" if fingerprint else "verify"] = time.perf_counter() - started
         if not report.ok:
             raise PlanWorkspaceError(f"the dataset has {len(report.errors)} error(s) (listed in "
                                      f"{workspace.verify_report(workdir)}); fix them and run again", report)
-    if "fingerprint" in steps:
+        if fingerprint is not None:
+            save_fingerprint(fingerprint, workspace.fingerprint_json(workdir))
+            fingerprinted = True
+    if "fingerprint" in steps and not fingerprinted:
         started = time.perf_counter()
         save_fingerprint(compute_fingerprint(dataset, workers=workers), workspace.fingerprint_json(workdir))
         outcome.seconds["fingerprint"] = time.perf_counter() - started

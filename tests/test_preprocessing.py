@@ -4,6 +4,7 @@ Plans are built by hand in plans format 2 (see the contract), so these tests do 
 """
 
 import hashlib
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -422,6 +423,23 @@ def test_2d_data_lives_in_its_own_folder(make_decathlon, tmp_path):
     folder = preprocessed_dir(tmp_path / "ws", "2d")
     assert store.list_cases(folder) == ["case_000", "case_001"]
     assert store.load_properties(folder, "case_000").preprocessing_key == preprocessing_key(plans, "2d")
+
+
+@pytest.mark.parametrize("spacing_2d", [(1.0, 1.0), (0.7, 0.8)])
+def test_each_configurations_data_is_what_preprocessing_it_alone_gives(make_decathlon, tmp_path, spacing_2d):
+    """One read of a case serves every configuration; configurations that resample it alike share the arrays,
+    the others get their own, and each keeps its own preprocessing key."""
+    dataset = load_dataset(make_decathlon(n_cases=2))
+    plans = _plans(spacing=(1.0, 1.0, 1.0), spacing_2d=spacing_2d)
+    preprocess_dataset(dataset, plans, tmp_path / "ws", progress=False)
+    case = dataset.cases[1]
+    image, geometry = read_case_image(case, 1)
+    for name in ("3d_fullres", "2d"):
+        data, seg, properties = preprocess_case(image, read_case_label(case), geometry, plans, name)
+        stored_image, stored_seg = store.open_case_arrays(preprocessed_dir(tmp_path / "ws", name), case.case_id)
+        assert np.array_equal(stored_image[...], data) and np.array_equal(stored_seg[...], seg)
+        assert store.load_properties(preprocessed_dir(tmp_path / "ws", name), case.case_id) == replace(
+            properties, case_id=case.case_id)
 
 
 def test_seg_is_int16_when_a_label_id_exceeds_127():

@@ -274,12 +274,18 @@ def read_case_image(case: Case, num_channels: int) -> tuple["np.ndarray", "Geome
 
     Raises DatasetError naming the file when the channel count or grids disagree.
     """
-    import numpy as np
-
     from autoseg.dataset.image_io import read_image
 
+    return case_image_from_arrays(case, num_channels, [read_image(path) for path in case.image_files])
+
+
+def case_image_from_arrays(case: Case, num_channels: int,
+                           arrays: "list[tuple[np.ndarray, Geometry]]") -> tuple["np.ndarray", "Geometry"]:
+    """`read_case_image` from the (array, geometry) already read from each of the case's image files."""
+    import numpy as np
+
     if case.channels_in_one_file:
-        array, geometry = read_image(case.image_files[0])
+        array, geometry = arrays[0]
         if array.ndim == 3:
             array = array[None]
         if array.shape[0] != num_channels:
@@ -288,8 +294,7 @@ def read_case_image(case: Case, num_channels: int) -> tuple["np.ndarray", "Geome
                                f"{num_channels}{hint}")
         return array.astype(np.float32, copy=False), geometry
     channels, geometry = [], None
-    for path in case.image_files:
-        array, g = read_image(path)
+    for path, (array, g) in zip(case.image_files, arrays):
         if array.ndim != 3:
             raise DatasetError(f"{path}: expected one channel per file, found {array.shape[0]} channels "
                                f"({'colour pixels' if image_suffix(path) in NATURAL_IMAGE_SUFFIXES else 'a 4D image'})")
@@ -326,13 +331,17 @@ def read_case_instances(case: Case, label: "np.ndarray") -> "np.ndarray":
 
 def read_case_label(case: Case) -> "np.ndarray":
     """Label map of a case as an int16 (Z, Y, X) array (a 2D label file gives Z = 1)."""
-    import numpy as np
-
     from autoseg.dataset.image_io import read_label
 
     if case.label_file is None:
         raise DatasetError(f"case {case.case_id}: no label file")
-    array, _ = read_label(case.label_file)
+    return case_label_from_array(case, read_label(case.label_file)[0])
+
+
+def case_label_from_array(case: Case, array: "np.ndarray") -> "np.ndarray":
+    """`read_case_label` from the array already read from the case's label file."""
+    import numpy as np
+
     rounded = np.rint(array)
     if not np.array_equal(rounded, array):
         raise DatasetError(f"{case.label_file}: label map holds non-integer values")

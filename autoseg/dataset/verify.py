@@ -60,8 +60,11 @@ class VerifyReport:
         return "\n".join(lines)
 
 
-def check_case(case: Case, num_channels: int, declared_labels: frozenset[int]) -> list[Problem]:
-    """All problems of one case; reads every file completely so truncation is caught."""
+def check_case(case: Case, num_channels: int, declared_labels: frozenset[int],
+               keep: dict | None = None) -> list[Problem]:
+    """All problems of one case; reads every file completely so truncation is caught. With `keep`, the arrays
+    read are left there ("images": [(array, geometry)] per image file read, "label": the label map), so a
+    later step of the same pass need not read the files again."""
     problems: list[Problem] = []
 
     def error(path: Path | str, msg: str) -> None:
@@ -87,6 +90,8 @@ def check_case(case: Case, num_channels: int, declared_labels: frozenset[int]) -
         if nan or inf:
             error(path, f"{nan} NaN and {inf} infinite intensities")
         grids.append((path, geometry))
+        if keep is not None:
+            keep.setdefault("images", []).append((array, geometry))
 
     if len(grids) > 1:
         first_path, first = grids[0]
@@ -103,6 +108,8 @@ def check_case(case: Case, num_channels: int, declared_labels: frozenset[int]) -
     except ImageReadError as exc:
         error(case.label_file, exc.reason)
         return problems
+    if keep is not None:
+        keep["label"] = label
     if image_suffix(case.label_file) in (".jpg", ".jpeg"):
         problems.append(Problem("warning", str(case.label_file), "JPEG is lossy: compression alters label values "
                                                                  "along edges; store label maps as PNG"))
@@ -153,6 +160,16 @@ def _check_case_args(args: tuple[Case, int, frozenset[int]]) -> list[Problem]:
 
 def verify_dataset(dataset: Dataset, workers: int = 1, progress: bool = True) -> VerifyReport:
     """Check every case (in parallel over `workers` processes) and collect all problems."""
+    report = dataset_problems(dataset)
+    jobs = [(c, dataset.num_channels, frozenset(dataset.labels)) for c in dataset.cases]
+    for problems in map_cases(_check_case_args, jobs, workers, "verify", progress):
+        report.problems.extend(problems)
+    return report
+
+
+def dataset_problems(dataset: Dataset) -> VerifyReport:
+    """A report holding the problems of the dataset as a whole (repeated case ids, partial instance maps); the
+    cases' own problems are added by `check_case`."""
     report = VerifyReport(len(dataset.cases))
     for case_id, count in Counter(c.case_id for c in dataset.cases).items():
         if count > 1:
@@ -166,8 +183,4 @@ def verify_dataset(dataset: Dataset, workers: int = 1, progress: bool = True) ->
                                        f"holds instance maps for {len(with_maps)} of {len(dataset.cases)} cases "
                                        f"(none for {', '.join(lacking[:3])}{' ...' if len(lacking) > 3 else ''}); "
                                        "instance segmentation needs one per case, so the plan will be semantic only"))
-    declared = frozenset(dataset.labels)
-    jobs = [(c, dataset.num_channels, declared) for c in dataset.cases]
-    for problems in map_cases(_check_case_args, jobs, workers, "verify", progress):
-        report.problems.extend(problems)
     return report

@@ -197,38 +197,53 @@ def sample_class_locations(seg: np.ndarray, ignore_label: int | None = None,
     return locations
 
 
-def _preprocess_job(args: tuple[Case, int, Plans, str, Path]) -> str:
-    case, num_channels, plans, configuration, folder = args
+def _preprocess_job(args: tuple[Case, int, Plans, Sequence[tuple[str, Path]]]) -> str:
+    """One case for every configuration listed with its data folder: the files are read once."""
+    case, num_channels, plans, targets = args
     image, geometry = read_case_image(case, num_channels)
     label = read_case_label(case) if case.label_file is not None else None
     instances = read_case_instances(case, label) if label is not None and plans.instances is not None else None
-    try:
-        data, seg, properties = preprocess_case(image, label, geometry, plans, configuration, instances)
-    except (NormalizationError, PreprocessingError) as exc:
-        raise PreprocessingError(f"case {case.case_id}: {exc}") from exc
-    store.save_case(folder, case.case_id, data, seg, replace(properties, case_id=case.case_id),
-                    patch_size=plans.configuration(configuration).patch_size)
+    spacing = tuple(float(geometry.spacing[a]) for a in plans.transpose_forward)
+    made: dict[tuple, tuple] = {}  # configurations that resample this case alike get the same arrays
+    for configuration, folder in targets:
+        config = plans.configuration(configuration)
+        alike = (target_spacing_for(config.spacing, spacing), config.ndim if plans.instances is not None else None)
+        if alike in made:
+            data, seg, properties = made[alike]
+            properties = replace(properties, preprocessing_key=preprocessing_key(plans, configuration))
+        else:
+            try:
+                data, seg, properties = preprocess_case(image, label, geometry, plans, configuration, instances)
+            except (NormalizationError, PreprocessingError) as exc:
+                raise PreprocessingError(f"case {case.case_id}: {exc}") from exc
+            made[alike] = (data, seg, properties)
+        store.save_case(folder, case.case_id, data, seg, replace(properties, case_id=case.case_id),
+                        patch_size=plans.configuration(configuration).patch_size)
     return case.case_id
 
 
 def preprocess_dataset(dataset: Dataset, plans: Plans, workdir: Path, configurations: list[str] | None = None,
                        workers: int = 1, progress: bool = True) -> dict[str, int]:
     """Preprocess every case for each configuration's data (shared between configurations that use the
-    same data). Cases already complete are skipped, so an interrupted run resumes. Returns the number
-    of cases written per data folder."""
+    same data), reading each case's files once for all of them. Cases already complete are skipped, so
+    an interrupted run resumes. Returns the number of cases written per data folder."""
     configs = list(plans.configurations) if configurations is None else configurations
     done_ids: dict[str, str] = {}
     for name in configs:
         done_ids.setdefault(plans.configuration(name).data_identifier, name)
+    todo: dict[str, list[tuple[str, Path]]] = {}  # case id -> (configuration, folder) still to write
     written = {}
     for identifier, name in done_ids.items():
         folder = preprocessed_dir(workdir, identifier)
         key = preprocessing_key(plans, name)
-        todo = [c for c in dataset.cases if not is_current(folder, c.case_id, key)]
-        skipped = len(dataset.cases) - len(todo)
+        missing = [c.case_id for c in dataset.cases if not is_current(folder, c.case_id, key)]
+        skipped = len(dataset.cases) - len(missing)
         if skipped:
-            log.info("%s: %d case(s) already preprocessed, %d to do", folder, skipped, len(todo))
-        jobs = [(c, dataset.num_channels, plans, name, folder) for c in todo]
-        map_cases(_preprocess_job, jobs, workers, f"preprocess {identifier}", progress, chunksize=2)
-        written[identifier] = len(jobs)
+            log.info("%s: %d case(s) already preprocessed, %d to do", folder, skipped, len(missing))
+        for case_id in missing:
+            todo.setdefault(case_id, []).append((name, folder))
+        written[identifier] = len(missing)
+    jobs = [(c, dataset.num_channels, plans, todo[c.case_id]) for c in dataset.cases if c.case_id in todo]
+    if jobs:
+        map_cases(_preprocess_job, jobs, workers, f"preprocess {', '.join(done_ids)}", progress, chunksize=2)
     return written

@@ -36,7 +36,7 @@ CaseArray = Union[blosc2.NDArray, np.ndarray]  # slicing returns numpy and reads
 FORMAT_VERSION = 2
 
 CODEC = blosc2.Codec.ZSTD
-CLEVEL = 3  # nnU-Net's level 8 wrote much slower and no smaller (benchmarks/README.md)
+CLEVEL = 1  # level 3 wrote 2-2.5x slower for 1-2% fewer bytes, nnU-Net's 8 ~20x slower (benchmarks/README.md)
 BLOCKS_3D, CHUNKS_3D = (8, 16, 16), (32, 64, 64)
 BLOCKS_2D, CHUNKS_2D = (1, 64, 64), (1, 256, 256)
 
