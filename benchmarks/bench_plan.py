@@ -118,16 +118,22 @@ def run_measured(tool: str, cmd: list[str], env: dict[str, str], log_path: Path,
     first_output: list[float] = []
 
     def read_output() -> None:
+        # Chunks, not lines: a progress bar (ended by \r, not \n) is output a user sees too.
+        pending = b""
         with open(log_path, "wb") as log:
-            for raw in iter(proc.stdout.readline, b""):
+            for chunk in iter(lambda: proc.stdout.read1(65536), b""):
                 now = time.perf_counter() - start
                 if not first_output:
                     first_output.append(now)
-                log.write(f"[{now:8.2f}] ".encode() + raw)
-                line = raw.decode(errors="replace")
-                for stage, text in markers:
-                    if stage not in stage_starts and text in line:
-                        stage_starts[stage] = now
+                *complete, pending = re.split(rb"[\r\n]", pending + chunk)
+                for raw in complete:
+                    log.write(f"[{now:8.2f}] ".encode() + raw + b"\n")
+                    line = raw.decode(errors="replace")
+                    for stage, text in markers:
+                        if stage not in stage_starts and text in line:
+                            stage_starts[stage] = now
+            if pending:
+                log.write(f"[{time.perf_counter() - start:8.2f}] ".encode() + pending + b"\n")
 
     reader = threading.Thread(target=read_output, daemon=True)
     reader.start()
@@ -170,7 +176,8 @@ def _autoseg_stage_times(log_path: Path) -> dict[str, float]:
     """Read autoseg's closing 'done: verify 1.2 s, ...' line."""
     for line in reversed(log_path.read_text(errors="replace").splitlines()):
         if "done:" in line:
-            return {name: float(sec) for name, sec in re.findall(r"(\w+) ([\d.]+) s", line.split("done:", 1)[1])}
+            return {name.strip(): float(sec)
+                    for name, sec in re.findall(r"([a-z][a-z ]*?) ([\d.]+) s", line.split("done:", 1)[1])}
     return {}
 
 

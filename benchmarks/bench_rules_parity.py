@@ -111,7 +111,8 @@ def autoseg_results(inputs: dict[str, np.ndarray]) -> dict:
             lower, _ = sample_patch_box(shape, read, np.random.default_rng(0), 1, {1: voxel[None]},
                                         final_patch_size=final)
             boxes.append({"forced": lower})
-    locations = [sample_class_locations(inputs[k], int(inputs[f"ignore_{k}"]) if f"ignore_{k}" in inputs else None)
+    locations = [{label: coords.tolist() for label, coords in sample_class_locations(
+                      inputs[k], int(inputs[f"ignore_{k}"]) if f"ignore_{k}" in inputs else None).items()}
                  for k in sorted(k for k in inputs if k.startswith("seg_"))]
     components = [np.flatnonzero(keep_largest_component(inputs[k])).tolist()
                   for k in sorted(k for k in inputs if k.startswith("mask_"))]

@@ -150,3 +150,18 @@ def test_atomic_writes_get_ordinary_file_permissions(tmp_path):
     assert mode == 0o666 & ~_UMASK
     if not _UMASK & 0o044:  # the usual umask 022: readable by group and others, unlike mkstemp's 0600
         assert mode & 0o044
+
+
+def test_class_locations_come_back_as_written_and_older_list_files_are_read(tmp_path):
+    from autoseg.dataset.image_io import Geometry
+    from autoseg.preprocessing.properties import CaseProperties
+
+    geometry = Geometry((1.0,) * 3, (0.0,) * 3, (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0), (4, 5, 6))
+    locations = {"1": np.array([[0, 1, 2], [3, 4, 5]]), "2": np.zeros((0, 3), np.int64)}
+    properties = CaseProperties(geometry, ((0, 4), (0, 5), (0, 6)), (4, 5, 6), (4, 5, 6), (1.0,) * 3, "k", locations)
+    again = CaseProperties.from_json(properties.to_json())
+    assert again.class_locations.keys() == locations.keys()
+    assert all(np.array_equal(again.class_locations[k], v) for k, v in locations.items())
+    older = {**properties.to_json(), "class_locations": {"1": [[0, 1, 2], [3, 4, 5]]}}
+    del older["class_locations_encoding"]
+    assert CaseProperties.from_json(older).class_locations["1"].tolist() == [[0, 1, 2], [3, 4, 5]]

@@ -165,8 +165,9 @@ def one_hot_labels(labels: np.ndarray, foreground: Sequence[int]) -> np.ndarray:
 
 
 def sample_class_locations(seg: np.ndarray, ignore_label: int | None = None,
-                           regions: Sequence[Region] = ()) -> dict[str, list[list[int]]]:
-    """Stored voxels per foreground label of a (Z, Y, X) seg, the same voxels in the same order as nnU-Net v2.8.1.
+                           regions: Sequence[Region] = ()) -> dict[str, np.ndarray]:
+    """Stored voxels per foreground label of a (Z, Y, X) seg as (N, 3) arrays, the same voxels in the same order as
+    nnU-Net v2.8.1.
 
     Labels are visited in ascending order, all drawing from one `RandomState(1234)`; each keeps
     min(10,000, its voxel count) but at least 1% of its voxels. With an ignore label, it is not a
@@ -186,9 +187,9 @@ def sample_class_locations(seg: np.ndarray, ignore_label: int | None = None,
     else:
         groups = {str(v): [v] for v in foreground}
 
-    def draw(coords: np.ndarray) -> list[list[int]]:
+    def draw(coords: np.ndarray) -> np.ndarray:
         count = max(min(LOCATIONS_PER_LABEL, len(coords)), int(np.ceil(len(coords) * LOCATIONS_MIN_FRACTION)))
-        return coords[rng.choice(len(coords), count, replace=False)].tolist()
+        return coords[rng.choice(len(coords), count, replace=False)]
 
     locations = {key: draw(np.concatenate([coords_by_label[v] for v in members]))
                  for key, members in groups.items() if members}
