@@ -140,8 +140,10 @@ def check_case(case: Case, num_channels: int, declared_labels: frozenset[int],
 
 
 def _non_finite_counts(path: Path, array: np.ndarray) -> tuple[int, int]:
-    """NaN and infinity counts. SimpleITK's NIfTI reader turns them into 0, so NIfTI files are
-    checked on their raw voxels with nibabel."""
+    """NaN and infinity counts. SimpleITK's NIfTI reader turns them into 0, so NIfTI files whose voxels it
+    returns as floats are checked on their raw voxels with nibabel (integer voxels hold neither)."""
+    if not np.issubdtype(array.dtype, np.floating):
+        return 0, 0
     if path.name.lower().endswith((".nii", ".nii.gz")):
         import nibabel
 
@@ -149,8 +151,6 @@ def _non_finite_counts(path: Path, array: np.ndarray) -> tuple[int, int]:
         if not np.issubdtype(image.get_data_dtype(), np.floating):
             return 0, 0
         array = np.asarray(image.dataobj)
-    elif not np.issubdtype(array.dtype, np.floating):
-        return 0, 0
     return int(np.isnan(array).sum()), int(np.isinf(array).sum())
 
 
