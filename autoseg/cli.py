@@ -288,8 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="workspace folder (created if missing)")
     p.add_argument("--workers", type=int, default=_default_workers(), help="parallel processes (default: %(default)s)")
     p.add_argument("--configs", nargs="+", choices=CONFIGURATIONS, metavar="CONFIG",
-                   help="configurations to plan and preprocess (default: all that apply; choices: 2d 3d_fullres "
-                        "3d_lowres)")
+                   help="configurations to plan and preprocess (default: all that apply; choices: "
+                        f"{' '.join(CONFIGURATIONS)}; 3d_cascade_fullres brings its 3d_lowres stage along)")
     p.add_argument("--steps", nargs="+", choices=PLAN_STEPS, metavar="STEP",
                    help="run only these steps (default: verify fingerprint plan preprocess)")
     p.add_argument("--instances", choices=INSTANCE_CHOICES, default="auto",
