@@ -128,7 +128,8 @@ def model_card(workdir: Path, plans: Plans, folds: dict[str, list[str]], checkpo
         "name": plans.dataset_name,
         "autoseg_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "labels": {str(k): v for k, v in plans.labels.items()},
+        "labels": {str(k): v for k, v in plans.output_labels.items()},  # the ids its label maps hold
+        **({"regions": [r.to_json() for r in plans.regions]} if plans.regions else {}),
         "channel_names": list(plans.channel_names),
         "normalization": [{"channel": n.name, "scheme": n.scheme} for n in plans.normalization],
         "configurations": {c: {"folds": f, "target_spacing": list(plans.configuration(c).spacing),
@@ -210,6 +211,12 @@ def format_model_card(card: dict) -> str:
              f"Exported by autoseg {card['autoseg_version']} on {card['created']}.", "",
              "## Labels", "", "| id | name |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in labels.items()]
+    if card.get("regions"):
+        lines += ["", "Region-based: each region is one output; a label map holds, per voxel, the id of the last "
+                  "region (in this order) that contains it.", "", "| region | written as | label ids it unites |",
+                  "|---|---|---|"]
+        lines += [f"| {r['name']} | {r['written_as']} | {', '.join(str(v) for v in r['labels'])} |"
+                  for r in card["regions"]]
     lines += ["", "## Input channels", "", "| channel | name | normalization |", "|---|---|---|"]
     schemes = {n["channel"]: n["scheme"] for n in card.get("normalization", [])}
     lines += [f"| {i} | {name} | {schemes.get(name, '-')} |" for i, name in enumerate(card["channel_names"])]

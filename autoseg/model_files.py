@@ -37,7 +37,7 @@ CHECKPOINT_FILES = {
 }
 # What a model archive keeps of a checkpoint: enough to rebuild and describe the network.
 PREDICTION_KEYS = ("configuration", "fold", "epoch", "epochs", "network_state", "plans_configuration", "labels",
-                   "channel_names", "best_ema_dice", "ema_dice")
+                   "channel_names", "best_ema_dice", "ema_dice", "regions")
 
 
 class CheckpointError(AutosegError):
@@ -61,6 +61,7 @@ class Checkpoint:
     plans_configuration: dict | None = None  # the configuration's plans.json entry it was trained with
     labels: dict[str, str] | None = None
     channel_names: list[str] | None = None
+    regions: list[dict] | None = None  # plans.json's "regions" it was trained with (region-based plans only)
 
     def to_dict(self, keys: Sequence[str] | None = None) -> dict[str, Any]:
         """Plain values for `torch.save` (weights_only loading takes no dataclasses); `keys` keeps only those."""

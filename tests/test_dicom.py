@@ -171,3 +171,28 @@ def test_a_series_reads_like_the_same_volume_written_as_nifti(tmp_path):
     a, ga = read_dicom_series(files)
     b, gb = read_image(tmp_path / "v.nii.gz")
     assert np.array_equal(a, b) and ga.matches(gb)
+
+
+def test_dicom_seg_of_a_region_model_holds_each_whole_region_as_one_segment(tmp_path):
+    hd = pytest.importorskip("highdicom")
+    from autoseg.inference.dicom_seg import write_dicom_seg
+
+    files = write_series(tmp_path / "mr", volume(), "1.2.3.78")
+    (case,), _ = discover_inputs([tmp_path / "mr"], num_channels=1)
+    _, geometry = read_input_case(case, 1)
+    segmentation = np.zeros(geometry.shape, np.uint8)
+    segmentation[1:4, 1:5, 1:5] = 2  # written as 2: whole tumour only
+    segmentation[2, 2:4, 2:4] = 1  # written as 1: the core, inside the whole tumour
+    labels = {0: "background", 2: "whole_tumour", 1: "tumour_core"}
+    write_dicom_seg(segmentation, geometry, files, labels, tmp_path / "seg.dcm", regions={2: (1, 2), 1: (1,)})
+    seg = hd.seg.segread(tmp_path / "seg.dcm")
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["whole_tumour", "tumour_core"]
+    source_uids = {f"1.2.3.78.{i + 1}": i for i in range(5)}
+    voxels = {1: 0, 2: 0}
+    for frame, item in zip(seg.pixel_array, seg.PerFrameFunctionalGroupsSequence, strict=True):
+        z = source_uids[item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID]
+        number = item.SegmentIdentificationSequence[0].ReferencedSegmentNumber
+        expected = segmentation[z] > 0 if number == 1 else segmentation[z] == 1
+        assert np.array_equal(frame.astype(bool), expected)
+        voxels[number] += int(frame.astype(bool).sum())
+    assert voxels == {1: int((segmentation > 0).sum()), 2: int((segmentation == 1).sum())}  # they overlap

@@ -160,7 +160,7 @@ def test_feature_map_elements_refuses_indivisible_patch():
         (dict(kernel_sizes=[[3, 3, 3], [4, 3, 3], [3, 3, 3]]), "odd"),
         (dict(kernel_sizes=[[3, 3, 3], [3, 3], [3, 3, 3]]), "must both have 3 entries"),
         (dict(strides=[[1, 1, 1], [0, 2, 2], [2, 2, 2]]), "strides must be positive"),
-        (dict(num_classes=1), "num_classes"),
+        (dict(num_classes=0), "num_classes"),  # one output is a one-region model
         (dict(features_per_stage=[4]), "at least 2 stages"),
     ],
 )

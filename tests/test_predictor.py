@@ -449,7 +449,7 @@ def test_dicom_series_go_to_write_dicom_seg_when_asked(work, tmp_path, monkeypat
 
     calls = []
     fake = types.ModuleType("autoseg.inference.dicom_seg")
-    fake.write_dicom_seg = lambda segmentation, geometry, source_files, labels, path: calls.append(
+    fake.write_dicom_seg = lambda segmentation, geometry, source_files, labels, path, regions=None: calls.append(
         (segmentation.copy(), geometry, tuple(source_files), labels, path))
     monkeypatch.setitem(sys.modules, "autoseg.inference.dicom_seg", fake)
     shape = (4, 6, 5)

@@ -40,8 +40,8 @@ def test_dataset_json_regions_become_regions_with_the_ids_they_are_written_as(ma
     dataset = load_dataset(root)
     assert dataset.regions == (Region("whole_tumour", (1, 2, 3, 4), 2), Region("tumour_core", (1, 3, 4), 1),
                                Region("enhancing", (4,), 4))
-    # every id of the label files has a name: the region written as it, else a plain label's, else "label_<id>"
-    assert dataset.labels == {0: "background", 1: "tumour_core", 2: "whole_tumour", 3: "label_3", 4: "enhancing"}
+    # every id of the label files has a name: its own where dataset.json gives one, else "label_<id>"
+    assert dataset.labels == {0: "background", 1: "label_1", 2: "label_2", 3: "label_3", 4: "enhancing"}
     assert order_problems(dataset.regions) == []
 
 
@@ -50,6 +50,9 @@ def test_dataset_json_regions_become_regions_with_the_ids_they_are_written_as(ma
     (BRATS, [2, 1], "has 2 entries for 3 regions"),
     (BRATS, [2, 1, 9], "writes id(s) [9] that no label uses"),
     ({"background": 0, "all": [0, 1, 2]}, [1], "contains the background"),
+    ({"background": 0, "whole": [1.5, 2], "core": 2}, [1, 2], "a whole number >= 0"),
+    ({"background": 0, "whole": ["a", 2], "core": 2}, [1, 2], "a whole number >= 0"),
+    ({"background": 0, "whole": [1, 2], "core": 1, "ignore": 2}, [1, 2], "no region may contain it"),
 ])
 def test_bad_region_definitions_are_refused_naming_dataset_json(make_nnunetv2, labels, order, message):
     root = _with_labels(make_nnunetv2(n_cases=1), labels, order)
@@ -214,3 +217,44 @@ def test_evaluate_folders_scores_the_regions_it_is_given(tmp_path):
     assert summary["labels"] == [2, 1, 4]
     assert summary["label_names"] == {"2": "whole_tumour", "1": "tumour_core", "4": "enhancing"}
     assert summary["mean"]["2"]["dice"] == pytest.approx(1.0) and summary["mean"]["4"]["dice"] == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("batch_dice, ignore, expected", [
+    (True, False, 0.7677727341651917), (True, True, 1.7824347019195557),
+    (False, False, 0.7714451551437378), (False, True, 1.7855122089385986),
+])
+def test_region_loss_equals_nnunets_dc_and_bce_loss(batch_dice, ignore, expected):
+    """Reference values from nnunetv2 2.8.1's DC_and_BCE_loss (MemoryEfficientSoftDiceLoss, do_bg, smooth 1e-5) on
+    these inputs, with the ignore label as its last target channel where used (computed in its own venv)."""
+    logits = torch.sin(torch.arange(2 * 2 * 3 * 4, dtype=torch.float32) * 0.7).reshape(2, 2, 3, 4) * 3
+    labels = (torch.arange(2 * 3 * 4) % 4).reshape(2, 1, 3, 4)  # ids 0..3; 3 marks unannotated voxels
+    if not ignore:
+        labels = torch.where(labels == 3, 0, labels)
+    loss = RegionDiceBCELoss([(1, 2), (2,)], batch_dice=batch_dice, ignore_label=3 if ignore else None)
+    assert loss(logits, labels).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_single_region_trains_a_one_output_network():
+    from autoseg.network.unet import UNetTopology, build_unet
+
+    topology = UNetTopology(in_channels=1, num_classes=1, features_per_stage=(4, 8), kernel_sizes=((3, 3), (3, 3)),
+                            strides=((1, 1), (2, 2)))
+    network = build_unet(topology, deep_supervision=False)
+    logits = network(torch.zeros(2, 1, 8, 8))
+    assert logits.shape == (2, 1, 8, 8)
+    target = torch.zeros(2, 1, 8, 8, dtype=torch.long)
+    target[:, :, 2:5, 2:5] = 2
+    RegionDiceBCELoss([(1, 2)])(logits, target).backward()
+
+
+def test_a_checkpoint_trained_with_other_regions_is_refused(region_plans, tmp_path):
+    from dataclasses import replace
+
+    from autoseg.inference.predictor import PredictorError, _check_trained_with_these_plans
+    from autoseg.model_files import Checkpoint
+
+    state = Checkpoint({}, labels=region_plans.to_json()["labels"], regions=region_plans.to_json()["regions"])
+    _check_trained_with_these_plans(tmp_path / "c.pt", state, region_plans, "3d_fullres")  # the same: accepted
+    fewer = replace(region_plans, regions=region_plans.regions[:2])
+    with pytest.raises(PredictorError, match="regions were"):
+        _check_trained_with_these_plans(tmp_path / "c.pt", state, fewer, "3d_fullres")

@@ -57,9 +57,9 @@ def has_regions(raw_labels: Mapping[str, Any]) -> bool:
 
 def parse_regions(meta_path: Path | str, raw_labels: Mapping[str, Any], class_order: Any
                   ) -> tuple[dict[int, str], tuple[Region, ...]]:
-    """dataset.json's nnU-Net v2 `labels` {name: id or [ids]} with `regions_class_order` -> (the ids found in the
-    label files with a name each, the regions in dataset.json's order). Background (0) and `ignore` are no
-    region; a region may not contain the background."""
+    """dataset.json's nnU-Net v2 `labels` {name: id or [ids]} with `regions_class_order` -> (the ids of the label
+    files, each with its own name or "label_<id>", the regions in dataset.json's order). Background (0) and
+    `ignore` are no region; a region may contain neither."""
     if class_order is None:
         raise RegionError(f"{meta_path}: labels map names to lists of ids (regions), so dataset.json needs "
                           "'regions_class_order': the id written for each region, in the order of 'labels'")
@@ -68,13 +68,10 @@ def parse_regions(meta_path: Path | str, raw_labels: Mapping[str, Any], class_or
     ids: set[int] = set()
     for name, value in raw_labels.items():
         values = value if isinstance(value, (list, tuple)) else [value]
-        try:
-            members = tuple(int(v) for v in values)
-        except (TypeError, ValueError):
-            raise RegionError(f"{meta_path}: label '{name}' must map to an id or a list of ids, "
-                              f"got {value!r}") from None
-        if not members or any(isinstance(v, bool) or v < 0 for v in values):
-            raise RegionError(f"{meta_path}: label '{name}' must map to one or more ids >= 0, got {value!r}")
+        if not values or not all(_is_id(v) for v in values):
+            raise RegionError(f"{meta_path}: label '{name}' must map to a label id (a whole number >= 0) or a "
+                              f"non-empty list of them, got {value!r}")
+        members = tuple(int(v) for v in values)
         if len(members) == 1 and not isinstance(value, (list, tuple)):
             plain[members[0]] = str(name)
         if name == IGNORE_LABEL_NAME:
@@ -102,13 +99,26 @@ def parse_regions(meta_path: Path | str, raw_labels: Mapping[str, Any], class_or
                           f"ids of the label files ({sorted(ids - {0})})")
     if 0 not in plain:
         raise RegionError(f"{meta_path}: 'labels' must declare the background as 0")
-    built = tuple(Region(name, members, int(k)) for (name, members), k in zip(regions, class_order))
-    written = {r.written_as: r.name for r in built}
     ignore = next((k for k, n in plain.items() if n == IGNORE_LABEL_NAME), None)
-    names = {k: written.get(k) or plain.get(k) or f"label_{k}" for k in sorted(ids)}
+    if ignore is not None and (ignore in ids or ignore in class_order):
+        raise RegionError(f"{meta_path}: the 'ignore' id {ignore} marks unannotated voxels; no region may contain "
+                          "it and regions_class_order may not write it")
+    built = tuple(Region(name, members, int(k)) for (name, members), k in zip(regions, class_order))
+    # ids of the label files keep their own name where dataset.json gives one, else "label_<id>": a region's
+    # name belongs to the region (Plans.output_labels), not to the id it is written as
+    names = {k: plain.get(k) or f"label_{k}" for k in sorted(ids)}
     if ignore is not None:
         names[ignore] = IGNORE_LABEL_NAME
     return names, built
+
+
+def _is_id(value: Any) -> bool:
+    """A label id as dataset.json may give it: a whole number >= 0, or its digits as text (nnU-Net takes both)."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return value >= 0
+    return isinstance(value, str) and value.strip().isdigit()
 
 
 def region_mask(label_map: np.ndarray, region: Region) -> np.ndarray:

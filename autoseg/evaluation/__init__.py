@@ -390,6 +390,8 @@ def evaluate_folders(pred_dir: Path | str, ref_dir: Path | str, labels: Sequence
         logger.warning("%d reference case(s) in %s have no prediction in %s: %s", len(missing), ref_dir,
                        pred_dir, ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))
 
+    if regions and labels is not None:
+        raise EvaluationError("give labels or regions to score, not both")
     found, found_in = find_label_names(pred_dir, ref_dir)
     if regions is None:
         regions = regions_of(found_in) if found_in is not None and labels is None else ()

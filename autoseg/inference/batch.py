@@ -203,7 +203,9 @@ def _write_case(predictor: Predictor, case: InputCase, prepared: PreparedCase,
 
         segmentation = (predicted.labels if outputs.rules is None
                         else apply_postprocessing(predicted.labels, outputs.rules))
-        write_dicom_seg(segmentation, geometry, case.files, outputs.labels, path)
+        plans = predictor.plans
+        write_dicom_seg(segmentation, geometry, case.files, outputs.labels, path,
+                        regions=plans.scored_structures if plans.regions else None)
         if predicted.instances is not None:
             objects = np.where(segmentation > 0, predicted.instances, 0)
     else:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -31,8 +31,10 @@ class DicomSegError(AutosegError):
 
 
 def write_dicom_seg(segmentation: np.ndarray, geometry: Geometry, source_files: Sequence[Path],
-                    labels: dict[int, str], path: Path) -> None:
-    """Write `segmentation` (Z, Y, X label ids on the source series' grid) to `path` (atomic)."""
+                    labels: dict[int, str], path: Path, regions: Mapping[int, Sequence[int]] | None = None) -> None:
+    """Write `segmentation` (Z, Y, X label ids on the source series' grid) to `path` (atomic): one segment per
+    label id 1..max, or with `regions` (region-based plans: written id -> the ids the region unites) one
+    segment per region holding all of it, so segments overlap as the regions do."""
     try:
         import highdicom as hd
         import pydicom
@@ -50,7 +52,8 @@ def write_dicom_seg(segmentation: np.ndarray, geometry: Geometry, source_files: 
     unnamed = sorted(present - set(labels))
     if unnamed or (segmentation < 0).any():
         raise DicomSegError(f"{path}: label ids {unnamed or 'below 0'} have no name in the plan's labels")
-    num_segments = max([k for k in labels if k > 0], default=0)
+    segment_ids = list(regions) if regions else list(range(1, max([k for k in labels if k > 0], default=0) + 1))
+    num_segments = len(segment_ids)
     if num_segments == 0:
         raise DicomSegError(f"{path}: no label above 0 to store as a segment")
 
@@ -61,15 +64,19 @@ def write_dicom_seg(segmentation: np.ndarray, geometry: Geometry, source_files: 
     frames = _slice_indices(sources, source_files, geometry, path)
     order = np.argsort(frames)
     sources = [sources[i] for i in order]
-    pixel_array = segmentation[np.asarray(frames)[order]].astype(np.uint8 if num_segments < 256 else np.uint16)
+    in_order = segmentation[np.asarray(frames)[order]]
+    if regions:  # (frames, rows, columns, segments): one binary mask per region, overlapping
+        pixel_array = np.stack([np.isin(in_order, list(regions[k])) for k in segment_ids], axis=-1).astype(np.uint8)
+    else:
+        pixel_array = in_order.astype(np.uint8 if num_segments < 256 else np.uint16)
 
     algorithm = hd.AlgorithmIdentificationSequence(name="autoseg", version=__version__,
                                                    family=codes.cid7162.ArtificialIntelligence)
     descriptions = [hd.seg.SegmentDescription(
-        segment_number=k, segment_label=labels.get(k, f"label {k}")[:64],
+        segment_number=number, segment_label=labels.get(k, f"label {k}")[:64],
         segmented_property_category=codes.SCT.Tissue, segmented_property_type=codes.SCT.Tissue,
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm)
-        for k in range(1, num_segments + 1)]
+        for number, k in enumerate(segment_ids, start=1)]
     source = sources[0]
     try:
         seg = hd.seg.Segmentation(

@@ -24,7 +24,7 @@ class UNetTopology:
     """Everything that fixes the network's shape; built from a plan configuration by `from_plan`."""
 
     in_channels: int
-    num_classes: int  # including background
+    num_classes: int  # network outputs: one per label including background, or one per region
     features_per_stage: tuple[int, ...]
     kernel_sizes: tuple[tuple[int, ...], ...]
     strides: tuple[tuple[int, ...], ...]  # first is all ones
@@ -76,8 +76,8 @@ def _validate_topology(t: UNetTopology) -> None:
     prefix = "invalid U-Net topology (fix the plan's configuration): "
     if t.in_channels < 1:
         raise ValueError(prefix + f"in_channels must be >= 1, got {t.in_channels}")
-    if t.num_classes < 2:
-        raise ValueError(prefix + f"num_classes counts background and must be >= 2, got {t.num_classes}")
+    if t.num_classes < 1:  # labels: background + at least one; regions: one output each, at least one
+        raise ValueError(prefix + f"num_classes (network outputs) must be >= 1, got {t.num_classes}")
     if t.n_conv_per_stage < 1 or t.decoder_convs < 1:
         raise ValueError(prefix + f"n_conv_per_stage must be >= 1, got {t.n_conv_per_stage} (decoder "
                          f"{t.decoder_convs})")

@@ -476,11 +476,12 @@ def _read_regions(keys: _Keys, labels: dict[int, str]) -> tuple[Region, ...]:
         regions = tuple(Region.from_json(r, f"{keys.source}: regions") for r in raw)
     except RegionError as exc:
         raise PlanError(str(exc)) from None
+    ignore = ignore_label_id(labels)
     for r in regions:
-        unknown = [v for v in (*r.labels, r.written_as) if v not in labels or v == 0]
+        unknown = [v for v in (*r.labels, r.written_as) if v not in labels or v == 0 or v == ignore]
         if unknown:
             raise keys.error("regions", f"region '{r.name}' uses id(s) {unknown} that are no foreground label "
-                                        f"({sorted(labels)})")
+                                        f"({sorted(k for k in labels if k not in (0, ignore))})")
     return regions
 
 

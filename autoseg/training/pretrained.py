@@ -22,8 +22,10 @@ class PretrainedWeightsError(AutosegError):
     """Weights that do not fit the network to train; the message names the tensors and the fix."""
 
 
-def load_pretrained_weights(network: nn.Module, path: Path | str, labels: dict[int, str]) -> str:
-    """Copy the checkpoint's weights into `network` (in place); returns one line saying what was taken."""
+def load_pretrained_weights(network: nn.Module, path: Path | str, labels: dict[int, str],
+                            regions: list[dict] | None = None) -> str:
+    """Copy the checkpoint's weights into `network` (in place); returns one line saying what was taken. The
+    segmentation heads are kept only for the same labels and the same regions (plans.json's "regions")."""
     path = Path(path)
     try:
         checkpoint = load_checkpoint(path)
@@ -31,7 +33,8 @@ def load_pretrained_weights(network: nn.Module, path: Path | str, labels: dict[i
         raise PretrainedWeightsError(f"--pretrained: {exc}") from None
     theirs, ours = checkpoint.network_state, network.state_dict()
     their_labels = None if checkpoint.labels is None else {int(k): v for k, v in checkpoint.labels.items()}
-    same_labels = their_labels == {int(k): v for k, v in labels.items()}
+    same_labels = (their_labels == {int(k): v for k, v in labels.items()}
+                   and (checkpoint.regions or None) == (regions or None))
     body = [k for k in ours if not k.startswith(HEAD_PREFIX)]
     problems = [f"{k} missing" for k in body if k not in theirs]
     problems += [f"{k} is {list(theirs[k].shape)} there, {list(ours[k].shape)} here" for k in body

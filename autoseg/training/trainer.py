@@ -246,7 +246,8 @@ def train_fold(workdir: Path, configuration: str, fold: int | str, settings: Tra
         if settings.pretrained:
             say("note: --pretrained is not loaded when resuming; the run continues from its own checkpoint")
     elif settings.pretrained:
-        pretrained_note = load_pretrained_weights(network, settings.pretrained, plans.labels)
+        pretrained_note = load_pretrained_weights(network, settings.pretrained, plans.labels,
+                                                  plans.to_json().get("regions"))
     if not resume and main_process:
         if (out / "checkpoint_latest.pt").exists():
             log.warning("%s holds an earlier run; starting afresh overwrites it (use --resume to continue it)", out)
@@ -277,7 +278,8 @@ def train_fold(workdir: Path, configuration: str, fold: int | str, settings: Tra
                           network_state=network.state_dict(), optimizer_state=optimizer.state_dict(),
                           grad_scaler_state=scaler.state_dict(), best_ema_dice=best_ema, ema_dice=ema,
                           history=history, plans_configuration=config.to_json(),
-                          labels=plans.to_json()["labels"], channel_names=list(plans.channel_names))
+                          labels=plans.to_json()["labels"], channel_names=list(plans.channel_names),
+                          regions=plans.to_json().get("regions"))
 
     # --- data -----------------------------------------------------------------------------------
     patch = list(config.patch_size)
