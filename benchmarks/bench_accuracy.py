@@ -6,13 +6,15 @@ label of both is printed side by side with their training and prediction seconds
                                         [--epochs E] [--val-iters V] [--workers W]
                                         [--configuration 2d|3d_fullres|3d_lowres] [--batch-size B]
                                         [--preset default|resenc-m|resenc-l|resenc-xl] [--seeds N]
-                                        [--autoseg-precision float32|auto]
+                                        [--autoseg-precision float32|auto] [--augment-interpolation cubic|linear]
                                         [--nnunet-venv /work/bench/nnunet_venv | --no-nnunet]
     python benchmarks/bench_accuracy.py DATASET --hold-out 20 --iterations N      # makes the split itself
 
 DATASET is the raw training set (Decathlon or nnU-Net v2 layout); the test cases must not be in it.
-`--hold-out K` (Decathlon layout) instead draws K labelled cases at random (`--seed`) from DATASET's
-dataset.json as the test set and trains on the others, through links in a temporary folder.
+`--hold-out K` instead draws K labelled cases at random (`--seed`) as the test set and trains on the
+others, through links in a temporary folder: from dataset.json's "training" list (Decathlon), or
+from the cases in labelsTr/ in name order (nnU-Net v2; instance maps in instancesTr/ are not linked,
+so the labels are trained as they are).
 
 Both train the same configuration (`--configuration`, default autoseg's default configuration) with
 the same batch (`--batch-size`, default the plan's; nnU-Net gets it written into the plans its
@@ -22,7 +24,8 @@ iterations within the hour; 3d_fullres on Hippocampus takes 8-15 s an iteration 
 
 autoseg: `autoseg plan` (verify, fingerprint, plan, preprocess that configuration) into a
 temporary workspace, `train_fold` of fold 0 for `--epochs` epochs of N / E iterations with
-`--val-iters` validation batches per epoch and no validation of whole cases at the end, then
+`--val-iters` validation batches per epoch and no validation of whole cases at the end (with the
+spatial transform's image interpolation `--augment-interpolation`, default cubic), then
 `predict_folder` of fold 0 (checkpoint_final, mirroring on) on --test-images.
 
 nnU-Net v2 (when its venv is found): the dataset is converted and preprocessed in the same temporary
@@ -30,7 +33,10 @@ folder (bench_train.py's `prepare_nnunet`), its fold-0 split is replaced by auto
 (`splits_final.json`), so both train on the same cases; `_nnunet_train_step.py --epochs E` runs the
 standard `nnUNetTrainer`'s own `run_training()` with `num_epochs`, `num_iterations_per_epoch` and
 `num_val_iterations_per_epoch` set; then `nnUNetv2_predict -f 0 -chk checkpoint_final.pth`.
-Both predictions are scored with `autoseg.evaluation.evaluate_folders` against --test-labels.
+Both predictions are scored with `autoseg.evaluation.evaluate_folders` against --test-labels. A
+region-based dataset (dataset.json mapping a name to a list of label ids, with `regions_class_order`)
+trains both tools on the regions (nnU-Net reads them from the same dataset.json) and is scored per
+region: the union of its label ids in prediction and reference (docs/datasets.md).
 """
 
 from __future__ import annotations
@@ -60,11 +66,10 @@ NNUNET_DRIVER = Path(__file__).resolve().parent / "_nnunet_train_step.py"
 
 
 def hold_out(dataset: Path, count: int, seed: int, folder: Path) -> tuple[Path, Path, Path]:
-    """Split a Decathlon dataset: (training dataset, test images, test labels) as links under `folder`."""
+    """Split a dataset: (training dataset, test images, test labels) as links under `folder`."""
     meta = json.loads((dataset / "dataset.json").read_text())
     if "training" not in meta:
-        raise BenchError(f"{dataset / 'dataset.json'}: --hold-out needs a Decathlon dataset.json ('training' list); "
-                         "pass --test-images and --test-labels instead")
+        return _hold_out_nnunetv2(dataset, meta, count, seed, folder)
     training = meta["training"]
     if not 0 < count < len(training) - 5:
         raise BenchError(f"--hold-out {count}: the dataset has {len(training)} cases; keep at least 6 for training")
@@ -83,6 +88,32 @@ def hold_out(dataset: Path, count: int, seed: int, folder: Path) -> tuple[Path, 
             (train_root / entry[key]).symlink_to((dataset / entry[key]).resolve())
         kept.append(entry)
     meta.update(training=kept, numTraining=len(kept), test=[], numTest=0)
+    (train_root / "dataset.json").write_text(json.dumps(meta, indent=1))
+    return train_root, images, labels
+
+
+def _hold_out_nnunetv2(dataset: Path, meta: dict, count: int, seed: int, folder: Path) -> tuple[Path, Path, Path]:
+    """`hold_out` for the nnU-Net v2 layout: the cases of labelsTr/ in name order, drawn as for a Decathlon list."""
+    from autoseg.dataset.layout import DatasetError, load_dataset
+
+    try:
+        cases = sorted((c for c in load_dataset(dataset).cases if c.label_file is not None), key=lambda c: c.case_id)
+    except DatasetError as exc:
+        raise BenchError(f"--hold-out: {exc}") from None
+    if not 0 < count < len(cases) - 5:
+        raise BenchError(f"--hold-out {count}: the dataset has {len(cases)} cases; keep at least 6 for training")
+    test = set(np.random.default_rng(seed).choice(len(cases), size=count, replace=False).tolist())
+    train_root = folder / dataset.name
+    images, labels = folder / "test_images", folder / "test_labels"
+    for sub in (train_root / "imagesTr", train_root / "labelsTr", images, labels):
+        sub.mkdir(parents=True)
+    for i, case in enumerate(cases):
+        image_folder, label_folder = ((images, labels) if i in test
+                                      else (train_root / "imagesTr", train_root / "labelsTr"))
+        for path in case.image_files:
+            (image_folder / path.name).symlink_to(path.resolve())
+        (label_folder / case.label_file.name).symlink_to(case.label_file.resolve())
+    meta.update(numTraining=len(cases) - count)
     (train_root / "dataset.json").write_text(json.dumps(meta, indent=1))
     return train_root, images, labels
 
@@ -111,10 +142,12 @@ def plan_autoseg(dataset: Path, workdir: Path, workers: int, configuration: str 
     return plans, configuration
 
 
-def dice_per_label(pred_dir: Path, labels_dir: Path, labels: list[int]) -> dict[int, float | None]:
+def dice_per_label(pred_dir: Path, labels_dir: Path, labels: list[int], regions=()) -> dict[int, float | None]:
+    """Mean Dice per label id over the test cases; with `regions` (region-based plans: `labels` are the ids they are
+    written as), per region, each scored as the union of its label ids in prediction and reference."""
     from autoseg.evaluation import evaluate_folders
 
-    summary = evaluate_folders(pred_dir, labels_dir, labels=labels,
+    summary = evaluate_folders(pred_dir, labels_dir, labels=None if regions else labels, regions=tuple(regions) or None,
                                output_dir=pred_dir.parent / f"{pred_dir.name}_eval")
     if summary["missing_predictions"]:
         raise BenchError(f"{pred_dir}: no prediction for {summary['missing_predictions'][:5]}")
@@ -123,14 +156,15 @@ def dice_per_label(pred_dir: Path, labels_dir: Path, labels: list[int]) -> dict[
 
 def run_autoseg(workdir: Path, configuration: str, epochs: int, iters_per_epoch: int, val_iters: int,
                 workers: int, test_images: Path, out: Path, batch_size: int | None = None,
-                mixed_precision: bool = False, seed: int = 0) -> dict:
+                mixed_precision: bool = False, seed: int = 0, augment_interpolation: str = "cubic") -> dict:
     from autoseg.inference.batch import predict_folder
     from autoseg.inference.settings import BatchOptions, ComputeSettings, ModelChoice
     from autoseg.training.trainer import TrainingSettings, train_fold
 
     settings = TrainingSettings(epochs=epochs, iters_per_epoch=iters_per_epoch, val_iters=val_iters,
                                 workers=workers, validate_at_end=False, batch_size=batch_size,
-                                mixed_precision=mixed_precision, seed=seed)
+                                mixed_precision=mixed_precision, seed=seed,
+                                augment_interpolation=augment_interpolation)
     t = time.perf_counter()
     train_fold(workdir, configuration, 0, settings, progress=False)
     train_s = time.perf_counter() - t
@@ -221,6 +255,9 @@ def main() -> None:
     parser.add_argument("--autoseg-precision", choices=("float32", "auto"), default="float32",
                         help="float32: autoseg trains and predicts without autocast, as nnU-Net does on the CPU; auto: "
                              "autoseg's default (bfloat16 autocast on a CPU with native bf16) (default: %(default)s)")
+    parser.add_argument("--augment-interpolation", choices=("cubic", "linear"), default="cubic",
+                        help="autoseg's image interpolation in the rotation and scaling augmentation (`autoseg train "
+                             "--augment-interpolation`); nnU-Net 2.8.1 interpolates linearly (default: %(default)s)")
     parser.add_argument("--nnunet-venv", default=str(DEFAULT_NNUNET_VENV) if DEFAULT_NNUNET_VENV.is_dir() else None,
                         metavar="PATH", help="nnunetv2 venv or its bin folder (default: %(default)s)")
     parser.add_argument("--no-nnunet", action="store_true", help="run autoseg only")
@@ -265,11 +302,12 @@ def main() -> None:
         planned = plans.configuration(configuration)
         batch_size = args.batch_size or planned.batch_size
         patch_size = list(planned.patch_size)
-        labels = plans.foreground_labels
+        labels = list(plans.scored_structures)  # the foreground labels, or the regions by their written ids
         print(f"configuration {configuration}: batch {batch_size}"
               f"{' (plan: ' + str(planned.batch_size) + ')' if args.batch_size else ''}, patch {patch_size}; "
               f"{args.iterations} iterations = {epochs} epoch(s) x {iters_per_epoch}, {args.val_iters} validation "
-              f"batches per epoch, {workers} augmentation worker(s), autoseg precision {args.autoseg_precision}; "
+              f"batches per epoch, {workers} augmentation worker(s), autoseg precision {args.autoseg_precision}, "
+              f"{args.augment_interpolation} image interpolation in autoseg's augmentation; "
               f"test cases in {test_images}", flush=True)
 
         runs = []
@@ -277,16 +315,19 @@ def main() -> None:
             suffix = f"_{run}" if run else ""
             figures = {"autoseg": run_autoseg(workdir, configuration, epochs, iters_per_epoch, args.val_iters,
                                               workers, test_images, folder / f"pred_autoseg{suffix}", args.batch_size,
-                                              mixed_precision=args.autoseg_precision == "auto", seed=run)}
+                                              mixed_precision=args.autoseg_precision == "auto", seed=run,
+                                              augment_interpolation=args.augment_interpolation)}
             figures["autoseg"]["plan_s"] = plan_s
-            figures["autoseg"]["dice"] = dice_per_label(folder / f"pred_autoseg{suffix}", test_labels, labels)
+            figures["autoseg"]["dice"] = dice_per_label(folder / f"pred_autoseg{suffix}", test_labels, labels,
+                                                        plans.regions)
             print(f"run {run + 1}/{args.seeds}: autoseg done (seed {run}): train "
                   f"{figures['autoseg']['train_s']:.1f} s, predict {figures['autoseg']['predict_s']:.1f} s", flush=True)
             if use_nnunet:
                 figures["nnunetv2"] = run_nnunet(dataset, workdir, configuration, args.nnunet_venv, folder, epochs,
                                                  iters_per_epoch, args.val_iters, workers, test_images,
                                                  folder / f"pred_nnunet{suffix}", args.batch_size, args.preset, run)
-                figures["nnunetv2"]["dice"] = dice_per_label(folder / f"pred_nnunet{suffix}", test_labels, labels)
+                figures["nnunetv2"]["dice"] = dice_per_label(folder / f"pred_nnunet{suffix}", test_labels, labels,
+                                                             plans.regions)
             runs.append(figures)
         print_table(runs, plans, labels, args.iterations, batch_size, patch_size)
         if args.json:
@@ -294,6 +335,7 @@ def main() -> None:
                                              "val_iters": args.val_iters,
                                              "workers": workers, "configuration": configuration,
                                              "autoseg_precision": args.autoseg_precision,
+                                             "augment_interpolation": args.augment_interpolation,
                                              "batch_size": batch_size, "patch_size": patch_size,
                                              "runs": runs, **runs[0]}, indent=1, default=str))
 
@@ -315,7 +357,7 @@ def print_table(runs: list[dict], plans: "Plans", labels: list[int], iterations:
                                                          else ":"))
     print(f"{'label':<24}" + "".join(f"{t:>{width}}" for t in tools))
     for label in labels:
-        name = f"{label} {plans.labels[label]}"
+        name = f"{label} {plans.output_labels[label]}"
         print(f"{name:<24}" + "".join(f"{cell([r[t]['dice'][label] for r in runs]):>{width}}" for t in tools))
     means = {t: [_mean([r[t]["dice"][label] for label in labels]) for r in runs] for t in tools}
     print(f"{'mean':<24}" + "".join(f"{cell(means[t]):>{width}}" for t in tools))
