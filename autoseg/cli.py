@@ -19,6 +19,7 @@ CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres")  # as a
 INSTANCE_CHOICES = ("auto", "on", "off")  # as autoseg.plan_workspace.INSTANCE_CHOICES
 OBJECT_METRICS = ("auto", "membrane", "instances", "all", "none")  # as autoseg.evaluation.objects.CHOICES
 AUGMENT_INTERPOLATIONS = ("cubic", "linear")  # as autoseg.training.augmentation.AUGMENT_INTERPOLATIONS
+RUNTIMES = ("torch", "openvino", "auto")  # as autoseg.inference.settings.RUNTIMES
 # (copies, so `autoseg --help` starts without importing numpy and torch; tests/test_cli_plan.py keeps them equal)
 
 
@@ -412,10 +413,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute in float32 and average the overlapping windows in float32 (default: float16 "
                         "on CUDA, bfloat16 on CPUs with native bf16, and the windows' average held in float16 as "
                         "nnU-Net holds it)")
-    p.add_argument("--runtime", choices=("torch", "openvino"), default="torch",
-                   help="what runs the networks: torch, or openvino (CPU only, float32; faster than torch's float32 "
+    p.add_argument("--runtime", choices=RUNTIMES, default="torch",
+                   help="what runs the networks: torch; openvino (CPU only, float32; faster than torch's float32 "
                         "on a CPU without native bf16, figures in docs/prediction.md; pip install "
-                        "'autoseg[openvino]') (default: %(default)s)")
+                        "'autoseg[openvino]'); or auto: openvino where torch would compute float32 on the CPU and "
+                        "openvino is installed, else torch (the log says which) (default: %(default)s)")
     p.add_argument("--no-postprocessing", action="store_true", help="ignore WORKDIR/postprocessing.json")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--continue", dest="continue_", action="store_true",

@@ -181,3 +181,6 @@ def test_the_clis_copied_choice_lists_match_the_library():
     assert cli.INSTANCE_CHOICES == INSTANCE_CHOICES
     assert cli.OBJECT_METRICS == CHOICES
     assert cli.AUGMENT_INTERPOLATIONS == tuple(AUGMENT_INTERPOLATIONS)
+    from autoseg.inference.settings import RUNTIMES
+
+    assert cli.RUNTIMES == RUNTIMES

@@ -61,3 +61,4 @@ def test_openvino_runtime_is_refused_off_the_cpu_and_explains_a_missing_install(
     with pytest.raises(PredictorError, match=r"pip install 'autoseg\[openvino\]'"):
         Predictor(tmp_path, ModelChoice(("2d",)), compute=ComputeSettings("cpu", runtime="openvino"))
     assert issubclass(OpenVINOUnavailable, AutosegError)
+

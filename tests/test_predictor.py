@@ -567,3 +567,26 @@ def test_predict_cli_refuses_a_step_size_of_zero_in_one_line(work, tmp_path, cap
     assert len(err.strip().splitlines()) == 1, err
     assert "step size" in err and "Traceback" not in err
     assert not (out / "case_0.nii.gz").exists()
+
+
+def test_runtime_auto_picks_openvino_only_where_torch_would_run_float32_on_the_cpu(monkeypatch):
+    import importlib.util
+
+    import torch
+
+    from autoseg.inference import openvino_runtime
+    from autoseg.inference.openvino_runtime import choose_runtime
+
+    cpu = torch.device("cpu")
+    installed = importlib.util.find_spec("openvino") is not None
+    monkeypatch.setattr(openvino_runtime, "cpu_has_native_bf16", lambda: False)
+    assert choose_runtime("auto", cpu, True)[0] == ("openvino" if installed else "torch")
+    assert choose_runtime("auto", cpu, False)[0] == ("openvino" if installed else "torch")
+    assert choose_runtime("torch", cpu, True) == ("torch", "asked for")
+    assert choose_runtime("auto", torch.device("cuda"), True)[0] == "torch"
+    monkeypatch.setattr(openvino_runtime, "cpu_has_native_bf16", lambda: True)
+    assert choose_runtime("auto", cpu, True)[0] == "torch"  # bf16 measured faster there
+    assert choose_runtime("auto", cpu, False)[0] == ("openvino" if installed else "torch")  # --fp32: float32 anyway
+    monkeypatch.setattr(openvino_runtime.importlib.util, "find_spec", lambda name: None)
+    runtime, why = choose_runtime("auto", cpu, False)
+    assert runtime == "torch" and "pip install 'autoseg[openvino]'" in why

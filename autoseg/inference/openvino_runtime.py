@@ -8,17 +8,33 @@ is converted once per fold, from the torch module itself, for one patch of the p
 
 from __future__ import annotations
 
+import importlib.util
 import warnings
 from typing import Sequence
 
 import numpy as np
 import torch
 
+from autoseg.device import cpu_has_native_bf16
 from autoseg.errors import AutosegError
 
 
 class OpenVINOUnavailable(AutosegError):
     """openvino is not installed."""
+
+
+def choose_runtime(requested: str, device: torch.device, mixed_precision: bool) -> tuple[str, str]:
+    """The runtime `--runtime auto` stands for, and why: OpenVINO where the torch path would compute in float32 on the
+    CPU (it was measured faster there with the same labels, docs/prediction.md), torch everywhere else."""
+    if requested != "auto":
+        return requested, "asked for"
+    if device.type != "cpu":
+        return "torch", f"OpenVINO runs on the CPU only, the networks run on {device}"
+    if mixed_precision and cpu_has_native_bf16():
+        return "torch", "bfloat16 on this CPU's native bf16 was measured faster than OpenVINO's float32"
+    if importlib.util.find_spec("openvino") is None:
+        return "torch", "openvino is not installed (pip install 'autoseg[openvino]' for faster float32 on this CPU)"
+    return "openvino", "float32 on a CPU without native bf16: OpenVINO was measured faster than torch, same labels"
 
 
 class OpenVINONetwork:

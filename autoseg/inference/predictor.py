@@ -26,7 +26,7 @@ from autoseg.device import choose_device, mixed_precision_available
 from autoseg.errors import AutosegError
 from autoseg.inference.input_checks import InputCheck, check_input
 from autoseg.inference.instance_maps import instances_from_rims
-from autoseg.inference.openvino_runtime import OpenVINONetwork, OpenVINOUnavailable
+from autoseg.inference.openvino_runtime import OpenVINONetwork, OpenVINOUnavailable, choose_runtime
 from autoseg.inference.original_grid import LabelMapBuilder, logits_to_original
 from autoseg.inference.settings import ComputeSettings, ModelChoice, WindowSettings
 from autoseg.inference.sliding_window import (
@@ -139,12 +139,14 @@ class Predictor:
         self.device = choose_device(compute.device)
         if compute.runtime == "openvino" and self.device.type != "cpu":
             raise PredictorError(f"the openvino runtime runs on the CPU; got device {self.device} (use --device cpu)")
-        self.runtime = compute.runtime
+        self.runtime, why = choose_runtime(compute.runtime, self.device, compute.mixed_precision)
+        if compute.runtime == "auto":
+            log.info("runtime %s: %s", self.runtime, why)
         self.window = window
         self.tiles_per_batch = window.tiles_per_batch or (4 if self.device.type == "cuda" else 1)
         # float16 on CUDA; bfloat16 on a CPU that computes it natively (same labels in practice)
         self.mixed_precision = (compute.mixed_precision and mixed_precision_available(self.device)
-                                and compute.runtime == "torch")
+                                and self.runtime == "torch")
         # The windows' running mean in float16 (nnU-Net's choice, half the largest array), unless --fp32.
         self.accumulator_dtype = accumulator_dtype_for(compute.mixed_precision)
         self.folds: list[LoadedFold] = []
