@@ -258,3 +258,35 @@ def test_a_checkpoint_trained_with_other_regions_is_refused(region_plans, tmp_pa
     fewer = replace(region_plans, regions=region_plans.regions[:2])
     with pytest.raises(PredictorError, match="regions were"):
         _check_trained_with_these_plans(tmp_path / "c.pt", state, fewer, "3d_fullres")
+
+
+def test_regions_on_an_untouched_grid_are_the_sigmoids_over_one_half_written_in_order(region_plans):
+    """No crop, no resampling: the label map is computed here by hand from the logits, independently of export."""
+    from autoseg.dataset.image_io import Geometry
+
+    shape = (3, 4, 5)
+    geometry = Geometry((1.0,) * 3, (0.0,) * 3, (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0), shape)
+    properties = CaseProperties(geometry, tuple((0, n) for n in shape), shape, shape, (1.0,) * 3, "k")
+    logits = np.random.default_rng(3).normal(size=(3, *shape)).astype(np.float32)
+    builder = LabelMapBuilder([properties], region_plans, 3)
+    builder.add(0, [logits.copy()])
+    expected = np.zeros(shape, np.uint8)
+    for k, written in enumerate((2, 1, 4)):  # whole tumour, core, enhancing
+        expected[logits[k] > 0] = written
+    assert np.array_equal(builder.labels, expected)
+
+
+def test_crossval_ensembles_average_the_region_probabilities(region_plans, tmp_path):
+    from autoseg.crossval import _ensemble_prediction
+
+    a = np.zeros((3, 1, 2, 2), np.float16)
+    b = np.zeros((3, 1, 2, 2), np.float16)
+    a[0] = [[[0.9, 0.7], [0.2, 0.6]]]  # whole tumour: mean 0.8, 0.45, 0.3, 0.5 with b's
+    b[0] = [[[0.7, 0.2], [0.4, 0.4]]]
+    a[1, 0, 0, 0], b[1, 0, 0, 0] = 0.8, 0.4  # core at the first voxel only (mean 0.6)
+    for config, p in (("2d", a), ("3d_fullres", b)):
+        folder = workspace.fold_dir(tmp_path, config, 0) / "validation"
+        folder.mkdir(parents=True)
+        np.savez(folder / "c.npz", probabilities=p)
+    merged = _ensemble_prediction(tmp_path, ["2d", "3d_fullres"], "c", {"2d": 0, "3d_fullres": 0}, region_plans)
+    assert merged.tolist() == [[[1, 0], [0, 0]]]  # core written over the whole tumour; 0.45 and 0.5 are not over
