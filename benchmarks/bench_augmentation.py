@@ -2,13 +2,16 @@
 CPU cores that keep a GPU step of 0.1-0.3 s fed.
 
     python benchmarks/bench_augmentation.py [--patch 128 128 128] [--channels 2] [--labels 4] [--batch 2]
-                                            [--batches 5] [--nnunet-venv /work/bench/nnunet_venv]
+                                            [--batches 5] [--augment-interpolation cubic|linear]
+                                            [--nnunet-venv /work/bench/nnunet_venv | --no-nnunet]
 
 Both run their own default training transforms (spatial with rotation +-30 degrees and scaling, noise,
 blur, brightness, contrast, low resolution, gamma, mirroring, deep-supervision targets) on random
 data of their own read patch (autoseg's `training_patch_size`, nnU-Net's initial patch size) in one
 process with one torch thread, as each runs in an augmentation worker; warm-up excluded. Random
-data exercises every transform with its probabilities. nnU-Net's side runs
+data exercises every transform with its probabilities. `--augment-interpolation` sets autoseg's
+image interpolation in the spatial transform (`autoseg train --augment-interpolation`: cubic, its
+default, or linear as nnU-Net 2.8.1). nnU-Net's side runs
 `_nnunet_augmentation.py` in its venv. The cores a GPU needs: CPU seconds per batch / GPU seconds
 per step (augmentation only; reading patches adds a little).
 """
@@ -33,15 +36,16 @@ DEFAULT_NNUNET_VENV = Path("/work/bench/nnunet_venv")
 
 
 def autoseg_seconds(patch: list[int], channels: int, labels: int, batch: int, batches: int,
-                    scales: int = 5) -> dict:
+                    scales: int = 5, interpolation: str = "cubic") -> dict:
     import torch
 
-    from autoseg.training.augmentation import training_patch_size, training_transforms
+    from autoseg.training.augmentation import AUGMENT_INTERPOLATIONS, training_patch_size, training_transforms
 
     torch.set_num_threads(1)
     read = training_patch_size(patch)
     transforms = training_transforms(patch, mirror_axes=tuple(range(len(patch))),
-                                     deep_supervision_scales=[[1.0 / 2 ** i] * len(patch) for i in range(scales)])
+                                     deep_supervision_scales=[[1.0 / 2 ** i] * len(patch) for i in range(scales)],
+                                     image_order=AUGMENT_INTERPOLATIONS[interpolation])
     rng = np.random.default_rng(0)
     data = rng.normal(size=(batch, channels, *read)).astype(np.float32)
     seg = rng.integers(0, labels + 1, size=(batch, 1, *read)).astype(np.int16)
@@ -71,15 +75,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--labels", type=int, default=4)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--batches", type=int, default=5)
+    parser.add_argument("--augment-interpolation", choices=("cubic", "linear"), default="cubic",
+                        help="autoseg's image interpolation in the spatial transform (default: %(default)s)")
     parser.add_argument("--nnunet-venv", type=Path, default=DEFAULT_NNUNET_VENV)
     parser.add_argument("--no-nnunet", action="store_true")
     args = parser.parse_args(argv)
-    ours = autoseg_seconds(args.patch, args.channels, args.labels, args.batch, args.batches)
+    ours = autoseg_seconds(args.patch, args.channels, args.labels, args.batch, args.batches,
+                           interpolation=args.augment_interpolation)
     theirs = None if args.no_nnunet else nnunet_seconds(args.nnunet_venv, args.patch, args.channels, args.labels,
                                                          args.batch, args.batches)
     print(f"# {machine()}")
     print(f"patch {args.patch}, {args.channels} channels, {args.labels} labels, batch {args.batch}, "
-          f"{args.batches} batches after one warm-up, one torch thread")
+          f"{args.batches} batches after one warm-up, one torch thread; autoseg's image interpolation "
+          f"{args.augment_interpolation}")
     rows = [("autoseg", ours)] + ([("nnunetv2", theirs)] if theirs else [])
     for name, r in rows:
         cores = ", ".join(f"{r['cpu_s_per_batch'] / step:.0f} cores for a {step:g} s step" for step in (0.1, 0.3))

@@ -19,3 +19,24 @@ def test_augmentation_benchmark_prints_cpu_seconds_and_cores(capsys):
     assert "autoseg" in out and "CPU s per batch" in out and "cores for a 0.1 s step" in out
     result = bench_augmentation.autoseg_seconds([16, 16, 16], 2, 3, 2, 1)
     assert result["cpu_s_per_batch"] > 0 and all(r > 16 for r in result["read_patch"])
+
+
+def test_augmentation_interpolation_reaches_the_spatial_transform(monkeypatch, capsys):
+    from autoseg.training import augmentation
+
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import bench_augmentation
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    orders, original = [], augmentation.training_transforms
+
+    def recording(*args, **kwargs):
+        orders.append(kwargs.get("image_order"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(augmentation, "training_transforms", recording)
+    assert bench_augmentation.main(["--patch", "16", "16", "16", "--batches", "1", "--no-nnunet",
+                                    "--augment-interpolation", "linear"]) == 0
+    assert orders == [augmentation.AUGMENT_INTERPOLATIONS["linear"]]
+    assert "autoseg's image interpolation linear" in capsys.readouterr().out
