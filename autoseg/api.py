@@ -25,6 +25,7 @@ import numpy as np
 
 from autoseg import workspace
 from autoseg.dataset.image_io import PSEUDO_SPACING_2D, Geometry, write_image
+from autoseg.dataset.regions import ids_mask
 from autoseg.errors import AutosegError
 from autoseg.inference.inputs import InputCase, read_input_case
 from autoseg.inference.predictor import Predictor
@@ -55,7 +56,7 @@ class Segmentation:
         region-based model, the volume of the region written as `label` (the whole tumour, not its outer shell)."""
         spacing = self.geometry.spacing[1:] if self.geometry.is_2d else self.geometry.spacing
         ids = (self.regions or {}).get(label, (label,))
-        return float(np.count_nonzero(np.isin(self.labels, ids)) * np.prod(spacing) / 1000.0)
+        return float(np.count_nonzero(ids_mask(self.labels, ids)) * np.prod(spacing) / 1000.0)
 
 
 class SegmentationModel:

@@ -15,6 +15,7 @@ from autoseg import workspace
 from autoseg.atomic import read_json, write_json
 from autoseg.dataset.image_io import read_image
 from autoseg.dataset.layout import load_dataset, read_case_label
+from autoseg.dataset.regions import ids_mask
 from autoseg.errors import AutosegError
 from autoseg.evaluation import dice_from_counts, without_unannotated
 from autoseg.inference.instance_maps import without_rims
@@ -141,7 +142,7 @@ def _score_ensemble(workdir: Path, members: list[str], results: dict, structures
                                           {c: results[c]["case_folds"][case_id] for c in members}, plans)
         prediction, reference = without_unannotated(prediction, read_case_label(cases[case_id]), plans.ignore_label)
         for label, members_of in structures.items():
-            p, r = np.isin(prediction, members_of), np.isin(reference, members_of)
+            p, r = ids_mask(prediction, members_of), ids_mask(reference, members_of)
             d = dice_from_counts(int(np.logical_and(p, r).sum()), int(p.sum()), int(r.sum()))
             if not np.isnan(d):
                 dice[label].append(d)

@@ -115,13 +115,13 @@ def plan_workspace(dataset_dir: Path, workdir: Path, steps: Sequence[str] = PLAN
     workdir.mkdir(parents=True, exist_ok=True)
     write_json(workspace.dataset_json(workdir), {"format_version": 1, **dataset.to_json()})
     outcome = PlanOutcome(dataset)
-    fingerprinted = False
+    fingerprint = None  # made by the verify step when both steps run (one pass over the files)
     if "verify" in steps:
         started = time.perf_counter()
         if "fingerprint" in steps:  # one pass: each file read once for both
             report, fingerprint = verify_and_fingerprint(dataset, workers=workers)
         else:
-            report, fingerprint = verify_dataset(dataset, workers=workers), None
+            report = verify_dataset(dataset, workers=workers)
         write_json(workspace.verify_report(workdir), report.to_json())
         outcome.verification = report
         outcome.seconds["verify and fingerprint" if fingerprint else "verify"] = time.perf_counter() - started
@@ -130,8 +130,7 @@ def plan_workspace(dataset_dir: Path, workdir: Path, steps: Sequence[str] = PLAN
                                      f"{workspace.verify_report(workdir)}); fix them and run again", report)
         if fingerprint is not None:
             save_fingerprint(fingerprint, workspace.fingerprint_json(workdir))
-            fingerprinted = True
-    if "fingerprint" in steps and not fingerprinted:
+    if "fingerprint" in steps and fingerprint is None:
         started = time.perf_counter()
         save_fingerprint(compute_fingerprint(dataset, workers=workers), workspace.fingerprint_json(workdir))
         outcome.seconds["fingerprint"] = time.perf_counter() - started

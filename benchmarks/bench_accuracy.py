@@ -71,13 +71,8 @@ def hold_out(dataset: Path, count: int, seed: int, folder: Path) -> tuple[Path, 
     if "training" not in meta:
         return _hold_out_nnunetv2(dataset, meta, count, seed, folder)
     training = meta["training"]
-    if not 0 < count < len(training) - 5:
-        raise BenchError(f"--hold-out {count}: the dataset has {len(training)} cases; keep at least 6 for training")
-    test = set(np.random.default_rng(seed).choice(len(training), size=count, replace=False).tolist())
-    train_root = folder / dataset.name  # keeps 'TaskNN_Name', which names nnU-Net's converted dataset
-    images, labels = folder / "test_images", folder / "test_labels"
-    for sub in (train_root / "imagesTr", train_root / "labelsTr", images, labels):
-        sub.mkdir(parents=True)
+    test = _test_draw(count, len(training), seed)
+    train_root, images, labels = _split_folders(dataset, folder)
     kept = []
     for i, entry in enumerate(training):
         if i in test:
@@ -92,6 +87,23 @@ def hold_out(dataset: Path, count: int, seed: int, folder: Path) -> tuple[Path, 
     return train_root, images, labels
 
 
+def _test_draw(count: int, total: int, seed: int) -> set[int]:
+    """The indices of the `count` held-out cases among `total`, drawn with `seed` (at least 6 left to train on)."""
+    if not 0 < count < total - 5:
+        raise BenchError(f"--hold-out {count}: the dataset has {total} cases; keep at least 6 for training")
+    return set(np.random.default_rng(seed).choice(total, size=count, replace=False).tolist())
+
+
+def _split_folders(dataset: Path, folder: Path) -> tuple[Path, Path, Path]:
+    """(training dataset root, test images, test labels) under `folder`, created empty; the root keeps the dataset's
+    folder name ('TaskNN_Name' or 'DatasetNNN_Name'), which names nnU-Net's converted dataset."""
+    train_root = folder / dataset.name
+    images, labels = folder / "test_images", folder / "test_labels"
+    for sub in (train_root / "imagesTr", train_root / "labelsTr", images, labels):
+        sub.mkdir(parents=True)
+    return train_root, images, labels
+
+
 def _hold_out_nnunetv2(dataset: Path, meta: dict, count: int, seed: int, folder: Path) -> tuple[Path, Path, Path]:
     """`hold_out` for the nnU-Net v2 layout: the cases of labelsTr/ in name order, drawn as for a Decathlon list."""
     from autoseg.dataset.layout import DatasetError, load_dataset
@@ -100,13 +112,8 @@ def _hold_out_nnunetv2(dataset: Path, meta: dict, count: int, seed: int, folder:
         cases = sorted((c for c in load_dataset(dataset).cases if c.label_file is not None), key=lambda c: c.case_id)
     except DatasetError as exc:
         raise BenchError(f"--hold-out: {exc}") from None
-    if not 0 < count < len(cases) - 5:
-        raise BenchError(f"--hold-out {count}: the dataset has {len(cases)} cases; keep at least 6 for training")
-    test = set(np.random.default_rng(seed).choice(len(cases), size=count, replace=False).tolist())
-    train_root = folder / dataset.name
-    images, labels = folder / "test_images", folder / "test_labels"
-    for sub in (train_root / "imagesTr", train_root / "labelsTr", images, labels):
-        sub.mkdir(parents=True)
+    test = _test_draw(count, len(cases), seed)
+    train_root, images, labels = _split_folders(dataset, folder)
     for i, case in enumerate(cases):
         image_folder, label_folder = ((images, labels) if i in test
                                       else (train_root / "imagesTr", train_root / "labelsTr"))

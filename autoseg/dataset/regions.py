@@ -123,9 +123,15 @@ def _is_id(value: Any) -> bool:
 
 def region_mask(label_map: np.ndarray, region: Region) -> np.ndarray:
     """Where `label_map` (ids of the label files, or a predicted map) lies inside `region`."""
-    if len(region.labels) == 1:
-        return np.asarray(label_map) == region.labels[0]
-    return np.isin(label_map, region.labels)
+    return ids_mask(label_map, region.labels)
+
+
+def ids_mask(label_map: np.ndarray, ids: Sequence[int]) -> np.ndarray:
+    """Where `label_map` holds one of `ids`: a label (one id) or a region (the ids it unites)."""
+    ids = tuple(int(i) for i in ids)
+    if len(ids) == 1:
+        return np.asarray(label_map) == ids[0]
+    return np.isin(label_map, ids)
 
 
 def label_map_from_regions(probabilities: np.ndarray, regions: Sequence[Region], threshold: float = 0.5,

@@ -39,7 +39,7 @@ from autoseg.dataset.image_io import (
     strip_suffix,
 )
 from autoseg.dataset.layout import INSTANCES_DIR as INSTANCE_MAPS_DIR
-from autoseg.dataset.regions import Region, RegionError, has_regions, parse_regions
+from autoseg.dataset.regions import Region, RegionError, has_regions, ids_mask, parse_regions
 from autoseg.errors import AutosegError
 from autoseg.evaluation import objects
 from autoseg.fingerprint import nonzero_bounding_box
@@ -175,10 +175,7 @@ def evaluate_case(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float],
     structures = labels.items() if isinstance(labels, Mapping) else [(label, (label,)) for label in labels]
     result = {}
     for label, members in structures:
-        if tuple(members) == (label,):
-            pred_mask, ref_mask = pred == label, ref == label
-        else:
-            pred_mask, ref_mask = np.isin(pred, members), np.isin(ref, members)
+        pred_mask, ref_mask = ids_mask(pred, members), ids_mask(ref, members)
         tp, n_pred, n_ref = _counts(pred_mask, ref_mask)
         result[str(int(label))] = {
             "dice": dice_from_counts(tp, n_pred, n_ref),
@@ -399,8 +396,7 @@ def evaluate_folders(pred_dir: Path | str, ref_dir: Path | str, labels: Sequence
         found = {**found, **{str(r.written_as): r.name for r in regions}}
     given = {str(int(k)): str(v) for k, v in (label_names or {}).items()}
     names = {**found, **given}
-    ignore_label = ignore_label_id(names) if not regions or found_in is None else ignore_label_id(
-        _label_names_of(found_in))
+    ignore_label = ignore_label_id(names)  # regions are never written as the ignore id (dataset/regions.py)
     if labels is not None:
         labels = [label for label in labels if int(label) != ignore_label]
     membrane, ref_instances, reasons = _object_plan(object_metrics, names, ref_dir, instances_dir, predictions,

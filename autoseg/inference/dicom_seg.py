@@ -18,6 +18,7 @@ import numpy as np
 from autoseg import __version__
 from autoseg.atomic import atomic_path
 from autoseg.dataset.image_io import Geometry
+from autoseg.dataset.regions import ids_mask
 from autoseg.errors import AutosegError
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ def write_dicom_seg(segmentation: np.ndarray, geometry: Geometry, source_files: 
     sources = [sources[i] for i in order]
     in_order = segmentation[np.asarray(frames)[order]]
     if regions:  # (frames, rows, columns, segments): one binary mask per region, overlapping
-        pixel_array = np.stack([np.isin(in_order, list(regions[k])) for k in segment_ids], axis=-1).astype(np.uint8)
+        pixel_array = np.stack([ids_mask(in_order, regions[k]) for k in segment_ids], axis=-1).astype(np.uint8)
     else:
         pixel_array = in_order.astype(np.uint8 if num_segments < 256 else np.uint16)
 

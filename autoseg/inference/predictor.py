@@ -321,8 +321,9 @@ def _check_trained_with_these_plans(path: Path, state: Checkpoint, plans: Plans,
                f"{now[key]}" for key in _TRAINED_WITH if key in then and then[key] != now[key]]
     if state.labels is not None and {int(k): v for k, v in state.labels.items()} != plans.labels:
         changed.append(f"labels were {state.labels}, now {plans.to_json()['labels']}")
-    if (state.regions or None) != (plans.to_json().get("regions") or None):
-        changed.append(f"regions were {state.regions or 'none'}, now {plans.to_json().get('regions') or 'none'}")
+    regions_now = [r.to_json() for r in plans.regions] or None
+    if (state.regions or None) != regions_now:
+        changed.append(f"regions were {state.regions or 'none'}, now {regions_now or 'none'}")
     if state.channel_names is not None and tuple(state.channel_names) != plans.channel_names:
         changed.append(f"channels were {list(state.channel_names)}, now {list(plans.channel_names)}")
     if changed:

@@ -21,6 +21,7 @@ from scipy import ndimage
 
 from autoseg.atomic import atomic_path
 from autoseg.dataset.image_io import Geometry
+from autoseg.dataset.regions import ids_mask
 from autoseg.errors import AutosegError
 
 try:  # parallel parts of one batch (--num-parts) write the same table from several processes
@@ -93,7 +94,7 @@ def structure_rows(segmentation: np.ndarray, geometry: Geometry, labels: dict[in
         box = _union_box([boxes[i - 1] for i in ids if 0 < i <= len(boxes) and boxes[i - 1] is not None])
         voxels, components, first, last = 0, 0, None, None
         if box is not None:
-            mask = segmentation[box] == label if ids == (label,) else np.isin(segmentation[box], ids)
+            mask = ids_mask(segmentation[box], ids)
             voxels = int(np.count_nonzero(mask))
             components = int(ndimage.label(mask, structure=structure)[1])
             first = np.array([s.start for s in box])

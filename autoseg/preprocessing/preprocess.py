@@ -219,7 +219,7 @@ def _preprocess_job(args: tuple[Case, int, Plans, Sequence[tuple[str, Path]]]) -
                 raise PreprocessingError(f"case {case.case_id}: {exc}") from exc
             made[alike] = (data, seg, properties)
         store.save_case(folder, case.case_id, data, seg, replace(properties, case_id=case.case_id),
-                        patch_size=plans.configuration(configuration).patch_size)
+                        patch_size=config.patch_size)
     return case.case_id
 
 
