@@ -348,8 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "elastic_deformation where it has one). Helps small 2D datasets such as EM slices; see "
                         "docs/planning.md (default: as the plan says; off in nnU-Net's default plans)")
     p.add_argument("--augment-interpolation", choices=AUGMENT_INTERPOLATIONS,
-                   help="image interpolation of the rotation and scaling augmentation: cubic, or linear as nnU-Net "
-                        "2.8.1; labels are always nearest neighbour (default: cubic; see docs/planning.md)")
+                   help="image interpolation of the rotation and scaling augmentation: linear as nnU-Net 2.8.1, or "
+                        "cubic; labels are always nearest neighbour (default: linear; see docs/planning.md)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the network for training (compiled at the first step; if compiling fails, "
                         "training goes on uncompiled and the log says why) (default: on with CUDA, off on the CPU, "

@@ -25,7 +25,7 @@ iterations within the hour; 3d_fullres on Hippocampus takes 8-15 s an iteration 
 autoseg: `autoseg plan` (verify, fingerprint, plan, preprocess that configuration) into a
 temporary workspace, `train_fold` of fold 0 for `--epochs` epochs of N / E iterations with
 `--val-iters` validation batches per epoch and no validation of whole cases at the end (with the
-spatial transform's image interpolation `--augment-interpolation`, default cubic), then
+spatial transform's image interpolation `--augment-interpolation`, default linear), then
 `predict_folder` of fold 0 (checkpoint_final, mirroring on) on --test-images.
 
 nnU-Net v2 (when its venv is found): the dataset is converted and preprocessed in the same temporary
@@ -163,7 +163,7 @@ def dice_per_label(pred_dir: Path, labels_dir: Path, labels: list[int], regions=
 
 def run_autoseg(workdir: Path, configuration: str, epochs: int, iters_per_epoch: int, val_iters: int,
                 workers: int, test_images: Path, out: Path, batch_size: int | None = None,
-                mixed_precision: bool = False, seed: int = 0, augment_interpolation: str = "cubic") -> dict:
+                mixed_precision: bool = False, seed: int = 0, augment_interpolation: str = "linear") -> dict:
     from autoseg.inference.batch import predict_folder
     from autoseg.inference.settings import BatchOptions, ComputeSettings, ModelChoice
     from autoseg.training.trainer import TrainingSettings, train_fold
@@ -262,7 +262,7 @@ def main() -> None:
     parser.add_argument("--autoseg-precision", choices=("float32", "auto"), default="float32",
                         help="float32: autoseg trains and predicts without autocast, as nnU-Net does on the CPU; auto: "
                              "autoseg's default (bfloat16 autocast on a CPU with native bf16) (default: %(default)s)")
-    parser.add_argument("--augment-interpolation", choices=("cubic", "linear"), default="cubic",
+    parser.add_argument("--augment-interpolation", choices=("cubic", "linear"), default="linear",
                         help="autoseg's image interpolation in the rotation and scaling augmentation (`autoseg train "
                              "--augment-interpolation`); nnU-Net 2.8.1 interpolates linearly (default: %(default)s)")
     parser.add_argument("--nnunet-venv", default=str(DEFAULT_NNUNET_VENV) if DEFAULT_NNUNET_VENV.is_dir() else None,

@@ -10,8 +10,8 @@ blur, brightness, contrast, low resolution, gamma, mirroring, deep-supervision t
 data of their own read patch (autoseg's `training_patch_size`, nnU-Net's initial patch size) in one
 process with one torch thread, as each runs in an augmentation worker; warm-up excluded. Random
 data exercises every transform with its probabilities. `--augment-interpolation` sets autoseg's
-image interpolation in the spatial transform (`autoseg train --augment-interpolation`: cubic, its
-default, or linear as nnU-Net 2.8.1). nnU-Net's side runs
+image interpolation in the spatial transform (`autoseg train --augment-interpolation`: linear, its
+default as nnU-Net 2.8.1's, or cubic). nnU-Net's side runs
 `_nnunet_augmentation.py` in its venv. The cores a GPU needs: CPU seconds per batch / GPU seconds
 per step (augmentation only; reading patches adds a little).
 """
@@ -36,7 +36,7 @@ DEFAULT_NNUNET_VENV = Path("/work/bench/nnunet_venv")
 
 
 def autoseg_seconds(patch: list[int], channels: int, labels: int, batch: int, batches: int,
-                    scales: int = 5, interpolation: str = "cubic") -> dict:
+                    scales: int = 5, interpolation: str = "linear") -> dict:
     import torch
 
     from autoseg.training.augmentation import AUGMENT_INTERPOLATIONS, training_patch_size, training_transforms
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--labels", type=int, default=4)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--batches", type=int, default=5)
-    parser.add_argument("--augment-interpolation", choices=("cubic", "linear"), default="cubic",
+    parser.add_argument("--augment-interpolation", choices=("cubic", "linear"), default="linear",
                         help="autoseg's image interpolation in the spatial transform (default: %(default)s)")
     parser.add_argument("--nnunet-venv", type=Path, default=DEFAULT_NNUNET_VENV)
     parser.add_argument("--no-nnunet", action="store_true")

@@ -343,7 +343,7 @@ def test_the_train_flag_overrides_the_plans_elastic_setting():
 @pytest.mark.parametrize("order, overshoots", [(1, False), (3, True)])
 def test_augment_interpolation_linear_stays_within_the_image_range_and_cubic_rings(order, overshoots):
     """`train --augment-interpolation linear` (nnU-Net 2.8.1's) keeps rotated and scaled voxels within the
-    image's range; cubic (the default) rings past it on a noisy patch."""
+    image's range; cubic rings past it on a noisy patch."""
     spatial = _transform([32, 32], "SpatialTransform", image_order=order)
     spatial.p_rot_per_sample = spatial.p_scale_per_sample = 1.0
     data = np.random.default_rng(0).uniform(size=(4, 1, 32, 32)).astype(np.float32)
@@ -352,3 +352,12 @@ def test_augment_interpolation_linear_stays_within_the_image_range_and_cubic_rin
     assert out.shape == data.shape
     beyond = (out < -1e-5) | (out > 1 + 1e-5)
     assert beyond.any() == overshoots
+
+
+def test_training_interpolates_images_linearly_by_default_as_nnunet():
+    """Without `--augment-interpolation` training augments as nnU-Net 2.8.1 does: images linear, labels nearest."""
+    from autoseg.training.trainer import TrainingSettings
+
+    assert TrainingSettings().augment_interpolation == "linear"
+    spatial = _transform([32, 32], "SpatialTransform")
+    assert (spatial.order_data, spatial.order_seg) == (1, 0)

@@ -35,6 +35,7 @@ from autoseg.preprocessing.preprocess import is_current, preprocessing_key
 from autoseg.training import distributed
 from autoseg.training.augmentation import (
     AUGMENT_INTERPOLATIONS,
+    DEFAULT_AUGMENT_INTERPOLATION,
     default_workers,
     make_loader,
     rotation_for_patch,
@@ -92,9 +93,9 @@ class TrainingSettings:
     elastic: bool | None = None
     # torch.compile of the training network: None = on for CUDA, off elsewhere (nnU-Net's default); True/False
     compile: bool | None = None
-    # Image interpolation of the spatial transform (rotation, scaling): "cubic" (autoseg's default so far) or
-    # "linear" (nnU-Net 2.8.1's); labels are always nearest neighbour. docs/planning.md has the ablation.
-    augment_interpolation: str = "cubic"
+    # Image interpolation of the spatial transform (rotation, scaling): "linear" (nnU-Net 2.8.1's, the default)
+    # or "cubic" (autoseg's before 2026-12-03); labels are always nearest neighbour. docs/planning.md has the ablation.
+    augment_interpolation: str = DEFAULT_AUGMENT_INTERPOLATION
 
     def __post_init__(self) -> None:
         for name in ("epochs", "iters_per_epoch", "val_iters", "checkpoint_every"):
