@@ -1,5 +1,6 @@
 """DICOM series in (SimpleITK writes them, autoseg finds and reads them) and DICOM-SEG out (highdicom reads it back)."""
 
+import locale
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,20 @@ STUDY = "1.2.826.0.1.3680043.8.498.1"
 
 def write_series(folder, array, series_uid, spacing=SPACING, origin=ORIGIN, direction=IDENTITY,
                  description="T1 axial", prefix="IM", suffix=".dcm", modality="MR"):
-    """One file per slice, named in an order that is not the slice order, with the tags a scanner writes."""
+    """One file per slice, named in an order that is not the slice order, with the tags a scanner writes.
+
+    GDCM's writer sets the process locale to "C" and leaves it so (Python's default text encoding turns
+    ASCII, and later tests decoding UTF-8 output fail); the locale is put back. autoseg itself only
+    reads DICOM through GDCM, which leaves the locale alone."""
+    saved = locale.setlocale(locale.LC_ALL, None)
+    try:
+        return _write_series(folder, array, series_uid, spacing, origin, direction, description, prefix, suffix,
+                             modality)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def _write_series(folder, array, series_uid, spacing, origin, direction, description, prefix, suffix, modality):
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     image = sitk.GetImageFromArray(np.ascontiguousarray(array).astype(np.int16))
@@ -196,3 +210,12 @@ def test_dicom_seg_of_a_region_model_holds_each_whole_region_as_one_segment(tmp_
         assert np.array_equal(frame.astype(bool), expected)
         voxels[number] += int(frame.astype(bool).sum())
     assert voxels == {1: int((segmentation > 0).sum()), 2: int((segmentation == 1).sum())}  # they overlap
+
+
+def test_reading_a_series_leaves_the_process_text_encoding_alone(tmp_path):
+    """A service that reads DICOM through autoseg still decodes UTF-8 text (GDCM may reset the C locale)."""
+    write_series(tmp_path, volume(), "1.2.3.77")
+    before = locale.setlocale(locale.LC_ALL, None), locale.getpreferredencoding(False)
+    cases, _ = discover_inputs([tmp_path], num_channels=1)
+    read_input_case(cases[0], num_channels=1)
+    assert (locale.setlocale(locale.LC_ALL, None), locale.getpreferredencoding(False)) == before
