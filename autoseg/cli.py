@@ -19,7 +19,7 @@ CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres")  # as a
 INSTANCE_CHOICES = ("auto", "on", "off")  # as autoseg.plan_workspace.INSTANCE_CHOICES
 OBJECT_METRICS = ("auto", "membrane", "instances", "all", "none")  # as autoseg.evaluation.objects.CHOICES
 AUGMENT_INTERPOLATIONS = ("cubic", "linear")  # as autoseg.training.augmentation.AUGMENT_INTERPOLATIONS
-RUNTIMES = ("torch", "openvino", "auto")  # as autoseg.inference.settings.RUNTIMES
+RUNTIMES = ("torch", "openvino", "openvino-int8", "auto")  # as autoseg.inference.settings.RUNTIMES
 # (copies, so `autoseg --help` starts without importing numpy and torch; tests/test_cli_plan.py keeps them equal)
 
 
@@ -221,6 +221,41 @@ def cmd_crossval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from autoseg.inference.quantization import QuantizationError, quantize_fold
+    from autoseg.model_files import CheckpointError, fold_names
+
+    configurations = args.config or [_default_configuration(args.workdir)]
+    refused = []
+    for configuration in configurations:
+        try:
+            folds = fold_names(args.workdir, configuration, args.folds, args.checkpoint)
+        except CheckpointError as exc:
+            raise CommandError(str(exc)) from None
+        for fold in folds:
+            try:
+                record = quantize_fold(args.workdir, configuration, fold, checkpoint=args.checkpoint,
+                                       calibration=args.calibration_windows, validation_cases=args.validation_cases,
+                                       tolerance=args.tolerance, seed=args.seed)
+            except QuantizationError as exc:
+                print(f"{configuration} fold {fold}: {exc}", file=sys.stderr)
+                refused.append(f"{configuration}/fold_{fold}")
+                continue
+            check = record["check"]
+            dice = ", ".join(f"{check['names'][k]} {check['dice_float32'][k]:.4f} -> {check['dice_int8'][k]:.4f}"
+                             for k in check["dice_float32"] if check["dice_float32"][k] is not None
+                             and check["dice_int8"].get(k) is not None)
+            where = "validation" if check["held_out"] else "training (fold all holds none out)"
+            print(f"{configuration} fold {fold}: int8 accepted on {len(check['cases'])} {where} case(s), Dice "
+                  f"float32 -> int8 {dice} (largest drop {check['max_drop']:.4f} <= {check['tolerance']})")
+    if refused:
+        print(f"refused: {', '.join(refused)} (their float32 models are unchanged)", file=sys.stderr)
+        return 2
+    print(f"predict with it: autoseg predict {args.workdir} --config {' '.join(configurations)} "
+          "--runtime openvino-int8 -i INPUT -o OUTPUT")
+    return 0
+
+
 def _predict_workspace(args: argparse.Namespace) -> tuple[Path, list[str] | None]:
     """The workspace and configurations to predict with: WORKDIR, or the verified --model archive
     extracted once into OUTPUT/.autoseg_model_<hash> (reused by later runs into the same OUTPUT)."""
@@ -416,8 +451,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runtime", choices=RUNTIMES, default="torch",
                    help="what runs the networks: torch; openvino (CPU only, float32; faster than torch's float32 "
                         "on a CPU without native bf16, figures in docs/prediction.md; pip install "
-                        "'autoseg[openvino]'); or auto: openvino where torch would compute float32 on the CPU and "
-                        "openvino is installed, else torch (the log says which) (default: %(default)s)")
+                        "'autoseg[openvino]'); openvino-int8: the folds' int8 networks that `autoseg quantize` "
+                        "made and checked against the validation Dice (CPU only); or auto: openvino where torch would "
+                        "compute float32 on the CPU and openvino is installed, else torch (the log says which) "
+                        "(default: %(default)s)")
     p.add_argument("--no-postprocessing", action="store_true", help="ignore WORKDIR/postprocessing.json")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--continue", dest="continue_", action="store_true",
@@ -475,6 +512,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="configurations to compare (default: all trained)")
     p.add_argument("--no-postprocessing", action="store_true", help="do not decide postprocessing")
     p.set_defaults(func=cmd_crossval)
+
+    p = sub.add_parser("quantize", help="make int8 networks for faster CPU prediction, checked on validation Dice",
+                       description="Quantize each fold's trained network to int8 for OpenVINO's CPU plugin (NNCF "
+                                   "post-training quantization, calibrated on windows of the fold's preprocessed "
+                                   "training cases), predict the fold's validation cases in full with the float32 "
+                                   "and the int8 network, and keep the int8 network only if no label's mean Dice "
+                                   "drops by more than --tolerance. Accepted networks go to "
+                                   "models/<config>/fold_<K>/openvino_int8/; `autoseg predict --runtime "
+                                   "openvino-int8` uses them. Needs pip install 'autoseg[openvino]' (openvino, nncf). "
+                                   "See docs/prediction.md.")
+    p.add_argument("workdir", type=Path, metavar="WORKDIR", help="workspace with trained folds and their "
+                                                                 "preprocessed data")
+    p.add_argument("--config", nargs="+", choices=CONFIGURATIONS,
+                   help="configuration(s) to quantize (default: the plan's default configuration)")
+    p.add_argument("--folds", nargs="+", help="folds, e.g. 0 1 2 or all (default: every trained fold)")
+    p.add_argument("--checkpoint", default="final", choices=("final", "best", "latest"),
+                   help="which checkpoint of each fold; predict must use the same (default: final)")
+    p.add_argument("--calibration-windows", type=int, default=128, metavar="N",
+                   help="patches of the fold's training cases that set the int8 ranges, a third centred on "
+                        "foreground (default: %(default)s)")
+    p.add_argument("--validation-cases", type=int, metavar="N",
+                   help="check on N of the fold's validation cases drawn at random (default: all of them)")
+    p.add_argument("--tolerance", type=float, default=0.005, metavar="D",
+                   help="largest accepted drop of a label's mean validation Dice (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows' draw (default: 0)")
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("export-model", help="write trained folds to one portable model archive (.zip)",
                        description="Write the chosen configurations' folds to one zip: plans.json (with the "

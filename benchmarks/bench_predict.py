@@ -260,6 +260,30 @@ def run_large(args: argparse.Namespace) -> None:
                   "(process trees, PSS)", flush=True)
 
 
+def runtimes_to_time(choice: str, workdir: Path, configuration: str, fold_sets: list[list[str]]) -> list[str]:
+    """The runtimes `--runtime` names; for "all", those this machine and workspace support (said when left out)."""
+    if choice != "all":
+        return ["torch", "openvino"] if choice == "both" else [choice]
+    import importlib.util
+
+    from autoseg.inference.quantization import RECORD, quantized_dir
+
+    runtimes = ["torch"]
+    if importlib.util.find_spec("openvino") is None:
+        print("runtime openvino and openvino-int8: skipped, openvino is not installed (pip install "
+              "'autoseg[openvino]')")
+        return runtimes
+    runtimes.append("openvino")
+    missing = [f"{configuration}/fold_{f}" for folds in fold_sets for f in folds
+               if not (quantized_dir(workdir, configuration, f) / RECORD).is_file()]
+    if missing:
+        print(f"runtime openvino-int8: skipped, no int8 model for {', '.join(missing)} (autoseg quantize {workdir} "
+              f"--config {configuration} --folds ...)")
+    else:
+        runtimes.append("openvino-int8")
+    return runtimes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("workdir", type=Path, nargs="?")
@@ -287,12 +311,14 @@ def main() -> None:
     parser.add_argument("--autoseg-precision", choices=("auto", "float32", "both"), default="auto",
                         help="autoseg's own default (bfloat16 autocast on a CPU with native bf16), float32 "
                              "(as nnU-Net computes on the CPU), or both (default: %(default)s)")
-    parser.add_argument("--runtime", choices=("torch", "openvino", "both"), default="torch",
-                        help="what runs autoseg's networks: torch, openvino (float32 only), or both (default: "
-                             "%(default)s)")
+    parser.add_argument("--runtime", choices=("torch", "openvino", "openvino-int8", "both", "all"), default="torch",
+                        help="what runs autoseg's networks: torch, openvino (float32), openvino-int8 (the folds' int8 "
+                             "networks from `autoseg quantize`), both (torch and openvino), or all (every runtime "
+                             "this machine and workspace support: openvino only where it is installed, int8 only "
+                             "where the folds were quantized) (default: %(default)s)")
     args = parser.parse_args()
     if args.large:
-        if args.runtime == "both":
+        if args.runtime not in ("torch", "openvino"):
             parser.error("--large runs one autoseg runtime: --runtime torch or --runtime openvino")
         return run_large(args)
     if args.workdir is None or not args.input:
@@ -321,9 +347,11 @@ def main() -> None:
 
         timings = {}
         precisions = []
-        for runtime in (("torch", "openvino") if args.runtime == "both" else (args.runtime,)):
+        for runtime in runtimes_to_time(args.runtime, workdir, args.config, fold_sets):
             if runtime == "openvino":
                 precisions.append((False, "openvino float32", runtime))
+            elif runtime == "openvino-int8":
+                precisions.append((False, "openvino int8", runtime))
             else:
                 precisions += [(mixed, label, runtime)
                                for mixed, label in autoseg_precisions(args.autoseg_precision, None)]

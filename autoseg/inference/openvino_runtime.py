@@ -37,28 +37,44 @@ def choose_runtime(requested: str, device: torch.device, mixed_precision: bool) 
     return "openvino", "float32 on a CPU without native bf16: OpenVINO was measured faster than torch, same labels"
 
 
+def import_openvino(why: str = "--runtime openvino"):
+    """The openvino module, or OpenVINOUnavailable saying how to install it."""
+    try:
+        import openvino as ov
+    except ImportError:
+        raise OpenVINOUnavailable(f"{why} needs the openvino package, which is not installed: "
+                                  "pip install 'autoseg[openvino]'") from None
+    return ov
+
+
+def convert_network(network: torch.nn.Module, in_channels: int, patch_size: Sequence[int]):
+    """The torch network as an OpenVINO model for one window (1, C, *patch) in float32."""
+    ov = import_openvino()
+    shape = (1, int(in_channels), *(int(p) for p in patch_size))
+    network = network.to("cpu").eval()
+    with torch.no_grad(), warnings.catch_warnings():  # outside inference mode: tracing cannot record its tensors
+        # The network's input checks read shapes, which tracing fixes as constants: right for one patch size.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)  # openvino's converter traces with torch.jit
+        return ov.convert_model(network, example_input=torch.zeros(shape), input=[shape])
+
+
 class OpenVINONetwork:
     """Callable like the torch network on (B, C, *patch) float32 CPU tensors, computed by OpenVINO.
 
     Compiled for one patch at a time (a static shape is OpenVINO's fast path); a batch of several
-    windows runs them one after the other.
+    windows runs them one after the other. Built from the torch network, or (`model`) from an OpenVINO
+    model already converted, such as an int8 one (inference/quantization.py).
     """
 
-    def __init__(self, network: torch.nn.Module, in_channels: int, patch_size: Sequence[int],
-                 threads: int | None = None):
-        try:
-            import openvino as ov
-        except ImportError:
-            raise OpenVINOUnavailable("--runtime openvino needs the openvino package, which is not installed: "
-                                      "pip install 'autoseg[openvino]'") from None
+    def __init__(self, network: torch.nn.Module | None, in_channels: int, patch_size: Sequence[int],
+                 threads: int | None = None, model=None):
+        ov = import_openvino()
         shape = (1, int(in_channels), *(int(p) for p in patch_size))
-        network = network.to("cpu").eval()
-        with torch.no_grad(), warnings.catch_warnings():  # outside inference mode: tracing cannot record its tensors
-            # The network's input checks read shapes, which tracing fixes as constants: right for one patch size.
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            warnings.simplefilter("ignore", DeprecationWarning)  # openvino's converter traces with torch.jit
-            model = ov.convert_model(network, example_input=torch.zeros(shape), input=[shape])
-        config = {"INFERENCE_PRECISION_HINT": "f32",  # never bf16/f16 behind the user's back
+        if model is None:
+            model = convert_network(network, in_channels, patch_size)
+        # f32: never bf16/f16 behind the user's back (an int8 model's quantized layers stay int8)
+        config = {"INFERENCE_PRECISION_HINT": "f32",
                   "INFERENCE_NUM_THREADS": str(threads or torch.get_num_threads())}
         self._compiled = ov.Core().compile_model(model, "CPU", config)
         self._request = self._compiled.create_infer_request()

@@ -28,6 +28,7 @@ from autoseg.inference.input_checks import InputCheck, check_input
 from autoseg.inference.instance_maps import instances_from_rims
 from autoseg.inference.openvino_runtime import OpenVINONetwork, OpenVINOUnavailable, choose_runtime
 from autoseg.inference.original_grid import LabelMapBuilder, logits_to_original
+from autoseg.inference.quantization import RECORD, QuantizationError, int8_problem, load_int8, quantized_dir
 from autoseg.inference.settings import ComputeSettings, ModelChoice, WindowSettings
 from autoseg.inference.sliding_window import (
     SlidingWindow,
@@ -35,7 +36,7 @@ from autoseg.inference.sliding_window import (
     sliding_window_predict,
     sliding_window_slabs,
 )
-from autoseg.model_files import Checkpoint, CheckpointError, fold_names, load_fold
+from autoseg.model_files import Checkpoint, CheckpointError, checkpoint_path, fold_names, load_fold
 from autoseg.network.low_memory import inference_forward
 from autoseg.network.unet import UNet, build_unet
 from autoseg.planning.plans import Plans
@@ -102,6 +103,9 @@ class Predictor:
                       for fold in fold_names(self.workdir, name, model.folds, model.checkpoint)]
         except CheckpointError as exc:
             raise PredictorError(str(exc)) from None
+        if compute.runtime == "auto" and self.runtime == "openvino" and self._int8_ready(chosen):
+            self.runtime = "openvino-int8"
+            log.info("runtime openvino-int8: every fold has an int8 model checked by `autoseg quantize`")
         for name, fold in chosen:
             self.folds.append(self._load_fold(name, fold))
         log.info("predictor: %s on %s", ", ".join(f"{f.configuration}/fold_{f.fold} ({f.checkpoint.name})"
@@ -137,8 +141,9 @@ class Predictor:
         self.plans = plans
         self.configurations = tuple(configurations)
         self.device = choose_device(compute.device)
-        if compute.runtime == "openvino" and self.device.type != "cpu":
-            raise PredictorError(f"the openvino runtime runs on the CPU; got device {self.device} (use --device cpu)")
+        if compute.runtime.startswith("openvino") and self.device.type != "cpu":
+            raise PredictorError(f"the {compute.runtime} runtime runs on the CPU; got device {self.device} "
+                                 "(use --device cpu)")
         self.runtime, why = choose_runtime(compute.runtime, self.device, compute.mixed_precision)
         if compute.runtime == "auto":
             log.info("runtime %s: %s", self.runtime, why)
@@ -168,6 +173,17 @@ class Predictor:
                              tiles_per_batch=self.tiles_per_batch, device=self.device,
                              mixed_precision=self.mixed_precision, accumulator_dtype=self.accumulator_dtype)
 
+    def _int8_ready(self, chosen: Sequence[tuple[str, str]]) -> bool:
+        """Whether every chosen fold has an accepted int8 model made from the checkpoint it would load."""
+        if not all((quantized_dir(self.workdir, name, fold) / RECORD).is_file() for name, fold in chosen):
+            return False
+        for name, fold in chosen:
+            problem = int8_problem(self.workdir, name, fold, checkpoint_path(self.workdir, name, fold, self.checkpoint))
+            if problem is not None:
+                log.info("runtime openvino (float32), not int8: %s", problem)
+                return False
+        return True
+
     def _load_fold(self, configuration: str, fold: str) -> LoadedFold:
         try:
             path, state = load_fold(self.workdir, configuration, fold, self.checkpoint)
@@ -184,6 +200,13 @@ class Predictor:
         # Default layout: channels_last_3d measured no faster for CPU inference (docs/prediction.md).
         network = network.to(self.device).eval()
         patch = self.plans.configuration(configuration).patch_size
+        if self.runtime == "openvino-int8":
+            try:
+                return LoadedFold(configuration, fold, path, state.epoch,
+                                  load_int8(self.workdir, configuration, fold, path,
+                                            self.plans.input_channels(configuration), patch))
+            except (OpenVINOUnavailable, QuantizationError) as exc:
+                raise PredictorError(str(exc)) from None
         if self.runtime == "openvino":
             try:
                 return LoadedFold(configuration, fold, path, state.epoch,

@@ -13,7 +13,7 @@ import torch
 from autoseg.errors import AutosegError
 from autoseg.model_files import CHECKPOINT_FILES
 
-RUNTIMES = ("torch", "openvino", "auto")
+RUNTIMES = ("torch", "openvino", "openvino-int8", "auto")
 OUTPUT_FORMATS = ("default", "dicom-seg")
 # Flag a label for review when the ensemble's mean entropy over it exceeds this share of log(K). A starting
 # point, not calibrated on any dataset: docs/prediction.md says how to choose it for a model.
@@ -63,8 +63,9 @@ class ComputeSettings:
 
     device: str | torch.device | None = None  # None: CUDA if available, else the CPU
     mixed_precision: bool = True  # float16 on CUDA, bfloat16 on a CPU with native bf16; False: --fp32
-    # or "openvino": float32 through OpenVINO, CPU only; "auto": openvino where torch would run float32 on the CPU
-    # and openvino is installed, else torch (openvino_runtime.choose_runtime)
+    # or "openvino": float32 through OpenVINO, CPU only; "openvino-int8": the folds' int8 networks that `autoseg
+    # quantize` made and checked (inference/quantization.py); "auto": openvino where torch would run float32 on the
+    # CPU and openvino is installed, else torch (openvino_runtime.choose_runtime)
     runtime: str = "torch"
 
     def __post_init__(self) -> None:
