@@ -165,3 +165,20 @@ def test_runtime_auto_takes_a_checked_int8_model_and_falls_back_when_it_is_stale
         assert Predictor(work, ModelChoice(folds=("0",)), compute=auto).runtime == "openvino"
     finally:
         (folder / "quantization.json").write_text(record)
+
+
+def test_bench_predict_times_every_runtime_the_workspace_supports(trained):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root, work = trained
+    if not quantized_dir(work, "3d_fullres", "0").exists():
+        assert main(["quantize", str(work), "--folds", "0", "--calibration-windows", "8", "--tolerance", "0.5"]) == 0
+    benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
+    result = subprocess.run([sys.executable, str(benchmarks / "bench_predict.py"), str(work), "-i", str(root / "imagesTr"),
+                             "--cases", "2", "--mirroring", "off", "--runtime", "all", "--autoseg-precision", "float32"],
+                            cwd=benchmarks, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    for label in ("float32", "openvino float32", "openvino int8"):
+        assert f"autoseg ({label}): 1 fold(s) 0, mirroring off: 2 cases in" in result.stdout, result.stdout
