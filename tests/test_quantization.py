@@ -176,9 +176,9 @@ def test_bench_predict_times_every_runtime_the_workspace_supports(trained):
     if not quantized_dir(work, "3d_fullres", "0").exists():
         assert main(["quantize", str(work), "--folds", "0", "--calibration-windows", "8", "--tolerance", "0.5"]) == 0
     benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
-    result = subprocess.run([sys.executable, str(benchmarks / "bench_predict.py"), str(work), "-i", str(root / "imagesTr"),
-                             "--cases", "2", "--mirroring", "off", "--runtime", "all", "--autoseg-precision", "float32"],
-                            cwd=benchmarks, capture_output=True, text=True, timeout=300)
+    command = [sys.executable, str(benchmarks / "bench_predict.py"), str(work), "-i", str(root / "imagesTr"),
+               "--cases", "2", "--mirroring", "off", "--runtime", "all", "--autoseg-precision", "float32"]
+    result = subprocess.run(command, cwd=benchmarks, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     for label in ("float32", "openvino float32", "openvino int8"):
         assert f"autoseg ({label}): 1 fold(s) 0, mirroring off: 2 cases in" in result.stdout, result.stdout
