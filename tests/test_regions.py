@@ -250,14 +250,14 @@ def test_a_single_region_trains_a_one_output_network():
 def test_a_checkpoint_trained_with_other_regions_is_refused(region_plans, tmp_path):
     from dataclasses import replace
 
-    from autoseg.inference.predictor import PredictorError, _check_trained_with_these_plans
+    from autoseg.inference.predictor import PredictorError, check_trained_with_these_plans
     from autoseg.model_files import Checkpoint
 
     state = Checkpoint({}, labels=region_plans.to_json()["labels"], regions=region_plans.to_json()["regions"])
-    _check_trained_with_these_plans(tmp_path / "c.pt", state, region_plans, "3d_fullres")  # the same: accepted
+    check_trained_with_these_plans(tmp_path / "c.pt", state, region_plans, "3d_fullres")  # the same: accepted
     fewer = replace(region_plans, regions=region_plans.regions[:2])
     with pytest.raises(PredictorError, match="regions were"):
-        _check_trained_with_these_plans(tmp_path / "c.pt", state, fewer, "3d_fullres")
+        check_trained_with_these_plans(tmp_path / "c.pt", state, fewer, "3d_fullres")
 
 
 def test_regions_on_an_untouched_grid_are_the_sigmoids_over_one_half_written_in_order(region_plans):

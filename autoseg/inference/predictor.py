@@ -189,7 +189,7 @@ class Predictor:
             path, state = load_fold(self.workdir, configuration, fold, self.checkpoint)
         except CheckpointError as exc:
             raise PredictorError(str(exc)) from None
-        _check_trained_with_these_plans(path, state, self.plans, configuration)
+        check_trained_with_these_plans(path, state, self.plans, configuration)
         network = build_unet(self.plans.network_topology(configuration), deep_supervision=False)
         try:
             network.load_state_dict(state.network_state)
@@ -335,7 +335,7 @@ _TRAINED_WITH = ("data_identifier", "spacing", "patch_size", "features_per_stage
 _PLAIN_NETWORK = {"network": "unet", "residual_blocks": [], "n_conv_per_stage_decoder": None}  # keys default plans omit
 
 
-def _check_trained_with_these_plans(path: Path, state: Checkpoint, plans: Plans, configuration: str) -> None:
+def check_trained_with_these_plans(path: Path, state: Checkpoint, plans: Plans, configuration: str) -> None:
     """Refuse a fold whose checkpoint records other plans than plans.json now holds (planned again after
     training, or a checkpoint copied from another workspace)."""
     now = {**_PLAIN_NETWORK, **plans.configuration(configuration).to_json()}

@@ -193,7 +193,7 @@ def quantize_fold(workdir: Path, configuration: str, fold: str, *, checkpoint: s
 
     Returns the record written to quantization.json; QuantizationError (with the Dice figures) when refused.
     """
-    from autoseg.inference.predictor import PredictorError, _check_trained_with_these_plans
+    from autoseg.inference.predictor import PredictorError, check_trained_with_these_plans
     from autoseg.model_files import CheckpointError, load_fold
     from autoseg.network.unet import build_unet
     from autoseg.planning.plans import Plans
@@ -213,7 +213,7 @@ def quantize_fold(workdir: Path, configuration: str, fold: str, *, checkpoint: s
                                 f"(planned: {', '.join(plans.configurations)})")
     try:
         path, state = load_fold(workdir, configuration, fold, checkpoint)
-        _check_trained_with_these_plans(path, state, plans, configuration)
+        check_trained_with_these_plans(path, state, plans, configuration)
     except (CheckpointError, PredictorError) as exc:
         raise QuantizationError(str(exc)) from None
     config = plans.configuration(configuration)
