@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +22,31 @@ def _process_umask() -> int:
 
 
 _UMASK = _process_umask()
+
+
+@contextmanager
+def atomic_dir(final: Path | str) -> Iterator[Path]:
+    """Yield a temporary folder beside `final`; swap it in for `final` only if the block succeeds. On any failure
+    the previous `final` (if any) stays in place and the temporary folder is removed."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes it private (0700)
+    old = final.with_name(f".{final.name}.old")
+    moved = False
+    try:
+        yield tmp
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            os.replace(final, old)
+            moved = True
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if moved and not final.exists():
+            os.replace(old, final)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 @contextmanager

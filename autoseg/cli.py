@@ -20,6 +20,8 @@ INSTANCE_CHOICES = ("auto", "on", "off")  # as autoseg.plan_workspace.INSTANCE_C
 OBJECT_METRICS = ("auto", "membrane", "instances", "all", "none")  # as autoseg.evaluation.objects.CHOICES
 AUGMENT_INTERPOLATIONS = ("cubic", "linear")  # as autoseg.training.augmentation.AUGMENT_INTERPOLATIONS
 RUNTIMES = ("torch", "openvino", "openvino-int8", "auto")  # as autoseg.inference.settings.RUNTIMES
+QUANTIZE_CALIBRATION_WINDOWS = 128  # as autoseg.inference.quantization.DEFAULT_CALIBRATION_WINDOWS
+QUANTIZE_TOLERANCE = 0.005  # as autoseg.inference.quantization.DEFAULT_TOLERANCE
 # (copies, so `autoseg --help` starts without importing numpy and torch; tests/test_cli_plan.py keeps them equal)
 
 
@@ -222,11 +224,13 @@ def cmd_crossval(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from autoseg.inference.quantization import QuantizationError, quantize_fold
+    from autoseg.inference.int8_models import QuantizationError
+    from autoseg.inference.quantization import check_arguments, quantize_fold
     from autoseg.model_files import CheckpointError, fold_names
 
+    check_arguments(args.calibration_windows, args.validation_cases, args.tolerance)
     configurations = args.config or [_default_configuration(args.workdir)]
-    refused = []
+    refused, folds_done = [], {}
     for configuration in configurations:
         try:
             folds = fold_names(args.workdir, configuration, args.folds, args.checkpoint)
@@ -241,19 +245,27 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                 print(f"{configuration} fold {fold}: {exc}", file=sys.stderr)
                 refused.append(f"{configuration}/fold_{fold}")
                 continue
+            folds_done.setdefault(configuration, []).append(fold)
             check = record["check"]
-            dice = ", ".join(f"{check['names'][k]} {check['dice_float32'][k]:.4f} -> {check['dice_int8'][k]:.4f}"
-                             for k in check["dice_float32"] if check["dice_float32"][k] is not None
-                             and check["dice_int8"].get(k) is not None)
+            dice = ", ".join(f"{check['names'][k]} {_dice_text(check['dice_float32'][k])} -> "
+                             f"{_dice_text(check['dice_int8'][k])}" for k in check["dice_float32"])
             where = "validation" if check["held_out"] else "training (fold all holds none out)"
             print(f"{configuration} fold {fold}: int8 accepted on {len(check['cases'])} {where} case(s), Dice "
                   f"float32 -> int8 {dice} (largest drop {check['max_drop']:.4f} <= {check['tolerance']})")
     if refused:
-        print(f"refused: {', '.join(refused)} (their float32 models are unchanged)", file=sys.stderr)
+        print(f"refused: {', '.join(refused)} (nothing installed for them; an int8 model they had before stays)",
+              file=sys.stderr)
         return 2
-    print(f"predict with it: autoseg predict {args.workdir} --config {' '.join(configurations)} "
-          "--runtime openvino-int8 -i INPUT -o OUTPUT")
+    folds = sorted({f for done in folds_done.values() for f in done})
+    choice = "" if args.checkpoint == "final" else f" --checkpoint {args.checkpoint}"
+    print(f"predict with it: autoseg predict {args.workdir} --config {' '.join(configurations)} --folds "
+          f"{' '.join(folds)}{choice} --runtime openvino-int8 -i INPUT -o OUTPUT (a cascade's first stage needs "
+          "its own int8 models too)")
     return 0
+
+
+def _dice_text(dice: float | None) -> str:
+    return "absent" if dice is None else f"{dice:.4f}"
 
 
 def _predict_workspace(args: argparse.Namespace) -> tuple[Path, list[str] | None]:
@@ -452,8 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what runs the networks: torch; openvino (CPU only, float32; faster than torch's float32 "
                         "on a CPU without native bf16, figures in docs/prediction.md; pip install "
                         "'autoseg[openvino]'); openvino-int8: the folds' int8 networks that `autoseg quantize` "
-                        "made and checked against the validation Dice (CPU only); or auto: openvino where torch would "
-                        "compute float32 on the CPU and openvino is installed, else torch (the log says which) "
+                        "made and checked against the validation Dice (CPU only); or auto: where torch would compute "
+                        "float32 on the CPU and openvino is installed, openvino-int8 for a configuration whose folds "
+                        "all have current int8 networks, else openvino; otherwise torch (the log says which) "
                         "(default: %(default)s)")
     p.add_argument("--no-postprocessing", action="store_true", help="ignore WORKDIR/postprocessing.json")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
@@ -529,14 +542,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folds", nargs="+", help="folds, e.g. 0 1 2 or all (default: every trained fold)")
     p.add_argument("--checkpoint", default="final", choices=("final", "best", "latest"),
                    help="which checkpoint of each fold; predict must use the same (default: final)")
-    p.add_argument("--calibration-windows", type=int, default=128, metavar="N",
+    p.add_argument("--calibration-windows", type=int, default=QUANTIZE_CALIBRATION_WINDOWS, metavar="N",
                    help="patches of the fold's training cases that set the int8 ranges, a third centred on "
-                        "foreground (default: %(default)s)")
+                        "foreground; at most 1 GiB of them are held in memory, fewer for large patches (default: "
+                        "%(default)s)")
     p.add_argument("--validation-cases", type=int, metavar="N",
-                   help="check on N of the fold's validation cases drawn at random (default: all of them)")
-    p.add_argument("--tolerance", type=float, default=0.005, metavar="D",
+                   help="check on N of the fold's validation cases drawn at random (default: all of them; fold "
+                        "all holds none out and is checked on its training cases, so N saves time there)")
+    p.add_argument("--tolerance", type=float, default=QUANTIZE_TOLERANCE, metavar="D",
                    help="largest accepted drop of a label's mean validation Dice (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows' draw (default: 0)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the calibration windows' draw and of --validation-cases' (default: 0)")
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("export-model", help="write trained folds to one portable model archive (.zip)",

@@ -266,7 +266,8 @@ def runtimes_to_time(choice: str, workdir: Path, configuration: str, fold_sets: 
         return ["torch", "openvino"] if choice == "both" else [choice]
     import importlib.util
 
-    from autoseg.inference.quantization import RECORD, quantized_dir
+    from autoseg.inference.int8_models import int8_problem
+    from autoseg.model_files import checkpoint_path
 
     runtimes = ["torch"]
     if importlib.util.find_spec("openvino") is None:
@@ -274,11 +275,11 @@ def runtimes_to_time(choice: str, workdir: Path, configuration: str, fold_sets: 
               "'autoseg[openvino]')")
         return runtimes
     runtimes.append("openvino")
-    missing = [f"{configuration}/fold_{f}" for folds in fold_sets for f in folds
-               if not (quantized_dir(workdir, configuration, f) / RECORD).is_file()]
-    if missing:
-        print(f"runtime openvino-int8: skipped, no int8 model for {', '.join(missing)} (autoseg quantize {workdir} "
-              f"--config {configuration} --folds ...)")
+    problems = [int8_problem(workdir, configuration, f, checkpoint_path(workdir, configuration, f))
+                for f in sorted({f for folds in fold_sets for f in folds})]
+    problems = [p for p in problems if p is not None]
+    if problems:
+        print(f"runtime openvino-int8: skipped: {problems[0]}")
     else:
         runtimes.append("openvino-int8")
     return runtimes

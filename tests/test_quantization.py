@@ -12,7 +12,8 @@ from autoseg import workspace
 from autoseg.cli import main
 from autoseg.dataset.image_io import read_image
 from autoseg.inference import quantization
-from autoseg.inference.quantization import QuantizationCheck, calibration_windows, quantized_dir
+from autoseg.inference.int8_models import file_sha256, quantized_dir
+from autoseg.inference.quantization import QuantizationCheck, calibration_windows
 
 pytest.importorskip("openvino")
 pytest.importorskip("nncf")
@@ -55,7 +56,7 @@ def test_quantize_installs_a_checked_int8_model_that_predict_uses(trained, tmp_p
     assert record["check"]["cases"] == sorted(splits[0]["val"]) and record["check"]["held_out"]
     assert record["check"]["max_drop"] <= 0.05 and record["calibration"]["windows"] == 16
     assert max(record["check"]["dice_float32"].values()) > 0.3  # the check compared a model that segments
-    assert record["checkpoint_sha256"] == quantization.file_sha256(
+    assert record["checkpoint_sha256"] == file_sha256(
         workspace.fold_dir(work, "3d_fullres", "0") / "checkpoint_final.pt")
     assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]  # no temporary folder left
 
@@ -80,7 +81,8 @@ def test_predict_refuses_a_missing_or_stale_int8_model(trained, tmp_path, capsys
     folder.rename(hidden)
     try:
         assert main(args) == 2
-        assert "no int8 model; make it with `autoseg quantize" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert "openvino_int8: no int8 model (" in err and "make it with `autoseg quantize" in err
     finally:
         hidden.rename(folder)
     record = json.loads((folder / "quantization.json").read_text())
@@ -108,12 +110,16 @@ def test_an_int8_network_that_loses_dice_is_refused_and_not_installed(trained, m
             p.zero_()
     monkeypatch.setattr(quantization, "quantize_model",
                         lambda model, windows: convert_network(broken, 1, [8, 8, 8]))
+    if not quantized_dir(work, "3d_fullres", "0").exists():
+        assert main(["quantize", str(work), "--folds", "0", "--calibration-windows", "8", "--tolerance", "0.5"]) == 0
     before = sorted(p.name for p in workspace.fold_dir(work, "3d_fullres", "0").iterdir())
+    record = (quantized_dir(work, "3d_fullres", "0") / "quantization.json").read_text()
     assert main(["quantize", str(work), "--folds", "0", "--calibration-windows", "4"]) == 2
     err = capsys.readouterr().err
     assert "int8 refused, a label's validation Dice drops by" in err and "tolerance 0.005" in err
-    assert "refused: 3d_fullres/fold_0 (their float32 models are unchanged)" in err
+    assert "refused: 3d_fullres/fold_0 (nothing installed for them" in err
     assert sorted(p.name for p in workspace.fold_dir(work, "3d_fullres", "0").iterdir()) == before
+    assert (quantized_dir(work, "3d_fullres", "0") / "quantization.json").read_text() == record  # the earlier one stays
 
 
 def test_the_check_refuses_a_drop_beyond_the_tolerance_on_any_label():
@@ -123,13 +129,16 @@ def test_the_check_refuses_a_drop_beyond_the_tolerance_on_any_label():
     assert not bad.accepted and bad.describe({1: "a", 2: "b"}) == "a 0.8000 -> 0.8100; b 0.7000 -> 0.6900"
     absent = QuantizationCheck({"1": 0.8, "2": None}, {"1": 0.8, "2": None}, 0.005)  # a label in no case
     assert absent.accepted and absent.drops == {"1": 0.0}
+    invented = QuantizationCheck({"1": 0.8, "2": None}, {"1": 0.8, "2": 0.0}, 0.005)  # int8 paints a label nobody has
+    assert not invented.accepted and invented.drops["2"] == 1.0
+    assert not QuantizationCheck({}, {}, 0.005).accepted  # nothing scored is no evidence
 
 
 def test_calibration_windows_cover_foreground_and_load_each_case_once():
     rng = np.random.default_rng(0)
     images = {"a": rng.normal(size=(2, 6, 20, 20)).astype(np.float32),
               "b": rng.normal(size=(2, 3, 5, 30)).astype(np.float32)}  # smaller than the patch along y
-    foreground = {"a": np.array([[5, 19, 19]]), "b": None}
+    foreground = {"a": [np.array([[5, 19, 19]]), np.zeros((0, 3), int)], "b": []}
     loads = []
 
     def load(case_id):
@@ -182,3 +191,20 @@ def test_bench_predict_times_every_runtime_the_workspace_supports(trained):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     for label in ("float32", "openvino float32", "openvino int8"):
         assert f"autoseg ({label}): 1 fold(s) 0, mirroring off: 2 cases in" in result.stdout, result.stdout
+
+
+def test_quantize_refuses_unusable_settings_and_a_workspace_without_splits(trained, capsys):
+    _, work = trained
+    assert main(["quantize", str(work), "--validation-cases", "0"]) == 2
+    assert "--validation-cases must be at least 1, got 0" in capsys.readouterr().err
+    assert main(["quantize", str(work), "--tolerance", "-0.1"]) == 2
+    assert "--tolerance must be a Dice difference in [0, 1)" in capsys.readouterr().err
+    splits = workspace.splits_json(work)
+    saved = splits.read_text()
+    splits.unlink()
+    try:
+        assert main(["quantize", str(work), "--folds", "0"]) == 2
+        assert "splits.json: missing, so fold 0's validation cases are unknown" in capsys.readouterr().err
+        assert not splits.exists()  # quantize never writes new splits
+    finally:
+        splits.write_text(saved)

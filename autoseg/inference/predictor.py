@@ -26,9 +26,9 @@ from autoseg.device import choose_device, mixed_precision_available
 from autoseg.errors import AutosegError
 from autoseg.inference.input_checks import InputCheck, check_input
 from autoseg.inference.instance_maps import instances_from_rims
+from autoseg.inference.int8_models import RECORD, QuantizationError, int8_problem, load_int8, quantized_dir
 from autoseg.inference.openvino_runtime import OpenVINONetwork, OpenVINOUnavailable, choose_runtime
 from autoseg.inference.original_grid import LabelMapBuilder, logits_to_original
-from autoseg.inference.quantization import RECORD, QuantizationError, int8_problem, load_int8, quantized_dir
 from autoseg.inference.settings import ComputeSettings, ModelChoice, WindowSettings
 from autoseg.inference.sliding_window import (
     SlidingWindow,
@@ -178,7 +178,8 @@ class Predictor:
         if not all((quantized_dir(self.workdir, name, fold) / RECORD).is_file() for name, fold in chosen):
             return False
         for name, fold in chosen:
-            problem = int8_problem(self.workdir, name, fold, checkpoint_path(self.workdir, name, fold, self.checkpoint))
+            path = checkpoint_path(self.workdir, name, fold, self.checkpoint)
+            problem = int8_problem(self.workdir, name, fold, path, self.checkpoint)
             if problem is not None:
                 log.info("runtime openvino (float32), not int8: %s", problem)
                 return False
@@ -204,7 +205,7 @@ class Predictor:
             try:
                 return LoadedFold(configuration, fold, path, state.epoch,
                                   load_int8(self.workdir, configuration, fold, path,
-                                            self.plans.input_channels(configuration), patch))
+                                            self.plans.input_channels(configuration), patch, self.checkpoint))
             except (OpenVINOUnavailable, QuantizationError) as exc:
                 raise PredictorError(str(exc)) from None
         if self.runtime == "openvino":
