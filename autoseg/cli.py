@@ -20,8 +20,8 @@ INSTANCE_CHOICES = ("auto", "on", "off")  # as autoseg.plan_workspace.INSTANCE_C
 OBJECT_METRICS = ("auto", "membrane", "instances", "all", "none")  # as autoseg.evaluation.objects.CHOICES
 AUGMENT_INTERPOLATIONS = ("cubic", "linear")  # as autoseg.training.augmentation.AUGMENT_INTERPOLATIONS
 RUNTIMES = ("torch", "openvino", "openvino-int8", "auto")  # as autoseg.inference.settings.RUNTIMES
-QUANTIZE_CALIBRATION_WINDOWS = 128  # as autoseg.inference.quantization.DEFAULT_CALIBRATION_WINDOWS
-QUANTIZE_TOLERANCE = 0.005  # as autoseg.inference.quantization.DEFAULT_TOLERANCE
+QUANTIZE_CALIBRATION_WINDOWS = 128  # as autoseg.quantization.DEFAULT_CALIBRATION_WINDOWS
+QUANTIZE_TOLERANCE = 0.005  # as autoseg.quantization.DEFAULT_TOLERANCE
 # (copies, so `autoseg --help` starts without importing numpy and torch; tests/test_cli_plan.py keeps them equal)
 
 
@@ -225,8 +225,8 @@ def cmd_crossval(args: argparse.Namespace) -> int:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from autoseg.inference.int8_models import QuantizationError
-    from autoseg.inference.quantization import check_arguments, quantize_fold
     from autoseg.model_files import CheckpointError, fold_names
+    from autoseg.quantization import check_arguments, quantize_fold
 
     check_arguments(args.calibration_windows, args.validation_cases, args.tolerance)
     configurations = args.config or [_default_configuration(args.workdir)]

@@ -34,6 +34,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("inference", ("autoseg.inference",)),
     ("training", ("autoseg.training",)),
     ("crossval", ("autoseg.crossval",)),
+    ("quantization", ("autoseg.quantization",)),
     ("model_archive", ("autoseg.model_archive",)),
     ("python api", ("autoseg.api",)),
     ("cli", ("autoseg.cli",)),

@@ -181,8 +181,8 @@ def test_the_clis_copied_choice_lists_match_the_library():
     assert cli.INSTANCE_CHOICES == INSTANCE_CHOICES
     assert cli.OBJECT_METRICS == CHOICES
     assert cli.AUGMENT_INTERPOLATIONS == tuple(AUGMENT_INTERPOLATIONS)
-    from autoseg.inference.quantization import DEFAULT_CALIBRATION_WINDOWS, DEFAULT_TOLERANCE
     from autoseg.inference.settings import RUNTIMES
+    from autoseg.quantization import DEFAULT_CALIBRATION_WINDOWS, DEFAULT_TOLERANCE
 
     assert cli.RUNTIMES == RUNTIMES
     assert cli.QUANTIZE_CALIBRATION_WINDOWS == DEFAULT_CALIBRATION_WINDOWS

@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from autoseg import workspace
+from autoseg import quantization, workspace
 from autoseg.cli import main
 from autoseg.dataset.image_io import read_image
-from autoseg.inference import quantization
 from autoseg.inference.int8_models import file_sha256, quantized_dir
-from autoseg.inference.quantization import QuantizationCheck, calibration_windows
+from autoseg.quantization import QuantizationCheck, calibration_windows
 
 pytest.importorskip("openvino")
 pytest.importorskip("nncf")

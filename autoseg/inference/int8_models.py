@@ -6,7 +6,7 @@
 
 Prediction uses it only when the record's checkpoint SHA-256 equals that of the checkpoint file it
 would load, so training a fold again never leaves a stale int8 model in use. Making and checking
-the networks is inference/quantization.py; this module is what prediction needs of them.
+the networks is autoseg/quantization.py; this module is what prediction needs of them.
 """
 
 from __future__ import annotations

@@ -64,7 +64,7 @@ class OpenVINONetwork:
 
     Compiled for one patch at a time (a static shape is OpenVINO's fast path); a batch of several
     windows runs them one after the other. Built from the torch network, or (`model`) from an OpenVINO
-    model already converted, such as an int8 one (inference/quantization.py).
+    model already converted, such as an int8 one (autoseg/quantization.py).
     """
 
     def __init__(self, network: torch.nn.Module | None, in_channels: int, patch_size: Sequence[int],
