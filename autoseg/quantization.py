@@ -40,9 +40,8 @@ log = logging.getLogger(__name__)
 DEFAULT_TOLERANCE = 0.005  # largest accepted drop of a label's mean validation Dice
 DEFAULT_CALIBRATION_WINDOWS = 128
 FOREGROUND_SHARE = 1 / 3  # calibration windows centred on a foreground voxel, as training oversamples them
-
-
 WINDOW_MEMORY = 1 << 30  # calibration windows are held in memory: at most this many bytes of them
+QUANTIZATION_PRESET = "mixed"  # NNCF's preset: symmetric weights, asymmetric activations (quantize_model)
 
 
 @dataclass(frozen=True)
@@ -136,9 +135,15 @@ def import_nncf():
 
 
 def quantize_model(model, windows: Sequence[np.ndarray]):
-    """NNCF's post-training int8 quantization of an OpenVINO model, calibrated on `windows`."""
+    """NNCF's post-training int8 quantization of an OpenVINO model, calibrated on `windows`.
+
+    NNCF's mixed preset: weights symmetric, activations asymmetric (a zero point per tensor). The U-Net's
+    activations follow leaky ReLUs, nearly all of their range on one side of zero, which a symmetric
+    scale spends half of on values that never occur; its default (performance) preset failed the
+    Dice check where the mixed one passed (docs/prediction.md)."""
     nncf = import_nncf()
-    return nncf.quantize(model, nncf.Dataset(list(windows)), subset_size=len(windows))
+    return nncf.quantize(model, nncf.Dataset(list(windows)), subset_size=len(windows),
+                         preset=getattr(nncf.QuantizationPreset, QUANTIZATION_PRESET.upper()))
 
 
 def _case_inputs(workdir: Path, plans, configuration: str, case_id: str) -> tuple[np.ndarray, object]:
@@ -301,7 +306,7 @@ def quantize_fold(workdir: Path, configuration: str, fold: str, *, checkpoint: s
         "format_version": FORMAT_VERSION, "configuration": configuration, "fold": str(fold),
         "checkpoint": path.name, "checkpoint_sha256": file_sha256(path),
         "calibration": {"windows": count, "training_cases": len(train_ids),
-                        "foreground_share": round(FOREGROUND_SHARE, 4), "seed": seed},
+                        "foreground_share": round(FOREGROUND_SHARE, 4), "seed": seed, "preset": QUANTIZATION_PRESET},
         "check": {"cases": list(val_ids), "held_out": held_out, "mirroring": True, "tolerance": tolerance,
                   "names": {k: names.get(int(k), k) for k in check.dice_float32},
                   "dice_float32": check.dice_float32, "dice_int8": check.dice_int8,
