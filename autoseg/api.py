@@ -129,11 +129,12 @@ class SegmentationModel:
 
 def load_model(model: Path | str, configurations: Sequence[str] | None = None, folds: Sequence[str] | None = None,
                checkpoint: str = "final", device: str | None = None, mixed_precision: bool = True,
-               runtime: str = "torch", mirroring: bool = True, step_size: float = 0.5,
+               runtime: str = "auto", mirroring: bool = True, step_size: float = 0.5,
                cache_dir: Path | str | None = None) -> SegmentationModel:
     """Load a workspace's trained folds, or a model archive (verified and extracted once under `cache_dir`, default
     the system's temporary folder), with `autoseg predict`'s defaults: the plans' default configuration, every
-    trained fold, checkpoint_final, mirroring, step 0.5, mixed precision where the device computes it natively."""
+    trained fold, checkpoint_final, mirroring, step 0.5, mixed precision where the device computes it natively,
+    runtime auto (ComputeSettings.runtime says what it picks)."""
     model = Path(model)
     if model.is_file():
         from autoseg.model_archive import model_workspace

@@ -460,14 +460,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute in float32 and average the overlapping windows in float32 (default: float16 "
                         "on CUDA, bfloat16 on CPUs with native bf16, and the windows' average held in float16 as "
                         "nnU-Net holds it)")
-    p.add_argument("--runtime", choices=RUNTIMES, default="torch",
+    p.add_argument("--runtime", choices=RUNTIMES, default="auto",
                    help="what runs the networks: torch; openvino (CPU only, float32; faster than torch's float32 "
                         "on a CPU without native bf16, figures in docs/prediction.md; pip install "
                         "'autoseg[openvino]'); openvino-int8: the folds' int8 networks that `autoseg quantize` "
                         "made and checked against the validation Dice (CPU only); or auto: where torch would compute "
                         "float32 on the CPU and openvino is installed, openvino-int8 for a configuration whose folds "
-                        "all have current int8 networks, else openvino; otherwise torch (the log says which) "
-                        "(default: %(default)s)")
+                        "all have current int8 networks, else openvino, except for windows large enough for torch's "
+                        "low-memory forward; otherwise torch (the log says which) (default: %(default)s)")
     p.add_argument("--no-postprocessing", action="store_true", help="ignore WORKDIR/postprocessing.json")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--continue", dest="continue_", action="store_true",

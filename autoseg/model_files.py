@@ -14,6 +14,7 @@ channel_names.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +69,16 @@ class Checkpoint:
         # getattr, not dataclasses.asdict: that would deep-copy every tensor
         data = {k: getattr(self, k) for k in Checkpoint.__dataclass_fields__ if keys is None or k in keys}
         return {"format_version": FORMAT_VERSION, **data}
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a checkpoint file: what a converted or quantized network records, so it is never used with
+    other weights."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def save_checkpoint(path: Path, checkpoint: Checkpoint) -> None:

@@ -27,13 +27,13 @@ from autoseg.atomic import read_json
 from autoseg.inference.int8_models import (
     FORMAT_VERSION,
     QuantizationError,
-    file_sha256,
     install_int8,
     quantized_dir,
 )
 from autoseg.inference.openvino_runtime import OpenVINONetwork, convert_network, import_openvino
 from autoseg.inference.predictor import Predictor, PredictorError, PreparedCase, check_trained_with_these_plans
 from autoseg.inference.settings import ComputeSettings
+from autoseg.model_files import file_sha256
 
 log = logging.getLogger(__name__)
 

@@ -317,3 +317,16 @@ def test_predict_with_model_writes_dicom_seg_for_a_dicom_series_and_nifti_for_th
         z = slice_of[item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID]
         number = item.SegmentIdentificationSequence[0].ReferencedSegmentNumber
         assert np.array_equal(frame.astype(bool), labels[z] == number)
+
+
+def test_openvino_keeps_no_conversion_inside_a_verified_extraction(archive, inputs, tmp_path, caplog):
+    """The workspace's fold folders keep OpenVINO's conversion for the next run; an archive's extraction must stay
+    exactly as verified, or every run would extract the model again."""
+    pytest.importorskip("openvino")
+    for _ in range(2):
+        with caplog.at_level(logging.INFO):
+            assert main(["predict", "--model", str(archive), "-i", str(inputs), "-o", str(tmp_path / "o"),
+                         "--no-mirroring", "--workers", "0", "--runtime", "openvino", "--no-report"]) == 0
+    assert "extracting the model again" not in caplog.text
+    (extraction,) = [p for p in (tmp_path / "o").iterdir() if p.name.startswith(".autoseg_model_")]
+    assert not list(extraction.rglob("openvino_float32"))

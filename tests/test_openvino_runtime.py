@@ -1,14 +1,20 @@
 """`predict --runtime openvino`: the same network computed by OpenVINO gives torch's logits and labels."""
 
+import json
+import logging
+
 import numpy as np
 import pytest
 import torch
 
+from autoseg import workspace
 from autoseg.dataset.image_io import Geometry
 from autoseg.errors import AutosegError
+from autoseg.inference import openvino_runtime
 from autoseg.inference.openvino_runtime import OpenVINONetwork, OpenVINOUnavailable
 from autoseg.inference.predictor import Predictor, PredictorError
 from autoseg.inference.settings import ComputeSettings, ModelChoice, PredictionSettingsError
+from autoseg.model_files import file_sha256
 from autoseg.network.unet import UNetTopology, build_unet
 
 pytest.importorskip("openvino")
@@ -62,3 +68,80 @@ def test_openvino_runtime_is_refused_off_the_cpu_and_explains_a_missing_install(
         Predictor(tmp_path, ModelChoice(("2d",)), compute=ComputeSettings("cpu", runtime="openvino"))
     assert issubclass(OpenVINOUnavailable, AutosegError)
 
+
+
+def _openvino_predictor(root):
+    return Predictor(root, ModelChoice(("3d_fullres",), folds=("0",)),
+                     compute=ComputeSettings("cpu", mixed_precision=False, runtime="openvino"))
+
+
+def test_a_folds_conversion_is_kept_and_reused_only_for_the_same_checkpoint(tmp_path, monkeypatch):
+    """Converting traces the network (seconds); the next run reads the kept model, with the same probabilities,
+    unless the checkpoint changed (trained again): then it converts again and replaces the kept one."""
+    _workspace(tmp_path, folds=(0,))
+    shape = (8, 20, 20)
+    image = _volume(shape, ((0, 8), (2, 18), (3, 17)), seed=5, channels=1)
+    geometry = Geometry((3.0, 0.8, 0.8), (0.0, 0.0, 0.0), IDENTITY, shape)
+    kept = workspace.fold_dir(tmp_path, "3d_fullres", "0") / openvino_runtime.CONVERTED_DIR
+    first = _openvino_predictor(tmp_path).predict_case(image, geometry)
+    record = json.loads((kept / openvino_runtime.CONVERSION_RECORD).read_text())
+    checkpoint = workspace.fold_dir(tmp_path, "3d_fullres", "0") / "checkpoint_final.pt"
+    assert record["checkpoint_sha256"] == file_sha256(checkpoint) and (kept / "model.bin").is_file()
+
+    calls = []
+    real_convert = openvino_runtime.convert_network
+    monkeypatch.setattr(openvino_runtime, "convert_network", lambda *a: calls.append(a) or real_convert(*a))
+    second = _openvino_predictor(tmp_path).predict_case(image, geometry)
+    assert calls == []  # read from disk, not converted
+    np.testing.assert_array_equal(second, first)  # float32 weights kept exactly (no fp16 compression)
+
+    state = torch.load(checkpoint, weights_only=True)  # the fold trained again: other weights
+    state["network_state"] = {k: v + 0.05 if v.is_floating_point() else v for k, v in state["network_state"].items()}
+    torch.save(state, checkpoint)
+    third = _openvino_predictor(tmp_path).predict_case(image, geometry)
+    assert len(calls) == 1 and not np.allclose(third, first)
+    assert json.loads((kept / openvino_runtime.CONVERSION_RECORD).read_text())["checkpoint_sha256"] == \
+        file_sha256(checkpoint)
+
+
+def test_a_conversion_that_cannot_be_kept_still_predicts(tmp_path, monkeypatch, caplog):
+    """Read-only models (or any write failure) cost the next run the conversion, never this run its result."""
+    _workspace(tmp_path, folds=(0,))
+    shape = (8, 20, 20)
+    image = _volume(shape, ((0, 8), (2, 18), (3, 17)), seed=5, channels=1)
+    geometry = Geometry((3.0, 0.8, 0.8), (0.0, 0.0, 0.0), IDENTITY, shape)
+    expected = Predictor(tmp_path, ModelChoice(("3d_fullres",), folds=("0",)),
+                         compute=ComputeSettings("cpu", mixed_precision=False)).predict_case(image, geometry)
+
+    def read_only(folder):
+        raise PermissionError(13, "Permission denied", str(folder))
+
+    monkeypatch.setattr(openvino_runtime, "atomic_dir", read_only)
+    with caplog.at_level(logging.INFO, logger="autoseg.inference.openvino_runtime"):
+        got = _openvino_predictor(tmp_path).predict_case(image, geometry)
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    assert "not kept for the next run" in caplog.text
+    assert not (workspace.fold_dir(tmp_path, "3d_fullres", "0") / openvino_runtime.CONVERTED_DIR).exists()
+
+
+def test_auto_takes_openvino_for_float32_on_the_cpu_but_torch_for_low_memory_windows(tmp_path, monkeypatch, caplog):
+    """OpenVINO runs a window whole; where torch would use its low-memory forward, auto stays with torch."""
+    from autoseg.network import low_memory
+
+    _workspace(tmp_path, folds=(0,))
+    auto = ComputeSettings("cpu", mixed_precision=False, runtime="auto")
+    assert Predictor(tmp_path, ModelChoice(("3d_fullres",), folds=("0",)), compute=auto).runtime == "openvino"
+    monkeypatch.setattr(low_memory, "LARGE_MAP_BYTES", 1)  # every window counts as large
+    with caplog.at_level(logging.INFO, logger="autoseg.inference.predictor"):
+        predictor = Predictor(tmp_path, ModelChoice(("3d_fullres",), folds=("0",)), compute=auto)
+    assert predictor.runtime == "torch" and "low-memory forward" in caplog.text
+    assert not isinstance(predictor.folds[0].network, OpenVINONetwork)
+
+
+def test_predict_and_the_python_api_default_to_auto():
+    import inspect
+
+    from autoseg import api, cli
+
+    assert inspect.signature(api.load_model).parameters["runtime"].default == "auto"
+    assert cli.build_parser().parse_args(["predict", "w", "-i", "x", "-o", "y"]).runtime == "auto"

@@ -11,7 +11,8 @@ import torch
 from autoseg import quantization, workspace
 from autoseg.cli import main
 from autoseg.dataset.image_io import read_image
-from autoseg.inference.int8_models import file_sha256, quantized_dir
+from autoseg.inference.int8_models import quantized_dir
+from autoseg.model_files import file_sha256
 from autoseg.quantization import QuantizationCheck, calibration_windows
 
 pytest.importorskip("openvino")

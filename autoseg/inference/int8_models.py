@@ -11,7 +11,6 @@ the networks is autoseg/quantization.py; this module is what prediction needs of
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Sequence
 
@@ -19,6 +18,7 @@ from autoseg import workspace
 from autoseg.atomic import ArtifactError, atomic_dir, read_json, write_json
 from autoseg.errors import AutosegError
 from autoseg.inference.openvino_runtime import OpenVINONetwork, import_openvino
+from autoseg.model_files import file_sha256
 
 FORMAT_VERSION = 1
 QUANTIZED_DIR = "openvino_int8"
@@ -32,14 +32,6 @@ class QuantizationError(AutosegError):
 
 def quantized_dir(workdir: Path, configuration: str, fold: str) -> Path:
     return workspace.fold_dir(workdir, configuration, fold) / QUANTIZED_DIR
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def quantize_command(workdir: Path, configuration: str, fold: str, checkpoint_choice: str = "final") -> str:

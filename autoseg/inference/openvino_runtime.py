@@ -2,21 +2,41 @@
 
 On CPUs without native bfloat16 every torch convolution runs in float32 through oneDNN; OpenVINO's
 CPU plugin runs the same network in float32 faster, with the same labels (docs/prediction.md has
-the figures). The network
-is converted once per fold, from the torch module itself, for one patch of the plan's size.
+the figures). The network is converted from the torch module itself, for one patch of the plan's
+size. Converting traces the network (seconds, more than predicting a small case), so a fold's
+conversion is kept on disk beside its checkpoint and read by the next run:
+
+    models/<config>/fold_<K>/openvino_float32/model.xml, model.bin   the float32 OpenVINO model
+    models/<config>/fold_<K>/openvino_float32/conversion.json        format_version, checkpoint,
+        checkpoint_sha256, in_channels, patch_size, versions (autoseg, openvino)
+
+It is used only when all of those match; otherwise the network is converted again and the folder
+replaced. A folder that cannot be written (read-only models, a model archive's verified extraction)
+only costs each run the conversion.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import warnings
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
+from autoseg import __version__ as autoseg_version
+from autoseg.atomic import ArtifactError, atomic_dir, read_json, write_json
 from autoseg.device import cpu_has_native_bf16
 from autoseg.errors import AutosegError
+from autoseg.model_files import file_sha256
+
+log = logging.getLogger(__name__)
+
+CONVERTED_DIR = "openvino_float32"
+CONVERSION_RECORD = "conversion.json"
+CONVERSION_FORMAT_VERSION = 1
 
 
 class OpenVINOUnavailable(AutosegError):
@@ -57,6 +77,38 @@ def convert_network(network: torch.nn.Module, in_channels: int, patch_size: Sequ
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.simplefilter("ignore", DeprecationWarning)  # openvino's converter traces with torch.jit
         return ov.convert_model(network, example_input=torch.zeros(shape), input=[shape])
+
+
+def _conversion_key(checkpoint: Path, in_channels: int, patch_size: Sequence[int]) -> dict:
+    ov = import_openvino()
+    return {"format_version": CONVERSION_FORMAT_VERSION, "checkpoint": checkpoint.name,
+            "checkpoint_sha256": file_sha256(checkpoint), "in_channels": int(in_channels),
+            "patch_size": [int(p) for p in patch_size],
+            "versions": {"autoseg": autoseg_version, "openvino": ov.__version__}}
+
+
+def converted_model(network: torch.nn.Module, in_channels: int, patch_size: Sequence[int], checkpoint: Path,
+                    folder: Path | None):
+    """The fold's network as a float32 OpenVINO model: read from `folder` when it holds the conversion of this
+    checkpoint for this patch, else converted and saved there for the next run (None: never saved)."""
+    ov = import_openvino()
+    if folder is None:
+        return convert_network(network, in_channels, patch_size)
+    key = _conversion_key(checkpoint, in_channels, patch_size)
+    try:
+        if read_json(folder / CONVERSION_RECORD) == key:
+            return ov.Core().read_model(str(folder / "model.xml"))
+    except (ArtifactError, OSError, RuntimeError):  # absent, damaged or unreadable: convert again
+        pass
+    model = convert_network(network, in_channels, patch_size)
+    try:
+        with atomic_dir(folder) as tmp:
+            # compress_to_fp16=False: saving would otherwise halve the weights' precision behind the user's back
+            ov.save_model(model, str(tmp / "model.xml"), compress_to_fp16=False)
+            write_json(tmp / CONVERSION_RECORD, key)
+    except (OSError, RuntimeError) as exc:
+        log.info("%s: the OpenVINO conversion is not kept for the next run (%s)", folder, exc)
+    return model
 
 
 class OpenVINONetwork:

@@ -27,7 +27,13 @@ from autoseg.errors import AutosegError
 from autoseg.inference.input_checks import InputCheck, check_input
 from autoseg.inference.instance_maps import instances_from_rims
 from autoseg.inference.int8_models import RECORD, QuantizationError, int8_problem, load_int8, quantized_dir
-from autoseg.inference.openvino_runtime import OpenVINONetwork, OpenVINOUnavailable, choose_runtime
+from autoseg.inference.openvino_runtime import (
+    CONVERTED_DIR,
+    OpenVINONetwork,
+    OpenVINOUnavailable,
+    choose_runtime,
+    converted_model,
+)
 from autoseg.inference.original_grid import LabelMapBuilder, logits_to_original
 from autoseg.inference.settings import ComputeSettings, ModelChoice, WindowSettings
 from autoseg.inference.sliding_window import (
@@ -37,7 +43,7 @@ from autoseg.inference.sliding_window import (
     sliding_window_slabs,
 )
 from autoseg.model_files import Checkpoint, CheckpointError, checkpoint_path, fold_names, load_fold
-from autoseg.network.low_memory import inference_forward
+from autoseg.network.low_memory import inference_forward, needs_low_memory
 from autoseg.network.unet import UNet, build_unet
 from autoseg.planning.plans import Plans
 from autoseg.preprocessing.preprocess import label_to_network_grid, one_hot_labels, preprocess_case
@@ -103,6 +109,14 @@ class Predictor:
                       for fold in fold_names(self.workdir, name, model.folds, model.checkpoint)]
         except CheckpointError as exc:
             raise PredictorError(str(exc)) from None
+        large = [name for name in self.configurations
+                 if needs_low_memory(plans.network_topology(name), plans.configuration(name).patch_size)]
+        if compute.runtime == "auto" and self.runtime == "openvino" and large:
+            # OpenVINO runs a window whole; torch's low-memory forward holds a fraction of it (measured in
+            # benchmarks/README.md), and OpenVINO's memory on such windows was not measured.
+            self.runtime = "torch"
+            log.info("runtime torch, not openvino: the windows of %s run in torch's low-memory forward",
+                     ", ".join(large))
         if compute.runtime == "auto" and self.runtime == "openvino" and self._int8_ready(chosen):
             self.runtime = "openvino-int8"
             log.info("runtime openvino-int8: every fold has an int8 model checked by `autoseg quantize`")
@@ -209,9 +223,14 @@ class Predictor:
             except (OpenVINOUnavailable, QuantizationError) as exc:
                 raise PredictorError(str(exc)) from None
         if self.runtime == "openvino":
+            channels = self.plans.input_channels(configuration)
+            # The conversion is kept beside the checkpoint for the next run, except in a model archive's extraction,
+            # which must stay exactly as verified (model_archive.py).
+            keep = None if (self.workdir / "manifest.json").is_file() else path.parent / CONVERTED_DIR
             try:
                 return LoadedFold(configuration, fold, path, state.epoch,
-                                  OpenVINONetwork(network, self.plans.input_channels(configuration), patch))
+                                  OpenVINONetwork(None, channels, patch,
+                                                  model=converted_model(network, channels, patch, path, keep)))
             except OpenVINOUnavailable as exc:
                 raise PredictorError(str(exc)) from None
         # Large windows: the same logits with a fraction of the activation memory (network/low_memory.py).

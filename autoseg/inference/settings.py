@@ -63,10 +63,12 @@ class ComputeSettings:
 
     device: str | torch.device | None = None  # None: CUDA if available, else the CPU
     mixed_precision: bool = True  # float16 on CUDA, bfloat16 on a CPU with native bf16; False: --fp32
-    # or "openvino": float32 through OpenVINO, CPU only; "openvino-int8": the folds' int8 networks that `autoseg
-    # quantize` made and checked (autoseg/quantization.py); "auto": where torch would run float32 on the CPU and
-    # openvino is installed, openvino-int8 for a configuration whose folds all have current int8 networks, else
-    # openvino; torch everywhere else (openvino_runtime.choose_runtime, Predictor)
+    # "torch"; "openvino": float32 through OpenVINO, CPU only; "openvino-int8": the folds' int8 networks that
+    # `autoseg quantize` made and checked (autoseg/quantization.py); "auto" (what `autoseg predict` and the Python
+    # API default to): where torch would run float32 on the CPU and openvino is installed, openvino-int8 for a
+    # configuration whose folds all have current int8 networks, else openvino, unless a configuration's windows
+    # take torch's low-memory forward; torch everywhere else (openvino_runtime.choose_runtime, Predictor). The
+    # record's own default stays torch, for the callers inside autoseg that hold networks in memory.
     runtime: str = "torch"
 
     def __post_init__(self) -> None:

@@ -42,12 +42,17 @@ CHUNK_BYTES = 8 * 2**20
 LARGE_MAP_BYTES = 64 * 2**20
 
 
+def needs_low_memory(topology, patch_size: Sequence[int]) -> bool:
+    """Whether one full-resolution feature map of a window exceeds LARGE_MAP_BYTES (float32)."""
+    return topology.features_per_stage[0] * math.prod(patch_size) * 4 >= LARGE_MAP_BYTES
+
+
 def inference_forward(network: UNet, patch_size: Sequence[int],
                       device: torch.device | str = "cpu") -> Callable[[torch.Tensor], torch.Tensor]:
     """What prediction calls on each batch of windows of `patch_size`: `low_memory_forward` where one
     full-resolution feature map exceeds LARGE_MAP_BYTES, else the network itself. On a GPU each
     convolution runs whole (small calls would leave it idle)."""
-    if network.topology.features_per_stage[0] * math.prod(patch_size) * 4 < LARGE_MAP_BYTES:
+    if not needs_low_memory(network.topology, patch_size):
         return network
     chunk_bytes = CHUNK_BYTES if torch.device(device).type == "cpu" else None
     return functools.partial(low_memory_forward, network, chunk_bytes=chunk_bytes)
