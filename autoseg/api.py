@@ -147,7 +147,8 @@ def load_model(model: Path | str, configurations: Sequence[str] | None = None, f
     else:
         raise ModelLoadError(f"{model}: neither a model archive nor a workspace with plans.json")
     choice = ModelChoice(None if configurations is None else tuple(configurations),
-                         None if folds is None else tuple(str(f) for f in folds), checkpoint)
+                         None if folds is None else tuple(str(f) for f in folds), checkpoint,
+                         read_only=model.is_file())  # an archive's extraction stays as verified
     predictor = Predictor(folder, choice, WindowSettings(step_size=step_size, mirroring=mirroring),
                           ComputeSettings(device=device, mixed_precision=mixed_precision, runtime=runtime))
     rules_path = workspace.postprocessing_json(folder)

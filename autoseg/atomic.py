@@ -45,6 +45,8 @@ def atomic_dir(final: Path | str) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         if moved and not final.exists():
             os.replace(old, final)
+        elif moved:  # another writer's folder took `final` meanwhile: ours is not needed back
+            shutil.rmtree(old, ignore_errors=True)
         raise
     shutil.rmtree(old, ignore_errors=True)
 

@@ -147,7 +147,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     threshold = DEFAULT_UNCERTAINTY_THRESHOLD if args.uncertainty_threshold is None else args.uncertainty_threshold
     summary = predict_folder(
         workdir, args.input, args.output,
-        model=ModelChoice(configurations, args.folds, args.checkpoint),
+        model=ModelChoice(configurations, args.folds, args.checkpoint, read_only=args.model is not None),
         window=WindowSettings(step_size=args.step_size, mirroring=not args.no_mirroring),
         compute=ComputeSettings(args.device, mixed_precision=not args.fp32, runtime=args.runtime),
         outputs=OutputOptions(save_probabilities=args.save_probabilities, save_uncertainty=args.save_uncertainty,
@@ -259,8 +259,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     folds = sorted({f for done in folds_done.values() for f in done})
     choice = "" if args.checkpoint == "final" else f" --checkpoint {args.checkpoint}"
     print(f"predict with it: autoseg predict {args.workdir} --config {' '.join(configurations)} --folds "
-          f"{' '.join(folds)}{choice} --runtime openvino-int8 -i INPUT -o OUTPUT (a cascade's first stage needs "
-          "its own int8 models too)")
+          f"{' '.join(folds)}{choice} -i INPUT -o OUTPUT (the default --runtime auto takes them on a CPU run in "
+          "float32; a cascade's first stage needs its own int8 models too)")
     return 0
 
 
@@ -465,9 +465,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "on a CPU without native bf16, figures in docs/prediction.md; pip install "
                         "'autoseg[openvino]'); openvino-int8: the folds' int8 networks that `autoseg quantize` "
                         "made and checked against the validation Dice (CPU only); or auto: where torch would compute "
-                        "float32 on the CPU and openvino is installed, openvino-int8 for a configuration whose folds "
-                        "all have current int8 networks, else openvino, except for windows large enough for torch's "
-                        "low-memory forward; otherwise torch (the log says which) (default: %(default)s)")
+                        "float32 on the CPU and openvino is installed, openvino-int8 when every fold predicted "
+                        "together has a current int8 network, else openvino, unless a configuration's windows are "
+                        "large enough for torch's low-memory forward; otherwise torch (the log says which; a "
+                        "cascade's stages decide each) (default: %(default)s)")
     p.add_argument("--no-postprocessing", action="store_true", help="ignore WORKDIR/postprocessing.json")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     p.add_argument("--continue", dest="continue_", action="store_true",
@@ -532,8 +533,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "training cases), predict the fold's validation cases in full with the float32 "
                                    "and the int8 network, and keep the int8 network only if no label's mean Dice "
                                    "drops by more than --tolerance. Accepted networks go to "
-                                   "models/<config>/fold_<K>/openvino_int8/; `autoseg predict --runtime "
-                                   "openvino-int8` uses them. Needs pip install 'autoseg[openvino]' (openvino, nncf). "
+                                   "models/<config>/fold_<K>/openvino_int8/; `autoseg predict` uses them by "
+                                   "default where it would compute float32 on the CPU (--runtime auto), or always "
+                                   "with --runtime openvino-int8. Needs pip install 'autoseg[openvino]' (openvino, "
+                                   "nncf). "
                                    "See docs/prediction.md.")
     p.add_argument("workdir", type=Path, metavar="WORKDIR", help="workspace with trained folds and their "
                                                                  "preprocessed data")

@@ -187,3 +187,12 @@ def test_the_clis_copied_choice_lists_match_the_library():
     assert cli.RUNTIMES == RUNTIMES
     assert cli.QUANTIZE_CALIBRATION_WINDOWS == DEFAULT_CALIBRATION_WINDOWS
     assert cli.QUANTIZE_TOLERANCE == DEFAULT_TOLERANCE
+
+
+def test_predict_and_the_python_api_default_to_auto():
+    import inspect
+
+    from autoseg import api, cli
+
+    assert inspect.signature(api.load_model).parameters["runtime"].default == "auto"
+    assert cli.build_parser().parse_args(["predict", "w", "-i", "x", "-o", "y"]).runtime == "auto"

@@ -77,16 +77,21 @@ def _openvino_predictor(root):
 
 def test_a_folds_conversion_is_kept_and_reused_only_for_the_same_checkpoint(tmp_path, monkeypatch):
     """Converting traces the network (seconds); the next run reads the kept model, with the same probabilities,
-    unless the checkpoint changed (trained again): then it converts again and replaces the kept one."""
+    unless the checkpoint changed (trained again): then it converts again and the stale conversion goes."""
     _workspace(tmp_path, folds=(0,))
     shape = (8, 20, 20)
     image = _volume(shape, ((0, 8), (2, 18), (3, 17)), seed=5, channels=1)
     geometry = Geometry((3.0, 0.8, 0.8), (0.0, 0.0, 0.0), IDENTITY, shape)
-    kept = workspace.fold_dir(tmp_path, "3d_fullres", "0") / openvino_runtime.CONVERTED_DIR
+    fold_dir = workspace.fold_dir(tmp_path, "3d_fullres", "0")
+    checkpoint = fold_dir / "checkpoint_final.pt"
+
+    def kept():
+        folder = fold_dir / openvino_runtime.CONVERTED_DIR
+        return [json.loads(p.read_text()) for p in folder.glob("*/conversion.json")]
+
     first = _openvino_predictor(tmp_path).predict_case(image, geometry)
-    record = json.loads((kept / openvino_runtime.CONVERSION_RECORD).read_text())
-    checkpoint = workspace.fold_dir(tmp_path, "3d_fullres", "0") / "checkpoint_final.pt"
-    assert record["checkpoint_sha256"] == file_sha256(checkpoint) and (kept / "model.bin").is_file()
+    (record,) = kept()
+    assert record["checkpoint_sha256"] == file_sha256(checkpoint) and record["topology"]["in_channels"] == 1
 
     calls = []
     real_convert = openvino_runtime.convert_network
@@ -100,8 +105,28 @@ def test_a_folds_conversion_is_kept_and_reused_only_for_the_same_checkpoint(tmp_
     torch.save(state, checkpoint)
     third = _openvino_predictor(tmp_path).predict_case(image, geometry)
     assert len(calls) == 1 and not np.allclose(third, first)
-    assert json.loads((kept / openvino_runtime.CONVERSION_RECORD).read_text())["checkpoint_sha256"] == \
-        file_sha256(checkpoint)
+    assert [r["checkpoint_sha256"] for r in kept()] == [file_sha256(checkpoint)]  # the stale one removed
+
+
+def test_a_kept_conversion_is_not_used_for_other_network_code_or_a_read_only_model(tmp_path, monkeypatch):
+    _workspace(tmp_path, folds=(0,))
+    image = _volume((8, 20, 20), ((0, 8), (2, 18), (3, 17)), seed=5, channels=1)
+    geometry = Geometry((3.0, 0.8, 0.8), (0.0, 0.0, 0.0), IDENTITY, (8, 20, 20))
+    _openvino_predictor(tmp_path).predict_case(image, geometry)
+    calls = []
+    real_convert = openvino_runtime.convert_network
+    monkeypatch.setattr(openvino_runtime, "convert_network", lambda *a: calls.append(a) or real_convert(*a))
+    monkeypatch.setattr(openvino_runtime, "_network_code_sha256", lambda: "0" * 64)  # autoseg's network changed
+    _openvino_predictor(tmp_path).predict_case(image, geometry)
+    assert len(calls) == 1
+    folder = workspace.fold_dir(tmp_path, "3d_fullres", "0") / openvino_runtime.CONVERTED_DIR
+    before = sorted(p.name for p in folder.iterdir())
+    Predictor(tmp_path, ModelChoice(("3d_fullres",), folds=("0",), read_only=True),
+              compute=ComputeSettings("cpu", mixed_precision=False, runtime="openvino"))
+    monkeypatch.setattr(openvino_runtime, "_network_code_sha256", lambda: "1" * 64)
+    Predictor(tmp_path, ModelChoice(("3d_fullres",), folds=("0",), read_only=True),
+              compute=ComputeSettings("cpu", mixed_precision=False, runtime="openvino"))
+    assert len(calls) == 3 and sorted(p.name for p in folder.iterdir()) == before  # converted, nothing written
 
 
 def test_a_conversion_that_cannot_be_kept_still_predicts(tmp_path, monkeypatch, caplog):
@@ -121,7 +146,7 @@ def test_a_conversion_that_cannot_be_kept_still_predicts(tmp_path, monkeypatch, 
         got = _openvino_predictor(tmp_path).predict_case(image, geometry)
     np.testing.assert_allclose(got, expected, atol=1e-4)
     assert "not kept for the next run" in caplog.text
-    assert not (workspace.fold_dir(tmp_path, "3d_fullres", "0") / openvino_runtime.CONVERTED_DIR).exists()
+    assert not list((workspace.fold_dir(tmp_path, "3d_fullres", "0")).glob("openvino_float32/*/model.xml"))
 
 
 def test_auto_takes_openvino_for_float32_on_the_cpu_but_torch_for_low_memory_windows(tmp_path, monkeypatch, caplog):
@@ -136,12 +161,3 @@ def test_auto_takes_openvino_for_float32_on_the_cpu_but_torch_for_low_memory_win
         predictor = Predictor(tmp_path, ModelChoice(("3d_fullres",), folds=("0",)), compute=auto)
     assert predictor.runtime == "torch" and "low-memory forward" in caplog.text
     assert not isinstance(predictor.folds[0].network, OpenVINONetwork)
-
-
-def test_predict_and_the_python_api_default_to_auto():
-    import inspect
-
-    from autoseg import api, cli
-
-    assert inspect.signature(api.load_model).parameters["runtime"].default == "auto"
-    assert cli.build_parser().parse_args(["predict", "w", "-i", "x", "-o", "y"]).runtime == "auto"

@@ -208,3 +208,14 @@ def test_quantize_refuses_unusable_settings_and_a_workspace_without_splits(train
         assert not splits.exists()  # quantize never writes new splits
     finally:
         splits.write_text(saved)
+
+
+def test_quantization_uses_nncfs_mixed_preset(monkeypatch):
+    """Symmetric activation ranges (NNCF's default preset) cost a Hippocampus label 0.009 Dice; the mixed preset's
+    asymmetric ones kept it (docs/prediction.md)."""
+    nncf = pytest.importorskip("nncf")
+    seen = {}
+    monkeypatch.setattr(nncf, "quantize", lambda model, dataset, **kw: seen.update(kw) or model)
+    windows = [np.zeros((1, 1, 8, 8), np.float32)] * 3
+    assert quantization.quantize_model("model", windows) == "model"
+    assert seen["preset"] == nncf.QuantizationPreset.MIXED and seen["subset_size"] == 3

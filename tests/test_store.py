@@ -152,6 +152,38 @@ def test_atomic_writes_get_ordinary_file_permissions(tmp_path):
         assert mode & 0o044
 
 
+def test_atomic_dir_keeps_the_old_folder_on_failure_and_leaves_nothing_when_another_writer_won(tmp_path, monkeypatch):
+    """A failed swap keeps the previous folder; losing a race to a parallel writer leaves no stale copy behind."""
+    import os
+    from pathlib import Path
+
+    from autoseg import atomic
+
+    final = tmp_path / "cache"
+    final.mkdir()
+    (final / "a").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic.atomic_dir(final) as tmp:
+            (tmp / "a").write_text("new")
+            raise RuntimeError("failed while writing")
+    assert (final / "a").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
+
+    real_replace = os.replace
+
+    def parallel_writer_wins(src, dst):
+        if Path(dst) == final and Path(src).name.startswith(".cache.") and not Path(src).name.endswith(".old"):
+            final.mkdir()  # another process swapped its own folder in after ours was moved aside
+            (final / "a").write_text("theirs")
+            raise OSError(39, "Directory not empty")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", parallel_writer_wins)
+    with pytest.raises(OSError):
+        with atomic.atomic_dir(final) as tmp:
+            (tmp / "a").write_text("ours")
+    assert (final / "a").read_text() == "theirs" and sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
+
+
 def test_class_locations_come_back_as_written_and_older_list_files_are_read(tmp_path):
     from autoseg.dataset.image_io import Geometry
     from autoseg.preprocessing.properties import CaseProperties

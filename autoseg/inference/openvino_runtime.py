@@ -6,19 +6,26 @@ the figures). The network is converted from the torch module itself, for one pat
 size. Converting traces the network (seconds, more than predicting a small case), so a fold's
 conversion is kept on disk beside its checkpoint and read by the next run:
 
-    models/<config>/fold_<K>/openvino_float32/model.xml, model.bin   the float32 OpenVINO model
-    models/<config>/fold_<K>/openvino_float32/conversion.json        format_version, checkpoint,
-        checkpoint_sha256, in_channels, patch_size, versions (autoseg, openvino)
+    models/<config>/fold_<K>/openvino_float32/<key>/model.xml, model.bin   the float32 OpenVINO model
+    models/<config>/fold_<K>/openvino_float32/<key>/conversion.json        what it was made from:
+        format_version, checkpoint, checkpoint_sha256, patch_size, topology, network_code_sha256,
+        versions (autoseg, openvino, torch)
 
-It is used only when all of those match; otherwise the network is converted again and the folder
-replaced. A folder that cannot be written (read-only models, a model archive's verified extraction)
-only costs each run the conversion.
+<key> is a hash of that record, so a conversion is used only when all of it matches; another one is
+made otherwise, and conversions of the same checkpoint file with another record are removed. A
+folder that cannot be written (read-only models) only costs each run the conversion; a model
+archive's verified extraction is never written to (ModelChoice.read_only).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import importlib.util
+import json
 import logging
+import shutil
+import threading
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -30,7 +37,6 @@ from autoseg import __version__ as autoseg_version
 from autoseg.atomic import ArtifactError, atomic_dir, read_json, write_json
 from autoseg.device import cpu_has_native_bf16
 from autoseg.errors import AutosegError
-from autoseg.model_files import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -79,22 +85,41 @@ def convert_network(network: torch.nn.Module, in_channels: int, patch_size: Sequ
         return ov.convert_model(network, example_input=torch.zeros(shape), input=[shape])
 
 
-def _conversion_key(checkpoint: Path, in_channels: int, patch_size: Sequence[int]) -> dict:
+def _network_code_sha256() -> str:
+    """SHA-256 of autoseg/network/*.py: a change to the forward pass that keeps the weights' shapes must not be
+    served from a conversion of the old code."""
+    digest = hashlib.sha256()
+    for path in sorted((Path(__file__).resolve().parents[1] / "network").glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def conversion_key(checkpoint: Path, checkpoint_sha256: str, topology, patch_size: Sequence[int]) -> dict:
+    """Everything a kept conversion depends on, as its conversion.json holds it."""
     ov = import_openvino()
-    return {"format_version": CONVERSION_FORMAT_VERSION, "checkpoint": checkpoint.name,
-            "checkpoint_sha256": file_sha256(checkpoint), "in_channels": int(in_channels),
-            "patch_size": [int(p) for p in patch_size],
-            "versions": {"autoseg": autoseg_version, "openvino": ov.__version__}}
+    key = {"format_version": CONVERSION_FORMAT_VERSION, "checkpoint": checkpoint.name,
+           "checkpoint_sha256": checkpoint_sha256, "patch_size": [int(p) for p in patch_size],
+           "topology": dataclasses.asdict(topology), "network_code_sha256": _network_code_sha256(),
+           "versions": {"autoseg": autoseg_version, "openvino": ov.__version__, "torch": torch.__version__}}
+    return json.loads(json.dumps(key))  # tuples as lists, as read back
+
+
+def conversion_dir(checkpoint: Path, key: dict) -> Path:
+    """One folder per key, so runs with another checkpoint choice or version never swap a folder under a reader."""
+    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return checkpoint.parent / CONVERTED_DIR / name
 
 
 def converted_model(network: torch.nn.Module, in_channels: int, patch_size: Sequence[int], checkpoint: Path,
-                    folder: Path | None):
-    """The fold's network as a float32 OpenVINO model: read from `folder` when it holds the conversion of this
-    checkpoint for this patch, else converted and saved there for the next run (None: never saved)."""
+                    checkpoint_sha256: str | None, topology):
+    """The fold's network as a float32 OpenVINO model: read from disk when this checkpoint (by its SHA-256, taken
+    before its weights were loaded into `network`) was converted before with the same patch, network code and
+    versions; else converted, and kept for the next run (never with `checkpoint_sha256` None)."""
     ov = import_openvino()
-    if folder is None:
+    if checkpoint_sha256 is None:
         return convert_network(network, in_channels, patch_size)
-    key = _conversion_key(checkpoint, in_channels, patch_size)
+    key = conversion_key(checkpoint, checkpoint_sha256, topology, patch_size)
+    folder = conversion_dir(checkpoint, key)
     try:
         if read_json(folder / CONVERSION_RECORD) == key:
             return ov.Core().read_model(str(folder / "model.xml"))
@@ -107,8 +132,24 @@ def converted_model(network: torch.nn.Module, in_channels: int, patch_size: Sequ
             ov.save_model(model, str(tmp / "model.xml"), compress_to_fp16=False)
             write_json(tmp / CONVERSION_RECORD, key)
     except (OSError, RuntimeError) as exc:
-        log.info("%s: the OpenVINO conversion is not kept for the next run (%s)", folder, exc)
+        if not (folder / CONVERSION_RECORD).is_file():  # else a parallel run (--num-parts) kept the same one
+            log.info("%s: the OpenVINO conversion is not kept for the next run (%s)", folder, exc)
+        return model
+    _remove_stale_conversions(folder, checkpoint.name)
     return model
+
+
+def _remove_stale_conversions(kept: Path, checkpoint_name: str) -> None:
+    """Other conversions of the same checkpoint file are of weights or code it no longer has."""
+    for other in kept.parent.iterdir():
+        if other == kept or other.name.startswith(".") or not other.is_dir():
+            continue
+        try:
+            stale = read_json(other / CONVERSION_RECORD).get("checkpoint") == checkpoint_name
+        except (ArtifactError, OSError, AttributeError):
+            stale = False
+        if stale:
+            shutil.rmtree(other, ignore_errors=True)
 
 
 class OpenVINONetwork:
@@ -129,7 +170,7 @@ class OpenVINONetwork:
         config = {"INFERENCE_PRECISION_HINT": "f32",
                   "INFERENCE_NUM_THREADS": str(threads or torch.get_num_threads())}
         self._compiled = ov.Core().compile_model(model, "CPU", config)
-        self._request = self._compiled.create_infer_request()
+        self._requests = threading.local()  # an infer request serves one call at a time: one per thread
         self.input_shape = shape
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
@@ -137,5 +178,8 @@ class OpenVINONetwork:
             raise ValueError(f"this OpenVINO network was compiled for windows {list(self.input_shape[1:])}, "
                              f"got {list(batch.shape[1:])}")
         windows = batch.detach().to("cpu", torch.float32).numpy()
-        outputs = [np.array(self._request.infer({0: windows[i:i + 1]})[0]) for i in range(windows.shape[0])]
+        request = getattr(self._requests, "request", None)
+        if request is None:
+            request = self._requests.request = self._compiled.create_infer_request()
+        outputs = [np.array(request.infer({0: windows[i:i + 1]})[0]) for i in range(windows.shape[0])]
         return torch.from_numpy(np.concatenate(outputs, axis=0))

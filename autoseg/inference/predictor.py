@@ -28,7 +28,6 @@ from autoseg.inference.input_checks import InputCheck, check_input
 from autoseg.inference.instance_maps import instances_from_rims
 from autoseg.inference.int8_models import RECORD, QuantizationError, int8_problem, load_int8, quantized_dir
 from autoseg.inference.openvino_runtime import (
-    CONVERTED_DIR,
     OpenVINONetwork,
     OpenVINOUnavailable,
     choose_runtime,
@@ -42,7 +41,7 @@ from autoseg.inference.sliding_window import (
     sliding_window_predict,
     sliding_window_slabs,
 )
-from autoseg.model_files import Checkpoint, CheckpointError, checkpoint_path, fold_names, load_fold
+from autoseg.model_files import Checkpoint, CheckpointError, checkpoint_path, file_sha256, fold_names, load_fold
 from autoseg.network.low_memory import inference_forward, needs_low_memory
 from autoseg.network.unet import UNet, build_unet
 from autoseg.planning.plans import Plans
@@ -104,6 +103,7 @@ class Predictor:
         plans = Plans.load(workspace.plans_json(self.workdir))
         self._setup(plans, plans.resolve_configurations(model.configurations), window, compute)
         self.checkpoint = model.checkpoint
+        self.read_only = model.read_only
         try:
             chosen = [(name, fold) for name in self.configurations
                       for fold in fold_names(self.workdir, name, model.folds, model.checkpoint)]
@@ -200,6 +200,15 @@ class Predictor:
         return True
 
     def _load_fold(self, configuration: str, fold: str) -> LoadedFold:
+        keep = None
+        if self.runtime == "openvino" and not self.read_only:
+            # Hashed before loading: should training replace the file meanwhile, the kept conversion is filed under
+            # the old file's hash and never matches again, rather than the new hash over the old weights.
+            try:
+                expected = checkpoint_path(self.workdir, configuration, fold, self.checkpoint)
+                keep = (expected, file_sha256(expected))
+            except (CheckpointError, OSError):
+                keep = None
         try:
             path, state = load_fold(self.workdir, configuration, fold, self.checkpoint)
         except CheckpointError as exc:
@@ -226,11 +235,12 @@ class Predictor:
             channels = self.plans.input_channels(configuration)
             # The conversion is kept beside the checkpoint for the next run, except in a model archive's extraction,
             # which must stay exactly as verified (model_archive.py).
-            keep = None if (self.workdir / "manifest.json").is_file() else path.parent / CONVERTED_DIR
+            digest = keep[1] if keep is not None and keep[0] == path else None
             try:
+                model = converted_model(network, channels, patch, path, digest,
+                                        self.plans.network_topology(configuration))
                 return LoadedFold(configuration, fold, path, state.epoch,
-                                  OpenVINONetwork(None, channels, patch,
-                                                  model=converted_model(network, channels, patch, path, keep)))
+                                  OpenVINONetwork(None, channels, patch, model=model))
             except OpenVINOUnavailable as exc:
                 raise PredictorError(str(exc)) from None
         # Large windows: the same logits with a fraction of the activation memory (network/low_memory.py).

@@ -31,6 +31,9 @@ class ModelChoice:
     configurations: tuple[str, ...] | None = None  # None: the plans' default_configuration
     folds: tuple[str, ...] | None = None  # None: every fold_* folder of each configuration
     checkpoint: str = "final"  # "final" (falling back to checkpoint_latest.pt), "latest" or "best"
+    # True for a model archive's verified extraction (`predict --model`): nothing may be written beside its
+    # checkpoints, so OpenVINO's conversion is not kept there (openvino_runtime.converted_model)
+    read_only: bool = False
 
     def __post_init__(self) -> None:
         if self.configurations is not None:
@@ -65,9 +68,9 @@ class ComputeSettings:
     mixed_precision: bool = True  # float16 on CUDA, bfloat16 on a CPU with native bf16; False: --fp32
     # "torch"; "openvino": float32 through OpenVINO, CPU only; "openvino-int8": the folds' int8 networks that
     # `autoseg quantize` made and checked (autoseg/quantization.py); "auto" (what `autoseg predict` and the Python
-    # API default to): where torch would run float32 on the CPU and openvino is installed, openvino-int8 for a
-    # configuration whose folds all have current int8 networks, else openvino, unless a configuration's windows
-    # take torch's low-memory forward; torch everywhere else (openvino_runtime.choose_runtime, Predictor). The
+    # API default to): where torch would run float32 on the CPU and openvino is installed, openvino-int8 when every
+    # fold predicted together has a current int8 network, else openvino, unless a configuration's windows take
+    # torch's low-memory forward; torch everywhere else (openvino_runtime.choose_runtime, Predictor). The
     # record's own default stays torch, for the callers inside autoseg that hold networks in memory.
     runtime: str = "torch"
 
