@@ -44,11 +44,16 @@ def trained(tmp_path_factory):
     return root, work
 
 
+def record_of(work):
+    return json.loads((quantized_dir(work, "3d_fullres", "0") / "quantization.json").read_text())
+
+
 def test_quantize_installs_a_checked_int8_model_that_predict_uses(trained, tmp_path, capsys):
     root, work = trained
     assert main(["quantize", str(work), "--folds", "0", "--calibration-windows", "16", "--tolerance", "0.05"]) == 0
     printed = capsys.readouterr().out
-    assert "int8 accepted on 2 validation case(s)" in printed and "--runtime openvino-int8" in printed
+    assert "int8 accepted on 2 validation case(s)" in printed and "the default --runtime auto takes them" in printed
+    assert record_of(work)["calibration"]["preset"] == "mixed"
     folder = quantized_dir(work, "3d_fullres", "0")
     assert (folder / "model.xml").is_file() and (folder / "model.bin").is_file()
     record = json.loads((folder / "quantization.json").read_text())
