@@ -19,6 +19,7 @@ CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres")  # as a
 INSTANCE_CHOICES = ("auto", "on", "off")  # as autoseg.plan_workspace.INSTANCE_CHOICES
 OBJECT_METRICS = ("auto", "membrane", "instances", "all", "none")  # as autoseg.evaluation.objects.CHOICES
 AUGMENT_INTERPOLATIONS = ("cubic", "linear")  # as autoseg.training.augmentation.AUGMENT_INTERPOLATIONS
+SCALE_DRAWS = ("batchgenerators", "uniform")  # as autoseg.training.augmentation.SCALE_DRAWS
 RUNTIMES = ("torch", "openvino", "openvino-int8", "auto")  # as autoseg.inference.settings.RUNTIMES
 QUANTIZE_CALIBRATION_WINDOWS = 128  # as autoseg.quantization.DEFAULT_CALIBRATION_WINDOWS
 QUANTIZE_TOLERANCE = 0.005  # as autoseg.quantization.DEFAULT_TOLERANCE
@@ -100,6 +101,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides["compile"] = args.compile
     if args.augment_interpolation is not None:
         overrides["augment_interpolation"] = args.augment_interpolation
+    if args.augment_scale_draw is not None:
+        overrides["augment_scale_draw"] = args.augment_scale_draw
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
@@ -397,6 +400,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--augment-interpolation", choices=AUGMENT_INTERPOLATIONS,
                    help="image interpolation of the rotation and scaling augmentation: linear as nnU-Net 2.8.1, or "
                         "cubic; labels are always nearest neighbour (default: linear; see docs/planning.md)")
+    p.add_argument("--augment-scale-draw", choices=SCALE_DRAWS,
+                   help="how the scaling augmentation draws its factor in [0.7, 1.4]: batchgenerators (below or "
+                        "above 1 with p 0.5 each) or uniform over the range, as nnU-Net 2.8.1 (default: "
+                        "batchgenerators; not yet measured against uniform, see docs/planning.md)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the network for training (compiled at the first step; if compiling fails, "
                         "training goes on uncompiled and the log says why) (default: on with CUDA, off on the CPU, "

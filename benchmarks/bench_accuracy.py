@@ -7,6 +7,7 @@ label of both is printed side by side with their training and prediction seconds
                                         [--configuration 2d|3d_fullres|3d_lowres] [--batch-size B]
                                         [--preset default|resenc-m|resenc-l|resenc-xl] [--seeds N]
                                         [--autoseg-precision float32|auto] [--augment-interpolation cubic|linear]
+                                        [--augment-scale-draw batchgenerators|uniform]
                                         [--nnunet-venv /work/bench/nnunet_venv | --no-nnunet]
     python benchmarks/bench_accuracy.py DATASET --hold-out 20 --iterations N      # makes the split itself
 
@@ -25,7 +26,8 @@ iterations within the hour; 3d_fullres on Hippocampus takes 8-15 s an iteration 
 autoseg: `autoseg plan` (verify, fingerprint, plan, preprocess that configuration) into a
 temporary workspace, `train_fold` of fold 0 for `--epochs` epochs of N / E iterations with
 `--val-iters` validation batches per epoch and no validation of whole cases at the end (with the
-spatial transform's image interpolation `--augment-interpolation`, default linear), then
+spatial transform's image interpolation `--augment-interpolation`, default linear, and its scale draw
+`--augment-scale-draw`, default batchgenerators), then
 `predict_folder` of fold 0 (checkpoint_final, mirroring on) on --test-images.
 
 nnU-Net v2 (when its venv is found): the dataset is converted and preprocessed in the same temporary
@@ -163,7 +165,8 @@ def dice_per_label(pred_dir: Path, labels_dir: Path, labels: list[int], regions=
 
 def run_autoseg(workdir: Path, configuration: str, epochs: int, iters_per_epoch: int, val_iters: int,
                 workers: int, test_images: Path, out: Path, batch_size: int | None = None,
-                mixed_precision: bool = False, seed: int = 0, augment_interpolation: str = "linear") -> dict:
+                mixed_precision: bool = False, seed: int = 0, augment_interpolation: str = "linear",
+                augment_scale_draw: str = "batchgenerators") -> dict:
     from autoseg.inference.batch import predict_folder
     from autoseg.inference.settings import BatchOptions, ComputeSettings, ModelChoice
     from autoseg.training.trainer import TrainingSettings, train_fold
@@ -171,7 +174,7 @@ def run_autoseg(workdir: Path, configuration: str, epochs: int, iters_per_epoch:
     settings = TrainingSettings(epochs=epochs, iters_per_epoch=iters_per_epoch, val_iters=val_iters,
                                 workers=workers, validate_at_end=False, batch_size=batch_size,
                                 mixed_precision=mixed_precision, seed=seed,
-                                augment_interpolation=augment_interpolation)
+                                augment_interpolation=augment_interpolation, augment_scale_draw=augment_scale_draw)
     t = time.perf_counter()
     train_fold(workdir, configuration, 0, settings, progress=False)
     train_s = time.perf_counter() - t
@@ -265,6 +268,9 @@ def main() -> None:
     parser.add_argument("--augment-interpolation", choices=("cubic", "linear"), default="linear",
                         help="autoseg's image interpolation in the rotation and scaling augmentation (`autoseg train "
                              "--augment-interpolation`); nnU-Net 2.8.1 interpolates linearly (default: %(default)s)")
+    parser.add_argument("--augment-scale-draw", choices=("batchgenerators", "uniform"), default="batchgenerators",
+                        help="autoseg's scale draw in the scaling augmentation (`autoseg train --augment-scale-draw`); "
+                             "nnU-Net 2.8.1 draws uniformly (default: %(default)s)")
     parser.add_argument("--nnunet-venv", default=str(DEFAULT_NNUNET_VENV) if DEFAULT_NNUNET_VENV.is_dir() else None,
                         metavar="PATH", help="nnunetv2 venv or its bin folder (default: %(default)s)")
     parser.add_argument("--no-nnunet", action="store_true", help="run autoseg only")
@@ -314,7 +320,8 @@ def main() -> None:
               f"{' (plan: ' + str(planned.batch_size) + ')' if args.batch_size else ''}, patch {patch_size}; "
               f"{args.iterations} iterations = {epochs} epoch(s) x {iters_per_epoch}, {args.val_iters} validation "
               f"batches per epoch, {workers} augmentation worker(s), autoseg precision {args.autoseg_precision}, "
-              f"{args.augment_interpolation} image interpolation in autoseg's augmentation; "
+              f"{args.augment_interpolation} image interpolation and {args.augment_scale_draw} scale draw in "
+              "autoseg's augmentation; "
               f"test cases in {test_images}", flush=True)
 
         runs = []
@@ -323,7 +330,8 @@ def main() -> None:
             figures = {"autoseg": run_autoseg(workdir, configuration, epochs, iters_per_epoch, args.val_iters,
                                               workers, test_images, folder / f"pred_autoseg{suffix}", args.batch_size,
                                               mixed_precision=args.autoseg_precision == "auto", seed=run,
-                                              augment_interpolation=args.augment_interpolation)}
+                                              augment_interpolation=args.augment_interpolation,
+                                              augment_scale_draw=args.augment_scale_draw)}
             figures["autoseg"]["plan_s"] = plan_s
             figures["autoseg"]["dice"] = dice_per_label(folder / f"pred_autoseg{suffix}", test_labels, labels,
                                                         plans.regions)
@@ -343,6 +351,7 @@ def main() -> None:
                                              "workers": workers, "configuration": configuration,
                                              "autoseg_precision": args.autoseg_precision,
                                              "augment_interpolation": args.augment_interpolation,
+                                             "augment_scale_draw": args.augment_scale_draw,
                                              "batch_size": batch_size, "patch_size": patch_size,
                                              "runs": runs, **runs[0]}, indent=1, default=str))
 

@@ -361,3 +361,38 @@ def test_training_interpolates_images_linearly_by_default_as_nnunet():
     assert TrainingSettings().augment_interpolation == "linear"
     spatial = _transform([32, 32], "SpatialTransform")
     assert (spatial.order_data, spatial.order_seg) == (1, 0)
+
+
+@pytest.mark.parametrize("draw, below, mean", [("batchgenerators", 0.5, 1.025), ("uniform", 3 / 7, 1.05)])
+def test_scale_draw_batchgenerators_halves_and_uniform_as_nnunet(monkeypatch, draw, below, mean):
+    """The factors the spatial transform applies: batchgenerators' half below 1, or uniform in [0.7, 1.4] as
+    nnU-Net 2.8.1 (below 1 with p 3/7, mean 1.05); each side uniform, within the range."""
+    from batchgenerators.augmentations import spatial_transformations
+
+    factors = []
+    real_scale = spatial_transformations.scale_coords
+    monkeypatch.setattr(spatial_transformations, "scale_coords",
+                        lambda coords, sc: factors.append(float(sc)) or real_scale(coords, sc))
+    transforms = training_transforms([8, 8], mirror_axes=None, deep_supervision_scales=None, scale_draw=draw)
+    spatial = transforms.transforms[0]
+    np.random.seed(1)
+    data, seg = np.zeros((1000, 1, 8, 8), np.float32), np.zeros((1000, 1, 8, 8), np.float32)
+    for _ in range(8):
+        out = spatial(data=data.copy(), seg=seg.copy())
+        assert out["data"].shape == data.shape and out["seg"].shape == seg.shape
+    factors = np.array(factors)
+    assert 0.2 * 8000 * 0.9 < len(factors) < 0.2 * 8000 * 1.1  # scaled with p 0.2 either way
+    assert factors.min() >= 0.7 and factors.max() <= 1.4
+    assert abs((factors < 1).mean() - below) < 0.04 and abs(factors.mean() - mean) < 0.015
+    lower = factors[factors < 1]
+    assert abs(np.median(lower) - 0.85) < 0.03  # uniform within [0.7, 1) on both rules
+
+
+def test_scale_draw_is_checked_and_batchgenerators_by_default():
+    from autoseg.training.trainer import TrainingError, TrainingSettings
+
+    assert TrainingSettings().augment_scale_draw == "batchgenerators"
+    with pytest.raises(TrainingError, match="augment-scale-draw must be one of batchgenerators, uniform"):
+        TrainingSettings(augment_scale_draw="gaussian")
+    with pytest.raises(ValueError, match="scale_draw must be one of"):
+        training_transforms([8, 8], mirror_axes=None, deep_supervision_scales=None, scale_draw="gaussian")

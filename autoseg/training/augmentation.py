@@ -12,9 +12,11 @@ Probabilities are per sample unless stated:
 
 1. Spatial: rotation with p 0.2 (2D: +-15 degrees for elongated patches, else +-180; 3D: about
    each axis by +-30 degrees, slabs in-plane only by +-180), isotropic scaling in [0.7, 1.4]
-   (above 1 zooms out) with p 0.2; linear interpolation for images (`--augment-interpolation`) with 0
-   outside, nearest for labels with -1 outside. Slab patches are transformed slice by slice (axis 0 untouched). Before
-   it, where the plan or `autoseg train --elastic` asks, the U-Net paper's elastic deformation
+   (above 1 zooms out) with p 0.2, below or above 1 with p 0.5 each (batchgenerators' draw;
+   `--augment-scale-draw uniform` draws uniformly over the range, as nnU-Net 2.8.1); linear
+   interpolation for images (`--augment-interpolation`) with 0 outside, nearest for labels with -1
+   outside. Slab patches are transformed slice by slice (axis 0 untouched). Before it, where the
+   plan or `autoseg train --elastic` asks, the U-Net paper's elastic deformation
    (`GridElasticDeformation`: a 3 x 3 grid of displacements with a standard deviation of 10 voxels,
    cubic interpolation; off by default, as in nnU-Net).
 2. Gaussian noise, variance in [0, 0.1], p 0.1.
@@ -71,6 +73,11 @@ DEFAULT_SCALE_RANGE = (0.7, 1.4)
 # a 2.7x cheaper transform (docs/planning.md)
 AUGMENT_INTERPOLATIONS = {"cubic": 3, "linear": 1}
 DEFAULT_AUGMENT_INTERPOLATION = "linear"
+# How the spatial transform draws its scale factor (docs/planning.md): "batchgenerators" (below or above 1 with p 0.5
+# each, uniform on each side; autoseg's default, not yet measured against the other) or "uniform" over the whole
+# range (nnU-Net 2.8.1's batchgeneratorsv2 draw: below 1 with p (1 - lo) / (hi - lo), 0.43 for [0.7, 1.4])
+SCALE_DRAWS = ("batchgenerators", "uniform")
+DEFAULT_SCALE_DRAW = "batchgenerators"
 SLAB_RATIO = 3.0  # a 3D patch whose largest side exceeds this times axis 0 is augmented in-plane only
 ELONGATED_2D_RATIO = 1.5  # a 2D patch longer than this times its width rotates by +-15 degrees only
 READ_PATCH_ZOOM_OUT = 0.85  # the read patch covers scaling down to this factor (nnU-Net's value)
@@ -274,6 +281,32 @@ class DownsampleSegForDeepSupervision(AbstractTransform):
         return data_dict
 
 
+class UniformScaleDraw(AbstractTransform):
+    """A spatial transform whose scale factor is uniform over [lo, hi], from two batchgenerators SpatialTransforms.
+
+    batchgenerators draws below 1 or above 1 with p 0.5 each. Sending a share q = 2 (1 - lo) / (hi - lo) of the
+    samples through a transform over [lo, hi] (half of them below 1) and the others through one over [1, hi]
+    puts (1 - lo) / (hi - lo) of the scaled samples below 1, each side still uniform: the uniform draw over [lo, hi],
+    with the rotation, its probabilities and the interpolation unchanged."""
+
+    def __init__(self, whole_range: AbstractTransform, upper_range: AbstractTransform, share_whole: float):
+        self.whole_range, self.upper_range, self.share_whole = whole_range, upper_range, share_whole
+
+    def __call__(self, **data_dict):
+        data, seg = data_dict["data"], data_dict.get("seg")
+        outputs = []
+        for i in range(data.shape[0]):
+            transform = self.whole_range if np.random.random() < self.share_whole else self.upper_range
+            one = {"data": data[i:i + 1]}
+            if seg is not None:
+                one["seg"] = seg[i:i + 1]
+            outputs.append(transform(**one))
+        data_dict["data"] = np.concatenate([o["data"] for o in outputs])
+        if seg is not None:
+            data_dict["seg"] = np.concatenate([o["seg"] for o in outputs])
+        return data_dict
+
+
 def _to_tensors() -> list[AbstractTransform]:
     return [NumpyToTensor(["data"], "float"), NumpyToTensor(["target"], "long")]
 
@@ -288,6 +321,7 @@ def training_transforms(
     elastic: ElasticDeformation | None = None,
     previous_stage_labels: Sequence[int] = (),
     image_order: int = AUGMENT_INTERPOLATIONS[DEFAULT_AUGMENT_INTERPOLATION],
+    scale_draw: str = DEFAULT_SCALE_DRAW,
 ) -> Compose:
     """The training augmentation (see the module docstring) for patches read at `training_patch_size`.
 
@@ -297,20 +331,30 @@ def training_transforms(
     second stage) turns seg channel 1 into one input channel per label and perturbs them
     (training/cascade.py). `image_order` is the spline order of the spatial transform's image
     interpolation (1 linear as nnU-Net 2.8.1, the default; 3 cubic); labels are always taken nearest.
+    `scale_draw` is one of SCALE_DRAWS.
     """
+    if scale_draw not in SCALE_DRAWS:
+        raise ValueError(f"scale_draw must be one of {', '.join(SCALE_DRAWS)}, got {scale_draw!r}")
     patch = [int(p) for p in patch_size]
     ndim = len(patch)
     rotation, in_plane_only = rotation_for_patch(patch)
     spatial_patch = patch[1:] if in_plane_only else patch
     other_axes = rotation if len(spatial_patch) == 3 else (0.0, 0.0)  # a 2D transform turns about one axis
-    spatial = SpatialTransform(
-        spatial_patch, patch_center_dist_from_border=None,
-        do_elastic_deform=False,
-        do_rotation=True, angle_x=rotation, angle_y=other_axes, angle_z=other_axes,
-        p_rot_per_sample=0.2, do_scale=True, scale=tuple(scale_range), p_scale_per_sample=0.2,
-        border_mode_data="constant", border_cval_data=0, order_data=image_order,
-        border_mode_seg="constant", border_cval_seg=-1, order_seg=0, random_crop=False,
-    )
+
+    def spatial_over(scales: tuple[float, float]) -> SpatialTransform:
+        return SpatialTransform(
+            spatial_patch, patch_center_dist_from_border=None,
+            do_elastic_deform=False,
+            do_rotation=True, angle_x=rotation, angle_y=other_axes, angle_z=other_axes,
+            p_rot_per_sample=0.2, do_scale=True, scale=scales, p_scale_per_sample=0.2,
+            border_mode_data="constant", border_cval_data=0, order_data=image_order,
+            border_mode_seg="constant", border_cval_seg=-1, order_seg=0, random_crop=False,
+        )
+
+    low, high = (float(s) for s in scale_range)
+    spatial: AbstractTransform = spatial_over((low, high))
+    if scale_draw == "uniform" and low < 1 < high:
+        spatial = UniformScaleDraw(spatial, spatial_over((1.0, high)), 2 * (1 - low) / (high - low))
     transforms: list[AbstractTransform] = []
     if elastic is not None:
         transforms.append(GridElasticDeformation(elastic.grid_points, elastic.sigma, elastic.probability,

@@ -36,6 +36,8 @@ from autoseg.training import distributed
 from autoseg.training.augmentation import (
     AUGMENT_INTERPOLATIONS,
     DEFAULT_AUGMENT_INTERPOLATION,
+    DEFAULT_SCALE_DRAW,
+    SCALE_DRAWS,
     default_workers,
     make_loader,
     rotation_for_patch,
@@ -96,6 +98,9 @@ class TrainingSettings:
     # Image interpolation of the spatial transform (rotation, scaling): "linear" (nnU-Net 2.8.1's, the default)
     # or "cubic" (autoseg's before 2026-12-03); labels are always nearest neighbour. docs/planning.md has the ablation.
     augment_interpolation: str = DEFAULT_AUGMENT_INTERPOLATION
+    # The spatial transform's scale draw: "batchgenerators" (the default) or "uniform" (nnU-Net 2.8.1's);
+    # augmentation.SCALE_DRAWS, docs/planning.md
+    augment_scale_draw: str = DEFAULT_SCALE_DRAW
 
     def __post_init__(self) -> None:
         for name in ("epochs", "iters_per_epoch", "val_iters", "checkpoint_every"):
@@ -108,6 +113,9 @@ class TrainingSettings:
         if self.augment_interpolation not in AUGMENT_INTERPOLATIONS:
             raise TrainingError(f"augment-interpolation must be one of {', '.join(AUGMENT_INTERPOLATIONS)}, "
                                 f"got {self.augment_interpolation!r}")
+        if self.augment_scale_draw not in SCALE_DRAWS:
+            raise TrainingError(f"augment-scale-draw must be one of {', '.join(SCALE_DRAWS)}, "
+                                f"got {self.augment_scale_draw!r}")
 
 
 def elastic_for(config: ConfigurationPlan, choice: bool | None) -> ElasticDeformation | None:
@@ -291,7 +299,7 @@ def train_fold(workdir: Path, configuration: str, fold: int | str, settings: Tra
     elastic = elastic_for(config, settings.elastic)
     say(f"augmentation: patch {patch} read as {read_patch}, rotation up to +-{np.degrees(rotation[1]):.0f} degrees"
         f"{' (slab: in-plane only)' if in_plane_only else ''}, "
-        f"{settings.augment_interpolation} image interpolation, "
+        f"{settings.augment_interpolation} image interpolation, {settings.augment_scale_draw} scale draw, "
         f"{elastic.describe() if elastic else 'no elastic deformation'}, image 0 outside the non-zero mask in "
         f"channels {masked_channels}; loss: {'batch' if batch_dice else 'per-sample'} Dice + "
         + (f"binary cross-entropy over {len(region_labels)} regions" if region_labels else "cross-entropy"))
@@ -317,6 +325,7 @@ def train_fold(workdir: Path, configuration: str, fold: int | str, settings: Tra
                                                                   elastic=elastic,
                                                                   image_order=AUGMENT_INTERPOLATIONS[
                                                                       settings.augment_interpolation],
+                                                                  scale_draw=settings.augment_scale_draw,
                                                                   previous_stage_labels=previous_labels),
                                 settings.workers, seed=data_seed)
     val_batches = None
