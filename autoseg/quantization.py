@@ -41,7 +41,9 @@ DEFAULT_TOLERANCE = 0.005  # largest accepted drop of a label's mean validation 
 DEFAULT_CALIBRATION_WINDOWS = 128
 FOREGROUND_SHARE = 1 / 3  # calibration windows centred on a foreground voxel, as training oversamples them
 WINDOW_MEMORY = 1 << 30  # calibration windows are held in memory: at most this many bytes of them
-QUANTIZATION_PRESET = "mixed"  # NNCF's preset: symmetric weights, asymmetric activations (quantize_model)
+# NNCF's presets, each tried (quantize_model): "mixed" (asymmetric activations) kept a Hippocampus 3d model that
+# "performance" (symmetric, NNCF's default) lost 0.009 Dice on; on a DSB 2d model it went the other way
+QUANTIZATION_PRESETS = ("mixed", "performance")
 
 
 @dataclass(frozen=True)
@@ -134,16 +136,14 @@ def import_nncf():
     return nncf
 
 
-def quantize_model(model, windows: Sequence[np.ndarray]):
-    """NNCF's post-training int8 quantization of an OpenVINO model, calibrated on `windows`.
-
-    NNCF's mixed preset: weights symmetric, activations asymmetric (a zero point per tensor). The U-Net's
-    activations follow leaky ReLUs, nearly all of their range on one side of zero, which a symmetric
-    scale spends half of on values that never occur; its default (performance) preset failed the
-    Dice check where the mixed one passed (docs/prediction.md)."""
+def quantize_model(model, windows: Sequence[np.ndarray], preset: str = "mixed"):
+    """NNCF's post-training int8 quantization of an OpenVINO model, calibrated on `windows`, with one of
+    QUANTIZATION_PRESETS: weights symmetric in both; activations asymmetric (a zero point per tensor) in "mixed",
+    symmetric in "performance". Which keeps the Dice depends on the model (docs/prediction.md), so quantize_fold
+    checks both."""
     nncf = import_nncf()
     return nncf.quantize(model, nncf.Dataset(list(windows)), subset_size=len(windows),
-                         preset=getattr(nncf.QuantizationPreset, QUANTIZATION_PRESET.upper()))
+                         preset=getattr(nncf.QuantizationPreset, preset.upper()))
 
 
 def _case_inputs(workdir: Path, plans, configuration: str, case_id: str) -> tuple[np.ndarray, object]:
@@ -183,17 +183,20 @@ def _reference_cases(workdir: Path, case_ids: Sequence[str]) -> dict:
     return cases
 
 
-def check_int8(workdir: Path, plans, configuration: str, float32_net: OpenVINONetwork, int8_net: OpenVINONetwork,
-               case_ids: Sequence[str], tolerance: float, cases: dict, progress: bool = True) -> QuantizationCheck:
-    """Predict `case_ids` in full with both networks and compare their mean Dice per label."""
+def check_int8(workdir: Path, plans, configuration: str, float32_net: OpenVINONetwork,
+               int8_nets: dict[str, OpenVINONetwork], case_ids: Sequence[str], tolerance: float, cases: dict,
+               progress: bool = True) -> dict[str, QuantizationCheck]:
+    """Predict `case_ids` in full with the float32 network and each int8 one, and compare their mean Dice per label
+    (one check per int8 network; the float32 predictions are made once)."""
     from autoseg.dataset.layout import read_case_label
     from autoseg.evaluation import evaluate_case, mean_per_label, nan_to_none
 
     structures = plans.scored_structures
     compute = ComputeSettings(device="cpu", runtime="openvino")
+    networks = {"float32": float32_net, **{f"int8 {name}": net for name, net in int8_nets.items()}}
     predictors = {name: Predictor.from_networks(plans, configuration, [net], compute=compute, workdir=workdir)
-                  for name, net in (("float32", float32_net), ("int8", int8_net))}
-    scores: dict[str, dict] = {"float32": {}, "int8": {}}
+                  for name, net in networks.items()}
+    scores: dict[str, dict] = {name: {} for name in networks}
     for case_id in tqdm(case_ids, desc="int8 check", unit="case", disable=not progress):
         image, properties = _case_inputs(workdir, plans, configuration, case_id)
         prepared = PreparedCase(properties.original_geometry, (configuration,), (image,), (properties,))
@@ -203,8 +206,8 @@ def check_int8(workdir: Path, plans, configuration: str, float32_net: OpenVINONe
             scores[name][case_id] = evaluate_case(labels, reference, properties.original_geometry.spacing,
                                                   structures, plans.ignore_label)
     means = {name: nan_to_none(mean_per_label(per_case, list(structures))) for name, per_case in scores.items()}
-    return QuantizationCheck({k: v["dice"] for k, v in means["float32"].items()},
-                             {k: v["dice"] for k, v in means["int8"].items()}, tolerance)
+    dice = {name: {k: v["dice"] for k, v in mean.items()} for name, mean in means.items()}
+    return {name: QuantizationCheck(dice["float32"], dice[f"int8 {name}"], tolerance) for name in int8_nets}
 
 
 def check_arguments(calibration: int, validation_cases: int | None, tolerance: float) -> None:
@@ -289,24 +292,31 @@ def quantize_fold(workdir: Path, configuration: str, fold: str, *, checkpoint: s
     windows = calibration_windows(train_ids, load, patch, count, seed)
     log.info("%s fold %s: calibrating int8 on %d windows from %d training cases", configuration, fold,
              len(windows), len(train_ids))
-    quantized = quantize_model(model, windows)
+    quantized = {preset: quantize_model(model, windows, preset) for preset in QUANTIZATION_PRESETS}
     del windows
     quantize_seconds = time.perf_counter() - started
     float32_net = OpenVINONetwork(None, channels, patch, threads, model=model)
-    int8_net = OpenVINONetwork(None, channels, patch, threads, model=quantized)
-    check = check_int8(workdir, plans, configuration, float32_net, int8_net, val_ids, tolerance, cases, progress)
+    int8_nets = {preset: OpenVINONetwork(None, channels, patch, threads, model=q) for preset, q in quantized.items()}
+    checks = check_int8(workdir, plans, configuration, float32_net, int8_nets, val_ids, tolerance, cases, progress)
     names = plans.output_labels
+    # The accepted preset that loses least (the first of QUANTIZATION_PRESETS on a tie), else the refusal's figures
+    # of the one that came closest.
+    preset = min(QUANTIZATION_PRESETS, key=lambda p: (not checks[p].accepted, checks[p].max_drop))
+    check = checks[preset]
     if not check.accepted:
         reason = (f"a label's validation Dice drops by {check.max_drop:.4f} > tolerance {tolerance}" if check.drops
                   else "no label could be scored")
+        tried = ", ".join(f"{p} {checks[p].max_drop:.4f}" for p in QUANTIZATION_PRESETS)
         raise QuantizationError(
-            f"{path}: int8 refused, {reason} on {len(val_ids)} case(s) ({check.describe(names)}); predict in float32 "
-            "(`--runtime openvino`), or accept the loss with a larger --tolerance")
+            f"{path}: int8 refused, {reason} on {len(val_ids)} case(s) with NNCF's {preset} preset, the closer of "
+            f"the two ({check.describe(names)}; largest drop per preset: {tried}); predict in float32 (`--runtime "
+            "openvino`), or accept the loss with a larger --tolerance")
     record = {
         "format_version": FORMAT_VERSION, "configuration": configuration, "fold": str(fold),
         "checkpoint": path.name, "checkpoint_sha256": file_sha256(path),
         "calibration": {"windows": count, "training_cases": len(train_ids),
-                        "foreground_share": round(FOREGROUND_SHARE, 4), "seed": seed, "preset": QUANTIZATION_PRESET},
+                        "foreground_share": round(FOREGROUND_SHARE, 4), "seed": seed, "preset": preset,
+                        "max_drop_per_preset": {p: round(checks[p].max_drop, 6) for p in QUANTIZATION_PRESETS}},
         "check": {"cases": list(val_ids), "held_out": held_out, "mirroring": True, "tolerance": tolerance,
                   "names": {k: names.get(int(k), k) for k in check.dice_float32},
                   "dice_float32": check.dice_float32, "dice_int8": check.dice_int8,
@@ -315,5 +325,5 @@ def quantize_fold(workdir: Path, configuration: str, fold: str, *, checkpoint: s
         "versions": {"openvino": ov.__version__, "nncf": nncf.__version__},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    install_int8(quantized, record, quantized_dir(workdir, configuration, str(fold)))
+    install_int8(quantized[preset], record, quantized_dir(workdir, configuration, str(fold)))
     return record

@@ -53,7 +53,10 @@ def test_quantize_installs_a_checked_int8_model_that_predict_uses(trained, tmp_p
     assert main(["quantize", str(work), "--folds", "0", "--calibration-windows", "16", "--tolerance", "0.05"]) == 0
     printed = capsys.readouterr().out
     assert "int8 accepted on 2 validation case(s)" in printed and "the default --runtime auto takes them" in printed
-    assert record_of(work)["calibration"]["preset"] == "mixed"
+    calibration = record_of(work)["calibration"]
+    assert calibration["preset"] in ("mixed", "performance")
+    assert set(calibration["max_drop_per_preset"]) == {"mixed", "performance"}
+    assert calibration["max_drop_per_preset"][calibration["preset"]] == min(calibration["max_drop_per_preset"].values())
     folder = quantized_dir(work, "3d_fullres", "0")
     assert (folder / "model.xml").is_file() and (folder / "model.bin").is_file()
     record = json.loads((folder / "quantization.json").read_text())
@@ -114,7 +117,7 @@ def test_an_int8_network_that_loses_dice_is_refused_and_not_installed(trained, m
         for p in broken.parameters():
             p.zero_()
     monkeypatch.setattr(quantization, "quantize_model",
-                        lambda model, windows: convert_network(broken, 1, [8, 8, 8]))
+                        lambda model, windows, preset: convert_network(broken, 1, [8, 8, 8]))
     if not quantized_dir(work, "3d_fullres", "0").exists():
         assert main(["quantize", str(work), "--folds", "0", "--calibration-windows", "8", "--tolerance", "0.5"]) == 0
     before = sorted(p.name for p in workspace.fold_dir(work, "3d_fullres", "0").iterdir())
@@ -122,6 +125,7 @@ def test_an_int8_network_that_loses_dice_is_refused_and_not_installed(trained, m
     assert main(["quantize", str(work), "--folds", "0", "--calibration-windows", "4"]) == 2
     err = capsys.readouterr().err
     assert "int8 refused, a label's validation Dice drops by" in err and "tolerance 0.005" in err
+    assert "largest drop per preset: mixed" in err and ", performance " in err
     assert "refused: 3d_fullres/fold_0 (nothing installed for them" in err
     assert sorted(p.name for p in workspace.fold_dir(work, "3d_fullres", "0").iterdir()) == before
     assert (quantized_dir(work, "3d_fullres", "0") / "quantization.json").read_text() == record  # the earlier one stays
@@ -215,12 +219,12 @@ def test_quantize_refuses_unusable_settings_and_a_workspace_without_splits(train
         splits.write_text(saved)
 
 
-def test_quantization_uses_nncfs_mixed_preset(monkeypatch):
-    """Symmetric activation ranges (NNCF's default preset) cost a Hippocampus label 0.009 Dice; the mixed preset's
-    asymmetric ones kept it (docs/prediction.md)."""
+@pytest.mark.parametrize("preset, expected", [("mixed", "MIXED"), ("performance", "PERFORMANCE")])
+def test_quantization_passes_nncf_the_preset(monkeypatch, preset, expected):
+    """Which preset keeps the Dice depends on the model (docs/prediction.md): each reaches NNCF as asked."""
     nncf = pytest.importorskip("nncf")
     seen = {}
     monkeypatch.setattr(nncf, "quantize", lambda model, dataset, **kw: seen.update(kw) or model)
     windows = [np.zeros((1, 1, 8, 8), np.float32)] * 3
-    assert quantization.quantize_model("model", windows) == "model"
-    assert seen["preset"] == nncf.QuantizationPreset.MIXED and seen["subset_size"] == 3
+    assert quantization.quantize_model("model", windows, preset) == "model"
+    assert seen["preset"] == getattr(nncf.QuantizationPreset, expected) and seen["subset_size"] == 3
