@@ -3,10 +3,11 @@
 A fold's trained network is converted to OpenVINO (as `--runtime openvino` does), then quantized to
 int8 after training by NNCF (post-training quantization: the value range of every activation is
 measured on calibration windows cut from the fold's own preprocessed training cases, a third of
-them centred on a voxel of one label). The int8 network is accepted only if it keeps the fold's
-validation Dice: its validation cases are predicted in full (sliding window, mirroring, export to
-the original grid) by the float32 and the int8 network, both are scored against the reference
-labels, and no label's mean Dice may drop by more than the tolerance (default 0.005). A refused
+them centred on a voxel of one label), once with each of NNCF's mixed and performance presets. An
+int8 network is accepted only if it keeps the fold's validation Dice: its validation cases are
+predicted in full (sliding window, mirroring, export to the original grid) by the float32 and the
+int8 networks, all are scored against the reference labels, and no label's mean Dice may drop by
+more than the tolerance (default 0.005); of two accepted, the one that loses less is kept. A refused
 network is not installed (an earlier accepted one stays); an accepted one is written with the
 record of its check into the fold's folder (inference/int8_models.py, which prediction reads).
 """
