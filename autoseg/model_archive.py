@@ -30,7 +30,14 @@ import torch
 from autoseg import __version__, workspace
 from autoseg.atomic import atomic_path, read_json
 from autoseg.errors import AutosegError
-from autoseg.model_files import PREDICTION_KEYS, CheckpointError, checkpoint_path, fold_names, load_checkpoint
+from autoseg.model_files import (
+    PREDICTION_KEYS,
+    CheckpointError,
+    checkpoint_path,
+    file_sha256,
+    fold_names,
+    load_checkpoint,
+)
 from autoseg.planning.plans import PlanError, Plans
 
 log = logging.getLogger(__name__)
@@ -491,10 +498,4 @@ def _check_weights(path: Path, folder: Path, manifest: dict) -> None:
 
 
 def _sha256_of(path: Path) -> str | None:
-    if not path.is_file():
-        return None
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_sha256(path) if path.is_file() else None

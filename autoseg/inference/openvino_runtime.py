@@ -20,6 +20,7 @@ archive's verified extraction is never written to (ModelChoice.read_only).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import importlib.util
 import json
@@ -85,9 +86,10 @@ def convert_network(network: torch.nn.Module, in_channels: int, patch_size: Sequ
         return ov.convert_model(network, example_input=torch.zeros(shape), input=[shape])
 
 
+@functools.cache
 def _network_code_sha256() -> str:
     """SHA-256 of autoseg/network/*.py: a change to the forward pass that keeps the weights' shapes must not be
-    served from a conversion of the old code."""
+    served from a conversion of the old code. Read once per process, not once per fold."""
     digest = hashlib.sha256()
     for path in sorted((Path(__file__).resolve().parents[1] / "network").glob("*.py")):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())

@@ -109,17 +109,18 @@ class Predictor:
                       for fold in fold_names(self.workdir, name, model.folds, model.checkpoint)]
         except CheckpointError as exc:
             raise PredictorError(str(exc)) from None
-        large = [name for name in self.configurations
-                 if needs_low_memory(plans.network_topology(name), plans.configuration(name).patch_size)]
-        if compute.runtime == "auto" and self.runtime == "openvino" and large:
-            # OpenVINO runs a window whole; torch's low-memory forward holds a fraction of it (measured in
-            # benchmarks/README.md), and OpenVINO's memory on such windows was not measured.
-            self.runtime = "torch"
-            log.info("runtime torch, not openvino: the windows of %s run in torch's low-memory forward",
-                     ", ".join(large))
-        if compute.runtime == "auto" and self.runtime == "openvino" and self._int8_ready(chosen):
-            self.runtime = "openvino-int8"
-            log.info("runtime openvino-int8: every fold has an int8 model checked by `autoseg quantize`")
+        if compute.runtime == "auto" and self.runtime == "openvino":
+            large = [name for name in self.configurations
+                     if needs_low_memory(plans.network_topology(name), plans.configuration(name).patch_size)]
+            if large:
+                # OpenVINO runs a window whole; torch's low-memory forward holds a fraction of it (measured in
+                # benchmarks/README.md), and OpenVINO's memory on such windows was not measured.
+                self.runtime = "torch"
+                log.info("runtime torch, not openvino: the windows of %s run in torch's low-memory forward",
+                         ", ".join(large))
+            elif self._int8_ready(chosen):
+                self.runtime = "openvino-int8"
+                log.info("runtime openvino-int8: every fold has an int8 model checked by `autoseg quantize`")
         for name, fold in chosen:
             self.folds.append(self._load_fold(name, fold))
         log.info("predictor: %s on %s", ", ".join(f"{f.configuration}/fold_{f.fold} ({f.checkpoint.name})"
@@ -200,15 +201,15 @@ class Predictor:
         return True
 
     def _load_fold(self, configuration: str, fold: str) -> LoadedFold:
-        keep = None
+        expected, digest = None, None
         if self.runtime == "openvino" and not self.read_only:
             # Hashed before loading: should training replace the file meanwhile, the kept conversion is filed under
             # the old file's hash and never matches again, rather than the new hash over the old weights.
             try:
                 expected = checkpoint_path(self.workdir, configuration, fold, self.checkpoint)
-                keep = (expected, file_sha256(expected))
+                digest = file_sha256(expected)
             except (CheckpointError, OSError):
-                keep = None
+                pass
         try:
             path, state = load_fold(self.workdir, configuration, fold, self.checkpoint)
         except CheckpointError as exc:
@@ -235,9 +236,8 @@ class Predictor:
             channels = self.plans.input_channels(configuration)
             # The conversion is kept beside the checkpoint for the next run, except in a model archive's extraction,
             # which must stay exactly as verified (model_archive.py).
-            digest = keep[1] if keep is not None and keep[0] == path else None
             try:
-                model = converted_model(network, channels, patch, path, digest,
+                model = converted_model(network, channels, patch, path, digest if path == expected else None,
                                         self.plans.network_topology(configuration))
                 return LoadedFold(configuration, fold, path, state.epoch,
                                   OpenVINONetwork(None, channels, patch, model=model))
