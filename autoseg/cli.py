@@ -20,6 +20,7 @@ INSTANCE_CHOICES = ("auto", "on", "off")  # as autoseg.plan_workspace.INSTANCE_C
 OBJECT_METRICS = ("auto", "membrane", "instances", "all", "none")  # as autoseg.evaluation.objects.CHOICES
 AUGMENT_INTERPOLATIONS = ("cubic", "linear")  # as autoseg.training.augmentation.AUGMENT_INTERPOLATIONS
 SCALE_DRAWS = ("batchgenerators", "uniform")  # as autoseg.training.augmentation.SCALE_DRAWS
+LABEL_INTERPOLATIONS = ("nearest", "linear")  # as autoseg.training.augmentation.LABEL_INTERPOLATIONS
 RUNTIMES = ("torch", "openvino", "openvino-int8", "auto")  # as autoseg.inference.settings.RUNTIMES
 QUANTIZE_CALIBRATION_WINDOWS = 128  # as autoseg.quantization.DEFAULT_CALIBRATION_WINDOWS
 QUANTIZE_TOLERANCE = 0.005  # as autoseg.quantization.DEFAULT_TOLERANCE
@@ -103,6 +104,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides["augment_interpolation"] = args.augment_interpolation
     if args.augment_scale_draw is not None:
         overrides["augment_scale_draw"] = args.augment_scale_draw
+    if args.augment_label_interpolation is not None:
+        overrides["augment_label_interpolation"] = args.augment_label_interpolation
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
@@ -399,7 +402,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "docs/planning.md (default: as the plan says; off in nnU-Net's default plans)")
     p.add_argument("--augment-interpolation", choices=AUGMENT_INTERPOLATIONS,
                    help="image interpolation of the rotation and scaling augmentation: linear as nnU-Net 2.8.1, or "
-                        "cubic; labels are always nearest neighbour (default: linear; see docs/planning.md)")
+                        "cubic (default: linear; see docs/planning.md)")
+    p.add_argument("--augment-label-interpolation", choices=LABEL_INTERPOLATIONS,
+                   help="label interpolation of the rotation and scaling augmentation: nearest neighbour, or linear "
+                        "(each label's indicator interpolated, the highest kept, as nnU-Net 2.8.1) (default: "
+                        "nearest; see docs/planning.md)")
     p.add_argument("--augment-scale-draw", choices=SCALE_DRAWS,
                    help="how the scaling augmentation draws its factor in [0.7, 1.4]: batchgenerators (below or "
                         "above 1 with p 0.5 each) or uniform over the range, as nnU-Net 2.8.1 (default: "

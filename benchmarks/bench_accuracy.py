@@ -8,6 +8,7 @@ label of both is printed side by side with their training and prediction seconds
                                         [--preset default|resenc-m|resenc-l|resenc-xl] [--seeds N]
                                         [--autoseg-precision float32|auto] [--augment-interpolation cubic|linear]
                                         [--augment-scale-draw batchgenerators|uniform]
+                                        [--augment-label-interpolation nearest|linear] [--first-seed S]
                                         [--nnunet-venv /work/bench/nnunet_venv | --no-nnunet]
     python benchmarks/bench_accuracy.py DATASET --hold-out 20 --iterations N      # makes the split itself
 
@@ -27,7 +28,8 @@ autoseg: `autoseg plan` (verify, fingerprint, plan, preprocess that configuratio
 temporary workspace, `train_fold` of fold 0 for `--epochs` epochs of N / E iterations with
 `--val-iters` validation batches per epoch and no validation of whole cases at the end (with the
 spatial transform's image interpolation `--augment-interpolation`, default linear, and its scale draw
-`--augment-scale-draw`, default batchgenerators), then
+`--augment-scale-draw`, default batchgenerators, and its label interpolation `--augment-label-interpolation`,
+default nearest), then
 `predict_folder` of fold 0 (checkpoint_final, mirroring on) on --test-images.
 
 nnU-Net v2 (when its venv is found): the dataset is converted and preprocessed in the same temporary
@@ -166,7 +168,7 @@ def dice_per_label(pred_dir: Path, labels_dir: Path, labels: list[int], regions=
 def run_autoseg(workdir: Path, configuration: str, epochs: int, iters_per_epoch: int, val_iters: int,
                 workers: int, test_images: Path, out: Path, batch_size: int | None = None,
                 mixed_precision: bool = False, seed: int = 0, augment_interpolation: str = "linear",
-                augment_scale_draw: str = "batchgenerators") -> dict:
+                augment_scale_draw: str = "batchgenerators", augment_label_interpolation: str = "nearest") -> dict:
     from autoseg.inference.batch import predict_folder
     from autoseg.inference.settings import BatchOptions, ComputeSettings, ModelChoice
     from autoseg.training.trainer import TrainingSettings, train_fold
@@ -174,7 +176,8 @@ def run_autoseg(workdir: Path, configuration: str, epochs: int, iters_per_epoch:
     settings = TrainingSettings(epochs=epochs, iters_per_epoch=iters_per_epoch, val_iters=val_iters,
                                 workers=workers, validate_at_end=False, batch_size=batch_size,
                                 mixed_precision=mixed_precision, seed=seed,
-                                augment_interpolation=augment_interpolation, augment_scale_draw=augment_scale_draw)
+                                augment_interpolation=augment_interpolation, augment_scale_draw=augment_scale_draw,
+                                augment_label_interpolation=augment_label_interpolation)
     t = time.perf_counter()
     train_fold(workdir, configuration, 0, settings, progress=False)
     train_s = time.perf_counter() - t
@@ -271,12 +274,20 @@ def main() -> None:
     parser.add_argument("--augment-scale-draw", choices=("batchgenerators", "uniform"), default="batchgenerators",
                         help="autoseg's scale draw in the scaling augmentation (`autoseg train --augment-scale-draw`); "
                              "nnU-Net 2.8.1 draws uniformly (default: %(default)s)")
+    parser.add_argument("--augment-label-interpolation", choices=("nearest", "linear"), default="nearest",
+                        help="autoseg's label interpolation in the rotation and scaling augmentation (`autoseg train "
+                             "--augment-label-interpolation`); nnU-Net 2.8.1 interpolates each label's indicator "
+                             "linearly (default: %(default)s)")
     parser.add_argument("--nnunet-venv", default=str(DEFAULT_NNUNET_VENV) if DEFAULT_NNUNET_VENV.is_dir() else None,
                         metavar="PATH", help="nnunetv2 venv or its bin folder (default: %(default)s)")
     parser.add_argument("--no-nnunet", action="store_true", help="run autoseg only")
     parser.add_argument("--seeds", type=int, default=1,
-                        help="train and predict N times (autoseg with training seeds 0..N-1; nnU-Net, which takes no "
-                             "seed, N fresh runs) and print the mean and range of each Dice (default: 1)")
+                        help="train and predict N times (autoseg with training seeds --first-seed and on; nnU-Net, "
+                             "which takes no seed, N fresh runs) and print the mean and range of each Dice "
+                             "(default: 1)")
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="autoseg's first training seed, so more runs can be added to an earlier set "
+                             "(default: 0)")
     parser.add_argument("--keep", type=Path, metavar="DIR", help="work in DIR (kept) instead of a temporary folder")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args()
@@ -320,7 +331,8 @@ def main() -> None:
               f"{' (plan: ' + str(planned.batch_size) + ')' if args.batch_size else ''}, patch {patch_size}; "
               f"{args.iterations} iterations = {epochs} epoch(s) x {iters_per_epoch}, {args.val_iters} validation "
               f"batches per epoch, {workers} augmentation worker(s), autoseg precision {args.autoseg_precision}, "
-              f"{args.augment_interpolation} image interpolation and {args.augment_scale_draw} scale draw in "
+              f"{args.augment_interpolation} image and {args.augment_label_interpolation} label interpolation and "
+              f"{args.augment_scale_draw} scale draw in "
               "autoseg's augmentation; "
               f"test cases in {test_images}", flush=True)
 
@@ -329,13 +341,15 @@ def main() -> None:
             suffix = f"_{run}" if run else ""
             figures = {"autoseg": run_autoseg(workdir, configuration, epochs, iters_per_epoch, args.val_iters,
                                               workers, test_images, folder / f"pred_autoseg{suffix}", args.batch_size,
-                                              mixed_precision=args.autoseg_precision == "auto", seed=run,
+                                              mixed_precision=args.autoseg_precision == "auto",
+                                              seed=args.first_seed + run,
                                               augment_interpolation=args.augment_interpolation,
-                                              augment_scale_draw=args.augment_scale_draw)}
+                                              augment_scale_draw=args.augment_scale_draw,
+                                              augment_label_interpolation=args.augment_label_interpolation)}
             figures["autoseg"]["plan_s"] = plan_s
             figures["autoseg"]["dice"] = dice_per_label(folder / f"pred_autoseg{suffix}", test_labels, labels,
                                                         plans.regions)
-            print(f"run {run + 1}/{args.seeds}: autoseg done (seed {run}): train "
+            print(f"run {run + 1}/{args.seeds}: autoseg done (seed {args.first_seed + run}): train "
                   f"{figures['autoseg']['train_s']:.1f} s, predict {figures['autoseg']['predict_s']:.1f} s", flush=True)
             if use_nnunet:
                 figures["nnunetv2"] = run_nnunet(dataset, workdir, configuration, args.nnunet_venv, folder, epochs,
@@ -352,6 +366,8 @@ def main() -> None:
                                              "autoseg_precision": args.autoseg_precision,
                                              "augment_interpolation": args.augment_interpolation,
                                              "augment_scale_draw": args.augment_scale_draw,
+                                             "augment_label_interpolation": args.augment_label_interpolation,
+                                             "first_seed": args.first_seed,
                                              "batch_size": batch_size, "patch_size": patch_size,
                                              "runs": runs, **runs[0]}, indent=1, default=str))
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from scipy.ndimage import binary_erosion
+from scipy.ndimage import binary_erosion, gaussian_filter
 
 from autoseg.dataset.image_io import Geometry
 from autoseg.preprocessing import store
@@ -396,3 +396,50 @@ def test_scale_draw_is_checked_and_batchgenerators_by_default():
         TrainingSettings(augment_scale_draw="gaussian")
     with pytest.raises(ValueError, match="scale_draw must be one of"):
         training_transforms([8, 8], mirror_axes=None, deep_supervision_scales=None, scale_draw="gaussian")
+
+
+@pytest.mark.parametrize("rule, agrees", [("linear", True), ("nearest", False)])
+def test_label_interpolation_linear_keeps_the_label_whose_interpolated_indicator_wins(rule, agrees):
+    """`train --augment-label-interpolation linear` (nnU-Net 2.8.1's rule): a zoomed label map is 1 exactly where
+    the label's indicator, interpolated linearly through the same transform as an image, exceeds one half; the
+    nearest-neighbour rule (the default) departs from that along the boundaries."""
+    from autoseg.training.augmentation import LABEL_INTERPOLATIONS
+
+    spatial = _transform([48, 48], "SpatialTransform", label_order=LABEL_INTERPOLATIONS[rule])
+    spatial.p_rot_per_sample, spatial.p_scale_per_sample, spatial.scale = 0.0, 1.0, (0.75, 0.9)  # zoom in: all inside
+    rng = np.random.default_rng(3)
+    blobs = gaussian_filter(rng.normal(size=(4, 1, 48, 48)), (0, 0, 3, 3)) > 0
+    seg = blobs.astype(np.float32)
+    np.random.seed(0)
+    out = spatial(data=seg.copy(), seg=seg.copy())
+    indicator, labels = out["data"], out["seg"]
+    assert set(np.unique(labels)) <= {0.0, 1.0}
+    decided = np.abs(indicator - 0.5) > 1e-6
+    mismatched = int(((labels == 1) != (indicator > 0.5))[decided].sum())
+    assert (mismatched == 0) == agrees, mismatched
+    assert (labels == seg).mean() > 0.6  # zoomed, not scrambled
+
+
+def test_label_interpolation_is_nearest_by_default_and_checked():
+    from autoseg.training.trainer import TrainingError, TrainingSettings
+
+    assert TrainingSettings().augment_label_interpolation == "nearest"
+    assert _transform([8, 8], "SpatialTransform").order_seg == 0
+    with pytest.raises(TrainingError, match="augment-label-interpolation must be one of nearest, linear"):
+        TrainingSettings(augment_label_interpolation="cubic")
+    with pytest.raises(ValueError, match="label_order must be one of"):
+        training_transforms([8, 8], mirror_axes=None, deep_supervision_scales=None, label_order=3)
+
+
+def test_label_interpolation_linear_invents_no_label_where_three_meet_and_pads_with_minus_one():
+    """Rotated and zoomed out past the read patch, linear label interpolation yields only the labels present (three
+    meeting at a point, as nnU-Net's argmax) and -1 beyond the read patch, as the nearest rule."""
+    spatial = _transform([32, 32], "SpatialTransform", label_order=1)
+    spatial.p_rot_per_sample = spatial.p_scale_per_sample = 1.0
+    spatial.scale = (1.3, 1.4)
+    yy, xx = np.mgrid[:32, :32]
+    seg = np.where(xx < 16, 1, np.where(yy < 16, 2, 3)).astype(np.float32)[None, None].repeat(6, 0)
+    np.random.seed(2)
+    labels = spatial(data=np.zeros_like(seg), seg=seg.copy())["seg"]
+    assert set(np.unique(labels)) <= {-1.0, 1.0, 2.0, 3.0}
+    assert (labels == -1).any() and all((labels == v).any() for v in (1.0, 2.0, 3.0))

@@ -29,15 +29,15 @@ def test_configuration_batch_size_and_interpolation_are_the_ones_trained(make_de
     result = subprocess.run([sys.executable, str(BENCHMARKS / "bench_accuracy.py"), str(root), "--hold-out", "2",
                              "--iterations", "2", "--val-iters", "1", "--workers", "0", "--no-nnunet",
                              "--configuration", "2d", "--batch-size", "3", "--augment-interpolation", "linear",
-                             "--keep", str(kept), "--json", str(figures)],
+                             "--augment-label-interpolation", "linear", "--keep", str(kept), "--json", str(figures)],
                             cwd=BENCHMARKS, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "configuration 2d: batch 3 (plan: " in result.stdout
     record = json.loads(figures.read_text())
     assert record["configuration"] == "2d" and record["batch_size"] == 3 and len(record["patch_size"]) == 2
-    assert record["augment_interpolation"] == "linear"
+    assert record["augment_interpolation"] == "linear" and record["augment_label_interpolation"] == "linear"
     log = (kept / "autoseg_ws" / "models" / "2d" / "fold_0" / "training_log.txt").read_text()
-    assert "linear image interpolation" in log
+    assert "linear image and linear label interpolation" in log
 
 
 def test_hold_out_of_an_nnunetv2_dataset_trains_on_the_other_cases(make_nnunetv2, tmp_path):

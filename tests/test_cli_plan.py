@@ -173,7 +173,7 @@ def test_the_clis_copied_choice_lists_match_the_library():
     from autoseg.plan_workspace import INSTANCE_CHOICES, PLAN_STEPS
     from autoseg.planning.plans import CONFIGURATIONS
     from autoseg.planning.presets import PRESETS
-    from autoseg.training.augmentation import AUGMENT_INTERPOLATIONS, SCALE_DRAWS
+    from autoseg.training.augmentation import AUGMENT_INTERPOLATIONS, LABEL_INTERPOLATIONS, SCALE_DRAWS
 
     assert cli.PLAN_STEPS == PLAN_STEPS
     assert cli.PLAN_PRESETS == tuple(PRESETS)
@@ -182,6 +182,7 @@ def test_the_clis_copied_choice_lists_match_the_library():
     assert cli.OBJECT_METRICS == CHOICES
     assert cli.AUGMENT_INTERPOLATIONS == tuple(AUGMENT_INTERPOLATIONS)
     assert cli.SCALE_DRAWS == SCALE_DRAWS
+    assert cli.LABEL_INTERPOLATIONS == tuple(LABEL_INTERPOLATIONS)
     from autoseg.inference.settings import RUNTIMES
     from autoseg.quantization import DEFAULT_CALIBRATION_WINDOWS, DEFAULT_TOLERANCE
 

@@ -15,7 +15,8 @@ Probabilities are per sample unless stated:
    (above 1 zooms out) with p 0.2, below or above 1 with p 0.5 each (batchgenerators' draw;
    `--augment-scale-draw uniform` draws uniformly over the range, as nnU-Net 2.8.1); linear
    interpolation for images (`--augment-interpolation`) with 0 outside, nearest for labels with -1
-   outside. Slab patches are transformed slice by slice (axis 0 untouched). Before it, where the
+   outside (`--augment-label-interpolation linear`: the label whose linearly interpolated indicator
+   is highest, as nnU-Net 2.8.1). Slab patches are transformed slice by slice (axis 0 untouched). Before it, where the
    plan or `autoseg train --elastic` asks, the U-Net paper's elastic deformation
    (`GridElasticDeformation`: a 3 x 3 grid of displacements with a standard deviation of 10 voxels,
    cubic interpolation; off by default, as in nnU-Net).
@@ -78,6 +79,12 @@ DEFAULT_AUGMENT_INTERPOLATION = "linear"
 # range (nnU-Net 2.8.1's batchgeneratorsv2 draw: below 1 with p (1 - lo) / (hi - lo), 0.43 for [0.7, 1.4])
 SCALE_DRAWS = ("batchgenerators", "uniform")
 DEFAULT_SCALE_DRAW = "batchgenerators"
+# `autoseg train --augment-label-interpolation`: how the spatial transform resamples label maps. "nearest" takes the
+# nearest voxel's label (autoseg's rule, the default); "linear" interpolates each label's indicator linearly and
+# keeps the label scoring highest, ties settled by the nearest voxel (nnU-Net 2.8.1's batchgeneratorsv2 rule;
+# batchgenerators' order_seg=1 computes the same argmax). docs/planning.md has the ablation
+LABEL_INTERPOLATIONS = {"nearest": 0, "linear": 1}
+DEFAULT_LABEL_INTERPOLATION = "nearest"
 SLAB_RATIO = 3.0  # a 3D patch whose largest side exceeds this times axis 0 is augmented in-plane only
 ELONGATED_2D_RATIO = 1.5  # a 2D patch longer than this times its width rotates by +-15 degrees only
 READ_PATCH_ZOOM_OUT = 0.85  # the read patch covers scaling down to this factor (nnU-Net's value)
@@ -322,6 +329,7 @@ def training_transforms(
     previous_stage_labels: Sequence[int] = (),
     image_order: int = AUGMENT_INTERPOLATIONS[DEFAULT_AUGMENT_INTERPOLATION],
     scale_draw: str = DEFAULT_SCALE_DRAW,
+    label_order: int = LABEL_INTERPOLATIONS[DEFAULT_LABEL_INTERPOLATION],
 ) -> Compose:
     """The training augmentation (see the module docstring) for patches read at `training_patch_size`.
 
@@ -330,11 +338,14 @@ def training_transforms(
     elastic deformation with those settings. `previous_stage_labels` (a cascade's
     second stage) turns seg channel 1 into one input channel per label and perturbs them
     (training/cascade.py). `image_order` is the spline order of the spatial transform's image
-    interpolation (1 linear as nnU-Net 2.8.1, the default; 3 cubic); labels are always taken nearest.
-    `scale_draw` is one of SCALE_DRAWS.
+    interpolation (1 linear as nnU-Net 2.8.1, the default; 3 cubic). `label_order` is that of the labels: 0
+    nearest (the default), 1 the argmax of each label's linearly interpolated indicator (nnU-Net 2.8.1's), the
+    voxels outside the read patch -1 either way. `scale_draw` is one of SCALE_DRAWS.
     """
     if scale_draw not in SCALE_DRAWS:
         raise ValueError(f"scale_draw must be one of {', '.join(SCALE_DRAWS)}, got {scale_draw!r}")
+    if label_order not in LABEL_INTERPOLATIONS.values():
+        raise ValueError(f"label_order must be one of {sorted(LABEL_INTERPOLATIONS.values())}, got {label_order!r}")
     patch = [int(p) for p in patch_size]
     ndim = len(patch)
     rotation, in_plane_only = rotation_for_patch(patch)
@@ -348,7 +359,7 @@ def training_transforms(
             do_rotation=True, angle_x=rotation, angle_y=other_axes, angle_z=other_axes,
             p_rot_per_sample=0.2, do_scale=True, scale=scales, p_scale_per_sample=0.2,
             border_mode_data="constant", border_cval_data=0, order_data=image_order,
-            border_mode_seg="constant", border_cval_seg=-1, order_seg=0, random_crop=False,
+            border_mode_seg="constant", border_cval_seg=-1, order_seg=label_order, random_crop=False,
         )
 
     low, high = (float(s) for s in scale_range)

@@ -36,7 +36,9 @@ from autoseg.training import distributed
 from autoseg.training.augmentation import (
     AUGMENT_INTERPOLATIONS,
     DEFAULT_AUGMENT_INTERPOLATION,
+    DEFAULT_LABEL_INTERPOLATION,
     DEFAULT_SCALE_DRAW,
+    LABEL_INTERPOLATIONS,
     SCALE_DRAWS,
     default_workers,
     make_loader,
@@ -96,11 +98,14 @@ class TrainingSettings:
     # torch.compile of the training network: None = on for CUDA, off elsewhere (nnU-Net's default); True/False
     compile: bool | None = None
     # Image interpolation of the spatial transform (rotation, scaling): "linear" (nnU-Net 2.8.1's, the default)
-    # or "cubic" (autoseg's before 2026-12-03); labels are always nearest neighbour. docs/planning.md has the ablation.
+    # or "cubic" (autoseg's before 2026-12-03). docs/planning.md has the ablation.
     augment_interpolation: str = DEFAULT_AUGMENT_INTERPOLATION
     # The spatial transform's scale draw: "batchgenerators" (the default) or "uniform" (nnU-Net 2.8.1's);
     # augmentation.SCALE_DRAWS, docs/planning.md
     augment_scale_draw: str = DEFAULT_SCALE_DRAW
+    # The spatial transform's label interpolation: "nearest" (the default) or "linear" (nnU-Net 2.8.1's argmax of
+    # each label's interpolated indicator); augmentation.LABEL_INTERPOLATIONS, docs/planning.md
+    augment_label_interpolation: str = DEFAULT_LABEL_INTERPOLATION
 
     def __post_init__(self) -> None:
         for name in ("epochs", "iters_per_epoch", "val_iters", "checkpoint_every"):
@@ -116,6 +121,9 @@ class TrainingSettings:
         if self.augment_scale_draw not in SCALE_DRAWS:
             raise TrainingError(f"augment-scale-draw must be one of {', '.join(SCALE_DRAWS)}, "
                                 f"got {self.augment_scale_draw!r}")
+        if self.augment_label_interpolation not in LABEL_INTERPOLATIONS:
+            raise TrainingError(f"augment-label-interpolation must be one of {', '.join(LABEL_INTERPOLATIONS)}, "
+                                f"got {self.augment_label_interpolation!r}")
 
 
 def elastic_for(config: ConfigurationPlan, choice: bool | None) -> ElasticDeformation | None:
@@ -299,7 +307,8 @@ def train_fold(workdir: Path, configuration: str, fold: int | str, settings: Tra
     elastic = elastic_for(config, settings.elastic)
     say(f"augmentation: patch {patch} read as {read_patch}, rotation up to +-{np.degrees(rotation[1]):.0f} degrees"
         f"{' (slab: in-plane only)' if in_plane_only else ''}, "
-        f"{settings.augment_interpolation} image interpolation, {settings.augment_scale_draw} scale draw, "
+        f"{settings.augment_interpolation} image and {settings.augment_label_interpolation} label interpolation, "
+        f"{settings.augment_scale_draw} scale draw, "
         f"{elastic.describe() if elastic else 'no elastic deformation'}, image 0 outside the non-zero mask in "
         f"channels {masked_channels}; loss: {'batch' if batch_dice else 'per-sample'} Dice + "
         + (f"binary cross-entropy over {len(region_labels)} regions" if region_labels else "cross-entropy"))
@@ -326,6 +335,8 @@ def train_fold(workdir: Path, configuration: str, fold: int | str, settings: Tra
                                                                   image_order=AUGMENT_INTERPOLATIONS[
                                                                       settings.augment_interpolation],
                                                                   scale_draw=settings.augment_scale_draw,
+                                                                  label_order=LABEL_INTERPOLATIONS[
+                                                                      settings.augment_label_interpolation],
                                                                   previous_stage_labels=previous_labels),
                                 settings.workers, seed=data_seed)
     val_batches = None
