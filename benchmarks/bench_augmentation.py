@@ -3,6 +3,7 @@ CPU cores that keep a GPU step of 0.1-0.3 s fed.
 
     python benchmarks/bench_augmentation.py [--patch 128 128 128] [--channels 2] [--labels 4] [--batch 2]
                                             [--batches 5] [--augment-interpolation cubic|linear]
+                                            [--augment-label-interpolation nearest|linear] [--augment-scale-draw D]
                                             [--nnunet-venv /work/bench/nnunet_venv | --no-nnunet]
 
 Both run their own default training transforms (spatial with rotation +-30 degrees and scaling, noise,
@@ -11,7 +12,8 @@ data of their own read patch (autoseg's `training_patch_size`, nnU-Net's initial
 process with one torch thread, as each runs in an augmentation worker; warm-up excluded. Random
 data exercises every transform with its probabilities. `--augment-interpolation` sets autoseg's
 image interpolation in the spatial transform (`autoseg train --augment-interpolation`: linear, its
-default as nnU-Net 2.8.1's, or cubic). nnU-Net's side runs
+default as nnU-Net 2.8.1's, or cubic), `--augment-label-interpolation` and `--augment-scale-draw` its label
+interpolation and scale draw (as `autoseg train`). nnU-Net's side runs
 `_nnunet_augmentation.py` in its venv. The cores a GPU needs: CPU seconds per batch / GPU seconds
 per step (augmentation only; reading patches adds a little).
 """
@@ -36,16 +38,23 @@ DEFAULT_NNUNET_VENV = Path("/work/bench/nnunet_venv")
 
 
 def autoseg_seconds(patch: list[int], channels: int, labels: int, batch: int, batches: int,
-                    scales: int = 5, interpolation: str = "linear") -> dict:
+                    scales: int = 5, interpolation: str = "linear", label_interpolation: str = "nearest",
+                    scale_draw: str = "batchgenerators") -> dict:
     import torch
 
-    from autoseg.training.augmentation import AUGMENT_INTERPOLATIONS, training_patch_size, training_transforms
+    from autoseg.training.augmentation import (
+        AUGMENT_INTERPOLATIONS,
+        LABEL_INTERPOLATIONS,
+        training_patch_size,
+        training_transforms,
+    )
 
     torch.set_num_threads(1)
     read = training_patch_size(patch)
     transforms = training_transforms(patch, mirror_axes=tuple(range(len(patch))),
                                      deep_supervision_scales=[[1.0 / 2 ** i] * len(patch) for i in range(scales)],
-                                     image_order=AUGMENT_INTERPOLATIONS[interpolation])
+                                     image_order=AUGMENT_INTERPOLATIONS[interpolation],
+                                     label_order=LABEL_INTERPOLATIONS[label_interpolation], scale_draw=scale_draw)
     rng = np.random.default_rng(0)
     data = rng.normal(size=(batch, channels, *read)).astype(np.float32)
     seg = rng.integers(0, labels + 1, size=(batch, 1, *read)).astype(np.int16)
@@ -77,17 +86,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, default=5)
     parser.add_argument("--augment-interpolation", choices=("cubic", "linear"), default="linear",
                         help="autoseg's image interpolation in the spatial transform (default: %(default)s)")
+    parser.add_argument("--augment-label-interpolation", choices=("nearest", "linear"), default="nearest",
+                        help="autoseg's label interpolation in the spatial transform (default: %(default)s)")
+    parser.add_argument("--augment-scale-draw", choices=("batchgenerators", "uniform"), default="batchgenerators",
+                        help="autoseg's scale draw in the spatial transform (default: %(default)s)")
     parser.add_argument("--nnunet-venv", type=Path, default=DEFAULT_NNUNET_VENV)
     parser.add_argument("--no-nnunet", action="store_true")
     args = parser.parse_args(argv)
     ours = autoseg_seconds(args.patch, args.channels, args.labels, args.batch, args.batches,
-                           interpolation=args.augment_interpolation)
+                           interpolation=args.augment_interpolation,
+                           label_interpolation=args.augment_label_interpolation, scale_draw=args.augment_scale_draw)
     theirs = None if args.no_nnunet else nnunet_seconds(args.nnunet_venv, args.patch, args.channels, args.labels,
                                                          args.batch, args.batches)
     print(f"# {machine()}")
     print(f"patch {args.patch}, {args.channels} channels, {args.labels} labels, batch {args.batch}, "
           f"{args.batches} batches after one warm-up, one torch thread; autoseg's image interpolation "
-          f"{args.augment_interpolation}")
+          f"{args.augment_interpolation}, label interpolation {args.augment_label_interpolation}, scale draw "
+          f"{args.augment_scale_draw}")
     rows = [("autoseg", ours)] + ([("nnunetv2", theirs)] if theirs else [])
     for name, r in rows:
         cores = ", ".join(f"{r['cpu_s_per_batch'] / step:.0f} cores for a {step:g} s step" for step in (0.1, 0.3))

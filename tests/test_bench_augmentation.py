@@ -32,11 +32,12 @@ def test_augmentation_interpolation_reaches_the_spatial_transform(monkeypatch, c
     orders, original = [], augmentation.training_transforms
 
     def recording(*args, **kwargs):
-        orders.append(kwargs.get("image_order"))
+        orders.append((kwargs.get("image_order"), kwargs.get("label_order")))
         return original(*args, **kwargs)
 
     monkeypatch.setattr(augmentation, "training_transforms", recording)
     assert bench_augmentation.main(["--patch", "16", "16", "16", "--batches", "1", "--no-nnunet",
-                                    "--augment-interpolation", "linear"]) == 0
-    assert orders == [augmentation.AUGMENT_INTERPOLATIONS["linear"]]
-    assert "autoseg's image interpolation linear" in capsys.readouterr().out
+                                    "--augment-interpolation", "linear",
+                                    "--augment-label-interpolation", "linear"]) == 0
+    assert orders == [(augmentation.AUGMENT_INTERPOLATIONS["linear"], augmentation.LABEL_INTERPOLATIONS["linear"])]
+    assert "autoseg's image interpolation linear, label interpolation linear" in capsys.readouterr().out
