@@ -9,7 +9,7 @@ label of both is printed side by side with their training and prediction seconds
                                         [--autoseg-precision float32|auto] [--augment-interpolation cubic|linear]
                                         [--augment-scale-draw batchgenerators|uniform]
                                         [--augment-label-interpolation nearest|linear] [--first-seed S]
-                                        [--nnunet-venv /work/bench/nnunet_venv | --no-nnunet]
+                                        [--nnunet-venv /work/bench/nnunet_venv | --no-nnunet] [--no-autoseg]
     python benchmarks/bench_accuracy.py DATASET --hold-out 20 --iterations N      # makes the split itself
 
 DATASET is the raw training set (Decathlon or nnU-Net v2 layout); the test cases must not be in it.
@@ -281,6 +281,9 @@ def main() -> None:
     parser.add_argument("--nnunet-venv", default=str(DEFAULT_NNUNET_VENV) if DEFAULT_NNUNET_VENV.is_dir() else None,
                         metavar="PATH", help="nnunetv2 venv or its bin folder (default: %(default)s)")
     parser.add_argument("--no-nnunet", action="store_true", help="run autoseg only")
+    parser.add_argument("--no-autoseg", action="store_true",
+                        help="train and predict with nnU-Net only (autoseg still plans: the split and the plan both "
+                             "tools get), to add runs of nnU-Net to an earlier set")
     parser.add_argument("--seeds", type=int, default=1,
                         help="train and predict N times (autoseg with training seeds --first-seed and on; nnU-Net, "
                              "which takes no seed, N fresh runs) and print the mean and range of each Dice "
@@ -307,6 +310,8 @@ def main() -> None:
     from autoseg.training.augmentation import default_workers
     workers = default_workers() if args.workers is None else args.workers
     use_nnunet = args.nnunet_venv is not None and not args.no_nnunet
+    if args.no_autoseg and not use_nnunet:
+        raise BenchError("--no-autoseg leaves nothing to run without nnunetv2 (--nnunet-venv, not --no-nnunet)")
 
     print(f"machine: {machine()}")
     print(f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average before: {os.getloadavg()[0]:.1f}")
@@ -339,18 +344,23 @@ def main() -> None:
         runs = []
         for run in range(args.seeds):
             suffix = f"_{run}" if run else ""
-            figures = {"autoseg": run_autoseg(workdir, configuration, epochs, iters_per_epoch, args.val_iters,
-                                              workers, test_images, folder / f"pred_autoseg{suffix}", args.batch_size,
-                                              mixed_precision=args.autoseg_precision == "auto",
-                                              seed=args.first_seed + run,
-                                              augment_interpolation=args.augment_interpolation,
-                                              augment_scale_draw=args.augment_scale_draw,
-                                              augment_label_interpolation=args.augment_label_interpolation)}
-            figures["autoseg"]["plan_s"] = plan_s
-            figures["autoseg"]["dice"] = dice_per_label(folder / f"pred_autoseg{suffix}", test_labels, labels,
-                                                        plans.regions)
-            print(f"run {run + 1}/{args.seeds}: autoseg done (seed {args.first_seed + run}): train "
-                  f"{figures['autoseg']['train_s']:.1f} s, predict {figures['autoseg']['predict_s']:.1f} s", flush=True)
+            figures = {}
+            if args.no_autoseg:
+                print(f"run {run + 1}/{args.seeds}: nnU-Net only", flush=True)
+            else:
+                figures["autoseg"] = run_autoseg(workdir, configuration, epochs, iters_per_epoch, args.val_iters,
+                                                 workers, test_images, folder / f"pred_autoseg{suffix}",
+                                                 args.batch_size, mixed_precision=args.autoseg_precision == "auto",
+                                                 seed=args.first_seed + run,
+                                                 augment_interpolation=args.augment_interpolation,
+                                                 augment_scale_draw=args.augment_scale_draw,
+                                                 augment_label_interpolation=args.augment_label_interpolation)
+                figures["autoseg"]["plan_s"] = plan_s
+                figures["autoseg"]["dice"] = dice_per_label(folder / f"pred_autoseg{suffix}", test_labels, labels,
+                                                            plans.regions)
+                print(f"run {run + 1}/{args.seeds}: autoseg done (seed {args.first_seed + run}): train "
+                      f"{figures['autoseg']['train_s']:.1f} s, predict {figures['autoseg']['predict_s']:.1f} s",
+                      flush=True)
             if use_nnunet:
                 figures["nnunetv2"] = run_nnunet(dataset, workdir, configuration, args.nnunet_venv, folder, epochs,
                                                  iters_per_epoch, args.val_iters, workers, test_images,
@@ -384,7 +394,7 @@ def print_table(runs: list[dict], plans: "Plans", labels: list[int], iterations:
         return f"{_fmt(_mean(values))} [{min(known):.3f}, {max(known):.3f}]"
 
     width = 12 if len(runs) == 1 else 26
-    print(f"\nDice on {runs[0]['autoseg']['cases']} test cases, fold 0 after {iterations} iterations "
+    print(f"\nDice on {next(iter(runs[0].values()))['cases']} test cases, fold 0 after {iterations} iterations "
           f"(batch {batch_size}, patch {patch_size})" + (f", mean [min, max] of {len(runs)} runs:" if len(runs) > 1
                                                          else ":"))
     print(f"{'label':<24}" + "".join(f"{t:>{width}}" for t in tools))

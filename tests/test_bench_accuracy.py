@@ -87,3 +87,12 @@ def test_a_region_based_dataset_is_trained_and_scored_by_region(make_nnunetv2, t
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "1 whole" in result.stdout and "2 core" in result.stdout
     assert set(json.loads(figures.read_text())["autoseg"]["dice"]) == {"1", "2"}
+
+
+def test_no_autoseg_without_nnunet_is_refused_before_any_work(make_decathlon, tmp_path):
+    root = make_decathlon(tmp_path / "Task99_Tiny", n_cases=9, shape=(12, 16, 14))
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "bench_accuracy.py"), str(root), "--hold-out", "2",
+                             "--iterations", "2", "--no-nnunet", "--no-autoseg", "--keep", str(tmp_path / "kept")],
+                            cwd=BENCHMARKS, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "--no-autoseg leaves nothing to run" in result.stderr
+    assert not (tmp_path / "kept").exists()
