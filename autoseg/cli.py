@@ -408,9 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(each label's indicator interpolated, the highest kept, as nnU-Net 2.8.1) (default: "
                         "nearest; see docs/planning.md)")
     p.add_argument("--augment-scale-draw", choices=SCALE_DRAWS,
-                   help="how the scaling augmentation draws its factor in [0.7, 1.4]: batchgenerators (below or "
-                        "above 1 with p 0.5 each) or uniform over the range, as nnU-Net 2.8.1 (default: "
-                        "batchgenerators; not yet measured against uniform, see docs/planning.md)")
+                   help="how the scaling augmentation draws its factor in [0.7, 1.4]: uniform over the range, as "
+                        "nnU-Net 2.8.1, or batchgenerators (below or above 1 with p 0.5 each; autoseg's earlier "
+                        "rule) (default: uniform; see docs/planning.md)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the network for training (compiled at the first step; if compiling fails, "
                         "training goes on uncompiled and the log says why) (default: on with CUDA, off on the CPU, "

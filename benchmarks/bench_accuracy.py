@@ -28,7 +28,7 @@ autoseg: `autoseg plan` (verify, fingerprint, plan, preprocess that configuratio
 temporary workspace, `train_fold` of fold 0 for `--epochs` epochs of N / E iterations with
 `--val-iters` validation batches per epoch and no validation of whole cases at the end (with the
 spatial transform's image interpolation `--augment-interpolation`, default linear, and its scale draw
-`--augment-scale-draw`, default batchgenerators, and its label interpolation `--augment-label-interpolation`,
+`--augment-scale-draw`, default uniform, and its label interpolation `--augment-label-interpolation`,
 default nearest), then
 `predict_folder` of fold 0 (checkpoint_final, mirroring on) on --test-images.
 
@@ -168,7 +168,7 @@ def dice_per_label(pred_dir: Path, labels_dir: Path, labels: list[int], regions=
 def run_autoseg(workdir: Path, configuration: str, epochs: int, iters_per_epoch: int, val_iters: int,
                 workers: int, test_images: Path, out: Path, batch_size: int | None = None,
                 mixed_precision: bool = False, seed: int = 0, augment_interpolation: str = "linear",
-                augment_scale_draw: str = "batchgenerators", augment_label_interpolation: str = "nearest") -> dict:
+                augment_scale_draw: str = "uniform", augment_label_interpolation: str = "nearest") -> dict:
     from autoseg.inference.batch import predict_folder
     from autoseg.inference.settings import BatchOptions, ComputeSettings, ModelChoice
     from autoseg.training.trainer import TrainingSettings, train_fold
@@ -271,7 +271,7 @@ def main() -> None:
     parser.add_argument("--augment-interpolation", choices=("cubic", "linear"), default="linear",
                         help="autoseg's image interpolation in the rotation and scaling augmentation (`autoseg train "
                              "--augment-interpolation`); nnU-Net 2.8.1 interpolates linearly (default: %(default)s)")
-    parser.add_argument("--augment-scale-draw", choices=("batchgenerators", "uniform"), default="batchgenerators",
+    parser.add_argument("--augment-scale-draw", choices=("batchgenerators", "uniform"), default="uniform",
                         help="autoseg's scale draw in the scaling augmentation (`autoseg train --augment-scale-draw`); "
                              "nnU-Net 2.8.1 draws uniformly (default: %(default)s)")
     parser.add_argument("--augment-label-interpolation", choices=("nearest", "linear"), default="nearest",

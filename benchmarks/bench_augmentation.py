@@ -39,7 +39,7 @@ DEFAULT_NNUNET_VENV = Path("/work/bench/nnunet_venv")
 
 def autoseg_seconds(patch: list[int], channels: int, labels: int, batch: int, batches: int,
                     scales: int = 5, interpolation: str = "linear", label_interpolation: str = "nearest",
-                    scale_draw: str = "batchgenerators") -> dict:
+                    scale_draw: str = "uniform") -> dict:
     import torch
 
     from autoseg.training.augmentation import (
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="autoseg's image interpolation in the spatial transform (default: %(default)s)")
     parser.add_argument("--augment-label-interpolation", choices=("nearest", "linear"), default="nearest",
                         help="autoseg's label interpolation in the spatial transform (default: %(default)s)")
-    parser.add_argument("--augment-scale-draw", choices=("batchgenerators", "uniform"), default="batchgenerators",
+    parser.add_argument("--augment-scale-draw", choices=("batchgenerators", "uniform"), default="uniform",
                         help="autoseg's scale draw in the spatial transform (default: %(default)s)")
     parser.add_argument("--nnunet-venv", type=Path, default=DEFAULT_NNUNET_VENV)
     parser.add_argument("--no-nnunet", action="store_true")

@@ -128,7 +128,8 @@ def test_unrotated_final_patch_keeps_foreground_forced_at_the_volume_corners(tmp
     seg[0, 0, 0, 0] = 2
     image = np.arange(np.prod(shape), dtype=np.float32).reshape(1, *shape)
     write_case(tmp_path, "corner", image, seg)
-    spatial = training_transforms(final, mirror_axes=None, deep_supervision_scales=None).transforms[0]
+    spatial = training_transforms(final, mirror_axes=None, deep_supervision_scales=None,
+                                  scale_draw="batchgenerators").transforms[0]  # one SpatialTransform to set up
     spatial.p_rot_per_sample = spatial.p_scale_per_sample = 0.0
     read = training_patch_size(final)
     loader = PatchLoader(tmp_path, ["corner"], read, 4, oversample_foreground=1.0, seed=0, final_patch_size=final)
@@ -143,7 +144,8 @@ def test_unrotated_final_patch_keeps_foreground_forced_at_the_volume_corners(tmp
 
 def test_samples_reaching_past_the_read_patch_get_label_minus_one_and_image_zero():
     final = [20, 24, 20]
-    spatial = training_transforms(final, mirror_axes=None, deep_supervision_scales=None).transforms[0]
+    spatial = training_transforms(final, mirror_axes=None, deep_supervision_scales=None,
+                                  scale_draw="batchgenerators").transforms[0]  # one SpatialTransform to set up
     spatial.p_scale_per_sample, spatial.scale = 1.0, (2.0, 2.0)  # zoom out far beyond the read patch
     read = training_patch_size(final)
     out = spatial(data=np.ones((2, 1, *read), np.float32), seg=np.zeros((2, 1, *read), np.int8))
@@ -172,7 +174,7 @@ def test_augmented_batches_mask_after_the_intensity_transforms_and_keep_no_minus
     seg[1, :, 2:6] = -1
     data = np.full((4, 2, *final), 5.0, np.float32)
     transforms = training_transforms(final, mirror_axes=(0, 1, 2), deep_supervision_scales=SCALES_3D,
-                                     nonzero_mask_channels=[0])
+                                     nonzero_mask_channels=[0], scale_draw="batchgenerators")
     spatial = transforms.transforms[0]
     spatial.p_rot_per_sample = spatial.p_scale_per_sample = 0.0  # keep every voxel's label known
     np.random.seed(seed)
@@ -227,6 +229,8 @@ def test_background_workers_yield_batches_and_shut_down(folder):
 
 
 def _transform(final, kind, **options):
+    if kind == "SpatialTransform":  # a single one to set up, not the uniform draw's pair
+        options.setdefault("scale_draw", "batchgenerators")
     return next(t for t in training_transforms(final, mirror_axes=None, deep_supervision_scales=None,
                                                **options).transforms
                 if type(t).__name__ == kind)
@@ -309,7 +313,7 @@ def test_elastic_deformation_is_off_unless_asked_and_comes_first_when_asked():
 
     plain = training_transforms([48, 40], mirror_axes=None, deep_supervision_scales=None)
     assert not any(isinstance(t, GridElasticDeformation) for t in plain.transforms)
-    assert plain.transforms[0].do_elastic_deform is False
+    assert plain.transforms[0].whole_range.do_elastic_deform is False
     asked = training_transforms([48, 40], mirror_axes=None, deep_supervision_scales=None,
                                 elastic=ElasticDeformation(grid_points=4, sigma=5.0, probability=0.5))
     first = asked.transforms[0]
@@ -388,10 +392,12 @@ def test_scale_draw_batchgenerators_halves_and_uniform_as_nnunet(monkeypatch, dr
     assert abs(np.median(lower) - 0.85) < 0.03  # uniform within [0.7, 1) on both rules
 
 
-def test_scale_draw_is_checked_and_batchgenerators_by_default():
+def test_scale_draw_is_checked_and_uniform_by_default_as_nnunet():
     from autoseg.training.trainer import TrainingError, TrainingSettings
 
-    assert TrainingSettings().augment_scale_draw == "batchgenerators"
+    assert TrainingSettings().augment_scale_draw == "uniform"
+    spatial = training_transforms([8, 8], mirror_axes=None, deep_supervision_scales=None).transforms[0]
+    assert type(spatial).__name__ == "UniformScaleDraw"
     with pytest.raises(TrainingError, match="augment-scale-draw must be one of batchgenerators, uniform"):
         TrainingSettings(augment_scale_draw="gaussian")
     with pytest.raises(ValueError, match="scale_draw must be one of"):

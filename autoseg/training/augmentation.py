@@ -12,8 +12,8 @@ Probabilities are per sample unless stated:
 
 1. Spatial: rotation with p 0.2 (2D: +-15 degrees for elongated patches, else +-180; 3D: about
    each axis by +-30 degrees, slabs in-plane only by +-180), isotropic scaling in [0.7, 1.4]
-   (above 1 zooms out) with p 0.2, below or above 1 with p 0.5 each (batchgenerators' draw;
-   `--augment-scale-draw uniform` draws uniformly over the range, as nnU-Net 2.8.1); linear
+   (above 1 zooms out) with p 0.2, the factor uniform over the range as nnU-Net 2.8.1 draws it
+   (`--augment-scale-draw batchgenerators`: below or above 1 with p 0.5 each); linear
    interpolation for images (`--augment-interpolation`) with 0 outside, nearest for labels with -1
    outside (`--augment-label-interpolation linear`: the label whose linearly interpolated indicator
    is highest, as nnU-Net 2.8.1). Slab patches are transformed slice by slice (axis 0 untouched). Before it, where the
@@ -74,11 +74,12 @@ DEFAULT_SCALE_RANGE = (0.7, 1.4)
 # a 2.7x cheaper transform (docs/planning.md)
 AUGMENT_INTERPOLATIONS = {"cubic": 3, "linear": 1}
 DEFAULT_AUGMENT_INTERPOLATION = "linear"
-# How the spatial transform draws its scale factor (docs/planning.md): "batchgenerators" (below or above 1 with p 0.5
-# each, uniform on each side; autoseg's default, not yet measured against the other) or "uniform" over the whole
-# range (nnU-Net 2.8.1's batchgeneratorsv2 draw: below 1 with p (1 - lo) / (hi - lo), 0.43 for [0.7, 1.4])
+# How the spatial transform draws its scale factor (docs/planning.md): "uniform" over the whole range (nnU-Net
+# 2.8.1's batchgeneratorsv2 draw: below 1 with p (1 - lo) / (hi - lo), 0.43 for [0.7, 1.4]; the default since the
+# equal-budget ablation found it at least as good) or "batchgenerators" (below or above 1 with p 0.5 each, uniform on
+# each side; autoseg's earlier rule)
 SCALE_DRAWS = ("batchgenerators", "uniform")
-DEFAULT_SCALE_DRAW = "batchgenerators"
+DEFAULT_SCALE_DRAW = "uniform"
 # `autoseg train --augment-label-interpolation`: how the spatial transform resamples label maps. "nearest" takes the
 # nearest voxel's label (autoseg's rule, the default); "linear" interpolates each label's indicator linearly and
 # keeps the label scoring highest, ties settled by the nearest voxel (nnU-Net 2.8.1's batchgeneratorsv2 rule;

@@ -100,7 +100,7 @@ class TrainingSettings:
     # Image interpolation of the spatial transform (rotation, scaling): "linear" (nnU-Net 2.8.1's, the default)
     # or "cubic" (autoseg's before 2026-12-03). docs/planning.md has the ablation.
     augment_interpolation: str = DEFAULT_AUGMENT_INTERPOLATION
-    # The spatial transform's scale draw: "batchgenerators" (the default) or "uniform" (nnU-Net 2.8.1's);
+    # The spatial transform's scale draw: "uniform" (nnU-Net 2.8.1's, the default) or "batchgenerators";
     # augmentation.SCALE_DRAWS, docs/planning.md
     augment_scale_draw: str = DEFAULT_SCALE_DRAW
     # The spatial transform's label interpolation: "nearest" (the default) or "linear" (nnU-Net 2.8.1's argmax of
