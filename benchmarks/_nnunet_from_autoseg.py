@@ -28,7 +28,15 @@ SCHEMES = {"zscore": "ZScoreNormalization", "ct": "CTNormalization", "noNorm": "
            "rescale_to_0_1": "RescaleTo01Normalization", "rgb_to_0_1": "RGBTo01Normalization"}
 
 
-def nnunet_plans(ours: dict, fingerprint: dict, configuration: str) -> dict:
+def reader_for(file_ending: str, ndim: int) -> str:
+    """nnU-Net's reader of the images the autoseg dataset holds: its natural-image reader for 2D PNG, BMP and TIFF
+    (which takes a colour image as all its channels, as it trained on them), SimpleITK's for the rest."""
+    if file_ending in (".png", ".bmp") or (file_ending in (".tif", ".tiff") and ndim == 2):
+        return "NaturalImage2DIO"
+    return "Tiff3DIO" if file_ending in (".tif", ".tiff") else "SimpleITKIO"
+
+
+def nnunet_plans(ours: dict, fingerprint: dict, configuration: str, reader: str = "SimpleITKIO") -> dict:
     config = ours["configurations"][configuration]
     ndim = len(config["patch_size"])
     stages = len(config["features_per_stage"])
@@ -41,7 +49,7 @@ def nnunet_plans(ours: dict, fingerprint: dict, configuration: str) -> dict:
         "dataset_name": "Dataset991_AutosegModel", "plans_name": "nnUNetPlans",
         "original_median_spacing_after_transp": config["spacing"],
         "original_median_shape_after_transp": config["median_shape"],
-        "image_reader_writer": "SimpleITKIO", "transpose_forward": ours["transpose_forward"],
+        "image_reader_writer": reader, "transpose_forward": ours["transpose_forward"],
         "transpose_backward": ours["transpose_backward"],
         "configurations": {configuration: {
             "data_identifier": f"nnUNetPlans_{configuration}", "preprocessor_name": "DefaultPreprocessor",
@@ -99,10 +107,13 @@ def main() -> None:
     folder, check = Path(sys.argv[4]), Path(sys.argv[5])
     ours = json.loads((workdir / "plans.json").read_text())
     fingerprint = json.loads((workdir / "fingerprint.json").read_text())
-    plans = nnunet_plans(ours, fingerprint, configuration)
+    source = workdir / "dataset.json"  # the workspace's copy of the dataset's description
+    ending = json.loads(source.read_text()).get("file_ending", ".nii.gz") if source.is_file() else ".nii.gz"
+    plans = nnunet_plans(ours, fingerprint, configuration,
+                         reader_for(ending, len(ours["configurations"][configuration]["patch_size"])))
     labels = {name: int(k) for k, name in ours["labels"].items()}
     dataset = {"channel_names": {str(i): n for i, n in enumerate(ours["channel_names"])}, "labels": labels,
-               "numTraining": len(fingerprint["cases"]), "file_ending": ".nii.gz"}
+               "numTraining": len(fingerprint["cases"]), "file_ending": ending}
     arch = plans["configurations"][configuration]["architecture"]
     network = get_network_from_plans(ARCHITECTURE, arch["arch_kwargs"], arch["_kw_requires_import"],
                                      len(ours["channel_names"]), len(labels), allow_init=True, deep_supervision=False)

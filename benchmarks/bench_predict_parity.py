@@ -170,6 +170,9 @@ def run(args: argparse.Namespace, nnunet_bin: Path, tmp: Path) -> dict:
     theirs_s = time.perf_counter() - t
     if done.returncode != 0:
         raise BenchError(f"{' '.join(cmd)} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+    if not out_theirs.is_dir() or not any(out_theirs.iterdir()):
+        raise BenchError(f"{' '.join(cmd)} wrote no prediction (did it find the inputs?):\n{done.stdout[-2000:]}"
+                         f"{done.stderr[-2000:]}")
     print(f"predicted {len(case_ids)} case(s): autoseg {ours_s:.1f} s, nnUNetv2_predict_from_modelfolder "
           f"{theirs_s:.1f} s (from launch)\n")
 
