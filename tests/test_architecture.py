@@ -36,8 +36,9 @@ def _importers(graph: dict[str, set[str]], importer_package: str, imported_packa
 
 
 def test_nothing_imports_cli(graph):
+    """Only `python -m autoseg` (autoseg/__main__.py, an entry point like the `autoseg` script) imports the CLI."""
     assert "autoseg.cli" in graph
-    assert [m for m, targets in graph.items() if "autoseg.cli" in targets] == []
+    assert [m for m, targets in graph.items() if "autoseg.cli" in targets] == ["autoseg.__main__"]
 
 
 @pytest.mark.parametrize("stage", ["autoseg.dataset", "autoseg.fingerprint", "autoseg.planning",
