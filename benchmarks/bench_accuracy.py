@@ -191,6 +191,21 @@ def run_autoseg(workdir: Path, configuration: str, epochs: int, iters_per_epoch:
     return {"train_s": train_s, "predict_s": predict_s, "cases": len(report.written)}
 
 
+def cross_validation_folds(workdir: Path, configuration: str) -> list[dict]:
+    """autoseg's five folds of the workspace's cases (written to splits.json where training has not yet), which
+    nnU-Net gets as its splits_final.json so both tools train on the same cases."""
+    from autoseg import workspace
+    from autoseg.planning.plans import Plans
+    from autoseg.preprocessing import store
+    from autoseg.training.splits import load_or_create_splits
+
+    plans = Plans.load(workspace.plans_json(workdir))
+    data_dir = workspace.preprocessed_dir(workdir, plans.configuration(configuration).data_identifier)
+    load_or_create_splits(workspace.splits_json(workdir), store.list_cases(data_dir))
+    splits = json.loads(workspace.splits_json(workdir).read_text())
+    return splits["folds"] if isinstance(splits, dict) else splits
+
+
 def run_nnunet(dataset: Path, workdir: Path, configuration: str, venv: str, folder: Path, epochs: int,
                iters_per_epoch: int, val_iters: int, workers: int, test_images: Path, out: Path,
                batch_size: int | None = None, preset: str = "default", run: int = 0) -> dict:
@@ -204,8 +219,7 @@ def run_nnunet(dataset: Path, workdir: Path, configuration: str, venv: str, fold
                            nnunet_plan_summary(cache, name, configuration, plans_name))
     if "patch_size" in differ or ("batch_size" in differ and batch_size is None):
         print("WARNING: batch or patch differ, so the budgets are not equal", flush=True)
-    splits = json.loads((workdir / "splits.json").read_text())
-    splits = splits["folds"] if isinstance(splits, dict) else splits
+    splits = cross_validation_folds(workdir, configuration)
     preprocessed = cache / "nnUNet_preprocessed" / name
     (preprocessed / "splits_final.json").write_text(json.dumps(splits, indent=1))
 

@@ -96,3 +96,20 @@ def test_no_autoseg_without_nnunet_is_refused_before_any_work(make_decathlon, tm
                             cwd=BENCHMARKS, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "--no-autoseg leaves nothing to run" in result.stderr
     assert not (tmp_path / "kept").exists()
+
+
+def test_nnunet_gets_autoseg_folds_even_before_autoseg_trained(make_decathlon, tmp_path):
+    """With --no-autoseg nothing has written splits.json yet: the folds nnU-Net gets are still autoseg's."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from bench_accuracy import cross_validation_folds, plan_autoseg
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    root = make_decathlon(tmp_path / "Task99_Tiny", n_cases=9, shape=(12, 16, 14))
+    workdir = tmp_path / "ws"
+    plan_autoseg(root, workdir, 1, "2d")
+    assert not (workdir / "splits.json").exists()
+    folds = cross_validation_folds(workdir, "2d")
+    assert len(folds) == 5 and (workdir / "splits.json").is_file()
+    assert sorted(c for f in folds for c in f["val"]) == sorted(folds[0]["train"] + folds[0]["val"])
+    assert cross_validation_folds(workdir, "2d") == folds  # read back, not drawn again
