@@ -201,9 +201,7 @@ def cross_validation_folds(workdir: Path, configuration: str) -> list[dict]:
 
     plans = Plans.load(workspace.plans_json(workdir))
     data_dir = workspace.preprocessed_dir(workdir, plans.configuration(configuration).data_identifier)
-    load_or_create_splits(workspace.splits_json(workdir), store.list_cases(data_dir))
-    splits = json.loads(workspace.splits_json(workdir).read_text())
-    return splits["folds"] if isinstance(splits, dict) else splits
+    return load_or_create_splits(workspace.splits_json(workdir), store.list_cases(data_dir))
 
 
 def run_nnunet(dataset: Path, workdir: Path, configuration: str, venv: str, folder: Path, epochs: int,
